@@ -1,0 +1,78 @@
+"""mullama: stream tokens from local GGUF models through llama.cpp.
+
+    from mullama import Model, Context
+    model = Model.load("smollm2:135m")      # a .gguf path, or a model name (downloaded once)
+    context = Context(model)
+    print(context.generate("The capital of France is", max_tokens=16).text)
+
+Importing this package loads no native code: libllama is found and loaded on
+first use (see ``mullama.system_info()``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ._exceptions import (ClosedError, ContextError, ContextOverflowError, DownloadError, InvalidConfigError,
+                          LibraryError, ModelLoadError, ModelNotFoundError, MullamaError, StreamingError,
+                          TemplateError, TokenizeError)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClosedError",
+    "Completion",
+    "Context",
+    "ContextError",
+    "ContextOverflowError",
+    "DownloadError",
+    "InvalidConfigError",
+    "LibraryError",
+    "Model",
+    "ModelLoadError",
+    "ModelNotFoundError",
+    "MullamaError",
+    "SamplerChain",
+    "StreamingError",
+    "TemplateError",
+    "TokenizeError",
+    "system_info",
+]
+
+# Public name -> the private module that defines it; imported on first access to keep
+# `import mullama` light (no cffi, no dlopen).
+_LAZY = {
+    "Model": "._model",
+    "Context": "._context",
+    "Completion": "._context",
+    "SamplerChain": "._sampler",
+    "system_info": "._library",
+}
+
+if TYPE_CHECKING:
+    from ._context import Completion, Context
+    from ._library import system_info
+    from ._model import Model
+    from ._sampler import SamplerChain
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'mullama' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module_name, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+for _name in ("ClosedError", "ContextError", "ContextOverflowError", "DownloadError", "InvalidConfigError",
+              "LibraryError", "ModelLoadError", "ModelNotFoundError", "MullamaError", "StreamingError",
+              "TemplateError", "TokenizeError"):
+    globals()[_name].__module__ = "mullama"
+del _name

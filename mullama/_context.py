@@ -1,0 +1,299 @@
+"""A llama.cpp context: the KV cache of one conversation, and the token loop on top of it."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from ._exceptions import (ClosedError, ContextError, ContextOverflowError, InvalidConfigError,
+                          StreamingError)
+from ._model import Model
+from ._owned import Owned
+from ._sampler import SamplerChain
+
+__all__ = ["Completion", "Context"]
+
+DEFAULT_MAX_CTX = 4096
+
+# llama_decode's return codes
+_DECODE_OK, _DECODE_NO_SLOT, _DECODE_ABORTED = 0, 1, 2
+
+
+def default_threads() -> int:
+    """Threads for decoding: the CPUs this process may run on (at most 8)."""
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:
+        available = os.cpu_count() or 1
+    return max(1, min(available, 8))
+
+
+@dataclass
+class Completion:
+    """The result of :meth:`Context.generate`."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (end of generation), "length" (max_tokens or context full)
+    prompt_tokens: int
+    cached_tokens: int = 0  # prompt tokens reused from the KV cache
+    timings: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _positive(name: str, value: Any, *, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidConfigError(f"{name} must be a positive integer, not {value!r}.")
+
+
+class Context(Owned):
+    """One llama.cpp context over a :class:`Model`.
+
+    It keeps its KV cache between calls and reuses the longest common token prefix
+    with the previous prompt, so a follow-up turn only decodes what is new.
+    A Context is used by one thread at a time; give each thread its own.
+    """
+
+    _kind = "context"
+
+    def __init__(self, model: Model, *, n_ctx: int | None = None, n_batch: int = 512,
+                 n_threads: int | None = None, n_threads_batch: int | None = None,
+                 seed: int | None = None, flash_attn: bool | None = None) -> None:
+        if not isinstance(model, Model):
+            raise InvalidConfigError(f"Context needs a mullama.Model, not {type(model).__name__}.")
+        for name, value in (("n_ctx", n_ctx), ("n_batch", n_batch), ("n_threads", n_threads),
+                            ("n_threads_batch", n_threads_batch)):
+            _positive(name, value)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise InvalidConfigError(f"seed must be a non-negative integer, not {seed!r}.")
+        library = model._library
+        ffi, lib = library.ffi, library.lib
+        self.model = model  # keeps the model alive as long as this context
+        self.seed = seed
+        params = lib.llama_context_default_params()
+        params.n_ctx = n_ctx or min(model.n_ctx_train, DEFAULT_MAX_CTX)
+        params.n_batch = min(n_batch, params.n_ctx)
+        params.n_ubatch = min(params.n_ubatch, params.n_batch)
+        params.n_seq_max = 1
+        threads = n_threads or default_threads()
+        params.n_threads = threads
+        params.n_threads_batch = n_threads_batch or threads
+        params.no_perf = False
+        if flash_attn is not None:  # upstream's default is "auto" (-1); keep it unless asked
+            params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        ptr = lib.llama_init_from_model(model.ptr, params)
+        if ptr == ffi.NULL:
+            raise ContextError(f"llama.cpp could not create a context with n_ctx={params.n_ctx}; "
+                               "try a smaller n_ctx (memory) or enable logging for 'mullama.llama_cpp'.")
+        model_ptr = model.ptr
+        # The destructor closure holds the model's pointer object, so the model is freed after us.
+        self._own(ffi, ptr, lambda p, _model=model_ptr: lib.llama_free(p))
+        model._register(self)
+        self._lib, self._model_vocab = lib, model._vocab
+        self._memory = lib.llama_get_memory(ptr)
+        self.n_ctx = lib.llama_n_ctx(ptr)
+        self.n_batch = lib.llama_n_batch(ptr)
+        self.n_threads = threads
+        self._tokens: list[int] = []  # what the KV cache holds, in order
+        self._guard = threading.Lock()
+        # One-token batch, built once: the loop rewrites _token_buf[0] and decodes (no allocation).
+        self._token_buf = ffi.new("llama_token[1]")
+        self._one_token_batch = lib.llama_batch_get_one(self._token_buf, 1)
+        self._deadline: float | None = None
+        self._abort = threading.Event()
+        self._abort_cb = ffi.callback("ggml_abort_callback", self._should_abort)
+
+    # --- KV cache ---------------------------------------------------------------
+    @property
+    def cached_tokens(self) -> list[int]:
+        """The tokens whose keys and values are in the cache, in order."""
+        return list(self._tokens)
+
+    def clear(self) -> None:
+        """Forget everything: the next prompt is decoded from scratch."""
+        with self._use():
+            self._lib.llama_memory_clear(self._memory, True)
+            self._tokens = []
+
+    def _trim(self, keep: int) -> None:
+        """Keep the first ``keep`` tokens of the cache, drop the rest."""
+        if keep < len(self._tokens):
+            if not self._lib.llama_memory_seq_rm(self._memory, 0, keep, -1):
+                self._lib.llama_memory_clear(self._memory, True)
+                keep = 0
+            del self._tokens[keep:]
+
+    def _use(self):
+        return _Exclusive(self)
+
+    # --- decoding ---------------------------------------------------------------
+    def _should_abort(self, _data: Any) -> bool:
+        return self._abort.is_set() or (self._deadline is not None and time.monotonic() > self._deadline)
+
+    def decode(self, tokens: list[int]) -> None:
+        """Append ``tokens`` to the cache (logits of the last one are kept for sampling)."""
+        self.model._check_tokens(list(tokens))
+        with self._use():
+            self._decode(list(tokens))
+
+    def _decode(self, tokens: list[int], deadline: float | None = None) -> None:
+        if not tokens:
+            return
+        if len(self._tokens) + len(tokens) > self.n_ctx:
+            raise ContextOverflowError(
+                f"{len(tokens)} new tokens + {len(self._tokens)} cached do not fit in the context of "
+                f"{self.n_ctx} tokens; shorten the prompt, clear() the context, or create it with a larger n_ctx."
+            )
+        ffi, lib, ptr = self._ffi, self._lib, self.ptr
+        use_abort = deadline is not None
+        if use_abort:  # only around prompt decodes: ggml polls it at every graph node
+            self._deadline = deadline
+            lib.llama_set_abort_callback(ptr, self._abort_cb, ffi.NULL)
+        try:
+            for start in range(0, len(tokens), self.n_batch):
+                chunk = tokens[start:start + self.n_batch]
+                array = ffi.new("llama_token[]", chunk)
+                rc = lib.llama_decode(ptr, lib.llama_batch_get_one(array, len(chunk)))
+                if rc != _DECODE_OK:
+                    self._decode_failed(rc, len(self._tokens))
+                self._tokens.extend(chunk)
+        finally:
+            if use_abort:
+                lib.llama_set_abort_callback(ptr, ffi.NULL, ffi.NULL)
+                self._deadline = None
+
+    def _decode_failed(self, rc: int, keep: int) -> None:
+        # A failed or aborted decode may leave finished chunks in the cache: drop them.
+        self._lib.llama_memory_seq_rm(self._memory, 0, keep, -1)
+        if rc == _DECODE_ABORTED:
+            raise StreamingError("generation timed out while processing the prompt; raise timeout_ms "
+                                 "or shorten the prompt.", code="STREAM_TIMEOUT")
+        if rc == _DECODE_NO_SLOT:
+            raise ContextOverflowError(f"the KV cache is full ({self.n_ctx} tokens); clear() the context "
+                                       "or create it with a larger n_ctx.")
+        raise StreamingError(f"llama_decode failed with code {rc}; enable logging for 'mullama.llama_cpp' "
+                             "for llama.cpp's reason.")
+
+    def _prepare_prompt(self, prompt_tokens: list[int], deadline: float | None = None) -> int:
+        """Make the cache hold exactly ``prompt_tokens``, decoding only what differs.
+
+        Returns how many prompt tokens were reused from the cache.
+        """
+        if not prompt_tokens:
+            raise InvalidConfigError("the prompt is empty; give at least one token of text.")
+        if len(prompt_tokens) > self.n_ctx:
+            raise ContextOverflowError(
+                f"the prompt has {len(prompt_tokens)} tokens but the context holds {self.n_ctx}; "
+                "shorten the prompt or create the Context with a larger n_ctx."
+            )
+        common = 0
+        for cached, wanted in zip(self._tokens, prompt_tokens):
+            if cached != wanted:
+                break
+            common += 1
+        # Logits are only there for the last decoded token: re-decode at least one.
+        common = min(common, len(prompt_tokens) - 1)
+        self._trim(common)
+        self._decode(prompt_tokens[common:], deadline)
+        return common
+
+    def generate_token_ids(self, prompt_tokens: list[int], sampler: SamplerChain, max_tokens: int,
+                           *, deadline: float | None = None, stats: dict | None = None) -> Iterator[int]:
+        """The token loop: prompt in, sampled token ids out, until an end-of-generation token,
+        ``max_tokens``, or a full context.
+
+        ``stats`` (when given) receives ``prompt_tokens``, ``cached_tokens``, ``finish_reason``,
+        ``prompt_seconds`` and ``decoded`` (tokens decoded after the prompt).
+        Closing the generator stops at once; the cache stays consistent.
+        """
+        stats = stats if stats is not None else {}
+        stats.update(prompt_tokens=len(prompt_tokens), cached_tokens=0, finish_reason=None, decoded=0)
+        with self._use():
+            start = time.perf_counter()
+            stats["cached_tokens"] = self._prepare_prompt(prompt_tokens, deadline)
+            stats["prompt_seconds"] = time.perf_counter() - start
+        lib, ptr, smpl, vocab = self._lib, self.ptr, sampler.ptr, self._model_vocab
+        buf, batch, tokens = self._token_buf, self._one_token_batch, self._tokens
+        produced = 0
+        while True:
+            with self._use():
+                token = lib.llama_sampler_sample(smpl, ptr, -1)
+                if lib.llama_vocab_is_eog(vocab, token):
+                    stats["finish_reason"] = "stop"
+                    return
+            yield token
+            produced += 1
+            if produced >= max_tokens or len(tokens) >= self.n_ctx:
+                stats["finish_reason"] = "length"
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                raise StreamingError("generation timed out; raise timeout_ms.", code="STREAM_TIMEOUT")
+            with self._use():
+                buf[0] = token
+                rc = lib.llama_decode(ptr, batch)
+                if rc != _DECODE_OK:
+                    self._decode_failed(rc, len(tokens))
+                tokens.append(token)
+                stats["decoded"] += 1
+
+    def generate(self, prompt: str, max_tokens: int = 256, *, sampler: SamplerChain | None = None) -> Completion:
+        """Complete ``prompt`` (greedy unless a ``sampler`` is given) and return the whole result."""
+        _positive("max_tokens", max_tokens, allow_none=False)
+        prompt_tokens = self.model.tokenize(prompt, add_special=True, parse_special=True)
+        own_sampler = sampler is None
+        sampler = sampler or SamplerChain.greedy()
+        stats: dict = {}
+        started = time.perf_counter()
+        try:
+            token_ids = list(self.generate_token_ids(prompt_tokens, sampler, max_tokens, stats=stats))
+        finally:
+            if own_sampler:
+                sampler.close()
+        elapsed = time.perf_counter() - started
+        return Completion(
+            text=self.model.detokenize(token_ids),
+            token_ids=token_ids,
+            finish_reason=stats["finish_reason"],
+            prompt_tokens=len(prompt_tokens),
+            cached_tokens=stats["cached_tokens"],
+            timings={"prompt_seconds": stats["prompt_seconds"], "total_seconds": elapsed},
+        )
+
+    def close(self) -> None:
+        """Free the KV cache and the context. Refused while another thread uses it."""
+        if not self._guard.acquire(blocking=False):
+            raise ContextError("this context is in use by another thread; stop its generation first.")
+        try:
+            super().close()
+        finally:
+            self._guard.release()
+
+    def __repr__(self) -> str:
+        return f"<mullama.Context n_ctx={self.n_ctx} cached={len(self._tokens)}{' closed' if self.closed else ''}>"
+
+
+class _Exclusive:
+    """Marks a Context busy for one step; a second thread gets a clear error, not corrupted state."""
+
+    __slots__ = ("_context",)
+
+    def __init__(self, context: Context) -> None:
+        self._context = context
+
+    def __enter__(self) -> None:
+        if not self._context._guard.acquire(blocking=False):
+            raise ContextError("this Context is being used by another thread at the same time; "
+                               "give each thread its own Context (they can share one Model).")
+        if self._context._ptr is None:
+            self._context._guard.release()
+            raise ClosedError("this context is closed; create a new one to go on.")
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._context._guard.release()

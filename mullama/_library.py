@@ -1,0 +1,202 @@
+"""Find, load and initialise libllama, once, on first use.
+
+Search order:
+
+1. ``MULLAMA_LIBRARY_PATH``: a libllama file, or a directory holding one;
+2. the libraries bundled in the installed package (``mullama/lib``);
+3. the per-user build cache written by ``build_llama.py``.
+
+``import mullama`` loads nothing; :func:`get` does the work the first time it is
+called, under a lock. llama.cpp's log lines go to the ``logging`` logger
+``mullama.llama_cpp``, which is quiet unless the application configures logging.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ._exceptions import LibraryError
+from ._paths import llama_cache_dir
+
+__all__ = ["Library", "get", "system_info"]
+
+LIBRARY_FILE = "libllama.so.0"  # the SONAME; a directory may also hold plain libllama.so
+MANIFEST_FILE = "manifest.json"
+PACKAGE_LIB_DIR = Path(__file__).resolve().parent / "lib"
+
+log = logging.getLogger("mullama.llama_cpp")
+log.addHandler(logging.NullHandler())
+
+
+@dataclass(frozen=True)
+class Library:
+    """The loaded library: ``ffi`` for types and memory, ``lib`` for the C functions."""
+
+    ffi: Any
+    lib: Any
+    path: Path
+    manifest: dict
+
+
+_lock = threading.Lock()
+_library: Library | None = None
+# ffi.callback objects must outlive every C call that may use them: kept here forever.
+_log_callback: Any = None
+
+
+def _bindings():
+    try:
+        from ._bindings import LLAMA_CPP_COMMIT, LLAMA_H_SHA256
+        from ._bindings._llama_ffi import ffi
+    except ImportError as exc:  # a source checkout: bindings/ sits beside the package
+        import importlib.util
+        import sys
+
+        source = Path(__file__).resolve().parent.parent / "bindings" / "__init__.py"
+        if not source.is_file():
+            raise LibraryError(f"mullama's generated bindings are missing ({exc}); reinstall mullama.") from exc
+        spec = importlib.util.spec_from_file_location("mullama._bindings", source,
+                                                      submodule_search_locations=[str(source.parent)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["mullama._bindings"] = module
+        spec.loader.exec_module(module)
+        from ._bindings import LLAMA_CPP_COMMIT, LLAMA_H_SHA256
+        from ._bindings._llama_ffi import ffi
+    return ffi, LLAMA_CPP_COMMIT, LLAMA_H_SHA256
+
+
+def _read_manifest(lib_dir: Path) -> dict | None:
+    for candidate in (lib_dir / MANIFEST_FILE, lib_dir.parent / MANIFEST_FILE):
+        if candidate.is_file():
+            try:
+                return json.loads(candidate.read_text())
+            except (OSError, ValueError):
+                return None
+    return None
+
+
+def _cache_candidates(commit: str) -> list[Path]:
+    """Cached builds of ``commit``: default options first, then the newest."""
+    root = llama_cache_dir()
+    if not root.is_dir():
+        return []
+    found = []
+    for manifest_path in root.glob(f"*/{MANIFEST_FILE}"):
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, ValueError):
+            continue
+        if manifest.get("commit") != commit:
+            continue
+        options = manifest.get("options", {})
+        is_default = not options.get("portable") and not options.get("cmake_args")
+        found.append((not is_default, -manifest_path.stat().st_mtime, manifest_path.parent / "lib" / LIBRARY_FILE))
+    return [path for *_, path in sorted(found)]
+
+
+def candidate_paths(commit: str) -> list[tuple[str, Path]]:
+    """Where libllama may be, in search order, each with where the idea came from."""
+    paths = []
+    override = os.environ.get("MULLAMA_LIBRARY_PATH")
+    if override:
+        path = Path(override).expanduser()
+        if path.is_dir():
+            path = next((path / name for name in (LIBRARY_FILE, "libllama.so") if (path / name).is_file()),
+                        path / LIBRARY_FILE)
+        paths.append(("MULLAMA_LIBRARY_PATH", path))
+        return paths  # an explicit choice is never silently replaced
+    paths.append(("bundled", PACKAGE_LIB_DIR / LIBRARY_FILE))
+    paths.extend(("build cache", path) for path in _cache_candidates(commit))
+    return paths
+
+
+def _on_log(level: int, text: Any, _user_data: Any, ffi: Any, state: dict) -> None:
+    try:
+        message = ffi.string(text).decode("utf-8", "replace") if text else ""
+        if level == 5:  # GGML_LOG_LEVEL_CONT: continues the previous line
+            state["buffer"] += message
+        else:
+            if state["buffer"]:
+                _emit(state)
+            state["level"] = level
+            state["buffer"] = message
+        if state["buffer"].endswith("\n"):
+            _emit(state)
+    except Exception:  # never let a logging problem reach C
+        pass
+
+
+_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+
+
+def _emit(state: dict) -> None:
+    text = state["buffer"].rstrip("\n")
+    state["buffer"] = ""
+    level = _LEVELS.get(state["level"], logging.INFO)
+    if text and log.isEnabledFor(level):
+        log.log(level, "%s", text)
+
+
+def _load() -> Library:
+    global _log_callback
+    ffi, commit, header_sha = _bindings()
+    errors = []
+    for origin, path in candidate_paths(commit):
+        if not path.is_file():
+            errors.append(f"{origin}: {path} does not exist")
+            continue
+        manifest = _read_manifest(path.parent) or {}
+        if manifest and manifest.get("commit") != commit:
+            raise LibraryError(
+                f"{path} was built from llama.cpp {manifest.get('commit', '?')[:12]}, but these bindings "
+                f"describe {commit[:12]}; rebuild it with `python build_llama.py` or point "
+                "MULLAMA_LIBRARY_PATH at a matching build."
+            )
+        try:
+            lib = ffi.dlopen(str(path))
+        except OSError as exc:
+            errors.append(f"{origin}: {path}: {exc}")
+            continue
+        state = {"buffer": "", "level": 2}
+        _log_callback = ffi.callback("ggml_log_callback",
+                                     lambda level, text, data: _on_log(level, text, data, ffi, state))
+        lib.llama_log_set(_log_callback, ffi.NULL)
+        lib.llama_backend_init()
+        return Library(ffi, lib, path, manifest)
+    raise LibraryError(
+        "cannot find libllama:\n  " + "\n  ".join(errors)
+        + "\nBuild it with `python build_llama.py` (from a mullama source checkout), install a mullama "
+        "wheel that bundles it, or set MULLAMA_LIBRARY_PATH to a libllama.so built from llama.cpp "
+        f"{commit[:12]}."
+    )
+
+
+def get() -> Library:
+    """The loaded library (loaded on the first call, thread-safely)."""
+    global _library
+    if _library is None:
+        with _lock:
+            if _library is None:
+                _library = _load()
+    return _library
+
+
+def system_info() -> dict:
+    """What mullama runs on: library path, llama.cpp commit, llama.cpp's own system info."""
+    library = get()
+    from ._bindings import LLAMA_CPP_COMMIT
+
+    return {
+        "library_path": str(library.path),
+        "llama_cpp_commit": LLAMA_CPP_COMMIT,
+        "build": library.manifest.get("options", {}),
+        "built_at": library.manifest.get("built_at"),
+        "system_info": library.ffi.string(library.lib.llama_print_system_info()).decode("utf-8", "replace").strip(),
+        "cache_dir": str(llama_cache_dir().parent),
+    }

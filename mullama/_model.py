@@ -1,0 +1,230 @@
+"""A loaded GGUF model: weights, vocabulary, metadata, tokenizer."""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from pathlib import Path
+from typing import Any, Iterable
+
+from . import _library
+from ._exceptions import ContextError, ModelLoadError, TokenizeError
+from ._owned import Owned
+
+__all__ = ["Model"]
+
+GGUF_MAGIC = b"GGUF"
+
+
+def _check_model_file(path: Path) -> None:
+    """Fail early, with a clear message, on files llama.cpp would only log about."""
+    if not path.exists():
+        raise ModelLoadError(f"model file not found: {path}. Check the path, or pass a model name "
+                             "such as 'smollm2:135m' to download one.")
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is not a file; pass the path of a .gguf model file.")
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc.strerror}.") from exc
+    if magic != GGUF_MAGIC:
+        what = "is empty" if not magic else "is not a GGUF file (wrong magic bytes)"
+        raise ModelLoadError(f"{path} {what}. mullama loads GGUF models; convert others with "
+                             "llama.cpp's convert_hf_to_gguf.py, or download a .gguf file.")
+
+
+class Model(Owned):
+    """A GGUF model loaded by llama.cpp. Share one Model between many Contexts.
+
+    Use ``Model.load(path_or_name)``; close it with ``close()`` or a ``with`` block
+    (garbage collection frees it too).
+    """
+
+    _kind = "model"
+
+    def __init__(self, library: Any, ptr: Any, path: Path) -> None:
+        self._library = library
+        self._own(library.ffi, ptr, library.lib.llama_model_free)
+        self.path = path
+        self._vocab = library.lib.llama_model_get_vocab(ptr)
+        self._contexts: weakref.WeakSet = weakref.WeakSet()
+        self._lock = threading.Lock()
+
+    # --- loading --------------------------------------------------------------
+    @classmethod
+    def load(cls, model: str | os.PathLike, *, n_gpu_layers: int = 0, use_mmap: bool = True,
+             vocab_only: bool = False) -> "Model":
+        """Load a model from a ``.gguf`` path, or by name (e.g. ``"smollm2:135m"``, downloaded once).
+
+        Raises ModelLoadError for a missing, empty, truncated or corrupt file, and
+        ModelNotFoundError / DownloadError for a name that cannot be fetched.
+        """
+        from . import _hub
+
+        path = _hub.resolve(model)
+        _check_model_file(path)
+        library = _library.get()
+        ffi, lib = library.ffi, library.lib
+        params = lib.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        params.load_mode = lib.LLAMA_LOAD_MODE_MMAP if use_mmap else lib.LLAMA_LOAD_MODE_NONE
+        params.vocab_only = vocab_only
+        ptr = lib.llama_model_load_from_file(os.fsencode(path), params)
+        if ptr == ffi.NULL:
+            raise ModelLoadError(
+                f"llama.cpp could not load {path}: the file is truncated, corrupt, or uses an architecture "
+                "this llama.cpp build does not know. Download it again (`mullama pull` re-verifies), and "
+                "enable logging for 'mullama.llama_cpp' to see llama.cpp's reason."
+            )
+        return cls(library, ptr, path)
+
+    def close(self) -> None:
+        """Free the weights. Refused while a Context of this model is open."""
+        with self._lock:
+            open_contexts = [c for c in self._contexts if not c.closed]
+            if open_contexts:
+                raise ContextError(f"{len(open_contexts)} context(s) still use this model; close them first.")
+            super().close()
+
+    def _register(self, context: Any) -> None:
+        with self._lock:
+            self.ptr  # raises ClosedError when closed
+            self._contexts.add(context)
+
+    # --- facts ----------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self._library.lib.llama_vocab_n_tokens(self._vocab_ptr())
+
+    @property
+    def n_ctx_train(self) -> int:
+        """The context length the model was trained with."""
+        return self._library.lib.llama_model_n_ctx_train(self.ptr)
+
+    @property
+    def n_params(self) -> int:
+        return self._library.lib.llama_model_n_params(self.ptr)
+
+    @property
+    def size_bytes(self) -> int:
+        return self._library.lib.llama_model_size(self.ptr)
+
+    @property
+    def description(self) -> str:
+        buf = self._ffi.new("char[]", 256)
+        self._library.lib.llama_model_desc(self.ptr, buf, 256)
+        return self._ffi.string(buf).decode("utf-8", "replace")
+
+    @property
+    def bos_token_id(self) -> int:
+        return self._library.lib.llama_vocab_bos(self._vocab_ptr())
+
+    @property
+    def eos_token_id(self) -> int:
+        return self._library.lib.llama_vocab_eos(self._vocab_ptr())
+
+    @property
+    def add_bos(self) -> bool:
+        """Whether tokenising with ``add_special=True`` prepends BOS."""
+        return bool(self._library.lib.llama_vocab_get_add_bos(self._vocab_ptr()))
+
+    @property
+    def chat_template(self) -> str | None:
+        """The GGUF's own Jinja chat template (``tokenizer.chat_template``), if it has one."""
+        ptr = self._library.lib.llama_model_chat_template(self.ptr, self._ffi.NULL)
+        return None if ptr == self._ffi.NULL else self._ffi.string(ptr).decode("utf-8", "replace")
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """Every GGUF key/value (arrays abbreviated by llama.cpp), as strings."""
+        lib, ffi, ptr = self._library.lib, self._ffi, self.ptr
+        result = {}
+        size = 1024
+        buf = ffi.new("char[]", size)
+        for index in range(lib.llama_model_meta_count(ptr)):
+            lib.llama_model_meta_key_by_index(ptr, index, buf, size)
+            key = ffi.string(buf).decode("utf-8", "replace")
+            needed = lib.llama_model_meta_val_str_by_index(ptr, index, buf, size)
+            if needed >= size:
+                size = needed + 1
+                buf = ffi.new("char[]", size)
+                lib.llama_model_meta_val_str_by_index(ptr, index, buf, size)
+            result[key] = ffi.string(buf).decode("utf-8", "replace")
+        return result
+
+    def _vocab_ptr(self) -> Any:
+        self.ptr  # raises ClosedError when closed
+        return self._vocab
+
+    # --- tokens ---------------------------------------------------------------
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        """Text to token ids. ``add_special`` adds BOS/EOS as the model wants;
+        ``parse_special`` turns special-token text such as ``<|im_start|>`` into its token."""
+        if not isinstance(text, str):
+            raise TokenizeError(f"tokenize() takes a str, not {type(text).__name__}.")
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise TokenizeError(f"the text is not valid Unicode ({exc.reason} at {exc.start}); "
+                                "remove lone surrogates before tokenising.") from None
+        if len(data) >= 2**31 - 1:
+            raise TokenizeError("the text is too long to tokenise (2 GiB or more).")
+        lib, ffi = self._library.lib, self._ffi
+        vocab = self._vocab_ptr()
+        capacity = len(data) + 8
+        tokens = ffi.new("llama_token[]", capacity)
+        count = lib.llama_tokenize(vocab, data, len(data), tokens, capacity, add_special, parse_special)
+        if count < 0:
+            capacity = -count
+            tokens = ffi.new("llama_token[]", capacity)
+            count = lib.llama_tokenize(vocab, data, len(data), tokens, capacity, add_special, parse_special)
+        if count < 0:
+            raise TokenizeError("llama.cpp could not tokenise the text.")
+        return ffi.unpack(tokens, count)
+
+    def token_to_piece(self, token: int, *, special: bool = False) -> bytes:
+        """The bytes of one token (may be part of a multi-byte character)."""
+        buf = self._ffi.new("char[]", 64)
+        return self._piece(token, buf, 64, special)
+
+    def _piece(self, token: int, buf: Any, size: int, special: bool) -> bytes:
+        """token_to_piece into a caller-owned buffer (no allocation on the hot path)."""
+        n = self._library.lib.llama_token_to_piece(self._vocab, token, buf, size, 0, special)
+        if n < 0:
+            bigger = self._ffi.new("char[]", -n)
+            n = self._library.lib.llama_token_to_piece(self._vocab, token, bigger, -n, 0, special)
+            return self._ffi.unpack(bigger, n)
+        return self._ffi.unpack(buf, n)
+
+    def detokenize(self, tokens: Iterable[int], *, remove_special: bool = False,
+                   unparse_special: bool = False) -> str:
+        """Token ids to text, exactly as llama.cpp joins them."""
+        tokens = list(tokens)
+        self._check_tokens(tokens)
+        lib, ffi = self._library.lib, self._ffi
+        vocab = self._vocab_ptr()
+        array = ffi.new("llama_token[]", tokens) if tokens else ffi.NULL
+        capacity = max(64, 8 * len(tokens))
+        buf = ffi.new("char[]", capacity)
+        n = lib.llama_detokenize(vocab, array, len(tokens), buf, capacity, remove_special, unparse_special)
+        if n < 0:
+            capacity = -n
+            buf = ffi.new("char[]", capacity)
+            n = lib.llama_detokenize(vocab, array, len(tokens), buf, capacity, remove_special, unparse_special)
+        return ffi.unpack(buf, n).decode("utf-8", "replace")
+
+    def is_eog(self, token: int) -> bool:
+        """Whether ``token`` ends generation (EOS, EOT, ...)."""
+        return bool(self._library.lib.llama_vocab_is_eog(self._vocab_ptr(), token))
+
+    def _check_tokens(self, tokens: list[int]) -> None:
+        n_vocab = self.vocab_size
+        for token in tokens:
+            if not isinstance(token, int) or not 0 <= token < n_vocab:
+                raise TokenizeError(f"token id {token!r} is out of range for this model (0..{n_vocab - 1}).")
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else self.description
+        return f"<mullama.Model {self.path.name} ({state})>"

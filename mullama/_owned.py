@@ -1,0 +1,48 @@
+"""Ownership of C objects: free exactly once, promptly on close(), or at garbage collection."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ._exceptions import ClosedError
+
+
+class Owned:
+    """Owns one C pointer.
+
+    The pointer is wrapped with ``ffi.gc`` as a safety net; ``close()`` (or ``with``)
+    detaches that destructor and frees at once, so each object is freed exactly once
+    whichever path runs first.
+    """
+
+    _kind = "object"
+    _ptr: Any = None
+
+    def _own(self, ffi: Any, ptr: Any, free: Callable[[Any], None]) -> None:
+        self._ffi = ffi
+        self._free = free
+        self._ptr = ffi.gc(ptr, free)
+
+    @property
+    def ptr(self) -> Any:
+        """The C pointer; raises ClosedError after close()."""
+        if self._ptr is None:
+            raise ClosedError(f"this {self._kind} is closed; create a new one to go on.")
+        return self._ptr
+
+    @property
+    def closed(self) -> bool:
+        return self._ptr is None
+
+    def close(self) -> None:
+        """Free the C object now. Idempotent."""
+        ptr, self._ptr = self._ptr, None
+        if ptr is not None:
+            self._ffi.gc(ptr, None)
+            self._free(ptr)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
