@@ -1,0 +1,133 @@
+"""The generated cffi bindings match the pinned llama.h, the built library and the C compiler."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cffi
+import pytest
+from cffi import cparser
+
+import build_llama
+import mullama
+from mullama import _library
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tools"))
+import gen_bindings  # noqa: E402
+
+IMPORTANT = [
+    "llama_backend_init", "llama_model_load_from_file", "llama_model_free", "llama_init_from_model",
+    "llama_free", "llama_tokenize", "llama_token_to_piece", "llama_detokenize", "llama_decode",
+    "llama_batch_get_one", "llama_get_memory", "llama_memory_seq_rm", "llama_memory_clear",
+    "llama_sampler_chain_init", "llama_sampler_sample", "llama_sampler_init_greedy",
+    "llama_sampler_init_dist", "llama_model_chat_template", "llama_set_abort_callback", "llama_log_set",
+    "llama_vocab_is_eog", "llama_print_system_info",
+]
+
+
+@pytest.fixture(scope="module")
+def source_tree(build):
+    return build_llama.ensure_source()
+
+
+@pytest.fixture(scope="module")
+def declared_functions():
+    parser = cparser.Parser()
+    parser.parse((REPO / "bindings" / "llama_cdef.h").read_text())
+    return {key.split(" ", 1)[1] for key in parser._declarations if key.startswith("function ")}
+
+
+def test_regenerating_gives_identical_files(source_tree):
+    generated = gen_bindings.render(source_tree)
+    for name, text in generated.items():
+        committed = (REPO / "bindings" / name).read_text()
+        assert committed == text, f"bindings/{name} drifted from llama.h; run python tools/gen_bindings.py"
+
+
+def test_an_edited_header_is_caught(source_tree, tmp_path):
+    for sub in ("include", "ggml/include"):
+        shutil.copytree(source_tree / sub, tmp_path / sub)
+    header = tmp_path / "include" / "llama.h"
+    text = header.read_text()
+    edited = text.replace("uint32_t n_batch;", "uint32_t n_batch;\n        uint32_t n_new_field;", 1)
+    assert edited != text
+    header.write_text(edited)
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "gen_bindings.py"), "--check",
+                             "--source", str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "n_new_field" in result.stdout
+    assert "drifted" in result.stderr
+
+
+def test_bindings_record_the_pin():
+    _ffi, LLAMA_CPP_COMMIT, LLAMA_H_SHA256 = _library._bindings()
+    assert LLAMA_CPP_COMMIT == build_llama.LLAMA_CPP_COMMIT
+    assert LLAMA_H_SHA256 == build_llama.LLAMA_H_SHA256
+
+
+def _exported_symbols(path: Path, prefix: str = "") -> set[str]:
+    out = subprocess.run(["nm", "-D", "--defined-only", str(path)], check=True, capture_output=True,
+                         text=True).stdout
+    names = {line.split()[-1] for line in out.splitlines() if line.strip()}
+    return {name for name in names if name.startswith(prefix)}
+
+
+def test_every_declared_llama_function_is_exported_and_vice_versa(declared_functions):
+    exported = _exported_symbols(_library.get().path, "llama_")
+    declared = {name for name in declared_functions if name.startswith("llama_")}
+    assert len(declared) > 200
+    assert declared - exported == set(), "declared in the cdef but missing from libllama"
+    assert exported - declared == set(), "exported by libllama but not declared"
+    assert set(IMPORTANT) <= declared
+
+
+def test_every_declared_function_resolves(declared_functions):
+    """ggml functions come from libllama's dependencies; each must resolve through the loaded lib,
+    except any that upstream declares in a header but defines in no library."""
+    library = _library.get()
+    defined = set().union(*(_exported_symbols(p) for p in library.path.parent.glob("lib*.so*")))
+    undefined_upstream = declared_functions - defined
+    assert len(undefined_upstream) <= 3, undefined_upstream  # today: ggml_threadpool_get_n_threads
+    unresolved = []
+    for name in sorted(declared_functions - undefined_upstream):
+        try:
+            getattr(library.lib, name)
+        except (AttributeError, cffi.FFIError, library.ffi.error):
+            unresolved.append(name)
+    assert unresolved == []
+
+
+def test_struct_layouts_match_the_c_compiler(source_tree, tmp_path):
+    """ABI mode trusts the cdef blindly, so every size, alignment and offset is checked against gcc."""
+    ffi = _library.get().ffi
+    _typedefs, structs, unions = ffi.list_types()
+    lines, expected = [], []
+    for kind, names in (("struct", structs), ("union", unions)):
+        for name in names:
+            ctype = f"{kind} {name}"
+            try:
+                size, align = ffi.sizeof(ctype), ffi.alignof(ctype)
+            except ffi.error:
+                continue  # opaque: only used through pointers
+            lines.append(f'printf("{ctype} %zu %zu\\n", sizeof({ctype}), _Alignof({ctype}));')
+            expected.append(f"{ctype} {size} {align}")
+            for field_name, field in ffi.typeof(ctype).fields:
+                if not field_name or field.bitsize != -1:
+                    continue
+                lines.append(f'printf("{ctype}.{field_name} %zu\\n", offsetof({ctype}, {field_name}));')
+                expected.append(f"{ctype}.{field_name} {field.offset}")
+    assert len([e for e in expected if "." not in e.split()[1]]) >= 30
+    program = tmp_path / "layout.c"
+    program.write_text("#include <stdio.h>\n#include <stddef.h>\n#include \"llama.h\"\n"
+                       "int main(void) {\n" + "\n".join(lines) + "\nreturn 0;\n}\n")
+    binary = tmp_path / "layout"
+    subprocess.run(["gcc", "-std=c11", "-I", str(source_tree / "include"), "-I",
+                    str(source_tree / "ggml" / "include"), str(program), "-o", str(binary)], check=True)
+    actual = subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout.splitlines()
+    mismatches = [(e, a) for e, a in zip(expected, actual) if e != a]
+    assert mismatches == []
+    assert len(actual) == len(expected)

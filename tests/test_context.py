@@ -1,0 +1,113 @@
+"""Context: parameters, KV cache reuse, overflow, timeouts, one thread at a time."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+import mullama
+from mullama import SamplerChain
+
+
+@pytest.mark.parametrize("kwargs", [{"n_ctx": 0}, {"n_ctx": -5}, {"n_batch": 0}, {"n_threads": "two"},
+                                    {"seed": -1}, {"n_ctx": 1.5}])
+def test_bad_parameters(model, kwargs):
+    with pytest.raises(mullama.InvalidConfigError) as info:
+        mullama.Context(model, **kwargs)
+    assert info.value.code == "INVALID_CONFIG"
+    assert next(iter(kwargs)) in str(info.value)
+
+
+def test_bad_max_tokens(context):
+    for value in (0, -1, None, 2.5):
+        with pytest.raises(mullama.InvalidConfigError):
+            context.generate("hi", max_tokens=value)
+
+
+def test_parameters_are_applied(model):
+    with mullama.Context(model, n_ctx=1024, n_batch=256, n_threads=1) as ctx:
+        assert (ctx.n_ctx, ctx.n_batch, ctx.n_threads) == (1024, 256, 1)
+
+
+def test_cache_reuse_and_clear(context, model):
+    first = context.generate("The quick brown fox", max_tokens=4)
+    assert first.cached_tokens == 0
+    prompt_tokens = model.tokenize("The quick brown fox")
+    assert context.cached_tokens[: len(prompt_tokens)] == prompt_tokens
+    again = context.generate("The quick brown fox", max_tokens=4)
+    assert again.cached_tokens == len(prompt_tokens) - 1  # the last one is re-decoded for its logits
+    assert again.token_ids == first.token_ids
+    context.clear()
+    assert context.cached_tokens == []
+    assert context.generate("The quick brown fox", max_tokens=4).token_ids == first.token_ids
+
+
+def test_prompt_longer_than_the_context(model):
+    with mullama.Context(model, n_ctx=256) as ctx:  # llama.cpp rounds n_ctx up to a multiple of 256
+        prompt = "word " * 400
+        n_prompt = len(model.tokenize(prompt))
+        with pytest.raises(mullama.ContextOverflowError) as info:
+            ctx.generate(prompt, max_tokens=4)
+        assert info.value.code == "CONTEXT_OVERFLOW"
+        assert str(ctx.n_ctx) in str(info.value) and str(n_prompt) in str(info.value)
+        assert ctx.generate("Hello", max_tokens=2).token_ids  # still usable
+
+
+def test_generation_stops_when_the_context_is_full(model):
+    with mullama.Context(model, n_ctx=256) as ctx:
+        prompt = "Count: " + ", ".join(str(i) for i in range(1, 60))
+        assert 200 < len(model.tokenize(prompt)) < 250
+        result = ctx.generate(prompt, max_tokens=100)
+        assert result.finish_reason == "length"
+        assert len(result.token_ids) < 100
+        assert len(ctx.cached_tokens) <= ctx.n_ctx
+
+
+def test_prompts_longer_than_a_batch_are_decoded_in_chunks(model):
+    prompt = "The history of the city " * 60  # several hundred tokens, batch of 64
+    with mullama.Context(model, n_ctx=1024, n_batch=64) as small, mullama.Context(model, n_ctx=1024) as big:
+        assert small.generate(prompt, 8).token_ids == big.generate(prompt, 8).token_ids
+
+
+def test_deadline_aborts_a_long_prompt_and_leaves_the_context_usable(model):
+    with mullama.Context(model, n_ctx=4096, n_batch=512) as ctx:
+        prompt = model.tokenize("A long prompt about many things. " * 300)
+        started = time.monotonic()
+        with pytest.raises(mullama.StreamingError) as info:
+            list(ctx.generate_token_ids(prompt, SamplerChain.greedy(), 4, deadline=time.monotonic() + 0.01))
+        assert info.value.code == "STREAM_TIMEOUT"
+        assert time.monotonic() - started < 1.0
+        assert len(ctx.cached_tokens) < len(prompt)
+        assert ctx.generate("Hello", max_tokens=2).finish_reason in ("length", "stop")
+
+
+def test_one_context_used_from_two_threads_raises(model):
+    """Two threads on one Context: one of them gets a clear ContextError, nothing else breaks."""
+    with mullama.Context(model, n_ctx=4096) as ctx:
+        prompt = model.tokenize("A long prompt about many things. " * 300)
+        errors: list[BaseException] = []
+        barrier = threading.Barrier(2)
+
+        def use(tokens):
+            barrier.wait()
+            for _ in range(20):
+                try:
+                    list(ctx.generate_token_ids(tokens, SamplerChain.greedy(), 4))
+                except mullama.ContextError as exc:
+                    errors.append(exc)
+                    return
+                except BaseException as exc:  # anything else is a failure of the test
+                    errors.append(exc)
+                    return
+
+        threads = [threading.Thread(target=use, args=(prompt,)),
+                   threading.Thread(target=use, args=(prompt[:50],))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors, "neither thread was refused"
+        assert all(isinstance(e, mullama.ContextError) and "another thread" in str(e) for e in errors), errors
+        assert ctx.generate("Hello", max_tokens=2).token_ids  # still consistent and usable
