@@ -20,6 +20,8 @@ from ._exceptions import (ClosedError, ContextError, ContextOverflowError, Downl
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncModel",
+    "AsyncTokenStream",
     "ClosedError",
     "Completion",
     "Context",
@@ -33,8 +35,11 @@ __all__ = [
     "ModelNotFoundError",
     "MullamaError",
     "SamplerChain",
+    "StreamConfig",
     "StreamingError",
     "TemplateError",
+    "Token",
+    "TokenStream",
     "TokenizeError",
     "system_info",
 ]
@@ -42,6 +47,11 @@ __all__ = [
 # Public name -> the private module that defines it; imported on first access to keep
 # `import mullama` light (no cffi, no dlopen).
 _LAZY = {
+    "AsyncModel": "._async",
+    "AsyncTokenStream": "._async",
+    "StreamConfig": "._config",
+    "Token": "._stream",
+    "TokenStream": "._stream",
     "Model": "._model",
     "Context": "._context",
     "Completion": "._context",
@@ -50,6 +60,9 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from ._async import AsyncModel, AsyncTokenStream
+    from ._config import StreamConfig
+    from ._stream import Token, TokenStream
     from ._context import Completion, Context
     from ._library import system_info
     from ._model import Model

@@ -6,13 +6,15 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from ._exceptions import (ClosedError, ContextError, ContextOverflowError, InvalidConfigError,
                           StreamingError)
 from ._model import Model
 from ._owned import Owned
+from ._config import StreamConfig, resolve_config
 from ._sampler import SamplerChain
+from ._stream import TokenStream
 
 __all__ = ["Completion", "Context"]
 
@@ -37,7 +39,7 @@ class Completion:
 
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" (end of generation), "length" (max_tokens or context full)
+    finish_reason: str  # "stop" (end of generation or a stop sequence), "length" (max_tokens or context full)
     prompt_tokens: int
     cached_tokens: int = 0  # prompt tokens reused from the KV cache
     timings: dict = field(default_factory=dict)
@@ -109,6 +111,7 @@ class Context(Owned):
         self._deadline: float | None = None
         self._abort = threading.Event()
         self._abort_cb = ffi.callback("ggml_abort_callback", self._should_abort)
+        self._generation = 0  # bumped by each generation; an older one then stops
 
     # --- KV cache ---------------------------------------------------------------
     @property
@@ -130,8 +133,13 @@ class Context(Owned):
                 keep = 0
             del self._tokens[keep:]
 
-    def _use(self):
+    def _use(self) -> "_Exclusive":
         return _Exclusive(self)
+
+    @staticmethod
+    def _busy_error() -> ContextError:
+        return ContextError("this Context is being used by another thread at the same time; "
+                            "give each thread its own Context (they can share one Model).")
 
     # --- decoding ---------------------------------------------------------------
     def _should_abort(self, _data: Any) -> bool:
@@ -206,64 +214,122 @@ class Context(Owned):
 
     def generate_token_ids(self, prompt_tokens: list[int], sampler: SamplerChain, max_tokens: int,
                            *, deadline: float | None = None, stats: dict | None = None) -> Iterator[int]:
-        """The token loop: prompt in, sampled token ids out, until an end-of-generation token,
-        ``max_tokens``, or a full context.
+        """The token loop: prompt in, sampled token ids out.
 
-        ``stats`` (when given) receives ``prompt_tokens``, ``cached_tokens``, ``finish_reason``,
-        ``prompt_seconds`` and ``decoded`` (tokens decoded after the prompt).
-        Closing the generator stops at once; the cache stays consistent.
+        It ends after an end-of-generation token (which is yielded, as upstream counts
+        it), after ``max_tokens``, or when the context is full. Before the last token is
+        yielded, ``stats["finish_reason"]`` is set ("stop" or "length"); ``stats`` also
+        receives ``prompt_tokens``, ``cached_tokens`` and ``prompt_seconds``.
+        Closing the generator stops at once and leaves the cache consistent. Starting
+        another generation on this Context ends this one (its next step raises ContextError).
         """
         stats = stats if stats is not None else {}
-        stats.update(prompt_tokens=len(prompt_tokens), cached_tokens=0, finish_reason=None, decoded=0)
+        stats.update(prompt_tokens=len(prompt_tokens), cached_tokens=0, finish_reason=None)
+        _positive("max_tokens", max_tokens, allow_none=False)
         with self._use():
+            self._generation += 1
+            generation = self._generation
             start = time.perf_counter()
             stats["cached_tokens"] = self._prepare_prompt(prompt_tokens, deadline)
             stats["prompt_seconds"] = time.perf_counter() - start
         lib, ptr, smpl, vocab = self._lib, self.ptr, sampler.ptr, self._model_vocab
-        buf, batch, tokens = self._token_buf, self._one_token_batch, self._tokens
+        buf, batch, tokens, guard, n_ctx = self._token_buf, self._one_token_batch, self._tokens, self._guard, self.n_ctx
         produced = 0
         while True:
-            with self._use():
+            if not guard.acquire(False):
+                raise self._busy_error()
+            try:
+                if generation != self._generation or self._ptr is None:
+                    raise ContextError("another generation started on this Context, which ends this one; "
+                                       "use one Context per concurrent stream.")
                 token = lib.llama_sampler_sample(smpl, ptr, -1)
-                if lib.llama_vocab_is_eog(vocab, token):
-                    stats["finish_reason"] = "stop"
-                    return
-            yield token
+            finally:
+                guard.release()
             produced += 1
-            if produced >= max_tokens or len(tokens) >= self.n_ctx:
+            if lib.llama_vocab_is_eog(vocab, token):
+                stats["finish_reason"] = "stop"
+            elif produced >= max_tokens or len(tokens) >= n_ctx:
                 stats["finish_reason"] = "length"
+            yield token
+            if stats["finish_reason"] is not None:
                 return
             if deadline is not None and time.monotonic() > deadline:
-                raise StreamingError("generation timed out; raise timeout_ms.", code="STREAM_TIMEOUT")
-            with self._use():
+                raise StreamingError(f"generation timed out after {produced} tokens; raise timeout_ms "
+                                     "or lower max_tokens.", code="STREAM_TIMEOUT")
+            if not guard.acquire(False):
+                raise self._busy_error()
+            try:
+                if generation != self._generation or self._ptr is None:
+                    raise ContextError("another generation started on this Context, which ends this one; "
+                                       "use one Context per concurrent stream.")
                 buf[0] = token
                 rc = lib.llama_decode(ptr, batch)
                 if rc != _DECODE_OK:
                     self._decode_failed(rc, len(tokens))
                 tokens.append(token)
-                stats["decoded"] += 1
+            finally:
+                guard.release()
 
-    def generate(self, prompt: str, max_tokens: int = 256, *, sampler: SamplerChain | None = None) -> Completion:
-        """Complete ``prompt`` (greedy unless a ``sampler`` is given) and return the whole result."""
-        _positive("max_tokens", max_tokens, allow_none=False)
-        prompt_tokens = self.model.tokenize(prompt, add_special=True, parse_special=True)
-        own_sampler = sampler is None
-        sampler = sampler or SamplerChain.greedy()
-        stats: dict = {}
+    # --- the public streaming API -------------------------------------------------
+    def _tokenize_prompt(self, prompt: str) -> list[int]:
+        if not isinstance(prompt, str):
+            raise InvalidConfigError(f"the prompt must be a str, not {type(prompt).__name__}.")
+        # As upstream's server and tools do: BOS/EOS as the model wants, special-token text parsed.
+        return self.model.tokenize(prompt, add_special=True, parse_special=True)
+
+    def generate_stream(self, prompt: str, config: "StreamConfig | int | None" = None, *,
+                        max_tokens: int | None = None, **options: Any) -> TokenStream:
+        """Stream the completion of ``prompt``, token by token.
+
+        Call it as ``generate_stream(prompt, config=StreamConfig(...))``,
+        ``generate_stream(prompt, 500)`` or ``generate_stream(prompt, max_tokens=500,
+        temperature=0)`` (keyword options override fields of ``config``).
+        """
+        config = resolve_config(config, max_tokens, options)
+        return TokenStream(self, self._tokenize_prompt(prompt), config)
+
+    def generate_streaming(self, prompt: str, max_tokens: int | None = None,
+                           callback: "Callable[[str], bool | None] | None" = None, *,
+                           config: "StreamConfig | None" = None, **options: Any) -> TokenStream:
+        """Call ``callback(text)`` for every token's text; returning False stops generation.
+
+        Returns the finished TokenStream, for its statistics.
+        """
+        if callback is None or not callable(callback):
+            raise InvalidConfigError("generate_streaming needs a callback(text) -> bool.")
+        stream = self.generate_stream(prompt, config, max_tokens=max_tokens, **options)
+        with stream:
+            for token in stream:
+                if callback(token.text) is False:
+                    break
+        return stream
+
+    def chat_stream(self, messages: list[dict], config: "StreamConfig | int | None" = None, *,
+                    max_tokens: int | None = None, **options: Any) -> TokenStream:
+        """Stream the assistant's reply to ``messages``, rendered with the model's own chat template."""
+        config = resolve_config(config, max_tokens, options)
+        prompt = self.model.apply_chat_template(messages, add_generation_prompt=True)
+        return TokenStream(self, self._tokenize_prompt(prompt), config)
+
+    def generate(self, prompt: str, max_tokens: int | None = None, *, config: "StreamConfig | None" = None,
+                 **options: Any) -> Completion:
+        """Complete ``prompt`` and return the whole result (greedy unless told otherwise)."""
+        if config is None and "temperature" not in options:
+            options["temperature"] = 0.0
+        stream = self.generate_stream(prompt, config, max_tokens=max_tokens, **options)
         started = time.perf_counter()
-        try:
-            token_ids = list(self.generate_token_ids(prompt_tokens, sampler, max_tokens, stats=stats))
-        finally:
-            if own_sampler:
-                sampler.close()
-        elapsed = time.perf_counter() - started
+        with stream:
+            for _ in stream:
+                pass
         return Completion(
-            text=self.model.detokenize(token_ids),
-            token_ids=token_ids,
-            finish_reason=stats["finish_reason"],
-            prompt_tokens=len(prompt_tokens),
-            cached_tokens=stats["cached_tokens"],
-            timings={"prompt_seconds": stats["prompt_seconds"], "total_seconds": elapsed},
+            text=stream.text,
+            token_ids=stream.token_ids,
+            finish_reason=stream.finish_reason,
+            prompt_tokens=stream.prompt_tokens,
+            cached_tokens=stream.cached_tokens,
+            timings={"prompt_seconds": stream.prompt_seconds(), "total_seconds": time.perf_counter() - started,
+                     "time_to_first_token": stream.time_to_first_token(),
+                     "tokens_per_second": stream.tokens_per_second()},
         )
 
     def close(self) -> None:
@@ -289,8 +355,7 @@ class _Exclusive:
 
     def __enter__(self) -> None:
         if not self._context._guard.acquire(blocking=False):
-            raise ContextError("this Context is being used by another thread at the same time; "
-                               "give each thread its own Context (they can share one Model).")
+            raise Context._busy_error()
         if self._context._ptr is None:
             self._context._guard.release()
             raise ClosedError("this context is closed; create a new one to go on.")

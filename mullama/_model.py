@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from . import _library
-from ._exceptions import ContextError, ModelLoadError, TokenizeError
+from ._exceptions import ContextError, ModelLoadError, TemplateError, TokenizeError
 from ._owned import Owned
 
 __all__ = ["Model"]
@@ -50,6 +50,7 @@ class Model(Owned):
         self.path = path
         self._vocab = library.lib.llama_model_get_vocab(ptr)
         self._contexts: weakref.WeakSet = weakref.WeakSet()
+        self._pieces: dict[int, bytes] = {}  # token id -> bytes (special=False); immutable, so cached
         self._lock = threading.Lock()
 
     # --- loading --------------------------------------------------------------
@@ -136,6 +137,29 @@ class Model(Owned):
         ptr = self._library.lib.llama_model_chat_template(self.ptr, self._ffi.NULL)
         return None if ptr == self._ffi.NULL else self._ffi.string(ptr).decode("utf-8", "replace")
 
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, *,
+                            template: str | None = None, **variables: Any) -> str:
+        """The prompt text for ``messages``, rendered with the model's own chat template
+        (or ``template``) exactly as upstream llama.cpp renders it; extra ``variables``
+        reach the template. Tokenise the result with ``parse_special=True``."""
+        from ._chat import render_chat_template
+
+        source = template if template is not None else self.chat_template
+        if source is None:
+            raise TemplateError("this model has no chat template; pass template=... or use generate_stream().")
+        lib = self._library.lib
+        vocab = self._vocab_ptr()
+        return render_chat_template(
+            source, messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self._special_text(lib.llama_vocab_bos(vocab)),
+            eos_token=self._special_text(lib.llama_vocab_eos(vocab)),
+            strip_bos=self.add_bos, strip_eos=bool(lib.llama_vocab_get_add_eos(vocab)), **variables)
+
+    def _special_text(self, token: int) -> str:
+        if token < 0:  # LLAMA_TOKEN_NULL: the vocabulary has no such token
+            return ""
+        return self.token_to_piece(token, special=True).decode("utf-8", "replace")
+
     @property
     def metadata(self) -> dict[str, str]:
         """Every GGUF key/value (arrays abbreviated by llama.cpp), as strings."""
@@ -188,6 +212,13 @@ class Model(Owned):
         """The bytes of one token (may be part of a multi-byte character)."""
         buf = self._ffi.new("char[]", 64)
         return self._piece(token, buf, 64, special)
+
+    def _cached_piece(self, token: int) -> bytes:
+        """token_to_piece(special=False), from a cache after the first time (the streaming hot path)."""
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = self.token_to_piece(token)
+        return piece
 
     def _piece(self, token: int, buf: Any, size: int, special: bool) -> bytes:
         """token_to_piece into a caller-owned buffer (no allocation on the hot path)."""

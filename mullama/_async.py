@@ -1,0 +1,272 @@
+"""asyncio streaming: a producer thread per stream, a bounded queue, an event loop never blocked.
+
+The producer thread runs the ordinary TokenStream and puts each token into a
+``queue.Queue(maxsize=buffer_size)``; when the consumer is slower, the queue fills
+and the producer waits, so memory stays bounded. The consumer awaits tokens without
+blocking the event loop: the producer wakes it with ``call_soon_threadsafe``.
+Cancelling the consuming task, ``aclose()``, or leaving ``async with`` stops the
+producer within one token and joins its thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import threading
+from typing import Any
+
+from ._config import StreamConfig, resolve_config
+from ._context import Context
+from ._model import Model
+from ._stream import Token, TokenStream
+
+__all__ = ["AsyncModel", "AsyncTokenStream"]
+
+_END = object()  # the producer's last item after a normal end
+
+
+class _Failure:
+    """An exception travelling from the producer thread to the consumer."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class AsyncTokenStream:
+    """An async iterator of :class:`Token`, with the statistics of :class:`TokenStream`."""
+
+    def __init__(self, start_stream, buffer_size: int, on_finish=None) -> None:
+        self._start_stream = start_stream  # () -> TokenStream, called in the producer thread
+        self._queue: queue.Queue = queue.Queue(maxsize=buffer_size)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stream: TokenStream | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiter: asyncio.Future | None = None
+        self._done = False
+        self._on_finish = on_finish
+        self.max_queued = 0  # the most tokens ever waiting in the queue (<= buffer_size)
+
+    # --- producer (its own thread) ------------------------------------------------
+    def _produce(self) -> None:
+        stream = None
+        try:
+            stream = self._stream = self._start_stream()
+            for token in stream:
+                if not self._put(token) or self._stop.is_set():
+                    return
+            self._put(_END)
+        except BaseException as exc:  # delivered to the consumer, raised there
+            self._put(_Failure(exc))
+        finally:
+            if stream is not None:
+                stream.close()
+            if self._on_finish is not None:
+                self._on_finish()
+
+    def _put(self, item: Any) -> bool:
+        """Queue ``item``, waiting while the queue is full; False when the consumer has gone."""
+        q = self._queue
+        while not self._stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+            except queue.Full:
+                continue
+            size = q.qsize()
+            if size > self.max_queued:
+                self.max_queued = size
+            waiter = self._waiter
+            if waiter is not None:
+                self._loop.call_soon_threadsafe(_wake, waiter)
+            return True
+        return False
+
+    # --- consumer (the event loop) ------------------------------------------------
+    def __aiter__(self) -> "AsyncTokenStream":
+        return self
+
+    async def __anext__(self) -> Token:
+        if self._done:
+            raise StopAsyncIteration
+        if self._thread is None:
+            self._loop = asyncio.get_running_loop()
+            self._thread = threading.Thread(target=self._produce, name="mullama-stream", daemon=True)
+            self._thread.start()
+        try:
+            item = await self._get()
+        except BaseException:  # cancelled: stop the producer, leave no thread behind
+            self._shutdown()
+            raise
+        if item is _END or isinstance(item, _Failure):
+            self._done = True
+            await asyncio.to_thread(self._thread.join)  # it is on its last lines: leave no thread behind
+            if item is _END:
+                raise StopAsyncIteration
+            raise item.error
+        return item
+
+    async def _get(self) -> Any:
+        q = self._queue
+        while True:
+            try:
+                return q.get_nowait()
+            except queue.Empty:
+                pass
+            waiter = self._loop.create_future()
+            self._waiter = waiter
+            try:
+                # Re-check after publishing the waiter: a put in between would otherwise be missed.
+                if not q.empty():
+                    continue
+                await waiter
+            finally:
+                self._waiter = None
+
+    def _shutdown(self) -> None:
+        self._done = True
+        self._stop.set()
+        while True:  # free the queue so a blocked producer notices the stop at once
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+
+    async def aclose(self) -> None:
+        """Stop generating and wait for the producer thread to end."""
+        self._shutdown()
+        if self._thread is not None and self._thread.is_alive():
+            await asyncio.to_thread(self._thread.join)
+
+    async def __aenter__(self) -> "AsyncTokenStream":
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __del__(self) -> None:
+        self._stop.set()
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The producer thread (None before the first token is awaited)."""
+        return self._thread
+
+    # --- statistics (those of the underlying TokenStream) -------------------------
+    def tokens_generated(self) -> int:
+        return self._stream.tokens_generated() if self._stream else 0
+
+    def tokens_per_second(self) -> float:
+        return self._stream.tokens_per_second() if self._stream else 0.0
+
+    def time_to_first_token(self) -> float | None:
+        return self._stream.time_to_first_token() if self._stream else None
+
+    @property
+    def finish_reason(self) -> str | None:
+        if self._stream is None:
+            return None
+        if self._stop.is_set() and self._stream.finish_reason in (None, "cancelled"):
+            return "cancelled"
+        return self._stream.finish_reason
+
+    @property
+    def text(self) -> str:
+        return self._stream.text if self._stream else ""
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self._stream.token_ids if self._stream else []
+
+
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+class AsyncModel:
+    """A Model for asyncio code: loads off the event loop and streams through a producer thread.
+
+    Each stream runs on a Context from a small pool (created as needed, reused after),
+    so consecutive turns keep their KV cache and concurrent streams do not collide.
+    """
+
+    def __init__(self, model: Model, **context_options: Any) -> None:
+        self.model = model
+        self._context_options = context_options
+        self._idle: list[Context] = []
+        self._lock = threading.Lock()
+
+    @classmethod
+    async def load(cls, model: str | os.PathLike, **options: Any) -> "AsyncModel":
+        """Load ``model`` (a path or a name) in a worker thread. Context options
+        (``n_ctx``, ``n_threads``, ...) apply to the contexts this AsyncModel creates."""
+        context_keys = {"n_ctx", "n_batch", "n_threads", "n_threads_batch", "seed", "flash_attn"}
+        context_options = {k: options.pop(k) for k in list(options) if k in context_keys}
+        loaded = await asyncio.to_thread(Model.load, model, **options)
+        return cls(loaded, **context_options)
+
+    def _take_context(self) -> Context:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        return Context(self.model, **self._context_options)
+
+    def _give_back(self, context: Context) -> None:
+        with self._lock:
+            self._idle.append(context)
+
+    def _async_stream(self, open_stream, config: StreamConfig) -> AsyncTokenStream:
+        """An AsyncTokenStream whose producer borrows a pooled Context for ``open_stream(context)``."""
+        borrowed: list[Context] = []
+
+        def start() -> TokenStream:
+            borrowed.append(self._take_context())
+            return open_stream(borrowed[0])
+
+        def finish() -> None:
+            while borrowed:
+                self._give_back(borrowed.pop())
+
+        return AsyncTokenStream(start, config.buffer_size, finish)
+
+    def generate_stream(self, prompt: str, config: StreamConfig | int | None = None, *,
+                        max_tokens: int | None = None, **options: Any) -> AsyncTokenStream:
+        """``async for token in model.generate_stream(prompt, config=...)``."""
+        config = resolve_config(config, max_tokens, options)
+        return self._async_stream(lambda context: context.generate_stream(prompt, config), config)
+
+    def chat_stream(self, messages: list[dict], config: StreamConfig | int | None = None, *,
+                    max_tokens: int | None = None, **options: Any) -> AsyncTokenStream:
+        """Stream the reply to ``messages`` with the model's chat template."""
+        config = resolve_config(config, max_tokens, options)
+        return self._async_stream(lambda context: context.chat_stream(messages, config), config)
+
+    async def generate(self, prompt: str, max_tokens: int | None = None, **options: Any):
+        """The whole completion (greedy unless told otherwise), computed off the event loop."""
+        context = self._take_context()
+        try:
+            return await asyncio.to_thread(context.generate, prompt, max_tokens, **options)
+        finally:
+            self._give_back(context)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kw: Any) -> str:
+        return self.model.apply_chat_template(messages, add_generation_prompt, **kw)
+
+    async def aclose(self) -> None:
+        """Free the pooled contexts and the model."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for context in idle:
+            context.close()
+        self.model.close()
+
+    async def __aenter__(self) -> "AsyncModel":
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+

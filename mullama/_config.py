@@ -1,0 +1,110 @@
+"""StreamConfig: what to generate and how (the seed's fields and defaults, plus a few more)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Sequence
+
+from ._exceptions import InvalidConfigError
+
+__all__ = ["StreamConfig", "resolve_config"]
+
+MAX_SEED = 2**32 - 2  # 2**32 - 1 is llama.cpp's "random seed"
+
+
+def _fail(name: str, value: Any, expected: str) -> None:
+    raise InvalidConfigError(f"StreamConfig.{name} must be {expected}, not {value!r}.")
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None = None, *, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        _fail(name, value, f"an integer {bound}" + (" (or None)" if optional else ""))
+
+
+def _check_float(name: str, value: Any, low: float, high: float, *, low_open: bool = False) -> None:
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+          and (value > low if low_open else value >= low) and value <= high)
+    if not ok:
+        _fail(name, value, f"a number in {'(' if low_open else '['}{low}, {high}]")
+
+
+@dataclass
+class StreamConfig:
+    """How to generate: sampling, limits, stop sequences, buffering and timeout.
+
+    ``temperature=0`` is greedy decoding (what upstream llama.cpp gives at temperature 0).
+    A ``seed`` makes sampling reproducible. Invalid values raise InvalidConfigError
+    (``code == "INVALID_CONFIG"``) naming the field.
+    """
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 40
+    top_p: float = 0.9
+    stop_sequences: Sequence[str] = field(default_factory=list)
+    buffer_size: int = 64
+    timeout_ms: int | None = 30000
+    seed: int | None = None
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop_sequences, str):
+            self.stop_sequences = [self.stop_sequences]
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field; raise InvalidConfigError naming the first bad one."""
+        _check_int("max_tokens", self.max_tokens, 1)
+        _check_float("temperature", self.temperature, 0.0, 100.0)
+        _check_int("top_k", self.top_k, 0)
+        _check_float("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        if not isinstance(self.stop_sequences, (list, tuple)):
+            _fail("stop_sequences", self.stop_sequences, "a list of non-empty strings")
+        for stop in self.stop_sequences:
+            if not isinstance(stop, str) or not stop:
+                _fail("stop_sequences", self.stop_sequences, "a list of non-empty strings")
+        self.stop_sequences = list(self.stop_sequences)
+        _check_int("buffer_size", self.buffer_size, 1)
+        _check_int("timeout_ms", self.timeout_ms, 1, optional=True)
+        _check_int("seed", self.seed, 0, MAX_SEED, optional=True)
+        _check_float("min_p", self.min_p, 0.0, 1.0)
+        _check_float("repeat_penalty", self.repeat_penalty, 0.0, 100.0, low_open=True)
+        _check_int("repeat_last_n", self.repeat_last_n, -1)
+        _check_float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        _check_float("presence_penalty", self.presence_penalty, -2.0, 2.0)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def with_options(self, **changes: Any) -> "StreamConfig":
+        """A copy with some fields changed (validated)."""
+        unknown = set(changes) - {f.name for f in fields(self)}
+        if unknown:
+            raise InvalidConfigError(f"StreamConfig has no field {sorted(unknown)[0]!r}.")
+        return replace(self, **changes)
+
+
+def resolve_config(config: "StreamConfig | int | None", max_tokens: int | None, options: dict) -> StreamConfig:
+    """The config for ``generate_stream(prompt, config, max_tokens=..., **options)``.
+
+    ``config`` may be a StreamConfig, None (the defaults), or an int (``generate_stream(prompt, 500)``);
+    ``max_tokens`` and keyword options override its fields.
+    """
+    if isinstance(config, int) and not isinstance(config, bool):
+        config, max_tokens = None, config
+    if config is None:
+        config = StreamConfig()
+    elif not isinstance(config, StreamConfig):
+        raise InvalidConfigError(f"config must be a StreamConfig, not {type(config).__name__}.")
+    if max_tokens is not None:
+        options = dict(options, max_tokens=max_tokens)
+    return config.with_options(**options) if options else config

@@ -1,0 +1,74 @@
+"""Exact streaming text: bytes of tokens in, whole characters out, stop sequences held back.
+
+A token's bytes may end inside a multi-byte UTF-8 character; the incremental decoder
+keeps those bytes until the character is complete, so nothing comes out broken or
+twice. A stop sequence may be split over several tokens; the text that could still
+become a stop sequence is held back until it either completes (and is dropped, with
+everything after it) or cannot anymore (and is released). Each token's text is looked
+at once: the work per token does not grow with the length of the output.
+"""
+
+from __future__ import annotations
+
+import codecs
+from typing import Sequence
+
+__all__ = ["TextAssembler"]
+
+
+class TextAssembler:
+    """Turn token bytes into text that is safe to show."""
+
+    __slots__ = ("_decoder", "_stops", "_max_stop", "_pending", "stopped", "stop_sequence")
+
+    def __init__(self, stop_sequences: Sequence[str] = ()) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._stops = tuple(stop_sequences)
+        self._max_stop = max((len(s) for s in self._stops), default=0)
+        self._pending = ""  # decoded text held back because it may begin a stop sequence
+        self.stopped = False
+        self.stop_sequence: str | None = None
+
+    def feed(self, piece: bytes) -> str:
+        """Add one token's bytes; return the text that can be shown now (maybe "")."""
+        text = self._decoder.decode(piece)
+        if not self._stops:
+            return text
+        if self.stopped:
+            return ""
+        # Only the held text and the new text can contain a match that was not checked before.
+        window = self._pending + text
+        first = -1
+        for stop in self._stops:
+            at = window.find(stop)
+            if at != -1 and (first == -1 or at < first):
+                first, self.stop_sequence = at, stop
+        if first != -1:
+            self.stopped = True
+            self._pending = ""
+            return window[:first]
+        hold = self._held_suffix(window)
+        self._pending = window[len(window) - hold:] if hold else ""
+        return window[:len(window) - hold]
+
+    def _held_suffix(self, text: str) -> int:
+        """Length of the longest end of ``text`` that is the start of some stop sequence."""
+        for length in range(min(len(text), self._max_stop - 1), 0, -1):
+            tail = text[-length:]
+            if any(stop.startswith(tail) for stop in self._stops):
+                return length
+        return 0
+
+    def flush(self) -> str:
+        """The end of generation (not by a stop sequence): release everything held."""
+        text = self._decoder.decode(b"", final=True)
+        if self.stopped:
+            return ""
+        text, self._pending = self._pending + text, ""
+        if self._stops:  # a stop sequence can still complete with the decoder's last character
+            for stop in self._stops:
+                at = text.find(stop)
+                if at != -1:
+                    self.stopped, self.stop_sequence = True, stop
+                    return text[:at]
+        return text
