@@ -1,4 +1,126 @@
-"""The ``mullama`` command (placeholder: grows into the full CLI)."""
+"""The ``mullama`` command: ``mullama run``, ``mullama info``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
 import sys
-def main(argv=None) -> int:
+
+from . import __version__
+from ._exceptions import MullamaError
+
+EXAMPLES = """examples:
+  mullama run "Why is the sky blue?"            stream a reply from the default model
+  mullama run smollm2:135m "Hello" --json       the reply and its statistics as JSON
+  echo "Summarise: ..." | mullama run           the prompt from standard input
+  mullama run --raw "The capital of France is"  plain completion, no chat template
+  mullama info                                  library, llama.cpp commit, cache
+"""
+
+
+def _is_model(word: str) -> bool:
+    from ._hub import REGISTRY
+
+    return word.lower() in REGISTRY or word.endswith(".gguf")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ._config import StreamConfig
+    from ._context import Context
+    from ._hub import DEFAULT_MODEL
+    from ._model import Model
+
+    words = list(args.words)
+    model_name = args.model
+    if model_name is None and words and _is_model(words[0]):
+        model_name = words.pop(0)
+    prompt = " ".join(words)
+    if not prompt and not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise MullamaError("no prompt: give one as arguments or on standard input.", code="INVALID_CONFIG")
+    config = StreamConfig(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
+                          stop_sequences=args.stop or [], timeout_ms=None)
+    with Model.load(model_name or DEFAULT_MODEL) as model, Context(model, n_ctx=args.ctx_size) as context:
+        if args.raw:
+            stream = context.generate_stream(prompt, config=config)
+        else:
+            messages = ([{"role": "system", "content": args.system}] if args.system else [])
+            messages.append({"role": "user", "content": prompt})
+            stream = context.chat_stream(messages, config=config)
+        with stream:
+            for token in stream:
+                if not args.json:
+                    sys.stdout.write(token.text)
+                    sys.stdout.flush()
+        if args.json:
+            json.dump({"model": str(model.path), "text": stream.text, "finish_reason": stream.finish_reason,
+                       "prompt_tokens": stream.prompt_tokens, "completion_tokens": stream.tokens_generated(),
+                       "time_to_first_token_s": stream.time_to_first_token(),
+                       "tokens_per_second": stream.tokens_per_second()}, sys.stdout, ensure_ascii=False)
+        sys.stdout.write("\n")
+        if args.verbose:
+            print(f"[{stream.tokens_generated()} tokens, {stream.tokens_per_second():.1f} tokens/s, "
+                  f"first token after {stream.time_to_first_token() * 1000:.0f} ms]", file=sys.stderr)
     return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from ._library import system_info
+
+    info = system_info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            print(f"{key:>17}: {value}")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mullama", description="Stream tokens from local GGUF models.",
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"mullama {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log and statistics")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = commands.add_parser("run", help="stream a reply to a prompt", epilog=EXAMPLES,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("words", nargs="*", metavar="[MODEL] PROMPT", help="an optional model, then the prompt")
+    run.add_argument("-m", "--model", help="a .gguf path or a model name (default: smollm2:135m)")
+    run.add_argument("-n", "--max-tokens", type=int, default=512, help="at most this many tokens (default 512)")
+    run.add_argument("-t", "--temperature", type=float, default=0.7, help="0 is greedy (default 0.7)")
+    run.add_argument("--seed", type=int, help="make sampling reproducible")
+    run.add_argument("--stop", action="append", help="stop at this text (repeatable)")
+    run.add_argument("--system", help="a system message")
+    run.add_argument("--raw", action="store_true", help="complete the prompt as is, without the chat template")
+    run.add_argument("--ctx-size", type=int, default=None, help="context size in tokens")
+    run.add_argument("--json", action="store_true", help="print the result and statistics as JSON")
+    run.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log and statistics")
+    run.set_defaults(handler=_run)
+
+    info = commands.add_parser("info", help="library path, llama.cpp commit, system info, cache")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(handler=_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except MullamaError as error:
+        print(f"mullama: error [{error.code}]: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
