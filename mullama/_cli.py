@@ -15,6 +15,9 @@ EXAMPLES = """examples:
   mullama run smollm2:135m "Hello" --json       the reply and its statistics as JSON
   echo "Summarise: ..." | mullama run           the prompt from standard input
   mullama run --raw "The capital of France is"  plain completion, no chat template
+  mullama pull qwen2.5:0.5b                     download a model (resumable, verified)
+  mullama list                                  models in the cache
+  mullama show smollm2:135m                     architecture, parameters, quantisation, context
   mullama info                                  library, llama.cpp commit, cache
 """
 
@@ -66,6 +69,62 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pull(args: argparse.Namespace) -> int:
+    from ._hub import pull
+
+    path = pull(args.name, force=args.force)
+    print(path)
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from ._hub import list_models
+
+    models = list_models()
+    if args.json:
+        print(json.dumps([{"name": m.name, "size": m.size, "path": str(m.path), "sha256": m.sha256,
+                           "source": m.source, "pulled_at": m.pulled_at} for m in models], indent=2))
+        return 0
+    if not models:
+        print("no models in the cache yet: `mullama pull smollm2:135m`")
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("NAME", "SIZE", "DIGEST", box=None, header_style="bold")
+    table.add_column("PATH", overflow="fold")
+    for m in models:
+        table.add_row(m.name, f"{m.size / 1e6:.0f} MB", m.sha256[:12], str(m.path))
+    Console().print(table)
+    return 0
+
+
+def _rm(args: argparse.Namespace) -> int:
+    from ._hub import remove
+
+    for name in args.names:
+        print(f"removed {name} ({remove(name)})")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from ._gguf import read_gguf_info
+    from ._hub import resolve
+
+    info = read_gguf_info(resolve(args.name))
+    summary = {"path": str(info.path), **info.summary()}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        summary["parameters"] = f"{info.n_params / 1e6:.1f}M"
+        summary["size_bytes"] = f"{info.size_bytes / 1e6:.1f} MB"
+        for key, value in summary.items():
+            print(f"{key.replace('_', ' '):>15}: {value}")
+    if args.template and info.chat_template:
+        print(info.chat_template)
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     from ._library import system_info
 
@@ -99,6 +158,25 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print the result and statistics as JSON")
     run.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log and statistics")
     run.set_defaults(handler=_run)
+
+    pull = commands.add_parser("pull", help="download a model into the cache (verified)")
+    pull.add_argument("name", help="a model name (smollm2:135m, qwen2.5:0.5b, llama3.2:1b, ...) or hf:owner/repo[:file]")
+    pull.add_argument("--force", action="store_true", help="download again even if cached")
+    pull.set_defaults(handler=_pull)
+
+    ls = commands.add_parser("list", help="models in the cache: name, size, digest, path")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(handler=_list)
+
+    rm = commands.add_parser("rm", help="remove models from the cache")
+    rm.add_argument("names", nargs="+")
+    rm.set_defaults(handler=_rm)
+
+    show = commands.add_parser("show", help="a model's metadata, read from its GGUF header")
+    show.add_argument("name", help="a model name or a .gguf path")
+    show.add_argument("--json", action="store_true")
+    show.add_argument("--template", action="store_true", help="also print the chat template")
+    show.set_defaults(handler=_show)
 
     info = commands.add_parser("info", help="library path, llama.cpp commit, system info, cache")
     info.add_argument("--json", action="store_true")

@@ -54,6 +54,7 @@ class StreamConfig:
     repeat_last_n: int = 64
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    ignore_eos: bool = False  # keep going after an end-of-generation token (benchmarks, tests)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop_sequences, str):
@@ -80,6 +81,8 @@ class StreamConfig:
         _check_int("repeat_last_n", self.repeat_last_n, -1)
         _check_float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         _check_float("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        if not isinstance(self.ignore_eos, bool):
+            _fail("ignore_eos", self.ignore_eos, "True or False")
 
     @property
     def greedy(self) -> bool:

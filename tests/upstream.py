@@ -11,6 +11,7 @@ import json
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -44,7 +45,7 @@ class LlamaServer:
         self.url = f"http://127.0.0.1:{self.port}"
         command = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(self.port),
                    "-t", str(threads), "-c", str(n_ctx), "-np", str(parallel), "--no-webui", *extra]
-        self.log = open(Path(build_llama.llama_cache_dir()) / f"llama-server-{self.port}.log", "w+")
+        self.log = tempfile.TemporaryFile("w+")
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
         self._wait_ready()
 

@@ -99,7 +99,7 @@ def render(tree: Path) -> dict[str, str]:
         module = module_path.read_text()
     return {
         "llama_cdef.h": f"/* {banner} */\n{cdef}",
-        "_llama_ffi.py": f"# {banner}\n# cffi {cffi.__version__}, out-of-line ABI mode.\n{module}",
+        "_llama_ffi.py": f"# {banner}\n# cffi out-of-line ABI mode: no compiler needed to import it.\n{module}",
         "__init__.py": (
             f'"""cffi bindings for llama.cpp. {banner}"""\n\n'
             f'LLAMA_CPP_COMMIT = "{build_llama.LLAMA_CPP_COMMIT}"\n'

@@ -1,0 +1,272 @@
+#!/usr/bin/env python3
+"""Streaming speed: mullama beside upstream llama-bench (and llama-cpp-python when installed).
+
+Everything runs in this one process run, on the same model, threads and build, and the
+table prints ratios, because machines of this kind differ from day to day:
+
+- decode tokens/s: our sync and async streams vs ``llama-bench -p 0 -n 128``;
+- time to first token, 5-token prompt, fresh context, vs upstream's prompt-eval time for 5 tokens;
+- the same prompt again on the same Context (prefix reuse) vs one decode step;
+- per-token Python time beside the C calls (llama_decode, llama_sampler_sample);
+- RSS growth over 1000 tokens with a slow async consumer.
+
+    python benchmarks/bench_stream.py [--threads N] [--reps N] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import build_llama  # noqa: E402
+import mullama  # noqa: E402
+from mullama import AsyncModel, Context, Model, StreamConfig, _hub  # noqa: E402
+from mullama._context import default_threads  # noqa: E402
+
+PROMPT_5 = "The capital of France is"  # checked to be 5 tokens below
+DECODE_PROMPT = "Once upon a time"
+
+
+def rss_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def llama_bench(binary: Path, model: Path, threads: int, n_prompt: int, n_gen: int, reps: int) -> float:
+    """Average tokens/s of one llama-bench test."""
+    out = subprocess.run([str(binary), "-m", str(model), "-t", str(threads), "-p", str(n_prompt),
+                          "-n", str(n_gen), "-r", str(reps), "-o", "json"],
+                         check=True, capture_output=True, text=True).stdout
+    return float(json.loads(out)[0]["avg_ts"])
+
+
+class TimedLib:
+    """Wraps the cffi lib so the time spent inside chosen C functions is added up."""
+
+    def __init__(self, lib, names):
+        self._lib = lib
+        self.spent = 0.0
+        for name in names:
+            setattr(self, name, self._timed(getattr(lib, name)))
+
+    def _timed(self, function):
+        perf_counter = time.perf_counter
+
+        def call(*args):
+            start = perf_counter()
+            result = function(*args)
+            self.spent += perf_counter() - start
+            return result
+
+        return call
+
+    def __getattr__(self, name):
+        return getattr(self._lib, name)
+
+
+def wrapper_cost(lib) -> float:
+    """Seconds one TimedLib wrapper adds to a call (measured on a trivial C function)."""
+    timed = TimedLib(lib, ["llama_max_devices"])
+    n = 200_000
+    start = time.perf_counter()
+    for _ in range(n):
+        lib.llama_max_devices()
+    bare = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(n):
+        timed.llama_max_devices()
+    return max(0.0, (time.perf_counter() - start - bare) / n)
+
+
+def sync_decode(context: Context, n: int) -> float:
+    stream = context.generate_stream(DECODE_PROMPT, max_tokens=n, temperature=0, ignore_eos=True)
+    for _ in stream:
+        pass
+    assert stream.tokens_generated() == n
+    return stream.tokens_per_second()
+
+
+def async_decode(amodel: AsyncModel, n: int) -> float:
+    async def run():
+        stream = amodel.generate_stream(DECODE_PROMPT, max_tokens=n, temperature=0, ignore_eos=True)
+        async for _ in stream:
+            pass
+        assert stream.tokens_generated() == n
+        return stream.tokens_per_second()
+
+    return asyncio.run(run())
+
+
+def python_overhead(context: Context, n: int) -> float:
+    """Seconds per token spent outside llama_decode and llama_sampler_sample."""
+    real = context._lib
+    timed = TimedLib(real, ["llama_decode", "llama_sampler_sample"])
+    cost = wrapper_cost(real)
+    context._lib = timed
+    try:
+        stream = context.generate_stream(DECODE_PROMPT, max_tokens=n, temperature=0, ignore_eos=True)
+        next(stream)
+        c_before, t_before = timed.spent, time.perf_counter()
+        count = 0
+        for _ in stream:
+            count += 1
+        wall, c_time = time.perf_counter() - t_before, timed.spent - c_before
+    finally:
+        context._lib = real
+    return (wall - c_time) / count - 2 * cost
+
+
+def ttft_fresh(model: Model, threads: int, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        with Context(model, n_ctx=2048, n_threads=threads) as ctx:
+            start = time.perf_counter()
+            with ctx.generate_stream(PROMPT_5, max_tokens=1, temperature=0) as stream:
+                next(stream)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def ttft_again(context: Context, reps: int) -> float:
+    list(context.generate_stream(PROMPT_5, max_tokens=1, temperature=0))
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        with context.generate_stream(PROMPT_5, max_tokens=1, temperature=0) as stream:
+            next(stream)
+        times.append(time.perf_counter() - start)
+        assert stream.cached_tokens == 4
+    return statistics.median(times)
+
+
+def slow_consumer_rss(amodel: AsyncModel, n: int) -> tuple[float, float, int]:
+    async def run():
+        stream = amodel.generate_stream(DECODE_PROMPT, max_tokens=n, temperature=0, ignore_eos=True,
+                                        buffer_size=64)
+        async for _ in stream:
+            await asyncio.sleep(0.002)
+        return stream.max_queued
+
+    gc.collect()
+    before = rss_mb()
+    max_queued = asyncio.run(run())
+    gc.collect()
+    return before, rss_mb(), max_queued
+
+
+def llama_cpp_python(model_path: Path, threads: int, n: int, reps: int) -> dict | None:
+    try:
+        import llama_cpp  # noqa: F401
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    llm = Llama(str(model_path), n_threads=threads, n_ctx=2048, flash_attn=True, verbose=False)
+    speeds, ttfts = [], []
+    for _ in range(reps):
+        llm.reset()
+        start = time.perf_counter()
+        first = last = None
+        count = 0
+        for _chunk in llm.create_completion(DECODE_PROMPT, max_tokens=n, temperature=0, stream=True):
+            now = time.perf_counter()
+            first = first or now
+            last = now
+            count += 1
+        speeds.append((count - 1) / (last - first))
+        llm.reset()
+        start = time.perf_counter()
+        next(iter(llm.create_completion(PROMPT_5, max_tokens=1, temperature=0, stream=True)))
+        ttfts.append(time.perf_counter() - start)
+    return {"tg": statistics.median(speeds), "ttft": statistics.median(ttfts)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=default_threads())
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args(argv)
+
+    build = build_llama.build(tools=["llama-bench"])
+    model_path = _hub.resolve(_hub.DEFAULT_MODEL)
+    model = Model.load(model_path)
+    assert len(model.tokenize(PROMPT_5)) == 5
+    print(f"model {model_path.name}, {args.threads} threads, library {mullama.system_info()['library_path']}",
+          flush=True)
+
+    bench = build.tool("llama-bench")
+    up_tg = llama_bench(bench, model_path, args.threads, 0, args.tokens, args.reps)
+    up_pp5 = llama_bench(bench, model_path, args.threads, 5, 0, max(args.reps, 10))
+    up_pp5_s = 5 / up_pp5
+
+    context = Context(model, n_ctx=2048, n_threads=args.threads)
+    amodel = AsyncModel(model, n_ctx=2048, n_threads=args.threads)
+    sync_decode(context, 16)
+    async_decode(amodel, 16)  # warm-up both paths
+    sync_tps, async_tps = [], []
+    for _ in range(args.reps):  # interleaved, so drift affects both alike
+        sync_tps.append(sync_decode(context, args.tokens))
+        async_tps.append(async_decode(amodel, args.tokens))
+    ours_tg, ours_async_tg = statistics.median(sync_tps), statistics.median(async_tps)
+    overhead = statistics.median(python_overhead(context, 256) for _ in range(3))
+    fresh = ttft_fresh(model, args.threads, max(args.reps, 10))
+    again = ttft_again(context, max(args.reps, 10))
+    rss_before, rss_after, max_queued = slow_consumer_rss(amodel, 1000)
+    peer = llama_cpp_python(model_path, args.threads, args.tokens, args.reps)
+
+    step = 1 / up_tg
+    rows = [
+        ("decode tokens/s (sync stream)", f"{ours_tg:.1f}", f"llama-bench tg{args.tokens} {up_tg:.1f}",
+         ours_tg / up_tg, "≥ 0.98"),
+        ("decode tokens/s (async stream)", f"{ours_async_tg:.1f}", f"llama-bench tg{args.tokens} {up_tg:.1f}",
+         ours_async_tg / up_tg, "≥ 0.98"),
+        ("async / sync throughput", f"{ours_async_tg:.1f}", f"sync {ours_tg:.1f}", ours_async_tg / ours_tg, "≥ 0.98"),
+        ("TTFT, 5-token prompt, fresh context (ms)", f"{fresh * 1e3:.2f}", f"pp5 eval {up_pp5_s * 1e3:.2f}",
+         fresh / up_pp5_s, "≤ 1.05"),
+        ("TTFT, same prompt again (ms)", f"{again * 1e3:.2f}", f"one decode step {step * 1e3:.2f}",
+         again / step, "≤ 1.0"),
+        ("Python time per token beside C (µs)", f"{overhead * 1e6:.1f}", "goal 50", overhead * 1e6 / 50, "≤ 1.0"),
+        ("RSS growth, slow consumer, 1000 tokens (MB)", f"{rss_after - rss_before:.2f}", "goal 5",
+         (rss_after - rss_before) / 5, "≤ 1.0"),
+    ]
+    if peer:
+        rows += [
+            ("llama-cpp-python decode tokens/s", f"{peer['tg']:.1f}", f"llama-bench {up_tg:.1f}",
+             peer["tg"] / up_tg, "(peer)"),
+            ("llama-cpp-python TTFT 5 tokens (ms)", f"{peer['ttft'] * 1e3:.2f}", f"pp5 eval {up_pp5_s * 1e3:.2f}",
+             peer["ttft"] / up_pp5_s, "(peer)"),
+        ]
+    print()
+    print("| measure | mullama | upstream / reference | ratio | goal |")
+    print("| --- | ---: | ---: | ---: | --- |")
+    for name, ours, theirs, ratio, goal in rows:
+        print(f"| {name} | {ours} | {theirs} | {ratio:.3f} | {goal} |")
+    if peer is None:
+        print("\nllama-cpp-python: not installed, not measured")
+    print(f"\nslow consumer: at most {max_queued} tokens waited in the buffer of 64")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "threads": args.threads, "upstream_tg": up_tg, "upstream_pp5_ms": up_pp5_s * 1e3,
+            "sync_tg": ours_tg, "async_tg": ours_async_tg, "ttft_fresh_ms": fresh * 1e3,
+            "ttft_again_ms": again * 1e3, "python_overhead_us": overhead * 1e6,
+            "rss_growth_mb": rss_after - rss_before, "llama_cpp_python": peer,
+        }, indent=2))
+    context.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""build_llama.py: cached, atomic, clear about what is missing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import build_llama
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = str(REPO / "build_llama.py")
+
+
+def run_build(args: list[str], env_extra: dict, **kwargs) -> subprocess.CompletedProcess:
+    env = dict(os.environ, **env_extra)
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, env=env,
+                          timeout=600, **kwargs)
+
+
+def test_a_second_build_is_a_cache_hit(build):
+    manifest = build.root / build_llama.MANIFEST_NAME
+    before = manifest.stat().st_mtime_ns
+    result = run_build(["--print-path", "--tools", "llama-server"], {})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(build.lib_dir)
+    assert manifest.stat().st_mtime_ns == before  # nothing was rebuilt or rewritten
+    assert "compiling" not in result.stderr
+
+
+def test_the_manifest_describes_the_build(build):
+    manifest = build.manifest
+    assert manifest["commit"] == build_llama.LLAMA_CPP_COMMIT
+    assert manifest["llama_h_sha256"] == build_llama.LLAMA_H_SHA256
+    assert manifest["options"] == {"portable": False, "cmake_args": [], "build_type": "Release"}
+    for name, digest in manifest["libraries"].items():
+        assert build_llama.sha256_file(build.lib_dir / name) == digest
+    assert {"libllama.so.0", "libggml.so.0", "libggml-base.so.0", "libggml-cpu.so.0"} <= set(manifest["libraries"])
+
+
+def test_libraries_find_each_other_wherever_copied(build, tmp_path):
+    out = subprocess.run(["readelf", "-d", str(build.libllama)], capture_output=True, text=True).stdout
+    assert "$ORIGIN" in out
+    assert str(build.root) not in out and "/build/" not in out
+
+
+def test_missing_toolchain_is_one_clear_error(tmp_path):
+    result = run_build([], {"MULLAMA_HOME": str(tmp_path), "PATH": str(tmp_path), "CC": "", "CXX": ""})
+    assert result.returncode == 1
+    assert "missing: cmake" in result.stderr
+    assert "C and C++ compiler" in result.stderr
+    assert not list(tmp_path.glob("llama.cpp/*/manifest.json"))
+
+
+def test_unusable_sources_are_reported_in_one_line_and_the_next_is_tried(tmp_path, build, capsys):
+    source = build_llama.ensure_source()
+    fake = tmp_path / "llama.cpp"
+    (fake / "include").mkdir(parents=True)
+    (fake / "ggml" / "include").mkdir(parents=True)
+    (fake / "include" / "llama.h").write_text((source / "include" / "llama.h").read_text() + "\n// edited\n")
+    (fake / "ggml" / "include" / "ggml.h").write_text("")
+    assert build_llama._find_tree(fake) == fake
+    try:
+        build_llama._source_from_path(fake, tmp_path)
+    except build_llama.BuildError as exc:
+        assert "not the pinned one" in str(exc)
+    else:
+        raise AssertionError("an edited llama.h was accepted")
+    for bad in (fake, tmp_path / "nowhere"):
+        capsys.readouterr()
+        assert build_llama.ensure_source(bad) == source  # fell through to the pinned tree downloaded before
+        lines = [line for line in capsys.readouterr().err.splitlines() if "source unavailable" in line]
+        assert len(lines) == 1 and str(bad) in lines[0]
+
+
+def test_a_source_archive_is_accepted(tmp_path, build):
+    """An archive given with --source is extracted and checked (here: the pinned headers only)."""
+    source = build_llama.ensure_source()
+    archive = tmp_path / "llama.cpp.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(source / "include", arcname="llama.cpp-x/include")
+        tar.add(source / "ggml" / "include", arcname="llama.cpp-x/ggml/include")
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    tree = build_llama._source_from_path(archive, staging)
+    assert (tree / "include" / "llama.h").is_file()
+
+
+def test_an_interrupted_build_leaves_no_complete_looking_entry(tmp_path, build, monkeypatch):
+    home = tmp_path / "home"
+    env = dict(os.environ, MULLAMA_HOME=str(home))
+    process = subprocess.Popen([sys.executable, SCRIPT, "--source", str(build_llama.ensure_source()), "-j", "1"],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    logs = []
+    while time.monotonic() < deadline and not logs:
+        logs = [p for p in home.glob("llama.cpp/build/*/build.log") if "Building" in p.read_text(errors="replace")]
+        time.sleep(0.5)
+    assert logs, "the build never started compiling"
+    process.send_signal(signal.SIGINT)
+    process.wait(timeout=60)
+    assert process.returncode != 0
+    assert "interrupted" in process.stderr.read()
+    monkeypatch.setenv("MULLAMA_HOME", str(home))
+    assert build_llama.cached_build() is None
+    assert not list(home.glob("llama.cpp/*/manifest.json"))
+    # and the compiler it started was stopped with it
+    leftovers = subprocess.run(["pgrep", "-f", str(home)], capture_output=True, text=True).stdout.split()
+    assert leftovers == []
