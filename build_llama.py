@@ -48,6 +48,9 @@ SDIST_REQUIREMENT = "llama-cpp-python==0.3.36"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 SDIST_SUBDIR = "vendor/llama.cpp"
 
+#: Bumped whenever cmake_definitions() changes, so cached builds of an older recipe are not reused.
+BUILD_RECIPE = 2
+
 #: Shared libraries that mullama itself loads (the wheel bundles exactly these).
 CORE_LIBRARY_PREFIXES = ("libllama.so", "libggml")
 LIBLLAMA = "libllama.so.0"
@@ -95,7 +98,7 @@ class BuildOptions:
 
     def key(self) -> str:
         blob = json.dumps(
-            {"commit": LLAMA_CPP_COMMIT, "portable": self.portable,
+            {"commit": LLAMA_CPP_COMMIT, "recipe": BUILD_RECIPE, "portable": self.portable,
              "cmake_args": list(self.cmake_args), "build_type": self.build_type},
             sort_keys=True,
         )
@@ -108,6 +111,11 @@ class BuildOptions:
             f"-DCMAKE_BUILD_TYPE={self.build_type}",
             "-DBUILD_SHARED_LIBS=ON",
             f"-DGGML_NATIVE={native}",
+            # ggml's own thread pool instead of OpenMP: mullama attaches one per context (as upstream's
+            # tools do). OpenMP throttles its spinning as soon as two threads of a process decode (async
+            # streams, the server, a context per thread), which halved throughput in measurements;
+            # the pool was also faster single-threaded on these machines, and leaves no runtime to ship.
+            "-DGGML_OPENMP=OFF",
             "-DLLAMA_BUILD_TESTS=OFF",
             "-DLLAMA_BUILD_EXAMPLES=ON",
             "-DLLAMA_BUILD_TOOLS=ON",
@@ -122,9 +130,6 @@ class BuildOptions:
             "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON",
             "-DCMAKE_INSTALL_RPATH=$ORIGIN;$ORIGIN/../lib",
         ]
-        if self.portable:
-            # No -march=native, and no OpenMP runtime to ship: the ggml thread pool is used.
-            defs.append("-DGGML_OPENMP=OFF")
         return defs + list(self.cmake_args)
 
 
@@ -469,6 +474,7 @@ def build(
             _copy_outputs(build_dir / "bin", staging / "lib", staging / "bin", tools)
             manifest = {
                 "commit": LLAMA_CPP_COMMIT,
+                "recipe": BUILD_RECIPE,
                 "llama_h_sha256": sha256_file(tree / "include" / "llama.h"),
                 "options": {"portable": options.portable, "cmake_args": list(options.cmake_args),
                             "build_type": options.build_type},
@@ -515,7 +521,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--source", help="a llama.cpp source directory or archive (default: download)")
     parser.add_argument("--jobs", "-j", type=int, help="parallel compile jobs (default: all cores)")
     parser.add_argument("--portable", action="store_true",
-                        help="no -march=native and no OpenMP, for redistributable wheels")
+                        help="no -march=native, for redistributable wheels")
     parser.add_argument("--tools", default="", help="upstream tools to build too, e.g. llama-server,llama-bench")
     parser.add_argument("--cmake-arg", action="append", metavar="ARG", help="extra cmake argument (repeatable)")
     parser.add_argument("--print-path", action="store_true", help="print the directory of the built libraries")

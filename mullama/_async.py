@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-import queue
 import threading
 from typing import Any
 
+from ._channel import Channel
 from ._config import StreamConfig, resolve_config
 from ._context import Context
 from ._model import Model
@@ -40,49 +40,33 @@ class AsyncTokenStream:
 
     def __init__(self, start_stream, buffer_size: int, on_finish=None) -> None:
         self._start_stream = start_stream  # () -> TokenStream, called in the producer thread
-        self._queue: queue.Queue = queue.Queue(maxsize=buffer_size)
-        self._stop = threading.Event()
+        self._channel = Channel(buffer_size)
         self._thread: threading.Thread | None = None
         self._stream: TokenStream | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._waiter: asyncio.Future | None = None
         self._done = False
         self._on_finish = on_finish
-        self.max_queued = 0  # the most tokens ever waiting in the queue (<= buffer_size)
+
+    @property
+    def max_queued(self) -> int:
+        """The most tokens ever waiting in the buffer (never more than ``buffer_size``)."""
+        return self._channel.max_queued
 
     # --- producer (its own thread) ------------------------------------------------
     def _produce(self) -> None:
-        stream = None
+        channel, stream = self._channel, None
         try:
             stream = self._stream = self._start_stream()
             for token in stream:
-                if not self._put(token) or self._stop.is_set():
+                if not channel.put(token) or channel.closed.is_set():
                     return
-            self._put(_END)
+            channel.end(_END)
         except BaseException as exc:  # delivered to the consumer, raised there
-            self._put(_Failure(exc))
+            channel.end(_Failure(exc))
         finally:
             if stream is not None:
                 stream.close()
             if self._on_finish is not None:
                 self._on_finish()
-
-    def _put(self, item: Any) -> bool:
-        """Queue ``item``, waiting while the queue is full; False when the consumer has gone."""
-        q = self._queue
-        while not self._stop.is_set():
-            try:
-                q.put(item, timeout=0.05)
-            except queue.Full:
-                continue
-            size = q.qsize()
-            if size > self.max_queued:
-                self.max_queued = size
-            waiter = self._waiter
-            if waiter is not None:
-                self._loop.call_soon_threadsafe(_wake, waiter)
-            return True
-        return False
 
     # --- consumer (the event loop) ------------------------------------------------
     def __aiter__(self) -> "AsyncTokenStream":
@@ -92,11 +76,10 @@ class AsyncTokenStream:
         if self._done:
             raise StopAsyncIteration
         if self._thread is None:
-            self._loop = asyncio.get_running_loop()
             self._thread = threading.Thread(target=self._produce, name="mullama-stream", daemon=True)
             self._thread.start()
         try:
-            item = await self._get()
+            item = await self._channel.get_async()
         except BaseException:  # cancelled: stop the producer, leave no thread behind
             self._shutdown()
             raise
@@ -108,31 +91,9 @@ class AsyncTokenStream:
             raise item.error
         return item
 
-    async def _get(self) -> Any:
-        q = self._queue
-        while True:
-            try:
-                return q.get_nowait()
-            except queue.Empty:
-                pass
-            waiter = self._loop.create_future()
-            self._waiter = waiter
-            try:
-                # Re-check after publishing the waiter: a put in between would otherwise be missed.
-                if not q.empty():
-                    continue
-                await waiter
-            finally:
-                self._waiter = None
-
     def _shutdown(self) -> None:
         self._done = True
-        self._stop.set()
-        while True:  # free the queue so a blocked producer notices the stop at once
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
+        self._channel.close()
 
     async def aclose(self) -> None:
         """Stop generating and wait for the producer thread to end."""
@@ -147,7 +108,7 @@ class AsyncTokenStream:
         await self.aclose()
 
     def __del__(self) -> None:
-        self._stop.set()
+        self._channel.closed.set()
 
     @property
     def thread(self) -> threading.Thread | None:
@@ -168,7 +129,7 @@ class AsyncTokenStream:
     def finish_reason(self) -> str | None:
         if self._stream is None:
             return None
-        if self._stop.is_set() and self._stream.finish_reason in (None, "cancelled"):
+        if self._channel.closed.is_set() and self._stream.finish_reason in (None, "cancelled"):
             return "cancelled"
         return self._stream.finish_reason
 
@@ -179,11 +140,6 @@ class AsyncTokenStream:
     @property
     def token_ids(self) -> list[int]:
         return self._stream.token_ids if self._stream else []
-
-
-def _wake(waiter: asyncio.Future) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
 
 
 class AsyncModel:

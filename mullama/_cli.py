@@ -125,6 +125,21 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    try:
+        from ._server import serve
+    except ImportError as exc:
+        raise MullamaError(f"`mullama serve` needs the server extra ({exc.name} is missing): "
+                           "pip install 'mullama[server]'.", code="INVALID_CONFIG") from None
+    from ._hub import DEFAULT_MODEL
+
+    return serve(args.model or DEFAULT_MODEL, host=args.host, port=args.port, parallel=args.parallel,
+                 ctx_size=args.ctx_size, api_key=args.api_key or os.environ.get("MULLAMA_API_KEY"),
+                 max_tokens_limit=args.max_tokens_limit, threads=args.threads, max_queue=args.max_queue)
+
+
 def _info(args: argparse.Namespace) -> int:
     from ._library import system_info
 
@@ -177,6 +192,23 @@ def make_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true")
     show.add_argument("--template", action="store_true", help="also print the chat template")
     show.set_defaults(handler=_show)
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible streaming server (continuous batching)",
+                                epilog="example:\n  mullama serve --model smollm2:135m --parallel 4\n"
+                                       "  curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: "
+                                       "application/json' \\\n    -d '{\"messages\": [{\"role\": \"user\", "
+                                       "\"content\": \"Hello!\"}], \"stream\": true}'",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve.add_argument("-m", "--model", help="a .gguf path or a model name (default: smollm2:135m)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    serve.add_argument("-np", "--parallel", type=int, default=4, help="streams decoded together (default 4)")
+    serve.add_argument("-c", "--ctx-size", type=int, help="context tokens per stream (default: the model's, max 4096)")
+    serve.add_argument("--api-key", help="require this key (or set MULLAMA_API_KEY)")
+    serve.add_argument("--max-tokens-limit", type=int, default=4096, help="cap on max_tokens (default 4096)")
+    serve.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot (default 64)")
+    serve.add_argument("-t", "--threads", type=int, help="CPU threads (default: all available, at most 8)")
+    serve.set_defaults(handler=_serve)
 
     info = commands.add_parser("info", help="library path, llama.cpp commit, system info, cache")
     info.add_argument("--json", action="store_true")

@@ -95,8 +95,16 @@ class Context(Owned):
             raise ContextError(f"llama.cpp could not create a context with n_ctx={params.n_ctx}; "
                                "try a smaller n_ctx (memory) or enable logging for 'mullama.llama_cpp'.")
         model_ptr = model.ptr
-        # The destructor closure holds the model's pointer object, so the model is freed after us.
-        self._own(ffi, ptr, lambda p, _model=model_ptr: lib.llama_free(p))
+        pools = self._pools = self._attach_threadpools(library, ptr, params.n_threads, params.n_threads_batch)
+
+        def free(context_ptr: Any, _model: Any = model_ptr, _pools: tuple = pools) -> None:
+            # The closure holds the model's pointer object, so the model is freed after us,
+            # and the thread pools only once the context no longer uses them.
+            lib.llama_free(context_ptr)
+            for pool in _pools:
+                lib.ggml_threadpool_free(pool)
+
+        self._own(ffi, ptr, free)
         model._register(self)
         self._lib, self._model_vocab = lib, model._vocab
         self._memory = lib.llama_get_memory(ptr)
@@ -112,6 +120,29 @@ class Context(Owned):
         self._abort = threading.Event()
         self._abort_cb = ffi.callback("ggml_abort_callback", self._should_abort)
         self._generation = 0  # bumped by each generation; an older one then stops
+
+    @staticmethod
+    def _attach_threadpools(library: Any, ptr: Any, n_threads: int, n_threads_batch: int) -> tuple:
+        """Persistent ggml thread pools for this context, as upstream's tools attach them.
+
+        Without them ggml starts and joins its worker threads on every decode. (A build with
+        OpenMP uses OpenMP's threads instead; the pools then stay idle.)
+        """
+        ffi, lib = library.ffi, library.lib
+        params = ffi.new("struct ggml_threadpool_params *", lib.ggml_threadpool_params_default(n_threads))
+        pool = lib.ggml_threadpool_new(params)
+        if pool == ffi.NULL:
+            return ()
+        pools = [pool]
+        batch_pool = ffi.NULL
+        if n_threads_batch != n_threads:
+            batch_params = ffi.new("struct ggml_threadpool_params *",
+                                   lib.ggml_threadpool_params_default(n_threads_batch))
+            batch_pool = lib.ggml_threadpool_new(batch_params)
+            if batch_pool != ffi.NULL:
+                pools.append(batch_pool)
+        lib.llama_attach_threadpool(ptr, pool, batch_pool)
+        return tuple(pools)
 
     # --- KV cache ---------------------------------------------------------------
     @property
@@ -234,6 +265,19 @@ class Context(Owned):
             start = time.perf_counter()
             stats["cached_tokens"] = self._prepare_prompt(prompt_tokens, deadline)
             stats["prompt_seconds"] = time.perf_counter() - start
+        try:
+            yield from self._token_loop(generation, sampler, max_tokens, deadline, stats, ignore_eos)
+        finally:
+            self._idle()
+
+    def _idle(self) -> None:
+        """Let the thread pools sleep now: idle ggml workers otherwise spin for a long while."""
+        if self._ptr is not None:
+            for pool in self._pools:
+                self._lib.ggml_threadpool_pause(pool)
+
+    def _token_loop(self, generation: int, sampler: SamplerChain, max_tokens: int, deadline: float | None,
+                    stats: dict, ignore_eos: bool) -> Iterator[int]:
         lib, ptr, smpl, vocab = self._lib, self.ptr, sampler.ptr, self._model_vocab
         buf, batch, tokens, guard, n_ctx = self._token_buf, self._one_token_batch, self._tokens, self._guard, self.n_ctx
         produced = 0

@@ -82,7 +82,7 @@ def _read_manifest(lib_dir: Path) -> dict | None:
 
 
 def _cache_candidates(commit: str) -> list[Path]:
-    """Cached builds of ``commit``: default options first, then the newest."""
+    """Cached builds of ``commit``: default options first, then the newest build recipe, then the newest."""
     root = llama_cache_dir()
     if not root.is_dir():
         return []
@@ -96,7 +96,8 @@ def _cache_candidates(commit: str) -> list[Path]:
             continue
         options = manifest.get("options", {})
         is_default = not options.get("portable") and not options.get("cmake_args")
-        found.append((not is_default, -manifest_path.stat().st_mtime, manifest_path.parent / "lib" / LIBRARY_FILE))
+        found.append((not is_default, -manifest.get("recipe", 1), -manifest_path.stat().st_mtime,
+                      manifest_path.parent / "lib" / LIBRARY_FILE))
     return [path for *_, path in sorted(found)]
 
 

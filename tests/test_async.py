@@ -49,7 +49,7 @@ def test_slow_consumer_keeps_the_producer_within_the_buffer(async_model):
         consumed = 0
         async for _token in stream:
             consumed += 1
-            assert stream._queue.qsize() <= buffer_size
+            assert stream._channel.qsize() <= buffer_size
             assert stream.tokens_generated() <= consumed + buffer_size + 1
             await asyncio.sleep(0.05)
             if consumed == 12:

@@ -1,0 +1,140 @@
+"""A bounded hand-over from a producer thread to a consumer (an asyncio task or a thread).
+
+The producer ``put``s items into a ``queue.Queue(maxsize)``: when the consumer is slow the
+queue fills and the producer waits (or, with ``offer``, is told to come back later), so
+memory stays bounded. An asyncio consumer awaits ``get_async()`` without blocking its event
+loop: the producer wakes it with ``call_soon_threadsafe`` only when it is waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from typing import Any, Callable
+
+__all__ = ["Channel"]
+
+
+class Channel:
+    def __init__(self, maxsize: int) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=maxsize)
+        self.closed = threading.Event()  # set by the consumer: the producer should stop
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiter: asyncio.Future | None = None
+        self.on_take: Callable[[], None] | None = None  # called after the consumer takes an item
+        self.max_queued = 0
+        self._final: Any = None  # the last item, delivered after everything queued; never blocks
+
+    # --- producer side ----------------------------------------------------------
+    def put(self, item: Any) -> bool:
+        """Queue ``item``, waiting while full; False once the consumer has closed the channel."""
+        while not self.closed.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+            except queue.Full:
+                continue
+            self._delivered()
+            return True
+        return False
+
+    def offer(self, item: Any) -> bool:
+        """Queue ``item`` if there is room now; never waits."""
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            return False
+        self._delivered()
+        return True
+
+    def end(self, item: Any) -> None:
+        """Deliver the final item (an end marker or an error) after the queued ones, without waiting."""
+        self._final = item
+        waiter = self._waiter
+        if waiter is not None:
+            self._loop.call_soon_threadsafe(_wake, waiter)
+
+    def has_room(self) -> bool:
+        return not self._queue.full()
+
+    def _delivered(self) -> None:
+        size = self._queue.qsize()
+        if size > self.max_queued:
+            self.max_queued = size
+        waiter = self._waiter
+        if waiter is not None:
+            self._loop.call_soon_threadsafe(_wake, waiter)
+
+    # --- consumer side ----------------------------------------------------------
+    def qsize(self) -> int:
+        return self._queue.qsize()
+
+    def get(self, timeout: float | None = None) -> Any:
+        """The next item, waiting in this thread (raises queue.Empty after ``timeout``)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            item = self._take_now()
+            if item is not _NOTHING:
+                return item
+            if deadline is not None and time.monotonic() >= deadline:
+                raise queue.Empty
+            try:
+                item = self._queue.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            self._taken()
+            return item
+
+    def _take_now(self) -> Any:
+        """A queued item, else the final item once everything before it was taken, else _NOTHING."""
+        try:
+            item = self._queue.get_nowait()
+        except queue.Empty:
+            if self._final is None:
+                return _NOTHING
+            try:  # the final item is set after the last put: look once more before returning it
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return self._final
+        self._taken()
+        return item
+
+    async def get_async(self) -> Any:
+        """The next item, awaited without blocking the event loop."""
+        q = self._queue
+        self._loop = asyncio.get_running_loop()
+        while True:
+            item = self._take_now()
+            if item is not _NOTHING:
+                return item
+            waiter = self._loop.create_future()
+            self._waiter = waiter
+            try:
+                # Check again once the waiter is published: a put in between would be missed.
+                if not q.empty() or self._final is not None:
+                    continue
+                await waiter
+            finally:
+                self._waiter = None
+
+    def _taken(self) -> None:
+        if self.on_take is not None:
+            self.on_take()
+
+    def close(self) -> None:
+        """The consumer has gone: stop the producer and drop what is queued."""
+        self.closed.set()
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+
+
+_NOTHING = object()
+
+
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

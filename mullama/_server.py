@@ -1,0 +1,367 @@
+"""``mullama serve``: an OpenAI-compatible streaming server over the batching engine.
+
+Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (SSE when ``stream``),
+``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text) and the
+WebSocket ``/v1/ws``. Safe by default: it binds 127.0.0.1, refuses a non-loopback
+address without an API key, checks ``Authorization: Bearer`` / ``x-api-key`` on every
+route but ``/health``, bounds request bodies and ``max_tokens``, and never opens a
+path a request names (the ``model`` field is informational).
+
+Needs the ``server`` extra (starlette, uvicorn).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import json
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from . import _openai
+from ._engine import Engine, EngineRequest, QueueFullError
+from ._exceptions import ContextOverflowError, MullamaError, TemplateError, TokenizeError
+from ._model import Model
+from ._openai import APIError
+
+__all__ = ["ServerSettings", "create_app", "is_loopback"]
+
+
+@dataclass
+class ServerSettings:
+    model_name: str
+    api_key: str | None = None
+    max_body_bytes: int = 1 << 20
+    max_tokens_limit: int = 4096
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.http_requests: dict[int, int] = {}
+        self.recent: list[tuple[float, int]] = []  # (time, tokens) of finished requests, for tokens/s
+
+    def count(self, status: int) -> None:
+        self.http_requests[status] = self.http_requests.get(status, 0) + 1
+
+    def finished(self, tokens: int) -> None:
+        now = time.monotonic()
+        self.recent.append((now, tokens))
+        self.recent = [(t, n) for t, n in self.recent if now - t < 60]
+
+
+def create_app(model: Model, engine: Engine, settings: ServerSettings) -> Starlette:
+    """The ASGI application serving ``model`` through ``engine``."""
+    metrics = _Metrics()
+    model_name = settings.model_name
+    created = int(time.time())
+
+    def authorized(headers) -> bool:
+        if not settings.api_key:
+            return True
+        supplied = headers.get("x-api-key") or ""
+        auth = headers.get("authorization") or ""
+        if auth.lower().startswith("bearer "):
+            supplied = auth[7:].strip()
+        return bool(supplied) and hmac.compare_digest(supplied.encode(), settings.api_key.encode())
+
+    def error(exc: APIError) -> JSONResponse:
+        metrics.count(exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    async def read_json(request: Request) -> Any:
+        content_type = request.headers.get("content-type", "")
+        if content_type.split(";")[0].strip().lower() != "application/json":
+            raise APIError(415, "send the request body as JSON with Content-Type: application/json.")
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
+            raise APIError(413, f"the request body is larger than {settings.max_body_bytes} bytes.")
+        body = bytearray()
+        try:
+            async for part in request.stream():
+                body += part
+                if len(body) > settings.max_body_bytes:
+                    raise APIError(413, f"the request body is larger than {settings.max_body_bytes} bytes.")
+        except ClientDisconnect:
+            raise APIError(400, "the client disconnected while sending the body.") from None
+        try:
+            return json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise APIError(400, f"the request body is not valid JSON: {exc}.") from None
+
+    def prompt_tokens(parsed: _openai.ParsedRequest) -> list[int]:
+        try:
+            if parsed.kind == "chat":
+                text = model.apply_chat_template(parsed.messages, add_generation_prompt=True)
+            else:
+                text = parsed.prompt
+            return model.tokenize(text, add_special=True, parse_special=True)
+        except (TemplateError, TokenizeError) as exc:
+            raise APIError(400, str(exc), param="messages" if parsed.kind == "chat" else "prompt") from None
+
+    def submit(tokens: list[int], parsed: _openai.ParsedRequest) -> EngineRequest:
+        try:
+            return engine.submit(tokens, parsed.config)
+        except QueueFullError as exc:
+            raise APIError(429, str(exc), type="rate_limit_error", code="queue_full") from None
+        except ContextOverflowError as exc:
+            raise APIError(400, str(exc), code="context_length_exceeded") from None
+
+    async def generate(request: Request, kind: str) -> Response:
+        if not authorized(request.headers):
+            return error(APIError(401, "missing or wrong API key: send Authorization: Bearer <key>.",
+                                  type="authentication_error", code="invalid_api_key"))
+        try:
+            body = await read_json(request)
+            parsed = _openai.parse_request(body, kind, max_tokens_limit=settings.max_tokens_limit)
+            tokens = prompt_tokens(parsed)
+            job = submit(tokens, parsed)
+        except APIError as exc:
+            return error(exc)
+        request_id = _openai.new_id(kind)
+        if parsed.stream:
+            metrics.count(200)
+            return StreamingResponse(sse(job, parsed, kind, request_id, len(tokens)),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            while await job.next_token() is not None:
+                pass
+        except MullamaError as exc:
+            return error(APIError(500 if exc.code == "GENERATION_ERROR" else 408, str(exc), type="server_error",
+                                  code=exc.code.lower()))
+        except asyncio.CancelledError:
+            job.cancel()
+            raise
+        metrics.count(200)
+        metrics.finished(job.completion_tokens)
+        return JSONResponse(_openai.completion_body(kind, request_id, model_name, job.text, job.finish_reason,
+                                                    len(tokens), job.completion_tokens))
+
+    async def sse(job: EngineRequest, parsed, kind: str, request_id: str, n_prompt: int) -> AsyncIterator[str]:
+        stamp = int(time.time())
+
+        def event(payload: dict) -> str:
+            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+        try:
+            if kind == "chat":
+                yield event(_openai.chunk(kind, request_id, model_name, stamp, role=True))
+            while True:
+                try:
+                    token = await job.next_token()
+                except MullamaError as exc:
+                    yield event(_openai.error_body(str(exc), type="server_error", code=exc.code.lower()))
+                    return
+                if token is None:
+                    break
+                if token.text:
+                    yield event(_openai.chunk(kind, request_id, model_name, stamp, text=token.text))
+            yield event(_openai.chunk(kind, request_id, model_name, stamp, finish_reason=job.finish_reason))
+            if parsed.include_usage:
+                yield event(_openai.usage_chunk(kind, request_id, model_name, stamp, n_prompt, job.completion_tokens))
+            yield "data: [DONE]\n\n"
+            metrics.finished(job.completion_tokens)
+        finally:  # the client went away, or we are done: either way the sequence stops now
+            job.cancel()
+
+    async def chat_completions(request: Request) -> Response:
+        return await generate(request, "chat")
+
+    async def completions(request: Request) -> Response:
+        return await generate(request, "completion")
+
+    async def models(request: Request) -> Response:
+        if not authorized(request.headers):
+            return error(APIError(401, "missing or wrong API key.", type="authentication_error"))
+        metrics.count(200)
+        return JSONResponse({"object": "list", "data": [
+            {"id": model_name, "object": "model", "created": created, "owned_by": "mullama"}]})
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "active_streams": engine.active_streams, "waiting": engine.waiting})
+
+    async def prometheus(request: Request) -> Response:
+        if not authorized(request.headers):
+            return error(APIError(401, "missing or wrong API key.", type="authentication_error"))
+        stats = engine.stats
+        recent = sum(n for _, n in metrics.recent) / 60.0
+        decode_tps = (stats["completion_tokens_total"] / stats["decode_seconds"]) if stats["decode_seconds"] else 0.0
+        lines = [
+            ("mullama_requests_total", "counter", "Generation requests accepted.", stats["requests_total"]),
+            ("mullama_requests_finished_total", "counter", "Requests that ran to the end.", stats["requests_finished"]),
+            ("mullama_requests_cancelled_total", "counter", "Requests cancelled (disconnects).",
+             stats["requests_cancelled"]),
+            ("mullama_requests_failed_total", "counter", "Requests that failed.", stats["requests_failed"]),
+            ("mullama_requests_rejected_total", "counter", "Requests refused: queue full.", stats["rejected_total"]),
+            ("mullama_prompt_tokens_total", "counter", "Prompt tokens received.", stats["prompt_tokens_total"]),
+            ("mullama_tokens_generated_total", "counter", "Tokens generated.", stats["completion_tokens_total"]),
+            ("mullama_active_streams", "gauge", "Streams being generated now.", engine.active_streams),
+            ("mullama_waiting_requests", "gauge", "Requests waiting for a slot.", engine.waiting),
+            ("mullama_tokens_per_second", "gauge", "Tokens/s over the last minute.", round(recent, 3)),
+            ("mullama_decode_tokens_per_second", "gauge", "Generated tokens per second of decoding.",
+             round(decode_tps, 3)),
+        ]
+        text = "".join(f"# HELP {name} {help_}\n# TYPE {name} {kind}\n{name} {value}\n"
+                       for name, kind, help_, value in lines)
+        text += "# HELP mullama_http_responses_total HTTP responses by status.\n"
+        text += "# TYPE mullama_http_responses_total counter\n"
+        text += "".join(f'mullama_http_responses_total{{status="{status}"}} {count}\n'
+                        for status, count in sorted(metrics.http_requests.items()))
+        metrics.count(200)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    async def websocket(ws: WebSocket) -> None:
+        if not authorized(ws.headers):
+            await ws.close(code=1008, reason="missing or wrong API key")
+            return
+        await ws.accept()
+        current: asyncio.Task | None = None
+        try:
+            while True:
+                message = await ws.receive_text()
+                try:
+                    data = json.loads(message)
+                except ValueError:
+                    await ws.send_json({"type": "error", "error": {"message": "send JSON messages."}})
+                    continue
+                if isinstance(data, dict) and data.get("type") == "cancel":
+                    if current is not None and not current.done():
+                        current.cancel()
+                    continue
+                if current is not None and not current.done():
+                    await ws.send_json({"type": "error", "error": {
+                        "message": "a request is still streaming; send {\"type\": \"cancel\"} first."}})
+                    continue
+                current = asyncio.create_task(ws_stream(ws, data))
+        except WebSocketDisconnect:
+            pass
+        finally:
+            if current is not None and not current.done():
+                current.cancel()
+
+    async def ws_stream(ws: WebSocket, data: Any) -> None:
+        job = None
+        try:
+            if not isinstance(data, dict):
+                raise APIError(400, "send a JSON object with 'prompt' or 'messages'.")
+            data = {k: v for k, v in data.items() if k != "type"}
+            kind = "chat" if "messages" in data else "completion"
+            data.pop("stream", None)
+            parsed = _openai.parse_request(data, kind, max_tokens_limit=settings.max_tokens_limit)
+            tokens = prompt_tokens(parsed)
+            job = submit(tokens, parsed)
+            while True:
+                token = await job.next_token()
+                if token is None:
+                    break
+                await ws.send_json({"type": "token", "text": token.text, "id": token.id})
+            await ws.send_json({"type": "done", "finish_reason": job.finish_reason,
+                                "usage": _openai.usage(len(tokens), job.completion_tokens)})
+            metrics.finished(job.completion_tokens)
+        except APIError as exc:
+            await ws.send_json({"type": "error", "status": exc.status, **exc.body()})
+        except MullamaError as exc:
+            await ws.send_json({"type": "error", **_openai.error_body(str(exc), type="server_error",
+                                                                       code=exc.code.lower())})
+        except asyncio.CancelledError:
+            if job is not None:
+                job.cancel()
+            try:
+                await ws.send_json({"type": "cancelled"})
+            except Exception:
+                pass
+        except (WebSocketDisconnect, RuntimeError):
+            pass
+        finally:
+            if job is not None:
+                job.cancel()
+
+    routes = [
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", prometheus, methods=["GET"]),
+        WebSocketRoute("/v1/ws", websocket),
+    ]
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 404)
+        metrics.count(status)
+        return JSONResponse(_openai.error_body(f"{request.method} {request.url.path}: "
+                                               f"{'no such route' if status == 404 else 'method not allowed'}."),
+                            status_code=status)
+
+    return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
+
+
+def serve(model_ref: str, *, host: str = "127.0.0.1", port: int = 8080, parallel: int = 4,
+          ctx_size: int | None = None, api_key: str | None = None, max_tokens_limit: int = 4096,
+          threads: int | None = None, max_queue: int = 64, max_body_bytes: int = 1 << 20) -> int:
+    """Load the model, start the engine and serve until SIGINT/SIGTERM (in-flight streams drain)."""
+    import uvicorn
+
+    if not is_loopback(host) and not api_key:
+        raise MullamaError(f"refusing to listen on {host} without an API key: anyone on the network could use "
+                           "it. Pass --api-key (or set MULLAMA_API_KEY), or bind 127.0.0.1.",
+                           code="INVALID_CONFIG")
+    model = Model.load(model_ref)
+    n_ctx = ctx_size * parallel if ctx_size else None
+    engine = Engine(model, parallel=parallel, n_ctx=n_ctx, n_threads=threads, max_queue=max_queue)
+    settings = ServerSettings(model_name=str(model_ref), api_key=api_key, max_body_bytes=max_body_bytes,
+                              max_tokens_limit=max_tokens_limit)
+    app = create_app(model, engine, settings)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30,
+                            ws_max_size=max_body_bytes)
+    shown = f"[{host}]" if ":" in host else host
+    ready = (f"mullama serving {model_ref} ({parallel} parallel streams, {engine.n_ctx_per_slot} tokens each) "
+             f"on http://{shown}:{port}/v1")
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.started:  # the socket is listening: say so
+                print(ready, flush=True)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # SIGINT/SIGTERM: stop accepting, let in-flight streams finish, exit 0 (uvicorn's own
+            # handler re-raises the signal afterwards, which ends the process with -15).
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    server = Server(config)
+    try:
+        server.run()
+    finally:
+        engine.stop(drain=True, timeout=30)
+        engine.close()
+        model.close()
+    return 0

@@ -1,0 +1,69 @@
+"""Start a real ``mullama serve`` process on 127.0.0.1 for tests and benchmarks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from upstream import free_port
+
+
+class MullamaServer:
+    def __init__(self, model: Path | str, *, parallel: int = 4, ctx_size: int = 1024, threads: int | None = None,
+                 extra: tuple[str, ...] = (), env: dict | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "mullama", "serve", "--model", str(model), "--port", str(self.port),
+                   "--parallel", str(parallel), "--ctx-size", str(ctx_size), *extra]
+        if threads:
+            command += ["--threads", str(threads)]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        env=dict(os.environ, **(env or {})))
+        self.ready_line = self.process.stdout.readline()
+        if "serving" not in self.ready_line:
+            self.process.kill()
+            raise RuntimeError(f"mullama serve did not start: {self.ready_line}{self.process.stdout.read()}")
+
+    def get_json(self, path: str, headers: dict | None = None) -> dict:
+        request = urllib.request.Request(self.url + path, headers=headers or {})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    def post(self, path: str, body: dict, headers: dict | None = None) -> tuple[int, dict]:
+        data = json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data,
+                                         headers={"Content-Type": "application/json", **(headers or {})})
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"{}")
+
+    def wait_idle(self, timeout: float = 5.0) -> float:
+        """Seconds until /health reports no active stream."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            if self.get_json("/health")["active_streams"] == 0:
+                return time.monotonic() - started
+            time.sleep(0.02)
+        raise AssertionError("streams still active")
+
+    def rss_mb(self) -> float:
+        for line in open(f"/proc/{self.process.pid}/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def close(self) -> int:
+        self.process.terminate()
+        try:
+            return self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
