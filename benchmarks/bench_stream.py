@@ -4,7 +4,8 @@
 Everything runs in this one process run, on the same model, threads and build, and the
 table prints ratios, because machines of this kind differ from day to day:
 
-- decode tokens/s: our sync and async streams vs ``llama-bench -p 0 -n 128``;
+- decode tokens/s: our sync and async streams vs ``llama-bench -p 0 -n 128`` (runs interleaved;
+  llama-bench's tg decodes without sampling, our streams sample every token with llama.cpp's sampler);
 - time to first token, 5-token prompt, fresh context, vs upstream's prompt-eval time for 5 tokens;
 - the same prompt again on the same Context (prefix reuse) vs one decode step;
 - per-token Python time beside the C calls (llama_decode, llama_sampler_sample);
@@ -208,7 +209,6 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
 
     bench = build.tool("llama-bench")
-    up_tg = llama_bench(bench, model_path, args.threads, 0, args.tokens, args.reps)
     up_pp5 = llama_bench(bench, model_path, args.threads, 5, 0, max(args.reps, 10))
     up_pp5_s = 5 / up_pp5
 
@@ -216,10 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     amodel = AsyncModel(model, n_ctx=2048, n_threads=args.threads)
     sync_decode(context, 16)
     async_decode(amodel, 16)  # warm-up both paths
-    sync_tps, async_tps = [], []
-    for _ in range(args.reps):  # interleaved, so drift affects both alike
+    up_tps, sync_tps, async_tps = [], [], []
+    for _ in range(args.reps):  # interleaved, so that the machine's drift affects all three alike
+        up_tps.append(llama_bench(bench, model_path, args.threads, 0, args.tokens, 1))
         sync_tps.append(sync_decode(context, args.tokens))
         async_tps.append(async_decode(amodel, args.tokens))
+    up_tg = statistics.median(up_tps)
     ours_tg, ours_async_tg = statistics.median(sync_tps), statistics.median(async_tps)
     overhead = statistics.median(python_overhead(context, 256) for _ in range(3))
     fresh = ttft_fresh(model, args.threads, max(args.reps, 10))

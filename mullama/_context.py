@@ -55,6 +55,20 @@ def _positive(name: str, value: Any, *, allow_none: bool = True) -> None:
         raise InvalidConfigError(f"{name} must be a positive integer, not {value!r}.")
 
 
+def warm_up(library: Any, ptr: Any, model: Model) -> None:
+    """One empty run, as upstream's tools do at start: weights and buffers are touched now,
+    not during the first request. The cache is cleared afterwards."""
+    ffi, lib = library.ffi, library.lib
+    tokens = [t for t in (model.bos_token_id, model.eos_token_id) if t >= 0] or [0]
+    array = ffi.new("llama_token[]", tokens)
+    lib.llama_set_warmup(ptr, True)
+    lib.llama_decode(ptr, lib.llama_batch_get_one(array, len(tokens)))
+    lib.llama_memory_clear(lib.llama_get_memory(ptr), True)
+    lib.llama_synchronize(ptr)
+    lib.llama_perf_context_reset(ptr)
+    lib.llama_set_warmup(ptr, False)
+
+
 class Context(Owned):
     """One llama.cpp context over a :class:`Model`.
 
@@ -67,7 +81,7 @@ class Context(Owned):
 
     def __init__(self, model: Model, *, n_ctx: int | None = None, n_batch: int = 512,
                  n_threads: int | None = None, n_threads_batch: int | None = None,
-                 seed: int | None = None, flash_attn: bool | None = None) -> None:
+                 seed: int | None = None, flash_attn: bool | None = None, warmup: bool = True) -> None:
         if not isinstance(model, Model):
             raise InvalidConfigError(f"Context needs a mullama.Model, not {type(model).__name__}.")
         for name, value in (("n_ctx", n_ctx), ("n_batch", n_batch), ("n_threads", n_threads),
@@ -120,6 +134,8 @@ class Context(Owned):
         self._abort = threading.Event()
         self._abort_cb = ffi.callback("ggml_abort_callback", self._should_abort)
         self._generation = 0  # bumped by each generation; an older one then stops
+        if warmup:
+            warm_up(library, ptr, model)
 
     @staticmethod
     def _attach_threadpools(library: Any, ptr: Any, n_threads: int, n_threads_batch: int) -> tuple:

@@ -149,9 +149,10 @@ class Engine(Owned):
         if ptr == ffi.NULL:
             raise ContextError(f"llama.cpp could not create a context of {params.n_ctx} tokens for "
                                f"{parallel} sequences; lower --ctx-size or --parallel.")
-        from ._context import Context
+        from ._context import Context, warm_up
 
         pools = Context._attach_threadpools(library, ptr, threads, threads)
+        warm_up(library, ptr, model)
         model_ptr = model.ptr
 
         def free(context_ptr: Any, _model: Any = model_ptr, _pools: tuple = pools) -> None:
