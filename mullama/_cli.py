@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 
 from . import __version__
@@ -12,6 +13,8 @@ from ._exceptions import MullamaError
 
 EXAMPLES = """examples:
   mullama run "Why is the sky blue?"            stream a reply from the default model
+  mullama chat                                  chat in the terminal
+  mullama serve --parallel 4                    OpenAI-compatible server on 127.0.0.1:8080
   mullama run smollm2:135m "Hello" --json       the reply and its statistics as JSON
   echo "Summarise: ..." | mullama run           the prompt from standard input
   mullama run --raw "The capital of France is"  plain completion, no chat template
@@ -22,10 +25,12 @@ EXAMPLES = """examples:
 """
 
 
-def _is_model(word: str) -> bool:
-    from ._hub import REGISTRY
+_MODEL_NAME = re.compile(r"^(hf:[\w.\-]+/[\w.\-]+(:[\w.\-]+)?|[\w.\-]+:[\w.\-]+)$")
 
-    return word.lower() in REGISTRY or word.endswith(".gguf")
+
+def _is_model(word: str) -> bool:
+    """A first word such as ``smollm2:135m``, ``hf:owner/repo`` or ``model.gguf`` names the model."""
+    return word.endswith(".gguf") or bool(_MODEL_NAME.match(word))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -67,6 +72,17 @@ def _run(args: argparse.Namespace) -> int:
             print(f"[{stream.tokens_generated()} tokens, {stream.tokens_per_second():.1f} tokens/s, "
                   f"first token after {stream.time_to_first_token() * 1000:.0f} ms]", file=sys.stderr)
     return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from ._config import StreamConfig
+    from ._hub import DEFAULT_MODEL
+    from ._terminal_chat import chat_main
+
+    config = StreamConfig(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
+                          timeout_ms=None)
+    return chat_main(args.model or DEFAULT_MODEL, system=args.system, config=config, ctx_size=args.ctx_size,
+                     record=args.record)
 
 
 def _pull(args: argparse.Namespace) -> int:
@@ -140,6 +156,41 @@ def _serve(args: argparse.Namespace) -> int:
                  max_tokens_limit=args.max_tokens_limit, threads=args.threads, max_queue=args.max_queue)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import time
+
+    from ._context import Context
+    from ._hub import DEFAULT_MODEL
+    from ._model import Model
+
+    with Model.load(args.model or DEFAULT_MODEL) as model, Context(model, n_threads=args.threads) as context:
+        context.generate("Hello", max_tokens=8)  # warm up
+        first = []
+        for _ in range(5):
+            context.clear()
+            started = time.perf_counter()
+            with context.generate_stream("The capital of France is", max_tokens=1, temperature=0) as stream:
+                next(stream)
+            first.append(time.perf_counter() - started)
+        speeds = []
+        for _ in range(3):
+            stream = context.generate_stream("Once upon a time", max_tokens=args.tokens, temperature=0,
+                                             ignore_eos=True)
+            for _ in stream:
+                pass
+            speeds.append(stream.tokens_per_second())
+    first.sort()
+    speeds.sort()
+    result = {"model": str(model.path), "threads": context.n_threads, "time_to_first_token_ms": first[2] * 1000,
+              "decode_tokens_per_second": speeds[1], "tokens": args.tokens}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{model.path.name}, {context.n_threads} threads: {speeds[1]:.1f} tokens/s decoding "
+              f"({args.tokens} tokens), {first[2] * 1000:.1f} ms to the first token of a 5-token prompt")
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     from ._library import system_info
 
@@ -152,12 +203,19 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit code 2)."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mullama", description="Stream tokens from local GGUF models.",
+    parser = _Parser(prog="mullama", description="Stream tokens from local GGUF models.",
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"mullama {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log and statistics")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     run = commands.add_parser("run", help="stream a reply to a prompt", epilog=EXAMPLES,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -173,6 +231,16 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print the result and statistics as JSON")
     run.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log and statistics")
     run.set_defaults(handler=_run)
+
+    chat = commands.add_parser("chat", help="chat in the terminal (Markdown, streaming, multi-turn)")
+    chat.add_argument("model", nargs="?", help="a .gguf path or a model name (default: smollm2:135m)")
+    chat.add_argument("--system", help="a system message")
+    chat.add_argument("-n", "--max-tokens", type=int, default=1024, help="most tokens per reply (default 1024)")
+    chat.add_argument("-t", "--temperature", type=float, default=0.7, help="0 is greedy (default 0.7)")
+    chat.add_argument("--seed", type=int, help="make sampling reproducible")
+    chat.add_argument("--ctx-size", type=int, help="context size in tokens")
+    chat.add_argument("--record", metavar="FILE.svg", help="save the session as an SVG picture on exit")
+    chat.set_defaults(handler=_chat)
 
     pull = commands.add_parser("pull", help="download a model into the cache (verified)")
     pull.add_argument("name", help="a model name (smollm2:135m, qwen2.5:0.5b, llama3.2:1b, ...) or hf:owner/repo[:file]")
@@ -209,6 +277,13 @@ def make_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot (default 64)")
     serve.add_argument("-t", "--threads", type=int, help="CPU threads (default: all available, at most 8)")
     serve.set_defaults(handler=_serve)
+
+    bench = commands.add_parser("bench", help="quick tokens/s and time to first token on this machine")
+    bench.add_argument("model", nargs="?", help="a .gguf path or a model name (default: smollm2:135m)")
+    bench.add_argument("-n", "--tokens", type=int, default=128, help="tokens to decode (default 128)")
+    bench.add_argument("-t", "--threads", type=int, help="CPU threads")
+    bench.add_argument("--json", action="store_true")
+    bench.set_defaults(handler=_bench)
 
     info = commands.add_parser("info", help="library path, llama.cpp commit, system info, cache")
     info.add_argument("--json", action="store_true")
