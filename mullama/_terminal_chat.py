@@ -45,6 +45,7 @@ class TerminalChat:
         self.last: dict[str, Any] = {}
         self.totals = {"replies": 0, "tokens": 0}
         self._history_file = None
+        self.transcript: list[Any] = []  # what the screen showed, for --record
 
     # --- the loop -------------------------------------------------------------------
     def run(self) -> int:
@@ -93,6 +94,7 @@ class TerminalChat:
             readline.set_history_length(1000)
         except (ImportError, OSError):
             self._history_file = None
+        self.transcript: list[Any] = []  # what the screen showed, for --record
 
     def _save_history(self) -> None:
         if self._history_file is None:
@@ -112,6 +114,7 @@ class TerminalChat:
 
     def reply(self, text: str) -> str:
         self.messages.append({"role": "user", "content": text})
+        self.transcript.append(Text.assemble((">>> ", "bold green"), text))
         stream = self.context.chat_stream(self.conversation(), config=self.config)
         parts: list[str] = []
         interrupted = False
@@ -138,6 +141,7 @@ class TerminalChat:
             stream.close()
         answer = "".join(parts)
         self.messages.append({"role": "assistant", "content": answer})
+        self.transcript.append(Markdown(answer))
         self._status(stream, interrupted)
         return answer
 
@@ -152,8 +156,21 @@ class TerminalChat:
         self.totals["tokens"] += stream.tokens_generated()
         note = " · [yellow]stopped[/]" if interrupted else ""
         first = f"{ttft * 1000:.0f} ms to first token · " if ttft is not None else ""
-        self.console.print(f"[dim]{stream.tokens_generated()} tokens · {tps:.1f} tokens/s · {first}"
-                           f"{stream.cached_tokens}/{stream.prompt_tokens} prompt tokens cached[/]{note}")
+        status = (f"[dim]{stream.tokens_generated()} tokens · {tps:.1f} tokens/s · {first}"
+                  f"{stream.cached_tokens}/{stream.prompt_tokens} prompt tokens cached[/]{note}")
+        self.console.print(status)
+        self.transcript.append(Text.from_markup(status))
+
+    def save_svg(self, path: str) -> None:
+        """The session as a picture: each prompt, the rendered reply, and its status line."""
+        import io
+
+        picture = Console(record=True, file=io.StringIO(), width=min(self.console.width, 100),
+                          force_terminal=True, color_system="truecolor")
+        picture.print(Text.assemble(("mullama chat", "bold"), (" · " + self.model_name, "dim")))
+        for item in self.transcript:
+            picture.print(item)
+        picture.save_svg(path, title=f"mullama chat {self.model_name}")
 
     # --- slash commands -------------------------------------------------------------
     def command(self, line: str) -> str | None:
@@ -206,11 +223,10 @@ class TerminalChat:
 
 def chat_main(model_ref: str, *, system: str | None, config: StreamConfig, ctx_size: int | None,
               record: str | None = None) -> int:
-    console = Console(highlight=False, record=record is not None)
     with Model.load(model_ref) as model, Context(model, n_ctx=ctx_size) as context:
-        chat = TerminalChat(model, context, config, system=system, console=console, model_name=model_ref)
+        chat = TerminalChat(model, context, config, system=system, model_name=model_ref)
         try:
             return chat.run()
         finally:
             if record:
-                console.save_svg(record, title=f"mullama chat {model_ref}")
+                chat.save_svg(record)
