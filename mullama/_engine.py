@@ -126,6 +126,7 @@ class Engine(Owned):
     """A thread that serves many streams from one model with continuous batching."""
 
     _kind = "engine"
+    _close_order = 0
 
     def __init__(self, model: Model, *, parallel: int = 4, n_ctx: int | None = None, n_batch: int = 512,
                  n_threads: int | None = None, max_queue: int = 64) -> None:

@@ -13,6 +13,7 @@ called, under a lock. llama.cpp's log lines go to the ``logging`` logger
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -169,6 +170,7 @@ def _load() -> Library:
                                      lambda level, text, data: _on_log(level, text, data, ffi, state))
         lib.llama_log_set(_log_callback, ffi.NULL)
         lib.llama_backend_init()
+        atexit.register(_at_exit, ffi, lib)
         return Library(ffi, lib, path, manifest)
     raise LibraryError(
         "cannot find libllama:\n  " + "\n  ".join(errors)
@@ -176,6 +178,14 @@ def _load() -> Library:
         "wheel that bundles it, or set MULLAMA_LIBRARY_PATH to a libllama.so built from llama.cpp "
         f"{commit[:12]}."
     )
+
+
+def _at_exit(ffi: Any, lib: Any) -> None:
+    """Free what is still open while the log callback exists, then detach the callback."""
+    from ._owned import close_all
+
+    close_all()
+    lib.llama_log_set(ffi.NULL, ffi.NULL)
 
 
 def get() -> Library:

@@ -43,6 +43,7 @@ class Model(Owned):
     """
 
     _kind = "model"
+    _close_order = 2
 
     def __init__(self, library: Any, ptr: Any, path: Path) -> None:
         self._library = library
@@ -84,7 +85,7 @@ class Model(Owned):
     def close(self) -> None:
         """Free the weights. Refused while a Context of this model is open."""
         with self._lock:
-            open_contexts = [c for c in self._contexts if not c.closed]
+            open_contexts = [c for c in self._contexts if not c.closed and c is not self]
             if open_contexts:
                 raise ContextError(f"{len(open_contexts)} context(s) still use this model; close them first.")
             super().close()

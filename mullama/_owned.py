@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable
 
-from ._exceptions import ClosedError
+from ._exceptions import ClosedError, MullamaError
+
+# Every live C-owning object, so that all can be freed at interpreter exit while the
+# Python side (llama.cpp's log callback above all) still exists: freed later, during module
+# teardown, llama.cpp would log through a callback that is already gone, and crash.
+_live: "weakref.WeakSet[Owned]" = weakref.WeakSet()
+
+
+def close_all() -> None:
+    """Free every live engine, context, sampler and model, in that order (at exit)."""
+    for obj in sorted(list(_live), key=lambda o: o._close_order):
+        try:
+            obj.close()
+        except MullamaError:  # still busy in another thread: leave it
+            pass
 
 
 class Owned:
@@ -17,11 +32,13 @@ class Owned:
 
     _kind = "object"
     _ptr: Any = None
+    _close_order = 1  # at exit: engines (0), then contexts and samplers (1), then models (2)
 
     def _own(self, ffi: Any, ptr: Any, free: Callable[[Any], None]) -> None:
         self._ffi = ffi
         self._free = free
         self._ptr = ffi.gc(ptr, free)
+        _live.add(self)
 
     @property
     def ptr(self) -> Any:

@@ -137,3 +137,20 @@ def test_garbage_collection_frees_in_a_safe_order(model_path):
                             timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("scenario", [
+    "c = mullama.Context(m); list(c.generate_stream('Hi', max_tokens=4))",
+    "import asyncio\nam = mullama.AsyncModel(m)\nasync def go():\n    async for t in am.generate_stream('Hi', max_tokens=4): pass\nasyncio.run(go())",
+    "from mullama._engine import Engine\ne = Engine(m, parallel=2, n_ctx=1024)",
+])
+def test_exiting_without_closing_anything_does_not_crash(model_path, scenario):
+    """llama.cpp logs while freeing: it must never call a log callback that teardown destroyed."""
+    code = ("import logging, sys, mullama\n"
+            "logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)\n"
+            f"m = mullama.Model.load(sys.argv[1])\n{scenario}\nprint('ok')\n")
+    for _ in range(3):
+        result = subprocess.run([sys.executable, "-c", code, str(model_path)], capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.stdout.strip() == "ok"
