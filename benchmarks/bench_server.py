@@ -3,7 +3,7 @@
 
 In one run, on the same model, threads and per-stream context: 1, 4 and 8 concurrent
 streaming clients of 128 tokens each (``ignore_eos``, greedy), against each server in
-turn. Reports aggregate tokens/s, per-stream tokens/s, time to first token (median and
+turn, both servers up, rounds interleaved (medians reported). Reports aggregate tokens/s, per-stream tokens/s, time to first token (median and
 p95) and whether every stream completed, with the ratio mullama / llama-server.
 
     python benchmarks/bench_server.py [--parallel 4] [--clients 1,4,8] [--tokens 128] [--json FILE]
@@ -73,6 +73,12 @@ async def run_clients(url: str, clients: int, tokens: int) -> dict:
     }
 
 
+def median_row(rows: list[dict]) -> dict:
+    """Each figure's median over the rounds; "complete" is the worst round's."""
+    result = {key: statistics.median(r[key] for r in rows) for key in rows[0] if key not in ("clients", "complete")}
+    return {**result, "clients": rows[0]["clients"], "complete": min(r["complete"] for r in rows)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parallel", type=int, default=4)
@@ -80,24 +86,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--ctx-size", type=int, default=1024, help="context tokens per stream")
     parser.add_argument("--threads", type=int, default=default_threads())
+    parser.add_argument("--reps", type=int, default=3, help="rounds; each figure is the median (default 3)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
     counts = [int(c) for c in args.clients.split(",")]
 
     build = upstream.build_with_tools()
     model = _hub.resolve(_hub.DEFAULT_MODEL)
-    figures: dict[str, list[dict]] = {}
     theirs = upstream.LlamaServer(build.tool("llama-server"), model, threads=args.threads,
                                   n_ctx=args.ctx_size * args.parallel, parallel=args.parallel)
-    try:
-        figures["llama-server"] = [asyncio.run(run_clients(theirs.url, n, args.tokens)) for n in counts]
+    ours = MullamaServer(model, parallel=args.parallel, ctx_size=args.ctx_size, threads=args.threads)
+    runs: dict[tuple[str, int], list[dict]] = {}
+    try:  # both servers up (an idle one sleeps), runs interleaved so drift affects both alike
+        for _ in range(args.reps):
+            for n in counts:
+                for name, url in (("llama-server", theirs.url), ("mullama", ours.url)):
+                    time.sleep(1.0)  # let the other server's idle threads stop spinning first
+                    runs.setdefault((name, n), []).append(asyncio.run(run_clients(url, n, args.tokens)))
     finally:
         theirs.close()
-    ours = MullamaServer(model, parallel=args.parallel, ctx_size=args.ctx_size, threads=args.threads)
-    try:
-        figures["mullama"] = [asyncio.run(run_clients(ours.url, n, args.tokens)) for n in counts]
-    finally:
         ours.close()
+    figures = {name: [median_row(runs[(name, n)]) for n in counts] for name in ("llama-server", "mullama")}
 
     print(f"model {model.name}, {args.threads} threads, {args.parallel} slots, {args.tokens} tokens per stream\n")
     print("| clients | server | aggregate tok/s | per-stream tok/s | TTFT median ms | TTFT p95 ms | complete |")
