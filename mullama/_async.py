@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import weakref
 from typing import Any
 
 from ._channel import Channel
@@ -145,14 +146,17 @@ class AsyncTokenStream:
 class AsyncModel:
     """A Model for asyncio code: loads off the event loop and streams through a producer thread.
 
-    Each stream runs on a Context from a small pool (created as needed, reused after),
-    so consecutive turns keep their KV cache and concurrent streams do not collide.
+    Each stream runs on a Context from a small pool (created as needed; up to
+    ``max_idle_contexts`` are kept for reuse), so consecutive turns keep their KV cache
+    and concurrent streams do not collide.
     """
 
-    def __init__(self, model: Model, **context_options: Any) -> None:
+    def __init__(self, model: Model, *, max_idle_contexts: int = 2, **context_options: Any) -> None:
         self.model = model
+        self.max_idle_contexts = max_idle_contexts  # kept for reuse (and their KV caches); others are freed
         self._context_options = context_options
         self._idle: list[Context] = []
+        self._streams: weakref.WeakSet[AsyncTokenStream] = weakref.WeakSet()
         self._lock = threading.Lock()
 
     @classmethod
@@ -172,7 +176,10 @@ class AsyncModel:
 
     def _give_back(self, context: Context) -> None:
         with self._lock:
-            self._idle.append(context)
+            if len(self._idle) < self.max_idle_contexts:
+                self._idle.append(context)
+                return
+        context.close()
 
     def _async_stream(self, open_stream, config: StreamConfig) -> AsyncTokenStream:
         """An AsyncTokenStream whose producer borrows a pooled Context for ``open_stream(context)``."""
@@ -186,7 +193,9 @@ class AsyncModel:
             while borrowed:
                 self._give_back(borrowed.pop())
 
-        return AsyncTokenStream(start, config.buffer_size, finish)
+        stream = AsyncTokenStream(start, config.buffer_size, finish)
+        self._streams.add(stream)
+        return stream
 
     def generate_stream(self, prompt: str, config: StreamConfig | int | None = None, *,
                         max_tokens: int | None = None, **options: Any) -> AsyncTokenStream:
@@ -212,7 +221,9 @@ class AsyncModel:
         return self.model.apply_chat_template(messages, add_generation_prompt, **kw)
 
     async def aclose(self) -> None:
-        """Free the pooled contexts and the model."""
+        """Stop every stream (joining its thread), then free the pooled contexts and the model."""
+        for stream in list(self._streams):
+            await stream.aclose()
         with self._lock:
             idle, self._idle = self._idle, []
         for context in idle:

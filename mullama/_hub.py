@@ -417,10 +417,30 @@ def _check_disk_space(directory: Path, needed: int) -> None:
 
 def _download(url: str, part: Path, sha256: str, size: int | None, label: str, *,
               headers: dict | None = None, quiet: bool) -> None:
-    """Stream ``url`` into ``part``, resuming what is there, retrying transient errors; verify sha256.
+    """Stream ``url`` into ``part`` (resuming what is there), then verify its sha256.
 
-    A failed transfer keeps ``part`` for the next attempt to resume; a failed verification removes it.
+    A transfer that fails keeps ``part`` for the next attempt to resume. If a resumed file
+    fails verification (its first part was corrupt), it is downloaded once more from the start;
+    a fresh download that fails verification is deleted.
     """
+    resumed = part.exists() and part.stat().st_size > 0
+    _transfer(url, part, size, label, headers=headers, quiet=quiet)
+    actual = _sha256(part)
+    if actual != sha256 and resumed:
+        print(f"mullama: the resumed download of {label} did not verify; downloading it again from the start",
+              file=sys.stderr)
+        part.unlink(missing_ok=True)
+        _transfer(url, part, size, label, headers=headers, quiet=quiet)
+        actual = _sha256(part)
+    if actual != sha256:
+        part.unlink(missing_ok=True)
+        raise DownloadError(f"{label} does not match its sha256 (got {actual}, expected {sha256}); "
+                            "the download was deleted. Run the command again; if it fails again, the source "
+                            "changed.")
+
+
+def _transfer(url: str, part: Path, size: int | None, label: str, *, headers: dict | None, quiet: bool) -> None:
+    """Bring ``part`` up to the full file, resuming and retrying transient errors."""
     import requests
 
     for attempt in range(RETRIES):
@@ -429,7 +449,7 @@ def _download(url: str, part: Path, sha256: str, size: int | None, label: str, *
             part.unlink()
             have = 0
         if size is not None and have == size:
-            break
+            return
         if size is not None:
             _check_disk_space(part.parent, size - have)
         request_headers = dict(headers or {})
@@ -438,7 +458,7 @@ def _download(url: str, part: Path, sha256: str, size: int | None, label: str, *
         try:
             with requests.get(url, headers=request_headers, stream=True, timeout=60) as response:
                 if response.status_code == 416 and have:  # the server has nothing past what we hold
-                    break
+                    return
                 if response.status_code >= 400:
                     _raise_for_hf_status(response, label)
                 if response.status_code == 200 and have:
@@ -449,19 +469,18 @@ def _download(url: str, part: Path, sha256: str, size: int | None, label: str, *
                         out.write(block)
                         advance(len(block))
             if size is None or part.stat().st_size >= size:
-                break
+                return
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
             if attempt == RETRIES - 1:
                 held = part.stat().st_size if part.exists() else 0
                 raise DownloadError(f"downloading {label} failed: {exc}. {held} bytes are kept in {part}; "
                                     "run the same command again to resume.") from exc
             time.sleep(min(8.0, 0.5 * 2 ** attempt))
-    actual = _sha256(part)
-    if actual != sha256:
-        part.unlink(missing_ok=True)
-        raise DownloadError(f"{label} does not match its sha256 (got {actual}, expected {sha256}); "
-                            "the download was deleted. Run the command again; if it fails again, the source "
-                            "changed.")
+        except OSError as exc:  # the disk: full, read-only, file too large
+            held = part.stat().st_size if part.exists() else 0
+            raise DownloadError(f"cannot write {part}: {exc.strerror or exc}. {held} bytes are kept; free some "
+                                "disk space (or set MULLAMA_HOME to a larger disk) and run the command again to "
+                                "resume.") from exc
 
 
 @contextlib.contextmanager

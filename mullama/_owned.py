@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import weakref
 from typing import Any, Callable
 
@@ -11,6 +12,10 @@ from ._exceptions import ClosedError, MullamaError
 # Python side (llama.cpp's log callback above all) still exists: freed later, during module
 # teardown, llama.cpp would log through a callback that is already gone, and crash.
 _live: "weakref.WeakSet[Owned]" = weakref.WeakSet()
+
+# C objects taken and freed, by kind: the reliability tests check that each is freed exactly once.
+owned_count: collections.Counter = collections.Counter()
+freed_count: collections.Counter = collections.Counter()
 
 
 def close_all() -> None:
@@ -35,9 +40,15 @@ class Owned:
     _close_order = 1  # at exit: engines (0), then contexts and samplers (1), then models (2)
 
     def _own(self, ffi: Any, ptr: Any, free: Callable[[Any], None]) -> None:
+        def counted_free(p: Any, _free: Callable = free, _kind: str = self._kind,
+                         _count: collections.Counter = freed_count) -> None:
+            _count[_kind] += 1
+            _free(p)
+
         self._ffi = ffi
-        self._free = free
-        self._ptr = ffi.gc(ptr, free)
+        self._free = counted_free
+        self._ptr = ffi.gc(ptr, counted_free)
+        owned_count[self._kind] += 1
         _live.add(self)
 
     @property
