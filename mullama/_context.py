@@ -69,6 +69,27 @@ def warm_up(library: Any, ptr: Any, model: Model) -> None:
     lib.llama_set_warmup(ptr, False)
 
 
+def adopt_context(owner: Owned, library: Any, ptr: Any, model: Model, n_threads: int, n_threads_batch: int,
+                  *, warmup: bool) -> tuple:
+    """Make ``owner`` own the llama context ``ptr``: thread pools attached, freed in a safe order,
+    registered with its model. Returns the thread pools."""
+    lib = library.lib
+    pools = Context._attach_threadpools(library, ptr, n_threads, n_threads_batch)
+    if warmup:
+        warm_up(library, ptr, model)
+
+    def free(context_ptr: Any, _model: Any = model.ptr, _pools: tuple = pools) -> None:
+        # The closure holds the model's pointer object, so the model is freed after us,
+        # and the thread pools only once the context no longer uses them.
+        lib.llama_free(context_ptr)
+        for pool in _pools:
+            lib.ggml_threadpool_free(pool)
+
+    owner._own(library.ffi, ptr, free)
+    model._register(owner)
+    return pools
+
+
 class Context(Owned):
     """One llama.cpp context over a :class:`Model`.
 
@@ -108,18 +129,8 @@ class Context(Owned):
         if ptr == ffi.NULL:
             raise ContextError(f"llama.cpp could not create a context with n_ctx={params.n_ctx}; "
                                "try a smaller n_ctx (memory) or enable logging for 'mullama.llama_cpp'.")
-        model_ptr = model.ptr
-        pools = self._pools = self._attach_threadpools(library, ptr, params.n_threads, params.n_threads_batch)
-
-        def free(context_ptr: Any, _model: Any = model_ptr, _pools: tuple = pools) -> None:
-            # The closure holds the model's pointer object, so the model is freed after us,
-            # and the thread pools only once the context no longer uses them.
-            lib.llama_free(context_ptr)
-            for pool in _pools:
-                lib.ggml_threadpool_free(pool)
-
-        self._own(ffi, ptr, free)
-        model._register(self)
+        self._pools = adopt_context(self, library, ptr, model, params.n_threads, params.n_threads_batch,
+                                    warmup=warmup)
         self._lib, self._model_vocab = lib, model._vocab
         self._memory = lib.llama_get_memory(ptr)
         self.n_ctx = lib.llama_n_ctx(ptr)
@@ -134,8 +145,6 @@ class Context(Owned):
         self._abort = threading.Event()
         self._abort_cb = ffi.callback("ggml_abort_callback", self._should_abort)
         self._generation = 0  # bumped by each generation; an older one then stops
-        if warmup:
-            warm_up(library, ptr, model)
 
     @staticmethod
     def _attach_threadpools(library: Any, ptr: Any, n_threads: int, n_threads_batch: int) -> tuple:
@@ -286,6 +295,15 @@ class Context(Owned):
         finally:
             self._idle()
 
+    def _enter_step(self, generation: int) -> None:
+        """Take the context for one step of ``generation`` (release ``_guard`` after the step)."""
+        if not self._guard.acquire(False):
+            raise self._busy_error()
+        if generation != self._generation or self._ptr is None:
+            self._guard.release()
+            raise ContextError("another generation started on this Context, which ends this one; "
+                               "use one Context per concurrent stream.")
+
     def _idle(self) -> None:
         """Let the thread pools sleep now: idle ggml workers otherwise spin for a long while."""
         if self._ptr is not None:
@@ -298,12 +316,8 @@ class Context(Owned):
         buf, batch, tokens, guard, n_ctx = self._token_buf, self._one_token_batch, self._tokens, self._guard, self.n_ctx
         produced = 0
         while True:
-            if not guard.acquire(False):
-                raise self._busy_error()
+            self._enter_step(generation)
             try:
-                if generation != self._generation or self._ptr is None:
-                    raise ContextError("another generation started on this Context, which ends this one; "
-                                       "use one Context per concurrent stream.")
                 token = lib.llama_sampler_sample(smpl, ptr, -1)
             finally:
                 guard.release()
@@ -318,12 +332,8 @@ class Context(Owned):
             if deadline is not None and time.monotonic() > deadline:
                 raise StreamingError(f"generation timed out after {produced} tokens; raise timeout_ms "
                                      "or lower max_tokens.", code="STREAM_TIMEOUT")
-            if not guard.acquire(False):
-                raise self._busy_error()
+            self._enter_step(generation)
             try:
-                if generation != self._generation or self._ptr is None:
-                    raise ContextError("another generation started on this Context, which ends this one; "
-                                       "use one Context per concurrent stream.")
                 buf[0] = token
                 rc = lib.llama_decode(ptr, batch)
                 if rc != _DECODE_OK:

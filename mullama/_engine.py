@@ -23,7 +23,7 @@ from typing import Any
 
 from ._channel import Channel
 from ._config import StreamConfig
-from ._context import default_threads
+from ._context import adopt_context, default_threads
 from ._exceptions import ContextError, ContextOverflowError, MullamaError, StreamingError
 from ._model import Model
 from ._owned import Owned
@@ -150,21 +150,8 @@ class Engine(Owned):
         if ptr == ffi.NULL:
             raise ContextError(f"llama.cpp could not create a context of {params.n_ctx} tokens for "
                                f"{parallel} sequences; lower --ctx-size or --parallel.")
-        from ._context import Context, warm_up
-
-        pools = Context._attach_threadpools(library, ptr, threads, threads)
-        warm_up(library, ptr, model)
-        model_ptr = model.ptr
-
-        def free(context_ptr: Any, _model: Any = model_ptr, _pools: tuple = pools) -> None:
-            lib.llama_free(context_ptr)
-            for pool in _pools:
-                lib.ggml_threadpool_free(pool)
-
-        self._own(ffi, ptr, free)
-        model._register(self)
+        self._pools = adopt_context(self, library, ptr, model, threads, threads, warmup=True)
         self._lib = lib
-        self._pools = pools
         self._memory = lib.llama_get_memory(ptr)
         self.n_ctx = lib.llama_n_ctx(ptr)
         self.n_batch = lib.llama_n_batch(ptr)
