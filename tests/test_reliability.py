@@ -38,8 +38,10 @@ def test_models_contexts_and_streams_do_not_leak(model_path):
     print("\n" + leaks.describe(report))
     for phase in report["phases"]:
         assert phase["slope_kb_per_iter"] < 20, phase  # RSS flat after warm-up
-    assert report["threads_after"] == report["threads_before"]
-    assert report["fds_after"] == report["fds_before"]
+    # (other tests' helper threads may end meanwhile: never more than before, and none of ours)
+    assert report["threads_after"] <= report["threads_before"]
+    assert not [t for t in threading.enumerate() if t.name.startswith("mullama")]
+    assert report["fds_after"] <= report["fds_before"]
     assert report["owned"] == report["freed"], (report["owned"], report["freed"])
 
 
