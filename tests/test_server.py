@@ -282,6 +282,13 @@ def test_hundreds_of_malformed_requests_get_only_4xx(server):
     assert status == 200 and body["choices"][0]["message"]["content"]
 
 
+def test_the_model_field_never_opens_a_path(server):
+    for name in ("/etc/passwd", "../../../root/.ssh/id_rsa.gguf", "hf:evil/repo:x.gguf", "llama3.2:3b"):
+        status, body = server.post("/v1/completions", {"model": name, "prompt": "Hi", "max_tokens": 2})
+        assert status == 200
+        assert body["model"] == server.get_json("/v1/models")["data"][0]["id"]  # always the served model
+
+
 def test_metrics_and_health(server):
     with httpx.Client() as http:
         text = http.get(server.url + "/metrics").text
