@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import os
 import re
@@ -85,7 +84,7 @@ def say(message: str) -> None:
 
 # --- where things live (one layout, shared with the library) ------------------
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mullama._paths import cache_root, llama_cache_dir  # noqa: E402
+from mullama._paths import llama_cache_dir  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 import build_llama  # noqa: E402
 import mullama  # noqa: E402
-from mullama import AsyncModel, Context, Model, StreamConfig, _hub  # noqa: E402
+from mullama import AsyncModel, Context, Model, _hub  # noqa: E402
 from mullama._context import default_threads  # noqa: E402
 
 PROMPT_5 = "The capital of France is"  # checked to be 5 tokens below

@@ -140,7 +140,6 @@ def run(model_path: Path, *, models: int, contexts: int, streams: int, seed: int
 
     context.close()
     asyncio.run(amodel.aclose())  # joins any producer thread still ending, frees its contexts and the model
-    del model, context, amodel
     gc.collect()
     return {
         "phases": phases,

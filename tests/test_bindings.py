@@ -12,7 +12,6 @@ import pytest
 from cffi import cparser
 
 import build_llama
-import mullama
 from mullama import _library
 
 REPO = Path(__file__).resolve().parent.parent

@@ -3,11 +3,8 @@ download faults. The long forms live in stress/ (their figures go in the release
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import os
-import random
-import resource
 import signal
 import subprocess
 import sys
