@@ -7,15 +7,8 @@ the pinned commit and the build options, so a second build with the same options
 is instant. An entry only becomes visible once it is complete (it is assembled in
 a temporary directory and renamed into place).
 
-Where the source comes from, in this order:
-
-1. ``--source DIR|ARCHIVE`` or the ``MULLAMA_LLAMA_CPP_SOURCE`` environment variable;
-2. the upstream GitHub archive of the pinned commit;
-3. the PyPI sdist of llama-cpp-python that vendors exactly that tree (its sha256 is
-   checked before use).
-
-Every source must carry the pinned ``llama.h`` (checked by sha256), because the
-generated cffi bindings describe exactly that header.
+The pin and where the source comes from (and how it is verified) are in
+``llama_source.py``.
 
 This module uses only the standard library (plus ``rich`` and ``platformdirs``
 when they are installed), so it runs before mullama itself is installed.
@@ -31,21 +24,22 @@ import re
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
-import urllib.request
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# --- the pin: one place -------------------------------------------------------
-LLAMA_CPP_COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
-LLAMA_H_SHA256 = "d5cf9203bea63b575e76cba4881f29cfd1b611451578b01582b75b72ecbb04bc"
-GITHUB_ARCHIVE_URL = f"https://github.com/ggml-org/llama.cpp/archive/{LLAMA_CPP_COMMIT}.tar.gz"
-SDIST_REQUIREMENT = "llama-cpp-python==0.3.36"
-SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
-SDIST_SUBDIR = "vendor/llama.cpp"
+# --- the pin, the source, and status output live in llama_source.py -------------
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llama_source import (  # the one place of the pin
+    CONSOLE,
+    LLAMA_CPP_COMMIT,
+    BuildError,
+    ensure_source,
+    say,
+    sha256_file,
+)
+from mullama._paths import llama_cache_dir
 
 #: Bumped whenever cmake_definitions() changes, so cached builds of an older recipe are not reused.
 BUILD_RECIPE = 2
@@ -54,37 +48,6 @@ BUILD_RECIPE = 2
 CORE_LIBRARY_PREFIXES = ("libllama.so", "libggml")
 LIBLLAMA = "libllama.so.0"
 MANIFEST_NAME = "manifest.json"
-
-
-class BuildError(Exception):
-    """The build cannot go on; the message says what to do."""
-
-
-# --- output -------------------------------------------------------------------
-def _console():
-    try:
-        from rich.console import Console
-    except ImportError:  # rich is optional here: the build runs before install
-        return None
-    return Console(stderr=True, highlight=False, soft_wrap=True)
-
-
-_CONSOLE = _console()
-
-
-def say(message: str) -> None:
-    """Print one status line to stderr (styled when rich is available)."""
-    if _CONSOLE is not None:
-        from rich.markup import escape
-
-        _CONSOLE.print(f"[bold cyan]mullama-build[/] {escape(message)}")
-    else:
-        print(f"mullama-build {message}", file=sys.stderr, flush=True)
-
-
-# --- where things live (one layout, shared with the library) ------------------
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mullama._paths import llama_cache_dir  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -159,155 +122,6 @@ class BuildResult:
         return sorted(p for p in self.lib_dir.iterdir() if p.name.startswith(CORE_LIBRARY_PREFIXES))
 
 
-# --- source -------------------------------------------------------------------
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _find_tree(top: Path) -> Path | None:
-    """The directory under ``top`` (at most 3 levels deep) that holds a llama.cpp tree."""
-    candidates = [top, *top.glob("*"), *top.glob("*/*"), *top.glob("*/*/*")]
-    for candidate in candidates:
-        if (candidate / "include" / "llama.h").is_file() and (candidate / "ggml" / "include" / "ggml.h").is_file():
-            return candidate
-    return None
-
-
-def _check_header(tree: Path, origin: str) -> None:
-    actual = sha256_file(tree / "include" / "llama.h")
-    if actual != LLAMA_H_SHA256:
-        raise BuildError(
-            f"{origin}: include/llama.h is not the pinned one (sha256 {actual[:16]}..., expected "
-            f"{LLAMA_H_SHA256[:16]}...). Provide llama.cpp at commit {LLAMA_CPP_COMMIT}."
-        )
-
-
-def _extract(archive: Path, into: Path, member_filter: str | None = None) -> None:
-    """Extract a .tar.* or .zip archive safely (no absolute paths, no escaping links)."""
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            names = [n for n in zf.namelist() if member_filter is None or member_filter in n]
-            zf.extractall(into, members=names)
-        return
-    with tarfile.open(archive) as tf:
-        members = [m for m in tf.getmembers() if member_filter is None or member_filter in m.name]
-        tf.extractall(into, members=members, filter="data")
-
-
-def _source_from_path(path: Path, staging: Path) -> Path:
-    path = path.expanduser().resolve()
-    if path.is_dir():
-        tree = _find_tree(path)
-        if tree is None:
-            raise BuildError(f"{path}: no llama.cpp tree here (expected include/llama.h and ggml/).")
-        _check_header(tree, str(path))
-        return tree
-    if not path.is_file():
-        raise BuildError(f"{path}: no such file or directory.")
-    _extract(path, staging)
-    tree = _find_tree(staging)
-    if tree is None:
-        raise BuildError(f"{path}: the archive holds no llama.cpp tree.")
-    _check_header(tree, str(path))
-    return tree
-
-
-def _source_from_github(staging: Path) -> Path:
-    archive = staging / "llama.cpp.tar.gz"
-    with urllib.request.urlopen(GITHUB_ARCHIVE_URL, timeout=30) as response, open(archive, "wb") as out:
-        shutil.copyfileobj(response, out, 1 << 20)
-    _extract(archive, staging)
-    archive.unlink()
-    tree = _find_tree(staging)
-    if tree is None:
-        raise BuildError("the GitHub archive holds no llama.cpp tree")
-    _check_header(tree, "GitHub archive")
-    return tree
-
-
-def _source_from_sdist(staging: Path) -> Path:
-    download_dir = staging / "download"
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "--disable-pip-version-check", "-q", "-d", str(download_dir), SDIST_REQUIREMENT]
-    proc = subprocess.run(command, capture_output=True, text=True)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
-        raise BuildError(f"pip download {SDIST_REQUIREMENT} failed: {last}")
-    archives = list(download_dir.glob("*.tar.gz"))
-    if len(archives) != 1:
-        raise BuildError(f"pip download {SDIST_REQUIREMENT} gave no single sdist")
-    actual = sha256_file(archives[0])
-    if actual != SDIST_SHA256:
-        raise BuildError(f"{archives[0].name} has sha256 {actual}, expected {SDIST_SHA256}; refusing to build it.")
-    _extract(archives[0], staging / "sdist", member_filter=f"/{SDIST_SUBDIR}/")
-    shutil.rmtree(download_dir)
-    tree = _find_tree(staging / "sdist")
-    if tree is None:
-        raise BuildError(f"{archives[0].name} holds no {SDIST_SUBDIR}")
-    _check_header(tree, archives[0].name)
-    return tree
-
-
-def _cached_source(_staging: Path) -> Path:
-    cached = llama_cache_dir() / "src" / LLAMA_CPP_COMMIT
-    if not (cached / "include" / "llama.h").is_file():
-        raise BuildError("not downloaded yet")
-    _check_header(cached, str(cached))
-    return cached
-
-
-def ensure_source(source: str | os.PathLike | None = None) -> Path:
-    """Return a directory holding the pinned llama.cpp source tree.
-
-    Tried in order: ``source`` (or ``MULLAMA_LLAMA_CPP_SOURCE``), a tree downloaded before,
-    the GitHub archive, the PyPI sdist. Each failure is reported in one line and the next
-    tried. Downloads are cached under ``<cache>/llama.cpp/src/<commit>``.
-    """
-    source = source or os.environ.get("MULLAMA_LLAMA_CPP_SOURCE")
-    cached = llama_cache_dir() / "src" / LLAMA_CPP_COMMIT
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    attempts: list[tuple[str, object, bool]] = []  # (label, fetch(staging) -> tree, keep a copy in the cache)
-    if source:
-        attempts.append((f"--source {source}", lambda staging: _source_from_path(Path(source), staging), False))
-    attempts.append(("cached download", _cached_source, False))
-    attempts.append(("GitHub archive", _source_from_github, True))
-    attempts.append((f"PyPI sdist {SDIST_REQUIREMENT}", _source_from_sdist, True))
-    failures = []
-    for label, fetch, store in attempts:
-        staging = Path(tempfile.mkdtemp(prefix="src-", dir=cached.parent))
-        try:
-            if store:
-                say(f"fetching llama.cpp source: {label}")
-            tree = fetch(staging)
-            if not store and staging not in tree.parents:
-                return tree  # a directory used in place
-            if tree != staging / "tree":
-                os.replace(tree, staging / "tree")
-            try:
-                os.rename(staging / "tree", cached)
-            except OSError:  # another process won the race: use its copy
-                if not (cached / "include" / "llama.h").is_file():
-                    raise
-            return cached
-        except BuildError as exc:
-            failures.append(f"{label}: {exc}")
-        except Exception as exc:  # network, disk, archive errors: try the next source
-            failures.append(f"{label}: {type(exc).__name__}: {exc}")
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        if label != "cached download":
-            say(f"source unavailable: {failures[-1]}")
-    raise BuildError(
-        "could not get the llama.cpp source:\n  " + "\n  ".join(failures)
-        + f"\nDownload llama.cpp at commit {LLAMA_CPP_COMMIT} (or the sdist {SDIST_REQUIREMENT}) and pass it "
-        "with --source PATH or MULLAMA_LLAMA_CPP_SOURCE=PATH."
-    )
-
-
 # --- build --------------------------------------------------------------------
 def _require_toolchain() -> dict[str, str]:
     missing = []
@@ -334,7 +148,7 @@ def _run_logged(command: list[str], log: Path, label: str) -> None:
         # Its own process group, so that an interruption stops the whole compiler tree.
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
-        status = _CONSOLE.status(label) if _CONSOLE is not None and _CONSOLE.is_terminal else None
+        status = CONSOLE.status(label) if CONSOLE is not None and CONSOLE.is_terminal else None
         if status:
             status.start()
         last_report = 0.0

@@ -12,11 +12,12 @@ import pytest
 from cffi import cparser
 
 import build_llama
+import llama_source
 from mullama import _library
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
-import gen_bindings  # noqa: E402
+import gen_bindings
 
 IMPORTANT = [
     "llama_backend_init", "llama_model_load_from_file", "llama_model_free", "llama_init_from_model",
@@ -56,7 +57,7 @@ def test_an_edited_header_is_caught(source_tree, tmp_path):
     assert edited != text
     header.write_text(edited)
     result = subprocess.run([sys.executable, str(REPO / "tools" / "gen_bindings.py"), "--check",
-                             "--source", str(tmp_path)], capture_output=True, text=True)
+                             "--source", str(tmp_path)], capture_output=True, text=True, check=False)
     assert result.returncode == 1
     assert "n_new_field" in result.stdout
     assert "drifted" in result.stderr
@@ -65,7 +66,7 @@ def test_an_edited_header_is_caught(source_tree, tmp_path):
 def test_bindings_record_the_pin():
     _ffi, LLAMA_CPP_COMMIT, LLAMA_H_SHA256 = _library._bindings()
     assert LLAMA_CPP_COMMIT == build_llama.LLAMA_CPP_COMMIT
-    assert LLAMA_H_SHA256 == build_llama.LLAMA_H_SHA256
+    assert LLAMA_H_SHA256 == llama_source.LLAMA_H_SHA256
 
 
 def _exported_symbols(path: Path, prefix: str = "") -> set[str]:

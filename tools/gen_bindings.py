@@ -30,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import build_llama  # noqa: E402  (the pin lives there)
+import llama_source  # the pin lives there
 
 MODULE_NAME = "mullama._bindings._llama_ffi"
 LINEMARKER = re.compile(r'^# (\d+) "(.*)"')
@@ -86,8 +86,8 @@ def render(tree: Path) -> dict[str, str]:
     import cffi
 
     llama_h = tree / "include" / "llama.h"
-    digest = build_llama.sha256_file(llama_h)
-    banner = header_banner(build_llama.LLAMA_CPP_COMMIT, digest)
+    digest = llama_source.sha256_file(llama_h)
+    banner = header_banner(llama_source.LLAMA_CPP_COMMIT, digest)
     cdef = extract_cdef(preprocess(tree), tree)
 
     ffibuilder = cffi.FFI()
@@ -102,7 +102,7 @@ def render(tree: Path) -> dict[str, str]:
         "_llama_ffi.py": f"# {banner}\n# cffi out-of-line ABI mode: no compiler needed to import it.\n{module}",
         "__init__.py": (
             f'"""cffi bindings for llama.cpp. {banner}"""\n\n'
-            f'LLAMA_CPP_COMMIT = "{build_llama.LLAMA_CPP_COMMIT}"\n'
+            f'LLAMA_CPP_COMMIT = "{llama_source.LLAMA_CPP_COMMIT}"\n'
             f'LLAMA_H_SHA256 = "{digest}"\n'
         ),
     }
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "bindings"), help="output directory")
     parser.add_argument("--check", action="store_true", help="compare with --out instead of writing; exit 1 on drift")
     args = parser.parse_args(argv)
-    tree = Path(args.source).resolve() if args.source else build_llama.ensure_source()
+    tree = Path(args.source).resolve() if args.source else llama_source.ensure_source()
     files = render(tree)
     out = Path(args.out)
     drift = False
