@@ -24,18 +24,6 @@ from ._stream import Token, TokenStream
 
 __all__ = ["AsyncModel", "AsyncTokenStream"]
 
-_END = object()  # the producer's last item after a normal end
-
-
-class _Failure:
-    """An exception travelling from the producer thread to the consumer."""
-
-    __slots__ = ("error",)
-
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
-
-
 class AsyncTokenStream:
     """An async iterator of :class:`Token`, with the statistics of :class:`TokenStream`."""
 
@@ -60,9 +48,9 @@ class AsyncTokenStream:
             for token in stream:
                 if not channel.put(token) or channel.closed.is_set():
                     return
-            channel.end(_END)
+            channel.finish()
         except BaseException as exc:  # delivered to the consumer, raised there
-            channel.end(_Failure(exc))
+            channel.fail(exc)
         finally:
             if stream is not None:
                 stream.close()
@@ -70,7 +58,7 @@ class AsyncTokenStream:
                 self._on_finish()
 
     # --- consumer (the event loop) ------------------------------------------------
-    def __aiter__(self) -> "AsyncTokenStream":
+    def __aiter__(self) -> AsyncTokenStream:
         return self
 
     async def __anext__(self) -> Token:
@@ -81,16 +69,20 @@ class AsyncTokenStream:
             self._thread.start()
         try:
             item = await self._channel.get_async()
-        except BaseException:  # cancelled: stop the producer, leave no thread behind
+        except asyncio.CancelledError:  # stop the producer, leave no thread behind
             self._shutdown()
             raise
-        if item is _END or isinstance(item, _Failure):
-            self._done = True
-            await asyncio.to_thread(self._thread.join)  # it is on its last lines: leave no thread behind
-            if item is _END:
-                raise StopAsyncIteration
-            raise item.error
+        except BaseException:  # the producer failed and is on its last lines
+            await self._join()
+            raise
+        if item is None:
+            await self._join()
+            raise StopAsyncIteration
         return item
+
+    async def _join(self) -> None:
+        self._done = True
+        await asyncio.to_thread(self._thread.join)
 
     def _shutdown(self) -> None:
         self._done = True
@@ -102,7 +94,7 @@ class AsyncTokenStream:
         if self._thread is not None and self._thread.is_alive():
             await asyncio.to_thread(self._thread.join)
 
-    async def __aenter__(self) -> "AsyncTokenStream":
+    async def __aenter__(self) -> AsyncTokenStream:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -160,7 +152,7 @@ class AsyncModel:
         self._lock = threading.Lock()
 
     @classmethod
-    async def load(cls, model: str | os.PathLike, **options: Any) -> "AsyncModel":
+    async def load(cls, model: str | os.PathLike, **options: Any) -> AsyncModel:
         """Load ``model`` (a path or a name) in a worker thread. Context options
         (``n_ctx``, ``n_threads``, ...) apply to the contexts this AsyncModel creates."""
         context_keys = {"n_ctx", "n_batch", "n_threads", "n_threads_batch", "seed", "flash_attn"}
@@ -230,7 +222,7 @@ class AsyncModel:
             context.close()
         self.model.close()
 
-    async def __aenter__(self) -> "AsyncModel":
+    async def __aenter__(self) -> AsyncModel:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

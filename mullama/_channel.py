@@ -12,7 +12,8 @@ import asyncio
 import queue
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["Channel"]
 
@@ -48,8 +49,15 @@ class Channel:
         self._delivered()
         return True
 
-    def end(self, item: Any) -> None:
-        """Deliver the final item (an end marker or an error) after the queued ones, without waiting."""
+    def finish(self) -> None:
+        """The producer is done: after the queued items, the consumer gets None. Never waits."""
+        self._deliver_final(_END)
+
+    def fail(self, error: BaseException) -> None:
+        """The producer failed: after the queued items, the consumer's get raises ``error``."""
+        self._deliver_final(_Failure(error))
+
+    def _deliver_final(self, item: Any) -> None:
         self._final = item
         waiter = self._waiter
         if waiter is not None:
@@ -60,8 +68,7 @@ class Channel:
 
     def _delivered(self) -> None:
         size = self._queue.qsize()
-        if size > self.max_queued:
-            self.max_queued = size
+        self.max_queued = max(self.max_queued, size)
         waiter = self._waiter
         if waiter is not None:
             self._loop.call_soon_threadsafe(_wake, waiter)
@@ -71,12 +78,13 @@ class Channel:
         return self._queue.qsize()
 
     def get(self, timeout: float | None = None) -> Any:
-        """The next item, waiting in this thread (raises queue.Empty after ``timeout``)."""
+        """The next item, waiting in this thread: None after ``finish()``, the error after ``fail()``
+        (raises queue.Empty after ``timeout``)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             item = self._take_now()
             if item is not _NOTHING:
-                return item
+                return _unpack(item)
             if deadline is not None and time.monotonic() >= deadline:
                 raise queue.Empty
             try:
@@ -84,7 +92,7 @@ class Channel:
             except queue.Empty:
                 continue
             self._taken()
-            return item
+            return _unpack(item)
 
     def _take_now(self) -> Any:
         """A queued item, else the final item once everything before it was taken, else _NOTHING."""
@@ -101,13 +109,13 @@ class Channel:
         return item
 
     async def get_async(self) -> Any:
-        """The next item, awaited without blocking the event loop."""
+        """Like ``get``, awaited without blocking the event loop."""
         q = self._queue
         self._loop = asyncio.get_running_loop()
         while True:
             item = self._take_now()
             if item is not _NOTHING:
-                return item
+                return _unpack(item)
             waiter = self._loop.create_future()
             self._waiter = waiter
             try:
@@ -133,6 +141,24 @@ class Channel:
 
 
 _NOTHING = object()
+_END = object()
+
+
+class _Failure:
+    """An exception travelling from the producer to the consumer."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def _unpack(item: Any) -> Any:
+    if item is _END:
+        return None
+    if isinstance(item, _Failure):
+        raise item.error
+    return item
 
 
 def _wake(waiter: asyncio.Future) -> None:

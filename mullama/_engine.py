@@ -24,7 +24,12 @@ from typing import Any
 from ._channel import Channel
 from ._config import StreamConfig
 from ._context import adopt_context, default_threads
-from ._exceptions import ContextError, ContextOverflowError, MullamaError, StreamingError
+from ._exceptions import (
+    ContextError,
+    ContextOverflowError,
+    MullamaError,
+    StreamingError,
+)
 from ._model import Model
 from ._owned import Owned
 from ._stream import Token, sampler_for
@@ -32,20 +37,10 @@ from ._text import TextAssembler
 
 __all__ = ["Engine", "EngineRequest", "QueueFullError"]
 
-_END = object()
-
-
 class QueueFullError(MullamaError):
     """Every slot is busy and the waiting queue is full."""
 
     code = "QUEUE_FULL"
-
-
-class _Failure:
-    __slots__ = ("error",)
-
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
 
 
 @dataclass(eq=False)
@@ -82,19 +77,12 @@ class EngineRequest:
     def text(self) -> str:
         return "".join(self.text_parts)
 
-    def _unpack(self, item: Any) -> Token | None:
-        if item is _END:
-            return None
-        if isinstance(item, _Failure):
-            raise item.error
-        return item
-
     async def next_token(self) -> Token | None:
         """The next token, awaited without blocking the event loop; None at the end."""
-        return self._unpack(await self.channel.get_async())
+        return await self.channel.get_async()
 
     def next_token_blocking(self, timeout: float | None = None) -> Token | None:
-        return self._unpack(self.channel.get(timeout))
+        return self.channel.get(timeout)
 
     def time_to_first_token(self) -> float | None:
         return None if self.first_token_at is None else self.first_token_at - self.submitted
@@ -342,18 +330,11 @@ class Engine(Owned):
         request.completion_tokens += 1
         request.token_ids.append(token)
         index = request.completion_tokens - 1
-        finish = None
         if not request.config.ignore_eos and lib.llama_vocab_is_eog(self.model._vocab, token):
-            finish, text = "stop", slot.assembler.flush()
+            finish = "stop"
         else:
-            text = slot.assembler.feed(self.model._cached_piece(token))
-            if slot.assembler.stopped:
-                finish = "stop"
-            elif request.completion_tokens >= slot.limit:
-                finish = "length"
-                text += slot.assembler.flush()
-                if slot.assembler.stopped:
-                    finish = "stop"
+            finish = "length" if request.completion_tokens >= slot.limit else None
+        text, finish = slot.assembler.add(self.model._cached_piece(token), finish)
         if text:
             request.text_parts.append(text)
         request.channel.offer(Token(token, text, index, finish))  # there is room: checked before decoding
@@ -368,7 +349,7 @@ class Engine(Owned):
         request.finished_at = time.perf_counter()
         self.stats["requests_finished"] += 1
         self.stats["completion_tokens_total"] += request.completion_tokens
-        request.channel.end(_END)
+        request.channel.finish()
         self._clear(slot)
 
     def _fail(self, slot: _Slot, error: MullamaError) -> None:
@@ -376,7 +357,7 @@ class Engine(Owned):
         request.finish_reason = "error"
         request.finished_at = time.perf_counter()
         self.stats["requests_failed"] += 1
-        request.channel.end(_Failure(error))
+        request.channel.fail(error)
         self._release(slot, cancelled=False)
 
     def _release(self, slot: _Slot, *, cancelled: bool) -> None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from ._config import StreamConfig
 from ._sampler import SamplerChain
@@ -46,8 +47,17 @@ def sampler_for(config: StreamConfig, n_vocab: int) -> SamplerChain:
 
 
 class _Stats:
-    __slots__ = ("started", "first_token", "last_token", "n_tokens", "finish_reason", "loop", "text_parts",
-                 "token_ids", "stop_sequence")
+    __slots__ = (
+        "finish_reason",
+        "first_token",
+        "last_token",
+        "loop",
+        "n_tokens",
+        "started",
+        "stop_sequence",
+        "text_parts",
+        "token_ids",
+    )
 
     def __init__(self) -> None:
         self.started = self.first_token = self.last_token = None
@@ -59,7 +69,7 @@ class _Stats:
         self.stop_sequence: str | None = None
 
 
-def _run(context: "Context", prompt_tokens: list[int], config: StreamConfig, stats: _Stats) -> Iterator[Token]:
+def _run(context: Context, prompt_tokens: list[int], config: StreamConfig, stats: _Stats) -> Iterator[Token]:
     """The stream's generator. It never references the TokenStream, so dropping the stream
     drops (and closes) it."""
     stats.started = time.perf_counter()
@@ -73,34 +83,21 @@ def _run(context: "Context", prompt_tokens: list[int], config: StreamConfig, sta
                                      ignore_eos=config.ignore_eos)
     append_text, append_id, perf_counter = stats.text_parts.append, stats.token_ids.append, time.perf_counter
     try:
-        index = 0
-        for token_id in ids:
+        for index, token_id in enumerate(ids):
             now = perf_counter()
             if stats.first_token is None:
                 stats.first_token = now
             stats.last_token = now
-            finish = loop["finish_reason"]
-            if finish == "stop":  # end-of-generation token: no text of its own
-                text = assembler.flush()
-            else:
-                text = assembler.feed(piece(token_id))
-                if assembler.stopped:
-                    finish = "stop"
-                    stats.stop_sequence = assembler.stop_sequence
-                elif finish is not None:
-                    text += assembler.flush()
-                    if assembler.stopped:
-                        finish, stats.stop_sequence = "stop", assembler.stop_sequence
+            text, finish = assembler.add(piece(token_id), loop["finish_reason"])
             stats.n_tokens += 1
             append_id(token_id)
             if text:
                 append_text(text)
             if finish is not None:
-                stats.finish_reason = finish
+                stats.finish_reason, stats.stop_sequence = finish, assembler.stop_sequence
                 yield Token(token_id, text, index, finish)
                 return
             yield Token(token_id, text, index)
-            index += 1
     finally:
         ids.close()
         sampler.close()
@@ -115,14 +112,14 @@ class TokenStream:
     ready for the next call. Statistics are available during and after the stream.
     """
 
-    def __init__(self, context: "Context", prompt_tokens: list[int], config: StreamConfig) -> None:
+    def __init__(self, context: Context, prompt_tokens: list[int], config: StreamConfig) -> None:
         self.config = config
         self.prompt_tokens = len(prompt_tokens)
         self._stats = _Stats()
         self._iterator = _run(context, prompt_tokens, config, self._stats)
         self._closed = False
 
-    def __iter__(self) -> "TokenStream":
+    def __iter__(self) -> TokenStream:
         return self
 
     def __next__(self) -> Token:
@@ -145,7 +142,7 @@ class TokenStream:
             if self._stats.finish_reason is None:
                 self._stats.finish_reason = "cancelled"
 
-    def __enter__(self) -> "TokenStream":
+    def __enter__(self) -> TokenStream:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -11,7 +11,7 @@ at once: the work per token does not grow with the length of the output.
 from __future__ import annotations
 
 import codecs
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = ["TextAssembler"]
 
@@ -19,7 +19,7 @@ __all__ = ["TextAssembler"]
 class TextAssembler:
     """Turn token bytes into text that is safe to show."""
 
-    __slots__ = ("_decoder", "_stops", "_max_stop", "_pending", "stopped", "stop_sequence")
+    __slots__ = ("_decoder", "_max_stop", "_pending", "_stops", "stop_sequence", "stopped")
 
     def __init__(self, stop_sequences: Sequence[str] = ()) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -58,6 +58,22 @@ class TextAssembler:
             if any(stop.startswith(tail) for stop in self._stops):
                 return length
         return 0
+
+    def add(self, piece: bytes, finish: str | None) -> tuple[str, str | None]:
+        """One generated token: its bytes, and why generation ends after it, if it does
+        ("stop" for an end-of-generation token, whose bytes are not text; "length" for the last
+        token allowed). Returns the text to show now and the finish reason, which becomes "stop"
+        when a stop sequence completes (``stop_sequence`` says which)."""
+        if finish == "stop":
+            return self.flush(), "stop"
+        text = self.feed(piece)
+        if self.stopped:
+            return text, "stop"
+        if finish is not None:
+            text += self.flush()
+            if self.stopped:
+                finish = "stop"
+        return text, finish
 
     def flush(self) -> str:
         """The end of generation (not by a stop sequence): release everything held."""
