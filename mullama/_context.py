@@ -5,14 +5,20 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
-from ._exceptions import (ClosedError, ContextError, ContextOverflowError, InvalidConfigError,
-                          StreamingError)
+from ._config import StreamConfig, resolve_config
+from ._exceptions import (
+    ClosedError,
+    ContextError,
+    ContextOverflowError,
+    InvalidConfigError,
+    StreamingError,
+)
 from ._model import Model
 from ._owned import Owned
-from ._config import StreamConfig, resolve_config
 from ._sampler import SamplerChain
 from ._stream import TokenStream
 
@@ -189,7 +195,7 @@ class Context(Owned):
                 keep = 0
             del self._tokens[keep:]
 
-    def _use(self) -> "_Exclusive":
+    def _use(self) -> _Exclusive:
         return _Exclusive(self)
 
     @staticmethod
@@ -295,11 +301,17 @@ class Context(Owned):
         finally:
             self._idle()
 
-    def _enter_step(self, generation: int) -> None:
-        """Take the context for one step of ``generation`` (release ``_guard`` after the step)."""
+    def _enter_step(self, generation: int | None = None) -> None:
+        """Take the context for one step (of ``generation``, when given); release ``_guard`` after it.
+
+        Another thread using it, a closed context, or a newer generation each raise a clear error.
+        """
         if not self._guard.acquire(False):
             raise self._busy_error()
-        if generation != self._generation or self._ptr is None:
+        if self._ptr is None:
+            self._guard.release()
+            raise ClosedError("this context is closed; create a new one to go on.")
+        if generation is not None and generation != self._generation:
             self._guard.release()
             raise ContextError("another generation started on this Context, which ends this one; "
                                "use one Context per concurrent stream.")
@@ -349,7 +361,7 @@ class Context(Owned):
         # As upstream's server and tools do: BOS/EOS as the model wants, special-token text parsed.
         return self.model.tokenize(prompt, add_special=True, parse_special=True)
 
-    def generate_stream(self, prompt: str, config: "StreamConfig | int | None" = None, *,
+    def generate_stream(self, prompt: str, config: StreamConfig | int | None = None, *,
                         max_tokens: int | None = None, **options: Any) -> TokenStream:
         """Stream the completion of ``prompt``, token by token.
 
@@ -361,8 +373,8 @@ class Context(Owned):
         return TokenStream(self, self._tokenize_prompt(prompt), config)
 
     def generate_streaming(self, prompt: str, max_tokens: int | None = None,
-                           callback: "Callable[[str], bool | None] | None" = None, *,
-                           config: "StreamConfig | None" = None, **options: Any) -> TokenStream:
+                           callback: Callable[[str], bool | None] | None = None, *,
+                           config: StreamConfig | None = None, **options: Any) -> TokenStream:
         """Call ``callback(text)`` for every token's text; returning False stops generation.
 
         Returns the finished TokenStream, for its statistics.
@@ -376,14 +388,14 @@ class Context(Owned):
                     break
         return stream
 
-    def chat_stream(self, messages: list[dict], config: "StreamConfig | int | None" = None, *,
+    def chat_stream(self, messages: list[dict], config: StreamConfig | int | None = None, *,
                     max_tokens: int | None = None, **options: Any) -> TokenStream:
         """Stream the assistant's reply to ``messages``, rendered with the model's own chat template."""
         config = resolve_config(config, max_tokens, options)
         prompt = self.model.apply_chat_template(messages, add_generation_prompt=True)
         return TokenStream(self, self._tokenize_prompt(prompt), config)
 
-    def generate(self, prompt: str, max_tokens: int | None = None, *, config: "StreamConfig | None" = None,
+    def generate(self, prompt: str, max_tokens: int | None = None, *, config: StreamConfig | None = None,
                  **options: Any) -> Completion:
         """Complete ``prompt`` and return the whole result (greedy unless told otherwise)."""
         if config is None and "temperature" not in options:
@@ -426,11 +438,7 @@ class _Exclusive:
         self._context = context
 
     def __enter__(self) -> None:
-        if not self._context._guard.acquire(blocking=False):
-            raise Context._busy_error()
-        if self._context._ptr is None:
-            self._context._guard.release()
-            raise ClosedError("this context is closed; create a new one to go on.")
+        self._context._enter_step()
 
     def __exit__(self, *exc_info: object) -> None:
         self._context._guard.release()

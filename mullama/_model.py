@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import threading
 import weakref
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from . import _library
 from ._exceptions import ContextError, ModelLoadError, TemplateError, TokenizeError
@@ -57,7 +58,7 @@ class Model(Owned):
     # --- loading --------------------------------------------------------------
     @classmethod
     def load(cls, model: str | os.PathLike, *, n_gpu_layers: int = 0, use_mmap: bool = True,
-             vocab_only: bool = False) -> "Model":
+             vocab_only: bool = False) -> Model:
         """Load a model from a ``.gguf`` path, or by name (e.g. ``"smollm2:135m"``, downloaded once).
 
         Raises ModelLoadError for a missing, empty, truncated or corrupt file, and
@@ -92,7 +93,7 @@ class Model(Owned):
 
     def _register(self, context: Any) -> None:
         with self._lock:
-            self.ptr  # raises ClosedError when closed
+            self.ensure_open()
             self._contexts.add(context)
 
     # --- facts ----------------------------------------------------------------
@@ -180,7 +181,7 @@ class Model(Owned):
         return result
 
     def _vocab_ptr(self) -> Any:
-        self.ptr  # raises ClosedError when closed
+        self.ensure_open()
         return self._vocab
 
     # --- tokens ---------------------------------------------------------------

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import collections
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ._exceptions import ClosedError, MullamaError
 
 # Every live C-owning object, so that all can be freed at interpreter exit while the
 # Python side (llama.cpp's log callback above all) still exists: freed later, during module
 # teardown, llama.cpp would log through a callback that is already gone, and crash.
-_live: "weakref.WeakSet[Owned]" = weakref.WeakSet()
+_live: weakref.WeakSet[Owned] = weakref.WeakSet()
 
 # C objects taken and freed, by kind: the reliability tests check that each is freed exactly once.
 owned_count: collections.Counter = collections.Counter()
@@ -20,7 +21,7 @@ freed_count: collections.Counter = collections.Counter()
 
 def close_all() -> None:
     """Free every live engine, context, sampler and model, in that order (at exit)."""
-    for obj in sorted(list(_live), key=lambda o: o._close_order):
+    for obj in sorted(_live, key=lambda o: o._close_order):
         try:
             obj.close()
         except MullamaError:  # still busy in another thread: leave it
@@ -54,9 +55,13 @@ class Owned:
     @property
     def ptr(self) -> Any:
         """The C pointer; raises ClosedError after close()."""
+        self.ensure_open()
+        return self._ptr
+
+    def ensure_open(self) -> None:
+        """Raise ClosedError after close()."""
         if self._ptr is None:
             raise ClosedError(f"this {self._kind} is closed; create a new one to go on.")
-        return self._ptr
 
     @property
     def closed(self) -> bool:
