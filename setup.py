@@ -17,7 +17,7 @@ from setuptools.command.bdist_wheel import bdist_wheel
 from setuptools.command.build_py import build_py
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import build_llama  # noqa: E402
+import build_llama
 
 
 def _build_libraries() -> build_llama.BuildResult:

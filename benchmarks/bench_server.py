@@ -23,12 +23,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-import httpx  # noqa: E402
+import httpx
+import upstream
+from mullama_server import MullamaServer
 
-import upstream  # noqa: E402
-from mullama import _hub  # noqa: E402
-from mullama._context import default_threads  # noqa: E402
-from mullama_server import MullamaServer  # noqa: E402
+from mullama import _hub
+from mullama._context import default_threads
 
 
 async def one_stream(http: httpx.AsyncClient, url: str, prompt: str, tokens: int) -> dict:
@@ -69,7 +69,7 @@ async def run_clients(url: str, clients: int, tokens: int) -> dict:
         "aggregate_tps": sum(r["tokens"] for r in results) / wall,
         "per_stream_tps": statistics.median(r["tps"] for r in results),
         "ttft_median_ms": statistics.median(ttfts) * 1e3,
-        "ttft_p95_ms": ttfts[min(len(ttfts) - 1, int(round(0.95 * (len(ttfts) - 1))))] * 1e3,
+        "ttft_p95_ms": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))] * 1e3,
     }
 
 

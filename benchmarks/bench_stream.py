@@ -29,10 +29,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import build_llama  # noqa: E402
-import mullama  # noqa: E402
-from mullama import AsyncModel, Context, Model, _hub  # noqa: E402
-from mullama._context import default_threads  # noqa: E402
+import build_llama
+import mullama
+from mullama import AsyncModel, Context, Model, _hub
+from mullama._context import default_threads
 
 PROMPT_5 = "The capital of France is"  # checked to be 5 tokens below
 DECODE_PROMPT = "Once upon a time"

@@ -71,18 +71,18 @@ def write_report(stream: dict, server: dict, quick: bool) -> tuple[Path, Path]:
     stamp = datetime.date.today().isoformat()
     report, plot = RESULTS / f"{stamp}.md", RESULTS / f"{stamp}.png"
     lines = [f"# Benchmarks, {stamp}{' (quick)' if quick else ''}", "",
-             f"Machine: {machine()}. Model: SmolLM2-135M-Instruct Q4_1, {stream['threads']} threads. "
-             "Upstream tools are built from the same pinned llama.cpp, in the same build, and run in the same "
-             "session as mullama.", "",
+             (f"Machine: {machine()}. Model: SmolLM2-135M-Instruct Q4_1, {stream['threads']} threads. "
+              "Upstream tools are built from the same pinned llama.cpp, in the same build, and run in the same "
+              "session as mullama."), "",
              "## Streaming (benchmarks/bench_stream.py)", "",
              "| measure | mullama | upstream / reference | ratio | goal |", "| --- | ---: | ---: | ---: | --- |"]
     lines += [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in stream_rows(stream)]
     if not stream.get("llama_cpp_python"):
         lines += ["", "llama-cpp-python was not installed: not measured."]
-    lines += ["", f"## Server (benchmarks/bench_server.py): {server['parallel']} slots, {server['tokens']} tokens "
-              "per stream, streaming clients", "",
-              "| clients | aggregate tok/s mullama | llama-server | ratio | per-stream tok/s mullama | llama-server |"
-              " TTFT median ms mullama | llama-server | TTFT p95 ms mullama | llama-server | complete |",
+    lines += ["", (f"## Server (benchmarks/bench_server.py): {server['parallel']} slots, {server['tokens']} tokens "
+                   "per stream, streaming clients"), "",
+              ("| clients | aggregate tok/s mullama | llama-server | ratio | per-stream tok/s mullama | llama-server |"
+               " TTFT median ms mullama | llama-server | TTFT p95 ms mullama | llama-server | complete |"),
               "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for mine, peer in zip(server["mullama"], server["llama-server"]):
         lines.append(f"| {mine['clients']} | {mine['aggregate_tps']:.1f} | {peer['aggregate_tps']:.1f} | "

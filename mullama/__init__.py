@@ -13,9 +13,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._exceptions import (ClosedError, ContextError, ContextOverflowError, DownloadError, InvalidConfigError,
-                          LibraryError, ModelLoadError, ModelNotFoundError, MullamaError, StreamingError,
-                          TemplateError, TokenizeError)
+from ._exceptions import (
+    ClosedError,
+    ContextError,
+    ContextOverflowError,
+    DownloadError,
+    InvalidConfigError,
+    LibraryError,
+    ModelLoadError,
+    ModelNotFoundError,
+    MullamaError,
+    StreamingError,
+    TemplateError,
+    TokenizeError,
+)
 
 __version__ = "0.1.0"
 
@@ -62,11 +73,11 @@ _LAZY = {
 if TYPE_CHECKING:
     from ._async import AsyncModel, AsyncTokenStream
     from ._config import StreamConfig
-    from ._stream import Token, TokenStream
     from ._context import Completion, Context
     from ._library import system_info
     from ._model import Model
     from ._sampler import SamplerChain
+    from ._stream import Token, TokenStream
 
 
 def __getattr__(name: str) -> Any:

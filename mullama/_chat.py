@@ -14,7 +14,8 @@ from __future__ import annotations
 import datetime
 import functools
 import json
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from ._exceptions import TemplateError
 

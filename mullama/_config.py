@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Sequence
+from typing import Any
 
 from ._exceptions import InvalidConfigError
 
@@ -88,15 +89,15 @@ class StreamConfig:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def with_options(self, **changes: Any) -> "StreamConfig":
+    def with_options(self, **changes: Any) -> StreamConfig:
         """A copy with some fields changed (validated)."""
         unknown = set(changes) - {f.name for f in fields(self)}
         if unknown:
-            raise InvalidConfigError(f"StreamConfig has no field {sorted(unknown)[0]!r}.")
+            raise InvalidConfigError(f"StreamConfig has no field {min(unknown)!r}.")
         return replace(self, **changes)
 
 
-def resolve_config(config: "StreamConfig | int | None", max_tokens: int | None, options: dict) -> StreamConfig:
+def resolve_config(config: StreamConfig | int | None, max_tokens: int | None, options: dict) -> StreamConfig:
     """The config for ``generate_stream(prompt, config, max_tokens=..., **options)``.
 
     ``config`` may be a StreamConfig, None (the defaults), or an int (``generate_stream(prompt, 500)``);

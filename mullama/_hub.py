@@ -20,9 +20,9 @@ import shutil
 import sys
 import time
 import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 from ._exceptions import DownloadError, ModelNotFoundError
 from ._paths import models_dir
@@ -161,7 +161,7 @@ def choose_gguf(repo: str, revision: str = "main") -> str:
             chosen = matches[0]
             break
     else:
-        chosen = sorted(files)[0]
+        chosen = min(files)
     print(f"mullama: {repo} has {len(files)} GGUF files; using {chosen} "
           f"(name one with hf:{repo}:FILE)", file=sys.stderr)
     return chosen
@@ -490,8 +490,14 @@ def _progress(label: str, total: int, done: int, quiet: bool):
             print(f"mullama: downloading {label}, {total / 1e6:.0f} MB", file=sys.stderr, flush=True)
         yield lambda n: None
         return
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                               TransferSpeedColumn)
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
                   TransferSpeedColumn(), TimeRemainingColumn(), transient=False) as progress:

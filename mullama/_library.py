@@ -145,6 +145,16 @@ def _emit(state: dict) -> None:
         log.log(level, "%s", text)
 
 
+def _log_forwarder(ffi: Any):
+    """The function llama.cpp calls with each log fragment (it keeps the partial line)."""
+    state = {"buffer": "", "level": 2}
+
+    def forward(level: int, text: Any, data: Any) -> None:
+        _on_log(level, text, data, ffi, state)
+
+    return forward
+
+
 def _load() -> Library:
     global _log_callback
     ffi, commit, header_sha = _bindings()
@@ -154,7 +164,8 @@ def _load() -> Library:
             errors.append(f"{origin}: {path} does not exist")
             continue
         manifest = _read_manifest(path.parent) or {}
-        if manifest and manifest.get("commit") != commit:
+        if manifest and (manifest.get("commit") != commit
+                         or manifest.get("llama_h_sha256", header_sha) != header_sha):
             raise LibraryError(
                 f"{path} was built from llama.cpp {manifest.get('commit', '?')[:12]}, but these bindings "
                 f"describe {commit[:12]}; rebuild it with `python build_llama.py` or point "
@@ -165,9 +176,7 @@ def _load() -> Library:
         except OSError as exc:
             errors.append(f"{origin}: {path}: {exc}")
             continue
-        state = {"buffer": "", "level": 2}
-        _log_callback = ffi.callback("ggml_log_callback",
-                                     lambda level, text, data: _on_log(level, text, data, ffi, state))
+        _log_callback = ffi.callback("ggml_log_callback", _log_forwarder(ffi))
         lib.llama_log_set(_log_callback, ffi.NULL)
         lib.llama_backend_init()
         atexit.register(_at_exit, ffi, lib)

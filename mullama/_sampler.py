@@ -27,7 +27,7 @@ class SamplerChain(Owned):
         self._lib.llama_sampler_chain_add(self.ptr, sampler)
 
     @classmethod
-    def greedy(cls) -> "SamplerChain":
+    def greedy(cls) -> SamplerChain:
         """Always the most likely token, as upstream does at temperature 0."""
         chain = cls()
         chain._add(chain._lib.llama_sampler_init_greedy())
@@ -36,7 +36,7 @@ class SamplerChain(Owned):
     @classmethod
     def sampling(cls, *, n_vocab: int, temperature: float, top_k: int, top_p: float, min_p: float = 0.0,
                  repeat_penalty: float = 1.0, repeat_last_n: int = 64, frequency_penalty: float = 0.0,
-                 presence_penalty: float = 0.0, seed: int | None = None) -> "SamplerChain":
+                 presence_penalty: float = 0.0, seed: int | None = None) -> SamplerChain:
         """Random sampling in upstream's order: penalties, top-k, top-p, min-p, temperature, dist."""
         chain = cls()
         lib = chain._lib

@@ -20,18 +20,29 @@ import json
 import signal
 import threading
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import (
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from . import _openai
 from ._engine import Engine, EngineRequest, QueueFullError
-from ._exceptions import ContextOverflowError, MullamaError, TemplateError, TokenizeError
+from ._exceptions import (
+    ContextOverflowError,
+    MullamaError,
+    TemplateError,
+    TokenizeError,
+)
 from ._model import Model
 from ._openai import APIError
 

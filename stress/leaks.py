@@ -22,8 +22,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import mullama  # noqa: E402
-from mullama import _hub, _owned  # noqa: E402
+import mullama
+from mullama import _hub, _owned
 
 
 def _malloc_trim():

@@ -22,10 +22,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-import httpx  # noqa: E402
+import httpx
+from mullama_server import MullamaServer
 
-from mullama import _hub  # noqa: E402
-from mullama_server import MullamaServer  # noqa: E402
+from mullama import _hub
 
 MALFORMED = [b"{", b"[]", b'{"messages": 5}', b'{"prompt": ""}', b'{"max_tokens": -1, "prompt": "x"}',
              b'{"prompt": "x", "stop": [1]}', b'{"prompt": "x", "temperature": "hot"}', b"\xff\xfe\x00",

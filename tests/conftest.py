@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import upstream
 
 import mullama
 from mullama import _hub
 from mullama._context import default_threads
-
-import upstream
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ def spawn(*args: str, **kwargs) -> pexpect.spawn:
 
 
 def run(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*PYTHON, *args], capture_output=True, text=True, input=input, timeout=300)
+    return subprocess.run([*PYTHON, *args], capture_output=True, text=True, input=input, timeout=300, check=False)
 
 
 def test_run_streams_before_the_process_ends(model_path):

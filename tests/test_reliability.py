@@ -22,10 +22,9 @@ from mullama import StreamConfig, _hub, _library, _owned
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "stress"))
 
-import leaks  # noqa: E402
-import soak_server  # noqa: E402
-
-from hf_server import HFServer  # noqa: E402
+import leaks
+import soak_server
+from hf_server import HFServer
 
 
 # --- leaks ---------------------------------------------------------------------------
@@ -173,7 +172,7 @@ def final_and_parts(tmp_path):
 
 
 def test_sigkill_mid_download_then_the_next_pull_resumes(slow_hub, tmp_path):
-    server, served = slow_hub
+    _server, served = slow_hub
     served.drop_after, served.drops_left = None, 0
     process = subprocess.Popen([sys.executable, "-c", PULL, NAME], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
@@ -187,27 +186,30 @@ def test_sigkill_mid_download_then_the_next_pull_resumes(slow_hub, tmp_path):
     finals, parts = final_and_parts(tmp_path)
     if not finals:  # killed mid-download (the usual case): nothing under the final name, a partial kept
         assert parts
-    result = subprocess.run([sys.executable, "-c", PULL, NAME], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", PULL, NAME],
+                            capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     path = Path(result.stdout.strip())
     assert _hub._sha256(path) == served.sha256
 
 
 def test_a_full_disk_is_a_clear_error_and_the_partial_file_is_kept(slow_hub, tmp_path):
-    server, served = slow_hub
+    server, _served = slow_hub
     code = ("import resource, signal, sys\n"
             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
             "resource.setrlimit(resource.RLIMIT_FSIZE, (30_000_000, 30_000_000))\n"
             "from mullama import _hub\n"
             "try:\n    _hub.pull(sys.argv[1], quiet=True)\n"
             "except Exception as e:\n    print(type(e).__name__, getattr(e, 'code', ''), e)\n")
-    result = subprocess.run([sys.executable, "-c", code, NAME], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code, NAME],
+                            capture_output=True, text=True, timeout=120, check=False)
     assert result.stdout.startswith("DownloadError DOWNLOAD_ERROR"), result.stdout + result.stderr
     assert "disk space" in result.stdout
     finals, parts = final_and_parts(tmp_path)
     assert finals == [] and parts and parts[0].stat().st_size <= 30_000_000
     # with room again, the same command resumes and verifies
-    result = subprocess.run([sys.executable, "-c", PULL, NAME], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", PULL, NAME],
+                            capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert gets_with_range(server)
 
@@ -217,16 +219,17 @@ def gets_with_range(server) -> bool:
 
 
 def test_a_corrupt_partial_file_is_recovered(slow_hub, tmp_path):
-    server, served = slow_hub
+    _server, served = slow_hub
     served.drop_after, served.drops_left = 25_000_000, _hub.RETRIES
     result = subprocess.run([sys.executable, "-c", PULL, NAME], capture_output=True, text=True, timeout=120,
-                            env=dict(os.environ))
+                            env=dict(os.environ), check=False)
     assert result.returncode != 0 and "resume" in result.stderr
     _, parts = final_and_parts(tmp_path)
     with open(parts[0], "r+b") as handle:  # flip bytes in the kept part
         handle.seek(1000)
         handle.write(b"\xff" * 4096)
-    result = subprocess.run([sys.executable, "-c", PULL, NAME], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", PULL, NAME],
+                            capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert "did not verify" in result.stderr
     path = Path(result.stdout.strip())

@@ -5,12 +5,11 @@ from __future__ import annotations
 import gc
 
 import pytest
+from test_greedy_upstream import PROMPTS
 
 import mullama
 from mullama import StreamConfig
 from mullama._text import TextAssembler
-
-from test_greedy_upstream import PROMPTS
 
 GREEDY = StreamConfig(max_tokens=48, temperature=0)
 

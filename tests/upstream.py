@@ -20,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import build_llama  # noqa: E402
+import build_llama
 
 TOOLS = ("llama-server", "llama-bench", "llama-simple")
 
