@@ -9,8 +9,8 @@ from mullama import Context, Model, MullamaError, StreamConfig
 
 model = Model.load(sys.argv[1] if len(sys.argv) > 1 else "smollm2:135m")
 context = Context(model)
-# A deliberately tight timeout, so that this example shows a STREAM_TIMEOUT.
-config = StreamConfig(max_tokens=2000, timeout_ms=500)
+# A deliberately tight timeout (and no early end), so that this example always shows a STREAM_TIMEOUT.
+config = StreamConfig(max_tokens=2000, timeout_ms=500, ignore_eos=True)
 
 try:
     for token in context.generate_stream("Hello:", config=config):
