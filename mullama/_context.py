@@ -68,7 +68,8 @@ def warm_up(library: Any, ptr: Any, model: Model) -> None:
     tokens = [t for t in (model.bos_token_id, model.eos_token_id) if t >= 0] or [0]
     array = ffi.new("llama_token[]", tokens)
     lib.llama_set_warmup(ptr, True)
-    lib.llama_decode(ptr, lib.llama_batch_get_one(array, len(tokens)))
+    with library.compute.lock:
+        lib.llama_decode(ptr, lib.llama_batch_get_one(array, len(tokens)))
     lib.llama_memory_clear(lib.llama_get_memory(ptr), True)
     lib.llama_synchronize(ptr)
     lib.llama_perf_context_reset(ptr)
@@ -76,24 +77,20 @@ def warm_up(library: Any, ptr: Any, model: Model) -> None:
 
 
 def adopt_context(owner: Owned, library: Any, ptr: Any, model: Model, n_threads: int, n_threads_batch: int,
-                  *, warmup: bool) -> tuple:
-    """Make ``owner`` own the llama context ``ptr``: thread pools attached, freed in a safe order,
-    registered with its model. Returns the thread pools."""
+                  *, warmup: bool) -> None:
+    """Make ``owner`` own the llama context ``ptr``: computing on the shared thread pools,
+    freed before its model, registered with its model."""
     lib = library.lib
-    pools = Context._attach_threadpools(library, ptr, n_threads, n_threads_batch)
+    library.compute.attach(ptr, n_threads, n_threads_batch)
     if warmup:
         warm_up(library, ptr, model)
 
-    def free(context_ptr: Any, _model: Any = model.ptr, _pools: tuple = pools) -> None:
-        # The closure holds the model's pointer object, so the model is freed after us,
-        # and the thread pools only once the context no longer uses them.
+    def free(context_ptr: Any, _model: Any = model.ptr) -> None:
+        # The closure holds the model's pointer object, so the model is freed after us.
         lib.llama_free(context_ptr)
-        for pool in _pools:
-            lib.ggml_threadpool_free(pool)
 
     owner._own(library.ffi, ptr, free)
     model._register(owner)
-    return pools
 
 
 class Context(Owned):
@@ -135,8 +132,8 @@ class Context(Owned):
         if ptr == ffi.NULL:
             raise ContextError(f"llama.cpp could not create a context with n_ctx={params.n_ctx}; "
                                "try a smaller n_ctx (memory) or enable logging for 'mullama.llama_cpp'.")
-        self._pools = adopt_context(self, library, ptr, model, params.n_threads, params.n_threads_batch,
-                                    warmup=warmup)
+        adopt_context(self, library, ptr, model, params.n_threads, params.n_threads_batch, warmup=warmup)
+        self._compute = library.compute
         self._lib, self._model_vocab = lib, model._vocab
         self._memory = lib.llama_get_memory(ptr)
         self.n_ctx = lib.llama_n_ctx(ptr)
@@ -151,29 +148,6 @@ class Context(Owned):
         self._abort = threading.Event()
         self._abort_cb = ffi.callback("ggml_abort_callback", self._should_abort)
         self._generation = 0  # bumped by each generation; an older one then stops
-
-    @staticmethod
-    def _attach_threadpools(library: Any, ptr: Any, n_threads: int, n_threads_batch: int) -> tuple:
-        """Persistent ggml thread pools for this context, as upstream's tools attach them.
-
-        Without them ggml starts and joins its worker threads on every decode. (A build with
-        OpenMP uses OpenMP's threads instead; the pools then stay idle.)
-        """
-        ffi, lib = library.ffi, library.lib
-        params = ffi.new("struct ggml_threadpool_params *", lib.ggml_threadpool_params_default(n_threads))
-        pool = lib.ggml_threadpool_new(params)
-        if pool == ffi.NULL:
-            return ()
-        pools = [pool]
-        batch_pool = ffi.NULL
-        if n_threads_batch != n_threads:
-            batch_params = ffi.new("struct ggml_threadpool_params *",
-                                   lib.ggml_threadpool_params_default(n_threads_batch))
-            batch_pool = lib.ggml_threadpool_new(batch_params)
-            if batch_pool != ffi.NULL:
-                pools.append(batch_pool)
-        lib.llama_attach_threadpool(ptr, pool, batch_pool)
-        return tuple(pools)
 
     # --- KV cache ---------------------------------------------------------------
     @property
@@ -210,8 +184,12 @@ class Context(Owned):
     def decode(self, tokens: list[int]) -> None:
         """Append ``tokens`` to the cache (logits of the last one are kept for sampling)."""
         self.model._check_tokens(list(tokens))
-        with self._use():
-            self._decode(list(tokens))
+        self._compute.begin()
+        try:
+            with self._use():
+                self._decode(list(tokens))
+        finally:
+            self._compute.end()
 
     def _decode(self, tokens: list[int], deadline: float | None = None) -> None:
         if not tokens:
@@ -230,7 +208,8 @@ class Context(Owned):
             for start in range(0, len(tokens), self.n_batch):
                 chunk = tokens[start:start + self.n_batch]
                 array = ffi.new("llama_token[]", chunk)
-                rc = lib.llama_decode(ptr, lib.llama_batch_get_one(array, len(chunk)))
+                with self._compute.lock:
+                    rc = lib.llama_decode(ptr, lib.llama_batch_get_one(array, len(chunk)))
                 if rc != _DECODE_OK:
                     self._decode_failed(rc, len(self._tokens))
                 self._tokens.extend(chunk)
@@ -290,16 +269,17 @@ class Context(Owned):
         stats = stats if stats is not None else {}
         stats.update(prompt_tokens=len(prompt_tokens), cached_tokens=0, finish_reason=None)
         _positive("max_tokens", max_tokens, allow_none=False)
-        with self._use():
-            self._generation += 1
-            generation = self._generation
-            start = time.perf_counter()
-            stats["cached_tokens"] = self._prepare_prompt(prompt_tokens, deadline)
-            stats["prompt_seconds"] = time.perf_counter() - start
+        self._compute.begin()
         try:
+            with self._use():
+                self._generation += 1
+                generation = self._generation
+                start = time.perf_counter()
+                stats["cached_tokens"] = self._prepare_prompt(prompt_tokens, deadline)
+                stats["prompt_seconds"] = time.perf_counter() - start
             yield from self._token_loop(generation, sampler, max_tokens, deadline, stats, ignore_eos)
         finally:
-            self._idle()
+            self._compute.end()
 
     def _enter_step(self, generation: int | None = None) -> None:
         """Take the context for one step (of ``generation``, when given); release ``_guard`` after it.
@@ -316,16 +296,11 @@ class Context(Owned):
             raise ContextError("another generation started on this Context, which ends this one; "
                                "use one Context per concurrent stream.")
 
-    def _idle(self) -> None:
-        """Let the thread pools sleep now: idle ggml workers otherwise spin for a long while."""
-        if self._ptr is not None:
-            for pool in self._pools:
-                self._lib.ggml_threadpool_pause(pool)
-
     def _token_loop(self, generation: int, sampler: SamplerChain, max_tokens: int, deadline: float | None,
                     stats: dict, ignore_eos: bool) -> Iterator[int]:
         lib, ptr, smpl, vocab = self._lib, self.ptr, sampler.ptr, self._model_vocab
         buf, batch, tokens, guard, n_ctx = self._token_buf, self._one_token_batch, self._tokens, self._guard, self.n_ctx
+        compute = self._compute.lock
         produced = 0
         while True:
             self._enter_step(generation)
@@ -347,7 +322,8 @@ class Context(Owned):
             self._enter_step(generation)
             try:
                 buf[0] = token
-                rc = lib.llama_decode(ptr, batch)
+                with compute:
+                    rc = lib.llama_decode(ptr, batch)
                 if rc != _DECODE_OK:
                     self._decode_failed(rc, len(tokens))
                 tokens.append(token)

@@ -138,7 +138,8 @@ class Engine(Owned):
         if ptr == ffi.NULL:
             raise ContextError(f"llama.cpp could not create a context of {params.n_ctx} tokens for "
                                f"{parallel} sequences; lower --ctx-size or --parallel.")
-        self._pools = adopt_context(self, library, ptr, model, threads, threads, warmup=True)
+        adopt_context(self, library, ptr, model, threads, threads, warmup=True)
+        self._compute = library.compute
         self._lib = lib
         self._memory = lib.llama_get_memory(ptr)
         self.n_ctx = lib.llama_n_ctx(ptr)
@@ -210,6 +211,7 @@ class Engine(Owned):
 
     # --- the engine thread -------------------------------------------------------------
     def _run(self) -> None:
+        computing = False  # inside a compute.begin()/end() stretch
         try:
             while True:
                 self._wake.clear()  # before looking for work: a later set() is never missed
@@ -218,15 +220,23 @@ class Engine(Owned):
                     idle = all(s.request is None for s in self._slots)
                     if idle and self._stopping and not self._waiting:
                         return
-                if not self._step():
-                    for pool in self._pools:
-                        self._lib.ggml_threadpool_pause(pool)
-                    self._wake.wait(0.05)
+                if self._step():
+                    if not computing:
+                        computing = True
+                        self._compute.begin()
+                    continue
+                if computing:  # idle now: let the thread pools sleep
+                    computing = False
+                    self._compute.end()
+                self._wake.wait(0.05)
         except BaseException as exc:  # the engine must never die silently
             for slot in self._slots:
                 if slot.request is not None:
                     self._fail(slot, StreamingError(f"the engine failed: {exc}"))
             raise
+        finally:
+            if computing:
+                self._compute.end()
 
     def _admit(self) -> None:
         """Move waiting requests into free slots, choosing the slot whose cache shares the most."""
@@ -301,7 +311,8 @@ class Engine(Owned):
             return False
         batch.n_tokens = n
         started = time.perf_counter()
-        rc = lib.llama_decode(self.ptr, batch)
+        with self._compute.lock:
+            rc = lib.llama_decode(self.ptr, batch)
         self.stats["decode_seconds"] += time.perf_counter() - started
         self.stats["decode_steps"] += 1
         if rc != 0:

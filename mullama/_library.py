@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ._compute import Compute
 from ._exceptions import LibraryError
 from ._paths import llama_cache_dir
 
@@ -37,12 +38,14 @@ log.addHandler(logging.NullHandler())
 
 @dataclass(frozen=True)
 class Library:
-    """The loaded library: ``ffi`` for types and memory, ``lib`` for the C functions."""
+    """The loaded library: ``ffi`` for types and memory, ``lib`` for the C functions,
+    ``compute`` for the thread pools and the lock that decodes share."""
 
     ffi: Any
     lib: Any
     path: Path
     manifest: dict
+    compute: Compute
 
 
 _lock = threading.Lock()
@@ -179,8 +182,9 @@ def _load() -> Library:
         _log_callback = ffi.callback("ggml_log_callback", _log_forwarder(ffi))
         lib.llama_log_set(_log_callback, ffi.NULL)
         lib.llama_backend_init()
-        atexit.register(_at_exit, ffi, lib)
-        return Library(ffi, lib, path, manifest)
+        compute = Compute(ffi, lib)
+        atexit.register(_at_exit, ffi, lib, compute)
+        return Library(ffi, lib, path, manifest, compute)
     raise LibraryError(
         "cannot find libllama:\n  " + "\n  ".join(errors)
         + "\nBuild it with `python build_llama.py` (from a mullama source checkout), install a mullama "
@@ -189,11 +193,12 @@ def _load() -> Library:
     )
 
 
-def _at_exit(ffi: Any, lib: Any) -> None:
+def _at_exit(ffi: Any, lib: Any, compute: Compute) -> None:
     """Free what is still open while the log callback exists, then detach the callback."""
     from ._owned import close_all
 
     close_all()
+    compute.close()
     lib.llama_log_set(ffi.NULL, ffi.NULL)
 
 

@@ -87,6 +87,42 @@ def test_one_model_four_threads_each_with_a_context(model):
     assert [results[i] for i in range(4)] == expected
 
 
+def test_contexts_share_the_compute_threads(model):
+    """Contexts compute on the process's shared ggml pool: no OS threads per context."""
+    def os_threads():
+        return len(os.listdir("/proc/self/task"))
+
+    with mullama.Context(model, n_ctx=256) as first:
+        first.generate("Hi", max_tokens=2)
+        before = os_threads()
+        contexts = [mullama.Context(model, n_ctx=256) for _ in range(6)]
+        for ctx in contexts:
+            assert ctx.generate("Hi", max_tokens=2).token_ids
+        assert os_threads() == before
+        for ctx in contexts:
+            ctx.close()
+
+
+def test_concurrent_streams_take_turns_and_stay_exact(model):
+    """Three threads stream at once on their own contexts; each gets what it gets alone."""
+    prompts = ["The sky is", "def add(a, b):", "Once upon a time"]
+    with mullama.Context(model, n_ctx=512) as ctx:
+        expected = [ctx.generate(p, max_tokens=48, temperature=0, ignore_eos=True).token_ids for p in prompts]
+    results: dict[int, list[int]] = {}
+
+    def work(i):
+        with mullama.Context(model, n_ctx=512) as mine:
+            results[i] = [t.id for t in mine.generate_stream(prompts[i], max_tokens=48, temperature=0,
+                                                              ignore_eos=True, timeout_ms=60_000)]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert [results.get(i) for i in range(3)] == expected
+
+
 def test_closing_a_model_while_a_stream_runs_is_refused(model_path):
     model = mullama.Model.load(model_path)
     ctx = mullama.Context(model, n_ctx=512)
