@@ -305,7 +305,8 @@ class Context(Owned):
         while True:
             self._enter_step(generation)
             try:
-                token = lib.llama_sampler_sample(smpl, ptr, -1)
+                with compute:  # sampling takes the cores too: not beside another context's decode
+                    token = lib.llama_sampler_sample(smpl, ptr, -1)
             finally:
                 guard.release()
             produced += 1
