@@ -29,7 +29,9 @@ class Compute:
 
     def __init__(self, ffi: Any, lib: Any) -> None:
         self._ffi, self._lib = ffi, lib
-        self.lock = threading.Lock()
+        # Reentrant: a generator finalised by the garbage collector inside a ``with lock`` block
+        # of the same thread runs end(), which takes the lock too.
+        self.lock = threading.RLock()
         self._state = threading.Lock()  # guards the fields below; taken before ``lock``, never after
         self._pools: dict[int, Any] = {}
         self._users = 0
