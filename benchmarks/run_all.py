@@ -23,6 +23,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+
+import bench_stream  # its report rows
 
 
 def machine() -> str:
@@ -43,29 +46,6 @@ def run(script: str, *args: str) -> dict:
         return json.loads(Path(out.name).read_text())
 
 
-def stream_rows(s: dict) -> list[tuple[str, str, str, str, str]]:
-    rows = [
-        ("decode tokens/s, sync stream", f"{s['sync_tg']:.1f}", f"llama-bench tg {s['upstream_tg']:.1f}",
-         f"{s['sync_tg'] / s['upstream_tg']:.3f}", "≥ 0.98"),
-        ("decode tokens/s, async stream", f"{s['async_tg']:.1f}", f"llama-bench tg {s['upstream_tg']:.1f}",
-         f"{s['async_tg'] / s['upstream_tg']:.3f}", "≥ 0.98"),
-        ("async / sync throughput", f"{s['async_tg']:.1f}", f"sync {s['sync_tg']:.1f}",
-         f"{s['async_tg'] / s['sync_tg']:.3f}", "≥ 0.98"),
-        ("time to first token, 5-token prompt, fresh context (ms)", f"{s['ttft_fresh_ms']:.2f}",
-         f"llama-bench pp5 {s['upstream_pp5_ms']:.2f}", f"{s['ttft_fresh_ms'] / s['upstream_pp5_ms']:.3f}", "≤ 1.05"),
-        ("same prompt again on the same context (ms)", f"{s['ttft_again_ms']:.2f}",
-         f"one decode step {1000 / s['upstream_tg']:.2f}", f"{s['ttft_again_ms'] * s['upstream_tg'] / 1000:.3f}",
-         "≤ 1 step"),
-        ("Python time per token beside the C calls (µs)", f"{s['python_overhead_us']:.1f}", "—", "—", "≤ 50"),
-        ("RSS growth, slow consumer, 1000 tokens (MB)", f"{s['rss_growth_mb']:.2f}", "—", "—", "≤ 5"),
-    ]
-    peer = s.get("llama_cpp_python")
-    if peer:
-        rows.append(("llama-cpp-python decode tokens/s", f"{peer['tg']:.1f}", f"llama-bench tg {s['upstream_tg']:.1f}",
-                     f"{peer['tg'] / s['upstream_tg']:.3f}", "(peer)"))
-    return rows
-
-
 def write_report(stream: dict, server: dict, quick: bool) -> tuple[Path, Path]:
     RESULTS.mkdir(exist_ok=True)
     stamp = datetime.date.today().isoformat()
@@ -76,7 +56,7 @@ def write_report(stream: dict, server: dict, quick: bool) -> tuple[Path, Path]:
               "session as mullama."), "",
              "## Streaming (benchmarks/bench_stream.py)", "",
              "| measure | mullama | upstream / reference | ratio | goal |", "| --- | ---: | ---: | ---: | --- |"]
-    lines += [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in stream_rows(stream)]
+    lines += [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in bench_stream.table_rows(stream)]
     if not stream.get("llama_cpp_python"):
         lines += ["", "llama-cpp-python was not installed: not measured."]
     lines += ["", (f"## Server (benchmarks/bench_server.py): {server['parallel']} slots, {server['tokens']} tokens "
