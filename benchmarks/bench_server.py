@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--ctx-size", type=int, default=1024, help="context tokens per stream")
     parser.add_argument("--threads", type=int, default=default_threads())
-    parser.add_argument("--reps", type=int, default=3, help="rounds; each figure is the median (default 3)")
+    parser.add_argument("--reps", type=int, default=5, help="rounds; each figure is the median (default 5)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
     counts = [int(c) for c in args.clients.split(",")]

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions: a few minutes")
     args = parser.parse_args(argv)
     stream_args = ["--reps", "3"] if args.quick else ["--reps", "7"]
-    server_args = ["--clients", "1,4,8", "--tokens", "128", "--reps", "1" if args.quick else "3"]
+    server_args = ["--clients", "1,4,8", "--tokens", "128", "--reps", "1" if args.quick else "5"]
     stream = run("bench_stream.py", *stream_args)
     server = run("bench_server.py", *server_args)
     report, plot = write_report(stream, server, args.quick)
