@@ -293,7 +293,11 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # `mullama run Why -n 20 is the sky blue`: words after an option are still the prompt
+        if args.command != "run" or any(word.startswith("-") for word in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.words += extra
     if args.command is None:
         parser.print_help()
         return 2

@@ -40,6 +40,18 @@ def test_run_json_and_piped_stdin(model_path):
     assert data["text"] and data["completion_tokens"] <= 12 and data["tokens_per_second"] > 0
 
 
+def test_run_prompt_words_around_options(model_path):
+    """Options may sit between the words of the prompt, as with `mullama run Why -n 8 is the sky blue`."""
+    split = run("run", str(model_path), "Why", "-n", "8", "-t", "0", "is", "the", "sky", "blue?", "--json")
+    whole = run("run", str(model_path), "-n", "8", "-t", "0", "--json", "Why is the sky blue?")
+    assert split.returncode == 0 and whole.returncode == 0, split.stderr + whole.stderr
+    split_data, whole_data = json.loads(split.stdout), json.loads(whole.stdout)
+    assert split_data["prompt_tokens"] == whole_data["prompt_tokens"]
+    assert split_data["text"] == whole_data["text"] and split_data["text"]
+    unknown = run("run", "hi", "--no-such-option", "there")
+    assert unknown.returncode == 2 and "--no-such-option" in unknown.stderr
+
+
 def test_one_line_errors_and_exit_codes():
     bad_arg = run("run", "--max-tokens", "many", "hi")
     assert bad_arg.returncode == 2 and len(bad_arg.stderr.strip().splitlines()) == 1
