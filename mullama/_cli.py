@@ -192,9 +192,11 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
+    from ._context import default_threads
     from ._library import system_info
 
     info = system_info()
+    info["default_threads"] = default_threads()
     if args.json:
         print(json.dumps(info, indent=2))
     else:
