@@ -14,17 +14,20 @@ at full speed and the aggregate equal to one stream's.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 __all__ = ["Compute"]
 
 
 class Compute:
-    """The process's thread pools and the lock every ``llama_decode`` is called under.
+    """The process's thread pools and the lock that decodes and samplers run under.
 
-    ``lock`` is taken around each decode. ``begin()``/``end()`` bracket a stretch of
-    decoding (a generation, an engine's busy spell); when the last one ends the pools
-    are paused, so idle workers sleep instead of spinning.
+    ``lock`` is taken around each ``llama_decode`` and ``llama_sampler_sample`` (sampling
+    takes a core too). ``begin()``/``end()``, or ``with busy():``, bracket a stretch of
+    decoding (a generation, an engine's busy spell); when the last one ends the pools are
+    paused, so idle workers sleep instead of spinning.
     """
 
     def __init__(self, ffi: Any, lib: Any) -> None:
@@ -63,6 +66,15 @@ class Compute:
         """A stretch of decoding starts."""
         with self._state:
             self._users += 1
+
+    @contextmanager
+    def busy(self) -> Iterator[None]:
+        """``begin()`` now, ``end()`` when the block is left, however it is left."""
+        self.begin()
+        try:
+            yield
+        finally:
+            self.end()
 
     def end(self) -> None:
         """A stretch of decoding ended; pause the pools when nobody else decodes."""

@@ -184,12 +184,8 @@ class Context(Owned):
     def decode(self, tokens: list[int]) -> None:
         """Append ``tokens`` to the cache (logits of the last one are kept for sampling)."""
         self.model._check_tokens(list(tokens))
-        self._compute.begin()
-        try:
-            with self._use():
-                self._decode(list(tokens))
-        finally:
-            self._compute.end()
+        with self._compute.busy(), self._use():
+            self._decode(list(tokens))
 
     def _decode(self, tokens: list[int], deadline: float | None = None) -> None:
         if not tokens:
@@ -269,8 +265,7 @@ class Context(Owned):
         stats = stats if stats is not None else {}
         stats.update(prompt_tokens=len(prompt_tokens), cached_tokens=0, finish_reason=None)
         _positive("max_tokens", max_tokens, allow_none=False)
-        self._compute.begin()
-        try:
+        with self._compute.busy():
             with self._use():
                 self._generation += 1
                 generation = self._generation
@@ -278,8 +273,6 @@ class Context(Owned):
                 stats["cached_tokens"] = self._prepare_prompt(prompt_tokens, deadline)
                 stats["prompt_seconds"] = time.perf_counter() - start
             yield from self._token_loop(generation, sampler, max_tokens, deadline, stats, ignore_eos)
-        finally:
-            self._compute.end()
 
     def _enter_step(self, generation: int | None = None) -> None:
         """Take the context for one step (of ``generation``, when given); release ``_guard`` after it.

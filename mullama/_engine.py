@@ -335,7 +335,8 @@ class Engine(Owned):
     def _sample(self, slot: _Slot) -> None:
         request = slot.request
         lib = self._lib
-        token = lib.llama_sampler_sample(slot.sampler.ptr, self.ptr, slot.batch_row)
+        with self._compute.lock:
+            token = lib.llama_sampler_sample(slot.sampler.ptr, self.ptr, slot.batch_row)
         if request.first_token_at is None:
             request.first_token_at = time.perf_counter()
         request.completion_tokens += 1
