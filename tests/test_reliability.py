@@ -17,13 +17,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mullama
-from mullama import StreamConfig, _hub, _library, _owned
+from mullama import StreamConfig, _download, _library, _owned
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "stress"))
 
 import leaks
 import soak_server
+from concurrently import run_in_threads
 from hf_server import HFServer
 
 
@@ -68,22 +69,14 @@ def test_one_model_four_threads_each_with_a_context(model):
     with mullama.Context(model, n_ctx=512) as ctx:
         expected = [ctx.generate(p, max_tokens=24).token_ids for p in prompts]
     results: dict[int, list[int]] = {}
-    errors: list[BaseException] = []
 
     def work(i):
-        try:
-            with mullama.Context(model, n_ctx=512, n_threads=1) as mine:
-                for _ in range(3):
-                    results[i] = [t.id for t in mine.generate_stream(prompts[i], max_tokens=24, temperature=0)]
-        except BaseException as exc:
-            errors.append(exc)
+        with mullama.Context(model, n_ctx=512, n_threads=1) as mine:
+            for _ in range(3):
+                results[i] = [t.id for t in mine.generate_stream(prompts[i], max_tokens=24, temperature=0)]
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    assert not errors
+    errors = run_in_threads(work, 4)
+    assert not errors, errors
     assert [results[i] for i in range(4)] == expected
 
 
@@ -115,11 +108,8 @@ def test_concurrent_streams_take_turns_and_stay_exact(model):
             results[i] = [t.id for t in mine.generate_stream(prompts[i], max_tokens=48, temperature=0,
                                                               ignore_eos=True, timeout_ms=60_000)]
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    errors = run_in_threads(work, 3, timeout=120)
+    assert not errors, errors
     assert [results.get(i) for i in range(3)] == expected
 
 
@@ -226,7 +216,7 @@ def test_sigkill_mid_download_then_the_next_pull_resumes(slow_hub, tmp_path):
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     path = Path(result.stdout.strip())
-    assert _hub._sha256(path) == served.sha256
+    assert _download.sha256_file(path) == served.sha256
 
 
 def test_a_full_disk_is_a_clear_error_and_the_partial_file_is_kept(slow_hub, tmp_path):
@@ -256,7 +246,7 @@ def gets_with_range(server) -> bool:
 
 def test_a_corrupt_partial_file_is_recovered(slow_hub, tmp_path):
     _server, served = slow_hub
-    served.drop_after, served.drops_left = 25_000_000, _hub.RETRIES
+    served.drop_after, served.drops_left = 25_000_000, _download.RETRIES
     result = subprocess.run([sys.executable, "-c", PULL, NAME], capture_output=True, text=True, timeout=120,
                             env=dict(os.environ), check=False)
     assert result.returncode != 0 and "resume" in result.stderr
@@ -269,6 +259,6 @@ def test_a_corrupt_partial_file_is_recovered(slow_hub, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "did not verify" in result.stderr
     path = Path(result.stdout.strip())
-    assert _hub._sha256(path) == served.sha256
+    assert _download.sha256_file(path) == served.sha256
     finals, parts = final_and_parts(tmp_path)
     assert len(finals) == 1 and parts == []

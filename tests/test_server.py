@@ -15,6 +15,7 @@ import time
 import httpx
 import openai
 import pytest
+from concurrently import run_in_threads
 from mullama_server import MullamaServer
 
 CHATS = [
@@ -108,26 +109,18 @@ def test_eight_concurrent_streams_with_four_slots(server, client, model_path):
     prompts = [f"Write a long story about {topic}:" for topic in
                ("a dragon", "the sea", "a robot", "a city", "a forest", "a ship", "a star", "a cat")]
     results: dict[int, str] = {}
-    errors: list[BaseException] = []
 
     def run(i):
-        try:
-            stream = client.completions.create(model="m", prompt=prompts[i], max_tokens=48, temperature=0,
-                                               stream=True, extra_body={"ignore_eos": True})
-            texts, finish = [], None
-            for c in stream:
-                texts.append(c.choices[0].text)
-                finish = c.choices[0].finish_reason or finish
-            assert finish == "length"
-            results[i] = "".join(texts)
-        except BaseException as exc:
-            errors.append(exc)
+        stream = client.completions.create(model="m", prompt=prompts[i], max_tokens=48, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True})
+        texts, finish = [], None
+        for c in stream:
+            texts.append(c.choices[0].text)
+            finish = c.choices[0].finish_reason or finish
+        assert finish == "length"
+        results[i] = "".join(texts)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
+    errors = run_in_threads(run, 8)
     assert not errors, errors
     assert len(results) == 8
     # each the requested length (48 tokens), and compared with a lone greedy run of the same prompt
