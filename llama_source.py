@@ -24,7 +24,7 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parent))  # after site-packages: an installed mullama wins
 from mullama._paths import llama_cache_dir
 
 # --- the pin: one place -------------------------------------------------------
@@ -198,7 +198,7 @@ def ensure_source(source: str | os.PathLike | None = None) -> Path:
             return cached
         except BuildError as exc:
             failures.append(f"{label}: {exc}")
-        except Exception as exc:  # network, disk, archive errors: try the next source
+        except Exception as exc:  # noqa: BLE001 (network, disk, archive errors: try the next source)
             failures.append(f"{label}: {type(exc).__name__}: {exc}")
         finally:
             shutil.rmtree(staging, ignore_errors=True)

@@ -3,8 +3,9 @@
 
 In one run, on the same model, threads and per-stream context: 1, 4 and 8 concurrent
 streaming clients of 128 tokens each (``ignore_eos``, greedy), against each server in
-turn, both servers up, rounds interleaved (medians reported). Reports aggregate tokens/s, per-stream tokens/s, time to first token (median and
-p95) and whether every stream completed, with the ratio mullama / llama-server.
+turn, both servers up, rounds interleaved (medians reported). Reports aggregate tokens/s,
+per-stream tokens/s, time to first token (median and p95) and whether every stream
+completed, with the ratio mullama / llama-server.
 
     python benchmarks/bench_server.py [--parallel 4] [--clients 1,4,8] [--tokens 128] [--json FILE]
 """
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.append(str(REPO))  # build_llama, tests helpers; an installed mullama wins over the source tree
 sys.path.insert(0, str(REPO / "tests"))
 
 import httpx

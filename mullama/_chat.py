@@ -17,11 +17,13 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ._exceptions import TemplateError
+from ._exceptions import InvalidConfigError, TemplateError
 
 __all__ = ["normalize_messages", "render_chat_template"]
 
 MAX_OUTPUT_CHARS = 10_000_000
+# The roles OpenAI's chat API accepts ("developer" is its newer name for "system").
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
 
 def _raise_exception(message: str) -> None:
@@ -79,6 +81,9 @@ def normalize_messages(messages: Any) -> list[dict]:
         role = message.get("role")
         if not isinstance(role, str) or not role:
             raise TemplateError(f"messages[{index}] needs a 'role' string such as 'user'.")
+        if role not in ROLES:
+            raise InvalidConfigError(f"messages[{index}] has the unknown role {role!r}; use one of "
+                                     f"{', '.join(sorted(ROLES))}.")
         copy = dict(message)
         copy["content"] = _content_text(message.get("content"), index)
         result.append(copy)
@@ -113,7 +118,7 @@ def render_chat_template(source: str, messages: Any, *, add_generation_prompt: b
         raise
     except jinja2.exceptions.SecurityError as exc:
         raise TemplateError(f"the chat template tried something unsafe and was stopped: {exc}") from None
-    except Exception as exc:  # a template is untrusted code: every failure is reported the same way
+    except Exception as exc:  # noqa: BLE001 (a template is untrusted code: every failure is reported alike)
         raise TemplateError(f"the chat template failed: {type(exc).__name__}: {exc}") from None
     if strip_bos and bos_token and text.startswith(bos_token):
         text = text[len(bos_token):]

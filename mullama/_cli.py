@@ -7,9 +7,10 @@ import json
 import logging
 import re
 import sys
+from typing import NoReturn
 
 from . import __version__
-from ._exceptions import MullamaError
+from ._exceptions import InvalidConfigError, MullamaError
 
 EXAMPLES = """examples:
   mullama run "Why is the sky blue?"            stream a reply from the default model
@@ -47,7 +48,7 @@ def _run(args: argparse.Namespace) -> int:
     if not prompt and not sys.stdin.isatty():
         prompt = sys.stdin.read()
     if not prompt.strip():
-        raise MullamaError("no prompt: give one as arguments or on standard input.", code="INVALID_CONFIG")
+        raise InvalidConfigError("no prompt: give one as arguments or on standard input.")
     config = StreamConfig(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
                           stop_sequences=args.stop or [], timeout_ms=None)
     with Model.load(model_name or DEFAULT_MODEL) as model, Context(model, n_ctx=args.ctx_size) as context:
@@ -147,8 +148,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         from ._server import serve
     except ImportError as exc:
-        raise MullamaError(f"`mullama serve` needs the server extra ({exc.name} is missing): "
-                           "pip install 'mullama[server]'.", code="INVALID_CONFIG") from None
+        raise InvalidConfigError(f"`mullama serve` needs the server extra ({exc.name} is missing): "
+                           "pip install 'mullama[server]'.") from None
     from ._hub import DEFAULT_MODEL
 
     return serve(args.model or DEFAULT_MODEL, host=args.host, port=args.port, parallel=args.parallel,
@@ -208,7 +209,7 @@ def _info(args: argparse.Namespace) -> int:
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (and exit code 2)."""
 
-    def error(self, message: str) -> None:
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
@@ -245,7 +246,8 @@ def make_parser() -> argparse.ArgumentParser:
     chat.set_defaults(handler=_chat)
 
     pull = commands.add_parser("pull", help="download a model into the cache (verified)")
-    pull.add_argument("name", help="a model name (smollm2:135m, qwen2.5:0.5b, llama3.2:1b, ...) or hf:owner/repo[:file]")
+    pull.add_argument("name", help="a model name (smollm2:135m, gemma3:270m, qwen2.5:0.5b, ...) "
+                                   "or hf:owner/repo[:file]")
     pull.add_argument("--force", action="store_true", help="download again even if cached")
     pull.set_defaults(handler=_pull)
 

@@ -133,7 +133,7 @@ def _on_log(level: int, text: Any, _user_data: Any, ffi: Any, state: dict) -> No
             state["buffer"] = message
         if state["buffer"].endswith("\n"):
             _emit(state)
-    except Exception:  # never let a logging problem reach C
+    except Exception:  # noqa: BLE001, S110 (never let a logging problem reach C)
         pass
 
 
@@ -194,11 +194,15 @@ def _load() -> Library:
 
 
 def _at_exit(ffi: Any, lib: Any, compute: Compute) -> None:
-    """Free what is still open while the log callback exists, then detach the callback."""
+    """Free what is still open while the log callback exists, then detach the callback.
+
+    Objects another thread is still using are left alone (see close_all), and so are the thread
+    pools then: a daemon thread may go on decoding while the interpreter shuts down."""
     from ._owned import close_all
 
-    close_all()
-    compute.close()
+    left_open = close_all()
+    if not left_open:
+        compute.close()
     lib.llama_log_set(ffi.NULL, ffi.NULL)
 
 

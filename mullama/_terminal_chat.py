@@ -44,7 +44,7 @@ class TerminalChat:
         self.model_name = model_name
         self.last: dict[str, Any] = {}
         self.totals = {"replies": 0, "tokens": 0}
-        self._history_file = None
+        self._history_file: Path | None = None
         self.transcript: list[Any] = []  # what the screen showed, for --record
 
     # --- the loop -------------------------------------------------------------------
@@ -94,7 +94,6 @@ class TerminalChat:
             readline.set_history_length(1000)
         except (ImportError, OSError):
             self._history_file = None
-        self.transcript: list[Any] = []  # what the screen showed, for --record
 
     def _save_history(self) -> None:
         if self._history_file is None:

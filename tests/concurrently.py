@@ -17,7 +17,7 @@ def run_in_threads(work: Callable[[int], object], count: int, *, timeout: float 
     def guarded(i: int) -> None:
         try:
             work(i)
-        except BaseException as exc:  # reported to the test, which asserts on the list
+        except BaseException as exc:  # noqa: BLE001 (reported to the test, which asserts on the list)
             errors.append(exc)
 
     threads = [threading.Thread(target=guarded, args=(i,)) for i in range(count)]

@@ -64,7 +64,7 @@ asyncio.run(main())
 
 def blocks() -> list[tuple[str, int, str]]:
     found = []
-    for path in sorted((REPO / "docs").glob("*.md")) + [REPO / "README.md"]:
+    for path in [*sorted((REPO / "docs").glob("*.md")), REPO / "README.md"]:
         for i, match in enumerate(BLOCK.finditer(path.read_text())):
             found.append((path.name, i, match.group(1)))
     return found

@@ -248,7 +248,7 @@ def test_hundreds_of_malformed_requests_get_only_4xx(server):
     rng = random.Random(7)
     with httpx.Client(timeout=30) as http:
         statuses = []
-        for round_ in range(4):
+        for _round in range(4):
             for kind, body, content_type in cases:
                 path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
                 data = body if isinstance(body, str) else json.dumps(body)

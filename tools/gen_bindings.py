@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if args.check:
             drift = True
-            diff = difflib.unified_diff(current.splitlines(), text.splitlines(), str(target), "regenerated", lineterm="", n=1)
+            diff = difflib.unified_diff(current.splitlines(), text.splitlines(), str(target), "regenerated",
+                                        lineterm="", n=1)
             print("\n".join(list(diff)[:40]))
         else:
             out.mkdir(parents=True, exist_ok=True)
