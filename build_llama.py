@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # --- the pin, the source, and status output live in llama_source.py -------------
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parent))  # after site-packages: an installed mullama wins
 from llama_source import (  # the one place of the pin
     CONSOLE,
     LLAMA_CPP_COMMIT,

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.append(str(REPO))  # build_llama, tests helpers; an installed mullama wins over the source tree
 
 import build_llama
 import mullama

@@ -18,12 +18,15 @@ from ._exceptions import (
     ContextError,
     ContextOverflowError,
     DownloadError,
+    EngineError,
     InvalidConfigError,
     LibraryError,
     ModelLoadError,
     ModelNotFoundError,
     MullamaError,
+    QueueFullError,
     StreamingError,
+    StreamTimeoutError,
     TemplateError,
     TokenizeError,
 )
@@ -39,14 +42,17 @@ __all__ = [
     "ContextError",
     "ContextOverflowError",
     "DownloadError",
+    "EngineError",
     "InvalidConfigError",
     "LibraryError",
     "Model",
     "ModelLoadError",
     "ModelNotFoundError",
     "MullamaError",
+    "QueueFullError",
     "SamplerChain",
     "StreamConfig",
+    "StreamTimeoutError",
     "StreamingError",
     "TemplateError",
     "Token",
@@ -61,7 +67,7 @@ _LAZY = {
     "AsyncModel": "._async",
     "AsyncTokenStream": "._async",
     "StreamConfig": "._config",
-    "Token": "._stream",
+    "Token": "._sequence",
     "TokenStream": "._stream",
     "Model": "._model",
     "Context": "._context",
@@ -77,7 +83,8 @@ if TYPE_CHECKING:
     from ._library import system_info
     from ._model import Model
     from ._sampler import SamplerChain
-    from ._stream import Token, TokenStream
+    from ._sequence import Token
+    from ._stream import TokenStream
 
 
 def __getattr__(name: str) -> Any:
@@ -95,8 +102,8 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
-for _name in ("ClosedError", "ContextError", "ContextOverflowError", "DownloadError", "InvalidConfigError",
-              "LibraryError", "ModelLoadError", "ModelNotFoundError", "MullamaError", "StreamingError",
-              "TemplateError", "TokenizeError"):
+for _name in ("ClosedError", "ContextError", "ContextOverflowError", "DownloadError", "EngineError",
+              "InvalidConfigError", "LibraryError", "ModelLoadError", "ModelNotFoundError", "MullamaError",
+              "QueueFullError", "StreamTimeoutError", "StreamingError", "TemplateError", "TokenizeError"):
     globals()[_name].__module__ = "mullama"
 del _name

@@ -1,11 +1,13 @@
-"""asyncio streaming: a producer thread per stream, a bounded queue, an event loop never blocked.
+"""asyncio streaming over the batching engine: concurrent streams decode together.
 
-The producer thread runs the ordinary TokenStream and puts each token into a
-``queue.Queue(maxsize=buffer_size)``; when the consumer is slower, the queue fills
-and the producer waits, so memory stays bounded. The consumer awaits tokens without
-blocking the event loop: the producer wakes it with ``call_soon_threadsafe``.
-Cancelling the consuming task, ``aclose()``, or leaving ``async with`` stops the
-producer within one token and joins its thread.
+An :class:`AsyncModel` owns one :class:`~mullama._engine.Engine` (created off the event
+loop): every async stream of the model is a sequence in it, so N concurrent streams
+share each ``llama_decode`` instead of taking turns. Each stream still hands its tokens
+through its own ``queue.Queue(maxsize=buffer_size)``: a slow consumer pauses only its
+own sequence, and memory stays bounded. The event loop never runs a template, a
+tokeniser or a decode. Cancelling the consuming task, ``aclose()``, leaving
+``async with``, breaking out of ``async for`` or dropping the stream ends its sequence
+at the engine's next step; no thread is left behind, because no stream has one.
 """
 
 from __future__ import annotations
@@ -14,85 +16,75 @@ import asyncio
 import os
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Any
 
-from ._channel import Channel
 from ._config import StreamConfig, resolve_config
-from ._context import Context
+from ._context import Completion
+from ._engine import Engine, EngineRequest
+from ._exceptions import InvalidConfigError
 from ._model import Model
-from ._stream import Token, TokenStream
+from ._sequence import SequenceView, Token
 
 __all__ = ["AsyncModel", "AsyncTokenStream"]
 
-class AsyncTokenStream:
-    """An async iterator of :class:`Token`, with the statistics of :class:`TokenStream`."""
+ENGINE_OPTIONS = frozenset({"parallel", "n_ctx", "n_batch", "n_threads", "seed", "flash_attn", "max_queue"})
 
-    def __init__(self, start_stream, buffer_size: int, on_finish=None) -> None:
-        self._start_stream = start_stream  # () -> TokenStream, called in the producer thread
-        self._channel = Channel(buffer_size)
-        self._thread: threading.Thread | None = None
-        self._stream: TokenStream | None = None
+
+class AsyncTokenStream(SequenceView):
+    """An async iterator of :class:`Token`, with the statistics of :class:`~mullama.TokenStream`."""
+
+    def __init__(self, start: Callable[[], EngineRequest]) -> None:
+        self._start = start  # renders and tokenises the prompt, then submits it (in a worker thread)
+        self._request: EngineRequest | None = None
+        self._sequence = None
         self._done = False
-        self._on_finish = on_finish
+        self._closed = False
 
     @property
     def max_queued(self) -> int:
         """The most tokens ever waiting in the buffer (never more than ``buffer_size``)."""
-        return self._channel.max_queued
+        return self._request.channel.max_queued if self._request else 0
 
-    # --- producer (its own thread) ------------------------------------------------
-    def _produce(self) -> None:
-        channel, stream = self._channel, None
-        try:
-            stream = self._stream = self._start_stream()
-            for token in stream:
-                if not channel.put(token) or channel.closed.is_set():
-                    return
-            channel.finish()
-        except BaseException as exc:  # delivered to the consumer, raised there
-            channel.fail(exc)
-        finally:
-            if stream is not None:
-                stream.close()
-            if self._on_finish is not None:
-                self._on_finish()
-
-    # --- consumer (the event loop) ------------------------------------------------
     def __aiter__(self) -> AsyncTokenStream:
         return self
+
+    async def _begin(self) -> EngineRequest:
+        started = asyncio.ensure_future(asyncio.to_thread(self._start))
+        try:
+            request = await asyncio.shield(started)
+        except asyncio.CancelledError:  # the submit may still land: cancel what it makes
+            started.add_done_callback(_cancel_started)
+            raise
+        self._request, self._sequence = request, request._sequence
+        # Dropped without aclose() (a `break` out of `async for`): end the sequence anyway.
+        weakref.finalize(self, request.cancel)
+        return request
 
     async def __anext__(self) -> Token:
         if self._done:
             raise StopAsyncIteration
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._produce, name="mullama-stream", daemon=True)
-            self._thread.start()
         try:
-            item = await self._channel.get_async()
-        except asyncio.CancelledError:  # stop the producer, leave no thread behind
-            self._shutdown()
+            request = self._request or await self._begin()
+            token = await request.next_token()
+        except BaseException:  # a failure, or the task was cancelled: the sequence ends here
+            self._end()
             raise
-        except BaseException:  # the producer failed and is on its last lines
-            await self._join()
-            raise
-        if item is None:
-            await self._join()
+        if token is None:
+            self._done = True
             raise StopAsyncIteration
-        return item
+        return token
 
-    async def _join(self) -> None:
+    def _end(self) -> None:
         self._done = True
-        await asyncio.to_thread(self._thread.join)
-
-    def _shutdown(self) -> None:
-        self._done = True
-        self._channel.close()
+        if self._request is not None:
+            self._request.cancel()
 
     async def aclose(self) -> None:
-        """Stop generating and wait for the producer thread to end."""
-        self._shutdown()
-        if self._thread is not None and self._thread.is_alive():
-            await asyncio.to_thread(self._thread.join)
+        """Stop generating (the engine frees the sequence at its next step)."""
+        if not self._done:
+            self._closed = True
+        self._end()
 
     async def __aenter__(self) -> AsyncTokenStream:
         return self
@@ -100,126 +92,112 @@ class AsyncTokenStream:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    def __del__(self) -> None:
-        self._channel.closed.set()
-
-    @property
-    def thread(self) -> threading.Thread | None:
-        """The producer thread (None before the first token is awaited)."""
-        return self._thread
-
-    # --- statistics (those of the underlying TokenStream) -------------------------
-    def tokens_generated(self) -> int:
-        return self._stream.tokens_generated() if self._stream else 0
-
-    def tokens_per_second(self) -> float:
-        return self._stream.tokens_per_second() if self._stream else 0.0
-
-    def time_to_first_token(self) -> float | None:
-        return self._stream.time_to_first_token() if self._stream else None
-
     @property
     def finish_reason(self) -> str | None:
-        if self._stream is None:
-            return None
-        if self._channel.closed.is_set() and self._stream.finish_reason in (None, "cancelled"):
-            return "cancelled"
-        return self._stream.finish_reason
+        reason = super().finish_reason
+        return "cancelled" if reason is None and self._closed else reason
 
-    @property
-    def text(self) -> str:
-        return self._stream.text if self._stream else ""
+    def __repr__(self) -> str:
+        return f"<mullama.AsyncTokenStream tokens={self.tokens_generated()} finish_reason={self.finish_reason!r}>"
 
-    @property
-    def token_ids(self) -> list[int]:
-        return self._stream.token_ids if self._stream else []
+
+def _cancel_started(future: asyncio.Future) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result().cancel()
 
 
 class AsyncModel:
-    """A Model for asyncio code: loads off the event loop and streams through a producer thread.
+    """A Model for asyncio code: loads off the event loop, streams through a batching engine.
 
-    Each stream runs on a Context from a small pool (created as needed; up to
-    ``max_idle_contexts`` are kept for reuse), so consecutive turns keep their KV cache
-    and concurrent streams do not collide.
+    ``parallel`` streams decode together (more wait, up to ``max_queue``), each with
+    ``n_ctx`` tokens of context; a stream reuses the KV cache of an earlier one that shares
+    its prompt's beginning, so a follow-up chat turn only decodes what is new. ``seed``
+    seeds every stream whose StreamConfig sets none.
     """
 
-    def __init__(self, model: Model, *, max_idle_contexts: int = 2, **context_options: Any) -> None:
+    def __init__(self, model: Model, *, parallel: int = 4, n_ctx: int | None = None, n_batch: int = 2048,
+                 n_threads: int | None = None, seed: int | None = None, flash_attn: bool | None = None,
+                 max_queue: int = 256) -> None:
         self.model = model
-        self.max_idle_contexts = max_idle_contexts  # kept for reuse (and their KV caches); others are freed
-        self._context_options = context_options
-        self._idle: list[Context] = []
-        self._streams: weakref.WeakSet[AsyncTokenStream] = weakref.WeakSet()
-        self._lock = threading.Lock()
+        self._engine_options: dict[str, Any] = {
+            "parallel": parallel, "n_ctx": n_ctx, "n_batch": n_batch, "n_threads": n_threads, "seed": seed,
+            "flash_attn": flash_attn, "max_queue": max_queue}
+        self._engine: Engine | None = None
+        self._engine_lock = threading.Lock()
 
     @classmethod
     async def load(cls, model: str | os.PathLike, **options: Any) -> AsyncModel:
-        """Load ``model`` (a path or a name) in a worker thread. Context options
-        (``n_ctx``, ``n_threads``, ...) apply to the contexts this AsyncModel creates."""
-        context_keys = {"n_ctx", "n_batch", "n_threads", "n_threads_batch", "seed", "flash_attn"}
-        context_options = {k: options.pop(k) for k in list(options) if k in context_keys}
+        """Load ``model`` (a path or a name) and start its engine, in a worker thread. Engine
+        options (``parallel``, ``n_ctx``, ``n_threads``, ``seed``, ...) go to the engine; the rest
+        to :meth:`Model.load`."""
+        engine_options = {k: options.pop(k) for k in list(options) if k in ENGINE_OPTIONS}
         loaded = await asyncio.to_thread(Model.load, model, **options)
-        return cls(loaded, **context_options)
+        try:
+            async_model = cls(loaded, **engine_options)
+            await asyncio.to_thread(async_model._get_engine)
+        except BaseException:
+            loaded.close()
+            raise
+        return async_model
 
-    def _take_context(self) -> Context:
-        with self._lock:
-            if self._idle:
-                return self._idle.pop()
-        return Context(self.model, **self._context_options)
+    @property
+    def engine(self) -> Engine | None:
+        """The engine, once started (by ``load`` or the first stream)."""
+        return self._engine
 
-    def _give_back(self, context: Context) -> None:
-        with self._lock:
-            if len(self._idle) < self.max_idle_contexts:
-                self._idle.append(context)
-                return
-        context.close()
+    def _get_engine(self) -> Engine:
+        """The engine, created on first use (in a worker thread: never on the event loop)."""
+        with self._engine_lock:
+            if self._engine is None:
+                self._engine = Engine(self.model, **self._engine_options)
+            return self._engine
 
-    def _async_stream(self, open_stream, config: StreamConfig) -> AsyncTokenStream:
-        """An AsyncTokenStream whose producer borrows a pooled Context for ``open_stream(context)``."""
-        borrowed: list[Context] = []
+    def _stream(self, make_prompt: Callable[[], str], config: StreamConfig) -> AsyncTokenStream:
+        model = self.model
 
-        def start() -> TokenStream:
-            borrowed.append(self._take_context())
-            return open_stream(borrowed[0])
+        def start() -> EngineRequest:
+            engine = self._get_engine()
+            tokens = model.tokenize(make_prompt(), add_special=True, parse_special=True)
+            return engine.submit(tokens, config)
 
-        def finish() -> None:
-            while borrowed:
-                self._give_back(borrowed.pop())
-
-        stream = AsyncTokenStream(start, config.buffer_size, finish)
-        self._streams.add(stream)
-        return stream
+        return AsyncTokenStream(start)
 
     def generate_stream(self, prompt: str, config: StreamConfig | int | None = None, *,
                         max_tokens: int | None = None, **options: Any) -> AsyncTokenStream:
         """``async for token in model.generate_stream(prompt, config=...)``."""
         config = resolve_config(config, max_tokens, options)
-        return self._async_stream(lambda context: context.generate_stream(prompt, config), config)
+        _check_prompt(prompt)
+        return self._stream(lambda: prompt, config)
 
     def chat_stream(self, messages: list[dict], config: StreamConfig | int | None = None, *,
                     max_tokens: int | None = None, **options: Any) -> AsyncTokenStream:
         """Stream the reply to ``messages`` with the model's chat template."""
         config = resolve_config(config, max_tokens, options)
-        return self._async_stream(lambda context: context.chat_stream(messages, config), config)
+        return self._stream(lambda: self.model.apply_chat_template(messages, add_generation_prompt=True), config)
 
-    async def generate(self, prompt: str, max_tokens: int | None = None, **options: Any):
-        """The whole completion (greedy unless told otherwise), computed off the event loop."""
-        context = self._take_context()
-        try:
-            return await asyncio.to_thread(context.generate, prompt, max_tokens, **options)
-        finally:
-            self._give_back(context)
+    async def generate(self, prompt: str, max_tokens: int | None = None, *, config: StreamConfig | None = None,
+                       **options: Any) -> Completion:
+        """The whole completion (greedy unless told otherwise), as :meth:`Context.generate`."""
+        if config is None and "temperature" not in options:
+            options["temperature"] = 0.0
+        stream = self.generate_stream(prompt, config, max_tokens=max_tokens, **options)
+        async with stream:
+            async for _ in stream:
+                pass
+        return Completion(
+            text=stream.text, token_ids=stream.token_ids, finish_reason=stream.finish_reason or "stop",
+            prompt_tokens=stream.prompt_tokens, cached_tokens=stream.cached_tokens,
+            timings={"prompt_seconds": stream.prompt_seconds(), "time_to_first_token": stream.time_to_first_token(),
+                     "tokens_per_second": stream.tokens_per_second()})
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kw: Any) -> str:
         return self.model.apply_chat_template(messages, add_generation_prompt, **kw)
 
     async def aclose(self) -> None:
-        """Stop every stream (joining its thread), then free the pooled contexts and the model."""
-        for stream in list(self._streams):
-            await stream.aclose()
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for context in idle:
-            context.close()
+        """Stop every stream, end the engine's thread, free the engine and the model."""
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            await asyncio.to_thread(engine.close)
         self.model.close()
 
     async def __aenter__(self) -> AsyncModel:
@@ -229,3 +207,6 @@ class AsyncModel:
         await self.aclose()
 
 
+def _check_prompt(prompt: Any) -> None:
+    if not isinstance(prompt, str):
+        raise InvalidConfigError(f"the prompt must be a str, not {type(prompt).__name__}.")

@@ -1,7 +1,7 @@
-"""A bounded hand-over from a producer thread to a consumer (an asyncio task or a thread).
+"""A bounded hand-over from the engine's thread to one stream's consumer (an asyncio task).
 
-The producer ``put``s items into a ``queue.Queue(maxsize)``: when the consumer is slow the
-queue fills and the producer waits (or, with ``offer``, is told to come back later), so
+The producer ``offer``s items to a ``queue.Queue(maxsize)`` and only when it has room: when
+the consumer is slow the queue fills and the producer leaves that stream paused, so
 memory stays bounded. An asyncio consumer awaits ``get_async()`` without blocking its event
 loop: the producer wakes it with ``call_soon_threadsafe`` only when it is waiting.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -29,17 +28,6 @@ class Channel:
         self._final: Any = None  # the last item, delivered after everything queued; never blocks
 
     # --- producer side ----------------------------------------------------------
-    def put(self, item: Any) -> bool:
-        """Queue ``item``, waiting while full; False once the consumer has closed the channel."""
-        while not self.closed.is_set():
-            try:
-                self._queue.put(item, timeout=0.05)
-            except queue.Full:
-                continue
-            self._delivered()
-            return True
-        return False
-
     def offer(self, item: Any) -> bool:
         """Queue ``item`` if there is room now; never waits."""
         try:
@@ -59,9 +47,7 @@ class Channel:
 
     def _deliver_final(self, item: Any) -> None:
         self._final = item
-        waiter = self._waiter
-        if waiter is not None:
-            self._loop.call_soon_threadsafe(_wake, waiter)
+        self._wake_consumer()
 
     def has_room(self) -> bool:
         return not self._queue.full()
@@ -69,30 +55,19 @@ class Channel:
     def _delivered(self) -> None:
         size = self._queue.qsize()
         self.max_queued = max(self.max_queued, size)
-        waiter = self._waiter
-        if waiter is not None:
-            self._loop.call_soon_threadsafe(_wake, waiter)
+        self._wake_consumer()
+
+    def _wake_consumer(self) -> None:
+        waiter, loop = self._waiter, self._loop
+        if waiter is not None and loop is not None:
+            try:
+                loop.call_soon_threadsafe(_wake, waiter)
+            except RuntimeError:  # the consumer's event loop is closed: nobody is waiting anymore
+                pass
 
     # --- consumer side ----------------------------------------------------------
     def qsize(self) -> int:
         return self._queue.qsize()
-
-    def get(self, timeout: float | None = None) -> Any:
-        """The next item, waiting in this thread: None after ``finish()``, the error after ``fail()``
-        (raises queue.Empty after ``timeout``)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            item = self._take_now()
-            if item is not _NOTHING:
-                return _unpack(item)
-            if deadline is not None and time.monotonic() >= deadline:
-                raise queue.Empty
-            try:
-                item = self._queue.get(timeout=0.05)
-            except queue.Empty:
-                continue
-            self._taken()
-            return _unpack(item)
 
     def _take_now(self) -> Any:
         """A queued item, else the final item once everything before it was taken, else _NOTHING."""

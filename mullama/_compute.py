@@ -8,15 +8,23 @@ for a while waiting for more work: with a pool per context, three concurrent str
 two cores ran at a sixth of one stream's speed in total. Taking turns keeps every step
 at full speed and the aggregate equal to one stream's.
 
+This is a policy, decided in one place (:meth:`Compute.lock_for`): contexts whose model
+runs on the CPU take turns; a model whose layers are offloaded to a GPU computes there,
+so its contexts do not wait for the CPU's turn (they get a lock that never blocks).
+
 (A build with OpenMP uses OpenMP's threads instead; the pools then stay idle.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._model import Model
 
 __all__ = ["Compute"]
 
@@ -39,6 +47,11 @@ class Compute:
         self._pools: dict[int, Any] = {}
         self._users = 0
         self._closed = False
+
+    def lock_for(self, model: Model) -> contextlib.AbstractContextManager[Any]:
+        """The lock that decodes and samples of ``model``'s contexts take: the shared one on the
+        CPU, none (a lock that never blocks) when the model's layers are offloaded to a GPU."""
+        return contextlib.nullcontext() if model.offloaded else self.lock
 
     def attach(self, ptr: Any, n_threads: int, n_threads_batch: int) -> None:
         """Make the context ``ptr`` compute on the shared pools for its thread counts."""

@@ -56,6 +56,10 @@ class StreamConfig:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     ignore_eos: bool = False  # keep going after an end-of-generation token (benchmarks, tests)
+    # Reuse the KV cache of the prompt's beginning when it is already there (llama-server's
+    # cache_prompt). False decodes the whole prompt afresh: batch boundaries then fall where a fresh
+    # run puts them, which some models' kernels need for bit-identical output.
+    cache_prompt: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.stop_sequences, str):
@@ -84,6 +88,8 @@ class StreamConfig:
         _check_float("presence_penalty", self.presence_penalty, -2.0, 2.0)
         if not isinstance(self.ignore_eos, bool):
             _fail("ignore_eos", self.ignore_eos, "True or False")
+        if not isinstance(self.cache_prompt, bool):
+            _fail("cache_prompt", self.cache_prompt, "True or False")
 
     @property
     def greedy(self) -> bool:

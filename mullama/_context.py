@@ -2,41 +2,35 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._config import StreamConfig, resolve_config
+from ._config import MAX_SEED, StreamConfig, resolve_config
+from ._context_params import (
+    ContextSettings,
+    adopt_context,
+    chunk_end,
+    common_prefix,
+    create_context,
+    default_threads,
+    prompt_breaks,
+)
 from ._exceptions import (
     ClosedError,
     ContextError,
     ContextOverflowError,
     InvalidConfigError,
-    StreamingError,
+    decode_error,
 )
 from ._model import Model
 from ._owned import Owned
-from ._sampler import SamplerChain
+from ._sequence import Sequence, Token
 from ._stream import TokenStream
 
-__all__ = ["Completion", "Context"]
-
-DEFAULT_MAX_CTX = 4096
-
-# llama_decode's return codes
-_DECODE_OK, _DECODE_NO_SLOT, _DECODE_ABORTED = 0, 1, 2
-
-
-def default_threads() -> int:
-    """Threads for decoding: the CPUs this process may run on (at most 8)."""
-    try:
-        available = len(os.sched_getaffinity(0))
-    except AttributeError:
-        available = os.cpu_count() or 1
-    return max(1, min(available, 8))
+__all__ = ["Completion", "Context", "default_threads"]
 
 
 @dataclass
@@ -54,43 +48,29 @@ class Completion:
         return self.text
 
 
-def _positive(name: str, value: Any, *, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidConfigError(f"{name} must be a positive integer, not {value!r}.")
+class _AbortState:
+    """What the abort callback of one context looks at (never the Context itself)."""
+
+    __slots__ = ("deadline",)
+
+    def __init__(self) -> None:
+        self.deadline: float | None = None
 
 
-def warm_up(library: Any, ptr: Any, model: Model) -> None:
-    """One empty run, as upstream's tools do at start: weights and buffers are touched now,
-    not during the first request. The cache is cleared afterwards."""
-    ffi, lib = library.ffi, library.lib
-    tokens = [t for t in (model.bos_token_id, model.eos_token_id) if t >= 0] or [0]
-    array = ffi.new("llama_token[]", tokens)
-    lib.llama_set_warmup(ptr, True)
-    with library.compute.lock:
-        lib.llama_decode(ptr, lib.llama_batch_get_one(array, len(tokens)))
-    lib.llama_memory_clear(lib.llama_get_memory(ptr), True)
-    lib.llama_synchronize(ptr)
-    lib.llama_perf_context_reset(ptr)
-    lib.llama_set_warmup(ptr, False)
+_abort_callback: Any = None  # one C callback for every context, made on first use
 
 
-def adopt_context(owner: Owned, library: Any, ptr: Any, model: Model, n_threads: int, n_threads_batch: int,
-                  *, warmup: bool) -> None:
-    """Make ``owner`` own the llama context ``ptr``: computing on the shared thread pools,
-    freed before its model, registered with its model."""
-    lib = library.lib
-    library.compute.attach(ptr, n_threads, n_threads_batch)
-    if warmup:
-        warm_up(library, ptr, model)
+def _abort_callback_for(ffi: Any) -> Any:
+    """The ``ggml_abort_callback`` all contexts share. Its user data is a handle to the context's
+    _AbortState, so no callback refers to a Context: a dropped Context is freed by refcount."""
+    global _abort_callback
+    if _abort_callback is None:
+        def should_abort(data: Any) -> bool:
+            deadline = ffi.from_handle(data).deadline
+            return deadline is not None and time.monotonic() > deadline
 
-    def free(context_ptr: Any, _model: Any = model.ptr) -> None:
-        # The closure holds the model's pointer object, so the model is freed after us.
-        lib.llama_free(context_ptr)
-
-    owner._own(library.ffi, ptr, free)
-    model._register(owner)
+        _abort_callback = ffi.callback("ggml_abort_callback", should_abort)
+    return _abort_callback
 
 
 class Context(Owned):
@@ -98,55 +78,41 @@ class Context(Owned):
 
     It keeps its KV cache between calls and reuses the longest common token prefix
     with the previous prompt, so a follow-up turn only decodes what is new.
+    ``seed`` seeds every stream on it whose StreamConfig sets none.
     A Context is used by one thread at a time; give each thread its own.
     """
 
     _kind = "context"
 
-    def __init__(self, model: Model, *, n_ctx: int | None = None, n_batch: int = 512,
+    def __init__(self, model: Model, *, n_ctx: int | None = None, n_batch: int = 2048,
                  n_threads: int | None = None, n_threads_batch: int | None = None,
                  seed: int | None = None, flash_attn: bool | None = None, warmup: bool = True) -> None:
         if not isinstance(model, Model):
             raise InvalidConfigError(f"Context needs a mullama.Model, not {type(model).__name__}.")
-        for name, value in (("n_ctx", n_ctx), ("n_batch", n_batch), ("n_threads", n_threads),
-                            ("n_threads_batch", n_threads_batch)):
-            _positive(name, value)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise InvalidConfigError(f"seed must be a non-negative integer, not {seed!r}.")
-        library = model._library
-        ffi, lib = library.ffi, library.lib
+        settings = ContextSettings(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
+                                   n_threads_batch=n_threads_batch, flash_attn=flash_attn)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+            raise InvalidConfigError(f"seed must be an integer from 0 to {MAX_SEED}, not {seed!r}.")
         self.model = model  # keeps the model alive as long as this context
         self.seed = seed
-        params = lib.llama_context_default_params()
-        params.n_ctx = n_ctx or min(model.n_ctx_train, DEFAULT_MAX_CTX)
-        params.n_batch = min(n_batch, params.n_ctx)
-        params.n_ubatch = min(params.n_ubatch, params.n_batch)
-        params.n_seq_max = 1
-        threads = n_threads or default_threads()
-        params.n_threads = threads
-        params.n_threads_batch = n_threads_batch or threads
-        params.no_perf = False
-        if flash_attn is not None:  # upstream's default is "auto" (-1); keep it unless asked
-            params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        ptr = lib.llama_init_from_model(model.ptr, params)
-        if ptr == ffi.NULL:
-            raise ContextError(f"llama.cpp could not create a context with n_ctx={params.n_ctx}; "
-                               "try a smaller n_ctx (memory) or enable logging for 'mullama.llama_cpp'.")
-        adopt_context(self, library, ptr, model, params.n_threads, params.n_threads_batch, warmup=warmup)
+        ptr = create_context(model, settings)
+        adopt_context(self, model, ptr, settings, warmup=warmup)
+        library = model._library
+        ffi, lib = library.ffi, library.lib
         self._compute = library.compute
-        self._lib, self._model_vocab = lib, model._vocab
+        self._lock = library.compute.lock_for(model)
+        self._lib = lib
         self._memory = lib.llama_get_memory(ptr)
         self.n_ctx = lib.llama_n_ctx(ptr)
         self.n_batch = lib.llama_n_batch(ptr)
-        self.n_threads = threads
+        self.n_threads = settings.threads
         self._tokens: list[int] = []  # what the KV cache holds, in order
         self._guard = threading.Lock()
         # One-token batch, built once: the loop rewrites _token_buf[0] and decodes (no allocation).
         self._token_buf = ffi.new("llama_token[1]")
         self._one_token_batch = lib.llama_batch_get_one(self._token_buf, 1)
-        self._deadline: float | None = None
-        self._abort = threading.Event()
-        self._abort_cb = ffi.callback("ggml_abort_callback", self._should_abort)
+        self._abort_state = _AbortState()
+        self._abort_handle = ffi.new_handle(self._abort_state)
         self._generation = 0  # bumped by each generation; an older one then stops
 
     # --- KV cache ---------------------------------------------------------------
@@ -172,22 +138,16 @@ class Context(Owned):
     def _use(self) -> _Exclusive:
         return _Exclusive(self)
 
-    @staticmethod
-    def _busy_error() -> ContextError:
-        return ContextError("this Context is being used by another thread at the same time; "
-                            "give each thread its own Context (they can share one Model).")
-
     # --- decoding ---------------------------------------------------------------
-    def _should_abort(self, _data: Any) -> bool:
-        return self._abort.is_set() or (self._deadline is not None and time.monotonic() > self._deadline)
-
     def decode(self, tokens: list[int]) -> None:
         """Append ``tokens`` to the cache (logits of the last one are kept for sampling)."""
         self.model._check_tokens(list(tokens))
         with self._compute.busy(), self._use():
             self._decode(list(tokens))
 
-    def _decode(self, tokens: list[int], deadline: float | None = None) -> None:
+    def _decode(self, tokens: list[int], deadline: float | None = None, breaks: tuple[int, ...] = ()) -> None:
+        """Decode ``tokens`` after the cached ones, in batches of at most n_batch that also end at the
+        absolute positions ``breaks`` (as llama-server's do)."""
         if not tokens:
             return
         if len(self._tokens) + len(tokens) > self.n_ctx:
@@ -198,36 +158,34 @@ class Context(Owned):
         ffi, lib, ptr = self._ffi, self._lib, self.ptr
         use_abort = deadline is not None
         if use_abort:  # only around prompt decodes: ggml polls it at every graph node
-            self._deadline = deadline
-            lib.llama_set_abort_callback(ptr, self._abort_cb, ffi.NULL)
+            self._abort_state.deadline = deadline
+            lib.llama_set_abort_callback(ptr, _abort_callback_for(ffi), self._abort_handle)
         try:
-            for start in range(0, len(tokens), self.n_batch):
-                chunk = tokens[start:start + self.n_batch]
+            start, offset = 0, len(self._tokens)
+            while start < len(tokens):
+                end = chunk_end(offset + start, self.n_batch, breaks) - offset
+                chunk = tokens[start:end]
+                start = end
                 array = ffi.new("llama_token[]", chunk)
-                with self._compute.lock:
+                with self._lock:
                     rc = lib.llama_decode(ptr, lib.llama_batch_get_one(array, len(chunk)))
-                if rc != _DECODE_OK:
-                    self._decode_failed(rc, len(self._tokens))
+                if rc != 0:
+                    self._decode_failed(rc, len(self._tokens), 0)
                 self._tokens.extend(chunk)
         finally:
             if use_abort:
                 lib.llama_set_abort_callback(ptr, ffi.NULL, ffi.NULL)
-                self._deadline = None
+                self._abort_state.deadline = None
 
-    def _decode_failed(self, rc: int, keep: int) -> None:
+    def _decode_failed(self, rc: int, keep: int, processed: int) -> None:
         # A failed or aborted decode may leave finished chunks in the cache: drop them.
         self._lib.llama_memory_seq_rm(self._memory, 0, keep, -1)
-        if rc == _DECODE_ABORTED:
-            raise StreamingError("generation timed out while processing the prompt; raise timeout_ms "
-                                 "or shorten the prompt.", code="STREAM_TIMEOUT")
-        if rc == _DECODE_NO_SLOT:
-            raise ContextOverflowError(f"the KV cache is full ({self.n_ctx} tokens); clear() the context "
-                                       "or create it with a larger n_ctx.")
-        raise StreamingError(f"llama_decode failed with code {rc}; enable logging for 'mullama.llama_cpp' "
-                             "for llama.cpp's reason.")
+        raise decode_error(rc, n_ctx=self.n_ctx, processed=processed)
 
-    def _prepare_prompt(self, prompt_tokens: list[int], deadline: float | None = None) -> int:
-        """Make the cache hold exactly ``prompt_tokens``, decoding only what differs.
+    def _prepare_prompt(self, prompt_tokens: list[int], deadline: float | None = None, *,
+                        reuse: bool = True) -> int:
+        """Make the cache hold exactly ``prompt_tokens``, decoding only what differs (everything
+        unless ``reuse``).
 
         Returns how many prompt tokens were reused from the cache.
         """
@@ -238,41 +196,40 @@ class Context(Owned):
                 f"the prompt has {len(prompt_tokens)} tokens but the context holds {self.n_ctx}; "
                 "shorten the prompt or create the Context with a larger n_ctx."
             )
-        common = 0
-        for cached, wanted in zip(self._tokens, prompt_tokens):
-            if cached != wanted:
-                break
-            common += 1
         # Logits are only there for the last decoded token: re-decode at least one.
-        common = min(common, len(prompt_tokens) - 1)
+        common = min(common_prefix(self._tokens, prompt_tokens), len(prompt_tokens) - 1) if reuse else 0
         self._trim(common)
-        self._decode(prompt_tokens[common:], deadline)
+        self._decode(prompt_tokens[common:], deadline, prompt_breaks(self.model, len(prompt_tokens), self.n_batch))
         return common
 
-    def generate_token_ids(self, prompt_tokens: list[int], sampler: SamplerChain, max_tokens: int,
-                           *, deadline: float | None = None, stats: dict | None = None,
-                           ignore_eos: bool = False) -> Iterator[int]:
-        """The token loop: prompt in, sampled token ids out.
+    def _sequence(self, prompt_tokens: list[int], config: StreamConfig) -> Sequence:
+        """A new sequence for ``prompt_tokens`` on this context (its sampler seeded by ``seed``)."""
+        if not prompt_tokens:
+            raise InvalidConfigError("the prompt is empty; give at least one token of text.")
+        return Sequence(self.model, prompt_tokens, config, n_ctx=self.n_ctx, default_seed=self.seed)
 
-        It ends after an end-of-generation token (which is yielded, as upstream counts
-        it), after ``max_tokens``, or when the context is full. Before the last token is
-        yielded, ``stats["finish_reason"]`` is set ("stop" or "length"); ``stats`` also
-        receives ``prompt_tokens``, ``cached_tokens`` and ``prompt_seconds``.
-        With ``ignore_eos`` an end-of-generation token is just another token.
-        Closing the generator stops at once and leaves the cache consistent. Starting
-        another generation on this Context ends this one (its next step raises ContextError).
-        """
-        stats = stats if stats is not None else {}
-        stats.update(prompt_tokens=len(prompt_tokens), cached_tokens=0, finish_reason=None)
-        _positive("max_tokens", max_tokens, allow_none=False)
-        with self._compute.busy():
-            with self._use():
-                self._generation += 1
-                generation = self._generation
-                start = time.perf_counter()
-                stats["cached_tokens"] = self._prepare_prompt(prompt_tokens, deadline)
-                stats["prompt_seconds"] = time.perf_counter() - start
-            yield from self._token_loop(generation, sampler, max_tokens, deadline, stats, ignore_eos)
+    def _steps(self, sequence: Sequence) -> Generator[Token, None, None]:
+        """Step ``sequence`` on this context: decode its prompt, then sample and decode one token
+        at a time. Closing the generator stops at once and leaves the cache consistent; starting
+        another generation on this Context ends this one (its next step raises ContextError)."""
+        try:
+            with self._compute.busy():
+                with self._use():
+                    self._generation += 1
+                    generation = self._generation
+                    sequence.begin()
+                    cached = self._prepare_prompt(sequence.prompt_tokens, sequence.deadline,
+                                                  reuse=sequence.config.cache_prompt)
+                    sequence.prompt_decoded(cached)
+                yield from self._token_loop(generation, sequence)
+        except GeneratorExit:
+            sequence.cancel()
+            raise
+        except BaseException as exc:
+            sequence.fail(exc)
+            raise
+        finally:
+            sequence.close()
 
     def _enter_step(self, generation: int | None = None) -> None:
         """Take the context for one step (of ``generation``, when given); release ``_guard`` after it.
@@ -280,7 +237,8 @@ class Context(Owned):
         Another thread using it, a closed context, or a newer generation each raise a clear error.
         """
         if not self._guard.acquire(False):
-            raise self._busy_error()
+            raise ContextError("this Context is being used by another thread at the same time; "
+                               "give each thread its own Context (they can share one Model).")
         if self._ptr is None:
             self._guard.release()
             raise ClosedError("this context is closed; create a new one to go on.")
@@ -289,38 +247,30 @@ class Context(Owned):
             raise ContextError("another generation started on this Context, which ends this one; "
                                "use one Context per concurrent stream.")
 
-    def _token_loop(self, generation: int, sampler: SamplerChain, max_tokens: int, deadline: float | None,
-                    stats: dict, ignore_eos: bool) -> Iterator[int]:
-        lib, ptr, smpl, vocab = self._lib, self.ptr, sampler.ptr, self._model_vocab
-        buf, batch, tokens, guard, n_ctx = self._token_buf, self._one_token_batch, self._tokens, self._guard, self.n_ctx
-        compute = self._compute.lock
-        produced = 0
+    def _token_loop(self, generation: int, sequence: Sequence) -> Iterator[Token]:
+        lib, ptr, lock, guard = self._lib, self.ptr, self._lock, self._guard
+        buf, batch, tokens = self._token_buf, self._one_token_batch, self._tokens
+        sample, accept, smpl = lib.llama_sampler_sample, sequence.accept, sequence.sampler.ptr
         while True:
             self._enter_step(generation)
             try:
-                with compute:  # sampling takes the cores too: not beside another context's decode
-                    token = lib.llama_sampler_sample(smpl, ptr, -1)
+                with lock:  # sampling takes the cores too: not beside another context's decode
+                    token_id = sample(smpl, ptr, -1)
             finally:
                 guard.release()
-            produced += 1
-            if not ignore_eos and lib.llama_vocab_is_eog(vocab, token):
-                stats["finish_reason"] = "stop"
-            elif produced >= max_tokens or len(tokens) >= n_ctx:
-                stats["finish_reason"] = "length"
+            token = accept(token_id)
             yield token
-            if stats["finish_reason"] is not None:
+            if token.finish_reason is not None:
                 return
-            if deadline is not None and time.monotonic() > deadline:
-                raise StreamingError(f"generation timed out after {produced} tokens; raise timeout_ms "
-                                     "or lower max_tokens.", code="STREAM_TIMEOUT")
+            sequence.check_deadline()
             self._enter_step(generation)
             try:
-                buf[0] = token
-                with compute:
+                buf[0] = token_id
+                with lock:
                     rc = lib.llama_decode(ptr, batch)
-                if rc != _DECODE_OK:
-                    self._decode_failed(rc, len(tokens))
-                tokens.append(token)
+                if rc != 0:
+                    self._decode_failed(rc, len(tokens), sequence.n_tokens)
+                tokens.append(token_id)
             finally:
                 guard.release()
 
@@ -340,7 +290,11 @@ class Context(Owned):
         temperature=0)`` (keyword options override fields of ``config``).
         """
         config = resolve_config(config, max_tokens, options)
-        return TokenStream(self, self._tokenize_prompt(prompt), config)
+        return self._stream(self._tokenize_prompt(prompt), config)
+
+    def _stream(self, prompt_tokens: list[int], config: StreamConfig) -> TokenStream:
+        sequence = self._sequence(prompt_tokens, config)
+        return TokenStream(self._steps(sequence), sequence)
 
     def generate_streaming(self, prompt: str, max_tokens: int | None = None,
                            callback: Callable[[str], bool | None] | None = None, *,
@@ -363,7 +317,7 @@ class Context(Owned):
         """Stream the assistant's reply to ``messages``, rendered with the model's own chat template."""
         config = resolve_config(config, max_tokens, options)
         prompt = self.model.apply_chat_template(messages, add_generation_prompt=True)
-        return TokenStream(self, self._tokenize_prompt(prompt), config)
+        return self._stream(self._tokenize_prompt(prompt), config)
 
     def generate(self, prompt: str, max_tokens: int | None = None, *, config: StreamConfig | None = None,
                  **options: Any) -> Completion:
@@ -378,7 +332,7 @@ class Context(Owned):
         return Completion(
             text=stream.text,
             token_ids=stream.token_ids,
-            finish_reason=stream.finish_reason,
+            finish_reason=stream.finish_reason or "stop",
             prompt_tokens=stream.prompt_tokens,
             cached_tokens=stream.cached_tokens,
             timings={"prompt_seconds": stream.prompt_seconds(), "total_seconds": time.perf_counter() - started,

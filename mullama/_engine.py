@@ -1,15 +1,16 @@
-"""Continuous batching: one thread, one llama context, many streams decoding together.
+"""Continuous batching: one thread, one llama context, many sequences decoding together.
 
-Each step decodes one batch that holds the next token of every active stream and
-chunks of the prompts of new ones; then each stream samples from its own row of
-logits with its own sampler chain. New requests join between steps; finished or
-cancelled ones leave, and a cancelled stream's KV cells are freed at once. A stream
-whose reader is slow pauses alone: its bounded channel is full, so it sits out the
-next steps while the others go on. Requests beyond the number of slots wait in a
-bounded queue.
+Each step decodes one batch that holds the next token of every active sequence and
+chunks of the prompts of new ones; then each sequence samples from its own row of
+logits. New requests join between steps; finished or cancelled ones leave, and a
+cancelled sequence's KV cells are freed at once. A request whose reader is slow pauses
+alone: its bounded channel is full, so it sits out the next steps while the others go
+on. Requests beyond the number of slots wait in a bounded queue.
 
-Sampling, detokenisation and stop sequences are the core's own (SamplerChain,
-TextAssembler, Token): this module only schedules.
+What a token means (sampling, text, stop sequences, limits, timeouts, statistics) is
+decided by each request's :class:`~mullama._sequence.Sequence`, the same one a
+``Context`` steps: this module only schedules. If the engine's thread ever dies, every
+request it held fails with EngineError, ``submit`` refuses new ones, and ``alive`` says so.
 """
 
 from __future__ import annotations
@@ -18,171 +19,185 @@ import collections
 import itertools
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any
+import weakref
 
 from ._channel import Channel
-from ._config import StreamConfig
-from ._context import adopt_context, default_threads
+from ._config import MAX_SEED, StreamConfig
+from ._context_params import (
+    MAX_SEQUENCES,
+    MAX_UINT32,
+    ContextSettings,
+    adopt_context,
+    check_count,
+    chunk_end,
+    common_prefix,
+    create_context,
+    default_n_ctx,
+    prompt_breaks,
+)
 from ._exceptions import (
-    ContextError,
     ContextOverflowError,
+    EngineError,
+    InvalidConfigError,
     MullamaError,
-    StreamingError,
+    QueueFullError,
+    decode_error,
 )
 from ._model import Model
 from ._owned import Owned
-from ._stream import Token, sampler_for
-from ._text import TextAssembler
+from ._sequence import Sequence, SequenceView, Token
 
 __all__ = ["Engine", "EngineRequest", "QueueFullError"]
 
-class QueueFullError(MullamaError):
-    """Every slot is busy and the waiting queue is full."""
 
-    code = "QUEUE_FULL"
+class EngineRequest(SequenceView):
+    """One sequence in the engine: read its tokens with ``next_token()``; ``cancel()`` ends it.
 
+    Statistics are those of every stream (``text``, ``finish_reason``, ``tokens_generated()``, ...).
+    """
 
-@dataclass(eq=False)
-class EngineRequest:
-    """One stream in the engine. The consumer reads tokens from it; ``cancel()`` ends it."""
+    _sequence: Sequence
 
-    prompt_tokens: list[int]
-    config: StreamConfig
-    id: int = 0
-    channel: Channel = field(default=None)  # type: ignore[assignment]
-    submitted: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
-    finished_at: float | None = None
-    finish_reason: str | None = None
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    text_parts: list[str] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)
-    _cancelled: bool = False
-
-    def __post_init__(self) -> None:
-        self.channel = Channel(self.config.buffer_size)
+    def __init__(self, sequence: Sequence, request_id: int, wake: threading.Event) -> None:
+        self._sequence = sequence
+        self.id = request_id
+        self.config = sequence.config
+        self.channel = Channel(sequence.config.buffer_size)
+        # A reader taking a token may un-pause its sequence: let the engine look again.
+        self.channel.on_take = wake.set
+        self._wake = wake
+        self._cancelled = False
 
     def cancel(self) -> None:
-        """Stop this stream; its slot and KV cells are released by the next step."""
-        self._cancelled = True
-        self.channel.close()
+        """Stop this sequence; its slot and KV cells are released by the next step."""
+        if not self._cancelled:
+            self._cancelled = True
+            self.channel.close()
+            self._wake.set()
 
     @property
     def cancelled(self) -> bool:
         return self._cancelled
 
-    @property
-    def text(self) -> str:
-        return "".join(self.text_parts)
-
     async def next_token(self) -> Token | None:
         """The next token, awaited without blocking the event loop; None at the end."""
-        return await self.channel.get_async()
-
-    def next_token_blocking(self, timeout: float | None = None) -> Token | None:
-        return self.channel.get(timeout)
-
-    def time_to_first_token(self) -> float | None:
-        return None if self.first_token_at is None else self.first_token_at - self.submitted
-
-    def tokens_per_second(self) -> float:
-        if self.first_token_at is None or self.finished_at is None or self.completion_tokens < 2:
-            return 0.0
-        elapsed = self.finished_at - self.first_token_at
-        return (self.completion_tokens - 1) / elapsed if elapsed > 0 else 0.0
+        result: Token | None = await self.channel.get_async()
+        return result
 
 
 class _Slot:
     """A sequence of the shared context, and the request it is serving."""
+
+    __slots__ = ("batch_row", "breaks", "cached", "next_token", "pending_prompt", "request", "seq_id")
 
     def __init__(self, seq_id: int) -> None:
         self.seq_id = seq_id
         self.cached: list[int] = []  # tokens whose KV cells this sequence holds
         self.request: EngineRequest | None = None
         self.pending_prompt: list[int] = []
+        self.breaks: tuple[int, ...] = ()  # positions where a prompt batch must end (prompt_breaks)
         self.next_token: int | None = None  # sampled, delivered, not yet decoded
-        self.sampler: Any = None
-        self.assembler: TextAssembler | None = None
-        self.deadline: float | None = None
         self.batch_row = -1
-        self.limit = 0  # most tokens this request may produce
 
 
 class Engine(Owned):
-    """A thread that serves many streams from one model with continuous batching."""
+    """A thread that serves many sequences from one model with continuous batching.
+
+    ``parallel`` sequences decode together, each with ``n_ctx`` tokens of context (default:
+    the model's trained length, at most 4096); up to ``max_queue`` more requests wait.
+    ``seed`` seeds every request whose config sets none.
+    """
 
     _kind = "engine"
     _close_order = 0
 
-    def __init__(self, model: Model, *, parallel: int = 4, n_ctx: int | None = None, n_batch: int = 512,
-                 n_threads: int | None = None, max_queue: int = 64) -> None:
-        if parallel < 1:
-            raise ContextError("parallel must be at least 1.")
-        library = model._library
-        ffi, lib = library.ffi, library.lib
+    def __init__(self, model: Model, *, parallel: int = 4, n_ctx: int | None = None, n_batch: int = 2048,
+                 n_threads: int | None = None, max_queue: int = 64, seed: int | None = None,
+                 flash_attn: bool | None = None) -> None:
+        if not isinstance(model, Model):
+            raise InvalidConfigError(f"Engine needs a mullama.Model, not {type(model).__name__}.")
+        check_count("n_ctx", n_ctx, MAX_UINT32)
+        check_count("parallel", parallel, MAX_SEQUENCES, allow_none=False)
+        settings = ContextSettings(n_ctx=(n_ctx or default_n_ctx(model)) * parallel, n_batch=n_batch,
+                                   n_threads=n_threads, n_seq_max=parallel, flash_attn=flash_attn)
+        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
+            raise InvalidConfigError(f"max_queue must be a non-negative integer, not {max_queue!r}.")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+            raise InvalidConfigError(f"seed must be an integer from 0 to {MAX_SEED}, not {seed!r}.")
         self.model = model
         self.parallel = parallel
-        params = lib.llama_context_default_params()
-        params.n_ctx = n_ctx or min(model.n_ctx_train, 4096) * parallel
-        params.n_batch = n_batch
-        params.n_ubatch = min(params.n_ubatch, n_batch)
-        params.n_seq_max = parallel
-        # One KV stream per sequence (llama-server's choice with an explicit --parallel): a stream's
-        # attention never sees another's cells, so batching leaves greedy output unchanged.
-        params.kv_unified = False
-        threads = n_threads or default_threads()
-        params.n_threads = params.n_threads_batch = threads
-        ptr = lib.llama_init_from_model(model.ptr, params)
-        if ptr == ffi.NULL:
-            raise ContextError(f"llama.cpp could not create a context of {params.n_ctx} tokens for "
-                               f"{parallel} sequences; lower --ctx-size or --parallel.")
-        adopt_context(self, library, ptr, model, threads, threads, warmup=True)
+        self.seed = seed
+        ptr = create_context(model, settings)
+        adopt_context(self, model, ptr, settings, warmup=True)
+        library = model._library
         self._compute = library.compute
-        self._lib = lib
+        self._lock = library.compute.lock_for(model)
+        self._lib = lib = library.lib
         self._memory = lib.llama_get_memory(ptr)
         self.n_ctx = lib.llama_n_ctx(ptr)
         self.n_batch = lib.llama_n_batch(ptr)
-        self.n_ctx_per_slot = self.n_ctx // parallel
+        self.n_ctx_per_slot = lib.llama_n_ctx_seq(ptr) or self.n_ctx // parallel
         self._batch = lib.llama_batch_init(self.n_batch, 0, 1)
+        self._free_batch = weakref.finalize(self, lib.llama_batch_free, self._batch)
         self._slots = [_Slot(i) for i in range(parallel)]
         self._waiting: collections.deque[EngineRequest] = collections.deque()
         self.max_queue = max_queue
-        self._lock = threading.Lock()
+        self._state = threading.Lock()  # guards _waiting, _stopping, failure
         self._wake = threading.Event()
         self._stopping = False
+        self.failure: BaseException | None = None  # why the thread died, if it did
         self._ids = itertools.count(1)
         self.stats = {"requests_total": 0, "requests_finished": 0, "requests_cancelled": 0, "requests_failed": 0,
                       "prompt_tokens_total": 0, "completion_tokens_total": 0, "decode_steps": 0,
                       "decode_seconds": 0.0, "rejected_total": 0}
-        self._thread = threading.Thread(target=self._run, name="mullama-engine", daemon=True)
+        # The thread holds a weak reference: an engine nobody holds is stopped and freed.
+        self._thread = threading.Thread(target=_serve, args=(weakref.ref(self), self._wake),
+                                        name="mullama-engine", daemon=True)
         self._thread.start()
 
     # --- requests -------------------------------------------------------------------
     def submit(self, prompt_tokens: list[int], config: StreamConfig) -> EngineRequest:
-        """Queue a stream; raises QueueFullError when every slot is busy and the queue is full."""
+        """Queue a sequence. Raises QueueFullError when every slot is busy and the queue is full,
+        ContextOverflowError when the prompt cannot fit, EngineError when the engine has died."""
+        if not isinstance(config, StreamConfig):
+            raise InvalidConfigError(f"config must be a StreamConfig, not {type(config).__name__}.")
         if not prompt_tokens:
-            raise ContextOverflowError("the prompt is empty.")
+            raise InvalidConfigError("the prompt is empty; give at least one token of text.")
+        self.model._check_tokens(prompt_tokens)
         if len(prompt_tokens) >= self.n_ctx_per_slot:
             raise ContextOverflowError(
                 f"the prompt has {len(prompt_tokens)} tokens but each of the {self.parallel} sequences holds "
-                f"{self.n_ctx_per_slot}; shorten it, or start the server with a larger --ctx-size.")
-        request = EngineRequest(list(prompt_tokens), config, id=next(self._ids))
-        # A reader taking a token may un-pause its stream: let the engine look again.
-        request.channel.on_take = self._wake.set
-        with self._lock:
+                f"{self.n_ctx_per_slot}; shorten it, or use a larger context size.")
+        self._check_alive()
+        sequence = Sequence(self.model, list(prompt_tokens), config, n_ctx=self.n_ctx_per_slot,
+                            default_seed=self.seed)
+        request = EngineRequest(sequence, next(self._ids), self._wake)
+        with self._state:
+            self._check_alive()
             if self._stopping:
-                raise QueueFullError("the server is shutting down.")
+                raise QueueFullError("the engine is shutting down; retry on another server.")
             busy = sum(1 for s in self._slots if s.request is not None)
-            if busy >= self.parallel and len(self._waiting) >= self.max_queue:
+            if busy + len(self._waiting) >= self.parallel + self.max_queue:
                 self.stats["rejected_total"] += 1
                 raise QueueFullError(f"all {self.parallel} slots are busy and {self.max_queue} requests are "
                                      "waiting; retry later.")
+            sequence.begin()
             self._waiting.append(request)
             self.stats["requests_total"] += 1
         self._wake.set()
         return request
+
+    def _check_alive(self) -> None:
+        if self.failure is not None:
+            raise EngineError(f"the engine stopped after an internal error ({self.failure!r}); "
+                              "restart it (or the server).")
+        if self._ptr is None:
+            raise EngineError("the engine is closed.")
+
+    @property
+    def alive(self) -> bool:
+        """False once the engine's thread has died or the engine was closed."""
+        return self.failure is None and self._ptr is not None and self._thread.is_alive()
 
     @property
     def active_streams(self) -> int:
@@ -194,100 +209,103 @@ class Engine(Owned):
 
     def stop(self, *, drain: bool = True, timeout: float = 60.0) -> None:
         """Stop taking requests; finish (``drain``) or cancel the ones in flight; end the thread."""
-        with self._lock:
+        with self._state:
             self._stopping = True
             if not drain:
                 for request in list(self._waiting) + [s.request for s in self._slots if s.request]:
                     request.cancel()
         self._wake.set()
-        self._thread.join(timeout)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
 
     def close(self) -> None:
+        """Cancel every request, end the thread, free the context. Refused while the thread
+        is still inside a decode after the wait (it never is for long)."""
         if self._thread.is_alive():
-            self.stop(drain=False)
-        if self._ptr is not None:
-            self._lib.llama_batch_free(self._batch)
+            self.stop(drain=False, timeout=30)
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            raise EngineError("the engine's thread did not stop within 30 s; not freeing its context.")
         super().close()
+        self._free_batch()
 
     # --- the engine thread -------------------------------------------------------------
-    def _run(self) -> None:
-        computing = False  # inside a compute.begin()/end() stretch
-        try:
-            while True:
-                self._wake.clear()  # before looking for work: a later set() is never missed
-                self._admit()
-                with self._lock:
-                    idle = all(s.request is None for s in self._slots)
-                    if idle and self._stopping and not self._waiting:
-                        return
-                if self._step():
-                    if not computing:
-                        computing = True
-                        self._compute.begin()
-                    continue
-                if computing:  # idle now: let the thread pools sleep
-                    computing = False
-                    self._compute.end()
-                self._wake.wait(0.05)
-        except BaseException as exc:  # the engine must never die silently
-            for slot in self._slots:
-                if slot.request is not None:
-                    self._fail(slot, StreamingError(f"the engine failed: {exc}"))
-            raise
-        finally:
-            if computing:
-                self._compute.end()
+    def _run_once(self) -> bool | None:
+        """One round: admit, step. True if it decoded, False if idle, None when it should end."""
+        self._wake.clear()  # before looking for work: a later set() is never missed
+        self._admit()
+        with self._state:
+            idle = all(s.request is None for s in self._slots)
+            if idle and self._stopping and not self._waiting:
+                return None
+        return self._step()
+
+    def _die(self, exc: BaseException) -> None:
+        """The thread is ending on an error: fail everything it held and refuse new work."""
+        with self._state:
+            self.failure = exc
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        error = EngineError(f"the engine stopped after an internal error ({exc!r}); restart it (or the server).")
+        requests = [s.request for s in self._slots if isinstance(s, _Slot) and s.request is not None] + waiting
+        for request in requests:  # each one is told, whatever state the slots are in
+            request._sequence.fail(error)
+            request.channel.fail(error)
+            request._sequence.close()
 
     def _admit(self) -> None:
         """Move waiting requests into free slots, choosing the slot whose cache shares the most."""
         while True:
-            with self._lock:
+            with self._state:
                 if not self._waiting:
                     return
                 free = [s for s in self._slots if s.request is None]
                 if not free:
                     return
                 request = self._waiting.popleft()
-            if request.cancelled:
+                slot = None
+                if not request.cancelled:  # reserved under the lock, so submit() counts it as busy
+                    prompt = request._sequence.prompt_tokens
+                    slot = max(free, key=lambda s: common_prefix(s.cached, prompt))
+                    slot.request = request
+            if slot is None:
+                request._sequence.cancel()
+                request._sequence.close()
                 self.stats["requests_cancelled"] += 1
                 continue
-            slot = max(free, key=lambda s: _common_prefix(s.cached, request.prompt_tokens))
             self._start(slot, request)
 
     def _start(self, slot: _Slot, request: EngineRequest) -> None:
-        prompt = request.prompt_tokens
-        common = min(_common_prefix(slot.cached, prompt), len(prompt) - 1)
+        """Begin serving ``request`` in ``slot`` (reserved for it): keep the cache's common prefix."""
+        prompt = request._sequence.prompt_tokens
+        reuse = request._sequence.config.cache_prompt
+        common = min(common_prefix(slot.cached, prompt), len(prompt) - 1) if reuse else 0
         if common < len(slot.cached):
             if not self._lib.llama_memory_seq_rm(self._memory, slot.seq_id, common, -1):
                 self._lib.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
                 common = 0
             del slot.cached[common:]
-        config = request.config
-        slot.request = request
         slot.pending_prompt = prompt[common:]
+        slot.breaks = prompt_breaks(self.model, len(prompt), self.n_batch)
         slot.next_token = None
-        slot.sampler = sampler_for(config, self.model.vocab_size)
-        slot.assembler = TextAssembler(config.stop_sequences)
-        slot.deadline = time.monotonic() + config.timeout_ms / 1000 if config.timeout_ms else None
-        slot.limit = min(config.max_tokens, self.n_ctx_per_slot - len(prompt))
-        request.cached_tokens = common
+        request._sequence.cached_tokens = common
         self.stats["prompt_tokens_total"] += len(prompt)
 
     def _step(self) -> bool:
         """Decode one batch; False when there was nothing to do."""
         batch, lib = self._batch, self._lib
         n = 0
-        rows: list[_Slot] = []
-        now = time.monotonic()
-        for slot in self._slots:  # generation first: one token of every stream that is not paused
+        rows: list[_Slot] = []  # sequences that sample after this decode
+        members: list[_Slot] = []  # every sequence with tokens in the batch
+        for slot in self._slots:  # generation first: one token of every sequence that is not paused
             request = slot.request
             if request is None:
                 continue
             if request.cancelled:
                 self._release(slot, cancelled=True)
                 continue
-            if slot.deadline is not None and now > slot.deadline:
-                self._fail(slot, StreamingError("generation timed out; raise timeout_ms.", code="STREAM_TIMEOUT"))
+            try:
+                request._sequence.check_deadline()
+            except MullamaError as exc:
+                self._fail(slot, exc)
                 continue
             if slot.next_token is not None and request.channel.has_room():
                 n = self._add(n, slot.next_token, len(slot.cached), slot.seq_id, True)
@@ -295,15 +313,18 @@ class Engine(Owned):
                 slot.next_token = None
                 slot.batch_row = n - 1
                 rows.append(slot)
+                members.append(slot)
         for slot in self._slots:  # then prompt chunks, as much as the batch has room for
             if slot.request is None or not slot.pending_prompt or n >= self.n_batch:
                 continue
-            take = slot.pending_prompt[: self.n_batch - n]
+            position = len(slot.cached)
+            take = slot.pending_prompt[: chunk_end(position, self.n_batch - n, slot.breaks) - position]
             del slot.pending_prompt[: len(take)]
             last = not slot.pending_prompt
             for i, token in enumerate(take):
                 n = self._add(n, token, len(slot.cached), slot.seq_id, last and i == len(take) - 1)
                 slot.cached.append(token)
+            members.append(slot)
             if last:
                 slot.batch_row = n - 1
                 rows.append(slot)
@@ -311,16 +332,21 @@ class Engine(Owned):
             return False
         batch.n_tokens = n
         started = time.perf_counter()
-        with self._compute.lock:
+        with self._lock:
             rc = lib.llama_decode(self.ptr, batch)
         self.stats["decode_seconds"] += time.perf_counter() - started
         self.stats["decode_steps"] += 1
         if rc != 0:
-            for slot in rows:
-                self._fail(slot, StreamingError(f"llama_decode failed with code {rc}; the batch was dropped."))
+            for slot in members:  # the batch is dropped: every sequence in it fails, the others go on
+                assert slot.request is not None
+                processed = slot.request._sequence.n_tokens
+                self._fail(slot, decode_error(rc, n_ctx=self.n_ctx_per_slot, processed=processed))
             return True
         for slot in rows:
-            self._sample(slot)
+            try:
+                self._sample(slot)
+            except MullamaError as exc:  # one request's failure is that request's alone
+                self._fail(slot, exc)
         return True
 
     def _add(self, n: int, token: int, pos: int, seq_id: int, logits: bool) -> int:
@@ -334,40 +360,31 @@ class Engine(Owned):
 
     def _sample(self, slot: _Slot) -> None:
         request = slot.request
-        lib = self._lib
-        with self._compute.lock:
-            token = lib.llama_sampler_sample(slot.sampler.ptr, self.ptr, slot.batch_row)
-        if request.first_token_at is None:
-            request.first_token_at = time.perf_counter()
-        request.completion_tokens += 1
-        request.token_ids.append(token)
-        index = request.completion_tokens - 1
-        if not request.config.ignore_eos and lib.llama_vocab_is_eog(self.model._vocab, token):
-            finish = "stop"
-        else:
-            finish = "length" if request.completion_tokens >= slot.limit else None
-        text, finish = slot.assembler.add(self.model._cached_piece(token), finish)
-        if text:
-            request.text_parts.append(text)
-        request.channel.offer(Token(token, text, index, finish))  # there is room: checked before decoding
-        if finish is not None:
-            request.finish_reason = finish
+        assert request is not None
+        sequence = request._sequence
+        if sequence.prompt_done is None:
+            sequence.prompt_decoded(sequence.cached_tokens)
+        with self._lock:
+            token_id = self._lib.llama_sampler_sample(sequence.sampler.ptr, self.ptr, slot.batch_row)
+        token = sequence.accept(token_id)
+        request.channel.offer(token)  # there is room: checked before decoding
+        if token.finish_reason is not None:
             self._finish(slot)
         else:
-            slot.next_token = token
+            slot.next_token = token_id
 
     def _finish(self, slot: _Slot) -> None:
         request = slot.request
-        request.finished_at = time.perf_counter()
+        assert request is not None
         self.stats["requests_finished"] += 1
-        self.stats["completion_tokens_total"] += request.completion_tokens
+        self.stats["completion_tokens_total"] += request._sequence.n_tokens
         request.channel.finish()
         self._clear(slot)
 
-    def _fail(self, slot: _Slot, error: MullamaError) -> None:
+    def _fail(self, slot: _Slot, error: BaseException) -> None:
         request = slot.request
-        request.finish_reason = "error"
-        request.finished_at = time.perf_counter()
+        assert request is not None
+        request._sequence.fail(error)
         self.stats["requests_failed"] += 1
         request.channel.fail(error)
         self._release(slot, cancelled=False)
@@ -375,25 +392,49 @@ class Engine(Owned):
     def _release(self, slot: _Slot, *, cancelled: bool) -> None:
         """End the slot's request and free its KV cells (its cache is no use for prefix reuse)."""
         if cancelled:
-            request = slot.request
-            request.finish_reason = request.finish_reason or "cancelled"
-            request.finished_at = time.perf_counter()
+            assert slot.request is not None
+            slot.request._sequence.cancel()
             self.stats["requests_cancelled"] += 1
         self._lib.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
         slot.cached = []
         self._clear(slot)
 
     def _clear(self, slot: _Slot) -> None:
-        if slot.sampler is not None:
-            slot.sampler.close()
-        slot.request, slot.sampler, slot.assembler, slot.next_token = None, None, None, None
+        if slot.request is not None:
+            slot.request._sequence.close()
+        slot.request, slot.next_token = None, None
         slot.pending_prompt = []
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+def _serve(engine_ref: weakref.ref[Engine], wake: threading.Event) -> None:
+    """The engine's thread. It holds the engine only while there is work, so an engine that
+    nobody holds anymore is freed (and this thread ends)."""
+    computing = False  # inside a compute.begin()/end() stretch
+    compute = None
+    try:
+        while True:
+            engine = engine_ref()
+            if engine is None or engine._ptr is None:
+                return
+            compute = engine._compute
+            try:
+                outcome = engine._run_once()
+            except BaseException as exc:  # the engine must never die silently
+                engine._die(exc)
+                raise
+            if outcome is None:
+                return
+            if outcome:
+                if not computing:
+                    computing = True
+                    compute.begin()
+                continue
+            if computing:  # idle now: let the thread pools sleep
+                computing = False
+                compute.end()
+            del engine
+            wake.wait(0.5)
+    finally:
+        if computing and compute is not None:
+            compute.end()
+

@@ -10,7 +10,10 @@
      │    └── ContextOverflowError    CONTEXT_OVERFLOW   a prompt that does not fit in the context
      ├── TokenizeError                TOKENIZE_ERROR     text that cannot be tokenised
      ├── TemplateError                TEMPLATE_ERROR     a chat template that fails to render
-     ├── StreamingError               GENERATION_ERROR or STREAM_TIMEOUT
+     ├── StreamingError               GENERATION_ERROR   generation failed (llama_decode, a stream)
+     │    ├── StreamTimeoutError      STREAM_TIMEOUT     generation ran past its timeout_ms
+     │    └── EngineError             ENGINE_FAILED      the batching engine stopped; restart it
+     ├── QueueFullError               QUEUE_FULL         every slot busy and the waiting queue full
      └── ClosedError                  CLOSED             use of a model or context after close()
 
 Each message says what happened and what to do about it.
@@ -23,14 +26,18 @@ __all__ = [
     "ContextError",
     "ContextOverflowError",
     "DownloadError",
+    "EngineError",
     "InvalidConfigError",
     "LibraryError",
     "ModelLoadError",
     "ModelNotFoundError",
     "MullamaError",
+    "QueueFullError",
+    "StreamTimeoutError",
     "StreamingError",
     "TemplateError",
     "TokenizeError",
+    "decode_error",
 ]
 
 
@@ -86,10 +93,49 @@ class TemplateError(MullamaError):
 
 
 class StreamingError(MullamaError):
-    """Generation failed (``GENERATION_ERROR``) or ran past its time (``STREAM_TIMEOUT``)."""
+    """Generation failed (``GENERATION_ERROR``); its subclasses say more."""
 
     code = "GENERATION_ERROR"
 
 
+class StreamTimeoutError(StreamingError):
+    """Generation ran past ``StreamConfig.timeout_ms``."""
+
+    code = "STREAM_TIMEOUT"
+
+
+class EngineError(StreamingError):
+    """The batching engine's thread stopped: every request it held failed, new ones are refused."""
+
+    code = "ENGINE_FAILED"
+
+
+class QueueFullError(MullamaError):
+    """Every slot of the engine is busy and its waiting queue is full."""
+
+    code = "QUEUE_FULL"
+
+
 class ClosedError(MullamaError):
     code = "CLOSED"
+
+
+# llama_decode's return codes (llama.h): 0 ok, 1 no KV slot for the batch, 2 aborted, -1 bad batch,
+# < -1 a failure inside the computation.
+DECODE_OK, DECODE_NO_SLOT, DECODE_ABORTED = 0, 1, 2
+
+
+def decode_error(rc: int, *, n_ctx: int, processed: int = 0) -> MullamaError:
+    """The exception for a failed ``llama_decode`` (``rc`` != 0) of a sequence in a context of
+    ``n_ctx`` tokens, after ``processed`` generated tokens (0 while decoding the prompt)."""
+    if rc == DECODE_ABORTED:
+        where = "while processing the prompt" if not processed else f"after {processed} tokens"
+        return StreamTimeoutError(f"generation timed out {where}; raise timeout_ms, or shorten the prompt.")
+    if rc == DECODE_NO_SLOT:
+        return ContextOverflowError(f"the KV cache is full ({n_ctx} tokens); clear() the context, shorten the "
+                                    "prompt, or use a larger n_ctx.")
+    if rc == -1:
+        return StreamingError("llama_decode refused the batch (code -1: a token or position out of range); "
+                              "this is a bug in mullama, please report it.")
+    return StreamingError(f"llama_decode failed with code {rc}; enable logging for 'mullama.llama_cpp' "
+                          "to see llama.cpp's reason.")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _library
-from ._exceptions import ContextError, ModelLoadError, TemplateError, TokenizeError
+from ._exceptions import ContextError, InvalidConfigError, ModelLoadError, TemplateError, TokenizeError
 from ._owned import Owned
 
 __all__ = ["Model"]
@@ -46,8 +46,15 @@ class Model(Owned):
     _kind = "model"
     _close_order = 2
 
-    def __init__(self, library: Any, ptr: Any, path: Path) -> None:
+    def __init__(self, library: Any, ptr: Any, path: Path, *, n_gpu_layers: int = 0) -> None:
         self._library = library
+        # Layers on a GPU: its contexts need not take turns on the CPU (see Compute.lock_for).
+        self.offloaded = n_gpu_layers != 0 and bool(library.lib.llama_supports_gpu_offload())
+        lib = library.lib
+        # A cache that cannot drop its last tokens (sliding window, recurrent state): llama-server
+        # then decodes a prompt's last tokens in batches of their own (see prompt_breaks).
+        self.needs_checkpoints = bool(lib.llama_model_n_swa(ptr) > 0 or lib.llama_model_is_recurrent(ptr)
+                                      or lib.llama_model_is_hybrid(ptr))
         self._own(library.ffi, ptr, library.lib.llama_model_free)
         self.path = path
         self._vocab = library.lib.llama_model_get_vocab(ptr)
@@ -68,6 +75,8 @@ class Model(Owned):
 
         path = _hub.resolve(model)
         _check_model_file(path)
+        if isinstance(n_gpu_layers, bool) or not isinstance(n_gpu_layers, int) or not -1 <= n_gpu_layers < 2**31:
+            raise InvalidConfigError(f"n_gpu_layers must be an integer (-1 for all layers), not {n_gpu_layers!r}.")
         library = _library.get()
         ffi, lib = library.ffi, library.lib
         params = lib.llama_model_default_params()
@@ -81,7 +90,7 @@ class Model(Owned):
                 "this llama.cpp build does not know. Download it again (`mullama pull` re-verifies), and "
                 "enable logging for 'mullama.llama_cpp' to see llama.cpp's reason."
             )
-        return cls(library, ptr, path)
+        return cls(library, ptr, path, n_gpu_layers=n_gpu_layers)
 
     def close(self) -> None:
         """Free the weights. Refused while a Context of this model is open."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._config import StreamConfig
-from ._exceptions import InvalidConfigError
+from ._exceptions import InvalidConfigError, MullamaError
 
 __all__ = ["APIError", "ParsedRequest", "chunk", "completion_body", "error_body", "parse_request", "usage"]
 
@@ -37,6 +37,17 @@ class APIError(Exception):
 
     def body(self) -> dict:
         return error_body(self.message, type=self.type, param=self.param, code=self.code)
+
+
+def generation_error(exc: MullamaError) -> APIError:
+    """The response for a request whose generation failed after it was accepted."""
+    if exc.code == "STREAM_TIMEOUT":
+        return APIError(408, str(exc), type="timeout_error", code="stream_timeout")
+    if exc.code == "ENGINE_FAILED":
+        return APIError(503, str(exc), type="server_error", code="engine_failed")
+    if exc.code == "CONTEXT_OVERFLOW":
+        return APIError(400, str(exc), code="context_length_exceeded")
+    return APIError(500, str(exc), type="server_error", code=exc.code.lower())
 
 
 def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
@@ -135,12 +146,13 @@ def parse_request(body: Any, kind: str, *, max_tokens_limit: int) -> ParsedReque
         value = _number(body, name, low, high)
         if value is not None:
             fields[name] = value
-    for name, low, high in (("top_k", 0, None), ("seed", 0, 2**32 - 2)):
-        value = _integer(body, name, low, high)
-        if value is not None:
-            fields[name] = value
-    if isinstance(body.get("ignore_eos"), bool):
-        fields["ignore_eos"] = body["ignore_eos"]
+    for name, low_int, high_int in (("top_k", 0, None), ("seed", 0, 2**32 - 2)):
+        integer = _integer(body, name, low_int, high_int)
+        if integer is not None:
+            fields[name] = integer
+    for flag in ("ignore_eos", "cache_prompt"):  # llama-server's extensions
+        if isinstance(body.get(flag), bool):
+            fields[flag] = body[flag]
     try:
         config = StreamConfig(**fields)
     except InvalidConfigError as exc:

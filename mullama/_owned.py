@@ -19,13 +19,23 @@ owned_count: collections.Counter = collections.Counter()
 freed_count: collections.Counter = collections.Counter()
 
 
-def close_all() -> None:
-    """Free every live engine, context, sampler and model, in that order (at exit)."""
-    for obj in sorted(_live, key=lambda o: o._close_order):
+def close_all() -> int:
+    """Free every live engine, context and model, in that order (at exit).
+
+    An object that cannot be closed (a context another thread is still decoding with, the
+    model under it) is left alone for good: its destructor is detached, so nothing frees
+    memory that a thread may still be using while the interpreter shuts down. Returns how
+    many were left so.
+    """
+    left_open = 0
+    closing = [obj for obj in _live if obj._close_order is not None]
+    for obj in sorted(closing, key=lambda o: o._close_order or 0):
         try:
             obj.close()
-        except MullamaError:  # still busy in another thread: leave it
-            pass
+        except MullamaError:  # still busy in another thread: never free it
+            obj._detach()
+            left_open += 1
+    return left_open
 
 
 class Owned:
@@ -38,7 +48,9 @@ class Owned:
 
     _kind = "object"
     _ptr: Any = None
-    _close_order = 1  # at exit: engines (0), then contexts and samplers (1), then models (2)
+    # At exit: engines (0), then contexts (1), then models (2). None: never closed at exit (a sampler
+    # chain may be in use by a stream in another thread; freeing it needs no log callback).
+    _close_order: int | None = 1
 
     def _own(self, ffi: Any, ptr: Any, free: Callable[[Any], None]) -> None:
         def counted_free(p: Any, _free: Callable = free, _kind: str = self._kind,
@@ -66,6 +78,12 @@ class Owned:
     @property
     def closed(self) -> bool:
         return self._ptr is None
+
+    def _detach(self) -> None:
+        """Give up ownership without freeing (the process is ending and the object is in use)."""
+        ptr = self._ptr
+        if ptr is not None:
+            self._ffi.gc(ptr, None)
 
     def close(self) -> None:
         """Free the C object now. Idempotent."""

@@ -36,10 +36,14 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from . import _openai
-from ._engine import Engine, EngineRequest, QueueFullError
+from ._context_params import ContextSettings
+from ._engine import Engine, EngineRequest
 from ._exceptions import (
     ContextOverflowError,
+    EngineError,
+    InvalidConfigError,
     MullamaError,
+    QueueFullError,
     TemplateError,
     TokenizeError,
 )
@@ -121,12 +125,12 @@ def create_app(model: Model, engine: Engine, settings: ServerSettings) -> Starle
 
     def prompt_tokens(parsed: _openai.ParsedRequest) -> list[int]:
         try:
-            if parsed.kind == "chat":
+            if parsed.messages is not None:
                 text = model.apply_chat_template(parsed.messages, add_generation_prompt=True)
             else:
-                text = parsed.prompt
+                text = parsed.prompt or ""
             return model.tokenize(text, add_special=True, parse_special=True)
-        except (TemplateError, TokenizeError) as exc:
+        except (TemplateError, TokenizeError, InvalidConfigError) as exc:
             raise APIError(400, str(exc), param="messages" if parsed.kind == "chat" else "prompt") from None
 
     def submit(tokens: list[int], parsed: _openai.ParsedRequest) -> EngineRequest:
@@ -136,6 +140,10 @@ def create_app(model: Model, engine: Engine, settings: ServerSettings) -> Starle
             raise APIError(429, str(exc), type="rate_limit_error", code="queue_full") from None
         except ContextOverflowError as exc:
             raise APIError(400, str(exc), code="context_length_exceeded") from None
+        except EngineError as exc:
+            raise APIError(503, str(exc), type="server_error", code="engine_failed") from None
+        except InvalidConfigError as exc:
+            raise APIError(400, str(exc)) from None
 
     async def generate(request: Request, kind: str) -> Response:
         if not authorized(request.headers):
@@ -158,14 +166,13 @@ def create_app(model: Model, engine: Engine, settings: ServerSettings) -> Starle
             while await job.next_token() is not None:
                 pass
         except MullamaError as exc:
-            return error(APIError(500 if exc.code == "GENERATION_ERROR" else 408, str(exc), type="server_error",
-                                  code=exc.code.lower()))
+            return error(_openai.generation_error(exc))
         except asyncio.CancelledError:
             job.cancel()
             raise
         metrics.count(200)
         metrics.finished(job.completion_tokens)
-        return JSONResponse(_openai.completion_body(kind, request_id, model_name, job.text, job.finish_reason,
+        return JSONResponse(_openai.completion_body(kind, request_id, model_name, job.text, job.finish_reason or "stop",
                                                     len(tokens), job.completion_tokens))
 
     async def sse(job: EngineRequest, parsed, kind: str, request_id: str, n_prompt: int) -> AsyncIterator[str]:
@@ -209,6 +216,9 @@ def create_app(model: Model, engine: Engine, settings: ServerSettings) -> Starle
             {"id": model_name, "object": "model", "created": created, "owned_by": "mullama"}]})
 
     async def health(request: Request) -> Response:
+        if not engine.alive:
+            reason = repr(engine.failure) if engine.failure is not None else "the engine is stopped"
+            return JSONResponse({"status": "error", "error": reason}, status_code=503)
         return JSONResponse({"status": "ok", "active_streams": engine.active_streams, "waiting": engine.waiting})
 
     async def prometheus(request: Request) -> Response:
@@ -297,10 +307,9 @@ def create_app(model: Model, engine: Engine, settings: ServerSettings) -> Starle
         except asyncio.CancelledError:
             if job is not None:
                 job.cancel()
-            try:
+            with contextlib.suppress(Exception):
                 await ws.send_json({"type": "cancelled"})
-            except Exception:
-                pass
+            raise
         except (WebSocketDisconnect, RuntimeError):
             pass
         finally:
@@ -333,12 +342,15 @@ def serve(model_ref: str, *, host: str = "127.0.0.1", port: int = 8080, parallel
     import uvicorn
 
     if not is_loopback(host) and not api_key:
-        raise MullamaError(f"refusing to listen on {host} without an API key: anyone on the network could use "
-                           "it. Pass --api-key (or set MULLAMA_API_KEY), or bind 127.0.0.1.",
-                           code="INVALID_CONFIG")
+        raise InvalidConfigError(f"refusing to listen on {host} without an API key: anyone on the network could "
+                                 "use it. Pass --api-key (or set MULLAMA_API_KEY), or bind 127.0.0.1.")
+    ContextSettings(n_ctx=ctx_size, n_threads=threads, n_seq_max=parallel)  # bad values fail before the load
     model = Model.load(model_ref)
-    n_ctx = ctx_size * parallel if ctx_size else None
-    engine = Engine(model, parallel=parallel, n_ctx=n_ctx, n_threads=threads, max_queue=max_queue)
+    try:
+        engine = Engine(model, parallel=parallel, n_ctx=ctx_size, n_threads=threads, max_queue=max_queue)
+    except BaseException:
+        model.close()
+        raise
     settings = ServerSettings(model_name=str(model_ref), api_key=api_key, max_body_bytes=max_body_bytes,
                               max_tokens_limit=max_tokens_limit)
     app = create_app(model, engine, settings)

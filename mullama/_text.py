@@ -71,8 +71,6 @@ class TextAssembler:
             return text, "stop"
         if finish is not None:
             text += self.flush()
-            if self.stopped:
-                finish = "stop"
         return text, finish
 
     def flush(self) -> str:
@@ -81,10 +79,4 @@ class TextAssembler:
         if self.stopped:
             return ""
         text, self._pending = self._pending + text, ""
-        if self._stops:  # a stop sequence can still complete with the decoder's last character
-            for stop in self._stops:
-                at = text.find(stop)
-                if at != -1:
-                    self.stopped, self.stop_sequence = True, stop
-                    return text[:at]
         return text

@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.append(str(REPO))  # build_llama, tests helpers; an installed mullama wins over the source tree
 
 import mullama
 from mullama import _hub, _owned
@@ -139,7 +139,7 @@ def run(model_path: Path, *, models: int, contexts: int, streams: int, seed: int
     phases.append(phase("break off a stream (break, close, gc, asyncio cancel, callback)", streams, broken_stream))
 
     context.close()
-    asyncio.run(amodel.aclose())  # joins any producer thread still ending, frees its contexts and the model
+    asyncio.run(amodel.aclose())  # ends the engine thread, frees its context and the model
     gc.collect()
     return {
         "phases": phases,

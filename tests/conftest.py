@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+# `python -m pytest` puts the working directory first on sys.path: drop the repository root, so
+# that the installed mullama is tested (the root is appended again for build_llama, after it).
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
+sys.path.insert(0, str(REPO / "stress"))  # leaks, soak_server
+
 import pytest
 import upstream
+
+# Child Pythons (`python -m mullama`, `python -c`) started from the repository must import the
+# installed mullama too, not the source tree in their working directory (Python >= 3.11).
+os.environ["PYTHONSAFEPATH"] = "1"
 
 import mullama
 from mullama import _hub

@@ -65,3 +65,9 @@ def test_hostile_or_broken_templates_fail_safely(model, template):
 def test_bad_messages(model, messages):
     with pytest.raises(mullama.TemplateError):
         model.apply_chat_template(messages)
+
+
+def test_unknown_roles_are_refused_by_name(model):
+    with pytest.raises(mullama.InvalidConfigError) as info:
+        model.apply_chat_template([{"role": "wizard", "content": "Hi"}])
+    assert "wizard" in str(info.value) and info.value.code == "INVALID_CONFIG"

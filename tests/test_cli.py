@@ -62,6 +62,10 @@ def test_one_line_errors_and_exit_codes():
     assert missing.returncode == 1 and "MODEL_LOAD_ERROR" in missing.stderr
     no_prompt = run("run", input="")
     assert no_prompt.returncode == 1 and "no prompt" in no_prompt.stderr
+    for flag, value in (("--ctx-size", "-5"), ("--parallel", "0"), ("--threads", str(2**31))):
+        bad_serve = run("serve", flag, value)  # refused before any model is loaded
+        assert bad_serve.returncode == 1 and "INVALID_CONFIG" in bad_serve.stderr, bad_serve.stderr
+        assert len(bad_serve.stderr.strip().splitlines()) == 1 and "Traceback" not in bad_serve.stderr
 
 
 def test_chat_two_turns_commands_and_ctrl_c(model_path, tmp_path):

@@ -9,7 +9,6 @@ import pytest
 from concurrently import run_in_threads
 
 import mullama
-from mullama import SamplerChain
 
 
 @pytest.mark.parametrize("kwargs", [{"n_ctx": 0}, {"n_ctx": -5}, {"n_batch": 0}, {"n_threads": "two"},
@@ -74,11 +73,12 @@ def test_prompts_longer_than_a_batch_are_decoded_in_chunks(model):
 
 def test_deadline_aborts_a_long_prompt_and_leaves_the_context_usable(model):
     with mullama.Context(model, n_ctx=4096, n_batch=512) as ctx:
-        prompt = model.tokenize("A long prompt about many things. " * 300)
+        text = "A long prompt about many things. " * 300
+        prompt = model.tokenize(text)
         started = time.monotonic()
-        with pytest.raises(mullama.StreamingError) as info:
-            list(ctx.generate_token_ids(prompt, SamplerChain.greedy(), 4, deadline=time.monotonic() + 0.01))
-        assert info.value.code == "STREAM_TIMEOUT"
+        with pytest.raises(mullama.StreamTimeoutError) as info:
+            list(ctx.generate_stream(text, max_tokens=4, timeout_ms=10))
+        assert info.value.code == "STREAM_TIMEOUT" and isinstance(info.value, mullama.StreamingError)
         assert time.monotonic() - started < 1.0
         assert len(ctx.cached_tokens) < len(prompt)
         assert ctx.generate("Hello", max_tokens=2).finish_reason in ("length", "stop")
@@ -87,16 +87,35 @@ def test_deadline_aborts_a_long_prompt_and_leaves_the_context_usable(model):
 def test_one_context_used_from_two_threads_raises(model):
     """Two threads on one Context: one of them gets a clear ContextError, nothing else breaks."""
     with mullama.Context(model, n_ctx=4096) as ctx:
-        prompt = model.tokenize("A long prompt about many things. " * 300)
+        prompt = "A long prompt about many things. " * 300
         barrier = threading.Barrier(2)
 
         def use(i):
-            tokens = (prompt, prompt[:50])[i]
+            text = (prompt, prompt[:200])[i]
             barrier.wait()
             for _ in range(20):  # the refused thread's ContextError ends it; so would anything else
-                list(ctx.generate_token_ids(tokens, SamplerChain.greedy(), 4))
+                list(ctx.generate_stream(text, max_tokens=4, temperature=0))
 
         errors = run_in_threads(use, 2)
         assert errors, "neither thread was refused"
         assert all(isinstance(e, mullama.ContextError) and "another thread" in str(e) for e in errors), errors
         assert ctx.generate("Hello", max_tokens=2).token_ids  # still consistent and usable
+
+
+def test_context_seed_seeds_its_streams(model):
+    """Context(seed=...) makes sampling reproducible; a StreamConfig's own seed wins over it."""
+    def sample(context_seed=None, config_seed=None):
+        options = {} if config_seed is None else {"seed": config_seed}
+        with mullama.Context(model, n_ctx=512, seed=context_seed, warmup=False) as ctx:
+            return tuple(ctx.generate("Tell me a story:", max_tokens=12, temperature=1.0, **options).token_ids)
+
+    assert sample(42) == sample(42)
+    assert len({sample(42), sample(43), sample(44)}) > 1  # the seed is used, not ignored
+    assert sample(42, config_seed=5) == sample(None, config_seed=5)
+
+
+def test_bad_seed_and_huge_values_are_invalid_config(model):
+    for options in ({"seed": 2**64}, {"n_ctx": 2**40}, {"n_threads": 2**31}, {"n_batch": -1}):
+        with pytest.raises(mullama.InvalidConfigError) as info:
+            mullama.Context(model, **options)
+        assert next(iter(options)) in str(info.value)

@@ -19,3 +19,9 @@ def test_every_export_resolves_and_errors_have_codes():
         if isinstance(value, type) and issubclass(value, mullama.MullamaError):
             assert value.__module__ == "mullama"
             assert value("x").code.isupper()
+
+
+def test_the_suite_runs_against_the_installed_package():
+    """The README's test command installs mullama first: the tests must exercise that copy (with its
+    bundled libraries and bindings), not the source tree beside them."""
+    assert "site-packages" in mullama.__file__, mullama.__file__

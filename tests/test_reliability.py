@@ -20,7 +20,6 @@ import mullama
 from mullama import StreamConfig, _download, _library, _owned
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "stress"))
 
 import leaks
 import soak_server
@@ -130,12 +129,13 @@ text = st.one_of(st.text(max_size=300), st.binary(max_size=200).map(lambda b: b.
                  st.sampled_from(["", "\x00\x01\x02", "\ud800 lone surrogate", "<|im_start|>", "🍕" * 50,
                                   "word " * 3000, "\u202e\u200b\ufeff"]))
 anything = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=True),
-                     st.text(max_size=5), st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=3),
-                                                                                              st.integers(), max_size=2))
+                     st.text(max_size=5), st.lists(st.integers(), max_size=3),
+                     st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
 config_fields = st.fixed_dictionaries({}, optional={
     "max_tokens": st.one_of(st.integers(-5, 12), anything), "temperature": st.one_of(st.floats(-1, 3), anything),
     "top_k": st.one_of(st.integers(-5, 100), anything), "top_p": st.one_of(st.floats(-0.5, 1.5), anything),
-    "stop_sequences": st.one_of(st.lists(text, max_size=4), anything), "buffer_size": st.one_of(st.integers(-2, 8), anything),
+    "stop_sequences": st.one_of(st.lists(text, max_size=4), anything),
+    "buffer_size": st.one_of(st.integers(-2, 8), anything),
     "timeout_ms": st.one_of(st.integers(-5, 60000), anything), "seed": st.one_of(st.integers(-5, 2**33), anything),
     "min_p": anything, "repeat_penalty": st.one_of(st.floats(0, 3), anything), "ignore_eos": anything,
 })

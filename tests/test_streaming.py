@@ -24,7 +24,11 @@ def test_greedy_stream_equals_upstream_and_concatenates_exactly(prompt, context,
     assert text == reference["content"] == stream.text
     visible = [t for t in reference["tokens"] if not model.is_eog(t)]
     assert text == model.detokenize(visible)
-    assert "\ufffd" not in text
+    # No character comes out broken; only a stream cut by max_tokens inside a character's bytes
+    # ends with U+FFFD for them, as upstream's content does.
+    assert "\ufffd" not in text.removesuffix("\ufffd")
+    if text.endswith("\ufffd"):
+        assert stream.finish_reason == "length"
     assert [t.index for t in tokens] == list(range(len(tokens)))
     assert tokens[-1].finish_reason == stream.finish_reason in ("stop", "length")
     assert all(t.finish_reason is None for t in tokens[:-1])
@@ -167,7 +171,7 @@ def test_breaking_out_stops_decoding_within_one_token(context, model):
     prompt = "Generate a list:\n-"
     n_prompt = len(model.tokenize(prompt))
     stream = context.generate_stream(prompt, max_tokens=200, temperature=0)
-    for i, token in enumerate(stream):
+    for i, _token in enumerate(stream):
         if i == 4:
             break
     # five tokens were sampled; the fifth was never decoded, nothing after it either

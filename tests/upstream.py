@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.append(str(REPO))  # build_llama, tests helpers; an installed mullama wins over the source tree
 
 import build_llama
 
@@ -70,11 +70,14 @@ class LlamaServer:
         with urllib.request.urlopen(request, timeout=300) as response:
             return json.loads(response.read())
 
-    def greedy(self, prompt: str, n_predict: int) -> dict:
-        """Greedy completion of ``prompt``: ``tokens`` (ids), ``content``, ``stop_type``."""
+    def greedy(self, prompt: str, n_predict: int, *, penalties: dict | None = None) -> dict:
+        """Greedy completion of ``prompt``: ``tokens`` (ids), ``content``, ``stop_type``.
+        ``penalties`` (llama-server's repeat_penalty, repeat_last_n, frequency_penalty,
+        presence_penalty) apply before the greedy pick."""
+        samplers = ["penalties", "top_k", "temperature"] if penalties else ["top_k", "temperature"]
         return self.post("/completion", {
             "prompt": prompt, "n_predict": n_predict, "temperature": 0.0, "top_k": 1,
-            "cache_prompt": False, "return_tokens": True, "samplers": ["top_k", "temperature"],
+            "cache_prompt": False, "return_tokens": True, "samplers": samplers, **(penalties or {}),
         })
 
     def close(self) -> None:

@@ -1,0 +1,160 @@
+"""Lifetimes without the garbage collector: every object is freed by reference counting alone.
+
+No C callback or destructor refers to its owner, so dropping a Context, a stream or an
+AsyncModel frees its C memory at once, with ``gc`` switched off; and the process always
+exits cleanly, whatever is still running when it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from contextlib import contextmanager
+
+import leaks
+import pytest
+
+import mullama
+from mullama import _owned
+
+
+@contextmanager
+def gc_off():
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def freed(kind: str) -> int:
+    return _owned.freed_count[kind]
+
+
+def test_del_context_frees_it_at_once(model_path):
+    with gc_off():
+        model = mullama.Model.load(model_path)
+        ctx = mullama.Context(model, n_ctx=512, warmup=False)
+        ctx.generate("Hello", max_tokens=2)
+        before = freed("context")
+        del ctx
+        assert freed("context") == before + 1
+        model.close()  # no context keeps it busy any more
+        assert model.closed
+
+
+def test_dropped_stream_and_context_free_everything(model_path):
+    with gc_off():
+        model = mullama.Model.load(model_path)
+        contexts_before, samplers_before = freed("context"), freed("sampler")
+        ctx = mullama.Context(model, n_ctx=512, warmup=False)
+        stream = ctx.generate_stream("Tell me a story:", max_tokens=50, temperature=0)
+        next(stream)
+        del stream  # its generator is finalised by refcount: the sampler is freed, the context idle
+        assert freed("sampler") == samplers_before + 1
+        del ctx
+        assert freed("context") == contexts_before + 1
+        model.close()
+
+
+def test_300_dropped_contexts_keep_memory_flat(model_path):
+    """Each context holds a KV cache of some MB: were any kept alive, RSS would climb by GBs."""
+    with gc_off():
+        model = mullama.Model.load(model_path)
+        samples = []
+        for i in range(300):
+            ctx = mullama.Context(model, n_ctx=2048, warmup=False)
+            ctx.decode(model.tokenize("Hi"))
+            del ctx
+            if i % 10 == 0:
+                samples.append(leaks.rss_kb())
+        model.close()
+    growth_mb = (samples[-1] - samples[len(samples) // 3]) / 1024
+    assert growth_mb < 50, samples  # one KV cache of 2048 tokens is ~45 MB on this model
+
+
+def test_dropped_async_model_stops_its_engine(model_path):
+    """No aclose(): the AsyncModel dropped, its engine thread ends and its context is freed."""
+    async def scenario():
+        async_model = await mullama.AsyncModel.load(model_path, n_ctx=512, parallel=2)
+        tokens = [t async for t in async_model.generate_stream("Hi", max_tokens=3, temperature=0)]
+        engine_thread = async_model.engine._thread
+        return tokens, engine_thread
+
+    with gc_off():
+        engines_before = freed("engine")
+        tokens, engine_thread = asyncio.run(scenario())
+        assert tokens
+        engine_thread.join(5)
+        assert not engine_thread.is_alive()
+        assert freed("engine") == engines_before + 1
+
+
+SCRIPT = textwrap.dedent("""
+    import asyncio, sys
+    import mullama
+
+    async def main():
+        model = await mullama.AsyncModel.load(sys.argv[1], parallel=3)
+        async def one(i):
+            async for _ in model.generate_stream("Write a long story:", max_tokens=100000, temperature=0,
+                                                 ignore_eos=True, timeout_ms=300 + 100 * i):
+                pass
+        await asyncio.gather(*(one(i) for i in range(3)))
+
+    asyncio.run(main())
+""")
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_exit_with_streams_failing_is_clean(model_path, attempt):
+    """Three concurrent streams end with STREAM_TIMEOUT and the exception leaves asyncio.run: the
+    process exits with the traceback and code 1, never a crash (it segfaulted at exit before)."""
+    result = subprocess.run([sys.executable, "-c", SCRIPT, str(model_path)], capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
+    assert "StreamTimeoutError" in result.stderr and "STREAM_TIMEOUT" not in result.stdout
+
+
+EXIT_WHILE_DECODING = textwrap.dedent("""
+    import sys, threading
+    import mullama
+
+    model = mullama.Model.load(sys.argv[1])
+    started = threading.Event()
+
+    def generate():
+        ctx = mullama.Context(model, n_ctx=1024)
+        for token in ctx.generate_stream("Write a long story:", max_tokens=100000, ignore_eos=True,
+                                         timeout_ms=None):
+            started.set()
+
+    threading.Thread(target=generate, daemon=True).start()
+    started.wait()
+    print("exiting", flush=True)
+""")
+
+
+def test_exit_while_another_thread_decodes_is_clean(model_path):
+    """The interpreter exits while a daemon thread is inside a decode: nothing it uses is freed
+    under it, and the process ends with code 0."""
+    result = subprocess.run([sys.executable, "-c", EXIT_WHILE_DECODING, str(model_path)], capture_output=True,
+                            text=True, timeout=300, check=False)
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert "exiting" in result.stdout
+
+
+def test_no_thread_is_left_behind_by_contexts(model_path):
+    before = {t.ident for t in threading.enumerate()}
+    with mullama.Model.load(model_path) as model:
+        for _ in range(3):
+            with mullama.Context(model, n_ctx=256, warmup=False) as ctx:
+                ctx.generate("Hi", max_tokens=2)
+    time.sleep(0.05)
+    assert {t.ident for t in threading.enumerate()} <= before
