@@ -142,7 +142,7 @@ _PROGRESS = re.compile(r"^\[\s*(\d+)/(\d+)\]|^\[\s*(\d+)%\]")
 
 def _run_logged(command: list[str], log: Path, label: str) -> None:
     """Run a command, appending its output to ``log``, showing progress; raise on failure."""
-    with open(log, "a") as log_file:
+    with open(log, "a", buffering=1) as log_file:  # line-buffered: the log is live
         log_file.write(f"\n$ {' '.join(command)}\n")
         log_file.flush()
         # Its own process group, so that an interruption stops the whole compiler tree.

@@ -50,12 +50,7 @@ class AsyncTokenStream(SequenceView):
         return self
 
     async def _begin(self) -> EngineRequest:
-        started = asyncio.ensure_future(asyncio.to_thread(self._start))
-        try:
-            request = await asyncio.shield(started)
-        except asyncio.CancelledError:  # the submit may still land: cancel what it makes
-            started.add_done_callback(_cancel_started)
-            raise
+        request = await submit_in_thread(self._start)
         self._request, self._sequence = request, request._sequence
         # Dropped without aclose() (a `break` out of `async for`): end the sequence anyway.
         weakref.finalize(self, request.cancel)
@@ -99,6 +94,17 @@ class AsyncTokenStream(SequenceView):
 
     def __repr__(self) -> str:
         return f"<mullama.AsyncTokenStream tokens={self.tokens_generated()} finish_reason={self.finish_reason!r}>"
+
+
+async def submit_in_thread(start: Callable[[], EngineRequest]) -> EngineRequest:
+    """``start()`` (render, tokenise, submit: CPU work) in a worker thread, never on the event loop.
+    If the awaiting task is cancelled meanwhile, the request it still makes is cancelled too."""
+    started = asyncio.ensure_future(asyncio.to_thread(start))
+    try:
+        return await asyncio.shield(started)
+    except asyncio.CancelledError:
+        started.add_done_callback(_cancel_started)
+        raise
 
 
 def _cancel_started(future: asyncio.Future) -> None:

@@ -98,6 +98,14 @@ class Compute:
                     for pool in self._pools.values():
                         self._lib.ggml_threadpool_pause(pool)
 
+    def abandon_after_fork(self) -> None:
+        """In a forked child: forget the parent's pools (their threads are not here: freeing them
+        would wait forever) and its locks (a thread that is not here may hold them)."""
+        self.lock = threading.RLock()
+        self._state = threading.Lock()
+        self._pools = {}
+        self._users = 0
+
     def close(self) -> None:
         """Free the pools (at exit, after every context is freed)."""
         with self._state, self.lock:

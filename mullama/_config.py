@@ -12,6 +12,10 @@ from ._exceptions import InvalidConfigError
 __all__ = ["StreamConfig", "resolve_config"]
 
 MAX_SEED = 2**32 - 2  # 2**32 - 1 is llama.cpp's "random seed"
+INT32_MAX = 2**31 - 1  # llama.cpp takes counts as int32_t
+MAX_BUFFER = 1_000_000  # tokens a stream's buffer may hold
+MAX_TIMEOUT_MS = 7 * 24 * 3600 * 1000  # a week
+MAX_STOP_CHARS = 1000  # per stop sequence
 
 
 def _fail(name: str, value: Any, expected: str) -> None:
@@ -68,22 +72,23 @@ class StreamConfig:
 
     def validate(self) -> None:
         """Check every field; raise InvalidConfigError naming the first bad one."""
-        _check_int("max_tokens", self.max_tokens, 1)
+        _check_int("max_tokens", self.max_tokens, 1, INT32_MAX)
         _check_float("temperature", self.temperature, 0.0, 100.0)
-        _check_int("top_k", self.top_k, 0)
+        _check_int("top_k", self.top_k, 0, INT32_MAX)
         _check_float("top_p", self.top_p, 0.0, 1.0, low_open=True)
         if not isinstance(self.stop_sequences, (list, tuple)):
             _fail("stop_sequences", self.stop_sequences, "a list of non-empty strings")
         for stop in self.stop_sequences:
-            if not isinstance(stop, str) or not stop:
-                _fail("stop_sequences", self.stop_sequences, "a list of non-empty strings")
+            if not isinstance(stop, str) or not stop or len(stop) > MAX_STOP_CHARS:
+                _fail("stop_sequences", self.stop_sequences,
+                      f"a list of non-empty strings of at most {MAX_STOP_CHARS} characters")
         self.stop_sequences = list(self.stop_sequences)
-        _check_int("buffer_size", self.buffer_size, 1)
-        _check_int("timeout_ms", self.timeout_ms, 1, optional=True)
+        _check_int("buffer_size", self.buffer_size, 1, MAX_BUFFER)
+        _check_int("timeout_ms", self.timeout_ms, 1, MAX_TIMEOUT_MS, optional=True)
         _check_int("seed", self.seed, 0, MAX_SEED, optional=True)
         _check_float("min_p", self.min_p, 0.0, 1.0)
         _check_float("repeat_penalty", self.repeat_penalty, 0.0, 100.0, low_open=True)
-        _check_int("repeat_last_n", self.repeat_last_n, -1)
+        _check_int("repeat_last_n", self.repeat_last_n, -1, INT32_MAX)
         _check_float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         _check_float("presence_penalty", self.presence_penalty, -2.0, 2.0)
         if not isinstance(self.ignore_eos, bool):

@@ -19,7 +19,6 @@ from ._context_params import (
     prompt_breaks,
 )
 from ._exceptions import (
-    ClosedError,
     ContextError,
     ContextOverflowError,
     InvalidConfigError,
@@ -241,7 +240,7 @@ class Context(Owned):
                                "give each thread its own Context (they can share one Model).")
         if self._ptr is None:
             self._guard.release()
-            raise ClosedError("this context is closed; create a new one to go on.")
+            self.ensure_open()  # raises the ClosedError that says why
         if generation is not None and generation != self._generation:
             self._guard.release()
             raise ContextError("another generation started on this Context, which ends this one; "
@@ -342,6 +341,8 @@ class Context(Owned):
 
     def close(self) -> None:
         """Free the KV cache and the context. Refused while another thread uses it."""
+        if self._ptr is None:
+            return
         if not self._guard.acquire(blocking=False):
             raise ContextError("this context is in use by another thread; stop its generation first.")
         try:

@@ -113,12 +113,72 @@ class ContextSettings:
         return self.n_threads_batch or self.threads
 
 
+def kv_cache_bytes(model: Model, n_ctx: int) -> int:
+    """About how much memory the KV cache of ``n_ctx`` tokens takes (f16 keys and values in every
+    layer; an upper bound for models with sliding-window layers, 0 for recurrent ones)."""
+    lib, ptr = model._library.lib, model.ptr
+    if lib.llama_model_is_recurrent(ptr):
+        return 0
+    n_head = max(1, lib.llama_model_n_head(ptr))
+    n_head_kv = max(1, lib.llama_model_n_head_kv(ptr))
+    head = lib.llama_model_n_embd(ptr) // n_head
+    key_length = _arch_int(model, "attention.key_length") or head
+    value_length = _arch_int(model, "attention.value_length") or head
+    return n_ctx * lib.llama_model_n_layer(ptr) * n_head_kv * (key_length + value_length) * 2
+
+
+def _arch_int(model: Model, key: str) -> int:
+    """The integer metadata value ``<architecture>.<key>``, or 0 when absent."""
+    ffi, lib = model._library.ffi, model._library.lib
+    buf = ffi.new("char[]", 128)
+
+    def value(name: str) -> str:
+        n = lib.llama_model_meta_val_str(model.ptr, name.encode(), buf, 128)
+        return ffi.string(buf).decode("utf-8", "replace") if 0 <= n < 128 else ""
+
+    text = value(f"{value('general.architecture')}.{key}")
+    return int(text) if text.isdigit() else 0
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process could still get (MemAvailable and free swap, within a cgroup
+    limit), or None where that cannot be read."""
+    try:
+        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in open("/proc/meminfo")
+                if line.split()[1:2] and line.split()[1].isdigit()}
+    except OSError:
+        return None
+    if "MemAvailable" not in info:
+        return None
+    available = info["MemAvailable"] + info.get("SwapFree", 0)
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        used = int(open("/sys/fs/cgroup/memory.current").read().strip())
+        if limit.isdigit():
+            available = min(available, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def check_memory(model: Model, n_ctx: int) -> None:
+    """Refuse at once a context whose KV cache cannot fit in the memory left (llama.cpp would
+    allocate for seconds first, then fail or push the machine into swap)."""
+    needed = kv_cache_bytes(model, n_ctx)
+    available = available_memory()
+    if available is not None and needed > available:
+        raise ContextError(f"a context of {n_ctx} tokens needs about {needed / 2**30:.1f} GiB for its KV cache, "
+                           f"but only {max(available, 0) / 2**30:.1f} GiB of memory is available; "
+                           "use a smaller n_ctx (or fewer parallel sequences).")
+
+
 def create_context(model: Model, settings: ContextSettings) -> Any:
     """A new ``llama_context *`` for ``model`` (the caller owns it); ContextError if llama.cpp refuses."""
     library = model._library
     ffi, lib = library.ffi, library.lib
     params = lib.llama_context_default_params()
     params.n_ctx = settings.n_ctx or default_n_ctx(model) * settings.n_seq_max
+    check_memory(model, params.n_ctx)
     params.n_batch = min(settings.n_batch, params.n_ctx)
     params.n_ubatch = min(DEFAULT_UBATCH, params.n_batch)
     params.n_seq_max = settings.n_seq_max

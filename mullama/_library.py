@@ -14,6 +14,7 @@ called, under a lock. llama.cpp's log lines go to the ``logging`` logger
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import logging
 import os
@@ -124,7 +125,7 @@ def candidate_paths(commit: str) -> list[tuple[str, Path]]:
 def _on_log(level: int, text: Any, _user_data: Any, ffi: Any, state: dict) -> None:
     try:
         message = ffi.string(text).decode("utf-8", "replace") if text else ""
-        if level == 5:  # GGML_LOG_LEVEL_CONT: continues the previous line
+        if level == state["continued"]:  # GGML_LOG_LEVEL_CONT: continues the previous line
             state["buffer"] += message
         else:
             if state["buffer"]:
@@ -137,20 +138,26 @@ def _on_log(level: int, text: Any, _user_data: Any, ffi: Any, state: dict) -> No
         pass
 
 
-_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+# ggml's log levels (by their names in the bindings' enum ggml_log_level) as logging's.
+_LEVELS = {"NONE": logging.DEBUG, "DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARN": logging.WARNING,
+           "ERROR": logging.ERROR}
 
 
 def _emit(state: dict) -> None:
     text = state["buffer"].rstrip("\n")
     state["buffer"] = ""
-    level = _LEVELS.get(state["level"], logging.INFO)
+    level = state["levels"].get(state["level"], logging.INFO)
     if text and log.isEnabledFor(level):
         log.log(level, "%s", text)
 
 
 def _log_forwarder(ffi: Any):
     """The function llama.cpp calls with each log fragment (it keeps the partial line)."""
-    state = {"buffer": "", "level": 2}
+    names = {value: name.removeprefix("GGML_LOG_LEVEL_")
+             for value, name in ffi.typeof("enum ggml_log_level").elements.items()}
+    levels = {value: _LEVELS[name] for value, name in names.items() if name in _LEVELS}
+    by_name = {name: value for value, name in names.items()}
+    state: dict[str, Any] = {"buffer": "", "level": by_name["INFO"], "levels": levels, "continued": by_name["CONT"]}
 
     def forward(level: int, text: Any, data: Any) -> None:
         _on_log(level, text, data, ffi, state)
@@ -184,6 +191,8 @@ def _load() -> Library:
         lib.llama_backend_init()
         compute = Compute(ffi, lib)
         atexit.register(_at_exit, ffi, lib, compute)
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=functools.partial(_after_fork_in_child, compute))
         return Library(ffi, lib, path, manifest, compute)
     raise LibraryError(
         "cannot find libllama:\n  " + "\n  ".join(errors)
@@ -191,6 +200,16 @@ def _load() -> Library:
         "wheel that bundles it, or set MULLAMA_LIBRARY_PATH to a libllama.so built from llama.cpp "
         f"{commit[:12]}."
     )
+
+
+def _after_fork_in_child(compute: Compute) -> None:
+    """In a child made by fork(): the parent's compute threads do not exist here, so contexts and
+    engines inherited from it can never decode again (their thread pools would wait forever).
+    They become closed (ClosedError says why); models stay usable, and new contexts get new pools."""
+    from ._owned import invalidate_after_fork
+
+    invalidate_after_fork()
+    compute.abandon_after_fork()
 
 
 def _at_exit(ffi: Any, lib: Any, compute: Compute) -> None:

@@ -38,6 +38,15 @@ def close_all() -> int:
     return left_open
 
 
+def invalidate_after_fork() -> None:
+    """In a forked child, close (without freeing) every context and engine inherited from the parent."""
+    for obj in list(_live):
+        if obj._kind in ("context", "engine") and obj._ptr is not None:
+            obj._detach()
+            obj._ptr = None
+            obj._inherited_by_fork = True
+
+
 class Owned:
     """Owns one C pointer.
 
@@ -48,6 +57,7 @@ class Owned:
 
     _kind = "object"
     _ptr: Any = None
+    _inherited_by_fork = False
     # At exit: engines (0), then contexts (1), then models (2). None: never closed at exit (a sampler
     # chain may be in use by a stream in another thread; freeing it needs no log callback).
     _close_order: int | None = 1
@@ -73,6 +83,9 @@ class Owned:
     def ensure_open(self) -> None:
         """Raise ClosedError after close()."""
         if self._ptr is None:
+            if self._inherited_by_fork:
+                raise ClosedError(f"this {self._kind} was inherited through fork(), where its compute threads do "
+                                  f"not exist; create a new one in the child (models can be shared).")
             raise ClosedError(f"this {self._kind} is closed; create a new one to go on.")
 
     @property

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ._exceptions import StreamTimeoutError
+from ._exceptions import InvalidConfigError, StreamTimeoutError
 from ._sampler import SamplerChain
 from ._text import TextAssembler
 
@@ -58,6 +58,12 @@ class Sequence:
 
     def __init__(self, model: Model, prompt_tokens: list[int], config: StreamConfig, *, n_ctx: int,
                  default_seed: int | None = None) -> None:
+        if config.top_k > model.vocab_size:
+            raise InvalidConfigError(f"StreamConfig.top_k must be at most the vocabulary size "
+                                     f"({model.vocab_size}), not {config.top_k}.")
+        if config.repeat_last_n > n_ctx:
+            raise InvalidConfigError(f"StreamConfig.repeat_last_n must be at most the context size ({n_ctx}), "
+                                     f"not {config.repeat_last_n}.")
         self.prompt_tokens = prompt_tokens
         self.config = config
         self.limit = min(config.max_tokens, n_ctx - len(prompt_tokens))

@@ -36,6 +36,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from . import _openai
+from ._async import submit_in_thread
 from ._context_params import ContextSettings
 from ._engine import Engine, EngineRequest
 from ._exceptions import (
@@ -59,6 +60,7 @@ class ServerSettings:
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
     max_tokens_limit: int = 4096
+    max_prompt_chars: int = 4 << 20  # the rendered prompt (template included), before tokenising
 
 
 def is_loopback(host: str) -> bool:
@@ -82,6 +84,25 @@ class _Metrics:
         now = time.monotonic()
         self.recent.append((now, tokens))
         self.recent = [(t, n) for t, n in self.recent if now - t < 60]
+
+
+def parse_json(body: bytes | bytearray | str) -> Any:
+    """A request's JSON; any failure (nesting too deep included) is a 400 APIError."""
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise APIError(400, "the request body is not valid JSON: nested too deeply.") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"the request body is not valid JSON: {exc}.") from None
+
+
+async def _cancel_on_disconnect(request: Request, job: EngineRequest) -> None:
+    """Cancel ``job`` when the HTTP client goes away (its body is read: the next message is that)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            job.cancel()
+            return
 
 
 def create_app(model: Model, engine: Engine, settings: ServerSettings) -> Starlette:
@@ -118,20 +139,25 @@ def create_app(model: Model, engine: Engine, settings: ServerSettings) -> Starle
                     raise APIError(413, f"the request body is larger than {settings.max_body_bytes} bytes.")
         except ClientDisconnect:
             raise APIError(400, "the client disconnected while sending the body.") from None
-        try:
-            return json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise APIError(400, f"the request body is not valid JSON: {exc}.") from None
+        return parse_json(body)
 
     def prompt_tokens(parsed: _openai.ParsedRequest) -> list[int]:
+        """The request's prompt, rendered and tokenised (CPU work: called in a worker thread)."""
         try:
             if parsed.messages is not None:
                 text = model.apply_chat_template(parsed.messages, add_generation_prompt=True)
             else:
                 text = parsed.prompt or ""
+            if len(text) > settings.max_prompt_chars:
+                raise APIError(413, f"the prompt is {len(text)} characters long once rendered; the limit is "
+                                    f"{settings.max_prompt_chars}.", param="messages" if parsed.messages else "prompt")
             return model.tokenize(text, add_special=True, parse_special=True)
         except (TemplateError, TokenizeError, InvalidConfigError) as exc:
             raise APIError(400, str(exc), param="messages" if parsed.kind == "chat" else "prompt") from None
+
+    def prepare(parsed: _openai.ParsedRequest) -> EngineRequest:
+        """Render, tokenise and submit ``parsed`` (in a worker thread: the event loop stays free)."""
+        return submit(prompt_tokens(parsed), parsed)
 
     def submit(tokens: list[int], parsed: _openai.ParsedRequest) -> EngineRequest:
         try:
@@ -152,28 +178,29 @@ def create_app(model: Model, engine: Engine, settings: ServerSettings) -> Starle
         try:
             body = await read_json(request)
             parsed = _openai.parse_request(body, kind, max_tokens_limit=settings.max_tokens_limit)
-            tokens = prompt_tokens(parsed)
-            job = submit(tokens, parsed)
+            job = await submit_in_thread(lambda: prepare(parsed))
         except APIError as exc:
             return error(exc)
         request_id = _openai.new_id(kind)
         if parsed.stream:
             metrics.count(200)
-            return StreamingResponse(sse(job, parsed, kind, request_id, len(tokens)),
+            return StreamingResponse(sse(job, parsed, kind, request_id, job.prompt_tokens),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        # Nobody reads a non-streamed answer once its client is gone: stop generating then too.
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
         try:
             while await job.next_token() is not None:
                 pass
         except MullamaError as exc:
             return error(_openai.generation_error(exc))
-        except asyncio.CancelledError:
-            job.cancel()
-            raise
+        finally:
+            watcher.cancel()
+            job.cancel()  # (no-op once finished)
         metrics.count(200)
         metrics.finished(job.completion_tokens)
         return JSONResponse(_openai.completion_body(kind, request_id, model_name, job.text, job.finish_reason or "stop",
-                                                    len(tokens), job.completion_tokens))
+                                                    job.prompt_tokens, job.completion_tokens))
 
     async def sse(job: EngineRequest, parsed, kind: str, request_id: str, n_prompt: int) -> AsyncIterator[str]:
         stamp = int(time.time())
@@ -259,11 +286,16 @@ def create_app(model: Model, engine: Engine, settings: ServerSettings) -> Starle
         current: asyncio.Task | None = None
         try:
             while True:
-                message = await ws.receive_text()
+                message = await ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                if message.get("text") is None:  # a binary frame: not this protocol
+                    await ws.close(code=1003, reason="send JSON in text frames")
+                    break
                 try:
-                    data = json.loads(message)
-                except ValueError:
-                    await ws.send_json({"type": "error", "error": {"message": "send JSON messages."}})
+                    data = parse_json(message["text"])
+                except APIError as exc:
+                    await ws.send_json({"type": "error", "status": 400, **exc.body()})
                     continue
                 if isinstance(data, dict) and data.get("type") == "cancel":
                     if current is not None and not current.done():
@@ -289,15 +321,14 @@ def create_app(model: Model, engine: Engine, settings: ServerSettings) -> Starle
             kind = "chat" if "messages" in data else "completion"
             data.pop("stream", None)
             parsed = _openai.parse_request(data, kind, max_tokens_limit=settings.max_tokens_limit)
-            tokens = prompt_tokens(parsed)
-            job = submit(tokens, parsed)
+            job = await submit_in_thread(lambda: prepare(parsed))
             while True:
                 token = await job.next_token()
                 if token is None:
                     break
                 await ws.send_json({"type": "token", "text": token.text, "id": token.id})
             await ws.send_json({"type": "done", "finish_reason": job.finish_reason,
-                                "usage": _openai.usage(len(tokens), job.completion_tokens)})
+                                "usage": _openai.usage(job.prompt_tokens, job.completion_tokens)})
             metrics.finished(job.completion_tokens)
         except APIError as exc:
             await ws.send_json({"type": "error", "status": exc.status, **exc.body()})

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
-from upstream import free_port
+from inprocess_server import InProcessServer, wait_for
 
 import mullama
 from mullama import StreamConfig
@@ -31,14 +29,6 @@ def read_all(request) -> list:
             tokens.append(token)
         return tokens
     return asyncio.run(collect())
-
-
-def wait_for(condition, timeout: float = 10.0) -> float:
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout, "condition not reached"
-        time.sleep(0.005)
-    return time.monotonic() - started
 
 
 @pytest.fixture()
@@ -120,22 +110,6 @@ def test_engine_seed_makes_sampling_reproducible(model):
         with Engine(model, parallel=1, n_ctx=512, seed=7) as engine:
             runs.append([t.id for t in read_all(engine.submit(model.tokenize("Tell me a story:"), config))])
     assert runs[0] == runs[1]
-
-
-class InProcessServer:
-    """The real app on uvicorn, on 127.0.0.1, in a thread of this process."""
-
-    def __init__(self, app) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        wait_for(lambda: self.server.started)
-
-    def close(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 @pytest.fixture()
