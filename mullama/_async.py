@@ -17,7 +17,7 @@ import os
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from ._config import StreamConfig, resolve_config
 from ._context import Completion
@@ -26,7 +26,9 @@ from ._exceptions import InvalidConfigError
 from ._model import Model
 from ._sequence import SequenceView, Token
 
-__all__ = ["AsyncModel", "AsyncTokenStream"]
+__all__ = ["AsyncModel", "AsyncTokenStream", "submit_in_thread"]
+
+T = TypeVar("T")
 
 ENGINE_OPTIONS = frozenset({"parallel", "n_ctx", "n_batch", "n_threads", "seed", "flash_attn", "max_queue"})
 
@@ -50,7 +52,7 @@ class AsyncTokenStream(SequenceView):
         return self
 
     async def _begin(self) -> EngineRequest:
-        request = await submit_in_thread(self._start)
+        request = await submit_in_thread(self._start, EngineRequest.cancel)
         self._request, self._sequence = request, request._sequence
         # Dropped without aclose() (a `break` out of `async for`): end the sequence anyway.
         weakref.finalize(self, request.cancel)
@@ -96,20 +98,20 @@ class AsyncTokenStream(SequenceView):
         return f"<mullama.AsyncTokenStream tokens={self.tokens_generated()} finish_reason={self.finish_reason!r}>"
 
 
-async def submit_in_thread(start: Callable[[], EngineRequest]) -> EngineRequest:
+async def submit_in_thread(start: Callable[[], T], undo: Callable[[T], object]) -> T:
     """``start()`` (render, tokenise, submit: CPU work) in a worker thread, never on the event loop.
-    If the awaiting task is cancelled meanwhile, the request it still makes is cancelled too."""
+    If the awaiting task is cancelled meanwhile, ``undo`` is applied to what it still makes (the
+    requests it submitted are cancelled)."""
     started = asyncio.ensure_future(asyncio.to_thread(start))
     try:
         return await asyncio.shield(started)
     except asyncio.CancelledError:
-        started.add_done_callback(_cancel_started)
+        def undo_when_done(future: asyncio.Future) -> None:
+            if not future.cancelled() and future.exception() is None:
+                undo(future.result())
+
+        started.add_done_callback(undo_when_done)
         raise
-
-
-def _cancel_started(future: asyncio.Future) -> None:
-    if not future.cancelled() and future.exception() is None:
-        future.result().cancel()
 
 
 class AsyncModel:

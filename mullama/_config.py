@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -16,6 +16,7 @@ INT32_MAX = 2**31 - 1  # llama.cpp takes counts as int32_t
 MAX_BUFFER = 1_000_000  # tokens a stream's buffer may hold
 MAX_TIMEOUT_MS = 7 * 24 * 3600 * 1000  # a week
 MAX_STOP_CHARS = 1000  # per stop sequence
+MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit
 
 
 def _fail(name: str, value: Any, expected: str) -> None:
@@ -44,6 +45,11 @@ class StreamConfig:
     ``temperature=0`` is greedy decoding (what upstream llama.cpp gives at temperature 0).
     A ``seed`` makes sampling reproducible. Invalid values raise InvalidConfigError
     (``code == "INVALID_CONFIG"``) naming the field.
+
+    The samplers and their defaults beyond the seed's five are upstream's (``common_sampler``),
+    applied in its order: logit bias, grammar, penalties, DRY, top-n-sigma, top-k, typical-p,
+    top-p, min-p, XTC, temperature, then the pick (or mirostat). ``grammar`` (GBNF) or
+    ``json_schema`` constrain the output.
     """
 
     max_tokens: int = 256
@@ -54,11 +60,26 @@ class StreamConfig:
     buffer_size: int = 64
     timeout_ms: int | None = 30000
     seed: int | None = None
-    min_p: float = 0.0
+    min_p: float = 0.05
     repeat_penalty: float = 1.0
     repeat_last_n: int = 64
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    typical_p: float = 1.0
+    top_n_sigma: float = -1.0
+    xtc_probability: float = 0.0
+    xtc_threshold: float = 0.1
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = 64
+    mirostat: int = 0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    logit_bias: Mapping[int, float] | None = None  # token id -> added to its logit (-inf bans it)
+    logprobs: int | None = None  # K: every token gets its logprob and the K most likely alternatives
+    grammar: str | None = None  # GBNF, with a `root` rule
+    json_schema: Any = None  # a JSON Schema (dict, or True for any JSON value) the output must follow
     ignore_eos: bool = False  # keep going after an end-of-generation token (benchmarks, tests)
     # Reuse the KV cache of the prompt's beginning when it is already there (llama-server's
     # cache_prompt). False decodes the whole prompt afresh: batch boundaries then fall where a fresh
@@ -95,6 +116,47 @@ class StreamConfig:
             _fail("ignore_eos", self.ignore_eos, "True or False")
         if not isinstance(self.cache_prompt, bool):
             _fail("cache_prompt", self.cache_prompt, "True or False")
+        _check_float("typical_p", self.typical_p, 0.0, 1.0)
+        _check_float("top_n_sigma", self.top_n_sigma, -1.0, 100.0)
+        _check_float("xtc_probability", self.xtc_probability, 0.0, 1.0)
+        _check_float("xtc_threshold", self.xtc_threshold, 0.0, 1.0)
+        _check_float("dry_multiplier", self.dry_multiplier, 0.0, 100.0)
+        _check_float("dry_base", self.dry_base, 0.0, 100.0)
+        _check_int("dry_allowed_length", self.dry_allowed_length, 0, INT32_MAX)
+        _check_int("dry_penalty_last_n", self.dry_penalty_last_n, -1, INT32_MAX)
+        _check_int("mirostat", self.mirostat, 0, 2)
+        _check_float("mirostat_tau", self.mirostat_tau, 0.0, 100.0)
+        _check_float("mirostat_eta", self.mirostat_eta, 0.0, 1.0)
+        self._check_logit_bias()
+        _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS, optional=True)
+        if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar.strip()):
+            _fail("grammar", self.grammar, "GBNF text (a str with a root rule) or None")
+        if self.json_schema is not None:
+            if self.grammar is not None:
+                raise InvalidConfigError("StreamConfig takes grammar or json_schema, not both.")
+            if not isinstance(self.json_schema, (dict, bool)):
+                _fail("json_schema", self.json_schema, "a JSON Schema (a dict, or True) or None")
+
+    def _check_logit_bias(self) -> None:
+        bias = self.logit_bias
+        if bias is None:
+            return
+        if not isinstance(bias, Mapping) or len(bias) > 1_000_000:
+            _fail("logit_bias", bias, "a dict of token id -> bias")
+        for token, value in bias.items():
+            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token <= INT32_MAX:
+                _fail("logit_bias", bias, "a dict whose keys are token ids (non-negative integers)")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
+                    or value == math.inf or (math.isfinite(value) and abs(value) > 100):
+                _fail("logit_bias", bias, "a dict of biases from -100 to 100 (or -inf to ban a token)")
+
+    def grammar_text(self) -> str | None:
+        """The GBNF grammar that constrains the output: ``grammar``, or ``json_schema`` converted."""
+        if self.json_schema is None:
+            return self.grammar
+        from ._json_schema import json_schema_to_grammar
+
+        return json_schema_to_grammar(self.json_schema)
 
     @property
     def greedy(self) -> bool:

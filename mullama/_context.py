@@ -249,15 +249,15 @@ class Context(Owned):
     def _token_loop(self, generation: int, sequence: Sequence) -> Iterator[Token]:
         lib, ptr, lock, guard = self._lib, self.ptr, self._lock, self._guard
         buf, batch, tokens = self._token_buf, self._one_token_batch, self._tokens
-        sample, accept, smpl = lib.llama_sampler_sample, sequence.accept, sequence.sampler.ptr
+        sample, accept = sequence.sampler.sample, sequence.accept
         while True:
             self._enter_step(generation)
             try:
                 with lock:  # sampling takes the cores too: not beside another context's decode
-                    token_id = sample(smpl, ptr, -1)
+                    token_id = sample(ptr, -1)
             finally:
                 guard.release()
-            token = accept(token_id)
+            token = accept(token_id, ptr, -1)
             yield token
             if token.finish_reason is not None:
                 return

@@ -365,8 +365,8 @@ class Engine(Owned):
         if sequence.prompt_done is None:
             sequence.prompt_decoded(sequence.cached_tokens)
         with self._lock:
-            token_id = self._lib.llama_sampler_sample(sequence.sampler.ptr, self.ptr, slot.batch_row)
-        token = sequence.accept(token_id)
+            token_id = sequence.sampler.sample(self.ptr, slot.batch_row)
+        token = sequence.accept(token_id, self.ptr, slot.batch_row)
         request.channel.offer(token)  # there is room: checked before decoding
         if token.finish_reason is not None:
             self._finish(slot)

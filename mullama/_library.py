@@ -143,10 +143,20 @@ _LEVELS = {"NONE": logging.DEBUG, "DEBUG": logging.DEBUG, "INFO": logging.INFO, 
            "ERROR": logging.ERROR}
 
 
+_last_error: list[str] = []  # llama.cpp's latest error line, for messages that need its reason
+
+
+def last_error() -> str | None:
+    """The latest error line llama.cpp logged (taken: a second call returns None)."""
+    return _last_error.pop() if _last_error else None
+
+
 def _emit(state: dict) -> None:
     text = state["buffer"].rstrip("\n")
     state["buffer"] = ""
     level = state["levels"].get(state["level"], logging.INFO)
+    if level >= logging.ERROR and text:
+        _last_error[:] = [text]
     if text and log.isEnabledFor(level):
         log.log(level, "%s", text)
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 import math
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ._config import StreamConfig
 from ._exceptions import InvalidConfigError, MullamaError
+from ._sequence import Token
 
 __all__ = ["APIError", "ParsedRequest", "chunk", "completion_body", "error_body", "parse_request", "usage"]
 
@@ -21,10 +23,15 @@ __all__ = ["APIError", "ParsedRequest", "chunk", "completion_body", "error_body"
 _COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "stop",
            "seed", "stream", "stream_options", "n", "frequency_penalty", "presence_penalty", "repeat_penalty",
            "ignore_eos", "user", "store", "metadata", "service_tier", "logprobs", "top_logprobs", "logit_bias",
-           "response_format", "parallel_tool_calls", "cache_prompt"}
+           "response_format", "parallel_tool_calls", "cache_prompt", "tools", "tool_choice",
+           # llama-server's sampling extensions
+           "grammar", "json_schema", "typical_p", "repeat_last_n", "mirostat", "mirostat_tau", "mirostat_eta",
+           "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n", "xtc_probability",
+           "xtc_threshold", "top_n_sigma"}
 CHAT_FIELDS = _COMMON | {"messages"}
 COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "suffix", "best_of"}
 MAX_STOPS = 16
+MAX_CHOICES = 8
 
 
 class APIError(Exception):
@@ -63,6 +70,14 @@ class ParsedRequest:
     include_usage: bool
     messages: list | None = None
     prompt: str | None = None
+    n: int = 1  # choices, each its own sequence
+
+    def choice_configs(self) -> list[StreamConfig]:
+        """One config per choice: with a seed, choice i samples with seed + i (so choices differ)."""
+        seed = self.config.seed
+        if self.n == 1 or seed is None:
+            return [self.config] * self.n
+        return [self.config.with_options(seed=(seed + i) % (2**32 - 1)) for i in range(self.n)]
 
 
 def _bad(message: str, param: str | None = None) -> APIError:
@@ -99,15 +114,10 @@ def parse_request(body: Any, kind: str, *, max_tokens_limit: int) -> ParsedReque
         raise _bad(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0])
     if "model" in body and not isinstance(body["model"], str):
         raise _bad("'model' must be a string.", "model")
-    n = _integer(body, "n", 1, 1)
-    del n
-    if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
-        raise _bad("logprobs are not supported by this server.", "logprobs")
-    if body.get("logit_bias") not in (None, {}):
-        raise _bad("logit_bias is not supported by this server.", "logit_bias")
-    response_format = body.get("response_format")
-    if response_format is not None and response_format != {"type": "text"}:
-        raise _bad("only response_format {\"type\": \"text\"} is supported.", "response_format")
+    n = _integer(body, "n", 1, MAX_CHOICES) or 1
+    n_logprobs = _requested_logprobs(body, kind)
+    if body.get("tools") not in (None, []) or body.get("tool_choice") not in (None, "none", "auto"):
+        raise _bad("tool calling is not supported by this server yet; send no tools.", "tools")
     if kind == "completion" and (body.get("echo") or body.get("suffix") or body.get("best_of") not in (None, 1)):
         raise _bad("echo, suffix and best_of are not supported by this server.")
 
@@ -153,6 +163,21 @@ def parse_request(body: Any, kind: str, *, max_tokens_limit: int) -> ParsedReque
     for flag in ("ignore_eos", "cache_prompt"):  # llama-server's extensions
         if isinstance(body.get(flag), bool):
             fields[flag] = body[flag]
+    for name in ("typical_p", "mirostat_tau", "mirostat_eta", "dry_multiplier", "dry_base", "xtc_probability",
+                 "xtc_threshold", "top_n_sigma"):
+        number = _number(body, name, -1e9, 1e9)
+        if number is not None:
+            fields[name] = number
+    for name in ("repeat_last_n", "mirostat", "dry_allowed_length", "dry_penalty_last_n"):
+        integer = _integer(body, name, -1, 2**31 - 1)
+        if integer is not None:
+            fields[name] = integer
+    fields.update(_output_constraint(body))
+    if n_logprobs is not None:
+        fields["logprobs"] = n_logprobs
+    bias = _logit_bias(body.get("logit_bias"))
+    if bias:
+        fields["logit_bias"] = bias
     try:
         config = StreamConfig(**fields)
     except InvalidConfigError as exc:
@@ -162,13 +187,102 @@ def parse_request(body: Any, kind: str, *, max_tokens_limit: int) -> ParsedReque
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise _bad("'messages' must be a non-empty list of {role, content} objects.", "messages")
-        return ParsedRequest("chat", config, stream, include_usage, messages=messages)
+        return ParsedRequest("chat", config, stream, include_usage, messages=messages, n=n)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt:
         raise _bad("'prompt' must be a non-empty string.", "prompt")
-    return ParsedRequest("completion", config, stream, include_usage, prompt=prompt)
+    return ParsedRequest("completion", config, stream, include_usage, prompt=prompt, n=n)
+
+
+def _requested_logprobs(body: dict, kind: str) -> int | None:
+    """How many alternatives per token the request wants (None: no logprobs). Chat: ``logprobs: true``
+    with ``top_logprobs`` 0-20; completions: ``logprobs`` 0-20 (OpenAI's legacy field)."""
+    if kind == "chat":
+        wanted = body.get("logprobs")
+        if wanted not in (None, True, False):
+            raise _bad("'logprobs' must be true or false.", "logprobs")
+        top = _integer(body, "top_logprobs", 0, 20)
+        if top is not None and not wanted:
+            raise _bad("'top_logprobs' needs 'logprobs': true.", "top_logprobs")
+        return (top or 0) if wanted else None
+    if body.get("top_logprobs") is not None:
+        raise _bad("completions take 'logprobs': N; 'top_logprobs' is for chat.", "top_logprobs")
+    return _integer(body, "logprobs", 0, 20)
+
+
+Piece = Callable[[int], bytes]  # a token id's bytes (Model._cached_piece)
+
+
+def logprobs_body(kind: str, tokens: list[Token] | None, piece: Piece) -> dict | None:
+    """The ``logprobs`` of a choice for ``tokens`` (those that carry logprobs; end-of-generation tokens,
+    which have no text, are left out as OpenAI does), or None when they carry none."""
+    kept = [t for t in tokens or () if t.logprob is not None and (t.text or piece(t.id))]
+    if not kept:
+        return None
+    if kind == "chat":
+        return {"content": [{"token": piece(t.id).decode("utf-8", "replace"), "logprob": t.logprob,
+                             "bytes": list(piece(t.id)),
+                             "top_logprobs": [{"token": top.text, "logprob": top.logprob, "bytes": list(top.bytes)}
+                                              for top in t.top_logprobs]} for t in kept],
+                "refusal": None}
+    offsets, offset = [], 0
+    for t in kept:
+        offsets.append(offset)
+        offset += len(t.text)
+    return {"tokens": [piece(t.id).decode("utf-8", "replace") for t in kept],
+            "token_logprobs": [t.logprob for t in kept],
+            "top_logprobs": [{top.text: top.logprob for top in t.top_logprobs} for t in kept],
+            "text_offset": offsets}
+
+
+def _output_constraint(body: dict) -> dict[str, Any]:
+    """``response_format`` (OpenAI), or llama-server's ``grammar`` / ``json_schema``, as StreamConfig fields."""
+    response_format = body.get("response_format")
+    grammar, schema = body.get("grammar"), body.get("json_schema")
+    if response_format is not None:
+        if not isinstance(response_format, dict) or response_format.get("type") not in ("text", "json_object",
+                                                                                          "json_schema"):
+            raise _bad("'response_format' must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                       "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}.",
+                       "response_format")
+        kind = response_format["type"]
+        if kind == "json_object":
+            schema = {"type": "object"}
+        elif kind == "json_schema":
+            spec = response_format.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, bool)):
+                raise _bad("'response_format.json_schema' must be an object with a 'schema'.", "response_format")
+            schema = spec.get("schema", True)
+    if grammar is not None and schema is not None:
+        raise _bad("send one of 'grammar', 'json_schema' and a JSON 'response_format', not several.", "grammar")
+    if grammar is not None:
+        if not isinstance(grammar, str) or not grammar.strip():
+            raise _bad("'grammar' must be GBNF text with a root rule.", "grammar")
+        return {"grammar": grammar}
+    if schema is not None:
+        if not isinstance(schema, (dict, bool)):
+            raise _bad("'json_schema' must be a JSON Schema object.", "json_schema")
+        return {"json_schema": schema}
+    return {}
+
+
+def _logit_bias(value: Any) -> dict[int, float]:
+    """OpenAI's logit_bias: token ids as strings (or ints) -> a bias from -100 to 100."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or len(value) > 1024:
+        raise _bad("'logit_bias' must be an object of at most 1024 token ids -> biases.", "logit_bias")
+    result: dict[int, float] = {}
+    for key, bias in value.items():
+        token = key if isinstance(key, int) else int(key) if isinstance(key, str) and key.isdigit() else None
+        if token is None or isinstance(bias, bool) or not isinstance(bias, (int, float)) \
+                or not math.isfinite(bias) or not -100 <= bias <= 100:
+            raise _bad(f"'logit_bias' maps token ids to numbers from -100 to 100; {key!r}: {bias!r} is not that.",
+                       "logit_bias")
+        result[token] = float(bias)
+    return result
 
 
 def new_id(kind: str) -> str:
@@ -181,18 +295,20 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def chunk(kind: str, request_id: str, model: str, created: int, *, text: str | None = None,
-          role: bool = False, finish_reason: str | None = None) -> dict:
-    """One streamed chunk: the role, a piece of text, or the final finish_reason."""
+          role: bool = False, finish_reason: str | None = None, logprobs: dict | None = None,
+          index: int = 0) -> dict:
+    """One streamed chunk of choice ``index``: the role, a piece of text (and the logprobs of its
+    tokens), or the final finish_reason."""
     if kind == "chat":
         delta: dict = {}
         if role:
             delta = {"role": "assistant", "content": ""}
         elif text is not None:
             delta = {"content": text}
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         return {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
                 "choices": [choice]}
-    choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+    choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
     return {"id": request_id, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
 
 
@@ -203,15 +319,25 @@ def usage_chunk(kind: str, request_id: str, model: str, created: int, prompt_tok
             "usage": usage(prompt_tokens, completion_tokens)}
 
 
-def completion_body(kind: str, request_id: str, model: str, text: str, finish_reason: str,
-                    prompt_tokens: int, completion_tokens: int) -> dict:
+@dataclass
+class Choice:
+    """One finished choice of a non-streamed answer."""
+
+    text: str
+    finish_reason: str
+    logprobs: dict | None = None
+
+
+def completion_body(kind: str, request_id: str, model: str, choices: list[Choice], prompt_tokens: int,
+                    completion_tokens: int) -> dict:
     created = int(time.time())
     if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": finish_reason}
+        items = [{"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": c.logprobs,
+                  "finish_reason": c.finish_reason} for i, c in enumerate(choices)]
         obj = "chat.completion"
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        items = [{"index": i, "text": c.text, "logprobs": c.logprobs, "finish_reason": c.finish_reason}
+                 for i, c in enumerate(choices)]
         obj = "text_completion"
-    return {"id": request_id, "object": obj, "created": created, "model": model, "choices": [choice],
+    return {"id": request_id, "object": obj, "created": created, "model": model, "choices": items,
             "usage": usage(prompt_tokens, completion_tokens)}

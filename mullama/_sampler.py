@@ -9,10 +9,11 @@ temperature 0 (its temperature sampler keeps only the maximum).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import _library
+from ._exceptions import InvalidConfigError
 from ._owned import Owned
 
 if TYPE_CHECKING:
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["SamplerChain"]
 
 RANDOM_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: llama.cpp draws a random seed
+DRY_BREAKERS = ("\n", ":", "\"", "*")  # common_params_sampling's default sequence breakers
 
 
 class SamplerChain(Owned):
@@ -36,7 +38,11 @@ class SamplerChain(Owned):
         params = library.lib.llama_sampler_chain_default_params()
         params.no_perf = True
         self._own(library.ffi, library.lib.llama_sampler_chain_init(params), library.lib.llama_sampler_free)
-        self.penalty_last_n = 0  # how many recent tokens the penalties look at (0: no penalties)
+        self.grammar: Grammar | None = None  # kept outside the chain: see sample()
+        self.stateless = False  # picking does not change the chain (greedy, nothing remembered)
+        # Samplers in the chain that remember earlier tokens (penalties, DRY): llama-server shows
+        # them the prompt; the grammar never sees it (owned by the chain, so never freed alone).
+        self._prompt_samplers: list[Any] = []
 
     def _add(self, sampler: Any) -> None:
         # The chain takes ownership of each sampler added to it.
@@ -46,17 +52,53 @@ class SamplerChain(Owned):
     def for_config(cls, config: StreamConfig, model: Model, *, n_ctx: int,
                    default_seed: int | None = None) -> SamplerChain:
         """The chain ``config`` describes for ``model`` in a context of ``n_ctx`` tokens (which
-        ``repeat_last_n=-1`` means, as upstream), seeded by ``default_seed`` when the config sets none."""
+        ``repeat_last_n=-1`` means, as upstream), seeded by ``default_seed`` when the config sets none.
+
+        Upstream's order: logit bias, grammar, then penalties, DRY, top-n-sigma, top-k, typical-p,
+        top-p, min-p, XTC, temperature and the random pick (or temperature and mirostat). At
+        temperature 0 the pick is greedy, and the samplers that can never drop the most likely
+        token (top-k, top-p, min-p, top-n-sigma) are left out: the same token, less work.
+        """
         chain = cls()
-        chain._add_suppressed(model)
-        last_n = n_ctx if config.repeat_last_n == -1 else config.repeat_last_n
-        chain._add_penalties(model.vocab_size, config.repeat_penalty, last_n,
-                             config.frequency_penalty, config.presence_penalty)
-        if config.greedy:
-            chain._add(chain._lib.llama_sampler_init_greedy())
+        lib = chain._lib
+        n_vocab = model.vocab_size
+        seed = config.seed if config.seed is not None else default_seed
+        seed = RANDOM_SEED if seed is None else seed & 0xFFFFFFFF
+        chain._add_logit_bias(model, config.logit_bias or {})
+        grammar = config.grammar_text()
+        if grammar is not None:
+            chain.grammar = Grammar(model, grammar)
+        if config.mirostat and not config.greedy:
+            chain._add(lib.llama_sampler_init_temp(config.temperature))
+            if config.mirostat == 1:
+                chain._add(lib.llama_sampler_init_mirostat(n_vocab, seed, config.mirostat_tau,
+                                                           config.mirostat_eta, 100))
+            else:
+                chain._add(lib.llama_sampler_init_mirostat_v2(seed, config.mirostat_tau, config.mirostat_eta))
             return chain
-        chain._add_sampling(config.temperature, config.top_k, config.top_p, config.min_p,
-                            config.seed if config.seed is not None else default_seed)
+        last_n = n_ctx if config.repeat_last_n == -1 else config.repeat_last_n
+        chain._add_penalties(n_vocab, config.repeat_penalty, last_n, config.frequency_penalty, config.presence_penalty)
+        if config.dry_multiplier > 0 and config.dry_penalty_last_n != 0:
+            chain._add_dry(model, config, n_ctx)
+        greedy = config.greedy
+        if config.top_n_sigma > 0 and not greedy:
+            chain._add(lib.llama_sampler_init_top_n_sigma(config.top_n_sigma))
+        if config.top_k > 0 and not greedy:
+            chain._add(lib.llama_sampler_init_top_k(config.top_k))
+        if config.typical_p < 1.0:
+            chain._add(lib.llama_sampler_init_typical(config.typical_p, 0))
+        if config.top_p < 1.0 and not greedy:
+            chain._add(lib.llama_sampler_init_top_p(config.top_p, 0))
+        if config.min_p > 0.0 and not greedy:
+            chain._add(lib.llama_sampler_init_min_p(config.min_p, 0))
+        if config.xtc_probability > 0 and config.xtc_threshold <= 0.5:
+            chain._add(lib.llama_sampler_init_xtc(config.xtc_probability, config.xtc_threshold, 0, seed))
+        if greedy:
+            chain._add(lib.llama_sampler_init_greedy())
+            chain.stateless = not chain._prompt_samplers and config.xtc_probability == 0
+        else:
+            chain._add(lib.llama_sampler_init_temp(config.temperature))
+            chain._add(lib.llama_sampler_init_dist(seed))
         return chain
 
     @classmethod
@@ -76,24 +118,43 @@ class SamplerChain(Owned):
         chain._add_sampling(temperature, top_k, top_p, min_p, seed)
         return chain
 
-    def _add_suppressed(self, model: Model) -> None:
-        """Tokens the model file says never to generate get a bias of -inf, as upstream does."""
+    def _add_logit_bias(self, model: Model, user: Mapping[int, float]) -> None:
+        """The user's biases, and -inf for the tokens the model file says never to generate, as
+        upstream merges them."""
         lib, ffi = self._lib, self._ffi
+        n_vocab = model.vocab_size
+        for token in user:
+            if token >= n_vocab:
+                raise InvalidConfigError(f"StreamConfig.logit_bias names token {token}, but the vocabulary has "
+                                         f"{n_vocab} tokens (0..{n_vocab - 1}).")
         count = ffi.new("int32_t *")
-        tokens = lib.llama_vocab_get_suppress_tokens(model._vocab_ptr(), count)
-        if count[0] > 0 and tokens != ffi.NULL:
-            biases = ffi.new("llama_logit_bias[]", count[0])
-            for i in range(count[0]):
-                biases[i].token, biases[i].bias = tokens[i], float("-inf")
-            self._add(lib.llama_sampler_init_logit_bias(model.vocab_size, count[0], biases))
+        suppressed = lib.llama_vocab_get_suppress_tokens(model._vocab_ptr(), count)
+        merged = [(token, float(bias)) for token, bias in user.items()]
+        if count[0] > 0 and suppressed != ffi.NULL:
+            merged += [(suppressed[i], float("-inf")) for i in range(count[0])]
+        if merged:
+            biases = ffi.new("llama_logit_bias[]", len(merged))
+            for i, (token, bias) in enumerate(merged):
+                biases[i].token, biases[i].bias = token, bias
+            self._add(lib.llama_sampler_init_logit_bias(n_vocab, len(merged), biases))
+
+    def _add_dry(self, model: Model, config: StreamConfig, n_ctx: int) -> None:
+        breakers = [self._ffi.new("char[]", breaker.encode()) for breaker in DRY_BREAKERS]
+        array = self._ffi.new("const char *[]", breakers)
+        last_n = n_ctx if config.dry_penalty_last_n == -1 else config.dry_penalty_last_n
+        sampler = self._lib.llama_sampler_init_dry(model._vocab_ptr(), config.dry_multiplier, config.dry_base,
+                                                   config.dry_allowed_length, last_n, array, len(breakers))
+        self._add(sampler)
+        self._prompt_samplers.append(sampler)
 
     def _add_penalties(self, n_vocab: int, repeat_penalty: float, repeat_last_n: int,
                        frequency_penalty: float, presence_penalty: float) -> None:
         if repeat_last_n == 0 or (repeat_penalty == 1.0 and frequency_penalty == 0.0 and presence_penalty == 0.0):
             return
-        self.penalty_last_n = repeat_last_n
-        self._add(self._lib.llama_sampler_init_penalties(n_vocab, repeat_last_n, repeat_penalty,
-                                                         frequency_penalty, presence_penalty))
+        sampler = self._lib.llama_sampler_init_penalties(n_vocab, repeat_last_n, repeat_penalty,
+                                                         frequency_penalty, presence_penalty)
+        self._add(sampler)
+        self._prompt_samplers.append(sampler)
 
     def _add_sampling(self, temperature: float, top_k: int, top_p: float, min_p: float, seed: int | None) -> None:
         lib = self._lib
@@ -107,14 +168,39 @@ class SamplerChain(Owned):
         self._add(lib.llama_sampler_init_dist(RANDOM_SEED if seed is None else seed & 0xFFFFFFFF))
 
     def accept_prompt(self, tokens: Sequence[int]) -> None:
-        """Show the prompt to the penalties, as llama-server does before sampling: a repeated
-        prompt word is penalised like a repeated generated one."""
-        if not self.penalty_last_n:
-            return
-        recent = tokens[-self.penalty_last_n:]
-        accept, ptr = self._lib.llama_sampler_accept, self.ptr
-        for token in recent:
-            accept(ptr, token)
+        """Show the prompt to the penalties and DRY, as llama-server does before sampling: a
+        repeated prompt word is penalised like a repeated generated one."""
+        accept = self._lib.llama_sampler_accept
+        for sampler in self._prompt_samplers:
+            for token in tokens:
+                accept(sampler, token)
+
+    def sample(self, ctx: Any, row: int) -> int:
+        """Sample the next token from row ``row`` of the logits of ``ctx`` (and take it).
+
+        With a grammar this is upstream's rejection sampling: the chain picks as if there were no
+        grammar, and only when the grammar refuses that token is the grammar applied to the whole
+        vocabulary and the pick made again. Checking one token is cheap; masking 49k-262k is not.
+        """
+        grammar, lib = self.grammar, self._lib
+        if grammar is None:
+            return int(lib.llama_sampler_sample(self._ptr, ctx, row))
+        if self.stateless:  # greedy, no penalties: picking twice gives the same, and costs nothing more
+            token = lib.llama_sampler_sample(self._ptr, ctx, row)
+            if not grammar.allows(token):
+                token = grammar.resample(self, ctx, row)
+        else:
+            preview = lib.llama_sampler_clone(self._ptr)  # a pick that leaves our state untouched
+            try:
+                token = lib.llama_sampler_sample(preview, ctx, row)
+            finally:
+                lib.llama_sampler_free(preview)
+            if grammar.allows(token):
+                token = lib.llama_sampler_sample(self._ptr, ctx, row)  # the same pick, now taken
+            else:
+                token = grammar.resample(self, ctx, row)
+        grammar.accept(token)
+        return int(token)
 
     def reset(self) -> None:
         self._lib.llama_sampler_reset(self.ptr)
@@ -122,3 +208,77 @@ class SamplerChain(Owned):
     def accept(self, token: int) -> None:
         """Tell stateful samplers (penalties) about a token that is already in the text."""
         self._lib.llama_sampler_accept(self.ptr, token)
+
+
+class Grammar(Owned):
+    """A GBNF grammar's sampler, kept beside a chain (see :meth:`SamplerChain.sample`)."""
+
+    _kind = "grammar"
+    _close_order = None
+
+    def __init__(self, model: Model, text: str) -> None:
+        library = _library.get()
+        ffi, lib = library.ffi, library.lib
+        self._lib = lib
+        _library.last_error()  # drop an older error: the one after this call is the grammar's
+        ptr = lib.llama_sampler_init_grammar(model._vocab_ptr(), text.encode("utf-8"), b"root")
+        if ptr == ffi.NULL:
+            reason = _library.last_error() or "a syntax error, or no rule named root"
+            raise InvalidConfigError(f"llama.cpp could not use the grammar: {reason}.")
+        self._own(ffi, ptr, lib.llama_sampler_free)
+        self._one = ffi.new("llama_token_data[1]")
+        self._one_array = ffi.new("llama_token_data_array *", {"data": self._one, "size": 1, "selected": -1})
+        self._n_vocab = model.vocab_size
+        self._all: Any = None  # llama_token_data[n_vocab], made at the first resample
+        self._all_array: Any = None
+
+    def allows(self, token: int) -> bool:
+        """Whether the grammar lets ``token`` come next."""
+        one, array = self._one[0], self._one_array
+        one.id, one.logit, one.p = token, 1.0, 0.0
+        array.size, array.selected, array.sorted = 1, -1, False
+        self._lib.llama_sampler_apply(self._ptr, array)
+        return bool(one.logit != NEG_INF)
+
+    def resample(self, chain: SamplerChain, ctx: Any, row: int) -> int:
+        """Pick again from the whole vocabulary with the grammar applied first (and let ``chain`` take it)."""
+        lib = self._lib
+        array = self._candidates(lib.llama_get_logits_ith(ctx, row))
+        lib.llama_sampler_apply(self._ptr, array)
+        lib.llama_sampler_apply(chain.ptr, array)
+        token = int(array.data[array.selected].id)
+        lib.llama_sampler_accept(chain.ptr, token)
+        return token
+
+    def accept(self, token: int) -> None:
+        self._lib.llama_sampler_accept(self._ptr, token)
+
+    def _candidates(self, logits: Any) -> Any:
+        """Every token with its logit, as llama.cpp's samplers take them."""
+        ffi, n = self._ffi, self._n_vocab
+        if self._all is None:
+            self._all = ffi.new("llama_token_data[]", n)
+            self._all_array = ffi.new("llama_token_data_array *", {"data": self._all, "size": n, "selected": -1})
+        fill_candidates(ffi, self._all, logits, n)
+        array = self._all_array
+        array.size, array.selected, array.sorted = n, -1, False
+        return array
+
+
+NEG_INF = float("-inf")
+
+
+def fill_candidates(ffi: Any, data: Any, logits: Any, n: int) -> None:
+    """data[i] = (i, logits[i], 0) for every token: with numpy in one vectorised copy, else one by one."""
+    from ._logprobs import _numpy_module
+
+    numpy = _numpy_module()
+    if numpy is not None:
+        view = numpy.frombuffer(ffi.buffer(data, 12 * n), dtype=[("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+        view["id"] = numpy.arange(n, dtype=numpy.int32)
+        view["logit"] = numpy.frombuffer(ffi.buffer(logits, 4 * n), dtype=numpy.float32)
+        view["p"] = 0.0
+        return
+    for i in range(n):
+        item = data[i]
+        item.id, item.logit, item.p = i, logits[i], 0.0

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ._exceptions import InvalidConfigError, StreamTimeoutError
+from ._logprobs import TopLogprob, token_logprobs
 from ._sampler import SamplerChain
 from ._text import TextAssembler
 
@@ -43,6 +44,8 @@ class Token:
     text: str
     index: int
     finish_reason: str | None = None
+    logprob: float | None = None  # with StreamConfig(logprobs=K): log-probability of this token
+    top_logprobs: tuple[TopLogprob, ...] = ()  # ... and the K most likely tokens at this step
 
 
 class Sequence:
@@ -52,9 +55,10 @@ class Sequence:
     tokens together never need more (the last token produced is never decoded).
     """
 
-    __slots__ = ("_is_eog", "_piece", "_vocab", "assembler", "cached_tokens", "config", "deadline", "error",
-                 "finish_reason", "first_token", "ignore_eos", "last_token", "limit", "n_tokens", "prompt_done",
-                 "prompt_tokens", "sampler", "started", "stop_sequence", "text_parts", "token_ids")
+    __slots__ = ("_is_eog", "_model", "_n_vocab", "_piece", "_vocab", "assembler", "cached_tokens", "config",
+                 "deadline", "error", "finish_reason", "first_token", "ignore_eos", "last_token", "limit", "n_logprobs",
+                 "n_tokens", "prompt_done", "prompt_tokens", "sampler", "started", "stop_sequence", "text_parts",
+                 "token_ids")
 
     def __init__(self, model: Model, prompt_tokens: list[int], config: StreamConfig, *, n_ctx: int,
                  default_seed: int | None = None) -> None:
@@ -72,6 +76,9 @@ class Sequence:
         self.sampler.accept_prompt(prompt_tokens)
         self.assembler = TextAssembler(config.stop_sequences)
         self._piece = model._cached_piece
+        self._model = model
+        self._n_vocab = model.vocab_size
+        self.n_logprobs = config.logprobs
         self._is_eog = model._library.lib.llama_vocab_is_eog
         self._vocab = model._vocab
         self.started: float | None = None
@@ -99,13 +106,9 @@ class Sequence:
         self.prompt_done = time.perf_counter()
         self.cached_tokens = cached_tokens
 
-    def sample(self, ctx: Any, row: int) -> Token:
-        """Sample from row ``row`` of the logits of ``ctx`` and say what the token means."""
-        token = self.sampler._lib.llama_sampler_sample(self.sampler._ptr, ctx, row)
-        return self.accept(token)
-
-    def accept(self, token: int) -> Token:
-        """Take a sampled token: its text, and whether generation ends with it."""
+    def accept(self, token: int, ctx: Any = None, row: int = -1) -> Token:
+        """Take a sampled token (from row ``row`` of the logits of ``ctx``): its text, and whether
+        generation ends with it."""
         now = time.perf_counter()
         if self.first_token is None:
             self.first_token = now
@@ -121,7 +124,17 @@ class Sequence:
             self.text_parts.append(text)
         if finish is not None:
             self.finish_reason, self.stop_sequence = finish, self.assembler.stop_sequence
-        return Token(token, text, self.n_tokens - 1, finish)
+        if self.n_logprobs is None or ctx is None:
+            return Token(token, text, self.n_tokens - 1, finish)
+        logprob, top = self._logprobs(ctx, row, token)
+        return Token(token, text, self.n_tokens - 1, finish, logprob, top)
+
+    def _logprobs(self, ctx: Any, row: int, token: int) -> tuple[float, tuple[TopLogprob, ...]]:
+        lib, ffi = self._model._library.lib, self._model._library.ffi
+        logits = lib.llama_get_logits_ith(ctx, row)
+        chosen, top = token_logprobs(ffi, logits, self._n_vocab, token, self.n_logprobs or 0)
+        piece = self._piece
+        return chosen, tuple(TopLogprob(i, piece(i).decode("utf-8", "replace"), lp, piece(i)) for i, lp in top)
 
     def check_deadline(self) -> None:
         """Raise StreamTimeoutError once the sequence has run past its timeout."""

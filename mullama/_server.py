@@ -20,7 +20,7 @@ import json
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +37,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from . import _openai
 from ._async import submit_in_thread
+from ._config import StreamConfig
 from ._context_params import ContextSettings
 from ._engine import Engine, EngineRequest
 from ._exceptions import (
@@ -50,6 +51,7 @@ from ._exceptions import (
 )
 from ._model import Model
 from ._openai import APIError
+from ._sequence import Token
 
 __all__ = ["ServerSettings", "create_app", "is_loopback"]
 
@@ -96,13 +98,61 @@ def parse_json(body: bytes | bytearray | str) -> Any:
         raise APIError(400, f"the request body is not valid JSON: {exc}.") from None
 
 
-async def _cancel_on_disconnect(request: Request, job: EngineRequest) -> None:
-    """Cancel ``job`` when the HTTP client goes away (its body is read: the next message is that)."""
+async def _cancel_on_disconnect(request: Request, jobs: list[EngineRequest]) -> None:
+    """Cancel ``jobs`` when the HTTP client goes away (its body is read: the next message is that)."""
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
-            job.cancel()
+            for job in jobs:
+                job.cancel()
             return
+
+
+async def submit_in_all(start: Callable[[], list[EngineRequest]]) -> list[EngineRequest]:
+    """``start()`` in a worker thread (see submit_in_thread), for several sequences at once."""
+    def cancel_all(jobs: list[EngineRequest]) -> None:
+        for job in jobs:
+            job.cancel()
+
+    return await submit_in_thread(start, cancel_all)
+
+
+async def _merged(jobs: list[EngineRequest]) -> AsyncIterator[tuple[int, Token | MullamaError | None]]:
+    """Tokens of several sequences as they come: (choice index, token); None ends a choice, an error
+    ends them all."""
+    if len(jobs) == 1:  # the common case, without tasks
+        while True:
+            try:
+                token = await jobs[0].next_token()
+            except MullamaError as exc:
+                yield 0, exc
+                return
+            yield 0, token
+            if token is None:
+                return
+    queue: asyncio.Queue[tuple[int, Token | MullamaError | None]] = asyncio.Queue()
+
+    async def pump(index: int, job: EngineRequest) -> None:
+        try:
+            while (token := await job.next_token()) is not None:
+                await queue.put((index, token))
+            await queue.put((index, None))
+        except MullamaError as exc:
+            await queue.put((index, exc))
+
+    tasks = [asyncio.create_task(pump(i, job)) for i, job in enumerate(jobs)]
+    try:
+        open_choices = len(jobs)
+        while open_choices:
+            index, item = await queue.get()
+            yield index, item
+            if isinstance(item, MullamaError):
+                return
+            if item is None:
+                open_choices -= 1
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def create_app(model: Model, engine: Engine, settings: ServerSettings) -> Starlette:
@@ -155,13 +205,23 @@ def create_app(model: Model, engine: Engine, settings: ServerSettings) -> Starle
         except (TemplateError, TokenizeError, InvalidConfigError) as exc:
             raise APIError(400, str(exc), param="messages" if parsed.kind == "chat" else "prompt") from None
 
-    def prepare(parsed: _openai.ParsedRequest) -> EngineRequest:
-        """Render, tokenise and submit ``parsed`` (in a worker thread: the event loop stays free)."""
-        return submit(prompt_tokens(parsed), parsed)
-
-    def submit(tokens: list[int], parsed: _openai.ParsedRequest) -> EngineRequest:
+    def prepare(parsed: _openai.ParsedRequest) -> list[EngineRequest]:
+        """Render and tokenise ``parsed``, then submit one sequence per choice (in a worker thread:
+        the event loop stays free). If one cannot be queued, none is."""
+        tokens = prompt_tokens(parsed)
+        jobs: list[EngineRequest] = []
         try:
-            return engine.submit(tokens, parsed.config)
+            for config in parsed.choice_configs():
+                jobs.append(submit(tokens, config))
+        except BaseException:
+            for job in jobs:
+                job.cancel()
+            raise
+        return jobs
+
+    def submit(tokens: list[int], config: StreamConfig) -> EngineRequest:
+        try:
+            return engine.submit(tokens, config)
         except QueueFullError as exc:
             raise APIError(429, str(exc), type="rate_limit_error", code="queue_full") from None
         except ContextOverflowError as exc:
@@ -178,31 +238,40 @@ def create_app(model: Model, engine: Engine, settings: ServerSettings) -> Starle
         try:
             body = await read_json(request)
             parsed = _openai.parse_request(body, kind, max_tokens_limit=settings.max_tokens_limit)
-            job = await submit_in_thread(lambda: prepare(parsed))
+            jobs = await submit_in_all(lambda: prepare(parsed))
         except APIError as exc:
             return error(exc)
         request_id = _openai.new_id(kind)
+        n_prompt = jobs[0].prompt_tokens
         if parsed.stream:
             metrics.count(200)
-            return StreamingResponse(sse(job, parsed, kind, request_id, job.prompt_tokens),
-                                     media_type="text/event-stream",
+            return StreamingResponse(sse(jobs, parsed, kind, request_id, n_prompt), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         # Nobody reads a non-streamed answer once its client is gone: stop generating then too.
-        watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, jobs))
         try:
-            while await job.next_token() is not None:
-                pass
+            choices = await asyncio.gather(*(collect(job, kind) for job in jobs))
         except MullamaError as exc:
             return error(_openai.generation_error(exc))
         finally:
             watcher.cancel()
-            job.cancel()  # (no-op once finished)
+            for job in jobs:
+                job.cancel()  # (no-op once finished)
+        completion_tokens = sum(job.completion_tokens for job in jobs)
         metrics.count(200)
-        metrics.finished(job.completion_tokens)
-        return JSONResponse(_openai.completion_body(kind, request_id, model_name, job.text, job.finish_reason or "stop",
-                                                    job.prompt_tokens, job.completion_tokens))
+        metrics.finished(completion_tokens)
+        return JSONResponse(_openai.completion_body(kind, request_id, model_name, choices, n_prompt,
+                                                    completion_tokens))
 
-    async def sse(job: EngineRequest, parsed, kind: str, request_id: str, n_prompt: int) -> AsyncIterator[str]:
+    async def collect(job: EngineRequest, kind: str) -> _openai.Choice:
+        tokens = []
+        while (token := await job.next_token()) is not None:
+            tokens.append(token)
+        return _openai.Choice(job.text, job.finish_reason or "stop",
+                              _openai.logprobs_body(kind, tokens, model._cached_piece))
+
+    async def sse(jobs: list[EngineRequest], parsed, kind: str, request_id: str,
+                  n_prompt: int) -> AsyncIterator[str]:
         stamp = int(time.time())
 
         def event(payload: dict) -> str:
@@ -210,24 +279,31 @@ def create_app(model: Model, engine: Engine, settings: ServerSettings) -> Starle
 
         try:
             if kind == "chat":
-                yield event(_openai.chunk(kind, request_id, model_name, stamp, role=True))
-            while True:
-                try:
-                    token = await job.next_token()
-                except MullamaError as exc:
-                    yield event(_openai.error_body(str(exc), type="server_error", code=exc.code.lower()))
+                for index in range(len(jobs)):
+                    yield event(_openai.chunk(kind, request_id, model_name, stamp, role=True, index=index))
+            pending: list[list[Token]] = [[] for _ in jobs]  # tokens whose text is not out yet, per choice
+            async for index, token in _merged(jobs):
+                if isinstance(token, MullamaError):
+                    yield event(_openai.error_body(str(token), type="server_error", code=token.code.lower()))
                     return
                 if token is None:
-                    break
+                    yield event(_openai.chunk(kind, request_id, model_name, stamp, index=index,
+                                              finish_reason=jobs[index].finish_reason))
+                    continue
+                pending[index].append(token)
                 if token.text:
-                    yield event(_openai.chunk(kind, request_id, model_name, stamp, text=token.text))
-            yield event(_openai.chunk(kind, request_id, model_name, stamp, finish_reason=job.finish_reason))
+                    logprobs = _openai.logprobs_body(kind, pending[index], model._cached_piece)
+                    yield event(_openai.chunk(kind, request_id, model_name, stamp, text=token.text,
+                                              logprobs=logprobs, index=index))
+                    pending[index] = []
+            completion_tokens = sum(job.completion_tokens for job in jobs)
             if parsed.include_usage:
-                yield event(_openai.usage_chunk(kind, request_id, model_name, stamp, n_prompt, job.completion_tokens))
+                yield event(_openai.usage_chunk(kind, request_id, model_name, stamp, n_prompt, completion_tokens))
             yield "data: [DONE]\n\n"
-            metrics.finished(job.completion_tokens)
-        finally:  # the client went away, or we are done: either way the sequence stops now
-            job.cancel()
+            metrics.finished(completion_tokens)
+        finally:  # the client went away, or we are done: either way the sequences stop now
+            for job in jobs:
+                job.cancel()
 
     async def chat_completions(request: Request) -> Response:
         return await generate(request, "chat")
@@ -321,7 +397,9 @@ def create_app(model: Model, engine: Engine, settings: ServerSettings) -> Starle
             kind = "chat" if "messages" in data else "completion"
             data.pop("stream", None)
             parsed = _openai.parse_request(data, kind, max_tokens_limit=settings.max_tokens_limit)
-            job = await submit_in_thread(lambda: prepare(parsed))
+            if parsed.n != 1:
+                raise APIError(400, "the WebSocket streams one choice: send n = 1.", param="n")
+            job = (await submit_in_all(lambda: prepare(parsed)))[0]
             while True:
                 token = await job.next_token()
                 if token is None:
