@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import uvicorn
 from upstream import free_port
+
+from mullama._engine import Engine
+from mullama._server import ServerSettings, create_app
 
 
 def wait_for(condition, timeout: float = 10.0) -> float:
@@ -33,3 +38,15 @@ class InProcessServer:
     def close(self) -> None:
         self.server.should_exit = True
         self.thread.join(30)
+
+
+@contextmanager
+def serving(model, *, settings: ServerSettings | None = None, **engine_options) -> Iterator[tuple]:
+    """``model``'s app on an engine of its own, served on 127.0.0.1: yields (server, engine)."""
+    engine = Engine(model, **engine_options)
+    server = InProcessServer(create_app(model, engine, settings or ServerSettings(model_name="smollm2:135m")))
+    try:
+        yield server, engine
+    finally:
+        server.close()
+        engine.close()

@@ -10,12 +10,11 @@ import time
 import httpx
 import openai
 import pytest
-from inprocess_server import InProcessServer, wait_for
+from inprocess_server import serving, wait_for
 
 import mullama
 from mullama import StreamConfig
 from mullama._engine import Engine
-from mullama._server import ServerSettings, create_app
 
 GREEDY = StreamConfig(max_tokens=16, temperature=0)
 LONG = StreamConfig(max_tokens=400, temperature=0, ignore_eos=True)
@@ -114,11 +113,8 @@ def test_engine_seed_makes_sampling_reproducible(model):
 
 @pytest.fixture()
 def served(model):
-    engine = Engine(model, parallel=2, n_ctx=512)
-    server = InProcessServer(create_app(model, engine, ServerSettings(model_name="smollm2:135m")))
-    yield server, engine
-    server.close()
-    engine.close()
+    with serving(model, parallel=2, n_ctx=512) as running:
+        yield running
 
 
 def test_sse_chunks_come_in_order(served, context):

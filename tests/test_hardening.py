@@ -18,12 +18,12 @@ import pytest
 import websockets
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from inprocess_server import InProcessServer, wait_for
+from inprocess_server import serving, wait_for
 
 import mullama
 from mullama import StreamConfig
 from mullama._engine import Engine
-from mullama._server import ServerSettings, create_app
+from mullama._server import ServerSettings
 
 EXTREME_INTS = st.sampled_from([2**31, 2**31 - 1, 2**32, 2**63, 2**64, -(2**31) - 1, -(2**63), 10**30, -1, 0])
 EXTREME_FLOATS = st.sampled_from([math.nan, math.inf, -math.inf, 1e308, -1e308, 5e-324, 1e30])
@@ -34,11 +34,8 @@ NUMERIC_FIELDS = ["max_tokens", "temperature", "top_k", "top_p", "min_p", "seed"
 
 @pytest.fixture(scope="module")
 def served(model):
-    engine = Engine(model, parallel=2, n_ctx=512)
-    server = InProcessServer(create_app(model, engine, ServerSettings(model_name="smollm2:135m")))
-    yield server, engine
-    server.close()
-    engine.close()
+    with serving(model, parallel=2, n_ctx=512) as running:
+        yield running
 
 
 # --- 1. bounds on every numeric input ----------------------------------------------------
@@ -161,14 +158,10 @@ def test_health_answers_while_a_huge_prompt_is_prepared(served):
 
 
 def test_a_rendered_prompt_beyond_the_limit_is_a_413(model):
-    engine = Engine(model, parallel=1, n_ctx=512)
-    server = InProcessServer(create_app(model, engine, ServerSettings(model_name="m", max_prompt_chars=1000)))
-    try:
+    settings = ServerSettings(model_name="m", max_prompt_chars=1000)
+    with serving(model, settings=settings, parallel=1, n_ctx=512) as (server, _engine):
         response = httpx.post(server.url + "/v1/completions", json={"prompt": "x" * 2000, "max_tokens": 1})
         assert response.status_code == 413 and "1000" in response.json()["error"]["message"]
-    finally:
-        server.close()
-        engine.close()
 
 
 # --- 5. a non-streamed request stops when its client goes away ----------------------------------

@@ -14,12 +14,10 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from inprocess_server import InProcessServer
+from inprocess_server import serving
 from pydantic import BaseModel
 
 import mullama
-from mullama._engine import Engine
-from mullama._server import ServerSettings, create_app
 
 YES_NO = 'root ::= ("yes" | "no") "."'
 LIST = 'root ::= "- " item ("\\n- " item){2}\nitem ::= [a-z]+'
@@ -99,11 +97,8 @@ def test_a_json_schema_constrains_sync_and_async_streams(context, model):
 
 @pytest.fixture(scope="module")
 def served(model):
-    engine = Engine(model, parallel=2, n_ctx=1024)
-    server = InProcessServer(create_app(model, engine, ServerSettings(model_name="smollm2:135m")))
-    yield server
-    server.close()
-    engine.close()
+    with serving(model, parallel=2, n_ctx=1024) as (server, _engine):
+        yield server
 
 
 class Person(BaseModel):
