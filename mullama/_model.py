@@ -9,8 +9,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from . import _library
-from ._exceptions import ContextError, InvalidConfigError, ModelLoadError, TemplateError, TokenizeError
+from . import _gguf, _library
+from ._exceptions import ClosedError, ContextError, InvalidConfigError, ModelLoadError, TemplateError, TokenizeError
 from ._owned import Owned
 
 __all__ = ["Model"]
@@ -20,10 +20,15 @@ GGUF_MAGIC = b"GGUF"
 
 def _check_model_file(path: Path) -> None:
     """Fail early, with a clear message, on files llama.cpp would only log about."""
-    if not path.exists():
+    try:
+        exists, is_file = path.exists(), path.is_file()
+    except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL in the path
+        raise ModelLoadError(f"{str(path)[:200]!r} cannot be a model file ({getattr(exc, 'strerror', None) or exc}); "
+                             "pass the path of a .gguf file, or a model name such as 'smollm2:135m'.") from None
+    if not exists:
         raise ModelLoadError(f"model file not found: {path}. Check the path, or pass a model name "
                              "such as 'smollm2:135m' to download one.")
-    if not path.is_file():
+    if not is_file:
         raise ModelLoadError(f"{path} is not a file; pass the path of a .gguf model file.")
     try:
         with open(path, "rb") as handle:
@@ -46,8 +51,10 @@ class Model(Owned):
     _kind = "model"
     _close_order = 2
 
-    def __init__(self, library: Any, ptr: Any, path: Path, *, n_gpu_layers: int = 0) -> None:
+    def __init__(self, library: Any, ptr: Any, path: Path, *, n_gpu_layers: int = 0,
+                 vocab_only: bool = False) -> None:
         self._library = library
+        self.vocab_only = vocab_only  # loaded without weights: a tokenizer only, no context can use it
         # Layers on a GPU: its contexts need not take turns on the CPU (see Compute.lock_for).
         self.offloaded = n_gpu_layers != 0 and bool(library.lib.llama_supports_gpu_offload())
         lib = library.lib
@@ -58,6 +65,7 @@ class Model(Owned):
         self._own(library.ffi, ptr, library.lib.llama_model_free)
         self.path = path
         self._vocab = library.lib.llama_model_get_vocab(ptr)
+        self._n_vocab = library.lib.llama_vocab_n_tokens(self._vocab)  # fixed: token ids are checked against it
         self._contexts: weakref.WeakSet = weakref.WeakSet()
         self._pieces: dict[int, bytes] = {}  # token id -> bytes (special=False); immutable, so cached
         self._lock = threading.Lock()
@@ -69,7 +77,10 @@ class Model(Owned):
         """Load a model from a ``.gguf`` path, or by name (e.g. ``"smollm2:135m"``, downloaded once).
 
         Raises ModelLoadError for a missing, empty, truncated or corrupt file, and
-        ModelNotFoundError / DownloadError for a name that cannot be fetched.
+        ModelNotFoundError / DownloadError for a name that cannot be fetched. The file's header is
+        checked first (mullama._gguf.preflight): values on which llama.cpp would abort the process
+        (a layer count beyond its limit, a NaN norm epsilon, a duplicated token, ...) are refused
+        with ModelLoadError naming the key.
         """
         from . import _hub
 
@@ -78,6 +89,7 @@ class Model(Owned):
         if isinstance(n_gpu_layers, bool) or not isinstance(n_gpu_layers, int) or not -1 <= n_gpu_layers < 2**31:
             raise InvalidConfigError(f"n_gpu_layers must be an integer (-1 for all layers), not {n_gpu_layers!r}.")
         library = _library.get()
+        _gguf.preflight(path, vocab_only=vocab_only)
         ffi, lib = library.ffi, library.lib
         params = lib.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
@@ -90,15 +102,17 @@ class Model(Owned):
                 "this llama.cpp build does not know. Download it again (`mullama pull` re-verifies), and "
                 "enable logging for 'mullama.llama_cpp' to see llama.cpp's reason."
             )
-        return cls(library, ptr, path, n_gpu_layers=n_gpu_layers)
+        return cls(library, ptr, path, n_gpu_layers=n_gpu_layers, vocab_only=bool(vocab_only))
 
     def close(self) -> None:
-        """Free the weights. Refused while a Context of this model is open."""
+        """Free the weights. Refused while a Context of this model is open. Afterwards every method and
+        property that needs the C model raises ClosedError."""
         with self._lock:
             open_contexts = [c for c in self._contexts if not c.closed and c is not self]
             if open_contexts:
                 raise ContextError(f"{len(open_contexts)} context(s) still use this model; close them first.")
             super().close()
+            self._pieces = {}  # so that _cached_piece misses, and token_to_piece raises ClosedError
 
     def _register(self, context: Any) -> None:
         with self._lock:
@@ -225,7 +239,8 @@ class Model(Owned):
         return self._piece(token, buf, 64, special)
 
     def _cached_piece(self, token: int) -> bytes:
-        """token_to_piece(special=False), from a cache after the first time (the streaming hot path)."""
+        """token_to_piece(special=False), from a cache after the first time (the streaming hot path: a hit
+        is one dict lookup; close() empties the cache, so that a closed model raises ClosedError)."""
         piece = self._pieces.get(token)
         if piece is None:
             piece = self._pieces[token] = self.token_to_piece(token)
@@ -233,6 +248,7 @@ class Model(Owned):
 
     def _piece(self, token: int, buf: Any, size: int, special: bool) -> bytes:
         """token_to_piece into a caller-owned buffer (no allocation on the hot path)."""
+        self._check_token(token)  # llama.cpp throws (aborting the process) on an id out of range
         n = self._library.lib.llama_token_to_piece(self._vocab, token, buf, size, 0, special)
         if n < 0:
             bigger = self._ffi.new("char[]", -n)
@@ -259,10 +275,19 @@ class Model(Owned):
 
     def is_eog(self, token: int) -> bool:
         """Whether ``token`` ends generation (EOS, EOT, ...)."""
-        return bool(self._library.lib.llama_vocab_is_eog(self._vocab_ptr(), token))
+        self._check_token(token)
+        return bool(self._library.lib.llama_vocab_is_eog(self._vocab, token))
+
+    def _check_token(self, token: int) -> None:
+        """ClosedError after close(); TokenizeError for an id that is not one of the vocabulary's."""
+        if self._ptr is None:
+            raise ClosedError(f"this {self._kind} is closed; create a new one to go on.")
+        if not isinstance(token, int) or not 0 <= token < self._n_vocab:
+            raise TokenizeError(f"token id {token!r} is out of range for this model (0..{self._n_vocab - 1}).")
 
     def _check_tokens(self, tokens: list[int]) -> None:
-        n_vocab = self.vocab_size
+        self.ensure_open()
+        n_vocab = self._n_vocab
         for token in tokens:
             if not isinstance(token, int) or not 0 <= token < n_vocab:
                 raise TokenizeError(f"token id {token!r} is out of range for this model (0..{n_vocab - 1}).")

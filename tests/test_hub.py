@@ -179,6 +179,107 @@ def test_show_on_the_real_default_model(model_path):
     assert shown["parameters"] == 134_515_008 and shown["path"] == str(model_path)
 
 
+# --- Hugging Face names: revisions, validation before any request, URLs inside the repository -------
+FORM = "hf:owner/repo[@revision][:path/to/file.gguf]"
+BAD_HF_NAMES = {
+    "'..' to another repository": f"hf:{REPO}:../../../../other/repo2/resolve/main/x.gguf",
+    "'..' inside the path": f"hf:{REPO}:sub/../x.gguf",
+    "'.' segment": f"hf:{REPO}:./x.gguf",
+    "empty segment": f"hf:{REPO}:sub//x.gguf",
+    "absolute path": f"hf:{REPO}:/etc/x.gguf",
+    "backslashes": f"hf:{REPO}:..\\..\\x.gguf",
+    "percent-encoded dots": f"hf:{REPO}:%2e%2e/%2e%2e/x.gguf",
+    "percent-encoded slash": f"hf:{REPO}:a%2Fb.gguf",
+    "NUL": f"hf:{REPO}:x\0.gguf",
+    "newline": f"hf:{REPO}:x\n.gguf",
+    "query": f"hf:{REPO}:x.gguf?download=1",
+    "300-character file name": f"hf:{REPO}:{'a' * 295}.gguf",
+    "1,100-character path": f"hf:{REPO}:{'/'.join(['d' * 100] * 10)}/x.gguf",
+    "not a .gguf": f"hf:{REPO}:x.bin",
+    "revision '..'": f"hf:{REPO}@..:x.gguf",
+    "revision with '..' parts": f"hf:{REPO}@main/../../other:x.gguf",
+    "percent-encoded revision": f"hf:{REPO}@%2e%2e:x.gguf",
+    "300-character revision": f"hf:{REPO}@{'v' * 300}:x.gguf",
+    "revision with a NUL": f"hf:{REPO}@v\0:x.gguf",
+    "owner '..'": "hf:../repo:x.gguf",
+    "no owner": "hf:/repo:x.gguf",
+    "three parts": "hf:a/b/c:x.gguf",
+    "300-character owner": f"hf:{'o' * 300}/repo:x.gguf",
+    "owner with a NUL": "hf:o\0/repo:x.gguf",
+    "owner with '--'": "hf:a--b/repo:x.gguf",
+    "non-ASCII repository": "hf:test-org/r\u00e9po:x.gguf",
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_HF_NAMES))
+def test_malformed_hf_names_are_refused_before_any_request(hub, tmp_path, model_path, case):
+    hub.add("other/repo2", "x.gguf", model_path)  # what the '..' name would have fetched
+    name = BAD_HF_NAMES[case]
+    with pytest.raises(mullama.ModelNotFoundError) as info:
+        _hub.pull(name, quiet=True)
+    assert info.value.code == "MODEL_NOT_FOUND" and FORM in str(info.value), str(info.value)
+    assert len(str(info.value)) < 1000
+    with pytest.raises(mullama.ModelNotFoundError):
+        mullama.Model.load(name)
+    assert hub.requests == []
+    assert not (tmp_path / "home" / "models").exists() or final_files(tmp_path) == []
+
+
+def test_revisions_are_separate_cache_entries(hub, tmp_path):
+    one, two = tmp_path / "one.gguf", tmp_path / "two.gguf"
+    one.write_bytes(b"revision one" * 1000)
+    two.write_bytes(b"revision two" * 1000)
+    hub.add(REPO, "rev.gguf", one)
+    v1 = _hub.pull(f"hf:{REPO}@v1:rev.gguf", quiet=True)
+    hub.add(REPO, "rev.gguf", two)  # the test server ignores revisions: it now serves v2's bytes
+    v2 = _hub.pull(f"hf:{REPO}@v2:rev.gguf", quiet=True)
+    assert v1 != v2 and v1.read_bytes() == one.read_bytes() and v2.read_bytes() == two.read_bytes()
+    assert _hub.pull(f"hf:{REPO}@v1:rev.gguf", quiet=True) == v1  # cached: no request
+    pr = _hub.pull(f"hf:{REPO}@refs/pr/1:rev.gguf", quiet=True)
+    main = _hub.pull(f"hf:{REPO}:rev.gguf", quiet=True)
+    assert _hub.pull(f"hf:{REPO}@main:rev.gguf", quiet=True) == main  # @main is the default revision
+    assert len({v1, v2, pr, main}) == 4 and all(len(p.parent.name) < 200 for p in (v1, v2, pr, main))
+    assert [r.path for r in hub.gets("rev.gguf")] == [
+        f"/{REPO}/resolve/v1/rev.gguf", f"/{REPO}/resolve/v2/rev.gguf", f"/{REPO}/resolve/refs%2Fpr%2F1/rev.gguf",
+        f"/{REPO}/resolve/main/rev.gguf"]
+    assert sorted(m.name for m in _hub.list_models()) == [
+        f"hf:{REPO}:rev.gguf", f"hf:{REPO}@refs/pr/1:rev.gguf", f"hf:{REPO}@v1:rev.gguf", f"hf:{REPO}@v2:rev.gguf"]
+
+
+def test_names_that_differ_only_where_the_old_cache_path_folded_them_are_separate(hub, tmp_path, model_path):
+    """'/' and '_' (and ':' and '-') were folded together in cache directory names."""
+    hub.add("a_b/c", "x.gguf", model_path)
+    hub.add("a/b_c", "x.gguf", model_path)
+    first, second = _hub.pull("hf:a_b/c:x.gguf", quiet=True), _hub.pull("hf:a/b_c:x.gguf", quiet=True)
+    assert first != second and len(hub.gets("x.gguf")) == 2
+
+
+def test_a_file_listed_outside_the_repository_is_refused(hub, model_path):
+    """A server's file list is validated like a name: a '..' path it lists is never fetched."""
+    hub.add("evil/Repo-GGUF", f"../../{REPO}/x-Q4_K_M.gguf", model_path)
+    with pytest.raises(mullama.ModelNotFoundError) as info:
+        _hub.pull("hf:evil/Repo-GGUF", quiet=True)
+    assert "'..'" in str(info.value)
+    assert [r.path.split("?")[0] for r in hub.requests] == ["/api/models/evil/Repo-GGUF/tree/main"]
+
+
+@pytest.mark.parametrize("filename", ["../x.gguf", "a/../../x.gguf", "/abs.gguf", "a//x.gguf", "./x.gguf"])
+def test_urls_are_checked_to_stay_in_the_repository(filename, monkeypatch):
+    """Defence in depth: even a source that skipped name validation cannot leave its repository."""
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9/mirror")
+    assert _hub._hf_url(_hub.HFFile(REPO, "sub/x.gguf", "v1")) == (
+        f"http://127.0.0.1:9/mirror/{REPO}/resolve/v1/sub/x.gguf")
+    with pytest.raises(mullama.ModelNotFoundError):
+        _hub._hf_url(_hub.HFFile(REPO, filename))
+
+
+@pytest.mark.parametrize("name", ["x" * 300, "y" * 300 + ":135m", "smollm2:135m\0", "hf:" + "o" * 100_000])
+def test_hostile_model_names_give_model_not_found(name):
+    with pytest.raises(mullama.ModelNotFoundError) as info:
+        _hub.resolve(name)
+    assert len(str(info.value)) < 1000
+
+
 # --- gemma3:270m: one GGUF split across four wheels -----------------------------------
 GEMMA = _hub.REGISTRY["gemma3:270m"]
 GEMMA_PARTS = GEMMA.sources[0].parts

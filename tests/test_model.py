@@ -156,3 +156,80 @@ def test_exiting_without_closing_anything_does_not_crash(model_path, scenario):
                                 timeout=120, check=False)
         assert result.returncode == 0, result.stderr[-2000:]
         assert result.stdout.strip() == "ok"
+
+
+# --- use after close: ClosedError, never a call into C ------------------------------------------
+MESSAGES = [{"role": "user", "content": "Hi"}]
+CLOSED_CALLS = {
+    "vocab_size": lambda m: m.vocab_size,
+    "n_ctx_train": lambda m: m.n_ctx_train,
+    "n_params": lambda m: m.n_params,
+    "size_bytes": lambda m: m.size_bytes,
+    "description": lambda m: m.description,
+    "bos_token_id": lambda m: m.bos_token_id,
+    "eos_token_id": lambda m: m.eos_token_id,
+    "add_bos": lambda m: m.add_bos,
+    "chat_template": lambda m: m.chat_template,
+    "metadata": lambda m: m.metadata,
+    "ptr": lambda m: m.ptr,
+    "ensure_open": lambda m: m.ensure_open(),
+    "apply_chat_template": lambda m: m.apply_chat_template(MESSAGES),
+    "apply_chat_template(template=...)": lambda m: m.apply_chat_template(MESSAGES, template="{{ 'x' }}"),
+    "tokenize": lambda m: m.tokenize("Hello"),
+    "token_to_piece": lambda m: m.token_to_piece(1000),
+    "token_to_piece(special=True)": lambda m: m.token_to_piece(1, special=True),
+    "detokenize": lambda m: m.detokenize([1000, 1001]),
+    "is_eog": lambda m: m.is_eog(2),
+    "_cached_piece (a token cached before close)": lambda m: m._cached_piece(1000),
+    "_cached_piece (a new token)": lambda m: m._cached_piece(1002),
+    "_check_tokens": lambda m: m._check_tokens([1]),
+    "Context(model)": lambda m: mullama.Context(m),
+}
+# Plain Python state, no C behind it: usable after close.
+OPEN_AFTER_CLOSE = {"close", "closed", "load", "path", "offloaded", "needs_checkpoints", "vocab_only"}
+
+
+@pytest.fixture(scope="module")
+def closed_model(model_path):
+    model = mullama.Model.load(model_path)
+    assert model._cached_piece(1000) == model.token_to_piece(1000)  # in the streaming cache
+    model.close()
+    return model
+
+
+@pytest.mark.parametrize("call", list(CLOSED_CALLS))
+def test_every_use_of_a_closed_model_raises_closed_error(closed_model, call):
+    """m.close(); m.token_to_piece(1000) used to be a segfault."""
+    with pytest.raises(mullama.ClosedError) as info:
+        CLOSED_CALLS[call](closed_model)
+    assert info.value.code == "CLOSED"
+
+
+def test_the_closed_model_list_covers_the_whole_api(closed_model):
+    public = {name for name in dir(closed_model) if not name.startswith("_")}
+    covered = {call.split("(")[0].split(" ")[0] for call in CLOSED_CALLS}
+    assert public - OPEN_AFTER_CLOSE - covered == set()
+    assert "closed" in repr(closed_model) and closed_model.closed
+
+
+@pytest.mark.parametrize("token", [49152, 100_000, -1, 2**40])
+def test_token_ids_out_of_range_are_refused_before_llama_cpp(model, token):
+    """llama.cpp throws std::out_of_range through its C API for such ids: the process aborted."""
+    for call in (model.token_to_piece, model._cached_piece, model.is_eog):
+        with pytest.raises(mullama.TokenizeError) as info:
+            call(token)
+        assert info.value.code == "TOKENIZE_ERROR" and "out of range" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["a" * 300 + ".gguf", "dir/" + "b" * 300 + ".gguf", "a\0b.gguf", "x" * 300,
+                                  "c\0d"])
+def test_hostile_paths_give_model_load_errors(name):
+    """A name too long for the file system or holding a NUL: MullamaError, never OSError / ValueError."""
+    with pytest.raises(mullama.MullamaError) as info:
+        mullama.Model.load(name)
+    assert info.value.code in ("MODEL_LOAD_ERROR", "MODEL_NOT_FOUND")
+    if "\0" not in name:  # (a NUL cannot be passed on a command line)
+        result = subprocess.run([sys.executable, "-m", "mullama", "show", name], capture_output=True, text=True,
+                                timeout=120, check=False)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert "MODEL_LOAD_ERROR" in result.stderr or "MODEL_NOT_FOUND" in result.stderr
