@@ -254,7 +254,7 @@ def _output_constraint(body: dict) -> dict[str, Any]:
             spec = response_format.get("json_schema")
             if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, bool)):
                 raise _bad("'response_format.json_schema' must be an object with a 'schema'.", "response_format")
-            schema = spec.get("schema", True)
+            schema = spec.get("schema", {})
     if grammar is not None and schema is not None:
         raise _bad("send one of 'grammar', 'json_schema' and a JSON 'response_format', not several.", "grammar")
     if grammar is not None:
@@ -264,7 +264,8 @@ def _output_constraint(body: dict) -> dict[str, Any]:
     if schema is not None:
         if not isinstance(schema, (dict, bool)):
             raise _bad("'json_schema' must be a JSON Schema object.", "json_schema")
-        return {"json_schema": schema}
+        # As llama-server: an empty schema asks for a JSON object (the converter would allow any value).
+        return {"json_schema": {"type": "object"} if schema == {} else schema}
     return {}
 
 

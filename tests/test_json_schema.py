@@ -399,6 +399,14 @@ def test_draft4_exclusive_bounds_and_root_ref():
     assert "ref ::=" in json_schema_to_grammar(tree)
 
 
+def test_property_names_with_grammar_syntax(engine):
+    """Upstream writes the names raw inside [...] when it excludes them from additional keys, so
+    ^ ] - \\ break its grammar; here they are escaped."""
+    schema = {"type": "object", "properties": {"^a]-\\": {"type": "integer"}}, "additionalProperties": True}
+    assert language(engine, schema, ['{"^a]-\\\\": 1}', '{"other": "x"}', '{"^a]-\\\\": "x"}']) == {
+        '{"^a]-\\\\": 1}': True, '{"other": "x"}': True, '{"^a]-\\\\": "x"}': False}
+
+
 def test_deep_nesting_is_invalid_config_not_a_crash():
     schema: dict = {"type": "string"}
     for _ in range(3000):
