@@ -131,7 +131,8 @@ async def longest_loop_gap(work):
 def test_the_event_loop_is_never_blocked(async_model):
     async def work():
         prompt = "A long prompt about many things. " * 150  # a prompt decode of ~1000 tokens
-        async for _ in async_model.generate_stream(prompt, max_tokens=32, temperature=0):
+        # (no timeout: on a machine loaded by other work, the long prompt alone may take longer than 30 s)
+        async for _ in async_model.generate_stream(prompt, max_tokens=32, temperature=0, timeout_ms=None):
             pass
 
     _, gap = asyncio.run(longest_loop_gap(work))
@@ -155,7 +156,8 @@ def test_concurrent_async_streams_are_batched_and_exact(async_model, model):
     prompts = ["The sky is", "def add(a, b):", "The sky is", "Once upon a time"]
 
     async def one(prompt):
-        return [t.id async for t in async_model.generate_stream(prompt, max_tokens=16, temperature=0)]
+        return [t.id async for t in async_model.generate_stream(prompt, max_tokens=16, temperature=0,
+                                                                  timeout_ms=None)]
 
     async def scenario():
         steps_before = async_model.engine.stats["decode_steps"]
