@@ -107,7 +107,8 @@ def test_context_seed_seeds_its_streams(model):
     def sample(context_seed=None, config_seed=None):
         options = {} if config_seed is None else {"seed": config_seed}
         with mullama.Context(model, n_ctx=512, seed=context_seed, warmup=False) as ctx:
-            return tuple(ctx.generate("Tell me a story:", max_tokens=12, temperature=1.0, **options).token_ids)
+            return tuple(ctx.generate("Tell me a story:", max_tokens=12, temperature=1.0, timeout_ms=None,
+                                      **options).token_ids)
 
     assert sample(42) == sample(42)
     assert len({sample(42), sample(43), sample(44)}) > 1  # the seed is used, not ignored
