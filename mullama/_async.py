@@ -201,6 +201,11 @@ class AsyncModel:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kw: Any) -> str:
         return self.model.apply_chat_template(messages, add_generation_prompt, **kw)
 
+    async def embed(self, texts: Any, **options: Any) -> Any:
+        """:meth:`Model.embed` in a worker thread: the event loop never waits for tokenising or a
+        decode. Concurrent calls share decodes."""
+        return await asyncio.to_thread(self.model.embed, texts, **options)
+
     async def aclose(self) -> None:
         """Stop every stream, end the engine's thread, free the engine and the model."""
         engine, self._engine = self._engine, None

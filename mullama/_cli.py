@@ -1,4 +1,4 @@
-"""The ``mullama`` command: ``mullama run``, ``mullama info``."""
+"""The ``mullama`` command: ``run``, ``chat``, ``embed``, ``serve``, ``pull``, ``list``, ``show``, ``info``, ..."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ EXAMPLES = """examples:
   mullama run smollm2:135m "Hello" --json       the reply and its statistics as JSON
   echo "Summarise: ..." | mullama run           the prompt from standard input
   mullama run --raw "The capital of France is"  plain completion, no chat template
+  mullama embed all-minilm:l6-v2 "a cat" "a dog"  one JSON line of embedding per text
   mullama pull qwen2.5:0.5b                     download a model (resumable, verified)
   mullama list                                  models in the cache
   mullama show smollm2:135m                     architecture, parameters, quantisation, context
@@ -34,16 +35,23 @@ def _is_model(word: str) -> bool:
     return word.endswith(".gguf") or bool(_MODEL_NAME.match(word))
 
 
-def _run(args: argparse.Namespace) -> int:
-    from ._config import StreamConfig
-    from ._context import Context
+def _model_and_words(args: argparse.Namespace) -> tuple[str, list[str]]:
+    """The model (``-m``, else a first word that names one, else the default) and the other words."""
     from ._hub import DEFAULT_MODEL
-    from ._model import Model
 
     words = list(args.words)
     model_name = args.model
     if model_name is None and words and _is_model(words[0]):
         model_name = words.pop(0)
+    return model_name or DEFAULT_MODEL, words
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ._config import StreamConfig
+    from ._context import Context
+    from ._model import Model
+
+    model_name, words = _model_and_words(args)
     prompt = " ".join(words)
     if not prompt and not sys.stdin.isatty():
         prompt = sys.stdin.read()
@@ -51,7 +59,7 @@ def _run(args: argparse.Namespace) -> int:
         raise InvalidConfigError("no prompt: give one as arguments or on standard input.")
     config = StreamConfig(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
                           stop_sequences=args.stop or [], timeout_ms=None)
-    with Model.load(model_name or DEFAULT_MODEL) as model, Context(model, n_ctx=args.ctx_size) as context:
+    with Model.load(model_name) as model, Context(model, n_ctx=args.ctx_size) as context:
         if args.raw:
             stream = context.generate_stream(prompt, config=config)
         else:
@@ -72,6 +80,22 @@ def _run(args: argparse.Namespace) -> int:
         if args.verbose:
             print(f"[{stream.tokens_generated()} tokens, {stream.tokens_per_second():.1f} tokens/s, "
                   f"first token after {stream.time_to_first_token() * 1000:.0f} ms]", file=sys.stderr)
+    return 0
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from ._model import Model
+
+    model_name, texts = _model_and_words(args)
+    if not texts and not sys.stdin.isatty():
+        texts = [line for line in sys.stdin.read().splitlines() if line.strip()]
+    if not texts:
+        raise InvalidConfigError("no text: give texts as arguments, or one per line on standard input.")
+    with Model.load(model_name) as model:
+        vectors = model.embed(texts, pooling=args.pooling, normalize=not args.no_normalize,
+                              batch_size=args.batch_size, truncate=args.truncate)
+    for text, vector in zip(texts, vectors):
+        sys.stdout.write(json.dumps({"text": text, "embedding": vector}, ensure_ascii=False) + "\n")
     return 0
 
 
@@ -154,7 +178,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     return serve(args.model or DEFAULT_MODEL, host=args.host, port=args.port, parallel=args.parallel,
                  ctx_size=args.ctx_size, api_key=args.api_key or os.environ.get("MULLAMA_API_KEY"),
-                 max_tokens_limit=args.max_tokens_limit, threads=args.threads, max_queue=args.max_queue)
+                 max_tokens_limit=args.max_tokens_limit, threads=args.threads, max_queue=args.max_queue,
+                 pooling=args.pooling, embedding_batch=args.embedding_batch)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -245,6 +270,17 @@ def make_parser() -> argparse.ArgumentParser:
     chat.add_argument("--record", metavar="FILE.svg", help="save the session as an SVG picture on exit")
     chat.set_defaults(handler=_chat)
 
+    embed = commands.add_parser("embed", help="embedding vectors of texts, one JSON line per text")
+    embed.add_argument("words", nargs="*", metavar="[MODEL] TEXT",
+                       help="an optional model, then the texts (or one text per line on standard input)")
+    embed.add_argument("-m", "--model", help="a .gguf path or a model name (default: smollm2:135m)")
+    embed.add_argument("--pooling", choices=["mean", "cls", "last", "none"],
+                       help="how token vectors become one (default: the model's own, else mean)")
+    embed.add_argument("--no-normalize", action="store_true", help="keep the vectors' length (default: unit length)")
+    embed.add_argument("--batch-size", type=int, help="tokens per decode, and the longest text (default 512)")
+    embed.add_argument("--truncate", action="store_true", help="cut texts longer than the batch to their beginning")
+    embed.set_defaults(handler=_embed)
+
     pull = commands.add_parser("pull", help="download a model into the cache (verified)")
     pull.add_argument("name", help="a model name (smollm2:135m, gemma3:270m, qwen2.5:0.5b, ...) "
                                    "or hf:owner/repo[:file]")
@@ -280,6 +316,10 @@ def make_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-tokens-limit", type=int, default=4096, help="cap on max_tokens (default 4096)")
     serve.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot (default 64)")
     serve.add_argument("-t", "--threads", type=int, help="CPU threads (default: all available, at most 8)")
+    serve.add_argument("--pooling", choices=["mean", "cls", "last"],
+                       help="pooling for /v1/embeddings (default: the model's own, else mean)")
+    serve.add_argument("--embedding-batch", type=int,
+                       help="tokens per embedding decode, and the longest input (default 512)")
     serve.set_defaults(handler=_serve)
 
     bench = commands.add_parser("bench", help="quick tokens/s and time to first token on this machine")

@@ -94,6 +94,8 @@ class ContextSettings:
     n_threads_batch: int | None = None
     n_seq_max: int = 1
     flash_attn: bool | None = None  # None: upstream's "auto"
+    embeddings: bool = False  # an embedding context (see mullama._embed)
+    pooling: int = -1  # its llama_pooling_type (-1: the model's)
 
     def __post_init__(self) -> None:
         check_count("n_ctx", self.n_ctx, MAX_UINT32)
@@ -129,14 +131,7 @@ def kv_cache_bytes(model: Model, n_ctx: int) -> int:
 
 def _arch_int(model: Model, key: str) -> int:
     """The integer metadata value ``<architecture>.<key>``, or 0 when absent."""
-    ffi, lib = model._library.ffi, model._library.lib
-    buf = ffi.new("char[]", 128)
-
-    def value(name: str) -> str:
-        n = lib.llama_model_meta_val_str(model.ptr, name.encode(), buf, 128)
-        return ffi.string(buf).decode("utf-8", "replace") if 0 <= n < 128 else ""
-
-    text = value(f"{value('general.architecture')}.{key}")
+    text = model._arch_meta(key) or ""
     return int(text) if text.isdigit() else 0
 
 
@@ -176,11 +171,17 @@ def create_context(model: Model, settings: ContextSettings) -> Any:
     """A new ``llama_context *`` for ``model`` (the caller owns it); ContextError if llama.cpp refuses."""
     library = model._library
     ffi, lib = library.ffi, library.lib
+    if not settings.embeddings and not model.generative:
+        raise InvalidConfigError(f"{model.path.name} is an embedding model ({model.pooling} pooling): it cannot "
+                                 "generate text. Use model.embed(texts), or load a chat model to generate.")
     params = lib.llama_context_default_params()
     params.n_ctx = settings.n_ctx or default_n_ctx(model) * settings.n_seq_max
     check_memory(model, params.n_ctx)
     params.n_batch = min(settings.n_batch, params.n_ctx)
     params.n_ubatch = min(DEFAULT_UBATCH, params.n_batch)
+    if settings.n_seq_max > params.n_batch:  # llama.cpp asserts (aborting the process) on the first decode
+        raise InvalidConfigError(f"{settings.n_seq_max} parallel sequences need a batch of at least as many tokens, "
+                                 f"but n_batch is {params.n_batch}; raise n_batch (and n_ctx) or use fewer.")
     params.n_seq_max = settings.n_seq_max
     params.n_threads = settings.threads
     params.n_threads_batch = settings.threads_batch
@@ -189,6 +190,13 @@ def create_context(model: Model, settings: ContextSettings) -> Any:
     # One KV stream per sequence (llama-server's choice with an explicit --parallel): a sequence's
     # attention never sees another's cells, so batching leaves greedy output unchanged.
     params.kv_unified = False
+    if settings.embeddings:
+        # Pooled embeddings need a text's tokens in one micro-batch; texts share one cache (any
+        # text may use all of it), cleared before each batch.
+        params.embeddings = True
+        params.pooling_type = settings.pooling
+        params.n_ubatch = params.n_batch
+        params.kv_unified = True
     if settings.flash_attn is not None:  # upstream's default is "auto"; keep it unless asked
         params.flash_attn_type = (lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if settings.flash_attn
                                   else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED)

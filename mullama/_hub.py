@@ -101,6 +101,11 @@ REGISTRY: dict[str, RegistryEntry] = {entry.name: entry for entry in (
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", size=253_113_024,
         description="Gemma 3 270M (base model, no chat template), Q4_K_M"),
     RegistryEntry(
+        "all-minilm:l6-v2", "all-MiniLM-L6-v2-Q8_0.gguf",
+        (PyPIWheelFile("litemem", "0.1.3", "litemem/models/all-MiniLM-L6-v2-Q8_0.gguf"),),
+        sha256="263215c3cadd6e16740741a7624ab4cbb6c8e777688bd5331ecfbf5681c2f8ed", size=25_008_064,
+        description="all-MiniLM-L6-v2, Q8_0: a BERT sentence-embedding model (384 dimensions, mean pooling)"),
+    RegistryEntry(
         "qwen2.5:0.5b", "qwen2.5-0.5b-instruct-q4_k_m.gguf",
         (HFFile("Qwen/Qwen2.5-0.5B-Instruct-GGUF", "qwen2.5-0.5b-instruct-q4_k_m.gguf"),),
         description="Qwen2.5 0.5B Instruct, Q4_K_M"),

@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _gguf, _library
 from ._exceptions import ClosedError, ContextError, InvalidConfigError, ModelLoadError, TemplateError, TokenizeError
 from ._owned import Owned
+
+if TYPE_CHECKING:
+    from ._embed import Embedder
 
 __all__ = ["Model"]
 
@@ -69,6 +72,8 @@ class Model(Owned):
         self._contexts: weakref.WeakSet = weakref.WeakSet()
         self._pieces: dict[int, bytes] = {}  # token id -> bytes (special=False); immutable, so cached
         self._lock = threading.Lock()
+        self._embedders: dict[tuple[int, int], Embedder] = {}  # (pooling, batch size) -> embedding context
+        self._embed_lock = threading.Lock()  # creating one (it registers itself, which takes _lock)
 
     # --- loading --------------------------------------------------------------
     @classmethod
@@ -107,6 +112,10 @@ class Model(Owned):
     def close(self) -> None:
         """Free the weights. Refused while a Context of this model is open. Afterwards every method and
         property that needs the C model raises ClosedError."""
+        with self._embed_lock:
+            embedders, self._embedders = list(self._embedders.values()), {}
+        for embedder in embedders:
+            embedder.close()
         with self._lock:
             open_contexts = [c for c in self._contexts if not c.closed and c is not self]
             if open_contexts:
@@ -128,6 +137,28 @@ class Model(Owned):
     def n_ctx_train(self) -> int:
         """The context length the model was trained with."""
         return self._library.lib.llama_model_n_ctx_train(self.ptr)
+
+    @property
+    def n_embd(self) -> int:
+        """The length of this model's embedding vectors."""
+        return self._library.lib.llama_model_n_embd_out(self.ptr)
+
+    @property
+    def pooling(self) -> str | None:
+        """The pooling the GGUF asks for embeddings (``"mean"``, ``"cls"``, ``"last"``, ``"none"``,
+        ``"rank"`` for rerankers), or None when it names none (generative models)."""
+        from ._embed import pooling_name
+
+        value = self._arch_meta("pooling_type")
+        if value is None or not value.lstrip("-").isdigit():
+            return None
+        return "rank" if int(value) == 4 else pooling_name(int(value))
+
+    @property
+    def generative(self) -> bool:
+        """False for an embedding model (its GGUF names a pooling, as BERT-style encoders do): it has
+        no language-model head to sample from, so only :meth:`embed` works."""
+        return self.pooling is None
 
     @property
     def n_params(self) -> int:
@@ -202,6 +233,65 @@ class Model(Owned):
                 lib.llama_model_meta_val_str_by_index(ptr, index, buf, size)
             result[key] = ffi.string(buf).decode("utf-8", "replace")
         return result
+
+    def _meta(self, key: str) -> str | None:
+        """One GGUF metadata value as a string, or None when the file has no such key."""
+        ffi, lib = self._ffi, self._library.lib
+        buf = ffi.new("char[]", 256)
+        n = lib.llama_model_meta_val_str(self.ptr, key.encode(), buf, 256)
+        if n < 0:
+            return None
+        if n >= 256:
+            buf = ffi.new("char[]", n + 1)
+            lib.llama_model_meta_val_str(self.ptr, key.encode(), buf, n + 1)
+        return ffi.string(buf).decode("utf-8", "replace")
+
+    def _arch_meta(self, key: str) -> str | None:
+        """The metadata value ``<architecture>.<key>`` (e.g. ``llama.context_length``), or None."""
+        return self._meta(f"{self._meta('general.architecture')}.{key}")
+
+    # --- embeddings -----------------------------------------------------------
+    def embed(self, texts: str | Sequence[str] | Sequence[Sequence[int]], *, pooling: str | None = None,
+              normalize: bool = True, batch_size: int | None = None, truncate: bool = False,
+              as_numpy: bool = False) -> Any:
+        """Embedding vectors of ``texts`` (a str or a list of them; or lists of token ids): a list of
+        float lists, one per text, in order.
+
+        ``pooling`` is the GGUF's (``model.pooling``), or mean for generative models that name none;
+        ``"mean"``, ``"cls"``, ``"last"`` override it, and ``"none"`` gives a list of per-token
+        vectors for each text. Vectors have unit length unless ``normalize=False``. Texts are
+        tokenised as llama-server does (special tokens added and parsed). ``batch_size`` (default
+        512) is the embedding context's size: the longest text it takes; a longer one raises
+        ContextOverflowError naming its index, or is cut to its beginning with ``truncate=True``.
+        ``as_numpy=True`` returns one float32 array (texts x ``n_embd``) instead.
+
+        Short texts share decodes (and threads embedding at the same time share them too), in
+        groups chosen so that every vector equals the one llama-server computes for its text
+        alone (see mullama._embed).
+        """
+        from ._embed import embed
+
+        return embed(self, texts, pooling=pooling, normalize=normalize, batch_size=batch_size,
+                     truncate=truncate, as_numpy=as_numpy)
+
+    def embed_one(self, text: str, **options: Any) -> list[float]:
+        """The embedding of one text (options as :meth:`embed`)."""
+        if not isinstance(text, str):
+            raise InvalidConfigError(f"embed_one() takes a str, not {type(text).__name__}.")
+        result: list[float] = self.embed([text], **options)[0]
+        return result
+
+    def _embedder(self, pooling: int, batch_size: int) -> Embedder:
+        """The embedding context for ``pooling`` and ``batch_size``, created on first use."""
+        from ._embed import Embedder
+
+        key = (pooling, batch_size)
+        with self._embed_lock:
+            self.ensure_open()
+            embedder = self._embedders.get(key)
+            if embedder is None or embedder.closed:
+                embedder = self._embedders[key] = Embedder(self, pooling, batch_size)
+            return embedder
 
     def _vocab_ptr(self) -> Any:
         self.ensure_open()

@@ -6,9 +6,12 @@ OpenAI error body, so the server never answers a malformed request with a 5xx.
 
 from __future__ import annotations
 
+import array
 import math
 import secrets
+import sys
 import time
+from base64 import b64encode
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +20,8 @@ from ._config import StreamConfig
 from ._exceptions import InvalidConfigError, MullamaError
 from ._sequence import Token
 
-__all__ = ["APIError", "ParsedRequest", "chunk", "completion_body", "error_body", "parse_request", "usage"]
+__all__ = ["APIError", "EmbeddingRequest", "ParsedRequest", "chunk", "completion_body", "embedding_body",
+           "error_body", "parse_embedding_request", "parse_request", "usage"]
 
 # Fields we honour, and fields OpenAI clients send that we accept and ignore.
 _COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "stop",
@@ -342,3 +346,78 @@ def completion_body(kind: str, request_id: str, model: str, choices: list[Choice
         obj = "text_completion"
     return {"id": request_id, "object": obj, "created": created, "model": model, "choices": items,
             "usage": usage(prompt_tokens, completion_tokens)}
+
+
+# --- embeddings ------------------------------------------------------------------------------
+EMBEDDING_FIELDS = {"input", "model", "encoding_format", "dimensions", "user"}
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's own limit on inputs per request
+
+
+@dataclass
+class EmbeddingRequest:
+    """An embeddings request: texts to tokenise, or token lists given as they are."""
+
+    texts: list[str] | None
+    token_lists: list[list[int]] | None
+    base64: bool
+    dimensions: int | None
+
+
+def _is_token_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(x, int) and not isinstance(x, bool) for x in value)
+
+
+def parse_embedding_request(body: Any, *, max_inputs: int = MAX_EMBEDDING_INPUTS) -> EmbeddingRequest:
+    """Check a ``/v1/embeddings`` body: ``input`` is a string, a list of strings, a list of token ids,
+    or a list of such lists; none may be empty."""
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object.")
+    unknown = sorted(set(body) - EMBEDDING_FIELDS)
+    if unknown:
+        raise _bad(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0])
+    if "input" not in body:
+        raise _bad("'input' is required: a string, a list of strings, or lists of token ids.", "input")
+    value = body["input"]
+    texts: list[str] | None = None
+    token_lists: list[list[int]] | None = None
+    if isinstance(value, str):
+        texts = [value]
+    elif _is_token_list(value):
+        token_lists = [value]
+    elif isinstance(value, list) and value and all(isinstance(item, str) for item in value):
+        texts = value
+    elif isinstance(value, list) and value and all(_is_token_list(item) for item in value):
+        token_lists = value
+    elif value == []:
+        raise _bad("'input' is an empty list; send at least one text.", "input")
+    else:
+        raise _bad("'input' must be a string, a list of strings, a list of token ids, or a list of lists of "
+                   "token ids (all non-empty).", "input")
+    count = len(texts if texts is not None else token_lists or [])
+    if count > max_inputs:
+        raise _bad(f"'input' has {count} items; at most {max_inputs} fit in one request: send several.", "input")
+    if texts is not None and any(not text for text in texts):
+        raise _bad(f"'input' item {texts.index('')} is an empty string, which has no embedding.", "input")
+    encoding = body.get("encoding_format", "float")
+    if encoding not in ("float", "base64"):
+        raise _bad("'encoding_format' must be 'float' or 'base64'.", "encoding_format")
+    dimensions = _integer(body, "dimensions", 1)
+    if "model" in body and not isinstance(body["model"], str):
+        raise _bad("'model' must be a string.", "model")
+    return EmbeddingRequest(texts, token_lists, encoding == "base64", dimensions)
+
+
+def embedding_body(vectors: list[list[float]], model: str, prompt_tokens: int, *, base64: bool) -> dict:
+    """The ``/v1/embeddings`` response: ``base64`` gives each vector as little-endian float32 bytes."""
+    data = []
+    for index, vector in enumerate(vectors):
+        encoded: list[float] | str = vector
+        if base64:
+            packed = array.array("f", vector)
+            if sys.byteorder == "big":
+                packed.byteswap()
+            encoded = b64encode(packed.tobytes()).decode("ascii")
+        data.append({"object": "embedding", "index": index, "embedding": encoded})
+    return {"object": "list", "data": data, "model": model,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}

@@ -41,7 +41,7 @@ def close_all() -> int:
 def invalidate_after_fork() -> None:
     """In a forked child, close (without freeing) every context and engine inherited from the parent."""
     for obj in list(_live):
-        if obj._kind in ("context", "engine") and obj._ptr is not None:
+        if obj._kind in ("context", "engine", "embedder") and obj._ptr is not None:
             obj._detach()
             obj._ptr = None
             obj._inherited_by_fork = True

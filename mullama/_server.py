@@ -1,7 +1,7 @@
 """``mullama serve``: an OpenAI-compatible streaming server over the batching engine.
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (SSE when ``stream``),
-``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text) and the
+``POST /v1/embeddings``, ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text) and the
 WebSocket ``/v1/ws``. Safe by default: it binds 127.0.0.1, refuses a non-loopback
 address without an API key, checks ``Authorization: Bearer`` / ``x-api-key`` on every
 route but ``/health``, bounds request bodies and ``max_tokens``, and never opens a
@@ -13,6 +13,7 @@ Needs the ``server`` extra (starlette, uvicorn).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hmac
 import ipaddress
@@ -63,6 +64,9 @@ class ServerSettings:
     max_body_bytes: int = 1 << 20
     max_tokens_limit: int = 4096
     max_prompt_chars: int = 4 << 20  # the rendered prompt (template included), before tokenising
+    pooling: str | None = None  # for /v1/embeddings: None is the model's own (mean for generative models)
+    embedding_batch: int | None = None  # tokens per embedding decode, and the longest input (default 512)
+    max_embedding_inputs: int = _openai.MAX_EMBEDDING_INPUTS
 
 
 def is_loopback(host: str) -> bool:
@@ -155,8 +159,9 @@ async def _merged(jobs: list[EngineRequest]) -> AsyncIterator[tuple[int, Token |
             task.cancel()
 
 
-def create_app(model: Model, engine: Engine, settings: ServerSettings) -> Starlette:
-    """The ASGI application serving ``model`` through ``engine``."""
+def create_app(model: Model, engine: Engine | None, settings: ServerSettings) -> Starlette:
+    """The ASGI application serving ``model`` through ``engine`` (None for an embedding model, which
+    answers ``/v1/embeddings`` only)."""
     metrics = _Metrics()
     model_name = settings.model_name
     created = int(time.time())
@@ -208,6 +213,9 @@ def create_app(model: Model, engine: Engine, settings: ServerSettings) -> Starle
     def prepare(parsed: _openai.ParsedRequest) -> list[EngineRequest]:
         """Render and tokenise ``parsed``, then submit one sequence per choice (in a worker thread:
         the event loop stays free). If one cannot be queued, none is."""
+        if engine is None:
+            raise APIError(400, f"{model_name} is an embedding model: it answers /v1/embeddings only.",
+                           code="model_not_generative")
         tokens = prompt_tokens(parsed)
         jobs: list[EngineRequest] = []
         try:
@@ -220,6 +228,7 @@ def create_app(model: Model, engine: Engine, settings: ServerSettings) -> Starle
         return jobs
 
     def submit(tokens: list[int], config: StreamConfig) -> EngineRequest:
+        assert engine is not None  # prepare() refuses first
         try:
             return engine.submit(tokens, config)
         except QueueFullError as exc:
@@ -305,6 +314,39 @@ def create_app(model: Model, engine: Engine, settings: ServerSettings) -> Starle
             for job in jobs:
                 job.cancel()
 
+    def embed(parsed: _openai.EmbeddingRequest) -> tuple[list[list[float]], int]:
+        """The request's vectors and its token count (in a worker thread; concurrent requests share decodes)."""
+        try:
+            if parsed.dimensions is not None and parsed.dimensions != model.n_embd:
+                raise APIError(400, f"this model's embeddings have {model.n_embd} dimensions and cannot be "
+                                    "shortened; leave 'dimensions' out.", param="dimensions")
+            if parsed.texts is not None:
+                token_lists = [model.tokenize(text, add_special=True, parse_special=True) for text in parsed.texts]
+            else:
+                token_lists = parsed.token_lists or []
+            vectors = model.embed(token_lists, pooling=settings.pooling, batch_size=settings.embedding_batch)
+            return vectors, sum(map(len, token_lists))
+        except ContextOverflowError as exc:
+            raise APIError(400, str(exc).replace("text ", "input item ", 1), param="input",
+                           code="context_length_exceeded") from None
+        except (InvalidConfigError, TokenizeError) as exc:
+            raise APIError(400, str(exc).replace("text ", "input item ", 1), param="input") from None
+        except MullamaError as exc:
+            raise _openai.generation_error(exc) from None
+
+    async def embeddings(request: Request) -> Response:
+        if not authorized(request.headers):
+            return error(APIError(401, "missing or wrong API key: send Authorization: Bearer <key>.",
+                                  type="authentication_error", code="invalid_api_key"))
+        try:
+            body = await read_json(request)
+            parsed = _openai.parse_embedding_request(body, max_inputs=settings.max_embedding_inputs)
+            vectors, n_tokens = await asyncio.to_thread(embed, parsed)
+        except APIError as exc:
+            return error(exc)
+        metrics.count(200)
+        return JSONResponse(_openai.embedding_body(vectors, model_name, n_tokens, base64=parsed.base64))
+
     async def chat_completions(request: Request) -> Response:
         return await generate(request, "chat")
 
@@ -319,6 +361,8 @@ def create_app(model: Model, engine: Engine, settings: ServerSettings) -> Starle
             {"id": model_name, "object": "model", "created": created, "owned_by": "mullama"}]})
 
     async def health(request: Request) -> Response:
+        if engine is None:
+            return JSONResponse({"status": "ok", "active_streams": 0, "waiting": 0})
         if not engine.alive:
             reason = repr(engine.failure) if engine.failure is not None else "the engine is stopped"
             return JSONResponse({"status": "error", "error": reason}, status_code=503)
@@ -327,7 +371,7 @@ def create_app(model: Model, engine: Engine, settings: ServerSettings) -> Starle
     async def prometheus(request: Request) -> Response:
         if not authorized(request.headers):
             return error(APIError(401, "missing or wrong API key.", type="authentication_error"))
-        stats = engine.stats
+        stats = engine.stats if engine is not None else collections.Counter()
         recent = sum(n for _, n in metrics.recent) / 60.0
         decode_tps = (stats["completion_tokens_total"] / stats["decode_seconds"]) if stats["decode_seconds"] else 0.0
         lines = [
@@ -339,8 +383,8 @@ def create_app(model: Model, engine: Engine, settings: ServerSettings) -> Starle
             ("mullama_requests_rejected_total", "counter", "Requests refused: queue full.", stats["rejected_total"]),
             ("mullama_prompt_tokens_total", "counter", "Prompt tokens received.", stats["prompt_tokens_total"]),
             ("mullama_tokens_generated_total", "counter", "Tokens generated.", stats["completion_tokens_total"]),
-            ("mullama_active_streams", "gauge", "Streams being generated now.", engine.active_streams),
-            ("mullama_waiting_requests", "gauge", "Requests waiting for a slot.", engine.waiting),
+            ("mullama_active_streams", "gauge", "Streams being generated now.", engine.active_streams if engine else 0),
+            ("mullama_waiting_requests", "gauge", "Requests waiting for a slot.", engine.waiting if engine else 0),
             ("mullama_tokens_per_second", "gauge", "Tokens/s over the last minute.", round(recent, 3)),
             ("mullama_decode_tokens_per_second", "gauge", "Generated tokens per second of decoding.",
              round(decode_tps, 3)),
@@ -428,6 +472,7 @@ def create_app(model: Model, engine: Engine, settings: ServerSettings) -> Starle
     routes = [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
@@ -446,28 +491,37 @@ def create_app(model: Model, engine: Engine, settings: ServerSettings) -> Starle
 
 def serve(model_ref: str, *, host: str = "127.0.0.1", port: int = 8080, parallel: int = 4,
           ctx_size: int | None = None, api_key: str | None = None, max_tokens_limit: int = 4096,
-          threads: int | None = None, max_queue: int = 64, max_body_bytes: int = 1 << 20) -> int:
-    """Load the model, start the engine and serve until SIGINT/SIGTERM (in-flight streams drain)."""
+          threads: int | None = None, max_queue: int = 64, max_body_bytes: int = 1 << 20,
+          pooling: str | None = None, embedding_batch: int | None = None) -> int:
+    """Load the model, start the engine and serve until SIGINT/SIGTERM (in-flight streams drain).
+    An embedding model (its GGUF names a pooling) gets no engine: it serves /v1/embeddings only."""
     import uvicorn
+
+    from ._embed import check_options, resolve_pooling
 
     if not is_loopback(host) and not api_key:
         raise InvalidConfigError(f"refusing to listen on {host} without an API key: anyone on the network could "
                                  "use it. Pass --api-key (or set MULLAMA_API_KEY), or bind 127.0.0.1.")
     ContextSettings(n_ctx=ctx_size, n_threads=threads, n_seq_max=parallel)  # bad values fail before the load
+    check_options(True, embedding_batch, False)
     model = Model.load(model_ref)
+    engine = None
     try:
-        engine = Engine(model, parallel=parallel, n_ctx=ctx_size, n_threads=threads, max_queue=max_queue)
+        resolve_pooling(model, pooling)
+        if model.generative:
+            engine = Engine(model, parallel=parallel, n_ctx=ctx_size, n_threads=threads, max_queue=max_queue)
     except BaseException:
         model.close()
         raise
     settings = ServerSettings(model_name=str(model_ref), api_key=api_key, max_body_bytes=max_body_bytes,
-                              max_tokens_limit=max_tokens_limit)
+                              max_tokens_limit=max_tokens_limit, pooling=pooling, embedding_batch=embedding_batch)
     app = create_app(model, engine, settings)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30,
                             ws_max_size=max_body_bytes)
     shown = f"[{host}]" if ":" in host else host
-    ready = (f"mullama serving {model_ref} ({parallel} parallel streams, {engine.n_ctx_per_slot} tokens each) "
-             f"on http://{shown}:{port}/v1")
+    serving = (f"{parallel} parallel streams, {engine.n_ctx_per_slot} tokens each" if engine is not None
+               else f"embeddings only, {model.pooling} pooling")
+    ready = f"mullama serving {model_ref} ({serving}) on http://{shown}:{port}/v1"
 
     class Server(uvicorn.Server):
         async def startup(self, sockets=None) -> None:
@@ -493,7 +547,8 @@ def serve(model_ref: str, *, host: str = "127.0.0.1", port: int = 8080, parallel
     try:
         server.run()
     finally:
-        engine.stop(drain=True, timeout=30)
-        engine.close()
+        if engine is not None:
+            engine.stop(drain=True, timeout=30)
+            engine.close()
         model.close()
     return 0
