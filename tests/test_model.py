@@ -184,6 +184,12 @@ CLOSED_CALLS = {
     "_cached_piece (a new token)": lambda m: m._cached_piece(1002),
     "_check_tokens": lambda m: m._check_tokens([1]),
     "Context(model)": lambda m: mullama.Context(m),
+    "embed": lambda m: m.embed(["Hello"]),
+    "embed(token ids)": lambda m: m.embed([[1000, 1001]]),
+    "embed_one": lambda m: m.embed_one("Hello"),
+    "n_embd": lambda m: m.n_embd,
+    "pooling": lambda m: m.pooling,
+    "generative": lambda m: m.generative,
 }
 # Plain Python state, no C behind it: usable after close.
 OPEN_AFTER_CLOSE = {"close", "closed", "load", "path", "offloaded", "needs_checkpoints", "vocab_only"}
