@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
-from typing import NoReturn
+from pathlib import Path
+from typing import Any, NoReturn
 
 from . import __version__
 from ._exceptions import InvalidConfigError, MullamaError
@@ -19,6 +21,8 @@ EXAMPLES = """examples:
   mullama run smollm2:135m "Hello" --json       the reply and its statistics as JSON
   echo "Summarise: ..." | mullama run           the prompt from standard input
   mullama run --raw "The capital of France is"  plain completion, no chat template
+  mullama run smollm2 -f notes.txt --temp 0     the prompt from a file, greedy
+  cat notes.txt | mullama run "Summarise:"      the prompt, a blank line, then standard input
   mullama embed all-minilm:l6-v2 "a cat" "a dog"  one JSON line of embedding per text
   mullama pull qwen2.5:0.5b                     download a model (resumable, verified)
   mullama list                                  models in the cache
@@ -27,12 +31,15 @@ EXAMPLES = """examples:
 """
 
 
+MIN_CTX = 256  # llama.cpp rounds a smaller context up to this
 _MODEL_NAME = re.compile(r"^(hf:[\w.\-]+/[\w.\-]+(:[\w.\-]+)?|[\w.\-]+:[\w.\-]+)$")
 
 
 def _is_model(word: str) -> bool:
-    """A first word such as ``smollm2:135m``, ``hf:owner/repo`` or ``model.gguf`` names the model."""
-    return word.endswith(".gguf") or bool(_MODEL_NAME.match(word))
+    """A first word such as ``smollm2:135m``, ``smollm2``, ``hf:owner/repo`` or ``model.gguf`` names the model."""
+    from ._hub import is_family
+
+    return word.endswith(".gguf") or bool(_MODEL_NAME.match(word)) or is_family(word)
 
 
 def _model_and_words(args: argparse.Namespace) -> tuple[str, list[str]]:
@@ -46,20 +53,56 @@ def _model_and_words(args: argparse.Namespace) -> tuple[str, list[str]]:
     return model_name or DEFAULT_MODEL, words
 
 
-def _run(args: argparse.Namespace) -> int:
+def _config(args: argparse.Namespace, *, stop: list[str] | None = None) -> Any:
+    """The StreamConfig the sampling flags ask for (unset flags keep StreamConfig's defaults)."""
     from ._config import StreamConfig
+
+    chosen = {name: getattr(args, name) for name in ("temperature", "seed", "top_k", "top_p", "min_p",
+                                                      "repeat_penalty") if getattr(args, name, None) is not None}
+    return StreamConfig(max_tokens=args.max_tokens, stop_sequences=stop or [], timeout_ms=None, **chosen)
+
+
+def _check_ctx_size(value: int | None) -> None:
+    if value is not None and value < MIN_CTX:
+        raise InvalidConfigError(f"--ctx-size {value} is too small: llama.cpp's contexts hold at least {MIN_CTX} "
+                                 f"tokens; pass --ctx-size {MIN_CTX} or more.")
+
+
+def _warn_ctx_size(value: int | None, model: Any) -> None:
+    if value is not None and value > model.n_ctx_train:
+        print(f"mullama: warning: --ctx-size {value} is beyond the {model.n_ctx_train} tokens this model was trained "
+              "with; replies may degrade past that point.", file=sys.stderr)
+
+
+def _prompt(words: list[str], file: str | None) -> str:
+    """The prompt: the words (or -f FILE), then standard input when it is piped (joined by a blank line)."""
+    parts = [" ".join(words)] if words else []
+    if file is not None:
+        try:
+            parts.append(Path(file).expanduser().read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise InvalidConfigError(f"cannot read the prompt file {file}: {exc.strerror}; check -f/--file.") from None
+    if not sys.stdin.isatty():
+        piped = sys.stdin.read()
+        if piped.strip():
+            parts.append(piped)
+    return "\n\n".join(part for part in parts if part)
+
+
+def _run(args: argparse.Namespace) -> int:
     from ._context import Context
     from ._model import Model
 
     model_name, words = _model_and_words(args)
-    prompt = " ".join(words)
-    if not prompt and not sys.stdin.isatty():
-        prompt = sys.stdin.read()
+    _check_ctx_size(args.ctx_size)
+    if not words and args.file is None and sys.stdin.isatty():
+        return _chat(args, model_name)  # `mullama run MODEL` in a terminal: a chat, as with ollama
+    prompt = _prompt(words, args.file)
     if not prompt.strip():
-        raise InvalidConfigError("no prompt: give one as arguments or on standard input.")
-    config = StreamConfig(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
-                          stop_sequences=args.stop or [], timeout_ms=None)
-    with Model.load(model_name) as model, Context(model, n_ctx=args.ctx_size) as context:
+        raise InvalidConfigError("no prompt: give one as arguments, with -f FILE, or on standard input.")
+    config = _config(args, stop=args.stop)
+    with Model.load(model_name) as model, Context(model, n_ctx=args.ctx_size, n_threads=args.threads) as context:
+        _warn_ctx_size(args.ctx_size, model)
         if args.raw:
             stream = context.generate_stream(prompt, config=config)
         else:
@@ -78,8 +121,10 @@ def _run(args: argparse.Namespace) -> int:
                        "tokens_per_second": stream.tokens_per_second()}, sys.stdout, ensure_ascii=False)
         sys.stdout.write("\n")
         if args.verbose:
+            ttft = stream.time_to_first_token()
             print(f"[{stream.tokens_generated()} tokens, {stream.tokens_per_second():.1f} tokens/s, "
-                  f"first token after {stream.time_to_first_token() * 1000:.0f} ms]", file=sys.stderr)
+                  f"first token after {(ttft or 0) * 1000:.0f} ms, {stream.prompt_tokens} prompt tokens]",
+                  file=sys.stderr)
     return 0
 
 
@@ -99,15 +144,13 @@ def _embed(args: argparse.Namespace) -> int:
     return 0
 
 
-def _chat(args: argparse.Namespace) -> int:
-    from ._config import StreamConfig
+def _chat(args: argparse.Namespace, model_name: str | None = None) -> int:
     from ._hub import DEFAULT_MODEL
     from ._terminal_chat import chat_main
 
-    config = StreamConfig(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
-                          timeout_ms=None)
-    return chat_main(args.model or DEFAULT_MODEL, system=args.system, config=config, ctx_size=args.ctx_size,
-                     record=args.record)
+    _check_ctx_size(args.ctx_size)
+    return chat_main(model_name or args.model or DEFAULT_MODEL, system=args.system, config=_config(args),
+                     ctx_size=args.ctx_size, threads=args.threads, record=getattr(args, "record", None))
 
 
 def _pull(args: argparse.Namespace) -> int:
@@ -132,12 +175,39 @@ def _list(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("NAME", "SIZE", "DIGEST", box=None, header_style="bold")
-    table.add_column("PATH", overflow="fold")
+    table = Table("NAME", "ID", "SIZE", "MODIFIED", box=None, header_style="bold")
     for m in models:
-        table.add_row(m.name, f"{m.size / 1e6:.0f} MB", m.sha256[:12], str(m.path))
+        table.add_row(m.name, m.sha256[:12], _size(m.size), _ago(m.pulled_at))
     Console().print(table)
+    print("(`mullama show NAME` prints a model's path and metadata; `mullama list --json` lists paths)")
     return 0
+
+
+def _size(n_bytes: float) -> str:
+    """``n_bytes`` in human units (decimal, as ollama prints them)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n_bytes < 1000 or unit == "GB":
+            return f"{n_bytes:.0f} {unit}" if unit in ("B", "KB") or n_bytes >= 100 else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1000
+    return f"{n_bytes:.1f} TB"
+
+
+def _ago(stamp: str) -> str:
+    """An ISO time as ``3 minutes ago``."""
+    import datetime
+
+    try:
+        then = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except (ValueError, AttributeError):
+        return "-"
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=datetime.timezone.utc)
+    seconds = (datetime.datetime.now(datetime.timezone.utc) - then).total_seconds()
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size:
+            count = int(seconds // size)
+            return f"{count} {unit}{'s' * (count > 1)} ago"
+    return "just now"
 
 
 def _rm(args: argparse.Namespace) -> int:
@@ -149,16 +219,21 @@ def _rm(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
+    from ._exceptions import ModelNotFoundError
     from ._gguf import read_gguf_info
-    from ._hub import resolve
+    from ._hub import cached
 
-    info = read_gguf_info(resolve(args.name))
+    path = Path(args.name).expanduser() if args.name.endswith(".gguf") or os.sep in args.name else cached(args.name)
+    if path is None:  # show never downloads
+        raise ModelNotFoundError(f"{args.name} is not in the cache; `mullama pull {args.name}` downloads it "
+                                 "(`mullama list` shows what is there).")
+    info = read_gguf_info(path)
     summary = {"path": str(info.path), **info.summary()}
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         summary["parameters"] = f"{info.n_params / 1e6:.1f}M"
-        summary["size_bytes"] = f"{info.size_bytes / 1e6:.1f} MB"
+        summary["size_bytes"] = _size(info.size_bytes)
         for key, value in summary.items():
             print(f"{key.replace('_', ' '):>15}: {value}")
     if args.template and info.chat_template:
@@ -167,8 +242,6 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import os
-
     try:
         from ._server import serve
     except ImportError as exc:
@@ -176,6 +249,7 @@ def _serve(args: argparse.Namespace) -> int:
                            "pip install 'mullama[server]'.") from None
     from ._hub import DEFAULT_MODEL
 
+    _check_ctx_size(args.ctx_size)
     return serve(args.model or DEFAULT_MODEL, host=args.host, port=args.port, parallel=args.parallel,
                  ctx_size=args.ctx_size, api_key=args.api_key or os.environ.get("MULLAMA_API_KEY"),
                  max_tokens_limit=args.max_tokens_limit, threads=args.threads, max_queue=args.max_queue,
@@ -226,8 +300,12 @@ def _info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
     else:
+        build = info.get("build") or {}
+        if isinstance(build, dict):
+            info["build"] = (f"{build.get('build_type', '?')}, {'portable' if build.get('portable') else 'native'}"
+                             f"{', ' + ' '.join(build['cmake_args']) if build.get('cmake_args') else ''}")
         for key, value in info.items():
-            print(f"{key:>17}: {value}")
+            print(f"{key.replace('_', ' '):>17}: {value}")
     return 0
 
 
@@ -238,47 +316,74 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+MODEL_HELP = "a .gguf path or a model name, with or without its tag (default: smollm2:135m)"
+
+
+def _add_verbosity(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: a subcommand's unset flag must not undo the same flag given before the subcommand.
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="print statistics (tokens/s, time to first token) on standard error")
+    parser.add_argument("--log-llama", action="store_true", default=argparse.SUPPRESS,
+                        help="show llama.cpp's own log")
+
+
+def _add_compute(parser: argparse.ArgumentParser, ctx_help: str) -> None:
+    parser.add_argument("-c", "--ctx-size", type=int, help=ctx_help)
+    parser.add_argument("-t", "--threads", type=int, help="CPU threads (default: all available, at most 8)")
+
+
+def _add_sampling(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    parser.add_argument("-n", "--max-tokens", "--n-predict", dest="max_tokens", type=int, default=max_tokens,
+                        help=f"at most this many tokens (default {max_tokens})")
+    parser.add_argument("--temp", "--temperature", dest="temperature", type=float, default=0.7,
+                        help="0 is greedy (default 0.7)")
+    parser.add_argument("-s", "--seed", type=int, help="make sampling reproducible")
+    parser.add_argument("--top-k", type=int, help="sample among the k most likely tokens (default 40)")
+    parser.add_argument("--top-p", type=float, help="nucleus sampling (default 0.9)")
+    parser.add_argument("--min-p", type=float, help="drop tokens below min-p x the top one's probability (0.05)")
+    parser.add_argument("--repeat-penalty", type=float, help="penalise repeated tokens (default 1.0: off)")
+    parser.add_argument("-sys", "--system", help="a system message")
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mullama", description="Stream tokens from local GGUF models.",
-                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"mullama {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log and statistics")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print statistics on standard error")
+    parser.add_argument("--log-llama", action="store_true", help="show llama.cpp's own log")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    run = commands.add_parser("run", help="stream a reply to a prompt", epilog=EXAMPLES,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    run = commands.add_parser("run", help="stream a reply to a prompt (a chat in a terminal without one)",
+                              epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("words", nargs="*", metavar="[MODEL] PROMPT", help="an optional model, then the prompt")
-    run.add_argument("-m", "--model", help="a .gguf path or a model name (default: smollm2:135m)")
-    run.add_argument("-n", "--max-tokens", type=int, default=512, help="at most this many tokens (default 512)")
-    run.add_argument("-t", "--temperature", type=float, default=0.7, help="0 is greedy (default 0.7)")
-    run.add_argument("--seed", type=int, help="make sampling reproducible")
+    run.add_argument("-m", "--model", help=MODEL_HELP)
+    run.add_argument("-f", "--file", help="read the prompt from this file")
+    _add_sampling(run, 512)
+    _add_compute(run, "context size in tokens (default: the model's, at most 4096)")
     run.add_argument("--stop", action="append", help="stop at this text (repeatable)")
-    run.add_argument("--system", help="a system message")
     run.add_argument("--raw", action="store_true", help="complete the prompt as is, without the chat template")
-    run.add_argument("--ctx-size", type=int, default=None, help="context size in tokens")
     run.add_argument("--json", action="store_true", help="print the result and statistics as JSON")
-    run.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log and statistics")
+    _add_verbosity(run)
     run.set_defaults(handler=_run)
 
     chat = commands.add_parser("chat", help="chat in the terminal (Markdown, streaming, multi-turn)")
-    chat.add_argument("model", nargs="?", help="a .gguf path or a model name (default: smollm2:135m)")
-    chat.add_argument("--system", help="a system message")
-    chat.add_argument("-n", "--max-tokens", type=int, default=1024, help="most tokens per reply (default 1024)")
-    chat.add_argument("-t", "--temperature", type=float, default=0.7, help="0 is greedy (default 0.7)")
-    chat.add_argument("--seed", type=int, help="make sampling reproducible")
-    chat.add_argument("--ctx-size", type=int, help="context size in tokens")
+    chat.add_argument("model", nargs="?", help=MODEL_HELP)
+    _add_sampling(chat, 1024)
+    _add_compute(chat, "context size in tokens (default: the model's, at most 4096)")
     chat.add_argument("--record", metavar="FILE.svg", help="save the session as an SVG picture on exit")
+    _add_verbosity(chat)
     chat.set_defaults(handler=_chat)
 
     embed = commands.add_parser("embed", help="embedding vectors of texts, one JSON line per text")
     embed.add_argument("words", nargs="*", metavar="[MODEL] TEXT",
                        help="an optional model, then the texts (or one text per line on standard input)")
-    embed.add_argument("-m", "--model", help="a .gguf path or a model name (default: smollm2:135m)")
+    embed.add_argument("-m", "--model", help=MODEL_HELP)
     embed.add_argument("--pooling", choices=["mean", "cls", "last", "none"],
                        help="how token vectors become one (default: the model's own, else mean)")
     embed.add_argument("--no-normalize", action="store_true", help="keep the vectors' length (default: unit length)")
-    embed.add_argument("--batch-size", type=int, help="tokens per decode, and the longest text (default 512)")
+    embed.add_argument("--batch-size", type=int, help="the longest text, in tokens (default 512)")
     embed.add_argument("--truncate", action="store_true", help="cut texts longer than the batch to their beginning")
+    _add_verbosity(embed)
     embed.set_defaults(handler=_embed)
 
     pull = commands.add_parser("pull", help="download a model into the cache (verified)")
@@ -287,7 +392,7 @@ def make_parser() -> argparse.ArgumentParser:
     pull.add_argument("--force", action="store_true", help="download again even if cached")
     pull.set_defaults(handler=_pull)
 
-    ls = commands.add_parser("list", help="models in the cache: name, size, digest, path")
+    ls = commands.add_parser("list", help="models in the cache: name, size, digest, modified, path")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(handler=_list)
 
@@ -295,8 +400,8 @@ def make_parser() -> argparse.ArgumentParser:
     rm.add_argument("names", nargs="+")
     rm.set_defaults(handler=_rm)
 
-    show = commands.add_parser("show", help="a model's metadata, read from its GGUF header")
-    show.add_argument("name", help="a model name or a .gguf path")
+    show = commands.add_parser("show", help="a model's metadata, read from its GGUF header (never downloads)")
+    show.add_argument("name", help="a cached model name or a .gguf path")
     show.add_argument("--json", action="store_true")
     show.add_argument("--template", action="store_true", help="also print the chat template")
     show.set_defaults(handler=_show)
@@ -307,26 +412,28 @@ def make_parser() -> argparse.ArgumentParser:
                                        "application/json' \\\n    -d '{\"messages\": [{\"role\": \"user\", "
                                        "\"content\": \"Hello!\"}], \"stream\": true}'",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    serve.add_argument("-m", "--model", help="a .gguf path or a model name (default: smollm2:135m)")
+    serve.add_argument("-m", "--model", help=MODEL_HELP)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     serve.add_argument("-np", "--parallel", type=int, default=4, help="streams decoded together (default 4)")
-    serve.add_argument("-c", "--ctx-size", type=int, help="context tokens per stream (default: the model's, max 4096)")
+    _add_compute(serve, "context tokens of EACH stream (llama-server's -c is the total; default: the model's, "
+                        "at most 4096)")
     serve.add_argument("--api-key", help="require this key (or set MULLAMA_API_KEY)")
     serve.add_argument("--max-tokens-limit", type=int, default=4096, help="cap on max_tokens (default 4096)")
     serve.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot (default 64)")
-    serve.add_argument("-t", "--threads", type=int, help="CPU threads (default: all available, at most 8)")
     serve.add_argument("--pooling", choices=["mean", "cls", "last"],
                        help="pooling for /v1/embeddings (default: the model's own, else mean)")
     serve.add_argument("--embedding-batch", type=int,
                        help="tokens per embedding decode, and the longest input (default 512)")
+    _add_verbosity(serve)
     serve.set_defaults(handler=_serve)
 
     bench = commands.add_parser("bench", help="quick tokens/s and time to first token on this machine")
-    bench.add_argument("model", nargs="?", help="a .gguf path or a model name (default: smollm2:135m)")
+    bench.add_argument("model", nargs="?", help=MODEL_HELP)
     bench.add_argument("-n", "--tokens", type=int, default=128, help="tokens to decode (default 128)")
     bench.add_argument("-t", "--threads", type=int, help="CPU threads")
     bench.add_argument("--json", action="store_true")
+    _add_verbosity(bench)
     bench.set_defaults(handler=_bench)
 
     info = commands.add_parser("info", help="library path, llama.cpp commit, system info, cache")
@@ -345,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    if args.verbose:
+    if args.log_llama:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
         return args.handler(args)

@@ -215,6 +215,23 @@ def _parse_hf(name: str) -> tuple[str, str, str | None]:
     return repo, revision, filename or None
 
 
+def is_family(name: str) -> bool:
+    """Whether ``name`` is a known model name without its tag (``smollm2``, ``llama3.2``)."""
+    return any(entry_name.split(":")[0] == name.lower() for entry_name in REGISTRY)
+
+
+def cached(name: str) -> Path | None:
+    """The cached file of a model name, or None when it has not been pulled (never downloads)."""
+    try:
+        entry = entry_for(name) if not name.startswith("hf:") else None
+    except ModelNotFoundError:
+        return None
+    if entry is None:
+        return next((m.path for m in list_models() if m.name == name), None)
+    path = model_path(entry)
+    return path if path.is_file() else None
+
+
 def _looks_like_path(model: str) -> bool:
     if model.startswith("hf:"):
         return False
@@ -233,6 +250,9 @@ def entry_for(name: str) -> RegistryEntry:
     key = name.strip().lower()
     if key in REGISTRY:
         return REGISTRY[key]
+    family = [entry for entry_name, entry in REGISTRY.items() if entry_name.split(":")[0] == key]
+    if family:  # a name without its tag, as with ollama: the family's first (default) tag
+        return family[0]
     if name.startswith("hf:"):
         return _hf_entry(name)
     close = difflib.get_close_matches(key, REGISTRY, n=3, cutoff=0.5)

@@ -19,9 +19,11 @@ import hmac
 import ipaddress
 import json
 import signal
+import socket
+import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,7 +56,9 @@ from ._model import Model
 from ._openai import APIError
 from ._sequence import Token
 
-__all__ = ["ServerSettings", "create_app", "is_loopback"]
+__all__ = ["AccessLog", "ServerSettings", "create_app", "is_loopback"]
+
+TOKENS_KEY = "mullama.tokens"  # where a route leaves the number of tokens it generated, for the access log
 
 
 @dataclass
@@ -254,7 +258,8 @@ def create_app(model: Model, engine: Engine | None, settings: ServerSettings) ->
         n_prompt = jobs[0].prompt_tokens
         if parsed.stream:
             metrics.count(200)
-            return StreamingResponse(sse(jobs, parsed, kind, request_id, n_prompt), media_type="text/event-stream",
+            return StreamingResponse(sse(jobs, parsed, kind, request_id, n_prompt, request.scope),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         # Nobody reads a non-streamed answer once its client is gone: stop generating then too.
         watcher = asyncio.create_task(_cancel_on_disconnect(request, jobs))
@@ -269,6 +274,7 @@ def create_app(model: Model, engine: Engine | None, settings: ServerSettings) ->
         completion_tokens = sum(job.completion_tokens for job in jobs)
         metrics.count(200)
         metrics.finished(completion_tokens)
+        request.scope[TOKENS_KEY] = completion_tokens
         return JSONResponse(_openai.completion_body(kind, request_id, model_name, choices, n_prompt,
                                                     completion_tokens))
 
@@ -280,7 +286,7 @@ def create_app(model: Model, engine: Engine | None, settings: ServerSettings) ->
                               _openai.logprobs_body(kind, tokens, model._cached_piece))
 
     async def sse(jobs: list[EngineRequest], parsed, kind: str, request_id: str,
-                  n_prompt: int) -> AsyncIterator[str]:
+                  n_prompt: int, scope: MutableMapping[str, Any]) -> AsyncIterator[str]:
         stamp = int(time.time())
 
         def event(payload: dict) -> str:
@@ -308,6 +314,7 @@ def create_app(model: Model, engine: Engine | None, settings: ServerSettings) ->
             completion_tokens = sum(job.completion_tokens for job in jobs)
             if parsed.include_usage:
                 yield event(_openai.usage_chunk(kind, request_id, model_name, stamp, n_prompt, completion_tokens))
+            scope[TOKENS_KEY] = completion_tokens
             yield "data: [DONE]\n\n"
             metrics.finished(completion_tokens)
         finally:  # the client went away, or we are done: either way the sequences stop now
@@ -489,6 +496,59 @@ def create_app(model: Model, engine: Engine | None, settings: ServerSettings) ->
     return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port another process listens on before the model is loaded (not after)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise InvalidConfigError(f"cannot listen on {host}:{port} ({exc.strerror}); pass --port with a free "
+                                     "port, or stop what uses this one.") from None
+
+
+class AccessLog:
+    """ASGI middleware: one line per HTTP request on standard error, when its response ends:
+    client, method, path, status, generated tokens (when the route reports them), milliseconds."""
+
+    def __init__(self, app: Any, stream: Any = None) -> None:
+        self.app = app
+        self.stream = stream
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 0
+        logged = False
+        scope[TOKENS_KEY] = None
+
+        def log() -> None:
+            nonlocal logged
+            logged = True
+            tokens = scope.get(TOKENS_KEY)
+            client = (scope.get("client") or ("-",))[0]
+            print(f"{client} {scope['method']} {scope['path']} {status or '-'}"
+                  f"{f' {tokens} tokens' if tokens is not None else ''} "
+                  f"{(time.perf_counter() - started) * 1000:.0f} ms", file=self.stream or sys.stderr, flush=True)
+
+        async def logging_send(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False) and not logged:
+                log()
+
+        try:
+            await self.app(scope, receive, logging_send)
+        finally:
+            if not logged:  # the client went away before the end
+                log()
+
+
 def serve(model_ref: str, *, host: str = "127.0.0.1", port: int = 8080, parallel: int = 4,
           ctx_size: int | None = None, api_key: str | None = None, max_tokens_limit: int = 4096,
           threads: int | None = None, max_queue: int = 64, max_body_bytes: int = 1 << 20,
@@ -504,7 +564,11 @@ def serve(model_ref: str, *, host: str = "127.0.0.1", port: int = 8080, parallel
                                  "use it. Pass --api-key (or set MULLAMA_API_KEY), or bind 127.0.0.1.")
     ContextSettings(n_ctx=ctx_size, n_threads=threads, n_seq_max=parallel)  # bad values fail before the load
     check_options(True, embedding_batch, False)
+    check_port_free(host, port)
     model = Model.load(model_ref)
+    if ctx_size is not None and ctx_size > model.n_ctx_train:
+        print(f"mullama: warning: --ctx-size {ctx_size} is beyond the {model.n_ctx_train} tokens this model was "
+              "trained with; replies may degrade past that point.", file=sys.stderr)
     engine = None
     try:
         resolve_pooling(model, pooling)
@@ -515,7 +579,7 @@ def serve(model_ref: str, *, host: str = "127.0.0.1", port: int = 8080, parallel
         raise
     settings = ServerSettings(model_name=str(model_ref), api_key=api_key, max_body_bytes=max_body_bytes,
                               max_tokens_limit=max_tokens_limit, pooling=pooling, embedding_batch=embedding_batch)
-    app = create_app(model, engine, settings)
+    app = AccessLog(create_app(model, engine, settings))
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30,
                             ws_max_size=max_body_bytes)
     shown = f"[{host}]" if ":" in host else host

@@ -1,21 +1,28 @@
 """``mullama chat``: a terminal chat that streams replies as Markdown, with Rich.
 
 Multi-turn with the model's own chat template; the Context keeps its KV cache, so a
-follow-up turn only decodes what is new. Ctrl-C stops the reply being written (the
-model and the conversation stay); Ctrl-D or /exit leaves. When output is not a
-terminal, replies are written as plain text.
+follow-up turn only decodes what is new. When the next turn would not fit in the context,
+the oldest turns are dropped (the system message stays), with a notice, as ollama does; a
+turn that fails leaves nothing in the history. Ctrl-C stops the reply being written (the
+model and the conversation stay); Ctrl-D or /exit leaves. Three double quotes start and end
+a multi-line message. When output is not a terminal, replies are written as plain text.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, ConsoleOptions, RenderResult
 from rich.live import Live
 from rich.markdown import Markdown
+from rich.markup import escape
+from rich.segment import Segment
+from rich.spinner import Spinner
 from rich.text import Text
 
 from ._config import StreamConfig
@@ -24,14 +31,38 @@ from ._exceptions import MullamaError
 from ._model import Model
 
 HELP = """\
-/help           this help
-/system TEXT    set the system message (and start over)
-/reset          forget the conversation (the system message stays)
-/save FILE      save the conversation as JSON
-/load FILE      load a conversation saved with /save
-/stats          statistics of the last reply and the session
-/exit           leave (Ctrl-D works too)
+/help, /?              this help
+/system TEXT           set the system message (and start over)
+/reset                 forget the conversation (the system message stays)
+/save FILE             save the conversation as JSON
+/load FILE             load a conversation saved with /save
+/set PARAMETER VALUE   temperature, top_k, top_p, min_p, seed, num_predict or num_ctx
+/show                  the model and the parameters in use
+/stats                 statistics of the last reply and the session
+/exit                  leave (Ctrl-D works too)
+\"\"\" starts a message of several lines; another \"\"\" ends it.
 Ctrl-C stops the reply being written."""
+
+MULTILINE = '"' * 3  # starts and ends a message of several lines
+
+# /set PARAMETER: the StreamConfig field it changes, and the value's type (ollama's names).
+SETTABLE = {"temperature": ("temperature", float), "top_k": ("top_k", int), "top_p": ("top_p", float),
+            "min_p": ("min_p", float), "seed": ("seed", int), "num_predict": ("max_tokens", int),
+            "repeat_penalty": ("repeat_penalty", float)}
+
+
+class _Tail:
+    """The last screenful of a renderable: what a live view can show, and erase, while a reply grows
+    beyond the screen (the whole reply is printed once, at its end)."""
+
+    def __init__(self, renderable: Any) -> None:
+        self.renderable = renderable
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        lines = console.render_lines(self.renderable, options, pad=False)
+        for line in lines[-max(1, console.size.height - 2):]:
+            yield from line
+            yield Segment.line()
 
 
 class TerminalChat:
@@ -72,13 +103,26 @@ class TerminalChat:
         self._save_history()
         return 0
 
-    def _read(self) -> str:
+    def _read_line(self, prompt: str) -> str:
         if sys.stdin.isatty():
-            return input("\001\033[1;32m\002>>> \001\033[0m\002")
+            return input(f"\001\033[1;32m\002{prompt}\001\033[0m\002")
         line = sys.stdin.readline()
         if not line:
             raise EOFError
         return line.rstrip("\n")
+
+    def _read(self) -> str:
+        """One message: a line, or the lines between two \"\"\" (as in ollama)."""
+        line = self._read_line(">>> ")
+        if not line.lstrip().startswith(MULTILINE):
+            return line
+        text = line.lstrip()[3:]
+        lines = []
+        while not text.rstrip().endswith(MULTILINE):
+            lines.append(text)
+            text = self._read_line("... ")
+        lines.append(text.rstrip()[:-3])
+        return "\n".join(lines).strip("\n") or " "
 
     def _setup_history(self) -> None:
         if not sys.stdin.isatty():
@@ -111,20 +155,52 @@ class TerminalChat:
         system = [{"role": "system", "content": self.system}] if self.system else []
         return system + self.messages
 
+    def _fit(self) -> bool:
+        """Drop the oldest turns until the conversation and room for a reply fit in the context.
+        False when even the last message alone does not fit."""
+        room = min(self.config.max_tokens or 256, self.context.n_ctx // 4)
+        dropped = 0
+        while True:
+            prompt = self.model.apply_chat_template(self.conversation(), add_generation_prompt=True)
+            if len(self.model.tokenize(prompt, add_special=True, parse_special=True)) + room <= self.context.n_ctx:
+                break
+            if len(self.messages) <= 1:
+                return False
+            del self.messages[:2 if len(self.messages) > 2 else 1]  # a user turn and its reply
+            dropped += 1
+        if dropped:
+            self._notice(f"the context is full: dropped the {dropped} oldest turn{'s' * (dropped > 1)} "
+                         "(/reset starts over, --ctx-size gives more room)")
+        return True
+
+    def _notice(self, text: str, style: str = "dim") -> None:
+        self.console.print(f"[{style}]{escape(text)}[/]")
+
     def reply(self, text: str) -> str:
         self.messages.append({"role": "user", "content": text})
         self.transcript.append(Text.assemble((">>> ", "bold green"), text))
+        try:
+            fits = self._fit()
+        except MullamaError as error:
+            fits = False
+            self._notice(f"error [{error.code}]: {error}", "red")
+        if not fits:
+            self.messages.pop()
+            self._notice(f"this message does not fit in the context ({self.context.n_ctx} tokens with room for a "
+                         "reply): send a shorter one, or restart with a larger --ctx-size", "red")
+            return ""
         stream = self.context.chat_stream(self.conversation(), config=self.config)
         parts: list[str] = []
-        interrupted = False
+        interrupted = failed = False
         try:
             if self.console.is_terminal:
-                with Live(Text(""), console=self.console, refresh_per_second=15, vertical_overflow="visible") as live:
+                with Live(Spinner("dots", style="dim"), console=self.console, refresh_per_second=15,
+                          transient=True) as live:
                     for token in stream:
                         if token.text:
                             parts.append(token.text)
-                            live.update(Markdown("".join(parts)), refresh=False)
-                    live.update(Markdown("".join(parts)))
+                            live.update(_Tail(Markdown("".join(parts))), refresh=False)
+                self.console.print(Markdown("".join(parts)))  # once: the live view is gone
             else:
                 for token in stream:
                     if token.text:
@@ -134,11 +210,17 @@ class TerminalChat:
                 self.console.file.write("\n")
         except KeyboardInterrupt:
             interrupted = True
+            if self.console.is_terminal:
+                self.console.print(Markdown("".join(parts)))
         except MullamaError as error:
-            self.console.print(f"[red]error [{error.code}][/]: {error}")
+            failed = True
+            self._notice(f"error [{error.code}]: {error}", "red")
         finally:
             stream.close()
         answer = "".join(parts)
+        if failed:  # nothing of a failed turn stays
+            self.messages.pop()
+            return ""
         self.messages.append({"role": "assistant", "content": answer})
         self.transcript.append(Markdown(answer))
         self._status(stream, interrupted)
@@ -178,8 +260,8 @@ class TerminalChat:
         console = self.console
         if name in ("/exit", "/quit", "/bye"):
             return "exit"
-        if name == "/help":
-            console.print(HELP, highlight=False)
+        if name in ("/help", "/?"):
+            console.print(HELP, highlight=False, markup=False)
         elif name == "/system":
             self.system = argument or None
             self.messages = []
@@ -188,12 +270,11 @@ class TerminalChat:
             self.messages = []
             console.print("[dim]conversation reset[/]")
         elif name == "/save":
-            if not argument:
-                console.print("[red]usage: /save FILE[/]")
-            else:
-                data = {"model": self.model_name, "system": self.system, "messages": self.messages}
-                Path(argument).expanduser().write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-                console.print(f"[dim]saved {len(self.messages)} messages to {argument}[/]")
+            self._save(argument)
+        elif name == "/set":
+            self._set(argument)
+        elif name == "/show":
+            self._show()
         elif name == "/load":
             self._load(argument)
         elif name == "/stats":
@@ -203,6 +284,59 @@ class TerminalChat:
         else:
             console.print(f"[red]unknown command {name}[/]; /help lists them")
         return None
+
+    def _save(self, argument: str) -> None:
+        if not argument:
+            self._notice("usage: /save FILE", "red")
+            return
+        data = {"model": self.model_name, "system": self.system, "messages": self.messages}
+        try:
+            Path(argument).expanduser().write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        except OSError as exc:
+            self._notice(f"cannot save to {argument}: {exc.strerror or exc}; the conversation is kept", "red")
+            return
+        self._notice(f"saved {len(self.messages)} messages to {argument}")
+
+    def _set(self, argument: str) -> None:
+        parameter, _, value = argument.partition(" ")
+        if parameter == "num_ctx":
+            self._resize(value.strip())
+            return
+        if parameter not in SETTABLE or not value.strip():
+            self._notice(f"usage: /set PARAMETER VALUE, with PARAMETER one of {', '.join([*SETTABLE, 'num_ctx'])}",
+                         "red")
+            return
+        field, kind = SETTABLE[parameter]
+        try:
+            self.config = dataclasses.replace(self.config, **{field: kind(value.strip())})
+        except (ValueError, MullamaError) as exc:
+            self._notice(f"cannot set {parameter} to {value.strip()}: {exc}", "red")
+            return
+        self._notice(f"set {parameter} to {value.strip()}")
+
+    def _resize(self, value: str) -> None:
+        """A new context of ``value`` tokens (the conversation is kept; its cache is rebuilt)."""
+        try:
+            n_ctx = int(value)
+            if n_ctx < 256:
+                raise ValueError("it must be at least 256")
+            context = Context(self.model, n_ctx=n_ctx, n_threads=self.context.n_threads)
+        except (ValueError, MullamaError) as exc:
+            self._notice(f"cannot set num_ctx to {value}: {exc}", "red")
+            return
+        self.context.close()
+        self.context = context
+        self._notice(f"set num_ctx to {context.n_ctx}")
+
+    def _show(self) -> None:
+        config = self.config
+        rows = {"model": self.model_name or self.model.path.name, "description": self.model.description,
+                "context": f"{self.context.n_ctx} tokens", "threads": self.context.n_threads,
+                "system": self.system or "-", "temperature": config.temperature, "top_k": config.top_k,
+                "top_p": config.top_p, "min_p": config.min_p, "repeat_penalty": config.repeat_penalty,
+                "seed": config.seed if config.seed is not None else "random", "num_predict": config.max_tokens}
+        for key, value in rows.items():
+            self.console.print(f"  {key:>14}  {escape(str(value))}", highlight=False)
 
     def _load(self, argument: str) -> None:
         try:
@@ -221,11 +355,23 @@ class TerminalChat:
 
 
 def chat_main(model_ref: str, *, system: str | None, config: StreamConfig, ctx_size: int | None,
-              record: str | None = None) -> int:
-    with Model.load(model_ref) as model, Context(model, n_ctx=ctx_size) as context:
-        chat = TerminalChat(model, context, config, system=system, model_name=model_ref)
+              threads: int | None = None, record: str | None = None) -> int:
+    console = Console(highlight=False)
+    with console.status(f"loading {model_ref} ...", spinner="dots") if console.is_terminal else nullcontext():
+        model = Model.load(model_ref)
+        try:
+            context = Context(model, n_ctx=ctx_size, n_threads=threads)
+        except BaseException:
+            model.close()
+            raise
+    with model:
+        chat = TerminalChat(model, context, config, system=system, model_name=model_ref, console=console)
         try:
             return chat.run()
         finally:
+            chat.context.close()
             if record:
-                chat.save_svg(record)
+                try:
+                    chat.save_svg(record)
+                except OSError as exc:
+                    console.print(f"[red]cannot save the recording to {escape(record)}: {exc.strerror or exc}[/]")

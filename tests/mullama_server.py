@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -29,6 +31,13 @@ class MullamaServer:
         if "serving" not in self.ready_line:
             self.process.kill()
             raise RuntimeError(f"mullama serve did not start: {self.ready_line}{self.process.stdout.read()}")
+        # The server writes an access-log line per request: read them all, or the pipe fills and blocks it.
+        self.log: collections.deque[str] = collections.deque(maxlen=10_000)
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        for line in self.process.stdout:
+            self.log.append(line.rstrip("\n"))
 
     def get_json(self, path: str, headers: dict | None = None) -> dict:
         request = urllib.request.Request(self.url + path, headers=headers or {})
