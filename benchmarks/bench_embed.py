@@ -2,8 +2,8 @@
 """Embedding throughput, mullama vs llama-server (and llama-cpp-python where installed), in one run.
 
 Embeds ``--texts`` short sentences (256 by default) with mean pooling, normalised:
-mullama in this process (``model.embed(texts)``, and through ``mullama serve``'s
-``/v1/embeddings``), llama-server ``--embeddings --pooling mean`` with one slot and with four
+mullama in this process (``model.embed(texts)``, and through the server's ``/v1/embeddings``,
+on uvicorn in this process), llama-server ``--embeddings --pooling mean`` with one slot and with four
 (its default batching, whose vectors differ from its one-slot ones by up to 0.2 on this pin:
 see docs/embeddings.md), each answering one request holding every text. Rounds are
 interleaved; medians of ``--reps``. Prints texts/s, tokens/s and ratios to llama-server.
@@ -27,11 +27,12 @@ sys.path.insert(0, str(HERE))
 
 import bench_server  # noqa: F401  (puts tests/ on sys.path for upstream)
 import upstream
-from inprocess_server import serving
+from inprocess_server import InProcessServer
 
 import mullama
 from mullama import _hub
 from mullama._context import default_threads
+from mullama._server import ServerSettings, create_app
 
 SUBJECTS = ["The weather", "A small cat", "Our team", "The new library", "This recipe", "A train to Paris",
             "The museum", "My laptop"]
@@ -85,9 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     n_tokens = sum(len(model.tokenize(text, add_special=True, parse_special=True)) for text in inputs)
     runners: dict[str, Callable[[], object]] = {"mullama embed()": lambda: model.embed(inputs, pooling="mean")}
     with contextlib.ExitStack() as stack:
-        if model.generative:
-            ours, _ = stack.enter_context(serving(model, parallel=1, n_ctx=512))
-            runners["mullama serve"] = lambda: post(ours.url, inputs)
+        ours = InProcessServer(create_app(model, None, ServerSettings(model_name=args.model)))  # embeddings only
+        stack.callback(ours.close)
+        runners["mullama serve"] = lambda: post(ours.url, inputs)
         for slots in (1, 4):
             peer = upstream.LlamaServer(build.tool("llama-server"), model_path, threads=args.threads,
                                         parallel=slots, n_ctx=512 * slots, extra=("--embeddings", "--pooling", "mean"))
