@@ -58,6 +58,7 @@ __all__ = [
     "Token",
     "TokenStream",
     "TokenizeError",
+    "ToolCall",
     "system_info",
 ]
 
@@ -73,6 +74,7 @@ _LAZY = {
     "Context": "._context",
     "Completion": "._context",
     "SamplerChain": "._sampler",
+    "ToolCall": "._tools",
     "system_info": "._library",
 }
 
@@ -85,6 +87,7 @@ if TYPE_CHECKING:
     from ._sampler import SamplerChain
     from ._sequence import Token
     from ._stream import TokenStream
+    from ._tools import ToolCall
 
 
 def __getattr__(name: str) -> Any:

@@ -25,6 +25,7 @@ from ._engine import Engine, EngineRequest
 from ._exceptions import InvalidConfigError
 from ._model import Model
 from ._sequence import SequenceView, Token
+from ._tools import chat_prompt
 
 __all__ = ["AsyncModel", "AsyncTokenStream", "submit_in_thread"]
 
@@ -160,12 +161,13 @@ class AsyncModel:
                 self._engine = Engine(self.model, **self._engine_options)
             return self._engine
 
-    def _stream(self, make_prompt: Callable[[], str], config: StreamConfig) -> AsyncTokenStream:
+    def _stream(self, prepare: Callable[[], tuple[str, StreamConfig]]) -> AsyncTokenStream:
         model = self.model
 
         def start() -> EngineRequest:
             engine = self._get_engine()
-            tokens = model.tokenize(make_prompt(), add_special=True, parse_special=True)
+            prompt, config = prepare()
+            tokens = model.tokenize(prompt, add_special=True, parse_special=True)
             return engine.submit(tokens, config)
 
         return AsyncTokenStream(start)
@@ -175,13 +177,19 @@ class AsyncModel:
         """``async for token in model.generate_stream(prompt, config=...)``."""
         config = resolve_config(config, max_tokens, options)
         _check_prompt(prompt)
-        return self._stream(lambda: prompt, config)
+        return self._stream(lambda: (prompt, config))
 
     def chat_stream(self, messages: list[dict], config: StreamConfig | int | None = None, *,
-                    max_tokens: int | None = None, **options: Any) -> AsyncTokenStream:
-        """Stream the reply to ``messages`` with the model's chat template."""
-        config = resolve_config(config, max_tokens, options)
-        return self._stream(lambda: self.model.apply_chat_template(messages, add_generation_prompt=True), config)
+                    max_tokens: int | None = None, tools: list[dict] | None = None, tool_choice: Any = "auto",
+                    parallel_tool_calls: bool = True, chat_template: str | os.PathLike | None = None,
+                    chat_template_kwargs: dict | None = None, **options: Any) -> AsyncTokenStream:
+        """Stream the reply to ``messages`` with the model's chat template; tools and templates as
+        :meth:`Context.chat_stream` (rendered in a worker thread)."""
+        resolved = resolve_config(config, max_tokens, options)
+        return self._stream(lambda: chat_prompt(
+            self.model, messages, resolved, tools=tools, tool_choice=tool_choice,
+            parallel_tool_calls=parallel_tool_calls, chat_template=chat_template,
+            chat_template_kwargs=chat_template_kwargs))
 
     async def generate(self, prompt: str, max_tokens: int | None = None, *, config: StreamConfig | None = None,
                        **options: Any) -> Completion:

@@ -101,7 +101,8 @@ def _run(args: argparse.Namespace) -> int:
     if not prompt.strip():
         raise InvalidConfigError("no prompt: give one as arguments, with -f FILE, or on standard input.")
     config = _config(args, stop=args.stop)
-    with Model.load(model_name) as model, Context(model, n_ctx=args.ctx_size, n_threads=args.threads) as context:
+    with Model.load(model_name, chat_template=args.chat_template_file) as model, \
+            Context(model, n_ctx=args.ctx_size, n_threads=args.threads) as context:
         _warn_ctx_size(args.ctx_size, model)
         if args.raw:
             stream = context.generate_stream(prompt, config=config)
@@ -150,7 +151,8 @@ def _chat(args: argparse.Namespace, model_name: str | None = None) -> int:
 
     _check_ctx_size(args.ctx_size)
     return chat_main(model_name or args.model or DEFAULT_MODEL, system=args.system, config=_config(args),
-                     ctx_size=args.ctx_size, threads=args.threads, record=getattr(args, "record", None))
+                     ctx_size=args.ctx_size, threads=args.threads, record=getattr(args, "record", None),
+                     chat_template=args.chat_template_file)
 
 
 def _pull(args: argparse.Namespace) -> int:
@@ -253,7 +255,7 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(args.model or DEFAULT_MODEL, host=args.host, port=args.port, parallel=args.parallel,
                  ctx_size=args.ctx_size, api_key=args.api_key or os.environ.get("MULLAMA_API_KEY"),
                  max_tokens_limit=args.max_tokens_limit, threads=args.threads, max_queue=args.max_queue,
-                 pooling=args.pooling, embedding_batch=args.embedding_batch)
+                 pooling=args.pooling, embedding_batch=args.embedding_batch, chat_template=args.chat_template_file)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -328,6 +330,8 @@ def _add_verbosity(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_compute(parser: argparse.ArgumentParser, ctx_help: str) -> None:
+    parser.add_argument("--chat-template-file", metavar="FILE.jinja",
+                        help="use this Jinja chat template instead of the model's (as llama-server's)")
     parser.add_argument("-c", "--ctx-size", type=int, help=ctx_help)
     parser.add_argument("-t", "--threads", type=int, help="CPU threads (default: all available, at most 8)")
 

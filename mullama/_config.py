@@ -80,6 +80,7 @@ class StreamConfig:
     logprobs: int | None = None  # K: every token gets its logprob and the K most likely alternatives
     grammar: str | None = None  # GBNF, with a `root` rule
     json_schema: Any = None  # a JSON Schema (dict, or True for any JSON value) the output must follow
+    tool_calls: Any = None  # set by chat_stream(tools=...): how calls are constrained and parsed (_tools.ToolCalling)
     ignore_eos: bool = False  # keep going after an end-of-generation token (benchmarks, tests)
     # Reuse the KV cache of the prompt's beginning when it is already there (llama-server's
     # cache_prompt). False decodes the whole prompt afresh: batch boundaries then fall where a fresh
@@ -136,6 +137,11 @@ class StreamConfig:
                 raise InvalidConfigError("StreamConfig takes grammar or json_schema, not both.")
             if not isinstance(self.json_schema, (dict, bool)):
                 _fail("json_schema", self.json_schema, "a JSON Schema (a dict, or True) or None")
+        if self.tool_calls is not None:
+            from ._tools import ToolCalling
+
+            if not isinstance(self.tool_calls, ToolCalling):
+                _fail("tool_calls", self.tool_calls, "None (it is set by chat_stream(tools=...))")
 
     def _check_logit_bias(self) -> None:
         bias = self.logit_bias
@@ -151,7 +157,10 @@ class StreamConfig:
                 _fail("logit_bias", bias, "a dict of biases from -100 to 100 (or -inf to ban a token)")
 
     def grammar_text(self) -> str | None:
-        """The GBNF grammar that constrains the output: ``grammar``, or ``json_schema`` converted."""
+        """The GBNF grammar that constrains the output: ``grammar``, ``json_schema`` converted, or the
+        tool calls' grammar."""
+        if self.tool_calls is not None and self.grammar is None and self.json_schema is None:
+            return str(self.tool_calls.grammar)
         if self.json_schema is None:
             return self.grammar
         from ._json_schema import json_schema_to_grammar

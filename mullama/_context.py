@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
@@ -28,6 +29,7 @@ from ._model import Model
 from ._owned import Owned
 from ._sequence import Sequence, Token
 from ._stream import TokenStream
+from ._tools import chat_prompt
 
 __all__ = ["Completion", "Context", "default_threads"]
 
@@ -312,10 +314,21 @@ class Context(Owned):
         return stream
 
     def chat_stream(self, messages: list[dict], config: StreamConfig | int | None = None, *,
-                    max_tokens: int | None = None, **options: Any) -> TokenStream:
-        """Stream the assistant's reply to ``messages``, rendered with the model's own chat template."""
+                    max_tokens: int | None = None, tools: list[dict] | None = None, tool_choice: Any = "auto",
+                    parallel_tool_calls: bool = True, chat_template: str | os.PathLike | None = None,
+                    chat_template_kwargs: dict | None = None, **options: Any) -> TokenStream:
+        """Stream the assistant's reply to ``messages``, rendered with the model's own chat template
+        (or ``chat_template``, Jinja text or a file; ``chat_template_kwargs`` reach it).
+
+        With ``tools`` (OpenAI's function tools) the model may call them: a call's tokens come with
+        ``kind == "tool_call"`` and no text, the calls are in ``stream.tool_calls`` afterwards, and
+        ``finish_reason`` is ``"tool_calls"``. ``tool_choice`` is "auto", "none", "required" or
+        ``{"type": "function", "function": {"name": ...}}`` (a call, to that function).
+        """
         config = resolve_config(config, max_tokens, options)
-        prompt = self.model.apply_chat_template(messages, add_generation_prompt=True)
+        prompt, config = chat_prompt(self.model, messages, config, tools=tools, tool_choice=tool_choice,
+                                     parallel_tool_calls=parallel_tool_calls, chat_template=chat_template,
+                                     chat_template_kwargs=chat_template_kwargs)
         return self._stream(self._tokenize_prompt(prompt), config)
 
     def generate(self, prompt: str, max_tokens: int | None = None, *, config: StreamConfig | None = None,

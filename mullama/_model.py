@@ -16,6 +16,26 @@ from ._owned import Owned
 if TYPE_CHECKING:
     from ._embed import Embedder
 
+
+def check_tools(tools: Any) -> list[dict]:
+    """OpenAI function tools, checked: ``[{"type": "function", "function": {"name": ..., "parameters": {...}}}]``."""
+    if not isinstance(tools, list):
+        raise InvalidConfigError(f"tools must be a list of {{'type': 'function', 'function': {{...}}}}, not "
+                                 f"{type(tools).__name__}.")
+    for index, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(function, dict):
+            raise InvalidConfigError(f"tools[{index}] must be {{'type': 'function', 'function': {{'name': ..., "
+                                     "'parameters': {...}}}}.")
+        name = function.get("name")
+        if not isinstance(name, str) or not name or len(name) > 64 or not all(c.isalnum() or c in "_-." for c in name):
+            raise InvalidConfigError(f"tools[{index}].function.name must be 1-64 letters, digits, '_', '-' or '.', "
+                                     f"not {name!r}.")
+        parameters = function.get("parameters", {})
+        if not isinstance(parameters, dict):
+            raise InvalidConfigError(f"tools[{index}].function.parameters must be a JSON Schema object.")
+    return tools
+
 __all__ = ["Model"]
 
 GGUF_MAGIC = b"GGUF"
@@ -55,8 +75,9 @@ class Model(Owned):
     _close_order = 2
 
     def __init__(self, library: Any, ptr: Any, path: Path, *, n_gpu_layers: int = 0,
-                 vocab_only: bool = False) -> None:
+                 vocab_only: bool = False, chat_template: str | None = None) -> None:
         self._library = library
+        self._chat_template = chat_template  # overrides the GGUF's
         self.vocab_only = vocab_only  # loaded without weights: a tokenizer only, no context can use it
         # Layers on a GPU: its contexts need not take turns on the CPU (see Compute.lock_for).
         self.offloaded = n_gpu_layers != 0 and bool(library.lib.llama_supports_gpu_offload())
@@ -78,8 +99,11 @@ class Model(Owned):
     # --- loading --------------------------------------------------------------
     @classmethod
     def load(cls, model: str | os.PathLike, *, n_gpu_layers: int = 0, use_mmap: bool = True,
-             vocab_only: bool = False) -> Model:
+             vocab_only: bool = False, chat_template: str | os.PathLike | None = None) -> Model:
         """Load a model from a ``.gguf`` path, or by name (e.g. ``"smollm2:135m"``, downloaded once).
+
+        ``chat_template`` (Jinja text, or the path of a ``.jinja`` file) replaces the GGUF's own
+        template, as llama-server's ``--chat-template-file`` does.
 
         Raises ModelLoadError for a missing, empty, truncated or corrupt file, and
         ModelNotFoundError / DownloadError for a name that cannot be fetched. The file's header is
@@ -88,7 +112,9 @@ class Model(Owned):
         with ModelLoadError naming the key.
         """
         from . import _hub
+        from ._chat import load_template
 
+        template = load_template(chat_template) if chat_template is not None else None
         path = _hub.resolve(model)
         _check_model_file(path)
         if isinstance(n_gpu_layers, bool) or not isinstance(n_gpu_layers, int) or not -1 <= n_gpu_layers < 2**31:
@@ -107,7 +133,8 @@ class Model(Owned):
                 "this llama.cpp build does not know. Download it again (`mullama pull` re-verifies), and "
                 "enable logging for 'mullama.llama_cpp' to see llama.cpp's reason."
             )
-        return cls(library, ptr, path, n_gpu_layers=n_gpu_layers, vocab_only=bool(vocab_only))
+        return cls(library, ptr, path, n_gpu_layers=n_gpu_layers, vocab_only=bool(vocab_only),
+                   chat_template=template)
 
     def close(self) -> None:
         """Free the weights. Refused while a Context of this model is open. Afterwards every method and
@@ -189,18 +216,27 @@ class Model(Owned):
 
     @property
     def chat_template(self) -> str | None:
-        """The GGUF's own Jinja chat template (``tokenizer.chat_template``), if it has one."""
+        """The Jinja chat template: the one given to :meth:`load`, else the GGUF's own
+        (``tokenizer.chat_template``), if it has one."""
+        if self._chat_template is not None:
+            self.ensure_open()
+            return self._chat_template
         ptr = self._library.lib.llama_model_chat_template(self.ptr, self._ffi.NULL)
         return None if ptr == self._ffi.NULL else self._ffi.string(ptr).decode("utf-8", "replace")
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, *,
-                            template: str | None = None, **variables: Any) -> str:
+                            template: str | os.PathLike | None = None, tools: list[dict] | None = None,
+                            **variables: Any) -> str:
         """The prompt text for ``messages``, rendered with the model's own chat template
-        (or ``template``) exactly as upstream llama.cpp renders it; extra ``variables``
-        reach the template. Tokenise the result with ``parse_special=True``."""
-        from ._chat import render_chat_template
+        (or ``template``: Jinja text or a file) exactly as upstream llama.cpp renders it.
+        ``tools`` (OpenAI's function tools) reach the template as llama-server passes them;
+        messages may hold assistant ``tool_calls`` and ``tool`` results. Extra ``variables``
+        (``enable_thinking``, ...) reach the template. Tokenise the result with ``parse_special=True``."""
+        from ._chat import load_template, render_chat_template
 
-        source = template if template is not None else self.chat_template
+        source = load_template(template) if template is not None else self.chat_template
+        if tools:
+            variables["tools"] = check_tools(tools)
         if source is None:
             raise TemplateError("this model has no chat template; pass template=... or use generate_stream().")
         lib = self._library.lib

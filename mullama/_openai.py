@@ -75,13 +75,18 @@ class ParsedRequest:
     messages: list | None = None
     prompt: str | None = None
     n: int = 1  # choices, each its own sequence
+    tools: list | None = None
+    tool_choice: Any = "auto"
+    parallel_tool_calls: bool = True
 
-    def choice_configs(self) -> list[StreamConfig]:
-        """One config per choice: with a seed, choice i samples with seed + i (so choices differ)."""
-        seed = self.config.seed
+    def choice_configs(self, config: StreamConfig | None = None) -> list[StreamConfig]:
+        """One config per choice (from ``config``, else the request's): with a seed, choice i samples
+        with seed + i (so choices differ)."""
+        config = config or self.config
+        seed = config.seed
         if self.n == 1 or seed is None:
-            return [self.config] * self.n
-        return [self.config.with_options(seed=(seed + i) % (2**32 - 1)) for i in range(self.n)]
+            return [config] * self.n
+        return [config.with_options(seed=(seed + i) % (2**32 - 1)) for i in range(self.n)]
 
 
 def _bad(message: str, param: str | None = None) -> APIError:
@@ -120,8 +125,21 @@ def parse_request(body: Any, kind: str, *, max_tokens_limit: int) -> ParsedReque
         raise _bad("'model' must be a string.", "model")
     n = _integer(body, "n", 1, MAX_CHOICES) or 1
     n_logprobs = _requested_logprobs(body, kind)
-    if body.get("tools") not in (None, []) or body.get("tool_choice") not in (None, "none", "auto"):
-        raise _bad("tool calling is not supported by this server yet; send no tools.", "tools")
+    tools = body.get("tools") or None
+    if tools is not None and kind != "chat":
+        raise _bad("tools are for /v1/chat/completions.", "tools")
+    if tools is not None and not isinstance(tools, list):
+        raise _bad("'tools' must be a list of function tools.", "tools")
+    tool_choice = body.get("tool_choice")
+    tool_choice = "auto" if tool_choice is None else tool_choice
+    if tool_choice not in ("auto", "none", "required") and not isinstance(tool_choice, dict):
+        raise _bad("'tool_choice' must be 'auto', 'none', 'required' or {\"type\": \"function\", ...}.",
+                   "tool_choice")
+    if tools is None and tool_choice not in ("auto", "none"):
+        raise _bad("'tool_choice' needs 'tools'.", "tool_choice")
+    parallel = body.get("parallel_tool_calls", True)
+    if not isinstance(parallel, bool):
+        raise _bad("'parallel_tool_calls' must be true or false.", "parallel_tool_calls")
     if kind == "completion" and (body.get("echo") or body.get("suffix") or body.get("best_of") not in (None, 1)):
         raise _bad("echo, suffix and best_of are not supported by this server.")
 
@@ -191,7 +209,8 @@ def parse_request(body: Any, kind: str, *, max_tokens_limit: int) -> ParsedReque
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise _bad("'messages' must be a non-empty list of {role, content} objects.", "messages")
-        return ParsedRequest("chat", config, stream, include_usage, messages=messages, n=n)
+        return ParsedRequest("chat", config, stream, include_usage, messages=messages, n=n, tools=tools,
+                             tool_choice=tool_choice, parallel_tool_calls=parallel)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
@@ -301,13 +320,15 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 def chunk(kind: str, request_id: str, model: str, created: int, *, text: str | None = None,
           role: bool = False, finish_reason: str | None = None, logprobs: dict | None = None,
-          index: int = 0) -> dict:
+          index: int = 0, tool_call: dict | None = None) -> dict:
     """One streamed chunk of choice ``index``: the role, a piece of text (and the logprobs of its
-    tokens), or the final finish_reason."""
+    tokens), a piece of a tool call (``delta.tool_calls``), or the final finish_reason."""
     if kind == "chat":
         delta: dict = {}
         if role:
             delta = {"role": "assistant", "content": ""}
+        elif tool_call is not None:
+            delta = {"tool_calls": [tool_call]}
         elif text is not None:
             delta = {"content": text}
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
@@ -331,14 +352,15 @@ class Choice:
     text: str
     finish_reason: str
     logprobs: dict | None = None
+    tool_calls: list[dict] | None = None
 
 
 def completion_body(kind: str, request_id: str, model: str, choices: list[Choice], prompt_tokens: int,
                     completion_tokens: int) -> dict:
     created = int(time.time())
     if kind == "chat":
-        items = [{"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": c.logprobs,
-                  "finish_reason": c.finish_reason} for i, c in enumerate(choices)]
+        items = [{"index": i, "message": _message(c), "logprobs": c.logprobs, "finish_reason": c.finish_reason}
+                 for i, c in enumerate(choices)]
         obj = "chat.completion"
     else:
         items = [{"index": i, "text": c.text, "logprobs": c.logprobs, "finish_reason": c.finish_reason}
@@ -346,6 +368,47 @@ def completion_body(kind: str, request_id: str, model: str, choices: list[Choice
         obj = "text_completion"
     return {"id": request_id, "object": obj, "created": created, "model": model, "choices": items,
             "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def _message(choice: Choice) -> dict:
+    """The assistant message of a chat choice: content, and its tool calls (content null without text)."""
+    if not choice.tool_calls:
+        return {"role": "assistant", "content": choice.text}
+    return {"role": "assistant", "content": choice.text or None, "tool_calls": choice.tool_calls}
+
+
+class ToolCallDeltas:
+    """Streamed ``delta.tool_calls`` of one choice, from its sequence's tool-call parser: the call's
+    index, id, type and name first, then its arguments in pieces, as OpenAI streams them."""
+
+    def __init__(self) -> None:
+        self.index = 0  # the call being streamed
+        self.sent = 0  # characters of its arguments sent
+        self.named = False
+        self.call_id = ""
+
+    def after(self, parser: Any) -> list[dict]:
+        """The deltas a token added (``parser`` is the sequence's ToolCallParser)."""
+        deltas = []
+        while self.index < len(parser.calls):  # calls completed: send what is left of them
+            call = parser.calls[self.index]
+            deltas += self._progress(call.name, call.arguments, call.id)
+            self.index, self.sent, self.named = self.index + 1, 0, False
+        if parser.in_call and parser.name is not None:
+            deltas += self._progress(parser.name, parser.arguments, None)
+        return deltas
+
+    def _progress(self, name: str, arguments: str, call_id: str | None) -> list[dict]:
+        deltas = []
+        if not self.named:
+            self.named = True
+            self.call_id = call_id or f"call_{secrets.token_hex(12)}"
+            deltas.append({"index": self.index, "id": self.call_id, "type": "function",
+                           "function": {"name": name, "arguments": ""}})
+        if len(arguments) > self.sent:
+            deltas.append({"index": self.index, "function": {"arguments": arguments[self.sent:]}})
+            self.sent = len(arguments)
+        return deltas
 
 
 # --- embeddings ------------------------------------------------------------------------------

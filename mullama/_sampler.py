@@ -67,7 +67,8 @@ class SamplerChain(Owned):
         chain._add_logit_bias(model, config.logit_bias or {})
         grammar = config.grammar_text()
         if grammar is not None:
-            chain.grammar = Grammar(model, grammar)
+            lazy = config.tool_calls is not None and config.tool_calls.lazy and grammar == config.tool_calls.grammar
+            chain.grammar = Grammar(model, grammar, triggers=config.tool_calls.triggers if lazy else None)
         if config.mirostat and not config.greedy:
             chain._add(lib.llama_sampler_init_temp(config.temperature))
             if config.mirostat == 1:
@@ -216,12 +217,20 @@ class Grammar(Owned):
     _kind = "grammar"
     _close_order = None
 
-    def __init__(self, model: Model, text: str) -> None:
+    def __init__(self, model: Model, text: str, *, triggers: tuple[str, ...] | None = None) -> None:
+        """``triggers`` (regular expressions) make the grammar lazy: it lets every token through until
+        the output so far matches one, then constrains from the pattern's first group on."""
         library = _library.get()
         ffi, lib = library.ffi, library.lib
         self._lib = lib
         _library.last_error()  # drop an older error: the one after this call is the grammar's
-        ptr = lib.llama_sampler_init_grammar(model._vocab_ptr(), text.encode("utf-8"), b"root")
+        if triggers:
+            patterns = [ffi.new("char[]", pattern.encode("utf-8")) for pattern in triggers]
+            pattern_array = ffi.new("char *[]", patterns)
+            ptr = lib.llama_sampler_init_grammar_lazy_patterns(model._vocab_ptr(), text.encode("utf-8"), b"root",
+                                                               pattern_array, len(patterns), ffi.NULL, 0)
+        else:
+            ptr = lib.llama_sampler_init_grammar(model._vocab_ptr(), text.encode("utf-8"), b"root")
         if ptr == ffi.NULL:
             reason = _library.last_error() or "a syntax error, or no rule named root"
             raise InvalidConfigError(f"llama.cpp could not use the grammar: {reason}.")

@@ -20,6 +20,7 @@ from ._exceptions import InvalidConfigError, StreamTimeoutError
 from ._logprobs import TopLogprob, token_logprobs
 from ._sampler import SamplerChain
 from ._text import TextAssembler
+from ._tools import ToolCall, ToolCallParser
 
 if TYPE_CHECKING:
     from ._config import StreamConfig
@@ -46,6 +47,7 @@ class Token:
     finish_reason: str | None = None
     logprob: float | None = None  # with StreamConfig(logprobs=K): log-probability of this token
     top_logprobs: tuple[TopLogprob, ...] = ()  # ... and the K most likely tokens at this step
+    kind: str = "content"  # "tool_call" for a token written inside a tool call (its text is then "")
 
 
 class Sequence:
@@ -58,7 +60,7 @@ class Sequence:
     __slots__ = ("_is_eog", "_model", "_n_vocab", "_piece", "_vocab", "assembler", "cached_tokens", "config",
                  "deadline", "error", "finish_reason", "first_token", "ignore_eos", "last_token", "limit", "n_logprobs",
                  "n_tokens", "prompt_done", "prompt_tokens", "sampler", "started", "stop_sequence", "text_parts",
-                 "token_ids")
+                 "token_ids", "tools")
 
     def __init__(self, model: Model, prompt_tokens: list[int], config: StreamConfig, *, n_ctx: int,
                  default_seed: int | None = None) -> None:
@@ -75,6 +77,7 @@ class Sequence:
         self.sampler = SamplerChain.for_config(config, model, n_ctx=n_ctx, default_seed=default_seed)
         self.sampler.accept_prompt(prompt_tokens)
         self.assembler = TextAssembler(config.stop_sequences)
+        self.tools = ToolCallParser() if config.tool_calls is not None else None
         self._piece = model._cached_piece
         self._model = model
         self._n_vocab = model.vocab_size
@@ -120,14 +123,31 @@ class Sequence:
         else:
             finish = "length" if self.n_tokens >= self.limit else None
         text, finish = self.assembler.add(self._piece(token), finish)
+        kind = "content"
+        if self.tools is not None:
+            text, kind, finish = self._split_calls(text, finish)
         if text:
             self.text_parts.append(text)
         if finish is not None:
             self.finish_reason, self.stop_sequence = finish, self.assembler.stop_sequence
         if self.n_logprobs is None or ctx is None:
-            return Token(token, text, self.n_tokens - 1, finish)
+            return Token(token, text, self.n_tokens - 1, finish, kind=kind)
         logprob, top = self._logprobs(ctx, row, token)
-        return Token(token, text, self.n_tokens - 1, finish, logprob, top)
+        return Token(token, text, self.n_tokens - 1, finish, logprob, top, kind)
+
+    def _split_calls(self, text: str, finish: str | None) -> tuple[str, str, str | None]:
+        """Content and tool calls apart: the content this token releases, its kind, and the finish
+        ("tool_calls" when the model ended after calling tools)."""
+        tools = self.tools
+        assert tools is not None
+        was_in_call, calls_before = tools.in_call, len(tools.calls)
+        content, in_call = tools.feed(text)
+        if finish is not None:
+            content += tools.finish()
+            if finish == "stop" and tools.calls:
+                finish = "tool_calls"
+        touched = was_in_call or in_call or len(tools.calls) != calls_before
+        return content, "tool_call" if touched and not content else "content", finish
 
     def _logprobs(self, ctx: Any, row: int, token: int) -> tuple[float, tuple[TopLogprob, ...]]:
         lib, ffi = self._model._library.lib, self._model._library.ffi
@@ -182,8 +202,15 @@ class SequenceView:
 
     @property
     def text(self) -> str:
-        """All text produced so far (the join of every token's ``text``)."""
+        """All text produced so far (the join of every token's ``text``; with tools, the content
+        without the calls)."""
         return self._sequence.text if self._sequence else ""
+
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        """The tool calls the model made (with ``chat_stream(tools=...)``), complete ones only."""
+        tools = self._sequence.tools if self._sequence else None
+        return list(tools.calls) if tools is not None else []
 
     @property
     def token_ids(self) -> list[int]:

@@ -55,6 +55,7 @@ from ._exceptions import (
 from ._model import Model
 from ._openai import APIError
 from ._sequence import Token
+from ._tools import chat_prompt
 
 __all__ = ["AccessLog", "ServerSettings", "create_app", "is_loopback"]
 
@@ -200,19 +201,26 @@ def create_app(model: Model, engine: Engine | None, settings: ServerSettings) ->
             raise APIError(400, "the client disconnected while sending the body.") from None
         return parse_json(body)
 
-    def prompt_tokens(parsed: _openai.ParsedRequest) -> list[int]:
-        """The request's prompt, rendered and tokenised (CPU work: called in a worker thread)."""
+    def prompt_tokens(parsed: _openai.ParsedRequest) -> tuple[list[int], StreamConfig]:
+        """The request's prompt, rendered (with its tools) and tokenised, and the config to generate it
+        with (CPU work: called in a worker thread)."""
+        param = "messages" if parsed.kind == "chat" else "prompt"
         try:
+            config = parsed.config
             if parsed.messages is not None:
-                text = model.apply_chat_template(parsed.messages, add_generation_prompt=True)
+                text, config = chat_prompt(model, parsed.messages, config, tools=parsed.tools,
+                                           tool_choice=parsed.tool_choice,
+                                           parallel_tool_calls=parsed.parallel_tool_calls,
+                                           chat_template=None, chat_template_kwargs=None)
             else:
                 text = parsed.prompt or ""
             if len(text) > settings.max_prompt_chars:
                 raise APIError(413, f"the prompt is {len(text)} characters long once rendered; the limit is "
-                                    f"{settings.max_prompt_chars}.", param="messages" if parsed.messages else "prompt")
-            return model.tokenize(text, add_special=True, parse_special=True)
+                                    f"{settings.max_prompt_chars}.", param=param)
+            return model.tokenize(text, add_special=True, parse_special=True), config
         except (TemplateError, TokenizeError, InvalidConfigError) as exc:
-            raise APIError(400, str(exc), param="messages" if parsed.kind == "chat" else "prompt") from None
+            tools_problem = parsed.tools and ("tool" in str(exc) or "grammar" in str(exc))
+            raise APIError(400, str(exc), param="tools" if tools_problem else param) from None
 
     def prepare(parsed: _openai.ParsedRequest) -> list[EngineRequest]:
         """Render and tokenise ``parsed``, then submit one sequence per choice (in a worker thread:
@@ -220,11 +228,11 @@ def create_app(model: Model, engine: Engine | None, settings: ServerSettings) ->
         if engine is None:
             raise APIError(400, f"{model_name} is an embedding model: it answers /v1/embeddings only.",
                            code="model_not_generative")
-        tokens = prompt_tokens(parsed)
+        tokens, config = prompt_tokens(parsed)
         jobs: list[EngineRequest] = []
         try:
-            for config in parsed.choice_configs():
-                jobs.append(submit(tokens, config))
+            for choice_config in parsed.choice_configs(config):
+                jobs.append(submit(tokens, choice_config))
         except BaseException:
             for job in jobs:
                 job.cancel()
@@ -282,8 +290,9 @@ def create_app(model: Model, engine: Engine | None, settings: ServerSettings) ->
         tokens = []
         while (token := await job.next_token()) is not None:
             tokens.append(token)
+        calls = [call.to_openai() for call in job.tool_calls] or None
         return _openai.Choice(job.text, job.finish_reason or "stop",
-                              _openai.logprobs_body(kind, tokens, model._cached_piece))
+                              _openai.logprobs_body(kind, tokens, model._cached_piece), calls)
 
     async def sse(jobs: list[EngineRequest], parsed, kind: str, request_id: str,
                   n_prompt: int, scope: MutableMapping[str, Any]) -> AsyncIterator[str]:
@@ -297,6 +306,7 @@ def create_app(model: Model, engine: Engine | None, settings: ServerSettings) ->
                 for index in range(len(jobs)):
                     yield event(_openai.chunk(kind, request_id, model_name, stamp, role=True, index=index))
             pending: list[list[Token]] = [[] for _ in jobs]  # tokens whose text is not out yet, per choice
+            calls = [_openai.ToolCallDeltas() for _ in jobs]
             async for index, token in _merged(jobs):
                 if isinstance(token, MullamaError):
                     yield event(_openai.error_body(str(token), type="server_error", code=token.code.lower()))
@@ -305,6 +315,10 @@ def create_app(model: Model, engine: Engine | None, settings: ServerSettings) ->
                     yield event(_openai.chunk(kind, request_id, model_name, stamp, index=index,
                                               finish_reason=jobs[index].finish_reason))
                     continue
+                parser = jobs[index]._sequence.tools
+                if parser is not None:
+                    for delta in calls[index].after(parser):
+                        yield event(_openai.chunk(kind, request_id, model_name, stamp, index=index, tool_call=delta))
                 pending[index].append(token)
                 if token.text:
                     logprobs = _openai.logprobs_body(kind, pending[index], model._cached_piece)
@@ -552,7 +566,7 @@ class AccessLog:
 def serve(model_ref: str, *, host: str = "127.0.0.1", port: int = 8080, parallel: int = 4,
           ctx_size: int | None = None, api_key: str | None = None, max_tokens_limit: int = 4096,
           threads: int | None = None, max_queue: int = 64, max_body_bytes: int = 1 << 20,
-          pooling: str | None = None, embedding_batch: int | None = None) -> int:
+          pooling: str | None = None, embedding_batch: int | None = None, chat_template: str | None = None) -> int:
     """Load the model, start the engine and serve until SIGINT/SIGTERM (in-flight streams drain).
     An embedding model (its GGUF names a pooling) gets no engine: it serves /v1/embeddings only."""
     import uvicorn
@@ -565,7 +579,7 @@ def serve(model_ref: str, *, host: str = "127.0.0.1", port: int = 8080, parallel
     ContextSettings(n_ctx=ctx_size, n_threads=threads, n_seq_max=parallel)  # bad values fail before the load
     check_options(True, embedding_batch, False)
     check_port_free(host, port)
-    model = Model.load(model_ref)
+    model = Model.load(model_ref, chat_template=chat_template)
     if ctx_size is not None and ctx_size > model.n_ctx_train:
         print(f"mullama: warning: --ctx-size {ctx_size} is beyond the {model.n_ctx_train} tokens this model was "
               "trained with; replies may degrade past that point.", file=sys.stderr)

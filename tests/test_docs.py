@@ -1,6 +1,7 @@
 """Every Python code block of docs/ and the README runs, as written, on the real model.
 
-Blocks run in a directory holding `model.gguf` (the real default model), as the docs say.
+Blocks run in a directory holding `model.gguf` (the real default model) and `templates/` (llama.cpp's
+models/templates from the pinned source, for the tool-calling guide), as the docs say.
 Server-side blocks (a FastAPI app, a WebSocket handler) are loaded without their
 serve-forever entry point, served on a free port, and talked to by a real client; client
 blocks that name `127.0.0.1:8080` talk to a real `mullama serve` on the port it got.
@@ -71,17 +72,20 @@ def blocks() -> list[tuple[str, int, str]]:
 
 
 @pytest.fixture(scope="module")
-def docs_server(model_path):
-    server = MullamaServer(model_path, parallel=2, ctx_size=1024)
+def docs_server(model_path, build):
+    # With upstream's Qwen 2.5 template, as docs/tools.md says: its tool-calling block talks to this server.
+    template = Path(build.manifest["source"]) / "models" / "templates" / "Qwen-Qwen2.5-7B-Instruct.jinja"
+    server = MullamaServer(model_path, parallel=2, ctx_size=1024, extra=("--chat-template-file", str(template)))
     yield server
     server.close()
 
 
 @pytest.mark.parametrize("name, index, code", blocks(), ids=[f"{n}#{i}" for n, i, _ in blocks()])
-def test_docs_block_runs(name, index, code, tmp_path, model_path, request):
+def test_docs_block_runs(name, index, code, tmp_path, model_path, build, request):
     from upstream import free_port
 
     (tmp_path / "model.gguf").symlink_to(model_path)
+    (tmp_path / "templates").symlink_to(Path(build.manifest["source"]) / "models" / "templates")
     if "127.0.0.1:8080" in code:
         server = request.getfixturevalue("docs_server")
         code = code.replace("127.0.0.1:8080", f"127.0.0.1:{server.port}")

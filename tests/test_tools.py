@@ -1,0 +1,205 @@
+"""Tool calling on the real default model with upstream's own tool-use templates (llama.cpp's
+models/templates, as `llama-server --jinja --chat-template-file` takes them): rendering equals
+llama-server's, "auto" answers equal llama-server's, "required" and named calls follow OpenAI's
+meaning, and the server streams calls that the official openai client assembles."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+import upstream
+from inprocess_server import InProcessServer
+
+import mullama
+from mullama._context import default_threads
+from mullama._engine import Engine
+from mullama._server import ServerSettings, create_app
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+        "required": ["city"]}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "description": "The local time in a time zone",
+    "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]}}}
+TOOLS = [WEATHER, TIME]
+QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
+CALLED = [*QUESTION,
+          {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+              "name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+          {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees celsius, sunny"}]
+
+
+def template_path(build, name: str) -> Path:
+    """One of upstream's template files, from the pinned source tree the build was made from."""
+    path = Path(build.manifest["source"]) / "models" / "templates" / name
+    assert path.is_file(), path
+    return path
+
+
+@pytest.fixture(scope="module")
+def qwen_template(build):
+    return template_path(build, "Qwen-Qwen2.5-7B-Instruct.jinja")
+
+
+@pytest.fixture(scope="module")
+def qwen_model(model_path, qwen_template):
+    with mullama.Model.load(model_path, chat_template=qwen_template) as loaded:
+        yield loaded
+
+
+@pytest.fixture(scope="module")
+def qwen_server(build, model_path, qwen_template):
+    server = upstream.LlamaServer(build.tool("llama-server"), model_path, threads=default_threads(),
+                                  extra=("--jinja", "--chat-template-file", str(qwen_template)))
+    yield server
+    server.close()
+
+
+def validate(call, tools=TOOLS) -> dict:
+    tool = next(t for t in tools if t["function"]["name"] == call.name)
+    arguments = json.loads(call.arguments)
+    jsonschema.validate(arguments, tool["function"]["parameters"])
+    return arguments
+
+
+# --- rendering ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["Qwen-Qwen2.5-7B-Instruct.jinja",
+                                  "NousResearch-Hermes-2-Pro-Llama-3-8B-tool_use.jinja",
+                                  "meta-llama-Llama-3.2-3B-Instruct.jinja"])
+def test_tools_and_tool_results_render_as_llama_server_renders_them(name, build, model_path, model):
+    path = template_path(build, name)
+    server = upstream.LlamaServer(build.tool("llama-server"), model_path, threads=default_threads(),
+                                  extra=("--jinja", "--chat-template-file", str(path)))
+    try:
+        for messages, tools in ((QUESTION, TOOLS), (CALLED, TOOLS), (CALLED, None)):
+            body = {"messages": messages, **({"tools": tools} if tools else {})}
+            expected = server.post("/apply-template", body)["prompt"]
+            assert model.apply_chat_template(messages, template=path, tools=tools) == expected, (name, messages)
+    finally:
+        server.close()
+
+
+def test_a_template_that_refuses_the_messages_is_a_template_error(build, model):
+    # Mistral Nemo wants 9-character call ids; llama-server answers 400 for this conversation too.
+    path = template_path(build, "mistralai-Mistral-Nemo-Instruct-2407.jinja")
+    with pytest.raises(mullama.TemplateError, match="Tool call IDs"):
+        model.apply_chat_template(CALLED, template=path, tools=TOOLS)
+
+
+# --- Python: required, named, auto -------------------------------------------------------------------
+def test_required_makes_a_valid_call_and_nothing_else(qwen_model):
+    with mullama.Context(qwen_model, n_ctx=4096) as context:
+        stream = context.chat_stream(QUESTION, tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
+                                     max_tokens=120, temperature=0)
+        tokens = list(stream)
+    assert stream.finish_reason == "tool_calls"
+    (call,) = stream.tool_calls
+    assert validate(call)["city"] == "Paris"
+    assert stream.text == "" and "<tool_call>" not in stream.text
+    assert {t.kind for t in tokens} == {"content", "tool_call"} and all(t.text == "" for t in tokens)
+
+
+def test_a_named_function_is_the_one_called(qwen_model):
+    with mullama.Context(qwen_model, n_ctx=4096) as context:
+        stream = context.chat_stream(QUESTION, tools=TOOLS, max_tokens=120, temperature=0,
+                                     tool_choice={"type": "function", "function": {"name": "get_time"}})
+        list(stream)
+    (call,) = stream.tool_calls
+    assert call.name == "get_time" and stream.finish_reason == "tool_calls"
+    validate(call)
+
+
+@pytest.mark.parametrize("messages", [QUESTION, CALLED], ids=["question", "tool-result"])
+def test_auto_answers_equal_llama_server(messages, qwen_model, qwen_server):
+    reference = qwen_server.post("/v1/chat/completions", {
+        "messages": messages, "tools": TOOLS, "max_tokens": 48, "temperature": 0, "cache_prompt": False})
+    message = reference["choices"][0]["message"]
+    with mullama.Context(qwen_model, n_ctx=4096) as context:
+        stream = context.chat_stream(messages, tools=TOOLS, max_tokens=48, temperature=0)
+        list(stream)
+    assert stream.text == (message.get("content") or "")
+    assert [(c.name, json.loads(c.arguments)) for c in stream.tool_calls] == [
+        (c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message.get("tool_calls") or []]
+
+
+def test_tool_mistakes_are_invalid_config(qwen_model, model):
+    with mullama.Context(qwen_model, n_ctx=1024) as context:
+        with pytest.raises(mullama.InvalidConfigError, match="not among the tools"):
+            context.chat_stream(QUESTION, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "x"}})
+        with pytest.raises(mullama.InvalidConfigError, match="tools\\[0\\]"):
+            context.chat_stream(QUESTION, tools=[{"type": "function", "function": {"name": "bad name!"}}])
+        with pytest.raises(mullama.InvalidConfigError, match="grammar or json_schema"):
+            context.chat_stream(QUESTION, tools=TOOLS, json_schema={"type": "object"})
+    with mullama.Context(model, n_ctx=1024) as context:  # SmolLM2's own template describes no tools
+        with pytest.raises(mullama.InvalidConfigError, match="no tool-call format"):
+            context.chat_stream(QUESTION, tools=TOOLS)
+
+
+# --- the server and the openai client ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tool_server(qwen_model):
+    engine = Engine(qwen_model, parallel=2, n_ctx=4096)
+    server = InProcessServer(create_app(qwen_model, engine, ServerSettings(model_name="smollm2-qwen-template")))
+    yield server
+    server.close()
+    engine.close()
+
+
+def test_openai_client_required_call_streamed_and_not(tool_server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{tool_server.url}/v1", api_key="unused")
+    options = {"model": "m", "messages": QUESTION, "tools": TOOLS, "tool_choice": "required",
+               "parallel_tool_calls": False, "temperature": 0, "max_tokens": 120}
+    whole = client.chat.completions.create(**options)
+    choice = whole.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather"
+    arguments = json.loads(call.function.arguments)
+    with client.beta.chat.completions.stream(**options) as stream:  # the client's helper assembles deltas
+        for _ in stream:
+            pass
+        final = stream.get_final_completion()
+    streamed = final.choices[0]
+    assert streamed.finish_reason == "tool_calls"
+    (streamed_call,) = streamed.message.tool_calls
+    assert streamed_call.function.name == "get_weather"
+    assert json.loads(streamed_call.function.arguments) == arguments
+    assert not streamed.message.content
+
+
+def test_a_full_tool_loop_over_http(tool_server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{tool_server.url}/v1", api_key="unused")
+    messages = list(QUESTION)
+    first = client.chat.completions.create(model="m", messages=messages, tools=TOOLS, temperature=0, max_tokens=120,
+                                           tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    call = first.choices[0].message.tool_calls[0]
+    messages.append(first.choices[0].message.model_dump(exclude_none=True))
+    messages.append({"role": "tool", "tool_call_id": call.id, "content": "18 degrees celsius, sunny"})
+    answer = client.chat.completions.create(model="m", messages=messages, tools=TOOLS, temperature=0, max_tokens=40)
+    assert answer.choices[0].message.content  # the model answers from the tool's result
+    assert answer.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"tools": "get_weather"}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tools"),
+    ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": TOOLS, "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+    ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "tools"),
+])
+def test_bad_tool_requests_are_400s(tool_server, body, param):
+    import httpx
+
+    response = httpx.post(f"{tool_server.url}/v1/chat/completions",
+                          json={"messages": QUESTION, "max_tokens": 8, **body}, timeout=60)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
