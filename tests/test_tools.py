@@ -203,3 +203,26 @@ def test_bad_tool_requests_are_400s(tool_server, body, param):
                           json={"messages": QUESTION, "max_tokens": 8, **body}, timeout=60)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
+
+
+def test_langchain_bind_tools_round_trip(tool_server):
+    """LangChain's ChatOpenAI pointed at our server: bind_tools, a forced call, the tool's result
+    sent back as a ToolMessage, and a final answer."""
+    import langchain_openai  # the test extra installs it: a missing package fails the test, never skips it
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_core.tools import tool
+
+    @tool
+    def get_weather(city: str) -> str:
+        """Get the current weather in a city."""
+        return f"18 degrees celsius and sunny in {city}"
+
+    chat = langchain_openai.ChatOpenAI(base_url=f"{tool_server.url}/v1", api_key="unused", model="m",
+                                       temperature=0, max_tokens=80)
+    messages = [HumanMessage("What is the weather in Paris?")]
+    first = chat.bind_tools([get_weather], tool_choice="get_weather").invoke(messages)
+    (call,) = first.tool_calls
+    assert call["name"] == "get_weather" and isinstance(call["args"].get("city"), str)
+    messages += [first, ToolMessage(get_weather.invoke(call["args"]), tool_call_id=call["id"])]
+    final = chat.bind_tools([get_weather]).invoke(messages)
+    assert final.content and not final.tool_calls
