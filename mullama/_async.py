@@ -182,14 +182,15 @@ class AsyncModel:
     def chat_stream(self, messages: list[dict], config: StreamConfig | int | None = None, *,
                     max_tokens: int | None = None, tools: list[dict] | None = None, tool_choice: Any = "auto",
                     parallel_tool_calls: bool = True, chat_template: str | os.PathLike | None = None,
-                    chat_template_kwargs: dict | None = None, **options: Any) -> AsyncTokenStream:
+                    chat_template_kwargs: dict | None = None, reasoning_format: str = "auto",
+                    **options: Any) -> AsyncTokenStream:
         """Stream the reply to ``messages`` with the model's chat template; tools and templates as
         :meth:`Context.chat_stream` (rendered in a worker thread)."""
         resolved = resolve_config(config, max_tokens, options)
         return self._stream(lambda: chat_prompt(
             self.model, messages, resolved, tools=tools, tool_choice=tool_choice,
             parallel_tool_calls=parallel_tool_calls, chat_template=chat_template,
-            chat_template_kwargs=chat_template_kwargs))
+            chat_template_kwargs=chat_template_kwargs, reasoning_format=reasoning_format))
 
     async def generate(self, prompt: str, max_tokens: int | None = None, *, config: StreamConfig | None = None,
                        **options: Any) -> Completion:

@@ -81,6 +81,7 @@ class StreamConfig:
     grammar: str | None = None  # GBNF, with a `root` rule
     json_schema: Any = None  # a JSON Schema (dict, or True for any JSON value) the output must follow
     tool_calls: Any = None  # set by chat_stream(tools=...): how calls are constrained and parsed (_tools.ToolCalling)
+    reasoning: Any = None  # set by chat_stream for thinking templates: where the thought is (_reasoning.Reasoning)
     ignore_eos: bool = False  # keep going after an end-of-generation token (benchmarks, tests)
     # Reuse the KV cache of the prompt's beginning when it is already there (llama-server's
     # cache_prompt). False decodes the whole prompt afresh: batch boundaries then fall where a fresh
@@ -142,6 +143,11 @@ class StreamConfig:
 
             if not isinstance(self.tool_calls, ToolCalling):
                 _fail("tool_calls", self.tool_calls, "None (it is set by chat_stream(tools=...))")
+        if self.reasoning is not None:
+            from ._reasoning import Reasoning
+
+            if not isinstance(self.reasoning, Reasoning):
+                _fail("reasoning", self.reasoning, "None (it is set by chat_stream)")
 
     def _check_logit_bias(self) -> None:
         bias = self.logit_bias

@@ -316,7 +316,8 @@ class Context(Owned):
     def chat_stream(self, messages: list[dict], config: StreamConfig | int | None = None, *,
                     max_tokens: int | None = None, tools: list[dict] | None = None, tool_choice: Any = "auto",
                     parallel_tool_calls: bool = True, chat_template: str | os.PathLike | None = None,
-                    chat_template_kwargs: dict | None = None, **options: Any) -> TokenStream:
+                    chat_template_kwargs: dict | None = None, reasoning_format: str = "auto",
+                    **options: Any) -> TokenStream:
         """Stream the assistant's reply to ``messages``, rendered with the model's own chat template
         (or ``chat_template``, Jinja text or a file; ``chat_template_kwargs`` reach it).
 
@@ -324,11 +325,15 @@ class Context(Owned):
         ``kind == "tool_call"`` and no text, the calls are in ``stream.tool_calls`` afterwards, and
         ``finish_reason`` is ``"tool_calls"``. ``tool_choice`` is "auto", "none", "required" or
         ``{"type": "function", "function": {"name": ...}}`` (a call, to that function).
+
+        With a thinking template (``<think>``), the thought is kept apart: its tokens have
+        ``kind == "reasoning"`` and it is in ``stream.reasoning``, not ``stream.text``;
+        ``reasoning_format="none"`` leaves it in the text.
         """
         config = resolve_config(config, max_tokens, options)
         prompt, config = chat_prompt(self.model, messages, config, tools=tools, tool_choice=tool_choice,
                                      parallel_tool_calls=parallel_tool_calls, chat_template=chat_template,
-                                     chat_template_kwargs=chat_template_kwargs)
+                                     chat_template_kwargs=chat_template_kwargs, reasoning_format=reasoning_format)
         return self._stream(self._tokenize_prompt(prompt), config)
 
     def generate(self, prompt: str, max_tokens: int | None = None, *, config: StreamConfig | None = None,

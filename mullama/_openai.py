@@ -27,7 +27,7 @@ __all__ = ["APIError", "EmbeddingRequest", "ParsedRequest", "chunk", "completion
 _COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "stop",
            "seed", "stream", "stream_options", "n", "frequency_penalty", "presence_penalty", "repeat_penalty",
            "ignore_eos", "user", "store", "metadata", "service_tier", "logprobs", "top_logprobs", "logit_bias",
-           "response_format", "parallel_tool_calls", "cache_prompt", "tools", "tool_choice",
+           "response_format", "parallel_tool_calls", "cache_prompt", "tools", "tool_choice", "reasoning_format",
            # llama-server's sampling extensions
            "grammar", "json_schema", "typical_p", "repeat_last_n", "mirostat", "mirostat_tau", "mirostat_eta",
            "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n", "xtc_probability",
@@ -78,6 +78,7 @@ class ParsedRequest:
     tools: list | None = None
     tool_choice: Any = "auto"
     parallel_tool_calls: bool = True
+    reasoning_format: str = "auto"
 
     def choice_configs(self, config: StreamConfig | None = None) -> list[StreamConfig]:
         """One config per choice (from ``config``, else the request's): with a seed, choice i samples
@@ -140,6 +141,9 @@ def parse_request(body: Any, kind: str, *, max_tokens_limit: int) -> ParsedReque
     parallel = body.get("parallel_tool_calls", True)
     if not isinstance(parallel, bool):
         raise _bad("'parallel_tool_calls' must be true or false.", "parallel_tool_calls")
+    reasoning_format = body.get("reasoning_format", "auto")
+    if reasoning_format not in ("auto", "none", "deepseek"):
+        raise _bad("'reasoning_format' must be 'auto', 'deepseek' (the same) or 'none'.", "reasoning_format")
     if kind == "completion" and (body.get("echo") or body.get("suffix") or body.get("best_of") not in (None, 1)):
         raise _bad("echo, suffix and best_of are not supported by this server.")
 
@@ -210,7 +214,8 @@ def parse_request(body: Any, kind: str, *, max_tokens_limit: int) -> ParsedReque
         if not isinstance(messages, list) or not messages:
             raise _bad("'messages' must be a non-empty list of {role, content} objects.", "messages")
         return ParsedRequest("chat", config, stream, include_usage, messages=messages, n=n, tools=tools,
-                             tool_choice=tool_choice, parallel_tool_calls=parallel)
+                             tool_choice=tool_choice, parallel_tool_calls=parallel,
+                             reasoning_format="none" if reasoning_format == "none" else "auto")
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
@@ -320,7 +325,7 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 def chunk(kind: str, request_id: str, model: str, created: int, *, text: str | None = None,
           role: bool = False, finish_reason: str | None = None, logprobs: dict | None = None,
-          index: int = 0, tool_call: dict | None = None) -> dict:
+          index: int = 0, tool_call: dict | None = None, reasoning: str | None = None) -> dict:
     """One streamed chunk of choice ``index``: the role, a piece of text (and the logprobs of its
     tokens), a piece of a tool call (``delta.tool_calls``), or the final finish_reason."""
     if kind == "chat":
@@ -329,6 +334,8 @@ def chunk(kind: str, request_id: str, model: str, created: int, *, text: str | N
             delta = {"role": "assistant", "content": ""}
         elif tool_call is not None:
             delta = {"tool_calls": [tool_call]}
+        elif reasoning is not None:
+            delta = {"reasoning_content": reasoning}
         elif text is not None:
             delta = {"content": text}
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
@@ -353,6 +360,7 @@ class Choice:
     finish_reason: str
     logprobs: dict | None = None
     tool_calls: list[dict] | None = None
+    reasoning: str | None = None
 
 
 def completion_body(kind: str, request_id: str, model: str, choices: list[Choice], prompt_tokens: int,
@@ -371,10 +379,15 @@ def completion_body(kind: str, request_id: str, model: str, choices: list[Choice
 
 
 def _message(choice: Choice) -> dict:
-    """The assistant message of a chat choice: content, and its tool calls (content null without text)."""
-    if not choice.tool_calls:
-        return {"role": "assistant", "content": choice.text}
-    return {"role": "assistant", "content": choice.text or None, "tool_calls": choice.tool_calls}
+    """The assistant message of a chat choice: content, its thought (``reasoning_content``), and its
+    tool calls (content null when there is no text besides them)."""
+    message: dict[str, Any] = {"role": "assistant", "content": choice.text}
+    if choice.reasoning:
+        message["reasoning_content"] = choice.reasoning
+    if choice.tool_calls:
+        message["content"] = choice.text or None
+        message["tool_calls"] = choice.tool_calls
+    return message
 
 
 class ToolCallDeltas:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._exceptions import InvalidConfigError, StreamTimeoutError
 from ._logprobs import TopLogprob, token_logprobs
+from ._reasoning import ReasoningParser
 from ._sampler import SamplerChain
 from ._text import TextAssembler
 from ._tools import ToolCall, ToolCallParser
@@ -36,9 +37,11 @@ class Token:
     ``text`` is what this token adds to the visible output: it may be "" while a
     multi-byte character or a possible stop sequence is still incomplete, and it may
     carry text held back from earlier tokens. Joining every ``text`` of a stream gives
-    exactly the completion. The last token of a finished stream has ``finish_reason``
-    set ("stop" or "length"); an end-of-generation token is yielded like upstream counts
-    it, with no text of its own.
+    exactly the completion. In a chat with a thinking template or tools, ``kind`` says
+    which part a token belongs to: the content, the reasoning (``text`` is thought), or a
+    tool call (no text); the content alone is the stream's ``text``. The last token of a
+    finished stream has ``finish_reason`` set ("stop", "length", or "tool_calls"); an
+    end-of-generation token is yielded like upstream counts it, with no text of its own.
     """
 
     id: int
@@ -47,7 +50,7 @@ class Token:
     finish_reason: str | None = None
     logprob: float | None = None  # with StreamConfig(logprobs=K): log-probability of this token
     top_logprobs: tuple[TopLogprob, ...] = ()  # ... and the K most likely tokens at this step
-    kind: str = "content"  # "tool_call" for a token written inside a tool call (its text is then "")
+    kind: str = "content"  # "reasoning": text is thought; "tool_call": written inside a tool call (text "")
 
 
 class Sequence:
@@ -60,7 +63,7 @@ class Sequence:
     __slots__ = ("_is_eog", "_model", "_n_vocab", "_piece", "_vocab", "assembler", "cached_tokens", "config",
                  "deadline", "error", "finish_reason", "first_token", "ignore_eos", "last_token", "limit", "n_logprobs",
                  "n_tokens", "prompt_done", "prompt_tokens", "sampler", "started", "stop_sequence", "text_parts",
-                 "token_ids", "tools")
+                 "thinking", "thought_parts", "token_ids", "tools")
 
     def __init__(self, model: Model, prompt_tokens: list[int], config: StreamConfig, *, n_ctx: int,
                  default_seed: int | None = None) -> None:
@@ -78,6 +81,8 @@ class Sequence:
         self.sampler.accept_prompt(prompt_tokens)
         self.assembler = TextAssembler(config.stop_sequences)
         self.tools = ToolCallParser() if config.tool_calls is not None else None
+        self.thinking = ReasoningParser(config.reasoning) if config.reasoning is not None else None
+        self.thought_parts: list[str] = []
         self._piece = model._cached_piece
         self._model = model
         self._n_vocab = model.vocab_size
@@ -123,17 +128,35 @@ class Sequence:
         else:
             finish = "length" if self.n_tokens >= self.limit else None
         text, finish = self.assembler.add(self._piece(token), finish)
-        kind = "content"
+        kind, shown = "content", None
+        if self.thinking is not None:
+            text, thought = self._split_thought(text, finish)
+            if thought and not text:
+                kind, shown = "reasoning", thought
         if self.tools is not None:
-            text, kind, finish = self._split_calls(text, finish)
+            text, call_kind, finish = self._split_calls(text, finish)
+            kind = call_kind if call_kind == "tool_call" else kind
         if text:
             self.text_parts.append(text)
         if finish is not None:
             self.finish_reason, self.stop_sequence = finish, self.assembler.stop_sequence
+        shown = text if shown is None else shown
         if self.n_logprobs is None or ctx is None:
-            return Token(token, text, self.n_tokens - 1, finish, kind=kind)
+            return Token(token, shown, self.n_tokens - 1, finish, kind=kind)
         logprob, top = self._logprobs(ctx, row, token)
-        return Token(token, text, self.n_tokens - 1, finish, logprob, top, kind)
+        return Token(token, shown, self.n_tokens - 1, finish, logprob, top, kind)
+
+    def _split_thought(self, text: str, finish: str | None) -> tuple[str, str]:
+        """The content and the reasoning this token releases (see mullama._reasoning)."""
+        thinking = self.thinking
+        assert thinking is not None
+        content, thought = thinking.feed(text)
+        if finish is not None:
+            more_content, more_thought = thinking.finish()
+            content, thought = content + more_content, thought + more_thought
+        if thought:
+            self.thought_parts.append(thought)
+        return content, thought
 
     def _split_calls(self, text: str, finish: str | None) -> tuple[str, str, str | None]:
         """Content and tool calls apart: the content this token releases, its kind, and the finish
@@ -205,6 +228,11 @@ class SequenceView:
         """All text produced so far (the join of every token's ``text``; with tools, the content
         without the calls)."""
         return self._sequence.text if self._sequence else ""
+
+    @property
+    def reasoning(self) -> str:
+        """The model's thought (``<think>…</think>``), kept apart from ``text`` for thinking templates."""
+        return "".join(self._sequence.thought_parts) if self._sequence else ""
 
     @property
     def tool_calls(self) -> list[ToolCall]:

@@ -211,7 +211,8 @@ def create_app(model: Model, engine: Engine | None, settings: ServerSettings) ->
                 text, config = chat_prompt(model, parsed.messages, config, tools=parsed.tools,
                                            tool_choice=parsed.tool_choice,
                                            parallel_tool_calls=parsed.parallel_tool_calls,
-                                           chat_template=None, chat_template_kwargs=None)
+                                           chat_template=None, chat_template_kwargs=None,
+                                           reasoning_format=parsed.reasoning_format)
             else:
                 text = parsed.prompt or ""
             if len(text) > settings.max_prompt_chars:
@@ -292,7 +293,7 @@ def create_app(model: Model, engine: Engine | None, settings: ServerSettings) ->
             tokens.append(token)
         calls = [call.to_openai() for call in job.tool_calls] or None
         return _openai.Choice(job.text, job.finish_reason or "stop",
-                              _openai.logprobs_body(kind, tokens, model._cached_piece), calls)
+                              _openai.logprobs_body(kind, tokens, model._cached_piece), calls, job.reasoning or None)
 
     async def sse(jobs: list[EngineRequest], parsed, kind: str, request_id: str,
                   n_prompt: int, scope: MutableMapping[str, Any]) -> AsyncIterator[str]:
@@ -319,6 +320,9 @@ def create_app(model: Model, engine: Engine | None, settings: ServerSettings) ->
                 if parser is not None:
                     for delta in calls[index].after(parser):
                         yield event(_openai.chunk(kind, request_id, model_name, stamp, index=index, tool_call=delta))
+                if token.kind == "reasoning":
+                    yield event(_openai.chunk(kind, request_id, model_name, stamp, index=index, reasoning=token.text))
+                    continue
                 pending[index].append(token)
                 if token.text:
                     logprobs = _openai.logprobs_body(kind, pending[index], model._cached_piece)

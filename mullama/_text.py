@@ -13,18 +13,28 @@ from __future__ import annotations
 import codecs
 from collections.abc import Sequence
 
-__all__ = ["TextAssembler"]
+__all__ = ["TextAssembler", "held_suffix"]
+
+
+def held_suffix(text: str, markers: Sequence[str]) -> int:
+    """Length of the longest end of ``text`` that is the start of one of ``markers`` (text to hold
+    back until it is known whether the marker follows)."""
+    longest = max((len(marker) for marker in markers), default=0)
+    for length in range(min(len(text), longest - 1), 0, -1):
+        tail = text[-length:]
+        if any(marker.startswith(tail) for marker in markers):
+            return length
+    return 0
 
 
 class TextAssembler:
     """Turn token bytes into text that is safe to show."""
 
-    __slots__ = ("_decoder", "_max_stop", "_pending", "_stops", "stop_sequence", "stopped")
+    __slots__ = ("_decoder", "_pending", "_stops", "stop_sequence", "stopped")
 
     def __init__(self, stop_sequences: Sequence[str] = ()) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._stops = tuple(stop_sequences)
-        self._max_stop = max((len(s) for s in self._stops), default=0)
         self._pending = ""  # decoded text held back because it may begin a stop sequence
         self.stopped = False
         self.stop_sequence: str | None = None
@@ -47,17 +57,9 @@ class TextAssembler:
             self.stopped = True
             self._pending = ""
             return window[:first]
-        hold = self._held_suffix(window)
+        hold = held_suffix(window, self._stops)
         self._pending = window[len(window) - hold:] if hold else ""
         return window[:len(window) - hold]
-
-    def _held_suffix(self, text: str) -> int:
-        """Length of the longest end of ``text`` that is the start of some stop sequence."""
-        for length in range(min(len(text), self._max_stop - 1), 0, -1):
-            tail = text[-length:]
-            if any(stop.startswith(tail) for stop in self._stops):
-                return length
-        return 0
 
     def add(self, piece: bytes, finish: str | None) -> tuple[str, str | None]:
         """One generated token: its bytes, and why generation ends after it, if it does

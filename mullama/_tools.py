@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ._exceptions import InvalidConfigError
+from ._text import held_suffix
 
 if TYPE_CHECKING:
     from ._config import StreamConfig
@@ -127,7 +128,7 @@ class ToolCallParser:
             if self._call is None:
                 start = text.find(CALL_START)
                 if start < 0:
-                    keep = _partial_suffix(text, CALL_START)
+                    keep = held_suffix(text, (CALL_START,))
                     released = text[: len(text) - keep]
                     if self.calls and not released.strip():
                         released = ""  # whitespace between or after calls is not content
@@ -170,7 +171,7 @@ class ToolCallParser:
             return
         self.name = json.loads(f'"{match.group(1)}"')
         written = self._call or ""
-        rest = written[match.end(): len(written) - _partial_suffix(written, CALL_END)]
+        rest = written[match.end(): len(written) - held_suffix(written, (CALL_END,))]
         tail = _WRAPPER_END.search(rest)
         self.arguments = rest[: tail.start()] if tail else rest
 
@@ -201,21 +202,14 @@ def _is_json(text: str) -> bool:
     return True
 
 
-def _partial_suffix(text: str, marker: str) -> int:
-    """The length of the longest end of ``text`` that is a beginning of ``marker``."""
-    for size in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:size]):
-            return size
-    return 0
-
-
 def chat_prompt(model: Model, messages: list[dict], config: StreamConfig, *, tools: list[dict] | None,
                 tool_choice: Any, parallel_tool_calls: bool, chat_template: Any,
-                chat_template_kwargs: dict | None) -> tuple[str, StreamConfig]:
+                chat_template_kwargs: dict | None, reasoning_format: str = "auto") -> tuple[str, StreamConfig]:
     """The prompt text for a chat turn and the StreamConfig to generate it with (tool calling set up
     when ``tools`` are given): one place for Context, AsyncModel and the server."""
     from ._chat import load_template
     from ._model import check_tools
+    from ._reasoning import reasoning_for
 
     kwargs = dict(chat_template_kwargs or {})
     if not all(isinstance(key, str) for key in kwargs):
@@ -232,6 +226,11 @@ def chat_prompt(model: Model, messages: list[dict], config: StreamConfig, *, too
             config = config.with_options(tool_calls=calling)
     elif tool_choice not in ("auto", "none", None):
         raise InvalidConfigError(f"tool_choice {tool_choice!r} needs tools.")
+    if reasoning_format not in ("auto", "none"):
+        raise InvalidConfigError(f"reasoning_format must be 'auto' or 'none', not {reasoning_format!r}.")
     prompt = model.apply_chat_template(messages, add_generation_prompt=True, template=template,
                                        tools=tools or None, **kwargs)
+    reasoning = reasoning_for(template or "", prompt, reasoning_format)
+    if reasoning is not None:
+        config = config.with_options(reasoning=reasoning)
     return prompt, config
