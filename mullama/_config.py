@@ -166,7 +166,7 @@ class StreamConfig:
         """The GBNF grammar that constrains the output: ``grammar``, ``json_schema`` converted, or the
         tool calls' grammar."""
         if self.tool_calls is not None and self.grammar is None and self.json_schema is None:
-            return str(self.tool_calls.grammar)
+            return self.tool_calls.grammar
         if self.json_schema is None:
             return self.grammar
         from ._json_schema import json_schema_to_grammar

@@ -2,7 +2,10 @@
 them out of its output while it streams.
 
 Supported here: the ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` format of
-Hermes 2 Pro, Qwen 2.5 and later Qwen templates, recognised from the chat template. The
+Hermes 2 Pro, Qwen 2.5 and later Qwen templates, recognised from the chat template. With
+other templates (Llama 3.x, Mistral, or none that describes tools) the tools are rendered as
+the template renders them and ``"auto"`` answers are text, unparsed, as llama-server answered
+on this model; forcing a call there is refused. The
 calls are constrained by a grammar built from the tools' JSON schemas: lazily for
 ``tool_choice="auto"`` (it takes hold only once the model writes ``<tool_call>``, so free
 text stays free, as llama-server does), from the first token for ``"required"`` or a named
@@ -50,10 +53,11 @@ class ToolCalling:
     for the call to start (``lazy``)."""
 
     tools: tuple[str, ...]  # the function names
-    grammar: str
+    grammar: str | None  # None: calls are not constrained (nor parsed: "text" answers)
     lazy: bool
     parallel: bool
     triggers: tuple[str, ...] = field(default=())
+    parsed: bool = True  # False: a template whose call format is not known; the answer is text
 
 
 def _names(tools: list[dict]) -> list[str]:
@@ -87,9 +91,12 @@ def tool_calling(template: str, tools: list[dict], tool_choice: Any = "auto",
         raise InvalidConfigError(f"tool_choice must be 'auto', 'none', 'required' or "
                                  f"{{'type': 'function', 'function': {{'name': ...}}}}, not {tool_choice!r}.")
     if not supports(template):
-        raise InvalidConfigError("this chat template has no tool-call format mullama knows yet (supported: the "
-                                 "<tool_call> format of Hermes 2 Pro and Qwen 2.5+); pass chat_template=... with "
-                                 "such a template, e.g. llama.cpp's models/templates/Qwen-Qwen2.5-7B-Instruct.jinja.")
+        if not forced:  # the tools are described (if the template can); the answer is text, unparsed
+            return ToolCalling(tuple(names), None, lazy=False, parallel=parallel, parsed=False)
+        raise InvalidConfigError("this chat template has no tool-call format mullama can force yet (supported: "
+                                 "the <tool_call> format of Hermes 2 Pro and Qwen 2.5+); pass chat_template=... with "
+                                 "such a template, e.g. llama.cpp's models/templates/Qwen-Qwen2.5-7B-Instruct.jinja, "
+                                 "or use tool_choice 'auto'.")
     schema: dict[str, Any] = {"anyOf": [{"type": "object", "properties": {
         "name": {"const": tool["function"]["name"]},
         "arguments": tool["function"].get("parameters") or {"type": "object"}},
@@ -113,7 +120,9 @@ class ToolCallParser:
     call being written (its index, name once known, and the arguments text so far), for streamed deltas.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, parsed: bool = True) -> None:
+        self.parsed = parsed  # False: no call format to look for (the answer is text)
+        self.started = False  # content began (whitespace before it is dropped, as llama-server drops it)
         self.calls: list[ToolCall] = []
         self._held = ""  # content that may begin a call marker
         self._call: str | None = None  # the text of the call being written
@@ -126,9 +135,14 @@ class ToolCallParser:
         self._held = ""
         while text:
             if self._call is None:
-                start = text.find(CALL_START)
+                if not self.started:
+                    text = text.lstrip()
+                    if not text:
+                        break
+                    self.started = True
+                start = text.find(CALL_START) if self.parsed else -1
                 if start < 0:
-                    keep = held_suffix(text, (CALL_START,))
+                    keep = held_suffix(text, (CALL_START,)) if self.parsed else 0
                     released = text[: len(text) - keep]
                     if self.calls and not released.strip():
                         released = ""  # whitespace between or after calls is not content

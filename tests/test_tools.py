@@ -137,7 +137,27 @@ def test_tool_mistakes_are_invalid_config(qwen_model, model):
             context.chat_stream(QUESTION, tools=TOOLS, json_schema={"type": "object"})
     with mullama.Context(model, n_ctx=1024) as context:  # SmolLM2's own template describes no tools
         with pytest.raises(mullama.InvalidConfigError, match="no tool-call format"):
-            context.chat_stream(QUESTION, tools=TOOLS)
+            context.chat_stream(QUESTION, tools=TOOLS, tool_choice="required")
+
+
+@pytest.mark.parametrize("name", ["meta-llama-Llama-3.2-3B-Instruct.jinja", None], ids=["llama-3.2", "own"])
+def test_auto_with_other_templates_answers_text_as_llama_server(name, build, model_path):
+    """Templates whose call format is not parsed yet: the tools are rendered and the answer is the
+    same text llama-server gives (it made no call on this model either)."""
+    path = template_path(build, name) if name else None
+    extra = ("--jinja", "--chat-template-file", str(path)) if path else ("--jinja",)
+    server = upstream.LlamaServer(build.tool("llama-server"), model_path, threads=default_threads(), extra=extra)
+    try:
+        reference = server.post("/v1/chat/completions", {
+            "messages": QUESTION, "tools": TOOLS, "max_tokens": 40, "temperature": 0, "cache_prompt": False})
+    finally:
+        server.close()
+    message = reference["choices"][0]["message"]
+    assert not message.get("tool_calls")
+    with mullama.Model.load(model_path, chat_template=path) as loaded, mullama.Context(loaded, n_ctx=4096) as context:
+        stream = context.chat_stream(QUESTION, tools=TOOLS, max_tokens=40, temperature=0)
+        list(stream)
+    assert stream.text == message["content"] and stream.tool_calls == []
 
 
 # --- the server and the openai client ------------------------------------------------------------------
