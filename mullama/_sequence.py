@@ -80,7 +80,7 @@ class Sequence:
         self.sampler = SamplerChain.for_config(config, model, n_ctx=n_ctx, default_seed=default_seed)
         self.sampler.accept_prompt(prompt_tokens)
         self.assembler = TextAssembler(config.stop_sequences)
-        self.tools = ToolCallParser(config.tool_calls.parsed) if config.tool_calls is not None else None
+        self.tools = ToolCallParser(config.tool_calls.format) if config.tool_calls is not None else None
         self.thinking = ReasoningParser(config.reasoning) if config.reasoning is not None else None
         self.thought_parts: list[str] = []
         self._piece = model._cached_piece

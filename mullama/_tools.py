@@ -1,11 +1,11 @@
 """Tool calling: the grammar that makes a model's calls well-formed, and the parser that takes
 them out of its output while it streams.
 
-Supported here: the ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` format of
-Hermes 2 Pro, Qwen 2.5 and later Qwen templates, recognised from the chat template. With
-other templates (Llama 3.x, Mistral, or none that describes tools) the tools are rendered as
-the template renders them and ``"auto"`` answers are text, unparsed, as llama-server answered
-on this model; forcing a call there is refused. The
+Formats, recognised from the chat template: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``
+(Hermes 2 Pro, Qwen 2.5+), ``{"name": ..., "parameters": {...}}`` (Llama 3.x) and
+``[TOOL_CALLS][{"name": ..., "arguments": {...}, "id": ...}]`` (Mistral Nemo). With a template
+that describes no tool calls, the tools are rendered as it renders them and ``"auto"`` answers
+are text, as llama-server's; forcing a call there is refused. The
 calls are constrained by a grammar built from the tools' JSON schemas: lazily for
 ``tool_choice="auto"`` (it takes hold only once the model writes ``<tool_call>``, so free
 text stays free, as llama-server does), from the first token for ``"required"`` or a named
@@ -30,9 +30,43 @@ if TYPE_CHECKING:
 __all__ = ["ToolCall", "ToolCallParser", "ToolCalling", "tool_calling"]
 
 CALL_START, CALL_END = "<tool_call>", "</tool_call>"
-# What precedes a call's arguments: {"name": "...", "arguments":
 _WRAPPER_END = re.compile(r"\s*\}?\s*$")  # may close the {"name": ..., "arguments": ...} object
-_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
+
+
+@dataclass(frozen=True)
+class CallFormat:
+    """How a template's model writes calls: ``start`` opens a call region (kept in the region's text
+    when ``keep_start``), ``end`` closes one call (None: the region runs to the end of the output),
+    ``arguments`` is the key of the arguments, ``array`` says the region is a JSON list of calls,
+    ``id_length`` the length of call ids the template accepts back (0: any)."""
+
+    name: str
+    start: str
+    end: str | None
+    arguments: str = "arguments"
+    array: bool = False
+    keep_start: bool = False
+    id_length: int = 0
+
+    def head(self) -> re.Pattern[str]:
+        """What precedes a call's arguments: ``{"name": "...", "<arguments>":``."""
+        return re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"' + self.arguments + r'"\s*:\s*')
+
+
+HERMES = CallFormat("hermes", CALL_START, CALL_END)  # Hermes 2 Pro, Qwen 2.5+: <tool_call>{json}</tool_call>
+LLAMA3 = CallFormat("llama3", '{"name"', None, arguments="parameters", keep_start=True)  # Llama 3.x: one JSON call
+MISTRAL = CallFormat("mistral", "[TOOL_CALLS]", None, array=True, id_length=9)  # Mistral Nemo
+
+
+def call_format(template: str) -> CallFormat | None:
+    """The call format a chat template teaches its model, or None when it is not one of these."""
+    if CALL_START in template:
+        return HERMES
+    if "[TOOL_CALLS]" in template:
+        return MISTRAL
+    if '"parameters": ' in template and "tool_call" in template and '{"name": "' in template:
+        return LLAMA3
+    return None
 
 
 @dataclass(frozen=True)
@@ -57,16 +91,11 @@ class ToolCalling:
     lazy: bool
     parallel: bool
     triggers: tuple[str, ...] = field(default=())
-    parsed: bool = True  # False: a template whose call format is not known; the answer is text
+    format: CallFormat | None = None  # None: a template whose call format is not known; the answer is text
 
 
 def _names(tools: list[dict]) -> list[str]:
     return [tool["function"]["name"] for tool in tools]
-
-
-def supports(template: str) -> bool:
-    """Whether ``template`` writes calls in the format this module knows."""
-    return CALL_START in template
 
 
 def tool_calling(template: str, tools: list[dict], tool_choice: Any = "auto",
@@ -90,122 +119,164 @@ def tool_calling(template: str, tools: list[dict], tool_choice: Any = "auto",
     else:
         raise InvalidConfigError(f"tool_choice must be 'auto', 'none', 'required' or "
                                  f"{{'type': 'function', 'function': {{'name': ...}}}}, not {tool_choice!r}.")
-    if not supports(template):
+    form = call_format(template)
+    if form is None:
         if not forced:  # the tools are described (if the template can); the answer is text, unparsed
-            return ToolCalling(tuple(names), None, lazy=False, parallel=parallel, parsed=False)
-        raise InvalidConfigError("this chat template has no tool-call format mullama can force yet (supported: "
-                                 "the <tool_call> format of Hermes 2 Pro and Qwen 2.5+); pass chat_template=... with "
-                                 "such a template, e.g. llama.cpp's models/templates/Qwen-Qwen2.5-7B-Instruct.jinja, "
-                                 "or use tool_choice 'auto'.")
-    schema: dict[str, Any] = {"anyOf": [{"type": "object", "properties": {
+            return ToolCalling(tuple(names), None, lazy=False, parallel=parallel)
+        raise InvalidConfigError("this chat template has no tool-call format mullama knows (supported: the formats "
+                                 "of Hermes 2 Pro / Qwen 2.5+, Llama 3.x and Mistral Nemo); pass chat_template=... "
+                                 "with such a template (llama.cpp's models/templates has them), or use "
+                                 "tool_choice 'auto'.")
+    if form.end is None:
+        parallel = parallel and form.array  # a region to the end of the output holds one call, or one list
+    one_call = {"anyOf": [{"type": "object", "properties": {
         "name": {"const": tool["function"]["name"]},
-        "arguments": tool["function"].get("parameters") or {"type": "object"}},
-        "required": ["name", "arguments"]} for tool in chosen]}
-    if len(chosen) == 1:
-        schema = schema["anyOf"][0]
+        form.arguments: tool["function"].get("parameters") or {"type": "object"}},
+        "required": ["name", form.arguments]} for tool in chosen]}
+    schema: dict[str, Any] = one_call["anyOf"][0] if len(chosen) == 1 else one_call
+    if form.array:
+        schema = {"type": "array", "items": schema, "minItems": 1, **({} if parallel else {"maxItems": 1})}
     rules = json_schema_to_grammar(schema).replace("root ::=", "tool-call-json ::=", 1)
-    calls = 'tool-call ("\\n" tool-call)*' if parallel else "tool-call"
-    grammar = (f"root ::= {calls}\n"
-               f'tool-call ::= "{CALL_START}" space tool-call-json space "{CALL_END}"\n{rules}')
+    opening = "" if form.keep_start else f'"{form.start}" space '
+    closing = f' space "{form.end}"' if form.end else ""
+    calls = 'tool-call ("\\n" tool-call)*' if parallel and form.end else "tool-call"
+    grammar = f"root ::= {calls}\ntool-call ::= {opening}tool-call-json{closing}\n{rules}"
+    trigger = r"[\s\S]*?(" + re.escape(form.start) + r")[\s\S]*"
     return ToolCalling(tuple(names), grammar, lazy=not forced, parallel=parallel,
-                       triggers=(rf"[\s\S]*?({re.escape(CALL_START)})[\s\S]*",) if not forced else ())
+                       triggers=() if forced else (trigger,), format=form)
 
 
 class ToolCallParser:
-    """Splits streamed output into content and tool calls.
+    """Splits streamed output into content and tool calls, for one CallFormat (None: all content).
 
     ``feed(text)`` returns ``(content, in_call)``: the content it can release now (text that might
-    be the beginning of ``<tool_call>`` is held back until it is known not to be), and whether the
-    text fed ended inside a call. Finished calls collect in ``calls``; ``pending`` describes the
-    call being written (its index, name once known, and the arguments text so far), for streamed deltas.
+    begin a call is held back until it is known not to), and whether the text fed ended inside a
+    call. Finished calls collect in ``calls``; while a call is written, ``name`` (once known) and
+    ``arguments`` (as far as certain) describe it, for streamed deltas. Whitespace before the
+    content and between calls is dropped, as llama-server's parser drops it.
     """
 
-    def __init__(self, parsed: bool = True) -> None:
-        self.parsed = parsed  # False: no call format to look for (the answer is text)
-        self.started = False  # content began (whitespace before it is dropped, as llama-server drops it)
+    def __init__(self, form: CallFormat | None = None) -> None:
+        self.form = form
+        self._head = form.head() if form is not None and not form.array else None
+        self.started = False  # content (or a call) began
+        self._skip_space = True  # before the content, and after a call: whitespace is dropped
         self.calls: list[ToolCall] = []
         self._held = ""  # content that may begin a call marker
-        self._call: str | None = None  # the text of the call being written
+        self._call: str | None = None  # the text of the call region being written
         self.name: str | None = None
-        self.arguments = ""  # the arguments of the call being written, as far as they are certain
+        self.arguments = ""
+
+    @property
+    def in_call(self) -> bool:
+        return self._call is not None
 
     def feed(self, text: str) -> tuple[str, bool]:
         content = []
-        text = self._held + text
-        self._held = ""
+        text, self._held = self._held + text, ""
+        form = self.form
         while text:
-            if self._call is None:
-                if not self.started:
-                    text = text.lstrip()
-                    if not text:
-                        break
-                    self.started = True
-                start = text.find(CALL_START) if self.parsed else -1
-                if start < 0:
-                    keep = held_suffix(text, (CALL_START,)) if self.parsed else 0
-                    released = text[: len(text) - keep]
-                    if self.calls and not released.strip():
-                        released = ""  # whitespace between or after calls is not content
-                    content.append(released)
-                    self._held = text[len(text) - keep:]
+            if self._call is not None:
+                assert form is not None
+                if form.end is None:  # the region runs to the end of the output
+                    self._call += text
+                    self._update()
                     break
-                if not (self.calls and not text[:start].strip()):
-                    content.append(text[:start])
-                self._call, self.name, self.arguments = "", None, ""
-                text = text[start + len(CALL_START):]
-            else:
                 written = self._call
                 combined = written + text
-                end = combined.find(CALL_END, max(0, len(written) - len(CALL_END) + 1))
+                end = combined.find(form.end, max(0, len(written) - len(form.end) + 1))
                 if end < 0:
                     self._call = combined
                     self._update()
                     break
                 self._call = combined[:end]
                 self._close()
-                text = combined[end + len(CALL_END):]
+                text = combined[end + len(form.end):]
+                continue
+            if self._skip_space:
+                text = text.lstrip()
+                if not text:
+                    break
+                self._skip_space = False
+            if form is None:
+                content.append(text)
+                self.started = True
+                break
+            start = text.find(form.start)
+            if start < 0:
+                keep = held_suffix(text, (form.start,))
+                content.append(text[: len(text) - keep])
+                self._held = text[len(text) - keep:]
+                self.started = self.started or keep != len(text)
+                break
+            content.append(text[:start])
+            self.started = True
+            self._call, self.name, self.arguments = (form.start if form.keep_start else ""), None, ""
+            self._skip_space = True
+            text = text[start + len(form.start):]
         return "".join(content), self._call is not None
 
     def finish(self) -> str:
-        """The end of the output: held-back text is content; an unfinished call is dropped."""
+        """The end of the output: held-back text is content; a call region that runs to the end is
+        closed (an unfinished one, cut by the token limit, is dropped)."""
         held, self._held = self._held, ""
         if self._call is not None:
+            if self.form is not None and self.form.end is None:
+                self._close()
             self._call = None
         return held
 
-    @property
-    def in_call(self) -> bool:
-        return self._call is not None
-
     def _update(self) -> None:
-        """What is certain of the pending call: its name, and its arguments without a trailing
-        ``}`` and whitespace (which may close the wrapper object)."""
-        match = _HEAD.match(self._call or "")
+        """What is certain of the call being written: its name, and its arguments without what may
+        close the wrapper object or begin the end marker."""
+        if self._head is None:
+            return
+        written = self._call or ""
+        match = self._head.match(written)
         if match is None:
             return
         self.name = json.loads(f'"{match.group(1)}"')
-        written = self._call or ""
-        rest = written[match.end(): len(written) - held_suffix(written, (CALL_END,))]
+        end = self.form.end if self.form is not None else None
+        rest = written[match.end(): len(written) - (held_suffix(written, (end,)) if end else 0)]
         tail = _WRAPPER_END.search(rest)
         self.arguments = rest[: tail.start()] if tail else rest
 
     def _close(self) -> None:
-        """A call ended: keep it (its arguments as written, when they are JSON: what was streamed)."""
+        """A call region ended: keep its calls (arguments as written when they are JSON: what was streamed)."""
         text, self._call = self._call or "", None
+        form = self.form
+        assert form is not None
         try:
             value = json.loads(text)
-            name, arguments = value["name"], value.get("arguments", {})
-            if not isinstance(name, str):
+            items = value if form.array else [value]
+            found = [(item["name"], item.get(form.arguments, {}), item.get("id")) for item in items]
+            if not all(isinstance(name, str) for name, _, _ in found):
                 raise TypeError
         except (ValueError, KeyError, TypeError, AttributeError):
-            return  # not a call after all (only without a grammar); nothing to run
-        match = _HEAD.match(text)
-        written = text[match.end():] if match else ""
-        tail = _WRAPPER_END.search(written)
-        written = written[: tail.start()] if tail else written
-        arguments_text = written.strip() if match and _is_json(written) else json.dumps(arguments, ensure_ascii=False)
-        self.calls.append(ToolCall(f"call_{secrets.token_hex(12)}", name, arguments_text))
-        self.name, self.arguments = name, arguments_text
+            return  # not calls after all (only without a grammar); nothing to run
+        for name, arguments, given_id in found:
+            arguments_text = json.dumps(arguments, ensure_ascii=False)
+            if len(found) == 1 and self._head is not None:
+                match = self._head.match(text)
+                written = text[match.end():] if match else ""
+                tail = _WRAPPER_END.search(written)
+                written = written[: tail.start()] if tail else written
+                if match and _is_json(written):
+                    arguments_text = written.strip()
+            if isinstance(arguments, str):
+                arguments_text = arguments
+            self.calls.append(ToolCall(_call_id(form, given_id), name, arguments_text))
+            self.name, self.arguments = name, arguments_text
+
+
+def _call_id(form: CallFormat, given: Any) -> str:
+    """The model's own id when the template can take it back, else a new one of the right shape."""
+    if form.id_length:
+        if isinstance(given, str) and len(given) == form.id_length and given.isalnum():
+            return given
+        alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+        return "".join(secrets.choice(alphabet) for _ in range(form.id_length))
+    return f"call_{secrets.token_hex(12)}"
 
 
 def _is_json(text: str) -> bool:
