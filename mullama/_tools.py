@@ -5,7 +5,8 @@ Formats, recognised from the chat template: ``<tool_call>{"name": ..., "argument
 (Hermes 2 Pro, Qwen 2.5+), ``{"name": ..., "parameters": {...}}`` (Llama 3.x) and
 ``[TOOL_CALLS][{"name": ..., "arguments": {...}, "id": ...}]`` (Mistral Nemo). With a template
 that describes no tool calls, the tools are rendered as it renders them and ``"auto"`` answers
-are text, as llama-server's; forcing a call there is refused. The
+are text, as llama-server's; a forced call ("required", or a named function) describes the tools
+in the system message and is one JSON object, ``{"name": ..., "arguments": {...}}``. The
 calls are constrained by a grammar built from the tools' JSON schemas: lazily for
 ``tool_choice="auto"`` (it takes hold only once the model writes ``<tool_call>``, so free
 text stays free, as llama-server does), from the first token for ``"required"`` or a named
@@ -56,6 +57,11 @@ class CallFormat:
 HERMES = CallFormat("hermes", CALL_START, CALL_END)  # Hermes 2 Pro, Qwen 2.5+: <tool_call>{json}</tool_call>
 LLAMA3 = CallFormat("llama3", '{"name"', None, arguments="parameters", keep_start=True)  # Llama 3.x: one JSON call
 MISTRAL = CallFormat("mistral", "[TOOL_CALLS]", None, array=True, id_length=9)  # Mistral Nemo
+# Templates that describe no tools, when a call is forced: the tools go in a system message, and
+# the answer is one JSON call.
+GENERIC = CallFormat("generic", '{"name"', None, keep_start=True)
+GENERIC_PROMPT = ("You can call these tools (JSON Schema for their arguments):\n{tools}\n"
+                  'Answer with one JSON object: {{"name": <tool name>, "arguments": <arguments object>}}.')
 
 
 def call_format(template: str) -> CallFormat | None:
@@ -121,12 +127,9 @@ def tool_calling(template: str, tools: list[dict], tool_choice: Any = "auto",
                                  f"{{'type': 'function', 'function': {{'name': ...}}}}, not {tool_choice!r}.")
     form = call_format(template)
     if form is None:
-        if not forced:  # the tools are described (if the template can); the answer is text, unparsed
+        if not forced:  # the tools are described (if the template can); the answer is text, as llama-server's
             return ToolCalling(tuple(names), None, lazy=False, parallel=parallel)
-        raise InvalidConfigError("this chat template has no tool-call format mullama knows (supported: the formats "
-                                 "of Hermes 2 Pro / Qwen 2.5+, Llama 3.x and Mistral Nemo); pass chat_template=... "
-                                 "with such a template (llama.cpp's models/templates has them), or use "
-                                 "tool_choice 'auto'.")
+        form = GENERIC
     if form.end is None:
         parallel = parallel and form.array  # a region to the end of the output holds one call, or one list
     one_call = {"anyOf": [{"type": "object", "properties": {
@@ -313,9 +316,23 @@ def chat_prompt(model: Model, messages: list[dict], config: StreamConfig, *, too
         raise InvalidConfigError(f"tool_choice {tool_choice!r} needs tools.")
     if reasoning_format not in ("auto", "none"):
         raise InvalidConfigError(f"reasoning_format must be 'auto' or 'none', not {reasoning_format!r}.")
+    calling = config.tool_calls
+    if calling is not None and calling.format is GENERIC:
+        messages = with_tools_described(messages, tools or [])
     prompt = model.apply_chat_template(messages, add_generation_prompt=True, template=template,
                                        tools=tools or None, **kwargs)
     reasoning = reasoning_for(template or "", prompt, reasoning_format)
     if reasoning is not None:
         config = config.with_options(reasoning=reasoning)
     return prompt, config
+
+
+def with_tools_described(messages: list[dict], tools: list[dict]) -> list[dict]:
+    """``messages`` with the tools described in the system message (added when there is none), for
+    templates that describe no tools."""
+    description = GENERIC_PROMPT.format(tools="\n".join(json.dumps(tool["function"], ensure_ascii=False)
+                                                        for tool in tools))
+    if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system" \
+            and isinstance(messages[0].get("content"), str):
+        return [{**messages[0], "content": messages[0]["content"] + "\n\n" + description}, *messages[1:]]
+    return [{"role": "system", "content": description}, *messages]

@@ -172,9 +172,19 @@ def test_tool_mistakes_are_invalid_config(qwen_model, model):
             context.chat_stream(QUESTION, tools=[{"type": "function", "function": {"name": "bad name!"}}])
         with pytest.raises(mullama.InvalidConfigError, match="grammar or json_schema"):
             context.chat_stream(QUESTION, tools=TOOLS, json_schema={"type": "object"})
-    with mullama.Context(model, n_ctx=1024) as context:  # SmolLM2's own template describes no tools
-        with pytest.raises(mullama.InvalidConfigError, match="no tool-call format"):
-            context.chat_stream(QUESTION, tools=TOOLS, tool_choice="required")
+
+
+def test_a_forced_call_with_a_template_that_describes_no_tools(model):
+    """SmolLM2's own template ignores tools: a forced call describes them in the system message and
+    is one JSON object, valid under the tool's schema."""
+    with mullama.Context(model, n_ctx=2048) as context:
+        stream = context.chat_stream(QUESTION, tools=TOOLS, tool_choice="required", max_tokens=80, temperature=0)
+        list(stream)
+    assert stream.finish_reason == "tool_calls" and stream.text == ""
+    (call,) = stream.tool_calls
+    validate(call)
+    prompt = model.apply_chat_template(QUESTION, tools=TOOLS)
+    assert "get_weather" not in prompt  # the template itself did not describe them
 
 
 def test_the_call_formats_are_recognised_from_the_templates(build):
@@ -182,6 +192,7 @@ def test_the_call_formats_are_recognised_from_the_templates(build):
 
     found = [call_format(template_path(build, name).read_text()) for name in FORMATS]
     assert found == [HERMES, HERMES, LLAMA3, MISTRAL]
+    assert call_format(template_path(build, "google-gemma-2-2b-it.jinja").read_text()) is None
 
 
 # --- the server and the openai client ------------------------------------------------------------------
@@ -270,3 +281,42 @@ def test_langchain_bind_tools_round_trip(tool_server):
     messages += [first, ToolMessage(get_weather.invoke(call["args"]), tool_call_id=call["id"])]
     final = chat.bind_tools([get_weather]).invoke(messages)
     assert final.content and not final.tool_calls
+
+
+def test_async_streams_call_tools_too(qwen_model):
+    import asyncio
+
+    async def main():
+        async_model = mullama.AsyncModel(qwen_model, parallel=2, n_ctx=2048)
+        try:
+            streams = [async_model.chat_stream(QUESTION, tools=TOOLS, tool_choice=choice, parallel_tool_calls=False,
+                                               max_tokens=100, temperature=0)
+                       for choice in ("required", {"type": "function", "function": {"name": "get_time"}})]
+            for stream in streams:
+                async for _ in stream:
+                    pass
+            return streams
+        finally:
+            engine = async_model.engine
+            if engine is not None:
+                await asyncio.to_thread(engine.close)
+
+    required, named = asyncio.run(main())
+    assert required.finish_reason == named.finish_reason == "tool_calls"
+    assert required.tool_calls[0].name == "get_weather" and named.tool_calls[0].name == "get_time"
+
+
+def test_run_takes_a_chat_template_file(model_path, qwen_template, qwen_model):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "mullama", "run", str(model_path), "--chat-template-file",
+                             str(qwen_template), "--temp", "0", "-n", "4", "--json", "Hi"],
+                            capture_output=True, text=True, timeout=300, check=False)
+    plain = subprocess.run([sys.executable, "-m", "mullama", "run", str(model_path), "--temp", "0", "-n", "4",
+                            "--json", "Hi"], capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == plain.returncode == 0, result.stderr + plain.stderr
+    expected = qwen_model.tokenize(qwen_model.apply_chat_template([{"role": "user", "content": "Hi"}]),
+                                   add_special=True, parse_special=True)
+    assert json.loads(result.stdout)["prompt_tokens"] == len(expected)
+    assert json.loads(plain.stdout)["prompt_tokens"] != len(expected)
