@@ -132,8 +132,12 @@ def render_chat_template(source: str, messages: Any, *, add_generation_prompt: b
     ``strip_bos``/``strip_eos`` drop a leading BOS / trailing EOS text that tokenisation
     will add anyway (llama.cpp does the same when the vocabulary adds them).
     """
+    has_calls = isinstance(messages, Sequence) and not isinstance(messages, (str, bytes)) and any(
+        isinstance(m, Mapping) and m.get("tool_calls") for m in messages)
+    # The probe renders the template once more: only when there are tool calls whose arguments it affects.
+    object_arguments = has_calls and takes_object_arguments(source)
     variables: dict[str, Any] = {
-        "messages": normalize_messages(messages, object_arguments=takes_object_arguments(source)),
+        "messages": normalize_messages(messages, object_arguments=object_arguments),
         "bos_token": bos_token, "eos_token": eos_token, "enable_thinking": True}
     if add_generation_prompt:
         variables["add_generation_prompt"] = True

@@ -225,7 +225,9 @@ def _show(args: argparse.Namespace) -> int:
     from ._gguf import read_gguf_info
     from ._hub import cached
 
-    path = Path(args.name).expanduser() if args.name.endswith(".gguf") or os.sep in args.name else cached(args.name)
+    name = args.name
+    is_path = not name.startswith("hf:") and (name.endswith(".gguf") or os.sep in name or Path(name).is_file())
+    path = Path(name).expanduser() if is_path else cached(name)
     if path is None:  # show never downloads
         raise ModelNotFoundError(f"{args.name} is not in the cache; `mullama pull {args.name}` downloads it "
                                  "(`mullama list` shows what is there).")

@@ -224,7 +224,8 @@ def _malformed_requests():
         "top_logprobs": [21, -1],
         "logit_bias": [{"x": 5}, {"1": "high"}, [1]],
         "response_format": [{"type": "xml"}, "json", {"type": "json_schema"}],
-        "tools": [[{"type": "function", "function": {"name": "f"}}]],
+        "tools": [["f"], [{"type": "function"}], [{"type": "function", "function": {"name": "bad name"}}]],
+        "tool_choice": ["sometimes", 5],
         "frequency_penalty": [5, "x"],
         "unknown_field": [1, "x"],
     }

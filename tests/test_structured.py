@@ -128,8 +128,9 @@ def test_response_format_json_object_and_empty_tools(served):
         assert choice["message"]["content"].startswith("{")
     bad = httpx.post(served.url + "/v1/completions", json={"prompt": "x", "grammar": "root ::= ("})
     assert bad.status_code == 400 and "grammar" in bad.json()["error"]["message"]
-    tools = httpx.post(served.url + "/v1/chat/completions", json={
-        "messages": [{"role": "user", "content": "Hi"}], "tools": [{"type": "function", "function": {"name": "f"}}]})
+    tools = httpx.post(served.url + "/v1/chat/completions", json={  # tools and a response format: one or the other
+        "messages": [{"role": "user", "content": "Hi"}], "tools": [{"type": "function", "function": {"name": "f"}}],
+        "response_format": {"type": "json_object"}})
     assert tools.status_code == 400 and tools.json()["error"]["param"] == "tools"
 
 
