@@ -223,11 +223,10 @@ def _rm(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     from ._exceptions import ModelNotFoundError
     from ._gguf import read_gguf_info
-    from ._hub import cached
+    from ._hub import cached, is_local_path
 
     name = args.name
-    is_path = not name.startswith("hf:") and (name.endswith(".gguf") or os.sep in name or Path(name).is_file())
-    path = Path(name).expanduser() if is_path else cached(name)
+    path = Path(name).expanduser() if is_local_path(name) else cached(name)
     if path is None:  # show never downloads
         raise ModelNotFoundError(f"{args.name} is not in the cache; `mullama pull {args.name}` downloads it "
                                  "(`mullama list` shows what is there).")

@@ -319,9 +319,14 @@ def resolve(model: str | os.PathLike, *, quiet: bool = False) -> Path:
         return Path(model)
     if not isinstance(model, str) or not model.strip():
         raise ModelNotFoundError(f"a model is a .gguf path or a name such as {DEFAULT_MODEL!r}, not {model!r}.")
-    if _looks_like_path(model) or (not model.startswith("hf:") and _is_existing_path(model)):
+    if is_local_path(model):
         return Path(model).expanduser()
     return pull(model, quiet=quiet)
+
+
+def is_local_path(model: str) -> bool:
+    """Whether ``model`` names a local file (a path) rather than a model name."""
+    return _looks_like_path(model) or (not model.startswith("hf:") and _is_existing_path(model))
 
 
 # --- the index of what is cached --------------------------------------------------
