@@ -1,7 +1,8 @@
 """``mullama serve``: an OpenAI-compatible streaming server over the batching engine.
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (SSE when ``stream``),
-``POST /v1/embeddings``, ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text) and the
+``POST /v1/embeddings``, Anthropic's ``POST /v1/messages`` (and ``/v1/messages/count_tokens``),
+``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text) and the
 WebSocket ``/v1/ws``. Safe by default: it binds 127.0.0.1, refuses a non-loopback
 address without an API key, checks ``Authorization: Bearer`` / ``x-api-key`` on every
 route but ``/health``, bounds request bodies and ``max_tokens``, and never opens a
@@ -38,7 +39,7 @@ from starlette.responses import (
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from . import _openai
+from . import _anthropic, _openai
 from ._async import submit_in_thread
 from ._config import StreamConfig
 from ._context_params import ContextSettings
@@ -372,6 +373,104 @@ def create_app(model: Model, engine: Engine | None, settings: ServerSettings) ->
         metrics.count(200)
         return JSONResponse(_openai.embedding_body(vectors, model_name, n_tokens, base64=parsed.base64))
 
+    def anthropic_error(exc: APIError) -> JSONResponse:
+        metrics.count(exc.status)
+        return JSONResponse(_anthropic.error_body(exc), status_code=exc.status)
+
+    async def messages(request: Request) -> Response:
+        """Anthropic's Messages API over the same engine (see mullama._anthropic)."""
+        if not authorized(request.headers):
+            return anthropic_error(APIError(401, "missing or wrong API key: send x-api-key."))
+        try:
+            body = await read_json(request)
+            parsed = _anthropic.parse_request(body, max_tokens_limit=settings.max_tokens_limit)
+            (job,) = await submit_in_all(lambda: prepare(parsed))
+        except APIError as exc:
+            return anthropic_error(exc)
+        message_id = _anthropic.new_id()
+        if parsed.stream:
+            metrics.count(200)
+            return StreamingResponse(anthropic_events(job, message_id, request.scope), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, [job]))
+        try:
+            while await job.next_token() is not None:
+                pass
+        except MullamaError as exc:
+            return anthropic_error(_openai.generation_error(exc))
+        finally:
+            watcher.cancel()
+            job.cancel()
+        metrics.count(200)
+        metrics.finished(job.completion_tokens)
+        request.scope[TOKENS_KEY] = job.completion_tokens
+        return JSONResponse(_anthropic.message_body(message_id, model_name, job.text, job.tool_calls,
+                                                    job.finish_reason, job.stop_sequence, job.prompt_tokens,
+                                                    job.completion_tokens))
+
+    async def anthropic_events(job: EngineRequest, message_id: str, scope: MutableMapping[str, Any]
+                               ) -> AsyncIterator[str]:
+        event = _anthropic.event
+        yield event("message_start", {"message": {
+            "id": message_id, "type": "message", "role": "assistant", "model": model_name, "content": [],
+            "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": job.prompt_tokens, "output_tokens": 0}}})
+        index, open_kind = -1, None
+        calls = _openai.ToolCallDeltas()
+
+        def start(kind: str, block: dict) -> list[str]:
+            nonlocal index, open_kind
+            events: list[str] = [event("content_block_stop", {"index": index})] if open_kind else []
+            index, open_kind = index + 1, kind
+            return [*events, event("content_block_start", {"index": index, "content_block": block})]
+
+        try:
+            while (token := await job.next_token()) is not None:
+                parser = job._sequence.tools
+                for delta in calls.after(parser) if parser is not None else []:
+                    if "id" in delta:
+                        for item in start("tool_use", {"type": "tool_use", "id": delta["id"],
+                                                       "name": delta["function"]["name"], "input": {}}):
+                            yield item
+                    if delta["function"].get("arguments"):
+                        yield event("content_block_delta", {"index": index, "delta": {
+                            "type": "input_json_delta", "partial_json": delta["function"]["arguments"]}})
+                if not token.text:
+                    continue
+                kind = "thinking" if token.kind == "reasoning" else "text"
+                if open_kind != kind:
+                    for item in start(kind, {"type": kind, kind: ""}):
+                        yield item
+                yield event("content_block_delta", {"index": index, "delta": {"type": f"{kind}_delta",
+                                                                              kind: token.text}})
+        except MullamaError as exc:
+            yield event("error", {"error": {"type": "api_error", "message": str(exc)}})
+            return
+        finally:
+            job.cancel()
+        if open_kind is None:
+            for item in start("text", {"type": "text", "text": ""}):
+                yield item
+        yield event("content_block_stop", {"index": index})
+        scope[TOKENS_KEY] = job.completion_tokens
+        yield event("message_delta", {
+            "delta": {"stop_reason": _anthropic.stop_reason(job.finish_reason, job.stop_sequence),
+                      "stop_sequence": job.stop_sequence},
+            "usage": {"output_tokens": job.completion_tokens}})
+        yield event("message_stop", {})
+        metrics.finished(job.completion_tokens)
+
+    async def count_tokens(request: Request) -> Response:
+        if not authorized(request.headers):
+            return anthropic_error(APIError(401, "missing or wrong API key: send x-api-key."))
+        try:
+            parsed = _anthropic.to_count_request(await read_json(request))
+            tokens, _ = await asyncio.to_thread(prompt_tokens, parsed)
+        except APIError as exc:
+            return anthropic_error(exc)
+        metrics.count(200)
+        return JSONResponse({"input_tokens": len(tokens)})
+
     async def chat_completions(request: Request) -> Response:
         return await generate(request, "chat")
 
@@ -498,6 +597,8 @@ def create_app(model: Model, engine: Engine | None, settings: ServerSettings) ->
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),
+        Route("/v1/messages", messages, methods=["POST"]),
+        Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),

@@ -1,0 +1,190 @@
+"""Anthropic's Messages API wire format (``POST /v1/messages``): requests in, responses and
+stream events out, translated to and from the OpenAI-shaped request the engine serves (no I/O).
+
+Text blocks, ``system``, ``stop_sequences``, sampling fields, ``stream`` and tools (``tools``,
+``tool_choice``, ``tool_use`` / ``tool_result`` blocks) map onto mullama's chat; errors have
+Anthropic's shape, ``{"type": "error", "error": {"type": ..., "message": ...}}``.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Any
+
+from ._config import StreamConfig
+from ._exceptions import InvalidConfigError
+from ._openai import APIError, ParsedRequest
+
+__all__ = ["error_body", "event", "message_body", "parse_request", "stop_reason", "to_count_request"]
+
+FIELDS = {"model", "messages", "system", "max_tokens", "stop_sequences", "temperature", "top_p", "top_k", "stream",
+          "tools", "tool_choice",
+          # accepted and ignored (what the SDK may send that has no meaning for a local model)
+          "metadata", "service_tier", "thinking", "cache_control", "container", "diagnostics", "inference_geo",
+          "speed", "user_profile_id", "workspace_id"}
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 408: "timeout_error", 413: "request_too_large", 429: "rate_limit_error",
+               503: "overloaded_error"}
+
+
+def error_body(exc: APIError) -> dict:
+    """Anthropic's error shape for a refused request."""
+    return {"type": "error", "error": {"type": ERROR_TYPES.get(exc.status, "api_error"), "message": exc.message}}
+
+
+def _bad(message: str) -> APIError:
+    return APIError(400, message)
+
+
+def _text_of(blocks: Any, where: str) -> str:
+    """The text of a content value: a string, or a list of text blocks (joined)."""
+    if isinstance(blocks, str):
+        return blocks
+    if isinstance(blocks, list) and all(isinstance(b, dict) and b.get("type") == "text"
+                                        and isinstance(b.get("text"), str) for b in blocks):
+        return "\n".join(block["text"] for block in blocks)
+    raise _bad(f"{where} must be a string or a list of text blocks.")
+
+
+def _messages(body: dict) -> list[dict]:
+    """Anthropic messages as OpenAI-shaped chat messages (tool_use → tool_calls, tool_result → tool)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _bad("messages: a non-empty list of {role, content} is required.")
+    result: list[dict] = []
+    system = body.get("system")
+    if system is not None:
+        result.append({"role": "system", "content": _text_of(system, "system")})
+    for index, message in enumerate(messages):
+        where = f"messages.{index}"
+        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
+            raise _bad(f"{where}.role must be 'user' or 'assistant'.")
+        role, content = message["role"], message.get("content")
+        if isinstance(content, str):
+            result.append({"role": role, "content": content})
+            continue
+        if not isinstance(content, list) or not content:
+            raise _bad(f"{where}.content must be a string or a non-empty list of content blocks.")
+        texts, calls, results = [], [], []
+        for number, block in enumerate(content):
+            kind = block.get("type") if isinstance(block, dict) else None
+            if kind == "text" and isinstance(block.get("text"), str):
+                texts.append(block["text"])
+            elif kind == "tool_use" and role == "assistant" and isinstance(block.get("name"), str):
+                calls.append({"id": str(block.get("id") or ""), "type": "function", "function": {
+                    "name": block["name"], "arguments": json.dumps(block.get("input") or {}, ensure_ascii=False)}})
+            elif kind == "tool_result" and role == "user" and isinstance(block.get("tool_use_id"), str):
+                value = block.get("content", "")
+                results.append({"role": "tool", "tool_call_id": block["tool_use_id"],
+                                "content": _text_of(value, f"{where}.content.{number}.content")})
+            else:
+                raise _bad(f"{where}.content.{number}: unsupported content block "
+                           f"{kind!r} (text, tool_use in assistant turns, tool_result in user turns).")
+        result.extend(results)
+        if texts or calls or not results:
+            entry: dict[str, Any] = {"role": role, "content": "\n".join(texts) if texts or not calls else None}
+            if calls:
+                entry["tool_calls"] = calls
+            result.append(entry)
+    return result
+
+
+def _tools(body: dict) -> tuple[list[dict] | None, Any, bool]:
+    """Anthropic tools and tool_choice as OpenAI's (tools, tool_choice, parallel_tool_calls)."""
+    tools = body.get("tools")
+    if tools is None:
+        return None, "auto", True
+    if not isinstance(tools, list) or not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in tools):
+        raise APIError(400, "tools must be a list of {name, description, input_schema}.", param="tools")
+    converted = [{"type": "function", "function": {
+        "name": tool["name"], "description": tool.get("description", ""),
+        "parameters": tool.get("input_schema") or {"type": "object"}}} for tool in tools]
+    choice = body.get("tool_choice") or {"type": "auto"}
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    parallel = not (isinstance(choice, dict) and choice.get("disable_parallel_tool_use") is True)
+    if kind == "auto":
+        return converted, "auto", parallel
+    if kind == "none":
+        return converted, "none", parallel
+    if kind == "any":
+        return converted, "required", parallel
+    if kind == "tool" and isinstance(choice.get("name"), str):
+        return converted, {"type": "function", "function": {"name": choice["name"]}}, False
+    raise APIError(400, "tool_choice must be {type: auto|any|none} or {type: tool, name}.", param="tool_choice")
+
+
+def parse_request(body: Any, *, max_tokens_limit: int) -> ParsedRequest:
+    """Check a Messages request and turn it into the chat request the engine serves."""
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object.")
+    unknown = sorted(set(body) - FIELDS)
+    if unknown:
+        raise _bad(f"{unknown[0]}: Extra inputs are not permitted")
+    max_tokens = body.get("max_tokens")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= max_tokens_limit:
+        raise _bad(f"max_tokens: an integer from 1 to {max_tokens_limit} is required.")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise _bad("stream must be true or false.")
+    stops = body.get("stop_sequences") or []
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 16:
+        raise _bad("stop_sequences must be a list of at most 16 non-empty strings.")
+    fields: dict[str, Any] = {"max_tokens": max_tokens, "stop_sequences": stops, "timeout_ms": None,
+                              "temperature": 1.0}  # Anthropic's default temperature
+    for name, low, high in (("temperature", 0.0, 1.0), ("top_p", 0.0, 1.0)):
+        value = body.get(name)
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                raise _bad(f"{name} must be a number from {low} to {high}.")
+            fields[name] = float(value)
+    top_k = body.get("top_k")
+    if top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise _bad("top_k must be a positive integer.")
+        fields["top_k"] = top_k
+    try:
+        config = StreamConfig(**fields)
+    except InvalidConfigError as exc:
+        raise _bad(str(exc)) from None
+    tools, tool_choice, parallel = _tools(body)
+    return ParsedRequest("chat", config, stream, False, messages=_messages(body), tools=tools,
+                         tool_choice=tool_choice, parallel_tool_calls=parallel)
+
+
+def to_count_request(body: Any) -> ParsedRequest:
+    """A count_tokens request (model, messages, system, tools) as a chat request."""
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object.")
+    return parse_request({**{k: v for k, v in body.items() if k in ("model", "messages", "system", "tools",
+                                                                     "tool_choice")}, "max_tokens": 1},
+                         max_tokens_limit=1)
+
+
+def stop_reason(finish_reason: str | None, stop_sequence: str | None) -> str:
+    """Anthropic's stop_reason for a finished sequence."""
+    if finish_reason == "tool_calls":
+        return "tool_use"
+    if finish_reason == "length":
+        return "max_tokens"
+    return "stop_sequence" if stop_sequence else "end_turn"
+
+
+def new_id() -> str:
+    return f"msg_{secrets.token_hex(12)}"
+
+
+def message_body(message_id: str, model: str, text: str, calls: list[Any], finish_reason: str | None,
+                 stop_sequence: str | None, input_tokens: int, output_tokens: int) -> dict:
+    """A whole (non-streamed) Messages response."""
+    content: list[dict] = [{"type": "text", "text": text}] if text or not calls else []
+    content += [{"type": "tool_use", "id": call.id, "name": call.name, "input": json.loads(call.arguments)}
+                for call in calls]
+    return {"id": message_id, "type": "message", "role": "assistant", "model": model, "content": content,
+            "stop_reason": stop_reason(finish_reason, stop_sequence), "stop_sequence": stop_sequence,
+            "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens}}
+
+
+def event(kind: str, payload: dict) -> str:
+    """One server-sent event of a Messages stream."""
+    return f"event: {kind}\ndata: {json.dumps({'type': kind, **payload}, ensure_ascii=False)}\n\n"
