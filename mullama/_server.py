@@ -2,6 +2,8 @@
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (SSE when ``stream``),
 ``POST /v1/embeddings``, Anthropic's ``POST /v1/messages`` (and ``/v1/messages/count_tokens``),
+ollama's ``/api/chat``, ``/api/generate``, ``/api/embed``, ``/api/tags``, ``/api/show``, ``/api/ps``,
+``/api/version``,
 ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text) and the
 WebSocket ``/v1/ws``. Safe by default: it binds 127.0.0.1, refuses a non-loopback
 address without an API key, checks ``Authorization: Bearer`` / ``x-api-key`` on every
@@ -39,7 +41,7 @@ from starlette.responses import (
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from . import _anthropic, _openai
+from . import _anthropic, _ollama, _openai
 from ._async import submit_in_thread
 from ._config import StreamConfig
 from ._context_params import ContextSettings
@@ -471,6 +473,123 @@ def create_app(model: Model, engine: Engine | None, settings: ServerSettings) ->
         metrics.count(200)
         return JSONResponse({"input_tokens": len(tokens)})
 
+    # --- ollama's API (see mullama._ollama) -------------------------------------------------------
+    def ollama_error(exc: APIError) -> JSONResponse:
+        metrics.count(exc.status)
+        return JSONResponse(_ollama.error_body(exc), status_code=exc.status)
+
+    async def ollama_generation(request: Request, kind: str) -> Response:
+        if not authorized(request.headers):
+            return ollama_error(APIError(401, "missing or wrong API key."))
+        started = time.perf_counter()
+        try:
+            body = await read_json(request)
+            parse = _ollama.parse_chat if kind == "chat" else _ollama.parse_generate
+            parsed = parse(body, max_tokens_limit=settings.max_tokens_limit)
+            (job,) = await submit_in_all(lambda: prepare(parsed))
+        except APIError as exc:
+            return ollama_error(exc)
+        name = body.get("model") if isinstance(body.get("model"), str) and body.get("model") else model_name
+        metrics.count(200)
+        if parsed.stream:
+            return StreamingResponse(ollama_lines(job, kind, name, started, request.scope),
+                                     media_type="application/x-ndjson")
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, [job]))
+        try:
+            while await job.next_token() is not None:
+                pass
+        except MullamaError as exc:
+            return ollama_error(_openai.generation_error(exc))
+        finally:
+            watcher.cancel()
+            job.cancel()
+        metrics.finished(job.completion_tokens)
+        request.scope[TOKENS_KEY] = job.completion_tokens
+        return JSONResponse(_ollama.done_line(kind, name, job, started, job.text, job.tool_calls))
+
+    async def ollama_lines(job: EngineRequest, kind: str, name: str, started: float,
+                           scope: MutableMapping[str, Any]) -> AsyncIterator[str]:
+        try:
+            while (token := await job.next_token()) is not None:
+                if token.text and token.kind == "content":
+                    yield json.dumps(_ollama.chat_line(kind, name, token.text), ensure_ascii=False) + "\n"
+        except MullamaError as exc:
+            yield json.dumps({"error": str(exc)}) + "\n"
+            return
+        finally:
+            job.cancel()
+        scope[TOKENS_KEY] = job.completion_tokens
+        metrics.finished(job.completion_tokens)
+        yield json.dumps(_ollama.done_line(kind, name, job, started, "", job.tool_calls), ensure_ascii=False) + "\n"
+
+    async def ollama_chat(request: Request) -> Response:
+        return await ollama_generation(request, "chat")
+
+    async def ollama_generate(request: Request) -> Response:
+        return await ollama_generation(request, "generate")
+
+    info_cache: list[dict] = []
+
+    def model_details() -> dict:
+        """What ollama's model listings say of the served model (read once from its GGUF header)."""
+        if not info_cache:
+            from ._gguf import read_gguf_info
+
+            info = read_gguf_info(model.path)
+            info_cache.append({
+                "name": model_name, "model": model_name, "size": model.path.stat().st_size, "digest": "",
+                "modified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(model.path.stat().st_mtime)),
+                "details": {"parent_model": "", "format": "gguf", "family": info.architecture,
+                            "families": [info.architecture], "parameter_size": f"{info.n_params / 1e6:.0f}M",
+                            "quantization_level": info.quantization}})
+        return dict(info_cache[0])
+
+    async def ollama_tags(request: Request) -> Response:
+        if not authorized(request.headers):
+            return ollama_error(APIError(401, "missing or wrong API key."))
+        return JSONResponse({"models": [await asyncio.to_thread(model_details)]})
+
+    async def ollama_ps(request: Request) -> Response:
+        if not authorized(request.headers):
+            return ollama_error(APIError(401, "missing or wrong API key."))
+        details = await asyncio.to_thread(model_details)
+        return JSONResponse({"models": [{**details, "expires_at": "2999-01-01T00:00:00Z", "size_vram": 0}]})
+
+    async def ollama_show(request: Request) -> Response:
+        if not authorized(request.headers):
+            return ollama_error(APIError(401, "missing or wrong API key."))
+        try:
+            await read_json(request)
+        except APIError as exc:
+            return ollama_error(exc)
+        details = await asyncio.to_thread(model_details)
+        metadata = await asyncio.to_thread(lambda: model.metadata)
+        return JSONResponse({"modelfile": f"FROM {model.path}\n", "parameters": "",
+                             "template": model.chat_template or "", "details": details["details"],
+                             "model_info": metadata,
+                             "modified_at": details["modified_at"], "capabilities": ["completion"]})
+
+    async def ollama_version(request: Request) -> Response:
+        return JSONResponse({"version": _ollama.VERSION})
+
+    async def ollama_embed(request: Request) -> Response:
+        if not authorized(request.headers):
+            return ollama_error(APIError(401, "missing or wrong API key."))
+        started = time.perf_counter()
+        try:
+            body = await read_json(request)
+            if not isinstance(body, dict):
+                raise APIError(400, "the request body must be a JSON object.")
+            parsed = _openai.parse_embedding_request({"input": body.get("input")},
+                                                     max_inputs=settings.max_embedding_inputs)
+            vectors, n_tokens = await asyncio.to_thread(embed, parsed)
+        except APIError as exc:
+            return ollama_error(exc)
+        metrics.count(200)
+        return JSONResponse({"model": body.get("model") or model_name, "embeddings": vectors,
+                             "total_duration": int((time.perf_counter() - started) * 1e9), "load_duration": 0,
+                             "prompt_eval_count": n_tokens})
+
     async def chat_completions(request: Request) -> Response:
         return await generate(request, "chat")
 
@@ -599,6 +718,13 @@ def create_app(model: Model, engine: Engine | None, settings: ServerSettings) ->
         Route("/v1/embeddings", embeddings, methods=["POST"]),
         Route("/v1/messages", messages, methods=["POST"]),
         Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
+        Route("/api/chat", ollama_chat, methods=["POST"]),
+        Route("/api/generate", ollama_generate, methods=["POST"]),
+        Route("/api/embed", ollama_embed, methods=["POST"]),
+        Route("/api/tags", ollama_tags, methods=["GET"]),
+        Route("/api/ps", ollama_ps, methods=["GET"]),
+        Route("/api/show", ollama_show, methods=["POST"]),
+        Route("/api/version", ollama_version, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
