@@ -94,6 +94,8 @@ def _tools(body: dict) -> tuple[list[dict] | None, Any, bool]:
     """Anthropic tools and tool_choice as OpenAI's (tools, tool_choice, parallel_tool_calls)."""
     tools = body.get("tools")
     if tools is None:
+        if body.get("tool_choice") is not None:
+            raise APIError(400, "tool_choice needs tools.", param="tool_choice")
         return None, "auto", True
     if not isinstance(tools, list) or not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in tools):
         raise APIError(400, "tools must be a list of {name, description, input_schema}.", param="tools")

@@ -559,7 +559,9 @@ def create_app(model: Model, engine: Engine | None, settings: ServerSettings) ->
         if not authorized(request.headers):
             return ollama_error(APIError(401, "missing or wrong API key."))
         try:
-            await read_json(request)
+            body = await read_json(request)
+            if not isinstance(body, dict):
+                raise APIError(400, "the request body must be a JSON object with a model.")
         except APIError as exc:
             return ollama_error(exc)
         details = await asyncio.to_thread(model_details)

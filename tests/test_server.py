@@ -351,3 +351,51 @@ def test_sigterm_drains_in_flight_streams(model_path):
     assert "data: [DONE]" in received  # the stream in flight finished before the server left
     with socket.socket() as sock:
         assert sock.connect_ex(("127.0.0.1", server.port)) != 0
+
+
+def _other_format_cases() -> list[tuple[str, object]]:
+    """Malformed requests for Anthropic's and ollama's routes: the same families as above."""
+    message = [{"role": "user", "content": "hi"}]
+    cases: list[tuple[str, object]] = []
+    anthropic_base = {"model": "m", "max_tokens": 4, "messages": message}
+    for field, values in {
+        "max_tokens": [None, 0, -1, "4", 1.5, True, 10**9],
+        "messages": [None, [], "hi", [{}], [{"role": "tool"}], [{"role": "user", "content": 5}],
+                     [{"role": "user", "content": [{"type": "x"}]}]],
+        "system": [5, [{"type": "image"}]], "stop_sequences": ["x", [""], [1], ["a"] * 40],
+        "temperature": [-1, 2, "hot"], "top_p": [2], "top_k": [0, "x"], "stream": ["yes"],
+        "tools": ["x", [{}]], "tool_choice": [{"type": "sometimes"}, "auto"], "unknown": [1],
+    }.items():
+        for value in values:
+            body = {**anthropic_base, field: value} if value is not None else {
+                k: v for k, v in anthropic_base.items() if k != field}
+            cases.append(("/v1/messages", body))
+    cases += [("/v1/messages", body) for body in ("{", "[]", "null", '"x"')]
+    cases += [("/v1/messages/count_tokens", body) for body in ({}, {"messages": []}, "[1]")]
+    for path, base in (("/api/chat", {"model": "m", "messages": message}), ("/api/generate", {"model": "m",
+                                                                                               "prompt": "hi"})):
+        for field, values in {"options": ["x", {"temperature": "hot"}, {"num_predict": "many"}, {"top_k": -5},
+                                          {"seed": -1}, {"stop": 5}],
+                              "format": ["xml", 5], "stream": ["yes"], "messages": [None, "hi", [{}]],
+                              "prompt": [None, "", 5], "template": ["{{ .Prompt }}"]}.items():
+            for value in values:
+                if (field == "messages") != (path == "/api/chat") and field in ("messages", "prompt"):
+                    continue
+                if field == "template" and path == "/api/chat":  # (ollama's chat ignores fields it does not take)
+                    continue
+                cases.append((path, {**base, field: value}))
+        cases += [(path, body) for body in ("{", "[]", "null")]
+    cases += [("/api/embed", body) for body in ({}, {"input": []}, {"input": [1.5]}, {"input": ""}, "[")]
+    cases += [("/api/show", body) for body in ("{", "5")]
+    return cases
+
+
+def test_malformed_anthropic_and_ollama_requests_get_only_4xx(server):
+    with httpx.Client(timeout=60) as http:
+        for path, body in _other_format_cases():
+            data = body if isinstance(body, str) else json.dumps(body)
+            response = http.post(server.url + path, content=data.encode(), headers={"Content-Type": "application/json"})
+            assert 400 <= response.status_code < 500, (path, str(body)[:200], response.text[:300])
+            error = response.json()
+            assert ("error" in error) if path.startswith("/api/") else (error.get("type") == "error"), error
+        assert http.get(server.url + "/health").json()["status"] == "ok"  # and the server goes on
