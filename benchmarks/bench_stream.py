@@ -134,6 +134,8 @@ def python_overhead(context: Context, n: int) -> float:
     context._lib = timed
     try:
         stream = context.generate_stream(DECODE_PROMPT, max_tokens=n, temperature=0, ignore_eos=True)
+        sampler = stream._sequence.sampler  # samples through its own handle on the library: time it too
+        sampler._lib = timed
         next(stream)
         c_before, t_before = timed.spent, time.perf_counter()
         count = 0
