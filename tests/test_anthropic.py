@@ -5,17 +5,16 @@ Anthropic's shape."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import anthropic  # the test extra installs it: a missing package fails, never skips
 import httpx
 import openai
 import pytest
-from inprocess_server import InProcessServer
+from inprocess_server import serving
+from upstream import template_path
 
 import mullama
-from mullama._engine import Engine
-from mullama._server import ServerSettings, create_app
+from mullama._server import ServerSettings
 
 # The SDK has no temperature argument any more (its newest models fix it); the API field still exists.
 GREEDY = {"temperature": 0}
@@ -26,11 +25,8 @@ CONVERSATION = [{"role": "user", "content": "What is the capital of France?"},
 
 @pytest.fixture(scope="module")
 def served(model):
-    engine = Engine(model, parallel=2, n_ctx=2048)
-    server = InProcessServer(create_app(model, engine, ServerSettings(model_name="smollm2:135m")))
-    yield server
-    server.close()
-    engine.close()
+    with serving(model, parallel=2, n_ctx=2048) as (server, _engine):
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -89,34 +85,29 @@ def test_count_tokens_equals_the_prompt(clients, model):
 
 
 def test_tools_over_the_messages_api(build, model_path):
-    template = Path(build.manifest["source"]) / "models" / "templates" / "Qwen-Qwen2.5-7B-Instruct.jinja"
-    with mullama.Model.load(model_path, chat_template=template) as qwen:
-        engine = Engine(qwen, parallel=1, n_ctx=2048)
-        server = InProcessServer(create_app(qwen, engine, ServerSettings(model_name="m")))
-        try:
-            claude = anthropic.Anthropic(base_url=server.url, api_key="unused")
-            tools = [{"name": "get_weather", "description": "The weather in a city", "input_schema": {
-                "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
-            question = [{"role": "user", "content": "What is the weather in Paris?"}]
-            called = claude.messages.create(model="m", max_tokens=100, extra_body=GREEDY, tools=tools,
-                                            tool_choice={"type": "tool", "name": "get_weather"}, messages=question)
-            assert called.stop_reason == "tool_use"
-            (use,) = [block for block in called.content if block.type == "tool_use"]
-            assert use.name == "get_weather" and isinstance(use.input["city"], str)
-            with claude.messages.stream(model="m", max_tokens=100, extra_body=GREEDY, tools=tools,
-                                        tool_choice={"type": "any", "disable_parallel_tool_use": True},
-                                        messages=question) as stream:
-                final = stream.get_final_message()
-            (streamed,) = [block for block in final.content if block.type == "tool_use"]
-            assert streamed.name == "get_weather" and streamed.input == use.input
-            history = [*question, {"role": "assistant", "content": called.content},
-                       {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id,
-                                                     "content": "18 degrees celsius, sunny"}]}]
-            answer = claude.messages.create(model="m", max_tokens=30, extra_body=GREEDY, tools=tools, messages=history)
-            assert answer.content and answer.content[0].type == "text" and answer.content[0].text
-        finally:
-            server.close()
-            engine.close()
+    template = template_path(build, "Qwen-Qwen2.5-7B-Instruct.jinja")
+    with mullama.Model.load(model_path, chat_template=template) as qwen, \
+            serving(qwen, settings=ServerSettings(model_name="m"), parallel=1, n_ctx=2048) as (server, _engine):
+        claude = anthropic.Anthropic(base_url=server.url, api_key="unused")
+        tools = [{"name": "get_weather", "description": "The weather in a city", "input_schema": {
+            "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
+        question = [{"role": "user", "content": "What is the weather in Paris?"}]
+        called = claude.messages.create(model="m", max_tokens=100, extra_body=GREEDY, tools=tools,
+                                        tool_choice={"type": "tool", "name": "get_weather"}, messages=question)
+        assert called.stop_reason == "tool_use"
+        (use,) = [block for block in called.content if block.type == "tool_use"]
+        assert use.name == "get_weather" and isinstance(use.input["city"], str)
+        with claude.messages.stream(model="m", max_tokens=100, extra_body=GREEDY, tools=tools,
+                                    tool_choice={"type": "any", "disable_parallel_tool_use": True},
+                                    messages=question) as stream:
+            final = stream.get_final_message()
+        (streamed,) = [block for block in final.content if block.type == "tool_use"]
+        assert streamed.name == "get_weather" and streamed.input == use.input
+        history = [*question, {"role": "assistant", "content": called.content},
+                   {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id,
+                                                 "content": "18 degrees celsius, sunny"}]}]
+        answer = claude.messages.create(model="m", max_tokens=30, extra_body=GREEDY, tools=tools, messages=history)
+        assert answer.content and answer.content[0].type == "text" and answer.content[0].text
 
 
 @pytest.mark.parametrize("body, status", [

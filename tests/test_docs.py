@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from mullama_server import MullamaServer
+from upstream import template_path
 
 REPO = Path(__file__).resolve().parent.parent
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
@@ -74,7 +75,7 @@ def blocks() -> list[tuple[str, int, str]]:
 @pytest.fixture(scope="module")
 def docs_server(model_path, build):
     # With upstream's Qwen 2.5 template, as docs/tools.md says: its tool-calling block talks to this server.
-    template = Path(build.manifest["source"]) / "models" / "templates" / "Qwen-Qwen2.5-7B-Instruct.jinja"
+    template = template_path(build, "Qwen-Qwen2.5-7B-Instruct.jinja")
     server = MullamaServer(model_path, parallel=2, ctx_size=1024, extra=("--chat-template-file", str(template)))
     yield server
     server.close()
@@ -85,7 +86,7 @@ def test_docs_block_runs(name, index, code, tmp_path, model_path, build, request
     from upstream import free_port
 
     (tmp_path / "model.gguf").symlink_to(model_path)
-    (tmp_path / "templates").symlink_to(Path(build.manifest["source"]) / "models" / "templates")
+    (tmp_path / "templates").symlink_to(template_path(build, "Qwen-Qwen2.5-7B-Instruct.jinja").parent)
     if "127.0.0.1:8080" in code:
         server = request.getfixturevalue("docs_server")
         code = code.replace("127.0.0.1:8080", f"127.0.0.1:{server.port}")

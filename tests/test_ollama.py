@@ -4,17 +4,15 @@ embeddings; tools; errors in ollama's shape."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import httpx
 import ollama  # the test extra installs it: a missing package fails, never skips
 import openai
 import pytest
-from inprocess_server import InProcessServer
+from inprocess_server import serving
+from upstream import template_path
 
 import mullama
-from mullama._engine import Engine
-from mullama._server import ServerSettings, create_app
+from mullama._server import ServerSettings
 
 GREEDY = {"temperature": 0, "num_predict": 24}
 MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a planet."}]
@@ -22,11 +20,8 @@ MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "
 
 @pytest.fixture(scope="module")
 def served(model):
-    engine = Engine(model, parallel=2, n_ctx=2048)
-    server = InProcessServer(create_app(model, engine, ServerSettings(model_name="smollm2:135m")))
-    yield server
-    server.close()
-    engine.close()
+    with serving(model, parallel=2, n_ctx=2048) as (server, _engine):
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -84,29 +79,24 @@ def test_listings_show_version_and_embed(clients, served, model):
 
 
 def test_tools_through_the_ollama_client(build, model_path):
-    template = Path(build.manifest["source"]) / "models" / "templates" / "Qwen-Qwen2.5-7B-Instruct.jinja"
-    with mullama.Model.load(model_path, chat_template=template) as qwen:
-        engine = Engine(qwen, parallel=1, n_ctx=2048)
-        server = InProcessServer(create_app(qwen, engine, ServerSettings(model_name="m")))
-        try:
-            client = ollama.Client(host=server.url)
-            tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-                      "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                                     "required": ["city"]}}}]
-            question = [{"role": "user", "content": "What is the weather in Paris?"}]
-            # ollama has no tool_choice: a model that calls, calls; this one answers in text (as llama-server)
-            reply = client.chat(model="m", messages=question, tools=tools, options={"temperature": 0,
-                                                                                   "num_predict": 40})
-            assert reply.message.content or reply.message.tool_calls
-            history = [*question, {"role": "assistant", "content": "", "tool_calls": [
-                {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
-                {"role": "tool", "content": "18 degrees celsius, sunny"}]
-            answer = client.chat(model="m", messages=history, tools=tools, options={"temperature": 0,
-                                                                                   "num_predict": 30})
-            assert answer.message.content
-        finally:
-            server.close()
-            engine.close()
+    template = template_path(build, "Qwen-Qwen2.5-7B-Instruct.jinja")
+    with mullama.Model.load(model_path, chat_template=template) as qwen, \
+            serving(qwen, settings=ServerSettings(model_name="m"), parallel=1, n_ctx=2048) as (server, _engine):
+        client = ollama.Client(host=server.url)
+        tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                  "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                 "required": ["city"]}}}]
+        question = [{"role": "user", "content": "What is the weather in Paris?"}]
+        # ollama has no tool_choice: a model that calls, calls; this one answers in text (as llama-server)
+        reply = client.chat(model="m", messages=question, tools=tools, options={"temperature": 0,
+                                                                               "num_predict": 40})
+        assert reply.message.content or reply.message.tool_calls
+        history = [*question, {"role": "assistant", "content": "", "tool_calls": [
+            {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+            {"role": "tool", "content": "18 degrees celsius, sunny"}]
+        answer = client.chat(model="m", messages=history, tools=tools, options={"temperature": 0,
+                                                                               "num_predict": 30})
+        assert answer.message.content
 
 
 @pytest.mark.parametrize("path, body", [

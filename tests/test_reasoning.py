@@ -5,25 +5,20 @@ keeps it, in Python and over HTTP."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import httpx
 import pytest
 import upstream
-from inprocess_server import InProcessServer
+from inprocess_server import serving
+from upstream import template_path
 
 import mullama
 from mullama._context import default_threads
-from mullama._engine import Engine
 from mullama._reasoning import Reasoning, ReasoningParser
-from mullama._server import ServerSettings, create_app
+from mullama._server import ServerSettings
 
 TEMPLATES = ["deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja", "Qwen-Qwen3-0.6B.jinja"]
 QUESTION = [{"role": "user", "content": "Why is the sky blue?"}]
-
-
-def template_path(build, name: str) -> Path:
-    return Path(build.manifest["source"]) / "models" / "templates" / name
 
 
 @pytest.mark.parametrize("name", TEMPLATES)
@@ -81,25 +76,20 @@ def test_the_parser_gives_the_same_split_whatever_the_token_boundaries(opened):
 
 def test_the_server_sends_reasoning_content_streamed_and_not(build, model_path):
     path = template_path(build, TEMPLATES[0])
-    with mullama.Model.load(model_path, chat_template=path) as model:
-        engine = Engine(model, parallel=1, n_ctx=2048)
-        server = InProcessServer(create_app(model, engine, ServerSettings(model_name="r1-template")))
-        try:
-            body = {"messages": QUESTION, "max_tokens": 24, "temperature": 0}
-            whole = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120).json()
-            message = whole["choices"][0]["message"]
-            assert message["reasoning_content"] and message["content"] == ""
-            thought, content = [], []
-            with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**body, "stream": True},
-                              timeout=120) as response:
-                for line in response.iter_lines():
-                    if line.startswith("data: {"):
-                        delta = json.loads(line[6:])["choices"][0]["delta"]
-                        thought.append(delta.get("reasoning_content") or "")
-                        content.append(delta.get("content") or "")
-            assert "".join(thought) == message["reasoning_content"] and "".join(content) == ""
-            bad = httpx.post(f"{server.url}/v1/chat/completions", json={**body, "reasoning_format": "x"}, timeout=60)
-            assert bad.status_code == 400 and bad.json()["error"]["param"] == "reasoning_format"
-        finally:
-            server.close()
-            engine.close()
+    with mullama.Model.load(model_path, chat_template=path) as model, \
+            serving(model, settings=ServerSettings(model_name="r1-template"), parallel=1, n_ctx=2048) as (server, _):
+        body = {"messages": QUESTION, "max_tokens": 24, "temperature": 0}
+        whole = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120).json()
+        message = whole["choices"][0]["message"]
+        assert message["reasoning_content"] and message["content"] == ""
+        thought, content = [], []
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**body, "stream": True},
+                          timeout=120) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    delta = json.loads(line[6:])["choices"][0]["delta"]
+                    thought.append(delta.get("reasoning_content") or "")
+                    content.append(delta.get("content") or "")
+        assert "".join(thought) == message["reasoning_content"] and "".join(content) == ""
+        bad = httpx.post(f"{server.url}/v1/chat/completions", json={**body, "reasoning_format": "x"}, timeout=60)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "reasoning_format"

@@ -6,17 +6,17 @@ meaning, and the server streams calls that the official openai client assembles.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jsonschema
 import pytest
 import upstream
-from inprocess_server import InProcessServer
+from inprocess_server import serving
+from upstream import template_path
 
 import mullama
 from mullama._context import default_threads
-from mullama._engine import Engine
-from mullama._server import ServerSettings, create_app
+from mullama._server import ServerSettings
+from mullama._tools import _is_json
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather in a city",
@@ -32,13 +32,6 @@ CALLED = [*QUESTION,
           {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
               "name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
           {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees celsius, sunny"}]
-
-
-def template_path(build, name: str) -> Path:
-    """One of upstream's template files, from the pinned source tree the build was made from."""
-    path = Path(build.manifest["source"]) / "models" / "templates" / name
-    assert path.is_file(), path
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -156,14 +149,6 @@ def test_auto_answers_equal_llama_server(name, messages, build, model_path):
         assert stream.finish_reason == reference["choices"][0]["finish_reason"] == "length"
 
 
-def _is_json(text: str) -> bool:
-    try:
-        json.loads(text)
-    except ValueError:
-        return False
-    return True
-
-
 def test_tool_mistakes_are_invalid_config(qwen_model, model):
     with mullama.Context(qwen_model, n_ctx=1024) as context:
         with pytest.raises(mullama.InvalidConfigError, match="not among the tools"):
@@ -198,11 +183,9 @@ def test_the_call_formats_are_recognised_from_the_templates(build):
 # --- the server and the openai client ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tool_server(qwen_model):
-    engine = Engine(qwen_model, parallel=2, n_ctx=4096)
-    server = InProcessServer(create_app(qwen_model, engine, ServerSettings(model_name="smollm2-qwen-template")))
-    yield server
-    server.close()
-    engine.close()
+    with serving(qwen_model, settings=ServerSettings(model_name="smollm2-qwen-template"), parallel=2,
+                 n_ctx=4096) as (server, _engine):
+        yield server
 
 
 def test_openai_client_required_call_streamed_and_not(tool_server):

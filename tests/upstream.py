@@ -30,6 +30,13 @@ def build_with_tools() -> build_llama.BuildResult:
     return build_llama.build(build_llama.BuildOptions(), tools=TOOLS)
 
 
+def template_path(build: build_llama.BuildResult, name: str) -> Path:
+    """One of upstream's chat templates (models/templates), from the source tree ``build`` was made from."""
+    path = Path(build.manifest["source"]) / "models" / "templates" / name
+    assert path.is_file(), path
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
