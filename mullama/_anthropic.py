@@ -14,7 +14,7 @@ from typing import Any
 
 from ._config import StreamConfig
 from ._exceptions import InvalidConfigError
-from ._openai import APIError, ParsedRequest
+from ._openai import APIError, ParsedRequest, _bad
 
 __all__ = ["error_body", "event", "message_body", "parse_request", "stop_reason", "to_count_request"]
 
@@ -31,10 +31,6 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
 def error_body(exc: APIError) -> dict:
     """Anthropic's error shape for a refused request."""
     return {"type": "error", "error": {"type": ERROR_TYPES.get(exc.status, "api_error"), "message": exc.message}}
-
-
-def _bad(message: str) -> APIError:
-    return APIError(400, message)
 
 
 def _text_of(blocks: Any, where: str) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 from ._config import StreamConfig
 from ._exceptions import InvalidConfigError
-from ._openai import APIError, ParsedRequest
+from ._openai import APIError, ParsedRequest, _bad
 
 __all__ = ["chat_line", "done_line", "error_body", "parse_chat", "parse_generate", "timestamp"]
 
@@ -28,10 +28,6 @@ DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9}  # ollama's own
 
 def error_body(exc: APIError) -> dict:
     return {"error": exc.message}
-
-
-def _bad(message: str) -> APIError:
-    return APIError(400, message)
 
 
 def _config(body: dict, max_tokens_limit: int) -> StreamConfig:

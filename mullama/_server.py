@@ -26,9 +26,9 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
@@ -62,6 +62,7 @@ from ._tools import chat_prompt
 
 __all__ = ["AccessLog", "ServerSettings", "create_app", "is_loopback"]
 
+T = TypeVar("T")
 TOKENS_KEY = "mullama.tokens"  # where a route leaves the number of tokens it generated, for the access log
 
 
@@ -118,6 +119,25 @@ async def _cancel_on_disconnect(request: Request, jobs: list[EngineRequest]) -> 
             for job in jobs:
                 job.cancel()
             return
+
+
+async def run_to_end(request: Request, jobs: list[EngineRequest], work: Awaitable[T]) -> T:
+    """Await ``work``, which reads ``jobs`` to their end: nobody reads a non-streamed answer once its
+    client is gone, so the jobs stop then too; afterwards every job is cancelled (a no-op once finished).
+    A job's MullamaError propagates."""
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, jobs))
+    try:
+        return await work
+    finally:
+        watcher.cancel()
+        for job in jobs:
+            job.cancel()
+
+
+async def drain(job: EngineRequest) -> None:
+    """Read ``job`` to its end (its text and statistics stay on it)."""
+    while await job.next_token() is not None:
+        pass
 
 
 async def submit_in_all(start: Callable[[], list[EngineRequest]]) -> list[EngineRequest]:
@@ -182,6 +202,11 @@ def create_app(model: Model, engine: Engine | None, settings: ServerSettings) ->
         if auth.lower().startswith("bearer "):
             supplied = auth[7:].strip()
         return bool(supplied) and hmac.compare_digest(supplied.encode(), settings.api_key.encode())
+
+    def finished(scope: MutableMapping[str, Any], tokens: int) -> None:
+        """A generation ended: its tokens count in the metrics and its access-log line."""
+        metrics.finished(tokens)
+        scope[TOKENS_KEY] = tokens
 
     def error(exc: APIError) -> JSONResponse:
         metrics.count(exc.status)
@@ -273,20 +298,13 @@ def create_app(model: Model, engine: Engine | None, settings: ServerSettings) ->
             return StreamingResponse(sse(jobs, parsed, kind, request_id, n_prompt, request.scope),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        # Nobody reads a non-streamed answer once its client is gone: stop generating then too.
-        watcher = asyncio.create_task(_cancel_on_disconnect(request, jobs))
         try:
-            choices = await asyncio.gather(*(collect(job, kind) for job in jobs))
+            choices = await run_to_end(request, jobs, asyncio.gather(*(collect(job, kind) for job in jobs)))
         except MullamaError as exc:
             return error(_openai.generation_error(exc))
-        finally:
-            watcher.cancel()
-            for job in jobs:
-                job.cancel()  # (no-op once finished)
         completion_tokens = sum(job.completion_tokens for job in jobs)
         metrics.count(200)
-        metrics.finished(completion_tokens)
-        request.scope[TOKENS_KEY] = completion_tokens
+        finished(request.scope, completion_tokens)
         return JSONResponse(_openai.completion_body(kind, request_id, model_name, choices, n_prompt,
                                                     completion_tokens))
 
@@ -335,9 +353,8 @@ def create_app(model: Model, engine: Engine | None, settings: ServerSettings) ->
             completion_tokens = sum(job.completion_tokens for job in jobs)
             if parsed.include_usage:
                 yield event(_openai.usage_chunk(kind, request_id, model_name, stamp, n_prompt, completion_tokens))
-            scope[TOKENS_KEY] = completion_tokens
             yield "data: [DONE]\n\n"
-            metrics.finished(completion_tokens)
+            finished(scope, completion_tokens)
         finally:  # the client went away, or we are done: either way the sequences stop now
             for job in jobs:
                 job.cancel()
@@ -394,18 +411,12 @@ def create_app(model: Model, engine: Engine | None, settings: ServerSettings) ->
             metrics.count(200)
             return StreamingResponse(anthropic_events(job, message_id, request.scope), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        watcher = asyncio.create_task(_cancel_on_disconnect(request, [job]))
         try:
-            while await job.next_token() is not None:
-                pass
+            await run_to_end(request, [job], drain(job))
         except MullamaError as exc:
             return anthropic_error(_openai.generation_error(exc))
-        finally:
-            watcher.cancel()
-            job.cancel()
         metrics.count(200)
-        metrics.finished(job.completion_tokens)
-        request.scope[TOKENS_KEY] = job.completion_tokens
+        finished(request.scope, job.completion_tokens)
         return JSONResponse(_anthropic.message_body(message_id, model_name, job.text, job.tool_calls,
                                                     job.finish_reason, job.stop_sequence, job.prompt_tokens,
                                                     job.completion_tokens))
@@ -454,13 +465,12 @@ def create_app(model: Model, engine: Engine | None, settings: ServerSettings) ->
             for item in start("text", {"type": "text", "text": ""}):
                 yield item
         yield event("content_block_stop", {"index": index})
-        scope[TOKENS_KEY] = job.completion_tokens
+        finished(scope, job.completion_tokens)
         yield event("message_delta", {
             "delta": {"stop_reason": _anthropic.stop_reason(job.finish_reason, job.stop_sequence),
                       "stop_sequence": job.stop_sequence},
             "usage": {"output_tokens": job.completion_tokens}})
         yield event("message_stop", {})
-        metrics.finished(job.completion_tokens)
 
     async def count_tokens(request: Request) -> Response:
         if not authorized(request.headers):
@@ -494,17 +504,11 @@ def create_app(model: Model, engine: Engine | None, settings: ServerSettings) ->
         if parsed.stream:
             return StreamingResponse(ollama_lines(job, kind, name, started, request.scope),
                                      media_type="application/x-ndjson")
-        watcher = asyncio.create_task(_cancel_on_disconnect(request, [job]))
         try:
-            while await job.next_token() is not None:
-                pass
+            await run_to_end(request, [job], drain(job))
         except MullamaError as exc:
             return ollama_error(_openai.generation_error(exc))
-        finally:
-            watcher.cancel()
-            job.cancel()
-        metrics.finished(job.completion_tokens)
-        request.scope[TOKENS_KEY] = job.completion_tokens
+        finished(request.scope, job.completion_tokens)
         return JSONResponse(_ollama.done_line(kind, name, job, started, job.text, job.tool_calls))
 
     async def ollama_lines(job: EngineRequest, kind: str, name: str, started: float,
@@ -518,8 +522,7 @@ def create_app(model: Model, engine: Engine | None, settings: ServerSettings) ->
             return
         finally:
             job.cancel()
-        scope[TOKENS_KEY] = job.completion_tokens
-        metrics.finished(job.completion_tokens)
+        finished(scope, job.completion_tokens)
         yield json.dumps(_ollama.done_line(kind, name, job, started, "", job.tool_calls), ensure_ascii=False) + "\n"
 
     async def ollama_chat(request: Request) -> Response:
