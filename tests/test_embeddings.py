@@ -368,3 +368,20 @@ def test_mullama_embed_prints_one_json_line_per_text(model, model_path):
     empty = subprocess.run([sys.executable, "-m", "mullama", "embed", "-m", str(model_path), ""],
                            capture_output=True, text=True, timeout=300, check=False)
     assert empty.returncode == 1 and "INVALID_CONFIG" in empty.stderr
+
+
+def test_a_dropped_model_frees_its_embedding_context_by_refcount_alone(model_path):
+    import gc
+
+    from mullama import _owned
+
+    freed = dict(_owned.freed_count)
+    gc.disable()
+    try:
+        loaded = mullama.Model.load(model_path)
+        loaded.embed(["no cycle keeps either alive"])
+        del loaded
+        assert _owned.freed_count["embedder"] == freed.get("embedder", 0) + 1
+        assert _owned.freed_count["model"] == freed.get("model", 0) + 1
+    finally:
+        gc.enable()
