@@ -18,6 +18,8 @@ EXAMPLES = """examples:
   mullama run "Why is the sky blue?"            stream a reply from the default model
   mullama chat                                  chat in the terminal
   mullama serve --parallel 4                    OpenAI-compatible server on 127.0.0.1:8080
+  mullama serve --models smollm2,gemma3:270m    several models, each loaded when a request names it
+  mullama ps                                    the models a running server has loaded
   mullama run smollm2:135m "Hello" --json       the reply and its statistics as JSON
   echo "Summarise: ..." | mullama run           the prompt from standard input
   mullama run --raw "The capital of France is"  plain completion, no chat template
@@ -246,17 +248,79 @@ def _show(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     try:
-        from ._server import serve
+        from .server import parse_keep_alive, serve
     except ImportError as exc:
         raise InvalidConfigError(f"`mullama serve` needs the server extra ({exc.name} is missing): "
-                           "pip install 'mullama[server]'.") from None
+                                 "pip install 'mullama[server]'.") from None
     from ._hub import DEFAULT_MODEL
 
     _check_ctx_size(args.ctx_size)
-    return serve(args.model or DEFAULT_MODEL, host=args.host, port=args.port, parallel=args.parallel,
+    models = [name.strip() for name in (args.models or "").split(",") if name.strip()]
+    several = bool(models or args.models_dir)
+    keep_alive = parse_keep_alive(args.keep_alive)
+    return serve(None if several else args.model or DEFAULT_MODEL, models=models, models_dir=args.models_dir,
+                 host=args.host, port=args.port, parallel=args.parallel,
                  ctx_size=args.ctx_size, api_key=args.api_key or os.environ.get("MULLAMA_API_KEY"),
                  max_tokens_limit=args.max_tokens_limit, threads=args.threads, max_queue=args.max_queue,
-                 pooling=args.pooling, embedding_batch=args.embedding_batch, chat_template=args.chat_template_file)
+                 pooling=args.pooling, embedding_batch=args.embedding_batch, chat_template=args.chat_template_file,
+                 keep_alive=keep_alive, max_loaded=args.max_loaded,
+                 max_memory=_parse_size(args.max_memory) if args.max_memory else None)
+
+
+def _parse_size(text: str) -> int:
+    """``2GB``, ``1.5G``, ``500MB``, ``750M`` or bytes, as a number of bytes (decimal units, as ``list``)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", text, re.IGNORECASE)
+    if not match:
+        raise InvalidConfigError(f"--max-memory must be a size such as 2GB or 500MB, not {text!r}.")
+    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}[match.group(2).upper()]
+    return int(float(match.group(1)) * scale)
+
+
+def _ps(args: argparse.Namespace) -> int:
+    """The models a running ``mullama serve`` has loaded (its GET /api/ps)."""
+    import urllib.error
+    import urllib.request
+
+    url = f"http://{args.host}:{args.port}/api/ps"
+    request = urllib.request.Request(url)
+    key = args.api_key or os.environ.get("MULLAMA_API_KEY")
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            models = json.load(response)["models"]
+    except urllib.error.HTTPError as exc:
+        why = ": wrong or missing API key (--api-key or MULLAMA_API_KEY)" if exc.code == 401 else ""
+        raise InvalidConfigError(f"{url} answered {exc.code}{why}.") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise InvalidConfigError(f"no mullama server answers at {url} ({getattr(exc, 'reason', exc)}); start one "
+                                 "with `mullama serve`, or pass --host/--port.") from None
+    if args.json:
+        print(json.dumps(models, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("NAME", "SIZE", "PROCESSOR", "CONTEXT", "STREAMS", "IDLE", "UNTIL", box=None, header_style="bold")
+    for model in models:
+        until = "Forever" if model["expires_at"].startswith("2999") else _until(model["expires_at"])
+        table.add_row(model["name"], _size(model["size"]), "100% CPU", str(model.get("context_length", "")),
+                      str(model.get("active_streams", 0)), _seconds(model.get("idle_seconds", 0.0)), until)
+    Console().print(table)
+    return 0
+
+
+def _seconds(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds} s" if seconds < 120 else f"{seconds // 60} min" if seconds < 7200 else f"{seconds // 3600} h"
+
+
+def _until(stamp: str) -> str:
+    """An ISO time in the future as ``4 minutes from now``."""
+    import datetime
+
+    left = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")) - datetime.datetime.now(datetime.timezone.utc)
+    return f"{_seconds(max(0.0, left.total_seconds()))} from now"
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -418,6 +482,17 @@ def make_parser() -> argparse.ArgumentParser:
                                        "\"content\": \"Hello!\"}], \"stream\": true}'",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     serve.add_argument("-m", "--model", help=MODEL_HELP)
+    serve.add_argument("--models", metavar="LIST",
+                       help="serve several models, comma-separated (names, families, .gguf paths): a request's "
+                            "'model' picks one, loaded on first use")
+    serve.add_argument("--models-dir", metavar="DIR", help="serve every .gguf file in DIR (named by file stem)")
+    serve.add_argument("--keep-alive", default="5m",
+                       help="with --models: unload a model idle this long (seconds or 5m, 1h; negative: never; "
+                            "default 5m); a request's keep_alive overrides it, as ollama's")
+    serve.add_argument("--max-loaded", type=int, help="with --models: at most N loaded at once (least recently "
+                                                      "used unloaded first)")
+    serve.add_argument("--max-memory", metavar="SIZE",
+                       help="with --models: keep loaded models (weights + KV cache) within SIZE, e.g. 2GB")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     serve.add_argument("-np", "--parallel", type=int, default=4, help="streams decoded together (default 4)")
@@ -432,6 +507,13 @@ def make_parser() -> argparse.ArgumentParser:
                        help="tokens per embedding decode, and the longest input (default 512)")
     _add_verbosity(serve)
     serve.set_defaults(handler=_serve)
+
+    ps = commands.add_parser("ps", help="models a running `mullama serve` has loaded: memory, idle time, until")
+    ps.add_argument("--host", default="127.0.0.1", help="the server's address (default 127.0.0.1)")
+    ps.add_argument("--port", type=int, default=8080, help="the server's port (default 8080)")
+    ps.add_argument("--api-key", help="the server's key (or set MULLAMA_API_KEY)")
+    ps.add_argument("--json", action="store_true")
+    ps.set_defaults(handler=_ps)
 
     bench = commands.add_parser("bench", help="quick tokens/s and time to first token on this machine")
     bench.add_argument("model", nargs="?", help=MODEL_HELP)

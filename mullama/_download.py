@@ -12,7 +12,8 @@ import hashlib
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,10 @@ CHUNK = 1 << 20
 RETRIES = 4
 
 StatusCheck = Callable[[Any, str], None]  # (response, label): raises a MullamaError for a 4xx/5xx answer
+
+# Who else hears of a download's progress, as (label, total bytes, bytes done): the server's /api/pull
+# streams it. A context variable, so a download in a worker thread reports to the request that started it.
+progress_listener: ContextVar[Callable[[str, int, int], None] | None] = ContextVar("progress_listener", default=None)
 
 
 def sha256_file(path: Path) -> str:
@@ -128,7 +133,26 @@ def _transfer(url: str, part: Path, size: int | None, label: str, *, check_statu
 
 
 @contextlib.contextmanager
-def _progress(label: str, total: int, done: int, quiet: bool):
+def _progress(label: str, total: int, done: int, quiet: bool) -> Iterator[Callable[[int], None]]:
+    """A function to call with each block's size: it shows the transfer and tells ``progress_listener``."""
+    listener = progress_listener.get()
+    with _shown_progress(label, total, done, quiet) as show:
+        if listener is None:
+            yield show
+            return
+        listener(label, total, done)
+
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            show(n)
+            listener(label, total, done)
+
+        yield advance
+
+
+@contextlib.contextmanager
+def _shown_progress(label: str, total: int, done: int, quiet: bool) -> Iterator[Callable[[int], None]]:
     if quiet or not sys.stderr.isatty():
         if not quiet:
             print(f"mullama: downloading {label}, {total / 1e6:.0f} MB", file=sys.stderr, flush=True)

@@ -12,7 +12,7 @@ import uvicorn
 from upstream import free_port
 
 from mullama._engine import Engine
-from mullama._server import ServerSettings, create_app
+from mullama.server import ServerSettings, create_app
 
 
 def wait_for(condition, timeout: float = 10.0) -> float:

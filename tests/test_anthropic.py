@@ -14,7 +14,7 @@ from inprocess_server import serving
 from upstream import template_path
 
 import mullama
-from mullama._server import ServerSettings
+from mullama.server import ServerSettings
 
 # The SDK has no temperature argument any more (its newest models fix it); the API field still exists.
 GREEDY = {"temperature": 0}

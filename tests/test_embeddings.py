@@ -26,7 +26,7 @@ from inprocess_server import InProcessServer, serving
 import mullama
 from mullama import _hub
 from mullama._context import default_threads
-from mullama._server import ServerSettings, create_app
+from mullama.server import ServerSettings, create_app
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",

@@ -12,7 +12,7 @@ from inprocess_server import serving
 from upstream import template_path
 
 import mullama
-from mullama._server import ServerSettings
+from mullama.server import ServerSettings
 
 GREEDY = {"temperature": 0, "num_predict": 24}
 MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a planet."}]
@@ -100,11 +100,12 @@ def test_tools_through_the_ollama_client(build, model_path):
 
 
 @pytest.mark.parametrize("path, body", [
-    ("/api/chat", {"model": "m"}),
+    ("/api/chat", {"model": "m", "messages": 5}),
     ("/api/chat", {"model": "m", "messages": "hi"}),
     ("/api/chat", {"model": "m", "messages": [{"role": "user", "content": "hi"}], "options": {"temperature": "hot"}}),
     ("/api/chat", {"model": "m", "messages": [{"role": "user", "content": "hi"}], "format": "xml"}),
-    ("/api/generate", {"model": "m"}),
+    ("/api/generate", {"model": "m", "prompt": ["hi"]}),
+    ("/api/generate", {"model": "m", "keep_alive": "soon"}),
     ("/api/generate", {"model": "m", "prompt": "hi", "template": "{{ .Prompt }}"}),
     ("/api/embed", {"model": "m", "input": []}),
 ])
@@ -117,5 +118,6 @@ def test_bad_requests_get_ollama_errors(served, path, body):
 def test_the_client_raises_its_response_error(clients):
     client, _ = clients
     with pytest.raises(ollama.ResponseError) as caught:
-        client.generate(model="m", prompt="")
+        client.generate(model="m", prompt="hi", keep_alive="soon")
     assert caught.value.status_code == 400
+    assert "keep_alive" in caught.value.error

@@ -15,7 +15,7 @@ from upstream import template_path
 import mullama
 from mullama._context import default_threads
 from mullama._reasoning import Reasoning, ReasoningParser
-from mullama._server import ServerSettings
+from mullama.server import ServerSettings
 
 TEMPLATES = ["deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja", "Qwen-Qwen3-0.6B.jinja"]
 QUESTION = [{"role": "user", "content": "Why is the sky blue?"}]

@@ -376,8 +376,10 @@ def _other_format_cases() -> list[tuple[str, object]]:
                                                                                                "prompt": "hi"})):
         for field, values in {"options": ["x", {"temperature": "hot"}, {"num_predict": "many"}, {"top_k": -5},
                                           {"seed": -1}, {"stop": 5}],
-                              "format": ["xml", 5], "stream": ["yes"], "messages": [None, "hi", [{}]],
-                              "prompt": [None, "", 5], "template": ["{{ .Prompt }}"]}.items():
+                              "format": ["xml", 5], "stream": ["yes"], "messages": ["hi", [{}], 5],
+                              # (no prompt or messages at all asks ollama to load the model: not malformed)
+                              "prompt": [5, ["hi"]], "template": ["{{ .Prompt }}"],
+                              "keep_alive": ["soon", True, [1]]}.items():
             for value in values:
                 if (field == "messages") != (path == "/api/chat") and field in ("messages", "prompt"):
                     continue

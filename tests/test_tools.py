@@ -15,8 +15,8 @@ from upstream import template_path
 
 import mullama
 from mullama._context import default_threads
-from mullama._server import ServerSettings
 from mullama._tools import _is_json
+from mullama.server import ServerSettings
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather in a city",

@@ -1,5 +1,6 @@
 """Anthropic's Messages API wire format (``POST /v1/messages``): requests in, responses and
-stream events out, translated to and from the OpenAI-shaped request the engine serves (no I/O).
+stream events out, translated to and from the internal request the engine serves, and the routes
+``POST /v1/messages`` and ``POST /v1/messages/count_tokens``.
 
 Text blocks, ``system``, ``stop_sequences``, sampling fields, ``stream`` and tools (``tools``,
 ``tool_choice``, ``tool_use`` / ``tool_result`` blocks) map onto mullama's chat; errors have
@@ -8,15 +9,24 @@ Anthropic's shape, ``{"type": "error", "error": {"type": ..., "message": ...}}``
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
+from collections.abc import AsyncIterator
 from typing import Any
 
-from ._config import StreamConfig
-from ._exceptions import InvalidConfigError
-from ._openai import APIError, ParsedRequest, _bad
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
-__all__ = ["error_body", "event", "message_body", "parse_request", "stop_reason", "to_count_request"]
+from .._config import StreamConfig
+from .._engine import EngineRequest
+from .._exceptions import InvalidConfigError, MullamaError
+from ._generation import prompt_tokens, start
+from ._http import drain, endpoint, read_json, requested_model, run_to_end, state
+from ._request import APIError, ParsedRequest, ToolCallDeltas, bad
+
+__all__ = ["count_tokens", "error_body", "event", "message_body", "messages", "parse_request", "stop_reason",
+           "to_count_request"]
 
 FIELDS = {"model", "messages", "system", "max_tokens", "stop_sequences", "temperature", "top_p", "top_k", "stream",
           "tools", "tool_choice",
@@ -40,14 +50,14 @@ def _text_of(blocks: Any, where: str) -> str:
     if isinstance(blocks, list) and all(isinstance(b, dict) and b.get("type") == "text"
                                         and isinstance(b.get("text"), str) for b in blocks):
         return "\n".join(block["text"] for block in blocks)
-    raise _bad(f"{where} must be a string or a list of text blocks.")
+    raise bad(f"{where} must be a string or a list of text blocks.")
 
 
 def _messages(body: dict) -> list[dict]:
     """Anthropic messages as OpenAI-shaped chat messages (tool_use → tool_calls, tool_result → tool)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise _bad("messages: a non-empty list of {role, content} is required.")
+        raise bad("messages: a non-empty list of {role, content} is required.")
     result: list[dict] = []
     system = body.get("system")
     if system is not None:
@@ -55,13 +65,13 @@ def _messages(body: dict) -> list[dict]:
     for index, message in enumerate(messages):
         where = f"messages.{index}"
         if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
-            raise _bad(f"{where}.role must be 'user' or 'assistant'.")
+            raise bad(f"{where}.role must be 'user' or 'assistant'.")
         role, content = message["role"], message.get("content")
         if isinstance(content, str):
             result.append({"role": role, "content": content})
             continue
         if not isinstance(content, list) or not content:
-            raise _bad(f"{where}.content must be a string or a non-empty list of content blocks.")
+            raise bad(f"{where}.content must be a string or a non-empty list of content blocks.")
         texts, calls, results = [], [], []
         for number, block in enumerate(content):
             kind = block.get("type") if isinstance(block, dict) else None
@@ -75,7 +85,7 @@ def _messages(body: dict) -> list[dict]:
                 results.append({"role": "tool", "tool_call_id": block["tool_use_id"],
                                 "content": _text_of(value, f"{where}.content.{number}.content")})
             else:
-                raise _bad(f"{where}.content.{number}: unsupported content block "
+                raise bad(f"{where}.content.{number}: unsupported content block "
                            f"{kind!r} (text, tool_use in assistant turns, tool_result in user turns).")
         result.extend(results)
         if texts or calls or not results:
@@ -115,45 +125,45 @@ def _tools(body: dict) -> tuple[list[dict] | None, Any, bool]:
 def parse_request(body: Any, *, max_tokens_limit: int) -> ParsedRequest:
     """Check a Messages request and turn it into the chat request the engine serves."""
     if not isinstance(body, dict):
-        raise _bad("the request body must be a JSON object.")
+        raise bad("the request body must be a JSON object.")
     unknown = sorted(set(body) - FIELDS)
     if unknown:
-        raise _bad(f"{unknown[0]}: Extra inputs are not permitted")
+        raise bad(f"{unknown[0]}: Extra inputs are not permitted")
     max_tokens = body.get("max_tokens")
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= max_tokens_limit:
-        raise _bad(f"max_tokens: an integer from 1 to {max_tokens_limit} is required.")
+        raise bad(f"max_tokens: an integer from 1 to {max_tokens_limit} is required.")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
-        raise _bad("stream must be true or false.")
+        raise bad("stream must be true or false.")
     stops = body.get("stop_sequences") or []
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 16:
-        raise _bad("stop_sequences must be a list of at most 16 non-empty strings.")
+        raise bad("stop_sequences must be a list of at most 16 non-empty strings.")
     fields: dict[str, Any] = {"max_tokens": max_tokens, "stop_sequences": stops, "timeout_ms": None,
                               "temperature": 1.0}  # Anthropic's default temperature
     for name, low, high in (("temperature", 0.0, 1.0), ("top_p", 0.0, 1.0)):
         value = body.get(name)
         if value is not None:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-                raise _bad(f"{name} must be a number from {low} to {high}.")
+                raise bad(f"{name} must be a number from {low} to {high}.")
             fields[name] = float(value)
     top_k = body.get("top_k")
     if top_k is not None:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise _bad("top_k must be a positive integer.")
+            raise bad("top_k must be a positive integer.")
         fields["top_k"] = top_k
     try:
         config = StreamConfig(**fields)
     except InvalidConfigError as exc:
-        raise _bad(str(exc)) from None
+        raise bad(str(exc)) from None
     tools, tool_choice, parallel = _tools(body)
     return ParsedRequest("chat", config, stream, False, messages=_messages(body), tools=tools,
-                         tool_choice=tool_choice, parallel_tool_calls=parallel)
+                         tool_choice=tool_choice, parallel_tool_calls=parallel, model=requested_model(body))
 
 
 def to_count_request(body: Any) -> ParsedRequest:
     """A count_tokens request (model, messages, system, tools) as a chat request."""
     if not isinstance(body, dict):
-        raise _bad("the request body must be a JSON object.")
+        raise bad("the request body must be a JSON object.")
     return parse_request({**{k: v for k, v in body.items() if k in ("model", "messages", "system", "tools",
                                                                      "tool_choice")}, "max_tokens": 1},
                          max_tokens_limit=1)
@@ -186,3 +196,82 @@ def message_body(message_id: str, model: str, text: str, calls: list[Any], finis
 def event(kind: str, payload: dict) -> str:
     """One server-sent event of a Messages stream."""
     return f"event: {kind}\ndata: {json.dumps({'type': kind, **payload}, ensure_ascii=False)}\n\n"
+
+
+# --- routes ------------------------------------------------------------------------------------
+@endpoint(error_body)
+async def messages(request: Request) -> Response:
+    """``POST /v1/messages``: a whole message, or its stream of events."""
+    server = state(request)
+    parsed = parse_request(await read_json(request), max_tokens_limit=server.settings.max_tokens_limit)
+    lease, (job,) = await start(request, parsed)
+    message_id = new_id()
+    if parsed.stream:
+        return StreamingResponse(lease.until_closed(_events(job, message_id, lease.name, request)),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    async with lease:
+        await run_to_end(request, [job], drain(job))
+    server.finished(request.scope, job.completion_tokens)
+    return JSONResponse(message_body(message_id, lease.name, job.text, job.tool_calls, job.finish_reason,
+                                     job.stop_sequence, job.prompt_tokens, job.completion_tokens))
+
+
+@endpoint(error_body)
+async def count_tokens(request: Request) -> Response:
+    """``POST /v1/messages/count_tokens``: the tokens of the rendered prompt."""
+    server = state(request)
+    parsed = to_count_request(await read_json(request))
+    async with await server.pool.lease(parsed.model) as served:
+        tokens, _ = await asyncio.to_thread(prompt_tokens, served, parsed, server.settings)
+    return JSONResponse({"input_tokens": len(tokens)})
+
+
+async def _events(job: EngineRequest, message_id: str, model_name: str, request: Request) -> AsyncIterator[str]:
+    """message_start, then a content block per kind of output (text, thinking, tool_use) with its
+    deltas, then message_delta (stop_reason, usage) and message_stop."""
+    yield event("message_start", {"message": {
+        "id": message_id, "type": "message", "role": "assistant", "model": model_name, "content": [],
+        "stop_reason": None, "stop_sequence": None,
+        "usage": {"input_tokens": job.prompt_tokens, "output_tokens": 0}}})
+    index, open_kind = -1, None
+    calls = ToolCallDeltas()
+
+    def begin(kind: str, block: dict) -> list[str]:
+        nonlocal index, open_kind
+        events: list[str] = [event("content_block_stop", {"index": index})] if open_kind else []
+        index, open_kind = index + 1, kind
+        return [*events, event("content_block_start", {"index": index, "content_block": block})]
+
+    try:
+        while (token := await job.next_token()) is not None:
+            parser = job._sequence.tools
+            for delta in calls.after(parser) if parser is not None else []:
+                if "id" in delta:
+                    for item in begin("tool_use", {"type": "tool_use", "id": delta["id"],
+                                                   "name": delta["function"]["name"], "input": {}}):
+                        yield item
+                if delta["function"].get("arguments"):
+                    yield event("content_block_delta", {"index": index, "delta": {
+                        "type": "input_json_delta", "partial_json": delta["function"]["arguments"]}})
+            if not token.text:
+                continue
+            kind = "thinking" if token.kind == "reasoning" else "text"
+            if open_kind != kind:
+                for item in begin(kind, {"type": kind, kind: ""}):
+                    yield item
+            yield event("content_block_delta", {"index": index, "delta": {"type": f"{kind}_delta", kind: token.text}})
+    except MullamaError as exc:
+        yield event("error", {"error": {"type": "api_error", "message": str(exc)}})
+        return
+    finally:
+        job.cancel()
+    if open_kind is None:
+        for item in begin("text", {"type": "text", "text": ""}):
+            yield item
+    yield event("content_block_stop", {"index": index})
+    state(request).finished(request.scope, job.completion_tokens)
+    yield event("message_delta", {
+        "delta": {"stop_reason": stop_reason(job.finish_reason, job.stop_sequence), "stop_sequence": job.stop_sequence},
+        "usage": {"output_tokens": job.completion_tokens}})
+    yield event("message_stop", {})

@@ -1,4 +1,5 @@
-"""The OpenAI wire format: request validation and response shapes (no I/O here).
+"""OpenAI's wire format: ``POST /v1/chat/completions``, ``POST /v1/completions`` (SSE when
+``stream``) and ``GET /v1/models`` — request validation, response shapes, and the routes.
 
 Every problem with a request becomes an ``APIError`` with an HTTP status and the
 OpenAI error body, so the server never answers a malformed request with a 5xx.
@@ -6,22 +7,27 @@ OpenAI error body, so the server never answers a malformed request with a 5xx.
 
 from __future__ import annotations
 
-import array
+import asyncio
+import json
 import math
 import secrets
-import sys
 import time
-from base64 import b64encode
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ._config import StreamConfig
-from ._exceptions import InvalidConfigError, MullamaError
-from ._sequence import Token
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
-__all__ = ["APIError", "EmbeddingRequest", "ParsedRequest", "chunk", "completion_body", "embedding_body",
-           "error_body", "parse_embedding_request", "parse_request", "usage"]
+from .._config import StreamConfig
+from .._engine import EngineRequest
+from .._exceptions import InvalidConfigError, MullamaError
+from .._sequence import Token
+from ._generation import start
+from ._http import endpoint, merged, read_json, run_to_end, state
+from ._request import APIError, ParsedRequest, ToolCallDeltas, bad, error_body, integer, number
+
+__all__ = ["chat_completions", "chunk", "completion_body", "completions", "list_models", "parse_request", "usage"]
 
 # Fields we honour, and fields OpenAI clients send that we accept and ignore.
 _COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "stop",
@@ -38,130 +44,54 @@ MAX_STOPS = 16
 MAX_CHOICES = 8
 
 
-class APIError(Exception):
-    """A request the server refuses, with the HTTP status and OpenAI error fields."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None,
-                 type: str = "invalid_request_error", code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
-
-    def body(self) -> dict:
-        return error_body(self.message, type=self.type, param=self.param, code=self.code)
-
-
-def generation_error(exc: MullamaError) -> APIError:
-    """The response for a request whose generation failed after it was accepted."""
-    if exc.code == "STREAM_TIMEOUT":
-        return APIError(408, str(exc), type="timeout_error", code="stream_timeout")
-    if exc.code == "ENGINE_FAILED":
-        return APIError(503, str(exc), type="server_error", code="engine_failed")
-    if exc.code == "CONTEXT_OVERFLOW":
-        return APIError(400, str(exc), code="context_length_exceeded")
-    return APIError(500, str(exc), type="server_error", code=exc.code.lower())
-
-
-def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-@dataclass
-class ParsedRequest:
-    kind: str  # "chat" or "completion"
-    config: StreamConfig
-    stream: bool
-    include_usage: bool
-    messages: list | None = None
-    prompt: str | None = None
-    n: int = 1  # choices, each its own sequence
-    tools: list | None = None
-    tool_choice: Any = "auto"
-    parallel_tool_calls: bool = True
-    reasoning_format: str = "auto"
-
-    def choice_configs(self, config: StreamConfig | None = None) -> list[StreamConfig]:
-        """One config per choice (from ``config``, else the request's): with a seed, choice i samples
-        with seed + i (so choices differ)."""
-        config = config or self.config
-        seed = config.seed
-        if self.n == 1 or seed is None:
-            return [config] * self.n
-        return [config.with_options(seed=(seed + i) % (2**32 - 1)) for i in range(self.n)]
-
-
-def _bad(message: str, param: str | None = None) -> APIError:
-    return APIError(400, message, param=param)
-
-
-def _number(body: dict, name: str, low: float, high: float) -> float | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not low <= value <= high:
-        raise _bad(f"'{name}' must be a number from {low} to {high}.", name)
-    return float(value)
-
-
-def _integer(body: dict, name: str, low: int, high: int | None = None) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        bound = f"from {low} to {high}" if high is not None else f"of at least {low}"
-        raise _bad(f"'{name}' must be an integer {bound}.", name)
-    return value
-
-
 def parse_request(body: Any, kind: str, *, max_tokens_limit: int) -> ParsedRequest:
     """Check an OpenAI request body and turn it into a StreamConfig and the prompt or messages."""
     if not isinstance(body, dict):
-        raise _bad("the request body must be a JSON object.")
+        raise bad("the request body must be a JSON object.")
     allowed = CHAT_FIELDS if kind == "chat" else COMPLETION_FIELDS
     unknown = sorted(set(body) - allowed)
     if unknown:
-        raise _bad(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0])
+        raise bad(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0])
     if "model" in body and not isinstance(body["model"], str):
-        raise _bad("'model' must be a string.", "model")
-    n = _integer(body, "n", 1, MAX_CHOICES) or 1
+        raise bad("'model' must be a string.", "model")
+    n = integer(body, "n", 1, MAX_CHOICES) or 1
     n_logprobs = _requested_logprobs(body, kind)
     tools = body.get("tools") or None
     if tools is not None and kind != "chat":
-        raise _bad("tools are for /v1/chat/completions.", "tools")
+        raise bad("tools are for /v1/chat/completions.", "tools")
     if tools is not None and not isinstance(tools, list):
-        raise _bad("'tools' must be a list of function tools.", "tools")
+        raise bad("'tools' must be a list of function tools.", "tools")
     tool_choice = body.get("tool_choice")
     tool_choice = "auto" if tool_choice is None else tool_choice
     if tool_choice not in ("auto", "none", "required") and not isinstance(tool_choice, dict):
-        raise _bad("'tool_choice' must be 'auto', 'none', 'required' or {\"type\": \"function\", ...}.",
+        raise bad("'tool_choice' must be 'auto', 'none', 'required' or {\"type\": \"function\", ...}.",
                    "tool_choice")
     if tools is None and tool_choice not in ("auto", "none"):
-        raise _bad("'tool_choice' needs 'tools'.", "tool_choice")
+        raise bad("'tool_choice' needs 'tools'.", "tool_choice")
     parallel = body.get("parallel_tool_calls", True)
     if not isinstance(parallel, bool):
-        raise _bad("'parallel_tool_calls' must be true or false.", "parallel_tool_calls")
+        raise bad("'parallel_tool_calls' must be true or false.", "parallel_tool_calls")
     reasoning_format = body.get("reasoning_format", "auto")
     if reasoning_format not in ("auto", "none", "deepseek"):
-        raise _bad("'reasoning_format' must be 'auto', 'deepseek' (the same) or 'none'.", "reasoning_format")
+        raise bad("'reasoning_format' must be 'auto', 'deepseek' (the same) or 'none'.", "reasoning_format")
     if kind == "completion" and (body.get("echo") or body.get("suffix") or body.get("best_of") not in (None, 1)):
-        raise _bad("echo, suffix and best_of are not supported by this server.")
+        raise bad("echo, suffix and best_of are not supported by this server.")
 
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
-        raise _bad("'stream' must be true or false.", "stream")
+        raise bad("'stream' must be true or false.", "stream")
     options = body.get("stream_options")
     include_usage = False
     if options is not None:
         if not isinstance(options, dict) or set(options) - {"include_usage", "continuous_usage_stats"}:
-            raise _bad("'stream_options' must be an object like {\"include_usage\": true}.", "stream_options")
+            raise bad("'stream_options' must be an object like {\"include_usage\": true}.", "stream_options")
         include_usage = options.get("include_usage", False)
         if not isinstance(include_usage, bool):
-            raise _bad("'stream_options.include_usage' must be true or false.", "stream_options")
+            raise bad("'stream_options.include_usage' must be true or false.", "stream_options")
 
-    max_tokens = _integer(body, "max_completion_tokens", 1)
+    max_tokens = integer(body, "max_completion_tokens", 1)
     if max_tokens is None:
-        max_tokens = _integer(body, "max_tokens", 1)
+        max_tokens = integer(body, "max_tokens", 1)
     max_tokens = min(max_tokens or max_tokens_limit, max_tokens_limit)
 
     stop = body.get("stop")
@@ -172,32 +102,32 @@ def parse_request(body: Any, kind: str, *, max_tokens_limit: int) -> ParsedReque
     elif isinstance(stop, list) and len(stop) <= MAX_STOPS and all(isinstance(s, str) and s for s in stop):
         stops = list(stop)
     else:
-        raise _bad(f"'stop' must be a string or a list of at most {MAX_STOPS} non-empty strings.", "stop")
+        raise bad(f"'stop' must be a string or a list of at most {MAX_STOPS} non-empty strings.", "stop")
 
     fields: dict[str, Any] = {"max_tokens": max_tokens, "stop_sequences": stops, "timeout_ms": None,
                               "top_p": 1.0, "top_k": 40}
     for name, low, high in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0), ("min_p", 0.0, 1.0),
                             ("frequency_penalty", -2.0, 2.0), ("presence_penalty", -2.0, 2.0),
                             ("repeat_penalty", 0.0, 100.0)):
-        value = _number(body, name, low, high)
+        value = number(body, name, low, high)
         if value is not None:
             fields[name] = value
     for name, low_int, high_int in (("top_k", 0, None), ("seed", 0, 2**32 - 2)):
-        integer = _integer(body, name, low_int, high_int)
-        if integer is not None:
-            fields[name] = integer
+        whole = integer(body, name, low_int, high_int)
+        if whole is not None:
+            fields[name] = whole
     for flag in ("ignore_eos", "cache_prompt"):  # llama-server's extensions
         if isinstance(body.get(flag), bool):
             fields[flag] = body[flag]
     for name in ("typical_p", "mirostat_tau", "mirostat_eta", "dry_multiplier", "dry_base", "xtc_probability",
                  "xtc_threshold", "top_n_sigma"):
-        number = _number(body, name, -1e9, 1e9)
-        if number is not None:
-            fields[name] = number
+        value = number(body, name, -1e9, 1e9)
+        if value is not None:
+            fields[name] = value
     for name in ("repeat_last_n", "mirostat", "dry_allowed_length", "dry_penalty_last_n"):
-        integer = _integer(body, name, -1, 2**31 - 1)
-        if integer is not None:
-            fields[name] = integer
+        whole = integer(body, name, -1, 2**31 - 1)
+        if whole is not None:
+            fields[name] = whole
     fields.update(_output_constraint(body))
     if n_logprobs is not None:
         fields["logprobs"] = n_logprobs
@@ -207,21 +137,22 @@ def parse_request(body: Any, kind: str, *, max_tokens_limit: int) -> ParsedReque
     try:
         config = StreamConfig(**fields)
     except InvalidConfigError as exc:
-        raise _bad(str(exc)) from None
+        raise bad(str(exc)) from None
 
     if kind == "chat":
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
-            raise _bad("'messages' must be a non-empty list of {role, content} objects.", "messages")
+            raise bad("'messages' must be a non-empty list of {role, content} objects.", "messages")
         return ParsedRequest("chat", config, stream, include_usage, messages=messages, n=n, tools=tools,
                              tool_choice=tool_choice, parallel_tool_calls=parallel,
-                             reasoning_format="none" if reasoning_format == "none" else "auto")
+                             reasoning_format="none" if reasoning_format == "none" else "auto",
+                             model=body.get("model"))
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt:
-        raise _bad("'prompt' must be a non-empty string.", "prompt")
-    return ParsedRequest("completion", config, stream, include_usage, prompt=prompt, n=n)
+        raise bad("'prompt' must be a non-empty string.", "prompt")
+    return ParsedRequest("completion", config, stream, include_usage, prompt=prompt, n=n, model=body.get("model"))
 
 
 def _requested_logprobs(body: dict, kind: str) -> int | None:
@@ -230,14 +161,14 @@ def _requested_logprobs(body: dict, kind: str) -> int | None:
     if kind == "chat":
         wanted = body.get("logprobs")
         if wanted not in (None, True, False):
-            raise _bad("'logprobs' must be true or false.", "logprobs")
-        top = _integer(body, "top_logprobs", 0, 20)
+            raise bad("'logprobs' must be true or false.", "logprobs")
+        top = integer(body, "top_logprobs", 0, 20)
         if top is not None and not wanted:
-            raise _bad("'top_logprobs' needs 'logprobs': true.", "top_logprobs")
+            raise bad("'top_logprobs' needs 'logprobs': true.", "top_logprobs")
         return (top or 0) if wanted else None
     if body.get("top_logprobs") is not None:
-        raise _bad("completions take 'logprobs': N; 'top_logprobs' is for chat.", "top_logprobs")
-    return _integer(body, "logprobs", 0, 20)
+        raise bad("completions take 'logprobs': N; 'top_logprobs' is for chat.", "top_logprobs")
+    return integer(body, "logprobs", 0, 20)
 
 
 Piece = Callable[[int], bytes]  # a token id's bytes (Model._cached_piece)
@@ -272,7 +203,7 @@ def _output_constraint(body: dict) -> dict[str, Any]:
     if response_format is not None:
         if not isinstance(response_format, dict) or response_format.get("type") not in ("text", "json_object",
                                                                                           "json_schema"):
-            raise _bad("'response_format' must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+            raise bad("'response_format' must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
                        "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}.",
                        "response_format")
         kind = response_format["type"]
@@ -281,17 +212,17 @@ def _output_constraint(body: dict) -> dict[str, Any]:
         elif kind == "json_schema":
             spec = response_format.get("json_schema")
             if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, bool)):
-                raise _bad("'response_format.json_schema' must be an object with a 'schema'.", "response_format")
+                raise bad("'response_format.json_schema' must be an object with a 'schema'.", "response_format")
             schema = spec.get("schema", {})
     if grammar is not None and schema is not None:
-        raise _bad("send one of 'grammar', 'json_schema' and a JSON 'response_format', not several.", "grammar")
+        raise bad("send one of 'grammar', 'json_schema' and a JSON 'response_format', not several.", "grammar")
     if grammar is not None:
         if not isinstance(grammar, str) or not grammar.strip():
-            raise _bad("'grammar' must be GBNF text with a root rule.", "grammar")
+            raise bad("'grammar' must be GBNF text with a root rule.", "grammar")
         return {"grammar": grammar}
     if schema is not None:
         if not isinstance(schema, (dict, bool)):
-            raise _bad("'json_schema' must be a JSON Schema object.", "json_schema")
+            raise bad("'json_schema' must be a JSON Schema object.", "json_schema")
         # As llama-server: an empty schema asks for a JSON object (the converter would allow any value).
         return {"json_schema": {"type": "object"} if schema == {} else schema}
     return {}
@@ -302,13 +233,13 @@ def _logit_bias(value: Any) -> dict[int, float]:
     if value is None:
         return {}
     if not isinstance(value, dict) or len(value) > 1024:
-        raise _bad("'logit_bias' must be an object of at most 1024 token ids -> biases.", "logit_bias")
+        raise bad("'logit_bias' must be an object of at most 1024 token ids -> biases.", "logit_bias")
     result: dict[int, float] = {}
     for key, bias in value.items():
         token = key if isinstance(key, int) else int(key) if isinstance(key, str) and key.isdigit() else None
         if token is None or isinstance(bias, bool) or not isinstance(bias, (int, float)) \
                 or not math.isfinite(bias) or not -100 <= bias <= 100:
-            raise _bad(f"'logit_bias' maps token ids to numbers from -100 to 100; {key!r}: {bias!r} is not that.",
+            raise bad(f"'logit_bias' maps token ids to numbers from -100 to 100; {key!r}: {bias!r} is not that.",
                        "logit_bias")
         result[token] = float(bias)
     return result
@@ -390,110 +321,106 @@ def _message(choice: Choice) -> dict:
     return message
 
 
-class ToolCallDeltas:
-    """Streamed ``delta.tool_calls`` of one choice, from its sequence's tool-call parser: the call's
-    index, id, type and name first, then its arguments in pieces, as OpenAI streams them."""
-
-    def __init__(self) -> None:
-        self.index = 0  # the call being streamed
-        self.sent = 0  # characters of its arguments sent
-        self.named = False
-        self.call_id = ""
-
-    def after(self, parser: Any) -> list[dict]:
-        """The deltas a token added (``parser`` is the sequence's ToolCallParser)."""
-        deltas = []
-        while self.index < len(parser.calls):  # calls completed: send what is left of them
-            call = parser.calls[self.index]
-            deltas += self._progress(call.name, call.arguments, call.id)
-            self.index, self.sent, self.named = self.index + 1, 0, False
-        if parser.in_call and parser.name is not None:
-            deltas += self._progress(parser.name, parser.arguments, None)
-        return deltas
-
-    def _progress(self, name: str, arguments: str, call_id: str | None) -> list[dict]:
-        deltas = []
-        if not self.named:
-            self.named = True
-            self.call_id = call_id or f"call_{secrets.token_hex(12)}"
-            deltas.append({"index": self.index, "id": self.call_id, "type": "function",
-                           "function": {"name": name, "arguments": ""}})
-        if len(arguments) > self.sent:
-            deltas.append({"index": self.index, "function": {"arguments": arguments[self.sent:]}})
-            self.sent = len(arguments)
-        return deltas
 
 
-# --- embeddings ------------------------------------------------------------------------------
-EMBEDDING_FIELDS = {"input", "model", "encoding_format", "dimensions", "user"}
-MAX_EMBEDDING_INPUTS = 2048  # OpenAI's own limit on inputs per request
+# --- routes ------------------------------------------------------------------------------------
+@endpoint(APIError.body)
+async def chat_completions(request: Request) -> Response:
+    return await _generate(request, "chat")
 
 
-@dataclass
-class EmbeddingRequest:
-    """An embeddings request: texts to tokenise, or token lists given as they are."""
-
-    texts: list[str] | None
-    token_lists: list[list[int]] | None
-    base64: bool
-    dimensions: int | None
+@endpoint(APIError.body)
+async def completions(request: Request) -> Response:
+    return await _generate(request, "completion")
 
 
-def _is_token_list(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(
-        isinstance(x, int) and not isinstance(x, bool) for x in value)
-
-
-def parse_embedding_request(body: Any, *, max_inputs: int = MAX_EMBEDDING_INPUTS) -> EmbeddingRequest:
-    """Check a ``/v1/embeddings`` body: ``input`` is a string, a list of strings, a list of token ids,
-    or a list of such lists; none may be empty."""
-    if not isinstance(body, dict):
-        raise _bad("the request body must be a JSON object.")
-    unknown = sorted(set(body) - EMBEDDING_FIELDS)
-    if unknown:
-        raise _bad(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0])
-    if "input" not in body:
-        raise _bad("'input' is required: a string, a list of strings, or lists of token ids.", "input")
-    value = body["input"]
-    texts: list[str] | None = None
-    token_lists: list[list[int]] | None = None
-    if isinstance(value, str):
-        texts = [value]
-    elif _is_token_list(value):
-        token_lists = [value]
-    elif isinstance(value, list) and value and all(isinstance(item, str) for item in value):
-        texts = value
-    elif isinstance(value, list) and value and all(_is_token_list(item) for item in value):
-        token_lists = value
-    elif value == []:
-        raise _bad("'input' is an empty list; send at least one text.", "input")
-    else:
-        raise _bad("'input' must be a string, a list of strings, a list of token ids, or a list of lists of "
-                   "token ids (all non-empty).", "input")
-    count = len(texts if texts is not None else token_lists or [])
-    if count > max_inputs:
-        raise _bad(f"'input' has {count} items; at most {max_inputs} fit in one request: send several.", "input")
-    if texts is not None and any(not text for text in texts):
-        raise _bad(f"'input' item {texts.index('')} is an empty string, which has no embedding.", "input")
-    encoding = body.get("encoding_format", "float")
-    if encoding not in ("float", "base64"):
-        raise _bad("'encoding_format' must be 'float' or 'base64'.", "encoding_format")
-    dimensions = _integer(body, "dimensions", 1)
-    if "model" in body and not isinstance(body["model"], str):
-        raise _bad("'model' must be a string.", "model")
-    return EmbeddingRequest(texts, token_lists, encoding == "base64", dimensions)
-
-
-def embedding_body(vectors: list[list[float]], model: str, prompt_tokens: int, *, base64: bool) -> dict:
-    """The ``/v1/embeddings`` response: ``base64`` gives each vector as little-endian float32 bytes."""
+@endpoint(APIError.body)
+async def list_models(request: Request) -> Response:
+    """Every model this server answers for, and whether it is loaded now."""
+    server = state(request)
+    pool = server.pool
     data = []
-    for index, vector in enumerate(vectors):
-        encoded: list[float] | str = vector
-        if base64:
-            packed = array.array("f", vector)
-            if sys.byteorder == "big":
-                packed.byteswap()
-            encoded = b64encode(packed.tobytes()).decode("ascii")
-        data.append({"object": "embedding", "index": index, "embedding": encoded})
-    return {"object": "list", "data": data, "model": model,
-            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
+    for spec in pool.specs:
+        served = pool.served(spec)
+        status = "unloaded" if served is None else "loaded" if served.loaded else \
+            "unloading" if served.draining else "loading"
+        data.append({"id": spec.name, "object": "model", "created": server.created, "owned_by": "mullama",
+                     "aliases": list(spec.aliases), "loaded": status == "loaded", "status": {"value": status}})
+    return JSONResponse({"object": "list", "data": data})
+
+
+async def _generate(request: Request, kind: str) -> Response:
+    server = state(request)
+    body = await read_json(request)
+    parsed = parse_request(body, kind, max_tokens_limit=server.settings.max_tokens_limit)
+    lease, jobs = await start(request, parsed)
+    request_id = new_id(kind)
+    n_prompt = jobs[0].prompt_tokens
+    if parsed.stream:
+        assert lease.served.model is not None
+        events = _events(jobs, parsed, kind, request_id, n_prompt, lease.name, lease.served.model._cached_piece,
+                         request)
+        return StreamingResponse(lease.until_closed(events), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    async with lease as served:
+        assert served.model is not None
+        piece = served.model._cached_piece
+        choices = await run_to_end(request, jobs, asyncio.gather(*(_collect(job, kind, piece) for job in jobs)))
+    completion_tokens = sum(job.completion_tokens for job in jobs)
+    server.finished(request.scope, completion_tokens)
+    return JSONResponse(completion_body(kind, request_id, lease.name, choices, n_prompt, completion_tokens))
+
+
+async def _collect(job: EngineRequest, kind: str, piece: Piece) -> Choice:
+    tokens = []
+    while (token := await job.next_token()) is not None:
+        tokens.append(token)
+    calls = [call.to_openai() for call in job.tool_calls] or None
+    return Choice(job.text, job.finish_reason or "stop", logprobs_body(kind, tokens, piece), calls,
+                  job.reasoning or None)
+
+
+async def _events(jobs: list[EngineRequest], parsed: ParsedRequest, kind: str, request_id: str, n_prompt: int,
+                  model_name: str, piece: Piece, request: Request) -> AsyncIterator[str]:
+    """The SSE body of a streamed answer: the role, then text, thought and tool-call deltas per choice as
+    they come, each choice's finish_reason, usage when asked for, and ``[DONE]``."""
+    stamp = int(time.time())
+
+    def event(payload: dict) -> str:
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+    try:
+        if kind == "chat":
+            for index in range(len(jobs)):
+                yield event(chunk(kind, request_id, model_name, stamp, role=True, index=index))
+        pending: list[list[Token]] = [[] for _ in jobs]  # tokens whose text is not out yet, per choice
+        calls = [ToolCallDeltas() for _ in jobs]
+        async for index, token in merged(jobs):
+            if isinstance(token, MullamaError):
+                yield event(error_body(str(token), type="server_error", code=token.code.lower()))
+                return
+            if token is None:
+                yield event(chunk(kind, request_id, model_name, stamp, index=index,
+                                  finish_reason=jobs[index].finish_reason))
+                continue
+            parser = jobs[index]._sequence.tools
+            if parser is not None:
+                for delta in calls[index].after(parser):
+                    yield event(chunk(kind, request_id, model_name, stamp, index=index, tool_call=delta))
+            if token.kind == "reasoning":
+                yield event(chunk(kind, request_id, model_name, stamp, index=index, reasoning=token.text))
+                continue
+            pending[index].append(token)
+            if token.text:
+                logprobs = logprobs_body(kind, pending[index], piece)
+                yield event(chunk(kind, request_id, model_name, stamp, text=token.text, logprobs=logprobs,
+                                  index=index))
+                pending[index] = []
+        completion_tokens = sum(job.completion_tokens for job in jobs)
+        if parsed.include_usage:
+            yield event(usage_chunk(kind, request_id, model_name, stamp, n_prompt, completion_tokens))
+        yield "data: [DONE]\n\n"
+        state(request).finished(request.scope, completion_tokens)
+    finally:  # the client went away, or we are done: either way the sequences stop now
+        for job in jobs:
+            job.cancel()

@@ -1,0 +1,132 @@
+"""The ASGI application: every wire format's routes over one model pool, plus ``/health`` and
+``/metrics`` (Prometheus text). Safe by default: the API key (when set) is checked on every route
+but ``/health``, request bodies and ``max_tokens`` are bounded, and no route opens a path a request
+names (a request's ``model`` picks among the models the server was started with)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route, WebSocketRoute
+
+from .._engine import Engine
+from .._model import Model
+from . import _anthropic, _embeddings, _ollama, _openai
+from ._http import ServerSettings, ServerState, endpoint, state
+from ._pool import ModelPool
+from ._request import APIError, error_body
+from ._websocket import websocket
+
+__all__ = ["create_app"]
+
+
+def create_app(source: Model | ModelPool, engine: Engine | None = None,
+               settings: ServerSettings | None = None) -> Starlette:
+    """The application serving ``source``: a pool of models, or one loaded model with its engine
+    (None for an embedding model), which then answers every request whatever its ``model`` says."""
+    settings = settings or ServerSettings()
+    if isinstance(source, ModelPool):
+        pool = source
+    else:
+        pool = ModelPool.pinned(source, engine, settings.model_name or source.path.stem)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        watcher = asyncio.create_task(pool.run())
+        try:
+            yield
+        finally:
+            watcher.cancel()
+            await pool.close()
+
+    app = Starlette(routes=ROUTES, exception_handlers={404: _no_route, 405: _no_route}, lifespan=lifespan)
+    app.state.mullama = ServerState(settings, pool)
+    return app
+
+
+async def health(request: Request) -> Response:
+    """Whether every loaded model's engine is alive, and how busy they are (no API key needed)."""
+    loaded = state(request).pool.loaded()
+    engines = [served.engine for served in loaded if served.engine is not None]
+    dead = [engine for engine in engines if not engine.alive]
+    if dead:
+        failure = dead[0].failure
+        reason = repr(failure) if failure is not None else "the engine is stopped"
+        return JSONResponse({"status": "error", "error": reason}, status_code=503)
+    return JSONResponse({"status": "ok", "active_streams": sum(engine.active_streams for engine in engines),
+                         "waiting": sum(engine.waiting for engine in engines),
+                         "loaded": [served.spec.name for served in loaded]})
+
+
+@endpoint(APIError.body)
+async def prometheus(request: Request) -> Response:
+    server = state(request)
+    pool = server.pool
+    engines = [served.engine for served in pool.loaded() if served.engine is not None]
+    stats: collections.Counter[str] = collections.Counter(pool.retired_stats)
+    for engine in engines:
+        stats.update(engine.stats)
+    recent = sum(n for _, n in server.metrics.recent) / 60.0
+    decode_tps = (stats["completion_tokens_total"] / stats["decode_seconds"]) if stats["decode_seconds"] else 0.0
+    lines = [
+        ("mullama_requests_total", "counter", "Generation requests accepted.", stats["requests_total"]),
+        ("mullama_requests_finished_total", "counter", "Requests that ran to the end.", stats["requests_finished"]),
+        ("mullama_requests_cancelled_total", "counter", "Requests cancelled (disconnects).",
+         stats["requests_cancelled"]),
+        ("mullama_requests_failed_total", "counter", "Requests that failed.", stats["requests_failed"]),
+        ("mullama_requests_rejected_total", "counter", "Requests refused: queue full.", stats["rejected_total"]),
+        ("mullama_prompt_tokens_total", "counter", "Prompt tokens received.", stats["prompt_tokens_total"]),
+        ("mullama_tokens_generated_total", "counter", "Tokens generated.", stats["completion_tokens_total"]),
+        ("mullama_active_streams", "gauge", "Streams being generated now.",
+         sum(engine.active_streams for engine in engines)),
+        ("mullama_waiting_requests", "gauge", "Requests waiting for a slot.",
+         sum(engine.waiting for engine in engines)),
+        ("mullama_tokens_per_second", "gauge", "Tokens/s over the last minute.", round(recent, 3)),
+        ("mullama_decode_tokens_per_second", "gauge", "Generated tokens per second of decoding.",
+         round(decode_tps, 3)),
+        ("mullama_models_loaded", "gauge", "Models loaded now.", len(pool.loaded())),
+        ("mullama_model_loads_total", "counter", "Models loaded on demand.", pool.loads),
+        ("mullama_model_unloads_total", "counter", "Models unloaded (idle, or to make room).", pool.unloads),
+    ]
+    text = "".join(f"# HELP {name} {help_}\n# TYPE {name} {kind}\n{name} {value}\n"
+                   for name, kind, help_, value in lines)
+    text += "# HELP mullama_http_responses_total HTTP responses by status.\n"
+    text += "# TYPE mullama_http_responses_total counter\n"
+    text += "".join(f'mullama_http_responses_total{{status="{status}"}} {count}\n'
+                    for status, count in sorted(server.metrics.http_requests.items()))
+    return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+
+async def _no_route(request: Request, exc: Exception) -> Response:
+    status = getattr(exc, "status_code", 404)
+    state(request).metrics.count(status)
+    return JSONResponse(error_body(f"{request.method} {request.url.path}: "
+                                   f"{'no such route' if status == 404 else 'method not allowed'}."),
+                        status_code=status)
+
+
+ROUTES = [
+    Route("/v1/chat/completions", _openai.chat_completions, methods=["POST"]),
+    Route("/v1/completions", _openai.completions, methods=["POST"]),
+    Route("/v1/embeddings", _embeddings.embeddings, methods=["POST"]),
+    Route("/v1/models", _openai.list_models, methods=["GET"]),
+    Route("/v1/messages", _anthropic.messages, methods=["POST"]),
+    Route("/v1/messages/count_tokens", _anthropic.count_tokens, methods=["POST"]),
+    Route("/api/chat", _ollama.chat, methods=["POST"]),
+    Route("/api/generate", _ollama.generate, methods=["POST"]),
+    Route("/api/embed", _ollama.embed, methods=["POST"]),
+    Route("/api/tags", _ollama.tags, methods=["GET"]),
+    Route("/api/ps", _ollama.ps, methods=["GET"]),
+    Route("/api/show", _ollama.show, methods=["POST"]),
+    Route("/api/pull", _ollama.pull, methods=["POST"]),
+    Route("/api/version", _ollama.version, methods=["GET"]),
+    Route("/health", health, methods=["GET"]),
+    Route("/metrics", prometheus, methods=["GET"]),
+    WebSocketRoute("/v1/ws", websocket),
+]

@@ -1,0 +1,93 @@
+"""From the internal request to running sequences: render and tokenise the prompt of a served
+model, then queue one sequence per choice on its engine. Every wire format generates through here."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+
+from .._config import StreamConfig
+from .._engine import EngineRequest
+from .._exceptions import (
+    ContextOverflowError,
+    EngineError,
+    InvalidConfigError,
+    QueueFullError,
+    TemplateError,
+    TokenizeError,
+)
+from .._tools import chat_prompt
+from ._http import ServerSettings, state, submit_in_all
+from ._pool import _UNSET, Lease, Served
+from ._request import APIError, ParsedRequest
+
+__all__ = ["prepare", "prompt_tokens", "start"]
+
+
+def prompt_tokens(served: Served, parsed: ParsedRequest, settings: ServerSettings) -> tuple[list[int], StreamConfig]:
+    """The request's prompt, rendered (with its tools) and tokenised, and the config to generate it
+    with (CPU work: called in a worker thread)."""
+    model = served.model
+    assert model is not None  # the caller holds a lease
+    param = "messages" if parsed.kind == "chat" else "prompt"
+    try:
+        config = parsed.config
+        if parsed.messages is not None:
+            text, config = chat_prompt(model, parsed.messages, config, tools=parsed.tools,
+                                       tool_choice=parsed.tool_choice, parallel_tool_calls=parsed.parallel_tool_calls,
+                                       chat_template=None, chat_template_kwargs=None,
+                                       reasoning_format=parsed.reasoning_format)
+        else:
+            text = parsed.prompt or ""
+        if len(text) > settings.max_prompt_chars:
+            raise APIError(413, f"the prompt is {len(text)} characters long once rendered; the limit is "
+                                f"{settings.max_prompt_chars}.", param=param)
+        return model.tokenize(text, add_special=True, parse_special=True), config
+    except (TemplateError, TokenizeError, InvalidConfigError) as exc:
+        tools_problem = parsed.tools and ("tool" in str(exc) or "grammar" in str(exc))
+        raise APIError(400, str(exc), param="tools" if tools_problem else param) from None
+
+
+async def start(request: Request, parsed: ParsedRequest, *, keep_alive: float | None = _UNSET
+                ) -> tuple[Lease, list[EngineRequest]]:
+    """Lease the model the request names (loading it if need be) and queue its sequences. The caller
+    releases the lease when its answer is complete (a streamed one: ``lease.until_closed``)."""
+    server = state(request)
+    lease = await server.pool.lease(parsed.model, keep_alive=keep_alive)
+    try:
+        jobs = await submit_in_all(lambda: prepare(lease.served, parsed, server.settings))
+    except BaseException:
+        lease.release()
+        raise
+    return lease, jobs
+
+
+def prepare(served: Served, parsed: ParsedRequest, settings: ServerSettings) -> list[EngineRequest]:
+    """Render and tokenise ``parsed``, then queue one sequence per choice (in a worker thread: the
+    event loop stays free). If one cannot be queued, none is."""
+    if served.engine is None:
+        raise APIError(400, f"{served.spec.name} is an embedding model: it answers embedding requests only.",
+                       code="model_not_generative")
+    tokens, config = prompt_tokens(served, parsed, settings)
+    jobs: list[EngineRequest] = []
+    try:
+        for choice_config in parsed.choice_configs(config):
+            jobs.append(_submit(served, tokens, choice_config))
+    except BaseException:
+        for job in jobs:
+            job.cancel()
+        raise
+    return jobs
+
+
+def _submit(served: Served, tokens: list[int], config: StreamConfig) -> EngineRequest:
+    assert served.engine is not None
+    try:
+        return served.engine.submit(tokens, config)
+    except QueueFullError as exc:
+        raise APIError(429, str(exc), type="rate_limit_error", code="queue_full") from None
+    except ContextOverflowError as exc:
+        raise APIError(400, str(exc), code="context_length_exceeded") from None
+    except EngineError as exc:
+        raise APIError(503, str(exc), type="server_error", code="engine_failed") from None
+    except InvalidConfigError as exc:
+        raise APIError(400, str(exc)) from None

@@ -1,0 +1,289 @@
+"""What every route shares, whatever its wire format: the server's state, the API-key check,
+reading a JSON body within limits, error responses in the route's own shape, metrics, the
+access log, and reading engine requests to their end when the client may go away."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import ipaddress
+import json
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+
+from .._async import submit_in_thread
+from .._engine import EngineRequest
+from .._exceptions import MullamaError
+from .._sequence import Token
+from ._request import APIError, generation_error
+
+if TYPE_CHECKING:
+    from ._pool import ModelPool
+
+T = TypeVar("T")
+TOKENS_KEY = "mullama.tokens"  # where a route leaves the number of tokens it generated, for the access log
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's own limit on inputs per request
+
+
+@dataclass
+class ServerSettings:
+    model_name: str = ""  # the name of the one model a single-model server answers with
+    api_key: str | None = None
+    max_body_bytes: int = 1 << 20
+    max_tokens_limit: int = 4096
+    max_prompt_chars: int = 4 << 20  # the rendered prompt (template included), before tokenising
+    pooling: str | None = None  # for embeddings: None is the model's own (mean for generative models)
+    embedding_batch: int | None = None  # tokens per embedding decode, and the longest input (default 512)
+    max_embedding_inputs: int = MAX_EMBEDDING_INPUTS
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.http_requests: dict[int, int] = {}
+        self.recent: list[tuple[float, int]] = []  # (time, tokens) of finished requests, for tokens/s
+
+    def count(self, status: int) -> None:
+        self.http_requests[status] = self.http_requests.get(status, 0) + 1
+
+    def finished(self, tokens: int) -> None:
+        now = time.monotonic()
+        self.recent.append((now, tokens))
+        self.recent = [(t, n) for t, n in self.recent if now - t < 60]
+
+
+@dataclass
+class ServerState:
+    """Everything the routes share; the app keeps it as ``app.state.mullama``."""
+
+    settings: ServerSettings
+    pool: ModelPool
+    metrics: Metrics = field(default_factory=Metrics)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def authorized(self, headers: Any) -> bool:
+        """``Authorization: Bearer KEY`` or ``x-api-key: KEY`` matches the server's key (if it has one)."""
+        key = self.settings.api_key
+        if not key:
+            return True
+        supplied = headers.get("x-api-key") or ""
+        auth = headers.get("authorization") or ""
+        if auth.lower().startswith("bearer "):
+            supplied = auth[7:].strip()
+        return bool(supplied) and hmac.compare_digest(supplied.encode(), key.encode())
+
+    def finished(self, scope: MutableMapping[str, Any], tokens: int) -> None:
+        """A generation ended: its tokens count in the metrics and its access-log line."""
+        self.metrics.finished(tokens)
+        scope[TOKENS_KEY] = tokens
+
+
+def state(request: Request) -> ServerState:
+    return request.app.state.mullama
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def endpoint(shape: Callable[[APIError], dict]) -> Callable[[Handler], Handler]:
+    """A route of one wire format: the API key is checked first; an APIError (or a MullamaError, such
+    as a model that fails to load) is answered in ``shape``, the format's error body; every answer counts
+    in the metrics."""
+    def wrap(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        async def route(request: Request) -> Response:
+            server = state(request)
+            try:
+                if not server.authorized(request.headers):
+                    raise APIError(401, "missing or wrong API key: send Authorization: Bearer <key> (or x-api-key).",
+                                   type="authentication_error", code="invalid_api_key")
+                response = await handler(request)
+            except APIError as exc:
+                response = JSONResponse(shape(exc), status_code=exc.status)
+            except MullamaError as exc:
+                problem = generation_error(exc)
+                response = JSONResponse(shape(problem), status_code=problem.status)
+            server.metrics.count(response.status_code)
+            return response
+        return route
+    return wrap
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_json(body: bytes | bytearray | str) -> Any:
+    """A request's JSON; any failure (nesting too deep included) is a 400 APIError."""
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise APIError(400, "the request body is not valid JSON: nested too deeply.") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"the request body is not valid JSON: {exc}.") from None
+
+
+async def read_json(request: Request) -> Any:
+    """The request's JSON body: Content-Type application/json, at most ``max_body_bytes``."""
+    limit = state(request).settings.max_body_bytes
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";")[0].strip().lower() != "application/json":
+        raise APIError(415, "send the request body as JSON with Content-Type: application/json.")
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        raise APIError(413, f"the request body is larger than {limit} bytes.")
+    body = bytearray()
+    try:
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise APIError(413, f"the request body is larger than {limit} bytes.")
+    except ClientDisconnect:
+        raise APIError(400, "the client disconnected while sending the body.") from None
+    return parse_json(body)
+
+
+async def read_object(request: Request) -> dict:
+    """The request's JSON body, which must be an object."""
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object.")
+    return body
+
+
+def requested_model(body: Any) -> str | None:
+    """The body's ``model`` (ollama's clients may send ``name``), checked to be a string."""
+    if not isinstance(body, dict):
+        return None
+    name = body.get("model", body.get("name"))
+    if name is not None and not isinstance(name, str):
+        raise APIError(400, "'model' must be a string.", param="model")
+    return name or None
+
+
+async def _cancel_on_disconnect(request: Request, jobs: list[EngineRequest]) -> None:
+    """Cancel ``jobs`` when the HTTP client goes away (its body is read: the next message is that)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            for job in jobs:
+                job.cancel()
+            return
+
+
+async def run_to_end(request: Request, jobs: list[EngineRequest], work: Awaitable[T]) -> T:
+    """Await ``work``, which reads ``jobs`` to their end: nobody reads a non-streamed answer once its
+    client is gone, so the jobs stop then too; afterwards every job is cancelled (a no-op once finished).
+    A job's MullamaError propagates."""
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, jobs))
+    try:
+        return await work
+    finally:
+        watcher.cancel()
+        for job in jobs:
+            job.cancel()
+
+
+async def drain(job: EngineRequest) -> None:
+    """Read ``job`` to its end (its text and statistics stay on it)."""
+    while await job.next_token() is not None:
+        pass
+
+
+async def submit_in_all(start: Callable[[], list[EngineRequest]]) -> list[EngineRequest]:
+    """``start()`` in a worker thread (see submit_in_thread), for several sequences at once."""
+    def cancel_all(jobs: list[EngineRequest]) -> None:
+        for job in jobs:
+            job.cancel()
+
+    return await submit_in_thread(start, cancel_all)
+
+
+async def merged(jobs: list[EngineRequest]) -> AsyncIterator[tuple[int, Token | MullamaError | None]]:
+    """Tokens of several sequences as they come: (choice index, token); None ends a choice, an error
+    ends them all."""
+    if len(jobs) == 1:  # the common case, without tasks
+        while True:
+            try:
+                token = await jobs[0].next_token()
+            except MullamaError as exc:
+                yield 0, exc
+                return
+            yield 0, token
+            if token is None:
+                return
+    queue: asyncio.Queue[tuple[int, Token | MullamaError | None]] = asyncio.Queue()
+
+    async def pump(index: int, job: EngineRequest) -> None:
+        try:
+            while (token := await job.next_token()) is not None:
+                await queue.put((index, token))
+            await queue.put((index, None))
+        except MullamaError as exc:
+            await queue.put((index, exc))
+
+    tasks = [asyncio.create_task(pump(i, job)) for i, job in enumerate(jobs)]
+    try:
+        open_choices = len(jobs)
+        while open_choices:
+            index, item = await queue.get()
+            yield index, item
+            if isinstance(item, MullamaError):
+                return
+            if item is None:
+                open_choices -= 1
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+class AccessLog:
+    """ASGI middleware: one line per HTTP request on standard error, when its response ends:
+    client, method, path, status, generated tokens (when the route reports them), milliseconds."""
+
+    def __init__(self, app: Any, stream: Any = None) -> None:
+        self.app = app
+        self.stream = stream
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 0
+        logged = False
+        scope[TOKENS_KEY] = None
+
+        def log() -> None:
+            nonlocal logged
+            logged = True
+            tokens = scope.get(TOKENS_KEY)
+            client = (scope.get("client") or ("-",))[0]
+            print(f"{client} {scope['method']} {scope['path']} {status or '-'}"
+                  f"{f' {tokens} tokens' if tokens is not None else ''} "
+                  f"{(time.perf_counter() - started) * 1000:.0f} ms", file=self.stream or sys.stderr, flush=True)
+
+        async def logging_send(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False) and not logged:
+                log()
+
+        try:
+            await self.app(scope, receive, logging_send)
+        finally:
+            if not logged:  # the client went away before the end
+                log()

@@ -1,0 +1,363 @@
+"""ollama's API (``/api/chat``, ``/api/generate``, ``/api/embed``, ``/api/tags``, ``/api/show``,
+``/api/ps``, ``/api/pull``, ``/api/version``): requests in, NDJSON lines and bodies out, translated
+to and from the internal request the engine serves, and the routes. As ollama: streaming is the
+default, the prompt of ``/api/generate`` goes through the model's chat template unless ``raw``,
+``options`` carry the sampling settings, ``format`` is ``"json"`` or a JSON schema, ``keep_alive``
+sets how long the model stays loaded, durations are nanoseconds, errors are ``{"error": ...}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from .._config import StreamConfig
+from .._engine import EngineRequest
+from .._exceptions import InvalidConfigError, MullamaError
+from ._embeddings import embed_request, parse_embedding_request
+from ._generation import start
+from ._http import drain, endpoint, read_object, requested_model, run_to_end, state
+from ._pool import ModelSpec, Served, parse_keep_alive
+from ._request import APIError, ParsedRequest, bad
+
+__all__ = ["chat", "chat_line", "done_line", "embed", "error_body", "generate", "parse_chat", "parse_generate",
+           "ps", "pull", "show", "tags", "timestamp", "version"]
+
+VERSION = "0.13.0"  # the ollama API version whose shapes these are
+# ollama option -> StreamConfig field (options not listed, such as num_ctx or num_thread, are server settings)
+OPTIONS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p", "seed": "seed",
+           "stop": "stop_sequences", "repeat_penalty": "repeat_penalty", "repeat_last_n": "repeat_last_n",
+           "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty", "typical_p": "typical_p",
+           "mirostat": "mirostat", "mirostat_tau": "mirostat_tau", "mirostat_eta": "mirostat_eta"}
+DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9}  # ollama's own
+
+
+def error_body(exc: APIError) -> dict:
+    return {"error": exc.message}
+
+
+def _config(body: dict, max_tokens_limit: int) -> StreamConfig:
+    options = body.get("options") or {}
+    if not isinstance(options, dict):
+        raise bad("options must be an object.")
+    fields: dict[str, Any] = {"timeout_ms": None, **DEFAULTS}
+    for name, value in options.items():
+        if name in OPTIONS and value is not None:
+            fields[OPTIONS[name]] = value if name != "stop" or isinstance(value, list) else [value]
+    predict = options.get("num_predict")
+    if predict is not None and (isinstance(predict, bool) or not isinstance(predict, int)):
+        raise bad("options.num_predict must be an integer (-1: as many as fit).")
+    fields["max_tokens"] = max_tokens_limit if predict is None or predict < 0 else min(max(predict, 1),
+                                                                                        max_tokens_limit)
+    fmt = body.get("format")
+    if fmt == "json":
+        fields["json_schema"] = {"type": "object"}
+    elif isinstance(fmt, dict):
+        fields["json_schema"] = fmt
+    elif fmt not in (None, ""):
+        raise bad("format must be \"json\" or a JSON schema object.")
+    try:
+        return StreamConfig(**fields)
+    except InvalidConfigError as exc:
+        raise bad(str(exc)) from None
+    except TypeError as exc:
+        raise bad(f"an option has the wrong type: {exc}") from None
+
+
+def _stream(body: dict) -> bool:
+    stream = body.get("stream", True)
+    if not isinstance(stream, bool):
+        raise bad("stream must be true or false.")
+    return stream
+
+
+def _messages(messages: Any) -> list[dict]:
+    """ollama messages as OpenAI-shaped ones (tool call arguments as JSON text)."""
+    if not isinstance(messages, list) or not messages:
+        raise bad("messages must be a non-empty list of {role, content}.")
+    result = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise bad(f"messages[{index}] needs a role.")
+        if message.get("images"):
+            raise bad(f"messages[{index}]: images are not supported by this model.")
+        entry: dict[str, Any] = {"role": message["role"], "content": message.get("content") or ""}
+        calls = message.get("tool_calls")
+        if calls:
+            entry["tool_calls"] = [{"id": f"call_{number}", "type": "function", "function": {
+                "name": (call.get("function") or {}).get("name"),
+                "arguments": json.dumps((call.get("function") or {}).get("arguments") or {}, ensure_ascii=False)}}
+                for number, call in enumerate(calls) if isinstance(call, dict)]
+        result.append(entry)
+    return result
+
+
+def parse_chat(body: Any, *, max_tokens_limit: int) -> ParsedRequest:
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object.")
+    tools = body.get("tools") or None
+    if tools is not None and not isinstance(tools, list):
+        raise bad("tools must be a list.")
+    return ParsedRequest("chat", _config(body, max_tokens_limit), _stream(body), False,
+                         messages=_messages(body.get("messages")), tools=tools, model=requested_model(body))
+
+
+def parse_generate(body: Any, *, max_tokens_limit: int) -> ParsedRequest:
+    """``/api/generate``: the prompt through the chat template (with ``system``) unless ``raw``."""
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object.")
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        raise bad("prompt must be a non-empty string.")
+    if body.get("template"):
+        raise bad("template overrides are Go templates, which mullama does not run; start the server with "
+                   "--chat-template-file (Jinja), or send raw: true with a prompt you formatted.")
+    if body.get("images") or body.get("suffix"):
+        raise bad("images and suffix are not supported.")
+    config, stream = _config(body, max_tokens_limit), _stream(body)
+    if body.get("raw"):
+        return ParsedRequest("completion", config, stream, False, prompt=prompt, model=requested_model(body))
+    system = body.get("system")
+    messages = ([{"role": "system", "content": system}] if isinstance(system, str) and system else [])
+    return ParsedRequest("chat", config, stream, False, messages=[*messages, {"role": "user", "content": prompt}],
+                         model=requested_model(body))
+
+
+def timestamp() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1e6) % 1_000_000:06d}Z"
+
+
+def chat_line(kind: str, model: str, text: str = "", tool_calls: list[Any] | None = None) -> dict:
+    """One streamed piece: ``message`` for /api/chat, ``response`` for /api/generate."""
+    if kind == "chat":
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if tool_calls:
+            message["tool_calls"] = [{"function": {"name": call.name, "arguments": json.loads(call.arguments)}}
+                                     for call in tool_calls]
+        return {"model": model, "created_at": timestamp(), "message": message, "done": False}
+    return {"model": model, "created_at": timestamp(), "response": text, "done": False}
+
+
+def done_line(kind: str, model: str, job: Any, started: float, text: str = "", tool_calls: list[Any] | None = None
+              ) -> dict:
+    """The last line (or the whole non-streamed body): the reason and ollama's statistics."""
+    line = chat_line(kind, model, text, tool_calls)
+    sequence = job._sequence
+    prompt_seconds = job.prompt_seconds() or 0.0
+    first, last = sequence.first_token, sequence.last_token
+    line.update(done=True, done_reason="length" if job.finish_reason == "length" else "stop",
+                total_duration=int((time.perf_counter() - started) * 1e9), load_duration=0,
+                prompt_eval_count=job.prompt_tokens, prompt_eval_duration=int(prompt_seconds * 1e9),
+                eval_count=job.completion_tokens,
+                eval_duration=int(((last - first) if first is not None and last is not None else 0.0) * 1e9))
+    return line
+
+
+# --- routes ------------------------------------------------------------------------------------
+@endpoint(error_body)
+async def chat(request: Request) -> Response:
+    return await _generation(request, "chat")
+
+
+@endpoint(error_body)
+async def generate(request: Request) -> Response:
+    return await _generation(request, "generate")
+
+
+async def _generation(request: Request, kind: str) -> Response:
+    server = state(request)
+    started = time.perf_counter()
+    body = await read_object(request)
+    try:
+        keep_alive = parse_keep_alive(body.get("keep_alive"))
+    except InvalidConfigError as exc:
+        raise bad(str(exc), "keep_alive") from None
+    if not body.get("prompt" if kind == "generate" else "messages"):
+        return await _load_or_unload(request, kind, body, keep_alive)
+    parse = parse_chat if kind == "chat" else parse_generate
+    parsed = parse(body, max_tokens_limit=server.settings.max_tokens_limit)
+    lease, (job,) = await start(request, parsed, keep_alive=keep_alive)
+    name = parsed.model or lease.name
+    if parsed.stream:
+        return StreamingResponse(lease.until_closed(_lines(job, kind, name, started, request)),
+                                 media_type="application/x-ndjson")
+    async with lease:
+        await run_to_end(request, [job], drain(job))
+    server.finished(request.scope, job.completion_tokens)
+    return JSONResponse(done_line(kind, name, job, started, job.text, job.tool_calls))
+
+
+async def _load_or_unload(request: Request, kind: str, body: dict, keep_alive: float | None) -> Response:
+    """ollama's way to load a model (a request with no prompt or messages) or, with ``keep_alive: 0``,
+    to unload it: the answer is one done line, its done_reason "load" or "unload"."""
+    pool = state(request).pool
+    name = requested_model(body)
+    spec = pool.find(name)
+    unload = keep_alive == 0
+    if unload and pool.served(spec) is None:
+        reason = "unload"  # not loaded: nothing to do
+    else:
+        async with await pool.lease(name, keep_alive=keep_alive):
+            reason = "unload" if unload else "load"
+    line = chat_line(kind, name or spec.name)
+    line.update(done=True, done_reason=reason)
+    return JSONResponse(line)
+
+
+async def _lines(job: EngineRequest, kind: str, name: str, started: float, request: Request) -> AsyncIterator[str]:
+    try:
+        while (token := await job.next_token()) is not None:
+            if token.text and token.kind == "content":
+                yield json.dumps(chat_line(kind, name, token.text), ensure_ascii=False) + "\n"
+    except MullamaError as exc:
+        yield json.dumps({"error": str(exc)}) + "\n"
+        return
+    finally:
+        job.cancel()
+    state(request).finished(request.scope, job.completion_tokens)
+    yield json.dumps(done_line(kind, name, job, started, "", job.tool_calls), ensure_ascii=False) + "\n"
+
+
+@endpoint(error_body)
+async def embed(request: Request) -> Response:
+    server = state(request)
+    started = time.perf_counter()
+    body = await read_object(request)
+    parsed = parse_embedding_request({"input": body.get("input"), "model": body.get("model")},
+                                     max_inputs=server.settings.max_embedding_inputs)
+    name, vectors, n_tokens = await embed_request(request, parsed)
+    return JSONResponse({"model": parsed.model or name, "embeddings": vectors,
+                         "total_duration": int((time.perf_counter() - started) * 1e9), "load_duration": 0,
+                         "prompt_eval_count": n_tokens})
+
+
+@functools.lru_cache(maxsize=64)
+def _file_details(path: str, mtime: float) -> dict:
+    """What ollama's listings say of a model file (read from its GGUF header; cached per file version)."""
+    from .._gguf import read_gguf_info
+
+    info = read_gguf_info(path)
+    metadata = {key: value for key, value in info.metadata.items() if not isinstance(value, list)}
+    return {"size": Path(path).stat().st_size,
+            "modified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(mtime)),
+            "details": {"parent_model": "", "format": "gguf", "family": info.architecture,
+                        "families": [info.architecture], "parameter_size": f"{info.n_params / 1e6:.0f}M",
+                        "quantization_level": info.quantization},
+            "template": info.chat_template or "", "model_info": metadata,
+            "embedding": f"{info.architecture}.pooling_type" in info.metadata}
+
+
+def _details(spec: ModelSpec) -> dict:
+    path = spec.path()
+    if path is None or not path.is_file():  # a hub model not downloaded yet
+        return {"size": 0, "modified_at": "", "details": {"format": "gguf"}, "template": "", "model_info": {},
+                "embedding": False}
+    return _file_details(str(path), path.stat().st_mtime)
+
+
+def _listing(spec: ModelSpec) -> dict:
+    details = _details(spec)
+    return {"name": spec.name, "model": spec.name, "size": details["size"], "digest": "",
+            "modified_at": details["modified_at"], "details": details["details"]}
+
+
+@endpoint(error_body)
+async def tags(request: Request) -> Response:
+    """Every model this server answers for."""
+    specs = state(request).pool.specs
+    return JSONResponse({"models": await asyncio.to_thread(lambda: [_listing(spec) for spec in specs])})
+
+
+def _running(served: Served) -> dict:
+    expires_in = served.expires_in
+    expires_at = "2999-01-01T00:00:00Z" if expires_in is None else time.strftime(
+        "%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + expires_in))
+    engine = served.engine
+    return {**_listing(served.spec), "size": served.memory, "size_vram": 0, "expires_at": expires_at,
+            "context_length": engine.n_ctx_per_slot if engine is not None else 0,
+            "idle_seconds": round(served.idle_seconds, 1),
+            "active_streams": engine.active_streams if engine is not None else 0}
+
+
+@endpoint(error_body)
+async def ps(request: Request) -> Response:
+    """The models loaded now: their memory (weights and KV cache), when they unload, how long idle."""
+    loaded = state(request).pool.loaded()
+    return JSONResponse({"models": await asyncio.to_thread(lambda: [_running(served) for served in loaded])})
+
+
+@endpoint(error_body)
+async def show(request: Request) -> Response:
+    body = await read_object(request)
+    spec = state(request).pool.find(requested_model(body))
+    details = await asyncio.to_thread(_details, spec)
+    return JSONResponse({"modelfile": f"FROM {spec.ref}\n", "parameters": "", "template": details["template"],
+                         "details": details["details"], "model_info": details["model_info"],
+                         "modified_at": details["modified_at"],
+                         "capabilities": ["embedding"] if details["embedding"] else ["completion"]})
+
+
+async def version(request: Request) -> Response:
+    """The ollama API version whose shapes these are (no API key needed, as /health)."""
+    return JSONResponse({"version": VERSION})
+
+
+@endpoint(error_body)
+async def pull(request: Request) -> Response:
+    """Download a hub model into the cache (verified, resumable), streaming ollama's progress lines."""
+    from .._hub import entry_for
+
+    body = await read_object(request)
+    name = requested_model(body)
+    if not name:
+        raise bad("pull needs a model name, such as smollm2:135m.", "model")
+    entry = await asyncio.to_thread(entry_for, name)  # MODEL_NOT_FOUND (404) for an unknown name
+    stream = body.get("stream", True)
+    if not isinstance(stream, bool):
+        raise bad("stream must be true or false.")
+    lines = _pull_lines(entry)
+    if stream:
+        return StreamingResponse(lines, media_type="application/x-ndjson")
+    last: dict = {}
+    async for line in lines:
+        last = json.loads(line)
+    if "error" in last:
+        raise APIError(500, last["error"])
+    return JSONResponse(last)
+
+
+async def _pull_lines(entry: Any) -> AsyncIterator[str]:
+    from .._download import progress_listener
+    from .._hub import pull as pull_model
+
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[dict | None] = asyncio.Queue()
+
+    def progress(label: str, total: int, done: int) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, {"status": f"pulling {label}", "digest": label,
+                                                     "total": total, "completed": done})
+
+    def work() -> None:
+        progress_listener.set(progress)
+        try:
+            pull_model(entry, quiet=True)
+            for status in ("verifying sha256 digest", "writing manifest", "success"):
+                loop.call_soon_threadsafe(queue.put_nowait, {"status": status})
+        except MullamaError as exc:
+            loop.call_soon_threadsafe(queue.put_nowait, {"error": str(exc)})
+        finally:
+            loop.call_soon_threadsafe(queue.put_nowait, None)
+
+    yield json.dumps({"status": "pulling manifest"}) + "\n"
+    task = asyncio.create_task(asyncio.to_thread(work))
+    while (line := await queue.get()) is not None:
+        yield json.dumps(line) + "\n"
+    await task

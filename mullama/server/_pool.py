@@ -1,0 +1,493 @@
+"""The models a server answers for: each loaded on first use (concurrent first requests share one
+load), kept warm while used, unloaded after ``keep_alive`` idle seconds, or — least recently used
+first — when ``max_loaded`` models or ``max_memory`` bytes would be exceeded.
+
+A request holds a lease on its model from the moment it asks for it until its sequences are queued;
+from then on the engine's own queue says the model is busy. A model is unloaded only when it holds
+no lease and its engine has nothing to do, so a swap never cuts a request short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import re
+import sys
+import time
+import weakref
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .._context_params import kv_cache_bytes
+from .._engine import Engine
+from .._exceptions import InvalidConfigError, ModelNotFoundError
+from .._model import Model
+from ._request import APIError
+
+__all__ = ["DEFAULT_KEEP_ALIVE", "Lease", "LoadOptions", "ModelPool", "ModelSpec", "Served", "load_model",
+           "model_specs", "parse_keep_alive"]
+
+DEFAULT_KEEP_ALIVE = 300.0  # seconds, as ollama
+TICK = 0.25  # seconds between checks for idle models
+_UNSET: Any = object()
+T = TypeVar("T")
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+def parse_keep_alive(value: Any) -> float | None:
+    """ollama's ``keep_alive``: seconds as a number, or a duration such as ``"5m"``, ``"1h30m"``, ``"10s"``;
+    negative keeps the model loaded for ever (None), 0 unloads it as soon as the request ends.
+    Absent: the model keeps the keep-alive it has."""
+    if value is None:
+        return _UNSET
+    if isinstance(value, str):
+        text = value.strip()
+        sign = -1.0 if text.startswith("-") else 1.0
+        text = text.lstrip("+-")
+        with contextlib.suppress(ValueError):
+            seconds = float(text)
+            return None if sign < 0 and seconds > 0 else seconds
+        parts = _DURATION.findall(text)
+        if not text or "".join(number + unit for number, unit in parts) != text:
+            raise InvalidConfigError(f"keep_alive must be a number of seconds or a duration such as \"5m\", "
+                                     f"not {value[:40]!r}.")
+        seconds = sum(float(number) * _UNITS[unit] for number, unit in parts)
+        return None if sign < 0 and seconds > 0 else seconds
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise InvalidConfigError(f"keep_alive must be a number of seconds or a duration such as \"5m\", not {value!r}.")
+    return None if value < 0 else float(value)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model the server may answer with: its listed ``name``, other names that pick it, and what
+    ``Model.load`` gets (a hub name or a path — never one a request gave)."""
+
+    name: str
+    ref: str
+    aliases: tuple[str, ...] = ()
+
+    def path(self) -> Path | None:
+        """Its file, when it is on disk (a local file, or a hub model already downloaded)."""
+        from .._hub import cached, is_local_path
+
+        if is_local_path(self.ref):
+            return Path(self.ref).expanduser()
+        try:
+            return cached(self.ref)
+        except ModelNotFoundError:
+            return None
+
+
+def model_specs(refs: Sequence[str], models_dir: str | os.PathLike | None = None) -> list[ModelSpec]:
+    """The specs for ``--models`` (hub names, tagless family names, paths) and every ``.gguf`` file
+    in ``--models-dir``. A hub model is named by its full name (``smollm2:135m``) and also answers to
+    the name given and its family (``smollm2``); a file by its stem. Problems fail here, at start."""
+    from .._hub import entry_for, is_family, is_local_path
+
+    specs: list[ModelSpec] = []
+    for ref in refs:
+        if is_local_path(ref):
+            path = Path(ref).expanduser()
+            if not path.is_file():
+                raise ModelNotFoundError(f"--models names {ref}, which is not a file.")
+            specs.append(ModelSpec(path.stem, str(path.resolve())))
+            continue
+        entry = entry_for(ref)  # MODEL_NOT_FOUND for an unknown name
+        family = entry.name.split(":")[0]
+        aliases = {ref, family} if is_family(family) else {ref}
+        specs.append(ModelSpec(entry.name, entry.name, tuple(sorted(aliases - {entry.name}))))
+    if models_dir is not None:
+        directory = Path(models_dir).expanduser()
+        if not directory.is_dir():
+            raise ModelNotFoundError(f"--models-dir {models_dir} is not a directory.")
+        files = sorted(directory.glob("*.gguf"))
+        if not files:
+            raise ModelNotFoundError(f"--models-dir {models_dir} holds no .gguf file.")
+        specs += [ModelSpec(path.stem, str(path.resolve())) for path in files]
+    names = [name for spec in specs for name in (spec.name, *spec.aliases)]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise InvalidConfigError(f"two models answer to {repeated[0]!r}; give each model once (rename a file "
+                                 "whose stem repeats another's name).")
+    if not specs:
+        raise InvalidConfigError("no model to serve: give a model, --models or --models-dir.")
+    return specs
+
+
+@dataclass
+class LoadOptions:
+    """How each served model is loaded and given an engine."""
+
+    parallel: int = 4
+    ctx_size: int | None = None
+    threads: int | None = None
+    max_queue: int = 64
+    pooling: str | None = None
+    chat_template: str | None = None
+
+
+def load_model(spec: ModelSpec, options: LoadOptions) -> tuple[Model, Engine | None]:
+    """Load ``spec`` and start its engine (none for an embedding model, which only embeds)."""
+    from .._embed import resolve_pooling
+
+    model = Model.load(spec.ref, chat_template=options.chat_template)
+    try:
+        if options.ctx_size is not None and options.ctx_size > model.n_ctx_train:
+            print(f"mullama: warning: --ctx-size {options.ctx_size} is beyond the {model.n_ctx_train} tokens "
+                  f"{spec.name} was trained with; replies may degrade past that point.", file=sys.stderr)
+        resolve_pooling(model, options.pooling)
+        engine = None
+        if model.generative:
+            engine = Engine(model, parallel=options.parallel, n_ctx=options.ctx_size, n_threads=options.threads,
+                            max_queue=options.max_queue)
+    except BaseException:
+        model.close()
+        raise
+    return model, engine
+
+
+@dataclass(eq=False)
+class Served:
+    """One model of the pool: loading, loaded, or being unloaded."""
+
+    spec: ModelSpec
+    model: Model | None = None
+    engine: Engine | None = None
+    pinned: bool = False  # the caller owns it: never unloaded by the pool
+    leases: int = 0
+    waiting: int = 0  # requests waiting for its load; each gets a lease when it ends
+    draining: bool = False  # chosen to be unloaded: new requests wait for that, then load it again
+    keep_alive: float | None = DEFAULT_KEEP_ALIVE  # idle seconds before it is unloaded; None: never
+    last_used: float = field(default_factory=time.monotonic)
+    memory: int = 0  # bytes: the weights' file and the KV cache
+    ready: asyncio.Future | None = None  # done when loaded (or failed to)
+    gone: asyncio.Future | None = None  # done when unloaded
+
+    @property
+    def loaded(self) -> bool:
+        return self.model is not None
+
+    @property
+    def busy(self) -> bool:
+        engine = self.engine
+        return bool(self.leases or self.waiting or (engine is not None and (engine.active_streams or engine.waiting)))
+
+    @property
+    def idle_seconds(self) -> float:
+        return 0.0 if self.busy else time.monotonic() - self.last_used
+
+    @property
+    def expires_in(self) -> float | None:
+        """Seconds until it is unloaded if nobody uses it (None: never)."""
+        if self.pinned or self.keep_alive is None:
+            return None
+        return max(0.0, self.keep_alive - self.idle_seconds)
+
+
+def _measured_memory(model: Model, engine: Engine | None) -> int:
+    size = model.path.stat().st_size
+    return size + (kv_cache_bytes(model, engine.n_ctx) if engine is not None else 0)
+
+
+class ModelPool:
+    """Which model answers a request, and when models load and unload (see the module's docstring).
+
+    ``any_name``: one model answers every request whatever its ``model`` field says (a single-model
+    server, as llama-server); otherwise an unknown name is a 404.
+    """
+
+    def __init__(self, specs: Sequence[ModelSpec], *, load: Callable[[ModelSpec], tuple[Model, Engine | None]],
+                 keep_alive: float | None = DEFAULT_KEEP_ALIVE, max_loaded: int | None = None,
+                 max_memory: int | None = None, any_name: bool = False) -> None:
+        if max_loaded is not None and (isinstance(max_loaded, bool) or not isinstance(max_loaded, int)
+                                       or max_loaded < 1):
+            raise InvalidConfigError(f"--max-loaded must be a positive integer, not {max_loaded!r}.")
+        if max_memory is not None and (not isinstance(max_memory, int) or max_memory < 1):
+            raise InvalidConfigError(f"--max-memory must be a positive number of bytes, not {max_memory!r}.")
+        if keep_alive is not None and not keep_alive >= 0:
+            raise InvalidConfigError(f"--keep-alive must be 0 or more seconds (None: for ever), not {keep_alive!r}.")
+        self.specs = list(specs)
+        self.keep_alive = keep_alive
+        self.max_loaded = max_loaded
+        self.max_memory = max_memory
+        self.any_name = any_name
+        self._load = load
+        self._served: dict[str, Served] = {}
+        self._changed: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self.retired_stats: collections.Counter[str] = collections.Counter()  # counters of unloaded engines
+        self.loads = 0
+        self.unloads = 0
+
+    @classmethod
+    def pinned(cls, model: Model, engine: Engine | None, name: str) -> ModelPool:
+        """A pool of one model the caller loaded and will close, answering every request."""
+        spec = ModelSpec(name or model.path.stem, str(model.path))
+
+        def refuse(spec: ModelSpec) -> tuple[Model, Engine | None]:
+            raise AssertionError("a pinned model is never loaded by the pool")
+
+        pool = cls([spec], load=refuse, keep_alive=None, any_name=True)
+        pool._served[spec.name] = Served(spec, model, engine, pinned=True, keep_alive=None,
+                                         memory=_measured_memory(model, engine))
+        return pool
+
+    # --- which model ------------------------------------------------------------------------
+    def find(self, name: str | None) -> ModelSpec:
+        """The spec a request's ``model`` names (APIError 404 when none does)."""
+        if self.any_name and len(self.specs) == 1:
+            return self.specs[0]
+        if not name:
+            raise APIError(400, f"'model' is required: one of {self.names()}.", param="model")
+        for candidate in dict.fromkeys((name, name.removesuffix(":latest"))):
+            for spec in self.specs:
+                if candidate == spec.name or candidate in spec.aliases:
+                    return spec
+        raise APIError(404, f"the model {name[:200]!r} is not served here; ask for one of {self.names()}.",
+                       type="not_found_error", param="model", code="model_not_found")
+
+    def names(self) -> str:
+        return ", ".join(spec.name for spec in self.specs)
+
+    def loaded(self) -> list[Served]:
+        return [served for served in self._served.values() if served.loaded]
+
+    def served(self, spec: ModelSpec) -> Served | None:
+        return self._served.get(spec.name)
+
+    # --- leases -------------------------------------------------------------------------------
+    async def lease(self, name: str | None, *, keep_alive: float | None = _UNSET) -> Lease:
+        """The model ``name`` picks, loaded, held until the lease is released. ``keep_alive`` (seconds,
+        None for ever) replaces the model's own from then on, as ollama's per-request keep_alive does."""
+        return Lease(self, await self.acquire(self.find(name)), keep_alive)
+
+    async def acquire(self, spec: ModelSpec) -> Served:
+        while True:
+            served = self._served.get(spec.name)
+            if served is not None and served.draining:  # being unloaded: wait, then load it afresh
+                assert served.gone is not None
+                await asyncio.shield(served.gone)
+                continue
+            if served is not None and served.loaded:
+                self._loop = asyncio.get_running_loop()
+                served.leases += 1
+                served.last_used = time.monotonic()
+                return served
+            if served is not None:  # loading for another request: its loader grants us a lease
+                return await self._wait_for_load(served)
+            self._loop = asyncio.get_running_loop()
+            if self._has_room(spec):
+                served = Served(spec, keep_alive=self.keep_alive)
+                loop = asyncio.get_running_loop()
+                served.ready, served.gone = loop.create_future(), loop.create_future()
+                served.ready.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved if unawaited
+                self._served[spec.name] = served
+                self._spawn(self._load_into(served))  # not cancelled with this request
+                return await self._wait_for_load(served)
+            self._make_room(spec)
+            await self._wait_for_change()
+
+    def release(self, served: Served, keep_alive: float | None = _UNSET) -> None:
+        """End a lease (in the event loop's thread)."""
+        served.leases -= 1
+        served.last_used = time.monotonic()
+        if keep_alive is not _UNSET and not served.pinned:
+            served.keep_alive = keep_alive
+        self._check(served)
+
+    async def _wait_for_load(self, served: Served) -> Served:
+        assert served.ready is not None
+        served.waiting += 1
+        try:
+            await asyncio.shield(served.ready)
+        except asyncio.CancelledError:
+            if served.ready.done() and not served.ready.cancelled() and served.ready.exception() is None:
+                self.release(served)  # the loader granted a lease this request will not use
+            else:
+                served.waiting -= 1
+            raise
+        return served
+
+    async def _load_into(self, served: Served) -> None:
+        assert served.ready is not None
+        try:
+            model, engine = await asyncio.to_thread(self._load, served.spec)
+        except Exception as exc:  # noqa: BLE001 (every load failure goes to the requests waiting for it)
+            self._served.pop(served.spec.name, None)
+            served.waiting = 0
+            served.ready.set_exception(exc)
+            self._notify()
+            return
+        served.model, served.engine = model, engine
+        served.memory = _measured_memory(model, engine)
+        served.leases += served.waiting
+        served.waiting = 0
+        served.last_used = time.monotonic()
+        self.loads += 1
+        served.ready.set_result(None)
+        self._fit_memory(keep=served)
+
+    # --- room -----------------------------------------------------------------------------------
+    def _estimate(self, spec: ModelSpec) -> int:
+        path = spec.path()
+        return path.stat().st_size if path is not None and path.is_file() else 0
+
+    def _has_room(self, spec: ModelSpec) -> bool:
+        if not self._served:
+            return True  # the first model always loads (a budget below one model is refused at start)
+        if self.max_loaded is not None and len(self._served) >= self.max_loaded:
+            return False
+        if self.max_memory is not None:
+            used = sum(served.memory or self._estimate(served.spec) for served in self._served.values())
+            return used + self._estimate(spec) <= self.max_memory
+        return True
+
+    def _make_room(self, spec: ModelSpec) -> None:
+        """Choose the least recently used loaded model to unload (unless one is already going)."""
+        if any(served.draining for served in self._served.values()):
+            return
+        candidates = [served for served in self._served.values()
+                      if served.loaded and not served.pinned and served.spec != spec]
+        if candidates:
+            victim = min(candidates, key=lambda served: (served.busy, served.last_used))
+            victim.draining = True
+            self._check(victim)
+
+    def _fit_memory(self, keep: Served) -> None:
+        """After a load measured its real size: unload least recently used others until it fits."""
+        if self.max_memory is None:
+            return
+        others = sorted((s for s in self._served.values() if s is not keep and s.loaded and not s.pinned
+                         and not s.draining), key=lambda s: s.last_used)
+        used = sum(served.memory for served in self._served.values() if not served.draining)
+        for victim in others:
+            if used <= self.max_memory:
+                break
+            victim.draining = True
+            used -= victim.memory
+            self._check(victim)
+
+    def _check(self, served: Served) -> None:
+        """Unload ``served`` now if it is due to go and nothing uses it."""
+        if served.pinned or not served.loaded or served.busy:
+            return
+        if served.keep_alive is not None and served.idle_seconds >= served.keep_alive:
+            served.draining = True
+        if served.draining:
+            model, engine = served.model, served.engine
+            served.model = served.engine = None
+            self._spawn(self._unload(served, model, engine))
+
+    async def _unload(self, served: Served, model: Model | None, engine: Engine | None) -> None:
+        def close() -> None:
+            if engine is not None:
+                self.retired_stats.update(engine.stats)
+                engine.close()
+            if model is not None:
+                model.close()
+
+        try:
+            await asyncio.to_thread(close)
+        finally:
+            self._served.pop(served.spec.name, None)
+            self.unloads += 1
+            assert served.gone is not None
+            served.gone.set_result(None)
+            self._notify()
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` as a task of its own, kept referenced until it ends."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    async def _wait_for_change(self) -> None:
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), TICK)
+
+    # --- the pool's own task ----------------------------------------------------------------------
+    async def run(self) -> None:
+        """Unload models as they become idle for long enough (the app runs this while it serves)."""
+        while True:
+            await asyncio.sleep(TICK)
+            for served in list(self._served.values()):
+                if served.loaded and served.busy:
+                    served.last_used = time.monotonic()
+                self._check(served)
+
+    async def close(self) -> None:
+        """Unload every model the pool loaded (letting their streams end first)."""
+        for served in list(self._served.values()):
+            if served.loaded and not served.pinned:
+                assert served.engine is None or served.model is not None
+                engine = served.engine
+                if engine is not None:
+                    await asyncio.to_thread(engine.stop, drain=True, timeout=30)
+                served.draining = True
+                model, engine = served.model, served.engine
+                served.model = served.engine = None
+                await self._unload(served, model, engine)
+
+
+class Lease:
+    """A request's hold on a served model; ``release()`` ends it (once, from any thread). As an async
+    context manager it holds the model for the block; ``until_closed`` holds it while a streamed body
+    runs, and releases it when the body ends or is dropped unstarted."""
+
+    def __init__(self, pool: ModelPool, served: Served, keep_alive: float | None) -> None:
+        self.pool = pool
+        self.served = served
+        self.keep_alive = keep_alive
+        self._released = False
+
+    @property
+    def name(self) -> str:
+        return self.served.spec.name
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        loop = self.pool._loop
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if loop is not None and running is not loop:
+            loop.call_soon_threadsafe(self.pool.release, self.served, self.keep_alive)
+        else:
+            self.pool.release(self.served, self.keep_alive)
+
+    async def __aenter__(self) -> Served:
+        return self.served
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.release()
+
+    def until_closed(self, body: AsyncIterator[T]) -> AsyncIterator[T]:
+        async def held() -> AsyncIterator[T]:
+            try:
+                async for item in body:
+                    yield item
+            finally:
+                self.release()
+
+        wrapped = held()
+        weakref.finalize(wrapped, self.release)
+        return wrapped

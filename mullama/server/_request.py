@@ -1,0 +1,132 @@
+"""The server's one internal request type, and the errors every wire format shares.
+
+Each wire format (OpenAI, Anthropic, ollama) parses its body into a ``ParsedRequest`` and raises
+``APIError`` for anything it refuses; the server generates from the former and answers the latter
+in the format's own error shape, never as a 5xx.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from .._config import StreamConfig
+from .._exceptions import MullamaError
+
+__all__ = ["APIError", "ParsedRequest", "ToolCallDeltas", "bad", "error_body", "generation_error", "integer",
+           "number"]
+
+
+class APIError(Exception):
+    """A request the server refuses, with the HTTP status and OpenAI error fields."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 type: str = "invalid_request_error", code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+
+    def body(self) -> dict:
+        return error_body(self.message, type=self.type, param=self.param, code=self.code)
+
+
+def generation_error(exc: MullamaError) -> APIError:
+    """The response for a request whose generation failed after it was accepted."""
+    if exc.code == "STREAM_TIMEOUT":
+        return APIError(408, str(exc), type="timeout_error", code="stream_timeout")
+    if exc.code == "ENGINE_FAILED":
+        return APIError(503, str(exc), type="server_error", code="engine_failed")
+    if exc.code == "CONTEXT_OVERFLOW":
+        return APIError(400, str(exc), code="context_length_exceeded")
+    if exc.code == "MODEL_NOT_FOUND":
+        return APIError(404, str(exc), type="not_found_error", param="model", code="model_not_found")
+    return APIError(500, str(exc), type="server_error", code=exc.code.lower())
+
+
+def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+@dataclass
+class ParsedRequest:
+    kind: str  # "chat" or "completion"
+    config: StreamConfig
+    stream: bool
+    include_usage: bool
+    messages: list | None = None
+    prompt: str | None = None
+    n: int = 1  # choices, each its own sequence
+    tools: list | None = None
+    tool_choice: Any = "auto"
+    parallel_tool_calls: bool = True
+    reasoning_format: str = "auto"
+    model: str | None = None  # the request's ``model`` field: which served model answers it
+
+    def choice_configs(self, config: StreamConfig | None = None) -> list[StreamConfig]:
+        """One config per choice (from ``config``, else the request's): with a seed, choice i samples
+        with seed + i (so choices differ)."""
+        config = config or self.config
+        seed = config.seed
+        if self.n == 1 or seed is None:
+            return [config] * self.n
+        return [config.with_options(seed=(seed + i) % (2**32 - 1)) for i in range(self.n)]
+
+
+def bad(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, param=param)
+
+
+def number(body: dict, name: str, low: float, high: float) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not low <= value <= high:
+        raise bad(f"'{name}' must be a number from {low} to {high}.", name)
+    return float(value)
+
+
+def integer(body: dict, name: str, low: int, high: int | None = None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f"from {low} to {high}" if high is not None else f"of at least {low}"
+        raise bad(f"'{name}' must be an integer {bound}.", name)
+    return value
+
+
+class ToolCallDeltas:
+    """Streamed ``delta.tool_calls`` of one choice, from its sequence's tool-call parser: the call's
+    index, id, type and name first, then its arguments in pieces, as OpenAI streams them."""
+
+    def __init__(self) -> None:
+        self.index = 0  # the call being streamed
+        self.sent = 0  # characters of its arguments sent
+        self.named = False
+        self.call_id = ""
+
+    def after(self, parser: Any) -> list[dict]:
+        """The deltas a token added (``parser`` is the sequence's ToolCallParser)."""
+        deltas = []
+        while self.index < len(parser.calls):  # calls completed: send what is left of them
+            call = parser.calls[self.index]
+            deltas += self._progress(call.name, call.arguments, call.id)
+            self.index, self.sent, self.named = self.index + 1, 0, False
+        if parser.in_call and parser.name is not None:
+            deltas += self._progress(parser.name, parser.arguments, None)
+        return deltas
+
+    def _progress(self, name: str, arguments: str, call_id: str | None) -> list[dict]:
+        deltas = []
+        if not self.named:
+            self.named = True
+            self.call_id = call_id or f"call_{secrets.token_hex(12)}"
+            deltas.append({"index": self.index, "id": self.call_id, "type": "function",
+                           "function": {"name": name, "arguments": ""}})
+        if len(arguments) > self.sent:
+            deltas.append({"index": self.index, "function": {"arguments": arguments[self.sent:]}})
+            self.sent = len(arguments)
+        return deltas
