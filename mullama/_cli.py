@@ -258,7 +258,7 @@ def _serve(args: argparse.Namespace) -> int:
     models = [name.strip() for name in (args.models or "").split(",") if name.strip()]
     several = bool(models or args.models_dir)
     keep_alive = parse_keep_alive(args.keep_alive)
-    return serve(None if several else args.model or DEFAULT_MODEL, models=models, models_dir=args.models_dir,
+    return serve(args.model or (None if several else DEFAULT_MODEL), models=models, models_dir=args.models_dir,
                  host=args.host, port=args.port, parallel=args.parallel,
                  ctx_size=args.ctx_size, api_key=args.api_key or os.environ.get("MULLAMA_API_KEY"),
                  max_tokens_limit=args.max_tokens_limit, threads=args.threads, max_queue=args.max_queue,

@@ -17,12 +17,12 @@ from upstream import free_port
 
 
 class MullamaServer:
-    def __init__(self, model: Path | str, *, parallel: int = 4, ctx_size: int = 1024, threads: int | None = None,
+    def __init__(self, model: Path | str | None, *, parallel: int = 4, ctx_size: int = 1024, threads: int | None = None,
                  extra: tuple[str, ...] = (), env: dict | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "mullama", "serve", "--model", str(model), "--port", str(self.port),
-                   "--parallel", str(parallel), "--ctx-size", str(ctx_size), *extra]
+        command = [sys.executable, "-m", "mullama", "serve", *(["--model", str(model)] if model is not None else []),
+                   "--port", str(self.port), "--parallel", str(parallel), "--ctx-size", str(ctx_size), *extra]
         if threads:
             command += ["--threads", str(threads)]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -31,6 +31,10 @@ def prompt_tokens(served: Served, parsed: ParsedRequest, settings: ServerSetting
     param = "messages" if parsed.kind == "chat" else "prompt"
     try:
         config = parsed.config
+        if parsed.messages is not None and model.chat_template is None:
+            raise APIError(400, f"{served.spec.name} has no chat template (a base model): send a prompt to a "
+                                "completion route, or start the server with --chat-template-file.", param=param,
+                           code="no_chat_template")
         if parsed.messages is not None:
             text, config = chat_prompt(model, parsed.messages, config, tools=parsed.tools,
                                        tool_choice=parsed.tool_choice, parallel_tool_calls=parsed.parallel_tool_calls,
