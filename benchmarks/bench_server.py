@@ -32,9 +32,9 @@ from mullama import _hub
 from mullama._context import default_threads
 
 
-async def one_stream(http: httpx.AsyncClient, url: str, prompt: str, tokens: int) -> dict:
+async def one_stream(http: httpx.AsyncClient, url: str, prompt: str, tokens: int, model: str | None = None) -> dict:
     body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True, "ignore_eos": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, **({"model": model} if model else {})}
     started = time.perf_counter()
     first = last = None
     usage = None

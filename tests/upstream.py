@@ -46,12 +46,14 @@ def free_port() -> int:
 class LlamaServer:
     """A running upstream llama-server on 127.0.0.1."""
 
-    def __init__(self, binary: Path, model: Path, *, threads: int, n_ctx: int = 4096,
+    def __init__(self, binary: Path, model: Path | None, *, threads: int, n_ctx: int = 4096,
                  parallel: int = 1, extra: tuple[str, ...] = ()) -> None:
+        """``model`` None: router mode (``extra`` names the models, e.g. ``--models-dir``)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        command = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(self.port),
-                   "-t", str(threads), "-c", str(n_ctx), "-np", str(parallel), "--no-webui", *extra]
+        command = [str(binary), *(["-m", str(model)] if model is not None else []), "--host", "127.0.0.1",
+                   "--port", str(self.port), "-t", str(threads), "-c", str(n_ctx), "-np", str(parallel),
+                   "--no-webui", *extra]
         self.log = tempfile.TemporaryFile("w+")
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
         self._wait_ready()
