@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from starlette.requests import Request
@@ -227,7 +227,7 @@ async def count_tokens(request: Request) -> Response:
     return JSONResponse({"input_tokens": len(tokens)})
 
 
-async def _events(job: EngineRequest, message_id: str, model_name: str, request: Request) -> AsyncIterator[str]:
+async def _events(job: EngineRequest, message_id: str, model_name: str, request: Request) -> AsyncGenerator[str, None]:
     """message_start, then a content block per kind of output (text, thinking, tool_use) with its
     deltas, then message_delta (stop_reason, usage) and message_stop."""
     yield event("message_start", {"message": {

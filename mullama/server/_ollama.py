@@ -12,7 +12,7 @@ import asyncio
 import functools
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -212,7 +212,8 @@ async def _load_or_unload(request: Request, kind: str, body: dict, keep_alive: f
     return JSONResponse(line)
 
 
-async def _lines(job: EngineRequest, kind: str, name: str, started: float, request: Request) -> AsyncIterator[str]:
+async def _lines(job: EngineRequest, kind: str, name: str, started: float, request: Request
+                 ) -> AsyncGenerator[str, None]:
     try:
         while (token := await job.next_token()) is not None:
             if token.text and token.kind == "content":
@@ -334,7 +335,7 @@ async def pull(request: Request) -> Response:
     return JSONResponse(last)
 
 
-async def _pull_lines(entry: Any) -> AsyncIterator[str]:
+async def _pull_lines(entry: Any) -> AsyncGenerator[str, None]:
     from .._download import progress_listener
     from .._hub import pull as pull_model
 

@@ -12,7 +12,7 @@ import json
 import math
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -381,7 +381,7 @@ async def _collect(job: EngineRequest, kind: str, piece: Piece) -> Choice:
 
 
 async def _events(jobs: list[EngineRequest], parsed: ParsedRequest, kind: str, request_id: str, n_prompt: int,
-                  model_name: str, piece: Piece, request: Request) -> AsyncIterator[str]:
+                  model_name: str, piece: Piece, request: Request) -> AsyncGenerator[str, None]:
     """The SSE body of a streamed answer: the role, then text, thought and tool-call deltas per choice as
     they come, each choice's finish_reason, usage when asked for, and ``[DONE]``."""
     stamp = int(time.time())

@@ -17,14 +17,14 @@ import re
 import sys
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from .._context_params import kv_cache_bytes
 from .._engine import Engine
-from .._exceptions import InvalidConfigError, ModelNotFoundError
+from .._exceptions import InvalidConfigError, ModelLoadError, ModelNotFoundError, MullamaError
 from .._model import Model
 from ._request import APIError
 
@@ -324,7 +324,8 @@ class ModelPool:
         except Exception as exc:  # noqa: BLE001 (every load failure goes to the requests waiting for it)
             self._served.pop(served.spec.name, None)
             served.waiting = 0
-            served.ready.set_exception(exc)
+            served.ready.set_exception(exc if isinstance(exc, MullamaError) else
+                                       ModelLoadError(f"loading {served.spec.name} failed: {exc!r}"))
             self._notify()
             return
         served.model, served.engine = model, engine
@@ -480,13 +481,16 @@ class Lease:
     async def __aexit__(self, *exc_info: object) -> None:
         self.release()
 
-    def until_closed(self, body: AsyncIterator[T]) -> AsyncIterator[T]:
-        async def held() -> AsyncIterator[T]:
+    def until_closed(self, body: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
+        async def held() -> AsyncGenerator[T, None]:
             try:
                 async for item in body:
                     yield item
             finally:
-                self.release()
+                try:
+                    await body.aclose()  # its own cleanup (cancelling its sequences) first
+                finally:
+                    self.release()
 
         wrapped = held()
         weakref.finalize(wrapped, self.release)
