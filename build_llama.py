@@ -42,7 +42,12 @@ from llama_source import (  # the one place of the pin
 from mullama._paths import llama_cache_dir
 
 #: Bumped whenever cmake_definitions() changes, so cached builds of an older recipe are not reused.
-BUILD_RECIPE = 2
+BUILD_RECIPE = 3
+
+#: Upstream's RPC server (ggml's RPC backend is always built: ``Model.load(rpc_servers=...)``).
+RPC_SERVER = "ggml-rpc-server"
+#: ``--cuda`` / ``--vulkan``: shortcuts for ggml's cmake options of those backends.
+BACKEND_SHORTCUTS = {"cuda": "-DGGML_CUDA=ON", "vulkan": "-DGGML_VULKAN=ON"}
 
 #: Shared libraries that mullama itself loads (the wheel bundles exactly these).
 CORE_LIBRARY_PREFIXES = ("libllama.so", "libggml")
@@ -78,6 +83,9 @@ class BuildOptions:
             # streams, the server, a context per thread), which halved throughput in measurements;
             # the pool was also faster single-threaded on these machines, and leaves no runtime to ship.
             "-DGGML_OPENMP=OFF",
+            # The RPC backend (a small library, no dependencies): layers can be offloaded to
+            # upstream's rpc-server on other machines (Model.load(rpc_servers=...), --rpc).
+            "-DGGML_RPC=ON",
             "-DLLAMA_BUILD_TESTS=OFF",
             "-DLLAMA_BUILD_EXAMPLES=ON",
             "-DLLAMA_BUILD_TOOLS=ON",
@@ -318,7 +326,23 @@ def build(
 
 # --- command line -------------------------------------------------------------
 def options_from_args(args: argparse.Namespace) -> BuildOptions:
-    return BuildOptions(portable=args.portable, cmake_args=tuple(args.cmake_arg or ()))
+    shortcuts = [flag for name, flag in BACKEND_SHORTCUTS.items() if getattr(args, name)]
+    return BuildOptions(portable=args.portable, cmake_args=(*shortcuts, *(args.cmake_arg or ())))
+
+
+def tools_from_args(args: argparse.Namespace) -> list[str]:
+    tools = [tool for tool in args.tools.split(",") if tool]
+    if args.rpc and RPC_SERVER not in tools:
+        tools.append(RPC_SERVER)
+    return tools
+
+
+def backend_name(options: BuildOptions) -> str:
+    """The accelerator a build's options enable ("cpu" when none): wheels are named for it."""
+    for name, flag in BACKEND_SHORTCUTS.items():
+        if flag in options.cmake_args:
+            return name
+    return "cpu"
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -328,7 +352,8 @@ def make_parser() -> argparse.ArgumentParser:
                "  python build_llama.py\n"
                "  python build_llama.py --tools llama-server,llama-bench\n"
                "  python build_llama.py --portable --print-path\n"
-               "  python build_llama.py --cmake-arg=-DGGML_CUDA=ON",
+               "  python build_llama.py --rpc          # also upstream's ggml-rpc-server\n"
+               "  python build_llama.py --cuda         # the same as --cmake-arg=-DGGML_CUDA=ON",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--source", help="a llama.cpp source directory or archive (default: download)")
@@ -336,6 +361,10 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--portable", action="store_true",
                         help="no -march=native, for redistributable wheels")
     parser.add_argument("--tools", default="", help="upstream tools to build too, e.g. llama-server,llama-bench")
+    parser.add_argument("--rpc", action="store_true",
+                        help=f"also build upstream's {RPC_SERVER} (for offloading layers to other machines)")
+    parser.add_argument("--cuda", action="store_true", help="NVIDIA GPUs (-DGGML_CUDA=ON; needs the CUDA toolkit)")
+    parser.add_argument("--vulkan", action="store_true", help="Vulkan GPUs (-DGGML_VULKAN=ON; needs the Vulkan SDK)")
     parser.add_argument("--cmake-arg", action="append", metavar="ARG", help="extra cmake argument (repeatable)")
     parser.add_argument("--print-path", action="store_true", help="print the directory of the built libraries")
     return parser
@@ -344,7 +373,7 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
-        result = build(options_from_args(args), tools=args.tools.split(","), source=args.source, jobs=args.jobs)
+        result = build(options_from_args(args), tools=tools_from_args(args), source=args.source, jobs=args.jobs)
     except BuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

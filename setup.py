@@ -51,6 +51,16 @@ class BinaryDistribution(Distribution):
 
 
 class PlatformWheel(bdist_wheel):
+    """A wheel named for its platform, and for its accelerator when it has one
+    (``mullama-0.1.0+cuda-py3-none-linux_x86_64.whl``)."""
+
+    def finalize_options(self):
+        args = build_llama.make_parser().parse_args(shlex.split(os.environ.get("MULLAMA_BUILD_OPTIONS", "")))
+        backend = build_llama.backend_name(build_llama.options_from_args(args))
+        if backend != "cpu" and "+" not in self.distribution.metadata.version:
+            self.distribution.metadata.version += f"+{backend}"
+        super().finalize_options()
+
     def get_tag(self):
         _, _, platform = super().get_tag()
         return "py3", "none", platform

@@ -103,7 +103,7 @@ def _run(args: argparse.Namespace) -> int:
     if not prompt.strip():
         raise InvalidConfigError("no prompt: give one as arguments, with -f FILE, or on standard input.")
     config = _config(args, stop=args.stop)
-    with Model.load(model_name, chat_template=args.chat_template_file) as model, \
+    with Model.load(model_name, chat_template=args.chat_template_file, **_placement(args)) as model, \
             Context(model, n_ctx=args.ctx_size, n_threads=args.threads) as context:
         _warn_ctx_size(args.ctx_size, model)
         if args.raw:
@@ -154,7 +154,7 @@ def _chat(args: argparse.Namespace, model_name: str | None = None) -> int:
     _check_ctx_size(args.ctx_size)
     return chat_main(model_name or args.model or DEFAULT_MODEL, system=args.system, config=_config(args),
                      ctx_size=args.ctx_size, threads=args.threads, record=getattr(args, "record", None),
-                     chat_template=args.chat_template_file)
+                     chat_template=args.chat_template_file, placement=_placement(args))
 
 
 def _pull(args: argparse.Namespace) -> int:
@@ -263,7 +263,8 @@ def _serve(args: argparse.Namespace) -> int:
                  ctx_size=args.ctx_size, api_key=args.api_key or os.environ.get("MULLAMA_API_KEY"),
                  max_tokens_limit=args.max_tokens_limit, threads=args.threads, max_queue=args.max_queue,
                  pooling=args.pooling, embedding_batch=args.embedding_batch, chat_template=args.chat_template_file,
-                 keep_alive=keep_alive, max_loaded=args.max_loaded,
+                 keep_alive=keep_alive, max_loaded=args.max_loaded, placement=_placement(args),
+                 drain_timeout=args.drain_timeout,
                  max_memory=_parse_size(args.max_memory) if args.max_memory else None)
 
 
@@ -330,7 +331,8 @@ def _bench(args: argparse.Namespace) -> int:
     from ._hub import DEFAULT_MODEL
     from ._model import Model
 
-    with Model.load(args.model or DEFAULT_MODEL) as model, Context(model, n_threads=args.threads) as context:
+    with Model.load(args.model or DEFAULT_MODEL, **_placement(args)) as model, \
+            Context(model, n_threads=args.threads) as context:
         context.generate("Hello", max_tokens=8)  # warm up
         first = []
         for _ in range(5):
@@ -362,17 +364,29 @@ def _info(args: argparse.Namespace) -> int:
     from ._context import default_threads
     from ._library import system_info
 
+    if args.rpc:  # list these servers' devices too
+        from ._devices import rpc_devices
+        from ._library import get
+
+        for address in (part.strip() for part in args.rpc.split(",") if part.strip()):
+            rpc_devices(get(), address)
     info = system_info()
     info["default_threads"] = default_threads()
     if args.json:
         print(json.dumps(info, indent=2))
-    else:
-        build = info.get("build") or {}
-        if isinstance(build, dict):
-            info["build"] = (f"{build.get('build_type', '?')}, {'portable' if build.get('portable') else 'native'}"
-                             f"{', ' + ' '.join(build['cmake_args']) if build.get('cmake_args') else ''}")
-        for key, value in info.items():
-            print(f"{key.replace('_', ' '):>17}: {value}")
+        return 0
+    build = info.get("build") or {}
+    if isinstance(build, dict):
+        info["build"] = (f"{build.get('build_type', '?')}, {'portable' if build.get('portable') else 'native'}"
+                         f"{', ' + ' '.join(build['cmake_args']) if build.get('cmake_args') else ''}")
+    devices = info.pop("devices")
+    for key, value in info.items():
+        print(f"{key.replace('_', ' '):>17}: {value}")
+    print(f"{'devices':>17}:")
+    for device in devices:
+        memory = (f"{_size(device['memory_free'])} free of {_size(device['memory_total'])}"
+                  if device["memory_total"] else "memory unknown")
+        print(f"{'':>19}{device['name']} ({device['type']}, {device['backend']}): {device['description']}, {memory}")
     return 0
 
 
@@ -399,6 +413,33 @@ def _add_compute(parser: argparse.ArgumentParser, ctx_help: str) -> None:
                         help="use this Jinja chat template instead of the model's (as llama-server's)")
     parser.add_argument("-c", "--ctx-size", type=int, help=ctx_help)
     parser.add_argument("-t", "--threads", type=int, help="CPU threads (default: all available, at most 8)")
+
+
+def _add_offload(parser: argparse.ArgumentParser) -> None:
+    """llama.cpp's offloading flags (GPUs of the build's backends, RPC servers)."""
+    parser.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", type=int, default=0, metavar="N",
+                        help="layers to offload to the GPUs and RPC servers (-1 or 99: all; default 0)")
+    parser.add_argument("--main-gpu", "-mg", type=int, default=0, metavar="I",
+                        help="the GPU for --split-mode none, and for intermediate results (default 0)")
+    parser.add_argument("--split-mode", "-sm", choices=["none", "layer", "row"], default="layer",
+                        help="how to split a model over several devices (default layer)")
+    parser.add_argument("--tensor-split", "-ts", metavar="P,P,...",
+                        help="proportions of the model per device, e.g. 3,1 (default: by free memory)")
+    parser.add_argument("--rpc", metavar="HOST:PORT,...",
+                        help="offload to upstream's ggml-rpc-server on these machines (unauthenticated: "
+                             "private networks only)")
+
+
+def _placement(args: argparse.Namespace) -> dict[str, Any]:
+    """Model.load's offloading options from the command line's flags."""
+    try:
+        split = [float(part) for part in args.tensor_split.split(",")] if args.tensor_split else None
+    except ValueError:
+        raise InvalidConfigError(f"--tensor-split must be numbers separated by commas, not {args.tensor_split!r}."
+                                 ) from None
+    servers = [part.strip() for part in args.rpc.split(",") if part.strip()] if args.rpc else None
+    return {"n_gpu_layers": args.n_gpu_layers, "main_gpu": args.main_gpu, "split_mode": args.split_mode,
+            "tensor_split": split, "rpc_servers": servers}
 
 
 def _add_sampling(parser: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -429,6 +470,7 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("-f", "--file", help="read the prompt from this file")
     _add_sampling(run, 512)
     _add_compute(run, "context size in tokens (default: the model's, at most 4096)")
+    _add_offload(run)
     run.add_argument("--stop", action="append", help="stop at this text (repeatable)")
     run.add_argument("--raw", action="store_true", help="complete the prompt as is, without the chat template")
     run.add_argument("--json", action="store_true", help="print the result and statistics as JSON")
@@ -439,6 +481,7 @@ def make_parser() -> argparse.ArgumentParser:
     chat.add_argument("model", nargs="?", help=MODEL_HELP)
     _add_sampling(chat, 1024)
     _add_compute(chat, "context size in tokens (default: the model's, at most 4096)")
+    _add_offload(chat)
     chat.add_argument("--record", metavar="FILE.svg", help="save the session as an SVG picture on exit")
     _add_verbosity(chat)
     chat.set_defaults(handler=_chat)
@@ -494,8 +537,11 @@ def make_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-memory", metavar="SIZE",
                        help="with --models: keep loaded models (weights + KV cache) within SIZE, e.g. 2GB")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+                       help="on SIGTERM/SIGINT, let streams in flight finish for this long (default 30)")
     serve.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     serve.add_argument("-np", "--parallel", type=int, default=4, help="streams decoded together (default 4)")
+    _add_offload(serve)
     _add_compute(serve, "context tokens of EACH stream (llama-server's -c is the total; default: the model's, "
                         "at most 4096)")
     serve.add_argument("--api-key", help="require this key (or set MULLAMA_API_KEY)")
@@ -519,12 +565,14 @@ def make_parser() -> argparse.ArgumentParser:
     bench.add_argument("model", nargs="?", help=MODEL_HELP)
     bench.add_argument("-n", "--tokens", type=int, default=128, help="tokens to decode (default 128)")
     bench.add_argument("-t", "--threads", type=int, help="CPU threads")
+    _add_offload(bench)
     bench.add_argument("--json", action="store_true")
     _add_verbosity(bench)
     bench.set_defaults(handler=_bench)
 
-    info = commands.add_parser("info", help="library path, llama.cpp commit, system info, cache")
+    info = commands.add_parser("info", help="library path, llama.cpp commit, system info, devices, cache")
     info.add_argument("--json", action="store_true")
+    info.add_argument("--rpc", metavar="HOST:PORT,...", help="also list the devices of these RPC servers")
     info.set_defaults(handler=_info)
     return parser
 

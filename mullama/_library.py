@@ -14,6 +14,7 @@ called, under a lock. llama.cpp's log lines go to the ``logging`` logger
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import functools
 import json
 import logging
@@ -249,6 +250,7 @@ def system_info() -> dict:
     """What mullama runs on: library path, llama.cpp commit, llama.cpp's own system info."""
     library = get()
     from ._bindings import LLAMA_CPP_COMMIT
+    from ._devices import list_devices
 
     return {
         "library_path": str(library.path),
@@ -257,4 +259,5 @@ def system_info() -> dict:
         "built_at": library.manifest.get("built_at"),
         "system_info": library.ffi.string(library.lib.llama_print_system_info()).decode("utf-8", "replace").strip(),
         "cache_dir": str(llama_cache_dir().parent),
+        "devices": [dataclasses.asdict(device) for device in list_devices(library)],
     }

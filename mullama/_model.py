@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import _gguf, _library
+from ._devices import DeviceOptions
 from ._exceptions import ClosedError, ContextError, InvalidConfigError, ModelLoadError, TemplateError, TokenizeError
 from ._owned import Owned
 
@@ -74,13 +75,13 @@ class Model(Owned):
     _kind = "model"
     _close_order = 2
 
-    def __init__(self, library: Any, ptr: Any, path: Path, *, n_gpu_layers: int = 0,
+    def __init__(self, library: Any, ptr: Any, path: Path, *, offloaded: bool = False,
                  vocab_only: bool = False, chat_template: str | None = None) -> None:
         self._library = library
         self._chat_template = chat_template  # overrides the GGUF's
         self.vocab_only = vocab_only  # loaded without weights: a tokenizer only, no context can use it
-        # Layers on a GPU: its contexts need not take turns on the CPU (see Compute.lock_for).
-        self.offloaded = n_gpu_layers != 0 and bool(library.lib.llama_supports_gpu_offload())
+        # Layers on a GPU or an RPC server: its contexts need not take turns on the CPU (Compute.lock_for).
+        self.offloaded = offloaded
         lib = library.lib
         # A cache that cannot drop its last tokens (sliding window, recurrent state): llama-server
         # then decodes a prompt's last tokens in batches of their own (see prompt_breaks).
@@ -99,11 +100,20 @@ class Model(Owned):
     # --- loading --------------------------------------------------------------
     @classmethod
     def load(cls, model: str | os.PathLike, *, n_gpu_layers: int = 0, use_mmap: bool = True,
-             vocab_only: bool = False, chat_template: str | os.PathLike | None = None) -> Model:
+             vocab_only: bool = False, chat_template: str | os.PathLike | None = None, main_gpu: int = 0,
+             split_mode: str = "layer", tensor_split: Sequence[float] | None = None,
+             rpc_servers: Sequence[str] | None = None) -> Model:
         """Load a model from a ``.gguf`` path, or by name (e.g. ``"smollm2:135m"``, downloaded once).
 
         ``chat_template`` (Jinja text, or the path of a ``.jinja`` file) replaces the GGUF's own
         template, as llama-server's ``--chat-template-file`` does.
+
+        Offloading, as llama.cpp's ``-ngl``, ``--main-gpu``, ``--split-mode``, ``--tensor-split`` and
+        ``--rpc``: ``n_gpu_layers`` layers (-1: all) go to the GPUs the library was built for and to
+        ``rpc_servers`` (``["host:port", ...]``, upstream's ``ggml-rpc-server`` on other machines),
+        split by layer (``split_mode="layer"``), by rows (``"row"``) or kept on ``main_gpu``
+        (``"none"``), in ``tensor_split`` proportions. An unreachable RPC server is a ModelLoadError
+        naming it. (RPC is unauthenticated: use servers on a private network only.)
 
         Raises ModelLoadError for a missing, empty, truncated or corrupt file, and
         ModelNotFoundError / DownloadError for a name that cannot be fetched. The file's header is
@@ -117,13 +127,13 @@ class Model(Owned):
         template = load_template(chat_template) if chat_template is not None else None
         path = _hub.resolve(model)
         _check_model_file(path)
-        if isinstance(n_gpu_layers, bool) or not isinstance(n_gpu_layers, int) or not -1 <= n_gpu_layers < 2**31:
-            raise InvalidConfigError(f"n_gpu_layers must be an integer (-1 for all layers), not {n_gpu_layers!r}.")
+        placement = DeviceOptions.of(n_gpu_layers=n_gpu_layers, main_gpu=main_gpu, split_mode=split_mode,
+                                     tensor_split=tensor_split, rpc_servers=rpc_servers)
         library = _library.get()
         _gguf.preflight(path, vocab_only=vocab_only)
         ffi, lib = library.ffi, library.lib
         params = lib.llama_model_default_params()
-        params.n_gpu_layers = n_gpu_layers
+        arrays = placement.apply(library, params)  # noqa: F841 (kept alive until the load is done)
         params.load_mode = lib.LLAMA_LOAD_MODE_MMAP if use_mmap else lib.LLAMA_LOAD_MODE_NONE
         params.vocab_only = vocab_only
         ptr = lib.llama_model_load_from_file(os.fsencode(path), params)
@@ -133,7 +143,7 @@ class Model(Owned):
                 "this llama.cpp build does not know. Download it again (`mullama pull` re-verifies), and "
                 "enable logging for 'mullama.llama_cpp' to see llama.cpp's reason."
             )
-        return cls(library, ptr, path, n_gpu_layers=n_gpu_layers, vocab_only=bool(vocab_only),
+        return cls(library, ptr, path, offloaded=placement.offloads(library), vocab_only=bool(vocab_only),
                    chat_template=template)
 
     def close(self) -> None:

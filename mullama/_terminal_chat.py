@@ -355,10 +355,12 @@ class TerminalChat:
 
 
 def chat_main(model_ref: str, *, system: str | None, config: StreamConfig, ctx_size: int | None,
-              threads: int | None = None, record: str | None = None, chat_template: str | None = None) -> int:
+              threads: int | None = None, record: str | None = None, chat_template: str | None = None,
+              placement: dict[str, Any] | None = None) -> int:
+    """The terminal chat on ``model_ref`` (``placement``: Model.load's offloading options)."""
     console = Console(highlight=False)
     with console.status(f"loading {model_ref} ...", spinner="dots") if console.is_terminal else nullcontext():
-        model = Model.load(model_ref, chat_template=chat_template)
+        model = Model.load(model_ref, chat_template=chat_template, **(placement or {}))
         try:
             context = Context(model, n_ctx=ctx_size, n_threads=threads)
         except BaseException:

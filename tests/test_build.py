@@ -112,3 +112,21 @@ def test_an_interrupted_build_leaves_no_complete_looking_entry(tmp_path, build, 
     # and the compiler it started was stopped with it
     leftovers = subprocess.run(["pgrep", "-f", str(home)], capture_output=True, text=True, check=False).stdout.split()
     assert leftovers == []
+
+
+def test_backend_shortcuts_and_rpc_are_cmake_options_and_tools():
+    parse = build_llama.make_parser().parse_args
+    cuda = build_llama.options_from_args(parse(["--cuda", "--cmake-arg=-DGGML_CUDA_F16=ON"]))
+    assert cuda.cmake_args == ("-DGGML_CUDA=ON", "-DGGML_CUDA_F16=ON")
+    assert build_llama.backend_name(cuda) == "cuda"
+    assert build_llama.backend_name(build_llama.options_from_args(parse(["--vulkan"]))) == "vulkan"
+    plain = build_llama.options_from_args(parse(["--rpc"]))
+    assert build_llama.backend_name(plain) == "cpu" and plain == build_llama.BuildOptions()  # --rpc: one more tool
+    assert build_llama.tools_from_args(parse(["--rpc", "--tools", "llama-server"])) == ["llama-server",
+                                                                                          "ggml-rpc-server"]
+    assert "-DGGML_RPC=ON" in plain.cmake_definitions()  # every build can offload to RPC servers
+
+
+def test_the_build_has_the_rpc_backend_and_server(build):
+    assert build.tool(build_llama.RPC_SERVER).is_file()
+    assert any(path.name.startswith("libggml-rpc") for path in build.core_libraries())

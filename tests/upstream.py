@@ -22,7 +22,7 @@ sys.path.append(str(REPO))  # build_llama, tests helpers; an installed mullama w
 
 import build_llama
 
-TOOLS = ("llama-server", "llama-bench", "llama-simple")
+TOOLS = ("llama-server", "llama-bench", "llama-simple", build_llama.RPC_SERVER)
 
 
 def build_with_tools() -> build_llama.BuildResult:

@@ -50,9 +50,18 @@ def create_app(source: Model | ModelPool, engine: Engine | None = None,
     return app
 
 
+async def live(request: Request) -> Response:
+    """The process answers HTTP (a load balancer's liveness check; no API key needed)."""
+    return JSONResponse({"status": "live"})
+
+
 async def health(request: Request) -> Response:
-    """Whether every loaded model's engine is alive, and how busy they are (no API key needed)."""
-    loaded = state(request).pool.loaded()
+    """Ready to serve: not shutting down, and every loaded model's engine alive; with how busy they
+    are (a load balancer's readiness check; no API key needed). 503 otherwise."""
+    server = state(request)
+    if server.draining:
+        return JSONResponse({"status": "draining", "error": "the server is shutting down"}, status_code=503)
+    loaded = server.pool.loaded()
     engines = [served.engine for served in loaded if served.engine is not None]
     dead = [engine for engine in engines if not engine.alive]
     if dead:
@@ -127,6 +136,8 @@ ROUTES = [
     Route("/api/pull", _ollama.pull, methods=["POST"]),
     Route("/api/version", _ollama.version, methods=["GET"]),
     Route("/health", health, methods=["GET"]),
+    Route("/health/ready", health, methods=["GET"]),
+    Route("/health/live", live, methods=["GET"]),
     Route("/metrics", prometheus, methods=["GET"]),
     WebSocketRoute("/v1/ws", websocket),
 ]

@@ -66,6 +66,7 @@ class ServerState:
     pool: ModelPool
     metrics: Metrics = field(default_factory=Metrics)
     created: int = field(default_factory=lambda: int(time.time()))
+    draining: bool = False  # SIGTERM: streams in flight finish, new requests are refused (503: retry elsewhere)
 
     def authorized(self, headers: Any) -> bool:
         """``Authorization: Bearer KEY`` or ``x-api-key: KEY`` matches the server's key (if it has one)."""
@@ -100,6 +101,9 @@ def endpoint(shape: Callable[[APIError], dict]) -> Callable[[Handler], Handler]:
         async def route(request: Request) -> Response:
             server = state(request)
             try:
+                if server.draining:
+                    raise APIError(503, "the server is shutting down; retry the request (on another replica).",
+                                   type="server_error", code="shutting_down")
                 if not server.authorized(request.headers):
                     raise APIError(401, "missing or wrong API key: send Authorization: Bearer <key> (or x-api-key).",
                                    type="authentication_error", code="invalid_api_key")

@@ -132,13 +132,14 @@ class LoadOptions:
     max_queue: int = 64
     pooling: str | None = None
     chat_template: str | None = None
+    placement: dict[str, Any] = field(default_factory=dict)  # Model.load's offloading options (-ngl, --rpc)
 
 
 def load_model(spec: ModelSpec, options: LoadOptions) -> tuple[Model, Engine | None]:
     """Load ``spec`` and start its engine (none for an embedding model, which only embeds)."""
     from .._embed import resolve_pooling
 
-    model = Model.load(spec.ref, chat_template=options.chat_template)
+    model = Model.load(spec.ref, chat_template=options.chat_template, **options.placement)
     try:
         if options.ctx_size is not None and options.ctx_size > model.n_ctx_train:
             print(f"mullama: warning: --ctx-size {options.ctx_size} is beyond the {model.n_ctx_train} tokens "

@@ -4,10 +4,12 @@ until SIGINT/SIGTERM (streams in flight finish first)."""
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import socket
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 from .._exceptions import InvalidConfigError
 from ._app import create_app
@@ -34,10 +36,13 @@ def serve(model_ref: str | None = None, *, models: Sequence[str] = (), models_di
           api_key: str | None = None, max_tokens_limit: int = 4096, threads: int | None = None, max_queue: int = 64,
           max_body_bytes: int = 1 << 20, pooling: str | None = None, embedding_batch: int | None = None,
           chat_template: str | None = None, keep_alive: float | None = DEFAULT_KEEP_ALIVE,
-          max_loaded: int | None = None, max_memory: int | None = None) -> int:
+          max_loaded: int | None = None, max_memory: int | None = None,
+          placement: dict[str, Any] | None = None, drain_timeout: float = 30.0) -> int:
     """Serve one model (``model_ref``: loaded now, answering every request), or several (``models``
     and/or ``models_dir``: each loaded when a request first names it, unloaded after ``keep_alive``
-    idle seconds or to stay within ``max_loaded`` / ``max_memory``)."""
+    idle seconds or to stay within ``max_loaded`` / ``max_memory``). On SIGINT/SIGTERM it stops
+    listening, refuses new requests on open connections (503), and lets streams in flight finish for
+    up to ``drain_timeout`` seconds."""
     import uvicorn
 
     from .._context_params import ContextSettings
@@ -46,12 +51,15 @@ def serve(model_ref: str | None = None, *, models: Sequence[str] = (), models_di
     if not is_loopback(host) and not api_key:
         raise InvalidConfigError(f"refusing to listen on {host} without an API key: anyone on the network could "
                                  "use it. Pass --api-key (or set MULLAMA_API_KEY), or bind 127.0.0.1.")
+    if isinstance(drain_timeout, bool) or not isinstance(drain_timeout, (int, float)) \
+            or not 0 <= drain_timeout <= 86400:
+        raise InvalidConfigError(f"--drain-timeout must be 0 to 86400 seconds, not {drain_timeout!r}.")
     if model_ref is not None and (models or models_dir):
         raise InvalidConfigError("give one model, or --models / --models-dir, not both.")
     ContextSettings(n_ctx=ctx_size, n_threads=threads, n_seq_max=parallel)  # bad values fail before any load
     check_options(True, embedding_batch, False)
     options = LoadOptions(parallel=parallel, ctx_size=ctx_size, threads=threads, max_queue=max_queue,
-                          pooling=pooling, chat_template=chat_template)
+                          pooling=pooling, chat_template=chat_template, placement=placement or {})
     settings = ServerSettings(api_key=api_key, max_body_bytes=max_body_bytes, max_tokens_limit=max_tokens_limit,
                               pooling=pooling, embedding_batch=embedding_batch)
     if models or models_dir:
@@ -73,8 +81,8 @@ def serve(model_ref: str | None = None, *, models: Sequence[str] = (), models_di
         serving = (f"{model_ref}, {parallel} parallel streams, {engine.n_ctx_per_slot} tokens each"
                    if engine is not None else f"{model_ref}, embeddings only, {model.pooling} pooling")
         app = create_app(model, engine, settings)
-    config = uvicorn.Config(AccessLog(app), host=host, port=port, log_level="warning", timeout_graceful_shutdown=30,
-                            ws_max_size=max_body_bytes)
+    config = uvicorn.Config(AccessLog(app), host=host, port=port, log_level="warning",
+                            timeout_graceful_shutdown=math.ceil(drain_timeout), ws_max_size=max_body_bytes)
     shown = f"[{host}]" if ":" in host else host
     ready = f"mullama serving {serving} on http://{shown}:{port}/v1"
 
@@ -83,6 +91,10 @@ def serve(model_ref: str | None = None, *, models: Sequence[str] = (), models_di
             await super().startup(sockets)
             if self.started:  # the socket is listening: say so
                 print(ready, flush=True)
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            app.state.mullama.draining = True  # /health says so at once; open connections get 503s
+            super().handle_exit(sig, frame)
 
         @contextlib.contextmanager
         def capture_signals(self):
@@ -102,7 +114,7 @@ def serve(model_ref: str | None = None, *, models: Sequence[str] = (), models_di
         Server(config).run()
     finally:
         if engine is not None:
-            engine.stop(drain=True, timeout=30)
+            engine.stop(drain=True, timeout=drain_timeout)
             engine.close()
         if model is not None:
             model.close()

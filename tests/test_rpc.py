@@ -1,0 +1,172 @@
+"""Offloading layers: llama.cpp's RPC backend (two upstream `ggml-rpc-server` processes on 127.0.0.1,
+CPU backend) and the GPU flags, which on this CPU-only machine must reach llama.cpp and change
+nothing.
+
+A `ggml-rpc-server` serves one client at a time and ggml keeps its connection for the life of the
+process, so each RPC run here is a child process: when it exits, the servers are free for the next
+(upstream's llama-server included)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+import upstream
+
+import mullama
+from mullama._context import default_threads
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n", "Once upon a time, in a small village by the sea,"]
+N_PREDICT = 32
+
+
+class RPCServer:
+    """Upstream's ggml-rpc-server on 127.0.0.1 (CPU backend, one thread)."""
+
+    def __init__(self, binary) -> None:
+        self.port = upstream.free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.process = subprocess.Popen([str(binary), "-H", "127.0.0.1", "-p", str(self.port), "-t", "1"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                assert self.process.poll() is None and time.monotonic() < deadline, "ggml-rpc-server did not start"
+                time.sleep(0.1)
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def rpc_servers(build):
+    binary = build.tool("ggml-rpc-server")
+    assert binary.is_file(), "the test build includes ggml-rpc-server (build_llama.py --rpc)"
+    servers = [RPCServer(binary) for _ in range(2)]
+    yield [server.address for server in servers]
+    for server in servers:
+        server.close()
+
+
+def greedy_in_child(model_path, rpc: list[str] | None) -> list[list[int]]:
+    """Greedy token ids of PROMPTS from a child Python, with every layer on ``rpc`` (or none)."""
+    script = textwrap.dedent(f"""
+        import json, mullama
+        model = mullama.Model.load({str(model_path)!r}, n_gpu_layers=99, rpc_servers={rpc!r})
+        context = mullama.Context(model, n_ctx=1024)
+        results = []
+        for prompt in {PROMPTS!r}:
+            context.clear()
+            results.append(context.generate(prompt, max_tokens={N_PREDICT}, cache_prompt=False).token_ids)
+        print(json.dumps(results))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_greedy_over_two_rpc_servers_equals_llama_server_rpc_and_the_local_run(build, model_path, rpc_servers):
+    ours = greedy_in_child(model_path, rpc_servers)
+    server = upstream.LlamaServer(build.tool("llama-server"), model_path, threads=default_threads(),
+                                  extra=("--rpc", ",".join(rpc_servers), "-ngl", "99"))
+    try:
+        theirs = [server.greedy(prompt, N_PREDICT)["tokens"] for prompt in PROMPTS]
+    finally:
+        server.close()
+    assert ours == theirs
+    with mullama.Model.load(model_path) as model, mullama.Context(model, n_ctx=1024) as context:
+        local = []
+        for prompt in PROMPTS:
+            context.clear()
+            local.append(context.generate(prompt, max_tokens=N_PREDICT, cache_prompt=False).token_ids)
+    assert ours == local
+
+
+def test_the_command_line_offloads_to_rpc_servers(rpc_servers, model_path):
+    run = subprocess.run([sys.executable, "-m", "mullama", "run", str(model_path), "--raw", "--temp", "0", "-n", "12",
+                          "--rpc", ",".join(rpc_servers), "-ngl", "99", "--json", PROMPTS[0]],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    with mullama.Model.load(model_path) as model, mullama.Context(model, n_ctx=1024) as context:
+        assert json.loads(run.stdout)["text"] == context.generate(PROMPTS[0], max_tokens=12).text
+    info = subprocess.run([sys.executable, "-m", "mullama", "info", "--json", "--rpc", rpc_servers[0]],
+                          capture_output=True, text=True, timeout=120)
+    devices = json.loads(info.stdout)["devices"]
+    (remote,) = [d for d in devices if d["backend"].startswith("RPC")]
+    assert remote["description"] == rpc_servers[0] and remote["memory_total"] > 0
+
+
+def test_an_unreachable_rpc_server_is_a_model_load_error_naming_it(model_path):
+    address = f"127.0.0.1:{upstream.free_port()}"
+    with pytest.raises(mullama.ModelLoadError, match=address):
+        mullama.Model.load(model_path, n_gpu_layers=99, rpc_servers=[address])
+
+
+def test_a_peer_that_is_not_an_rpc_server_is_refused(model_path):
+    with socket.socket() as listener:  # answers anything with a line of text, as an HTTP server might
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+
+        def answer() -> None:
+            connection, _ = listener.accept()
+            with connection:
+                connection.recv(64)
+                connection.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n" + b" " * 64)
+
+        threading.Thread(target=answer, daemon=True).start()
+        with pytest.raises(mullama.ModelLoadError, match="does not answer as a ggml RPC server"):
+            mullama.Model.load(model_path, n_gpu_layers=99, rpc_servers=[address])
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"rpc_servers": ["nohost"]}, "HOST:PORT"),
+    ({"rpc_servers": ["127.0.0.1:0"]}, "port from 1 to 65535"),
+    ({"rpc_servers": "127.0.0.1:50052"}, "must be a list"),
+    ({"n_gpu_layers": -2}, "n_gpu_layers"),
+    ({"n_gpu_layers": True}, "n_gpu_layers"),
+    ({"split_mode": "diagonal"}, "split_mode"),
+    ({"tensor_split": [1, -1]}, "tensor_split"),
+    ({"tensor_split": [0, 0]}, "tensor_split"),
+    ({"tensor_split": [float("nan")]}, "tensor_split"),
+    ({"tensor_split": [1] * 1000}, "at most"),
+    ({"main_gpu": "0"}, "main_gpu"),
+])
+def test_bad_offload_options_are_invalid_config(model_path, options, message):
+    with pytest.raises(mullama.InvalidConfigError, match=message):
+        mullama.Model.load(model_path, **options)
+
+
+def test_gpu_flags_reach_llama_cpp_and_change_nothing_on_a_cpu(model_path):
+    """No GPU here: llama.cpp keeps every layer on the CPU whatever -ngl says (as upstream does), so the
+    flags must be accepted and the greedy answer must not move."""
+    plain = subprocess.run([sys.executable, "-m", "mullama", "run", str(model_path), "--raw", "--temp", "0",
+                            "-n", "12", "--json", PROMPTS[0]], capture_output=True, text=True, timeout=300)
+    flagged = subprocess.run([sys.executable, "-m", "mullama", "run", str(model_path), "--raw", "--temp", "0",
+                              "-n", "12", "--json", "-ngl", "99", "--split-mode", "row", "--tensor-split", "1",
+                              "--main-gpu", "0", PROMPTS[0]], capture_output=True, text=True, timeout=300)
+    assert plain.returncode == flagged.returncode == 0, flagged.stderr
+    assert json.loads(plain.stdout)["text"] == json.loads(flagged.stdout)["text"]
+    with mullama.Model.load(model_path, n_gpu_layers=99) as model:
+        assert not model.offloaded  # nothing left the CPU: its contexts still take turns on it
+    bad = subprocess.run([sys.executable, "-m", "mullama", "run", str(model_path), "--tensor-split", "a,b", "hi"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "--tensor-split" in bad.stderr
+
+
+def test_info_lists_the_devices():
+    info = mullama.system_info()
+    (cpu,) = [device for device in info["devices"] if device["type"] == "cpu"]
+    assert cpu["name"] == "CPU" and cpu["memory_total"] > 0
+    shown = subprocess.run([sys.executable, "-m", "mullama", "info"], capture_output=True, text=True, timeout=120)
+    assert "devices:" in shown.stdout and "CPU (cpu, CPU)" in shown.stdout
