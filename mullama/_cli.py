@@ -248,13 +248,21 @@ def _show(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     try:
-        from .server import parse_keep_alive, serve
+        from .server import SUPERVISED_ENV, parse_keep_alive, serve, supervise
     except ImportError as exc:
         raise InvalidConfigError(f"`mullama serve` needs the server extra ({exc.name} is missing): "
                                  "pip install 'mullama[server]'.") from None
     from ._hub import DEFAULT_MODEL
 
     _check_ctx_size(args.ctx_size)
+    if args.rpc and os.environ.get(SUPERVISED_ENV) != "1":  # ggml ends a process whose RPC server is lost
+        return supervise(args.argv, host=args.host, port=args.port, drain_timeout=args.drain_timeout,
+                         api_key=args.api_key or os.environ.get("MULLAMA_API_KEY"))
+    if args.rpc:  # the supervised serving process: when ggml ends it, one line says why
+        from ._devices import one_line_aborts
+        from ._library import get
+
+        one_line_aborts(get())
     models = [name.strip() for name in (args.models or "").split(",") if name.strip()]
     several = bool(models or args.models_dir)
     keep_alive = parse_keep_alive(args.keep_alive)
@@ -580,6 +588,7 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args, extra = parser.parse_known_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # `serve --rpc` runs it again in a child
     if extra:  # `mullama run Why -n 20 is the sky blue`: words after an option are still the prompt
         if args.command != "run" or any(word.startswith("-") for word in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

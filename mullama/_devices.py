@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import socket
 import struct
+import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ CONNECT_TIMEOUT = 5.0
 
 _registered: dict[str, list[Any]] = {}  # RPC address -> its devices, registered once per process
 _register_lock = threading.Lock()
+_abort_callback: list[Any] = []  # the C callback of one_line_aborts, alive for the process
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,23 @@ class DeviceOptions:
             return True
         lib = library.lib
         return any(_is_local_gpu(library, lib.ggml_backend_dev_get(i)) for i in range(lib.ggml_backend_dev_count()))
+
+
+def one_line_aborts(library: Any) -> None:
+    """When ggml ends this process (a lost RPC server), say why in one line on standard error instead
+    of ggml's debugger backtrace (for `serve --rpc`'s serving process, which its supervisor restarts)."""
+    if _abort_callback:
+        return
+    ffi, lib = library.ffi, library.lib
+
+    def report(message: Any) -> None:
+        text = ffi.string(message).decode("utf-8", "replace").strip() if message != ffi.NULL else "no message"
+        sys.stderr.write(f"mullama: llama.cpp ended the process: {text}\n")
+        sys.stderr.flush()
+
+    callback = ffi.callback("ggml_abort_callback_t", report)
+    _abort_callback.append(callback)
+    lib.ggml_set_abort_callback(callback)
 
 
 def _as_tuple(name: str, value: Any) -> tuple:

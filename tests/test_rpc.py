@@ -29,8 +29,8 @@ N_PREDICT = 32
 class RPCServer:
     """Upstream's ggml-rpc-server on 127.0.0.1 (CPU backend, one thread)."""
 
-    def __init__(self, binary) -> None:
-        self.port = upstream.free_port()
+    def __init__(self, binary, port: int | None = None) -> None:
+        self.port = port or upstream.free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.process = subprocess.Popen([str(binary), "-H", "127.0.0.1", "-p", str(self.port), "-t", "1"],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -44,7 +44,8 @@ class RPCServer:
                 time.sleep(0.1)
 
     def close(self) -> None:
-        self.process.kill()
+        if self.process.poll() is None:
+            self.process.kill()
         self.process.wait(10)
 
 
@@ -170,3 +171,56 @@ def test_info_lists_the_devices():
     assert cpu["name"] == "CPU" and cpu["memory_total"] > 0
     shown = subprocess.run([sys.executable, "-m", "mullama", "info"], capture_output=True, text=True, timeout=120)
     assert "devices:" in shown.stdout and "CPU (cpu, CPU)" in shown.stdout
+
+
+def test_a_lost_rpc_server_ends_its_stream_with_an_error_and_the_server_recovers(build, model_path):
+    """ggml ends the process whose RPC server goes away mid-computation: `mullama serve --rpc` keeps
+    its port in a supervising process, so the stream under way ends with a generation_error event,
+    requests meanwhile get a 503 in their API's shape, /health says degraded, and once the RPC
+    server is back the next request is served (the same greedy answer as before)."""
+    import httpx
+    from mullama_server import MullamaServer
+
+    rpc = RPCServer(build.tool("ggml-rpc-server"))
+    server = MullamaServer(model_path, parallel=1, ctx_size=1024, extra=("--rpc", rpc.address, "-ngl", "99"))
+    try:
+        assert "supervised" in server.ready_line
+        body = {"prompt": PROMPTS[0], "max_tokens": 16, "temperature": 0}
+        before = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+        events = []
+        long = {"prompt": "Story:", "max_tokens": 2000, "ignore_eos": True, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=long, timeout=120) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                if len(events) == 5:
+                    rpc.close()  # the RPC server goes away mid-stream
+        assert events[-1] != "[DONE]"
+        assert json.loads(events[-1])["error"]["code"] == "generation_error"
+        health = httpx.get(f"{server.url}/health", timeout=30)
+        assert health.status_code == 503 and health.json()["status"] == "degraded"
+        refused = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "worker_restarting"
+        claude = httpx.post(f"{server.url}/v1/messages", json={"model": "m", "max_tokens": 4, "messages": [
+            {"role": "user", "content": "hi"}]}, timeout=30)
+        assert claude.status_code == 503 and claude.json()["type"] == "error"
+        assert httpx.get(f"{server.url}/health/live", timeout=30).status_code == 200
+        rpc = RPCServer(build.tool("ggml-rpc-server"), port=rpc.port)  # back, on the same address
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{server.url}/health", timeout=30).status_code != 200:
+            assert time.monotonic() < deadline, "the serving process did not come back"
+            time.sleep(0.2)
+        after = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120)
+        assert after.status_code == 200 and after.json()["choices"][0]["text"] == before
+        assert httpx.get(f"{server.url}/health", timeout=30).json()["restarts"] >= 1
+    finally:
+        server.close()
+        rpc.close()
+
+
+def test_an_unreachable_rpc_server_at_start_fails_serve_cleanly(model_path):
+    address = f"127.0.0.1:{upstream.free_port()}"
+    command = [sys.executable, "-m", "mullama", "serve", "--model", str(model_path), "--port",
+               str(upstream.free_port()), "--rpc", address, "-ngl", "99"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "MODEL_LOAD_ERROR" in done.stderr and address in done.stderr, done.stderr

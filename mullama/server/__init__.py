@@ -13,6 +13,22 @@ from ._app import create_app
 from ._http import AccessLog, ServerSettings, is_loopback
 from ._pool import DEFAULT_KEEP_ALIVE, LoadOptions, ModelPool, ModelSpec, load_model, model_specs, parse_keep_alive
 from ._run import check_port_free, serve
+from ._supervisor import SUPERVISED_ENV, supervise
 
-__all__ = ["DEFAULT_KEEP_ALIVE", "AccessLog", "LoadOptions", "ModelPool", "ModelSpec", "ServerSettings",
-           "check_port_free", "create_app", "is_loopback", "load_model", "model_specs", "parse_keep_alive", "serve"]
+__all__ = [
+           "DEFAULT_KEEP_ALIVE",
+           "SUPERVISED_ENV",
+           "AccessLog",
+           "LoadOptions",
+           "ModelPool",
+           "ModelSpec",
+           "ServerSettings",
+           "check_port_free",
+           "create_app",
+           "is_loopback",
+           "load_model",
+           "model_specs",
+           "parse_keep_alive",
+           "serve",
+           "supervise",
+]

@@ -1,0 +1,257 @@
+"""``mullama serve --rpc``: the serving process runs as a child, behind this one.
+
+ggml ends the process that uses an RPC server when that server goes away mid-computation (it has no
+way to recover the lost connection), and a process cannot reconnect to it afterwards. So with
+``--rpc`` this process holds the port and proxies every request to a child ``mullama serve`` on a
+private loopback port. When the child dies, the streams that were under way end with an error event
+in their API's own shape (``generation_error``), requests meanwhile get a 503 to retry, ``/health``
+reports ``degraded``, and the child is started again as soon as the RPC servers answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+from .._exceptions import InvalidConfigError
+from ._anthropic import ERROR_TYPES
+from ._http import is_loopback
+from ._request import error_body
+
+__all__ = ["SUPERVISED_ENV", "supervise"]
+
+SUPERVISED_ENV = "MULLAMA_SUPERVISED"  # set in the child: it serves, it does not supervise
+RESTART_DELAYS = (0.5, 1.0, 2.0, 4.0)  # seconds between attempts to start the child again (then the last)
+HOP_HEADERS = {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "upgrade",
+               "proxy-authorization", "proxy-connection"}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Child:
+    """The child ``mullama serve``: started, watched, restarted."""
+
+    def __init__(self, argv: Sequence[str]) -> None:
+        self.argv = list(argv)
+        self.port = 0
+        self.process: asyncio.subprocess.Process | None = None
+        self.ready = False
+        self.reason = "starting"  # why it is not ready
+        self.restarts = 0
+        self.stopping = False
+        self.first_start: asyncio.Future[str | None] | None = None  # the ready line, or None if it failed
+
+    async def run(self) -> None:
+        """Start the child, and again whenever it ends, until ``stop()``."""
+        self.first_start = asyncio.get_running_loop().create_future()
+        attempt = 0
+        while not self.stopping:
+            code, tail = await self._run_once()
+            if self.stopping:
+                return
+            if not self.first_start.done():  # never served: the command itself failed (bad model, ...)
+                self.first_start.set_result(None)
+                self.reason = tail
+                return
+            self.reason = f"the serving process ended ({_describe(code)}): {tail}"
+            delay = RESTART_DELAYS[min(attempt, len(RESTART_DELAYS) - 1)]
+            print(f"mullama: the serving process ended ({_describe(code)}); starting it again in {delay:g} s",
+                  file=sys.stderr, flush=True)
+            await asyncio.sleep(delay)
+            attempt = 0 if self.ready else attempt + 1
+            self.restarts += 1
+
+    async def _run_once(self) -> tuple[int, str]:
+        self.port = _free_port()
+        command = [sys.executable, "-m", "mullama", *self.argv, "--host", "127.0.0.1", "--port", str(self.port)]
+        self.process = await asyncio.create_subprocess_exec(
+            *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, SUPERVISED_ENV: "1"})
+        assert self.process.stdout is not None
+        tail: list[str] = []
+        async for raw in self.process.stdout:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            if line.startswith("mullama serving") and not self.ready:
+                self.ready, self.reason = True, ""
+                assert self.first_start is not None
+                if not self.first_start.done():
+                    self.first_start.set_result(line)
+                continue
+            print(line, file=sys.stderr, flush=True)  # its access log and messages, as our own
+            tail = [*tail[-4:], line]
+        code = await self.process.wait()
+        self.ready = False
+        return code, (tail[-1].strip() if tail else "") or "no message"
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        self.stopping = True
+        if self.process is not None and self.process.returncode is None:
+            self.process.send_signal(sig)
+
+    async def wait(self, timeout: float) -> None:
+        if self.process is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.process.wait(), timeout)
+            if self.process.returncode is None:
+                self.process.kill()
+
+
+def _describe(code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"signal {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+# --- errors in each API's shape ------------------------------------------------------------------
+def _shape(path: str) -> str:
+    return "anthropic" if path.startswith("/v1/messages") else "ollama" if path.startswith("/api/") else "openai"
+
+
+def _error_response(path: str, status: int, message: str, code: str) -> JSONResponse:
+    shape = _shape(path)
+    if shape == "anthropic":
+        body: dict = {"type": "error", "error": {"type": ERROR_TYPES.get(status, "api_error"), "message": message}}
+    elif shape == "ollama":
+        body = {"error": message}
+    else:
+        body = error_body(message, type="server_error", code=code)
+    headers = {"Retry-After": "2"} if status == 503 else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _error_event(path: str, message: str) -> bytes:
+    """The last event of a stream whose serving process died: in the stream's own format."""
+    shape = _shape(path)
+    if shape == "anthropic":
+        payload = {"type": "error", "error": {"type": "api_error", "message": message}}
+        return f"\n\nevent: error\ndata: {json.dumps(payload)}\n\n".encode()
+    if shape == "ollama":
+        return (json.dumps({"error": message}) + "\n").encode()
+    return f"\n\ndata: {json.dumps(error_body(message, type='server_error', code='generation_error'))}\n\n".encode()
+
+
+# --- the proxy ---------------------------------------------------------------------------------------
+async def _proxy(request: Request) -> Response:
+    child: Child = request.app.state.child
+    client: httpx.AsyncClient = request.app.state.client
+    path = request.url.path
+    if not child.ready:
+        return _error_response(path, 503, f"the model is being restarted ({child.reason}); retry shortly.",
+                               "worker_restarting")
+    headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_HEADERS]
+    outgoing = client.build_request(request.method, f"http://127.0.0.1:{child.port}{path}",
+                                    params=request.query_params, headers=headers, content=await request.body())
+    try:
+        answer = await client.send(outgoing, stream=True)
+    except httpx.ConnectError:
+        return _error_response(path, 503, "the model is being restarted; retry shortly.", "worker_restarting")
+    except httpx.TransportError:
+        return _error_response(path, 500, "generation failed: the serving process ended (an RPC server was "
+                                          "lost); retry shortly.", "generation_error")
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in answer.aiter_raw():
+                yield chunk
+        except httpx.TransportError:
+            yield _error_event(path, "generation failed: the serving process ended (an RPC server was lost).")
+        finally:
+            await answer.aclose()
+
+    response_headers = {k: v for k, v in answer.headers.items() if k.lower() not in HOP_HEADERS}
+    return StreamingResponse(body(), status_code=answer.status_code, headers=response_headers)
+
+
+async def _health(request: Request) -> Response:
+    child: Child = request.app.state.child
+    if child.ready:
+        with contextlib.suppress(httpx.TransportError):
+            answer = await request.app.state.client.get(f"http://127.0.0.1:{child.port}{request.url.path}")
+            return JSONResponse({**answer.json(), "restarts": child.restarts}, status_code=answer.status_code)
+    return JSONResponse({"status": "degraded", "error": child.reason or "restarting", "restarts": child.restarts},
+                        status_code=503)
+
+
+async def _live(request: Request) -> Response:
+    return JSONResponse({"status": "live"})
+
+
+async def _no_websocket(ws: WebSocket) -> None:
+    await ws.close(code=1013, reason="the WebSocket is not served with --rpc; stream over HTTP instead")
+
+
+def supervise(argv: Sequence[str], *, host: str, port: int, api_key: str | None, drain_timeout: float) -> int:
+    """Serve ``argv`` (a ``mullama serve`` command line) from a child process behind ``host:port``."""
+    import uvicorn
+
+    from ._run import check_port_free
+
+    if not is_loopback(host) and not api_key:
+        raise InvalidConfigError(f"refusing to listen on {host} without an API key: anyone on the network could "
+                                 "use it. Pass --api-key (or set MULLAMA_API_KEY), or bind 127.0.0.1.")
+    check_port_free(host, port)
+    child = Child(argv)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        app.state.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0),
+                                             limits=httpx.Limits(max_keepalive_connections=32))
+        watcher = asyncio.create_task(child.run())
+        try:
+            yield
+        finally:
+            child.stop()
+            await child.wait(drain_timeout + 5)
+            watcher.cancel()
+            await app.state.client.aclose()
+
+    methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]
+    app = Starlette(routes=[Route("/health", _health), Route("/health/ready", _health), Route("/health/live", _live),
+                            WebSocketRoute("/v1/ws", _no_websocket),
+                            Route("/{path:path}", _proxy, methods=methods)], lifespan=lifespan)
+    app.state.child = child
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            while child.first_start is None:
+                await asyncio.sleep(0.01)
+            line = await child.first_start
+            if line is None:  # the command failed before serving (its own error line was printed): stop
+
+                self.should_exit = True
+                self.failed = True
+                return
+            shown = f"[{host}]" if ":" in host else host
+            print(f"{line.split(' on http')[0]}, supervised (restarted if an RPC server is lost) on "
+                  f"http://{shown}:{port}/v1", flush=True)
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            child.stop(sig)  # the child drains its streams; this process waits for them
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                   timeout_graceful_shutdown=int(drain_timeout) + 5))
+    server.failed = False  # type: ignore[attr-defined]
+    server.run()
+    return 1 if server.failed else 0  # type: ignore[attr-defined]
