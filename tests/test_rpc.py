@@ -181,8 +181,9 @@ def test_a_lost_rpc_server_ends_its_stream_with_an_error_and_the_server_recovers
     import httpx
     from mullama_server import MullamaServer
 
-    rpc = RPCServer(build.tool("ggml-rpc-server"))
-    server = MullamaServer(model_path, parallel=1, ctx_size=1024, extra=("--rpc", rpc.address, "-ngl", "99"))
+    rpc, other = RPCServer(build.tool("ggml-rpc-server")), RPCServer(build.tool("ggml-rpc-server"))
+    server = MullamaServer(model_path, parallel=1, ctx_size=1024,
+                           extra=("--rpc", f"{rpc.address},{other.address}", "-ngl", "99"))
     try:
         assert "supervised" in server.ready_line
         body = {"prompt": PROMPTS[0], "max_tokens": 16, "temperature": 0}
@@ -194,7 +195,7 @@ def test_a_lost_rpc_server_ends_its_stream_with_an_error_and_the_server_recovers
                 if line.startswith("data: "):
                     events.append(line[6:])
                 if len(events) == 5:
-                    rpc.close()  # the RPC server goes away mid-stream
+                    rpc.close()  # one of the two RPC servers goes away mid-stream
         assert events[-1] != "[DONE]"
         assert json.loads(events[-1])["error"]["code"] == "generation_error"
         health = httpx.get(f"{server.url}/health", timeout=30)
@@ -216,6 +217,7 @@ def test_a_lost_rpc_server_ends_its_stream_with_an_error_and_the_server_recovers
     finally:
         server.close()
         rpc.close()
+        other.close()
 
 
 def test_an_unreachable_rpc_server_at_start_fails_serve_cleanly(model_path):
