@@ -311,10 +311,10 @@ class ModelPool:
         try:
             await asyncio.shield(served.ready)
         except asyncio.CancelledError:
-            if served.ready.done() and not served.ready.cancelled() and served.ready.exception() is None:
-                self.release(served)  # the loader granted a lease this request will not use
-            else:
+            if not served.ready.done():
                 served.waiting -= 1
+            elif not served.ready.cancelled() and served.ready.exception() is None:
+                self.release(served)  # the loader granted a lease this request will not use
             raise
         return served
 
