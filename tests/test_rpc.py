@@ -188,6 +188,12 @@ def test_a_lost_rpc_server_ends_its_stream_with_an_error_and_the_server_recovers
         assert "supervised" in server.ready_line
         body = {"prompt": PROMPTS[0], "max_tokens": 16, "temperature": 0}
         before = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+        from websockets.exceptions import ConnectionClosed
+        from websockets.sync.client import connect
+
+        with connect(f"ws://127.0.0.1:{server.port}/v1/ws") as ws, pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=30)
+        assert closed.value.rcvd.code == 1013 and "--rpc" in closed.value.rcvd.reason
         events = []
         long = {"prompt": "Story:", "max_tokens": 2000, "ignore_eos": True, "temperature": 0, "stream": True}
         with httpx.stream("POST", f"{server.url}/v1/completions", json=long, timeout=120) as response:

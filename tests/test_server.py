@@ -388,7 +388,10 @@ def _other_format_cases() -> list[tuple[str, object]]:
                 cases.append((path, {**base, field: value}))
         cases += [(path, body) for body in ("{", "[]", "null")]
     cases += [("/api/embed", body) for body in ({}, {"input": []}, {"input": [1.5]}, {"input": ""}, "[")]
-    cases += [("/api/show", body) for body in ("{", "5")]
+    cases += [("/api/show", body) for body in ("{", "5", {"model": 5})]
+    cases += [("/api/pull", body) for body in ("{", "[]", {}, {"model": 5}, {"model": "../../etc/passwd"},
+                                               {"model": "nope:1b"}, {"model": "smollm2:135m", "stream": "yes"},
+                                               {"name": "%2e%2e/x"})]
     return cases
 
 

@@ -197,6 +197,7 @@ async def _live(request: Request) -> Response:
 
 
 async def _no_websocket(ws: WebSocket) -> None:
+    await ws.accept()  # (so that the client reads the reason; a refused handshake is a bare 403)
     await ws.close(code=1013, reason="the WebSocket is not served with --rpc; stream over HTTP instead")
 
 
