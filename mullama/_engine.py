@@ -69,10 +69,12 @@ class EngineRequest(SequenceView):
         self._cancelled = False
 
     def cancel(self) -> None:
-        """Stop this sequence; its slot and KV cells are released by the next step."""
+        """Stop this sequence; its slot and KV cells are released by the next step. A reader still
+        waiting for its next token (a route whose client went away) gets the end at once."""
         if not self._cancelled:
             self._cancelled = True
             self.channel.close()
+            self.channel.finish()
             self._wake.set()
 
     @property

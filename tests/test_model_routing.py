@@ -338,3 +338,28 @@ def test_a_model_that_fails_to_load_fails_its_requests_only(tmp_path, references
         assert server.get_json("/health")["status"] == "ok"
     finally:
         server.close()
+
+
+def test_dropped_requests_release_their_model(references):
+    """A client that goes away — mid-stream, or while its model is still loading — holds nothing:
+    with --max-loaded 1 the other model can load right after, and the load it waited for is not lost."""
+    server = start("--models", ",".join(MODELS), "--max-loaded", "1")
+    try:
+        body = {"model": "smollm2", "prompt": "Story:", "max_tokens": 500, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=120) as response:
+            for count, _ in enumerate(response.iter_lines()):
+                if count == 4:
+                    break  # the client hangs up mid-stream
+        assert complete(server.url, "gemma3", PROMPTS[0]) == references["gemma3:270m"][PROMPTS[0]]
+        assert loaded(server) == ["gemma3:270m"]
+        with pytest.raises(httpx.ReadTimeout):  # gives up while smollm2 loads (it takes longer than 1 ms)
+            httpx.post(f"{server.url}/v1/completions", json={"model": "smollm2", "prompt": "Hi", "max_tokens": 2},
+                       timeout=httpx.Timeout(60, read=0.001))
+        assert complete(server.url, "smollm2", PROMPTS[0]) == references["smollm2:135m"][PROMPTS[0]]
+        assert metric(server, "mullama_model_loads_total") == 3  # smollm2, gemma3, smollm2: none wasted
+        # The request that gave up holds no lease once its model is there (it used to wait for tokens
+        # of its cancelled sequence for ever, and keep smollm2 from being swapped out):
+        assert complete(server.url, "gemma3", PROMPTS[1]) == references["gemma3:270m"][PROMPTS[1]]
+        assert metric(server, "mullama_requests_failed_total") == 0
+    finally:
+        server.close()
