@@ -2,9 +2,9 @@
 load), kept warm while used, unloaded after ``keep_alive`` idle seconds, or — least recently used
 first — when ``max_loaded`` models or ``max_memory`` bytes would be exceeded.
 
-A request holds a lease on its model from the moment it asks for it until its sequences are queued;
-from then on the engine's own queue says the model is busy. A model is unloaded only when it holds
-no lease and its engine has nothing to do, so a swap never cuts a request short.
+A request holds a lease on its model until its answer is complete (a streamed one until its body
+ends, or is dropped unstarted); the engine's own queue counts as use too. A model is unloaded only
+when it holds no lease and its engine has nothing to do, so a swap never cuts a request short.
 """
 
 from __future__ import annotations
