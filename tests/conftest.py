@@ -49,6 +49,15 @@ def context(model):
     ctx.close()
 
 
+@pytest.fixture(scope="module")
+def served(model):
+    """The real server app for the default model, in this process (2 streams of 2048 tokens)."""
+    from inprocess_server import serving
+
+    with serving(model, parallel=2, n_ctx=2048) as (server, _engine):
+        yield server
+
+
 @pytest.fixture(scope="session")
 def llama_server(build, model_path):
     """Upstream llama-server from the pin, same build, same threads, on 127.0.0.1."""

@@ -24,12 +24,6 @@ CONVERSATION = [{"role": "user", "content": "What is the capital of France?"},
 
 
 @pytest.fixture(scope="module")
-def served(model):
-    with serving(model, parallel=2, n_ctx=2048) as (server, _engine):
-        yield server
-
-
-@pytest.fixture(scope="module")
 def clients(served):
     return (anthropic.Anthropic(base_url=served.url, api_key="unused"),
             openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused"))

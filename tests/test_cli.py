@@ -21,6 +21,16 @@ def spawn(*args: str, **kwargs) -> pexpect.spawn:
                          dimensions=(40, 100), **kwargs)
 
 
+def end_chat(child: pexpect.spawn, *expected_on_the_way_out: str) -> None:
+    """End a chat with Ctrl-D: it prints ``expected_on_the_way_out``, then exits 0."""
+    child.sendeof()
+    for text in expected_on_the_way_out:
+        child.expect(text)
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
 def run(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([*PYTHON, *args], capture_output=True, text=True, input=input, timeout=300, check=False)
 
@@ -120,10 +130,7 @@ def test_chat_two_turns_commands_and_ctrl_c(model_path, tmp_path):
     child.sendline("Say hi.")
     child.expect("prompt tokens cached")
     child.expect(">>> ")
-    child.sendeof()
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+    end_chat(child)
 
 
 def test_chat_with_piped_input_writes_plain_text(model_path, tmp_path):
@@ -238,10 +245,7 @@ def test_a_long_chat_in_a_small_context_never_fails(model_path, tmp_path):
     child.sendline("/show")
     child.expect("256 tokens")
     child.expect(">>> ")
-    child.sendeof()
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+    end_chat(child)
 
 
 def test_chat_multiline_set_show_help_and_bad_paths(model_path, tmp_path):
@@ -278,11 +282,7 @@ def test_chat_multiline_set_show_help_and_bad_paths(model_path, tmp_path):
     child.sendline("/show")
     child.expect(r"temperature\s+0\.3")
     child.expect(">>> ")
-    child.sendeof()
-    child.expect("cannot save the recording")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+    end_chat(child, "cannot save the recording")
 
 
 def test_run_with_a_model_and_no_prompt_in_a_terminal_starts_a_chat(model_path):
@@ -292,7 +292,4 @@ def test_run_with_a_model_and_no_prompt_in_a_terminal_starts_a_chat(model_path):
     child.sendline("Hi")
     child.expect("prompt tokens cached")
     child.expect(">>> ")
-    child.sendeof()
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+    end_chat(child)

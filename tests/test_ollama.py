@@ -19,12 +19,6 @@ MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "
 
 
 @pytest.fixture(scope="module")
-def served(model):
-    with serving(model, parallel=2, n_ctx=2048) as (server, _engine):
-        yield server
-
-
-@pytest.fixture(scope="module")
 def clients(served):
     return ollama.Client(host=served.url), openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused")
 
