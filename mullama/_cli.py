@@ -196,17 +196,24 @@ def _size(n_bytes: float) -> str:
     return f"{n_bytes:.1f} TB"
 
 
-def _ago(stamp: str) -> str:
-    """An ISO time as ``3 minutes ago``."""
+def _seconds_since(stamp: str) -> float | None:
+    """Seconds from an ISO time (UTC when it names no zone) to now; None if it is not one."""
     import datetime
 
     try:
         then = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
     except (ValueError, AttributeError):
-        return "-"
+        return None
     if then.tzinfo is None:
         then = then.replace(tzinfo=datetime.timezone.utc)
-    seconds = (datetime.datetime.now(datetime.timezone.utc) - then).total_seconds()
+    return (datetime.datetime.now(datetime.timezone.utc) - then).total_seconds()
+
+
+def _ago(stamp: str) -> str:
+    """An ISO time as ``3 minutes ago``."""
+    seconds = _seconds_since(stamp)
+    if seconds is None:
+        return "-"
     for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
         if seconds >= size:
             count = int(seconds // size)
@@ -325,11 +332,9 @@ def _seconds(seconds: float) -> str:
 
 
 def _until(stamp: str) -> str:
-    """An ISO time in the future as ``4 minutes from now``."""
-    import datetime
-
-    left = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")) - datetime.datetime.now(datetime.timezone.utc)
-    return f"{_seconds(max(0.0, left.total_seconds()))} from now"
+    """An ISO time in the future as ``4 min from now``."""
+    since = _seconds_since(stamp)
+    return "-" if since is None else f"{_seconds(max(0.0, -since))} from now"
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -24,7 +24,7 @@ from .._engine import EngineRequest
 from .._exceptions import InvalidConfigError, MullamaError
 from .._sequence import Token
 from ._generation import start
-from ._http import endpoint, merged, read_json, run_to_end, state
+from ._http import endpoint, merged, read_json, requested_model, run_to_end, state
 from ._request import APIError, ParsedRequest, ToolCallDeltas, bad, error_body, integer, number
 
 __all__ = ["chat_completions", "chunk", "completion_body", "completions", "list_models", "parse_request", "usage"]
@@ -52,8 +52,7 @@ def parse_request(body: Any, kind: str, *, max_tokens_limit: int) -> ParsedReque
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise bad(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0])
-    if "model" in body and not isinstance(body["model"], str):
-        raise bad("'model' must be a string.", "model")
+    model = requested_model(body)
     n = integer(body, "n", 1, MAX_CHOICES) or 1
     n_logprobs = _requested_logprobs(body, kind)
     tools = body.get("tools") or None
@@ -145,14 +144,13 @@ def parse_request(body: Any, kind: str, *, max_tokens_limit: int) -> ParsedReque
             raise bad("'messages' must be a non-empty list of {role, content} objects.", "messages")
         return ParsedRequest("chat", config, stream, include_usage, messages=messages, n=n, tools=tools,
                              tool_choice=tool_choice, parallel_tool_calls=parallel,
-                             reasoning_format="none" if reasoning_format == "none" else "auto",
-                             model=body.get("model"))
+                             reasoning_format="none" if reasoning_format == "none" else "auto", model=model)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt:
         raise bad("'prompt' must be a non-empty string.", "prompt")
-    return ParsedRequest("completion", config, stream, include_usage, prompt=prompt, n=n, model=body.get("model"))
+    return ParsedRequest("completion", config, stream, include_usage, prompt=prompt, n=n, model=model)
 
 
 def _requested_logprobs(body: dict, kind: str) -> int | None:

@@ -16,7 +16,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import httpx
@@ -27,9 +27,9 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from .._exceptions import InvalidConfigError
-from ._anthropic import ERROR_TYPES
+from . import _anthropic, _ollama
 from ._http import is_loopback
-from ._request import error_body
+from ._request import APIError
 
 __all__ = ["SUPERVISED_ENV", "supervise"]
 
@@ -123,31 +123,28 @@ def _describe(code: int) -> str:
 
 
 # --- errors in each API's shape ------------------------------------------------------------------
-def _shape(path: str) -> str:
-    return "anthropic" if path.startswith("/v1/messages") else "ollama" if path.startswith("/api/") else "openai"
+def _shape(path: str) -> Callable[[APIError], dict]:
+    """The error body of the API ``path`` belongs to."""
+    if path.startswith("/v1/messages"):
+        return _anthropic.error_body
+    return _ollama.error_body if path.startswith("/api/") else APIError.body
 
 
 def _error_response(path: str, status: int, message: str, code: str) -> JSONResponse:
-    shape = _shape(path)
-    if shape == "anthropic":
-        body: dict = {"type": "error", "error": {"type": ERROR_TYPES.get(status, "api_error"), "message": message}}
-    elif shape == "ollama":
-        body = {"error": message}
-    else:
-        body = error_body(message, type="server_error", code=code)
     headers = {"Retry-After": "2"} if status == 503 else None
-    return JSONResponse(body, status_code=status, headers=headers)
+    problem = APIError(status, message, type="server_error", code=code)
+    return JSONResponse(_shape(path)(problem), status_code=status, headers=headers)
 
 
 def _error_event(path: str, message: str) -> bytes:
-    """The last event of a stream whose serving process died: in the stream's own format."""
-    shape = _shape(path)
-    if shape == "anthropic":
-        payload = {"type": "error", "error": {"type": "api_error", "message": message}}
-        return f"\n\nevent: error\ndata: {json.dumps(payload)}\n\n".encode()
-    if shape == "ollama":
-        return (json.dumps({"error": message}) + "\n").encode()
-    return f"\n\ndata: {json.dumps(error_body(message, type='server_error', code='generation_error'))}\n\n".encode()
+    """The last event of a stream whose serving process died: in the stream's own format (after a
+    blank line, should the process have died in the middle of an event)."""
+    body = _shape(path)(APIError(500, message, type="server_error", code="generation_error"))
+    if path.startswith("/v1/messages"):
+        return ("\n\n" + _anthropic.event("error", {"error": body["error"]})).encode()
+    if path.startswith("/api/"):
+        return (json.dumps(body) + "\n").encode()
+    return f"\n\ndata: {json.dumps(body)}\n\n".encode()
 
 
 # --- the proxy ---------------------------------------------------------------------------------------
