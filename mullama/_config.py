@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from ._exceptions import InvalidConfigError
+from ._schema import schema_of
 
 __all__ = ["StreamConfig", "resolve_config"]
 
@@ -91,6 +92,7 @@ class StreamConfig:
     def __post_init__(self) -> None:
         if isinstance(self.stop_sequences, str):
             self.stop_sequences = [self.stop_sequences]
+        self.json_schema = schema_of(self.json_schema)  # a pydantic model class: its JSON Schema
         self.validate()
 
     def validate(self) -> None:
@@ -137,7 +139,7 @@ class StreamConfig:
             if self.grammar is not None:
                 raise InvalidConfigError("StreamConfig takes grammar or json_schema, not both.")
             if not isinstance(self.json_schema, (dict, bool)):
-                _fail("json_schema", self.json_schema, "a JSON Schema (a dict, or True) or None")
+                _fail("json_schema", self.json_schema, "a JSON Schema (a dict, or True), a pydantic model or None")
         if self.tool_calls is not None:
             from ._tools import ToolCalling
 
