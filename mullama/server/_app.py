@@ -17,7 +17,7 @@ from starlette.routing import Route, WebSocketRoute
 
 from .._engine import Engine
 from .._model import Model
-from . import _anthropic, _embeddings, _ollama, _openai
+from . import _anthropic, _embeddings, _ollama, _openai, _responses
 from ._http import ServerSettings, ServerState, endpoint, state
 from ._pool import ModelPool
 from ._request import APIError, error_body
@@ -125,6 +125,7 @@ ROUTES = [
     Route("/v1/completions", _openai.completions, methods=["POST"]),
     Route("/v1/embeddings", _embeddings.embeddings, methods=["POST"]),
     Route("/v1/models", _openai.list_models, methods=["GET"]),
+    Route("/v1/responses", _responses.responses, methods=["POST"]),
     Route("/v1/messages", _anthropic.messages, methods=["POST"]),
     Route("/v1/messages/count_tokens", _anthropic.count_tokens, methods=["POST"]),
     Route("/api/chat", _ollama.chat, methods=["POST"]),

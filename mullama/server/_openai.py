@@ -27,17 +27,20 @@ from ._generation import start
 from ._http import endpoint, merged, read_json, requested_model, run_to_end, state
 from ._request import APIError, ParsedRequest, ToolCallDeltas, bad, error_body, integer, number
 
-__all__ = ["chat_completions", "chunk", "completion_body", "completions", "list_models", "parse_request", "usage"]
+__all__ = ["LLAMA_FIELDS", "chat_completions", "chunk", "completion_body", "completions", "list_models",
+           "parse_request", "usage"]
 
+# llama-server's extensions to OpenAI's fields (sampling, output constraints, the prompt cache): every
+# generating route of OpenAI's format takes them, as llama-server's do.
+LLAMA_FIELDS = {"top_k", "min_p", "repeat_penalty", "ignore_eos", "cache_prompt", "reasoning_format", "grammar",
+                "json_schema", "typical_p", "repeat_last_n", "mirostat", "mirostat_tau", "mirostat_eta",
+                "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n", "xtc_probability",
+                "xtc_threshold", "top_n_sigma"}
 # Fields we honour, and fields OpenAI clients send that we accept and ignore.
-_COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "stop",
-           "seed", "stream", "stream_options", "n", "frequency_penalty", "presence_penalty", "repeat_penalty",
-           "ignore_eos", "user", "store", "metadata", "service_tier", "logprobs", "top_logprobs", "logit_bias",
-           "response_format", "parallel_tool_calls", "cache_prompt", "tools", "tool_choice", "reasoning_format",
-           # llama-server's sampling extensions
-           "grammar", "json_schema", "typical_p", "repeat_last_n", "mirostat", "mirostat_tau", "mirostat_eta",
-           "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n", "xtc_probability",
-           "xtc_threshold", "top_n_sigma"}
+_COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed", "stream",
+           "stream_options", "n", "frequency_penalty", "presence_penalty", "user", "store", "metadata",
+           "service_tier", "logprobs", "top_logprobs", "logit_bias", "response_format", "parallel_tool_calls",
+           "tools", "tool_choice"} | LLAMA_FIELDS
 CHAT_FIELDS = _COMMON | {"messages"}
 COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "suffix", "best_of"}
 MAX_STOPS = 16
