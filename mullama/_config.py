@@ -82,6 +82,9 @@ class StreamConfig:
     grammar: str | None = None  # GBNF, with a `root` rule
     json_schema: Any = None  # a JSON Schema (dict, or True for any JSON value) the output must follow
     tool_calls: Any = None  # set by chat_stream(tools=...): how calls are constrained and parsed (_tools.ToolCalling)
+    # Set by chat_stream(json_schema=...): the JSON may sit in a ```json fence, which the text leaves out
+    # (upstream's chat route; see mullama._response_format).
+    fenced_json: bool = False
     reasoning: Any = None  # set by chat_stream for thinking templates: where the thought is (_reasoning.Reasoning)
     ignore_eos: bool = False  # keep going after an end-of-generation token (benchmarks, tests)
     # Reuse the KV cache of the prompt's beginning when it is already there (llama-server's
@@ -165,12 +168,22 @@ class StreamConfig:
                 _fail("logit_bias", bias, "a dict of biases from -100 to 100 (or -inf to ban a token)")
 
     def grammar_text(self) -> str | None:
-        """The GBNF grammar that constrains the output: ``grammar``, ``json_schema`` converted, or the
-        tool calls' grammar."""
-        if self.tool_calls is not None and self.grammar is None and self.json_schema is None:
-            return self.tool_calls.grammar
-        if self.json_schema is None:
+        """The GBNF grammar that constrains the output: ``grammar``; ``json_schema`` converted (in a chat
+        answer's form when ``fenced_json``); the tool calls' grammar; or, with tools and a ``json_schema``
+        both, either calls or that JSON (a forced call: calls only)."""
+        calls = self.tool_calls
+        if self.grammar is not None:
             return self.grammar
+        if calls is not None and (self.json_schema is None or calls.forced):
+            return calls.grammar
+        if self.json_schema is None:
+            return None
+        if calls is not None:
+            return calls.or_json(self.json_schema)
+        if self.fenced_json:
+            from ._response_format import chat_json_grammar
+
+            return chat_json_grammar(self.json_schema)
         from ._json_schema import json_schema_to_grammar
 
         return json_schema_to_grammar(self.json_schema)

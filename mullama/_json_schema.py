@@ -34,7 +34,7 @@ from typing import Any
 
 from ._exceptions import InvalidConfigError
 
-__all__ = ["json_object_grammar", "json_schema_to_grammar"]
+__all__ = ["grammar", "json_object_grammar", "json_schema_rules", "json_schema_to_grammar"]
 
 # ---------------------------------------------------------------------------------------------
 # Upstream's fixed rules (json-schema-to-grammar.cpp), character for character.
@@ -1435,13 +1435,38 @@ def json_schema_to_grammar(schema: Mapping[str, Any] | bool) -> str:
     llama-server reads an empty ``json_schema`` as ``{"type": "object"}`` (see
     :func:`json_object_grammar`).
     """
+    converter = _Converter()
+    _convert(schema, "", converter)
+    return converter.format_grammar()
+
+
+def json_schema_rules(schema: Mapping[str, Any] | bool, name: str) -> tuple[str, dict[str, str]]:
+    """The rules of the JSON values ``schema`` describes, named after ``name`` instead of ``root``, to
+    stand beside other rules in one grammar (see :func:`grammar`): ``(start symbol, {rule: body})``.
+    Errors as :func:`json_schema_to_grammar`."""
+    converter = _Converter()
+    start = _convert(schema, name, converter)
+    return start, converter.rules
+
+
+def grammar(root: str, *rule_sets: Mapping[str, str]) -> str:
+    """A GBNF grammar: ``root ::= <root>`` and every rule of ``rule_sets`` (a name shared by two sets
+    must be the same rule in both, as the primitives are)."""
+    rules: dict[str, str] = {}
+    for rule_set in rule_sets:
+        for name, body in rule_set.items():
+            if rules.setdefault(name, body) != body:
+                raise InvalidConfigError(f"two parts of a grammar define the rule {name!r} differently")
+    return f"root ::= {root}\n" + "".join(f"{name} ::= {body}\n" for name, body in sorted(rules.items()))
+
+
+def _convert(schema: Mapping[str, Any] | bool, name: str, converter: _Converter) -> str:
+    """Read ``schema`` and add its rules to ``converter`` as rule ``name`` ("" is ``root``): the start symbol."""
     if not isinstance(schema, (Mapping, bool)):
         raise InvalidConfigError(f"a JSON schema is a dict (or a bool), not {type(schema).__name__}")
     try:
         node = _Reader(schema).read()
-        converter = _Converter()
-        converter.visit(node, "")
-        return converter.format_grammar()
+        return converter.visit(node, name)
     except RecursionError:
         raise InvalidConfigError("JSON schema is nested too deeply to convert") from None
     except ValueError as error:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from ._exceptions import InvalidConfigError, StreamTimeoutError
 from ._logprobs import TopLogprob, token_logprobs
 from ._reasoning import ReasoningParser
+from ._response_format import JsonFence
 from ._sampler import SamplerChain
 from ._text import TextAssembler
 from ._tools import ToolCall, ToolCallParser
@@ -61,9 +62,9 @@ class Sequence:
     """
 
     __slots__ = ("_is_eog", "_model", "_n_vocab", "_piece", "_vocab", "assembler", "cached_tokens", "config",
-                 "deadline", "error", "finish_reason", "first_token", "ignore_eos", "last_token", "limit", "n_logprobs",
-                 "n_tokens", "prompt_done", "prompt_tokens", "sampler", "started", "stop_sequence", "text_parts",
-                 "thinking", "thought_parts", "token_ids", "tools")
+                 "deadline", "error", "fence", "finish_reason", "first_token", "ignore_eos", "last_token", "limit",
+                 "n_logprobs", "n_tokens", "prompt_done", "prompt_tokens", "sampler", "started", "stop_sequence",
+                 "text_parts", "thinking", "thought_parts", "token_ids", "tools")
 
     def __init__(self, model: Model, prompt_tokens: list[int], config: StreamConfig, *, n_ctx: int,
                  default_seed: int | None = None) -> None:
@@ -82,6 +83,7 @@ class Sequence:
         self.assembler = TextAssembler(config.stop_sequences)
         self.tools = ToolCallParser(config.tool_calls.format) if config.tool_calls is not None else None
         self.thinking = ReasoningParser(config.reasoning) if config.reasoning is not None else None
+        self.fence = JsonFence() if config.fenced_json and self.tools is None else None
         self.thought_parts: list[str] = []
         self._piece = model._cached_piece
         self._model = model
@@ -133,6 +135,8 @@ class Sequence:
             text, thought = self._split_thought(text, finish)
             if thought and not text:
                 kind, shown = "reasoning", thought
+        if self.fence is not None:
+            text = self.fence.feed(text) + (self.fence.finish() if finish is not None else "")
         if self.tools is not None:
             text, call_kind, finish = self._split_calls(text, finish)
             kind = call_kind if call_kind == "tool_call" else kind

@@ -3,14 +3,18 @@ them out of its output while it streams.
 
 Formats, recognised from the chat template: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``
 (Hermes 2 Pro, Qwen 2.5+), ``{"name": ..., "parameters": {...}}`` (Llama 3.x) and
-``[TOOL_CALLS][{"name": ..., "arguments": {...}, "id": ...}]`` (Mistral Nemo). With a template
-that describes no tool calls, the tools are rendered as it renders them and ``"auto"`` answers
-are text, as llama-server's; a forced call ("required", or a named function) describes the tools
-in the system message and is one JSON object, ``{"name": ..., "arguments": {...}}``. The
-calls are constrained by a grammar built from the tools' JSON schemas: lazily for
-``tool_choice="auto"`` (it takes hold only once the model writes ``<tool_call>``, so free
-text stays free, as llama-server does), from the first token for ``"required"`` or a named
-function (OpenAI's meaning: the answer is a call).
+``[TOOL_CALLS][{"name": ..., "arguments": {...}, "id": ...}]`` (Mistral Nemo). With any other
+template (SmolLM2's, which has no tools section), the generic format: the tools are described in the
+system message, and an answer that opens with ``{`` is one call, ``{"name": ..., "arguments": {...}}``.
+Upstream at our pin leaves the tools out of such prompts; we follow the API's meaning instead: a model
+that is given tools is told about them, under ``"auto"`` too.
+
+The calls are constrained by a grammar built from the tools' JSON schemas: lazily for
+``tool_choice="auto"`` (it takes hold only once the model starts a call — writes ``<tool_call>``,
+or opens its answer with ``{`` in the generic format — so free text stays free, as llama-server
+does), from the first token for ``"required"`` or a named function (OpenAI's meaning: the answer is
+a call, always parsed into calls). With a ``json_schema`` for the answer as well (the Responses API's
+``text.format`` beside tools), the grammar allows either the calls or that JSON.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class CallFormat:
     array: bool = False
     keep_start: bool = False
     id_length: int = 0
+    leading: bool = False  # a call can only open the output (after whitespace), not follow text
 
     def head(self) -> re.Pattern[str]:
         """What precedes a call's arguments: ``{"name": "...", "<arguments>":``."""
@@ -57,11 +62,13 @@ class CallFormat:
 HERMES = CallFormat("hermes", CALL_START, CALL_END)  # Hermes 2 Pro, Qwen 2.5+: <tool_call>{json}</tool_call>
 LLAMA3 = CallFormat("llama3", '{"name"', None, arguments="parameters", keep_start=True)  # Llama 3.x: one JSON call
 MISTRAL = CallFormat("mistral", "[TOOL_CALLS]", None, array=True, id_length=9)  # Mistral Nemo
-# Templates that describe no tools, when a call is forced: the tools go in a system message, and
-# the answer is one JSON call.
-GENERIC = CallFormat("generic", '{"name"', None, keep_start=True)
-GENERIC_PROMPT = ("You can call these tools (JSON Schema for their arguments):\n{tools}\n"
-                  'Answer with one JSON object: {{"name": <tool name>, "arguments": <arguments object>}}.')
+# Any other template: the tools go in a system message, and an answer that opens with "{" is one JSON call.
+GENERIC = CallFormat("generic", "{", None, keep_start=True, leading=True)
+GENERIC_TOOLS = "You can call these tools (JSON Schema for their arguments):\n{tools}\n"
+GENERIC_CALL = '{{"name": <tool name>, "arguments": <arguments object>}}'
+GENERIC_FORCED = GENERIC_TOOLS + "Answer with one JSON object: " + GENERIC_CALL + "."
+GENERIC_AUTO = (GENERIC_TOOLS + "To call a tool, answer with nothing but one JSON object: " + GENERIC_CALL
+                + ". Otherwise answer the user as usual.")
 
 
 def call_format(template: str) -> CallFormat | None:
@@ -93,11 +100,26 @@ class ToolCalling:
     for the call to start (``lazy``)."""
 
     tools: tuple[str, ...]  # the function names
-    grammar: str | None  # None: calls are not constrained (nor parsed: "text" answers)
+    grammar: str
     lazy: bool
     parallel: bool
-    triggers: tuple[str, ...] = field(default=())
-    format: CallFormat | None = None  # None: a template whose call format is not known; the answer is text
+    triggers: tuple[str, ...]
+    format: CallFormat
+    root: str  # the grammar's root rule, and its other rules: to combine with an answer's JSON schema
+    rules: dict[str, str] = field(compare=False, repr=False)
+
+    @property
+    def forced(self) -> bool:
+        """The answer must be calls ("required" or a named function)."""
+        return not self.lazy
+
+    def or_json(self, schema: Any) -> str:
+        """The grammar of an answer that is either these calls or JSON following ``schema`` (from the
+        first token: the JSON answer may not wait for a trigger)."""
+        from ._json_schema import grammar, json_schema_rules
+
+        start, rules = json_schema_rules(schema, "response-format")
+        return grammar(f"( {self.root} ) | {start}", self.rules, rules)
 
 
 def _names(tools: list[dict]) -> list[str]:
@@ -107,7 +129,7 @@ def _names(tools: list[dict]) -> list[str]:
 def tool_calling(template: str, tools: list[dict], tool_choice: Any = "auto",
                  parallel_tool_calls: bool = True) -> ToolCalling | None:
     """The ToolCalling for ``tools`` under ``template`` (None for ``tool_choice="none"``)."""
-    from ._json_schema import json_schema_to_grammar
+    from ._json_schema import grammar, json_schema_rules
 
     names = _names(tools)
     if tool_choice == "none":
@@ -125,11 +147,7 @@ def tool_calling(template: str, tools: list[dict], tool_choice: Any = "auto",
     else:
         raise InvalidConfigError(f"tool_choice must be 'auto', 'none', 'required' or "
                                  f"{{'type': 'function', 'function': {{'name': ...}}}}, not {tool_choice!r}.")
-    form = call_format(template)
-    if form is None:
-        if not forced:  # the tools are described (if the template can); the answer is text, as llama-server's
-            return ToolCalling(tuple(names), None, lazy=False, parallel=parallel)
-        form = GENERIC
+    form = call_format(template) or GENERIC
     if form.end is None:
         parallel = parallel and form.array  # a region to the end of the output holds one call, or one list
     one_call = {"anyOf": [{"type": "object", "properties": {
@@ -139,14 +157,15 @@ def tool_calling(template: str, tools: list[dict], tool_choice: Any = "auto",
     schema: dict[str, Any] = one_call["anyOf"][0] if len(chosen) == 1 else one_call
     if form.array:
         schema = {"type": "array", "items": schema, "minItems": 1, **({} if parallel else {"maxItems": 1})}
-    rules = json_schema_to_grammar(schema).replace("root ::=", "tool-call-json ::=", 1)
+    start, rules = json_schema_rules(schema, "tool-call-json")
     opening = "" if form.keep_start else f'"{form.start}" space '
     closing = f' space "{form.end}"' if form.end else ""
+    rules = {**rules, "tool-call": f"{opening}{start}{closing}"}
     calls = 'tool-call ("\\n" tool-call)*' if parallel and form.end else "tool-call"
-    grammar = f"root ::= {calls}\ntool-call ::= {opening}tool-call-json{closing}\n{rules}"
-    trigger = r"[\s\S]*?(" + re.escape(form.start) + r")[\s\S]*"
-    return ToolCalling(tuple(names), grammar, lazy=not forced, parallel=parallel,
-                       triggers=() if forced else (trigger,), format=form)
+    before = r"\s*" if form.leading else r"[\s\S]*?"
+    trigger = before + "(" + re.escape(form.start) + r")[\s\S]*"
+    return ToolCalling(tuple(names), grammar(calls, rules), lazy=not forced, parallel=parallel,
+                       triggers=() if forced else (trigger,), format=form, root=calls, rules=rules)
 
 
 class ToolCallParser:
@@ -193,7 +212,7 @@ class ToolCallParser:
                     self._update()
                     break
                 self._call = combined[:end]
-                self._close()
+                content.append(self._close())
                 text = combined[end + len(form.end):]
                 continue
             if self._skip_space:
@@ -205,9 +224,12 @@ class ToolCallParser:
                 content.append(text)
                 self.started = True
                 break
-            start = text.find(form.start)
+            if form.leading:  # a call opens the output, or there is none
+                start = 0 if not self.started and text.startswith(form.start) else -1
+            else:
+                start = text.find(form.start)
             if start < 0:
-                keep = held_suffix(text, (form.start,))
+                keep = 0 if form.leading else held_suffix(text, (form.start,))
                 content.append(text[: len(text) - keep])
                 self._held = text[len(text) - keep:]
                 self.started = self.started or keep != len(text)
@@ -225,7 +247,7 @@ class ToolCallParser:
         held, self._held = self._held, ""
         if self._call is not None:
             if self.form is not None and self.form.end is None:
-                self._close()
+                held += self._close()
             self._call = None
         return held
 
@@ -244,8 +266,9 @@ class ToolCallParser:
         tail = _WRAPPER_END.search(rest)
         self.arguments = rest[: tail.start()] if tail else rest
 
-    def _close(self) -> None:
-        """A call region ended: keep its calls (arguments as written when they are JSON: what was streamed)."""
+    def _close(self) -> str:
+        """A call region ended: keep its calls (arguments as written when they are JSON: what was
+        streamed). A region that holds no calls is content (a JSON answer beside tools): its text."""
         text, self._call = self._call or "", None
         form = self.form
         assert form is not None
@@ -253,10 +276,11 @@ class ToolCallParser:
             value = json.loads(text)
             items = value if form.array else [value]
             found = [(item["name"], item.get(form.arguments, {}), item.get("id")) for item in items]
-            if not all(isinstance(name, str) for name, _, _ in found):
+            if not all(isinstance(item, dict) and form.arguments in item and set(item) <= {"name", form.arguments, "id"}
+                       for item in items) or not all(isinstance(name, str) for name, _, _ in found):
                 raise TypeError
         except (ValueError, KeyError, TypeError, AttributeError):
-            return  # not calls after all (only without a grammar); nothing to run
+            return text  # not calls after all: an answer in JSON
         for name, arguments, given_id in found:
             arguments_text = json.dumps(arguments, ensure_ascii=False)
             if len(found) == 1 and self._head is not None:
@@ -270,6 +294,7 @@ class ToolCallParser:
                 arguments_text = arguments
             self.calls.append(ToolCall(_call_id(form, given_id), name, arguments_text))
             self.name, self.arguments = name, arguments_text
+        return ""
 
 
 def _call_id(form: CallFormat, given: Any) -> str:
@@ -309,16 +334,18 @@ def chat_prompt(model: Model, messages: list[dict], config: StreamConfig, *, too
             raise InvalidConfigError("this model has no chat template to describe tools with; pass chat_template=...")
         calling = tool_calling(template, tools, tool_choice, parallel_tool_calls)
         if calling is not None:
-            if config.grammar is not None or config.json_schema is not None:
-                raise InvalidConfigError("a grammar or json_schema cannot be combined with tools.")
+            if config.grammar is not None:
+                raise InvalidConfigError("a grammar cannot be combined with tools (a json_schema can).")
             config = config.with_options(tool_calls=calling)
     elif tool_choice not in ("auto", "none", None):
         raise InvalidConfigError(f"tool_choice {tool_choice!r} needs tools.")
     if reasoning_format not in ("auto", "none"):
         raise InvalidConfigError(f"reasoning_format must be 'auto' or 'none', not {reasoning_format!r}.")
     calling = config.tool_calls
+    if calling is None and config.json_schema is not None:
+        config = config.with_options(fenced_json=True)
     if calling is not None and calling.format is GENERIC:
-        messages = with_tools_described(messages, tools or [])
+        messages = with_tools_described(messages, tools or [], forced=calling.forced)
     prompt = model.apply_chat_template(messages, add_generation_prompt=True, template=template,
                                        tools=tools or None, **kwargs)
     reasoning = reasoning_for(template or "", prompt, reasoning_format)
@@ -327,12 +354,29 @@ def chat_prompt(model: Model, messages: list[dict], config: StreamConfig, *, too
     return prompt, config
 
 
-def with_tools_described(messages: list[dict], tools: list[dict]) -> list[dict]:
-    """``messages`` with the tools described in the system message (added when there is none), for
-    templates that describe no tools."""
-    description = GENERIC_PROMPT.format(tools="\n".join(json.dumps(tool["function"], ensure_ascii=False)
-                                                        for tool in tools))
+def with_tools_described(messages: list[dict], tools: list[dict], *, forced: bool) -> list[dict]:
+    """``messages`` for a template with no tools section: the tools described in the system message
+    (added when there is none), and earlier calls written as the JSON the model answers with."""
+    description = (GENERIC_FORCED if forced else GENERIC_AUTO).format(
+        tools="\n".join(json.dumps(tool["function"], ensure_ascii=False) for tool in tools))
+    messages = [_calls_as_text(message) for message in messages]
     if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system" \
             and isinstance(messages[0].get("content"), str):
         return [{**messages[0], "content": messages[0]["content"] + "\n\n" + description}, *messages[1:]]
     return [{"role": "system", "content": description}, *messages]
+
+
+def _calls_as_text(message: Any) -> Any:
+    """An assistant message's tool calls as the generic format's JSON, in its content."""
+    if not isinstance(message, dict) or message.get("role") != "assistant" or not message.get("tool_calls"):
+        return message
+    written = []
+    for call in message["tool_calls"]:
+        function = call.get("function", {}) if isinstance(call, dict) else {}
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str) and _is_json(arguments):
+            arguments = json.loads(arguments)
+        written.append(json.dumps({"name": function.get("name"), "arguments": arguments}, ensure_ascii=False))
+    content = message.get("content") if isinstance(message.get("content"), str) else ""
+    return {key: value for key, value in message.items() if key != "tool_calls"} | {
+        "content": "\n".join(filter(None, [content, *written]))}
