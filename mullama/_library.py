@@ -14,12 +14,16 @@ called, under a lock. llama.cpp's log lines go to the ``logging`` logger
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import functools
 import json
 import logging
 import os
+import sys
+import tempfile
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,22 +148,70 @@ _LEVELS = {"NONE": logging.DEBUG, "DEBUG": logging.DEBUG, "INFO": logging.INFO, 
            "ERROR": logging.ERROR}
 
 
-_last_error: list[str] = []  # llama.cpp's latest error line, for messages that need its reason
-
-
-def last_error() -> str | None:
-    """The latest error line llama.cpp logged (taken: a second call returns None)."""
-    return _last_error.pop() if _last_error else None
+_capturing = threading.local()  # .said: the LlamaOutput of the calling thread's capture_output() block
+_log_state: dict[str, Any] = {}  # the log forwarder's partial line (see _log_forwarder)
+_stderr_lock = threading.Lock()  # one capture of file descriptor 2 at a time
 
 
 def _emit(state: dict) -> None:
     text = state["buffer"].rstrip("\n")
     state["buffer"] = ""
     level = state["levels"].get(state["level"], logging.INFO)
-    if level >= logging.ERROR and text:
-        _last_error[:] = [text]
+    said = getattr(_capturing, "said", None)
+    if said is not None and level >= logging.WARNING and text:
+        said.log.append(text)
     if text and log.isEnabledFor(level):
         log.log(level, "%s", text)
+
+
+@dataclass
+class LlamaOutput:
+    """What llama.cpp said while a :func:`capture_output` block ran in the calling thread."""
+
+    log: list[str] = dataclasses.field(default_factory=list)  # its log lines of warning level and above
+    stderr: str = ""  # the part of what it printed to stderr that the block claimed
+
+
+@contextlib.contextmanager
+def capture_output(claim: Callable[[str], tuple[str, str]]) -> Iterator[LlamaOutput]:
+    """Collect what llama.cpp says during the block, for an error message that gives its reason.
+
+    Its log lines (warning and above, logged by this thread) are collected as they reach the logger.
+    Some of its parts print to stderr with ``fprintf`` instead (the grammar parser's errors): file
+    descriptor 2 is redirected meanwhile, and ``claim(text)`` splits what arrived into the block's own
+    part (kept in ``stderr`` and sent to the ``mullama.llama_cpp`` logger, as the log is) and the rest,
+    which other code wrote meanwhile and which goes on to stderr.
+    """
+    said = LlamaOutput()
+    with _stderr_lock:
+        try:
+            if sys.stderr is not None:
+                sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError):  # no stderr to redirect: collect the log lines only
+            saved = None
+        sink = tempfile.TemporaryFile() if saved is not None else None
+        if sink is not None:
+            os.dup2(sink.fileno(), 2)
+        _capturing.said = said
+        try:
+            yield said
+        finally:
+            if _log_state.get("buffer"):  # a last line without its newline (some errors end so)
+                _emit(_log_state)
+            _capturing.said = None
+            if sink is not None and saved is not None:
+                os.dup2(saved, 2)
+                os.close(saved)
+                sink.seek(0)
+                text = sink.read().decode("utf-8", "surrogateescape")
+                sink.close()
+                ours, rest = claim(text)
+                if rest:
+                    os.write(2, rest.encode("utf-8", "surrogateescape"))
+                said.stderr = ours.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                if said.stderr:
+                    log.error("%s", said.stderr)
 
 
 def _log_forwarder(ffi: Any):
@@ -168,7 +220,8 @@ def _log_forwarder(ffi: Any):
              for value, name in ffi.typeof("enum ggml_log_level").elements.items()}
     levels = {value: _LEVELS[name] for value, name in names.items() if name in _LEVELS}
     by_name = {name: value for value, name in names.items()}
-    state: dict[str, Any] = {"buffer": "", "level": by_name["INFO"], "levels": levels, "continued": by_name["CONT"]}
+    state = _log_state
+    state.update(buffer="", level=by_name["INFO"], levels=levels, continued=by_name["CONT"])
 
     def forward(level: int, text: Any, data: Any) -> None:
         _on_log(level, text, data, ffi, state)

@@ -9,7 +9,7 @@ temperature 0 (its temperature sampler keeps only the maximum).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import _library
@@ -223,17 +223,18 @@ class Grammar(Owned):
         library = _library.get()
         ffi, lib = library.ffi, library.lib
         self._lib = lib
-        _library.last_error()  # drop an older error: the one after this call is the grammar's
-        if triggers:
-            patterns = [ffi.new("char[]", pattern.encode("utf-8")) for pattern in triggers]
-            pattern_array = ffi.new("char *[]", patterns)
-            ptr = lib.llama_sampler_init_grammar_lazy_patterns(model._vocab_ptr(), text.encode("utf-8"), b"root",
-                                                               pattern_array, len(patterns), ffi.NULL, 0)
-        else:
-            ptr = lib.llama_sampler_init_grammar(model._vocab_ptr(), text.encode("utf-8"), b"root")
+        vocab = model._vocab_ptr()
+        with _library.capture_output(_parser_error(text)) as said:
+            if triggers:
+                patterns = [ffi.new("char[]", pattern.encode("utf-8")) for pattern in triggers]
+                pattern_array = ffi.new("char *[]", patterns)
+                ptr = lib.llama_sampler_init_grammar_lazy_patterns(vocab, text.encode("utf-8"), b"root",
+                                                                   pattern_array, len(patterns), ffi.NULL, 0)
+            else:
+                ptr = lib.llama_sampler_init_grammar(vocab, text.encode("utf-8"), b"root")
         if ptr == ffi.NULL:
-            reason = _library.last_error() or "a syntax error, or no rule named root"
-            raise InvalidConfigError(f"llama.cpp could not use the grammar: {reason}.")
+            reasons = [*said.log, *filter(None, [said.stderr])] or ["a syntax error, or no rule named root"]
+            raise InvalidConfigError(f"llama.cpp could not use the grammar: {': '.join(reasons)}.")
         self._own(ffi, ptr, lib.llama_sampler_free)
         self._one = ffi.new("llama_token_data[1]")
         self._one_array = ffi.new("llama_token_data_array *", {"data": self._one, "size": 1, "selected": -1})
@@ -275,6 +276,26 @@ class Grammar(Owned):
 
 
 NEG_INF = float("-inf")
+PARSER_ERROR = "parse: error parsing grammar: "  # how llama.cpp's grammar parser begins its fprintf to stderr
+MAX_REASON = 300  # characters of the parser's reason kept in a message (it may quote the rest of the grammar)
+
+
+def _parser_error(grammar: str) -> Callable[[str], tuple[str, str]]:
+    """For :func:`_library.capture_output`: the error llama.cpp's grammar parser printed for ``grammar``
+    (``parse: error parsing grammar: <reason>\\n\\n<grammar>\\n``), as its reason on one line, and the rest."""
+    end_marker = f"\n\n{grammar}\n"
+
+    def claim(text: str) -> tuple[str, str]:
+        start = text.find(PARSER_ERROR)
+        end = text.find(end_marker, start)
+        if start < 0 or end < 0:
+            return "", text
+        reason = text[start + len(PARSER_ERROR):end].strip().replace("\n", "\\n")
+        if len(reason) > MAX_REASON:
+            reason = reason[:MAX_REASON] + "..."
+        return reason, text[:start] + text[end + len(end_marker):]
+
+    return claim
 
 
 def fill_candidates(ffi: Any, data: Any, logits: Any, n: int) -> None:

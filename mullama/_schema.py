@@ -21,7 +21,7 @@ def schema_of(value: Any) -> Any:
     name = getattr(value, "__name__", type(value).__name__)
     try:
         schema = method()
-    except Exception as exc:  # noqa: BLE001 (pydantic raises its own errors, e.g. for a type it cannot describe)
+    except Exception as exc:  # pydantic raises its own errors, e.g. for a type it cannot describe
         raise InvalidConfigError(f"json_schema: {name}.model_json_schema() failed: {exc}") from exc
     if not isinstance(schema, dict):
         raise InvalidConfigError(f"json_schema: {name}.model_json_schema() returned {type(schema).__name__}, "

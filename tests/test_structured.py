@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 
 import httpx
 import jsonschema
 import openai
 import pytest
 from inprocess_server import serving
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 import mullama
 
@@ -39,6 +40,34 @@ def test_greedy_with_a_grammar_equals_llama_server(context, llama_server, gramma
     assert ours.text == reference["content"]
     if grammar == YES_NO:
         assert ours.finish_reason == "stop"  # the grammar completes, then only end-of-generation fits
+
+
+@pytest.mark.parametrize("grammar, reason", [
+    ('root ::= "unterminated', "unexpected end of input"),  # the parser's reasons, printed to stderr by llama.cpp
+    ("root ::= item", "Undefined rule identifier 'item'"),
+    ('root ::= "a" (', "expecting ')'"),
+    ('rot ::= "a"', "grammar does not contain a 'root' symbol"),  # logged by llama.cpp
+    ('root ::= root "a"', "left recursion detected"),  # logged without a newline
+])
+def test_a_broken_grammar_says_why_in_the_exception(context, capfd, grammar, reason):
+    with pytest.raises(mullama.InvalidConfigError) as info:
+        context.generate_stream("Hi", grammar=grammar)
+    assert reason in str(info.value) and info.value.code == "INVALID_CONFIG"
+    assert "error parsing grammar" not in capfd.readouterr().err  # in the exception, not on stderr
+
+
+def test_capturing_llama_cpp_output_passes_on_what_others_print(model, capfd):
+    """Standard error is redirected while a grammar is made: what anyone else prints meanwhile still
+    reaches it, and what the block claims does not."""
+    from mullama import _library
+
+    def claim(text):
+        return text[:4], text[4:]
+
+    with _library.capture_output(claim) as said:
+        os.write(2, b"minesomeone else\n")
+    assert said.stderr == "mine"
+    assert capfd.readouterr().err == "someone else\n"
 
 
 def test_a_broken_grammar_is_refused_before_decoding(context):
@@ -93,6 +122,37 @@ def test_a_json_schema_constrains_sync_and_async_streams(context, model):
             await asyncio.to_thread(async_model.engine.close)
 
     assert "".join(asyncio.run(scenario())) == text
+
+
+class Pet(BaseModel):
+    name: str = Field(max_length=12)
+    legs: int = Field(ge=0, le=8)
+
+
+def test_json_schema_takes_a_pydantic_model_as_openai_does(context, model):
+    """A pydantic model class (anything with model_json_schema()) is its JSON Schema, in StreamConfig
+    and in every keyword option."""
+    assert mullama.StreamConfig(json_schema=Pet).json_schema == Pet.model_json_schema()
+    assert mullama.StreamConfig(json_schema=Pet).with_options(max_tokens=5).json_schema == Pet.model_json_schema()
+    messages = [{"role": "user", "content": "Describe a pet as JSON."}]
+    prompt = model.apply_chat_template(messages)
+    result = context.generate(prompt, max_tokens=60, json_schema=Pet)
+    assert result.finish_reason == "stop" and Pet.model_validate_json(result.text).name
+    assert result.text == context.generate(prompt, max_tokens=60, json_schema=Pet.model_json_schema()).text
+    chat = "".join(t.text for t in context.chat_stream(messages, max_tokens=60, temperature=0, json_schema=Pet))
+    assert Pet.model_validate_json(chat)
+
+    async def scenario():
+        async_model = mullama.AsyncModel(model, parallel=1, n_ctx=512)
+        try:
+            return [t.text async for t in async_model.generate_stream(prompt, max_tokens=60, temperature=0,
+                                                                      json_schema=Pet)]
+        finally:
+            await asyncio.to_thread(async_model.engine.close)
+
+    assert "".join(asyncio.run(scenario())) == result.text
+    with pytest.raises(mullama.InvalidConfigError, match="json_schema"):
+        mullama.StreamConfig(json_schema=Pet(name="Rex", legs=4).model_dump_json())  # JSON text is not a schema
 
 
 @pytest.fixture(scope="module")
