@@ -11,7 +11,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from ._exceptions import InvalidConfigError, TemplateError
 from ._template_sandbox import render
@@ -58,9 +58,18 @@ def _tool_calls(calls: Any, index: int, object_arguments: bool) -> list[dict]:
     return result
 
 
+def _missing_content(index: int, role: str) -> NoReturn:
+    """A message with no content (absent or None): as OpenAI's API and llama-server, only an assistant
+    message that carries ``tool_calls`` may have none. (Templates would fail on it with a TypeError.)"""
+    instead = " (an assistant message may carry tool_calls instead)" if role == "assistant" else ""
+    raise InvalidConfigError(f"messages[{index}] ({role}) has no content: send {{'role': {role!r}, 'content': "
+                             f"'...'}}, with the text as a string or a list of text parts{instead}.")
+
+
 def normalize_messages(messages: Any, *, object_arguments: bool = False) -> list[dict]:
     """Check chat messages and return plain copies (role and content strings, other keys kept).
-    An assistant message with ``tool_calls`` may have no content (it becomes "", as llama.cpp makes it)."""
+    Every message needs content (InvalidConfigError naming it otherwise), except an assistant message
+    with ``tool_calls``: its missing content becomes "", as llama.cpp makes it."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise TemplateError("messages must be a list of {'role': ..., 'content': ...} dicts.")
     if not messages:
@@ -77,6 +86,8 @@ def normalize_messages(messages: Any, *, object_arguments: bool = False) -> list
                                      f"{', '.join(sorted(ROLES))}.")
         copy = dict(message)
         copy["content"] = _content_text(message.get("content"), index)
+        if copy["content"] is None and not (role == "assistant" and message.get("tool_calls")):
+            _missing_content(index, role)
         if message.get("tool_calls") is not None:
             copy["tool_calls"] = _tool_calls(message["tool_calls"], index, object_arguments)
             if copy["content"] is None:

@@ -71,3 +71,28 @@ def test_unknown_roles_are_refused_by_name(model):
     with pytest.raises(mullama.InvalidConfigError) as info:
         model.apply_chat_template([{"role": "wizard", "content": "Hi"}])
     assert "wizard" in str(info.value) and info.value.code == "INVALID_CONFIG"
+
+
+@pytest.mark.parametrize("messages, where", [
+    ([{"role": "user"}], "messages[0] (user)"),
+    ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": None}], "messages[1] (user)"),
+    ([{"role": "user", "content": "Hi"}, {"role": "assistant"}], "messages[1] (assistant)"),
+    ([{"role": "user", "content": "Hi"}, {"role": "tool", "tool_call_id": "call_1"}], "messages[1] (tool)"),
+])
+def test_a_message_without_content_is_refused_by_index(model, context, messages, where):
+    """Not the template's TypeError: INVALID_CONFIG, naming the message and what to send."""
+    with pytest.raises(mullama.InvalidConfigError) as info:
+        model.apply_chat_template(messages)
+    assert info.value.code == "INVALID_CONFIG"
+    assert f"{where} has no content" in str(info.value) and "'content': '...'" in str(info.value)
+    with pytest.raises(mullama.InvalidConfigError):
+        context.chat_stream(messages, max_tokens=2)
+
+
+def test_an_assistant_message_with_tool_calls_needs_no_content(model):
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    question = {"role": "user", "content": "Weather in Paris?"}
+    answer = {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}
+    for assistant in ({"role": "assistant", "tool_calls": [call]},
+                      {"role": "assistant", "content": None, "tool_calls": [call]}):
+        assert "sunny" in model.apply_chat_template([question, assistant, answer])
