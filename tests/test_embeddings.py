@@ -322,6 +322,40 @@ def test_bad_embedding_requests_are_400s(embedding_server, body, status, param):
     assert error["param"] == param and error["message"]
 
 
+@pytest.mark.parametrize("inputs, item, token", [
+    ([[9906, 1917, 100256]], 0, 100256),  # tiktoken's cl100k ids for "Hello world<|endoftext|>"
+    ([[1, 2], [5, -3]], 1, -3),
+    ([7, 49152], 0, 49152),  # one past the vocabulary
+])
+def test_token_ids_that_cannot_be_the_model_s_are_a_400_that_says_so(embedding_server, model, inputs, item, token):
+    """Clients that count tokens with tiktoken send its ids (LangChain's OpenAIEmbeddings by default),
+    which embed as some other text: ids the model cannot have are refused, naming the item and the
+    id, and saying to send the text."""
+    openai = pytest.importorskip("openai")
+    assert model.vocab_size == 49152
+    client = openai.OpenAI(base_url=f"{embedding_server.url}/v1", api_key="unused")
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.embeddings.create(model="smollm2:135m", input=inputs)
+    error = caught.value.body
+    assert error["param"] == "input"
+    assert f"item {item}" in error["message"] and f"token id {token}" in error["message"]
+    assert "check_embedding_ctx_length=False" in error["message"]
+
+
+def test_langchain_openai_embeddings_sending_texts(embedding_server, model):
+    """LangChain's OpenAIEmbeddings with check_embedding_ctx_length=False (docs/embeddings.md) sends
+    the texts: its vectors are the model's."""
+    from langchain_openai import OpenAIEmbeddings
+
+    embeddings = OpenAIEmbeddings(base_url=f"{embedding_server.url}/v1", api_key="unused", model="smollm2:135m",
+                                  check_embedding_ctx_length=False)
+    documents = embeddings.embed_documents(TEXTS[:3])
+    query = embeddings.embed_query(TEXTS[0])
+    expected = model.embed(TEXTS[:3])
+    assert max(max_difference(a, b) for a, b in zip(documents, expected)) < EXACT
+    assert max_difference(query, expected[0]) < EXACT
+
+
 def test_ten_thousand_texts_are_refused_whole(embedding_server):
     import httpx
 
@@ -350,6 +384,24 @@ def test_an_embedding_model_server_embeds_and_refuses_chat(minilm):
         assert chat.status_code == 400 and "embedding model" in chat.json()["error"]["message"]
         assert httpx.get(f"{server.url}/health", timeout=10).json()["status"] == "ok"
         assert httpx.get(f"{server.url}/metrics", timeout=10).status_code == 200
+    finally:
+        server.close()
+
+
+def test_ollama_s_legacy_embeddings_on_an_embedding_model(minilm):
+    """``ollama.Client().embeddings(model, prompt)`` (``/api/embeddings``) on a sentence-embedding
+    model: the raw pooled vector, as ollama answers it; ``/api/embed`` gives it at unit length."""
+    import ollama
+
+    server = InProcessServer(create_app(minilm, None, ServerSettings(model_name="all-minilm:l6-v2")))
+    try:
+        client = ollama.Client(host=server.url)
+        text = "A cat sits on the mat."
+        legacy = client.embeddings(model="all-minilm:l6-v2", prompt=text).embedding
+        assert max_difference(legacy, minilm.embed(text, normalize=False)[0]) < EXACT
+        unit = client.embed(model="all-minilm:l6-v2", input=text).embeddings[0]
+        assert max_difference(unit, minilm.embed_one(text)) < EXACT
+        assert abs(cosine(legacy, unit) - 1) < 1e-6 and abs(norm(legacy) - 1) > 1e-3
     finally:
         server.close()
 

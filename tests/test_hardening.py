@@ -131,6 +131,24 @@ def test_websocket_deep_json_and_binary_frames(served):
     assert asyncio.run(scenario()) == 1003
 
 
+@pytest.mark.parametrize("frame", ["text", "binary"])
+def test_websocket_messages_over_the_body_limit_close_with_1009(served, frame):
+    """The app refuses a message over its body limit itself (1009, "message too big"), whatever
+    ASGI server runs it: this in-process uvicorn lets messages of up to 16 MiB through."""
+    server, _engine = served
+    url = server.url.replace("http", "ws") + "/v1/ws"
+    text = json.dumps({"prompt": "é" * (600 * 1024), "max_tokens": 2})  # 600 Ki characters, 1.2 MiB of UTF-8
+
+    async def scenario():
+        async with websockets.connect(url, max_size=None) as ws:
+            await ws.send(text if frame == "text" else text.encode())
+            with pytest.raises(websockets.ConnectionClosed) as info:
+                await ws.recv()
+            return info.value.rcvd.code
+
+    assert asyncio.run(scenario()) == 1009
+
+
 # --- 3. rendering and tokenising never block the event loop ----------------------------------
 def test_health_answers_while_a_huge_prompt_is_prepared(served):
     server, _engine = served

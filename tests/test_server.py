@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -240,8 +242,6 @@ def _malformed_requests():
     for prompt in (None, 5, "", [], ["a", "b"], {"p": 1}):
         requests.append(("completion", {"prompt": prompt} if prompt is not None else {}, None))
     requests.append(("chat", {**base, "messages": [{"role": "user", "content": "x" * 2_000_000}]}, None))
-    requests.append(("chat", base, "text/plain"))
-    requests.append(("chat", base, "application/x-www-form-urlencoded"))
     requests.append(("chat", {**base, "messages": [{"role": "user", "content": "word " * 3000}]}, None))
     return requests
 
@@ -275,6 +275,51 @@ def test_hundreds_of_malformed_requests_get_only_4xx(server):
     assert len(statuses) >= 200
     status, body = server.post("/v1/chat/completions", {"messages": CHATS[0], "max_tokens": 8, "temperature": 0})
     assert status == 200 and body["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
+                                          "application/json; charset=utf-8"])
+def test_a_json_body_is_read_whatever_its_content_type(server, content_type):
+    """LiteLLM's ollama providers send JSON with no Content-Type; ollama and llama-server read it.
+    A body that is not JSON stays a 400, whatever the header says."""
+    headers = {"Content-Type": content_type} if content_type else {}
+    body = json.dumps({"messages": CHATS[0], "max_tokens": 4, "temperature": 0}).encode()
+    with httpx.Client(timeout=60) as http:
+        request = http.build_request("POST", server.url + "/v1/chat/completions", content=body, headers=headers)
+        assert request.headers.get("content-type") == content_type  # (httpx adds none to raw content)
+        response = http.send(request)
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["message"]["content"]
+        ollama_chat = http.post(server.url + "/api/chat", content=json.dumps(
+            {"model": "m", "messages": CHATS[0], "stream": False, "options": {"num_predict": 4}}).encode(),
+            headers=headers)
+        assert ollama_chat.status_code == 200 and ollama_chat.json()["done"], ollama_chat.text
+        refused = http.post(server.url + "/v1/chat/completions", content=b"messages=hi&max_tokens=4", headers=headers)
+        assert refused.status_code == 400 and "not valid JSON" in refused.json()["error"]["message"]
+
+
+def test_every_route_is_in_the_server_guide():
+    """docs/server.md names every route the app has (a route nobody can find does not exist)."""
+    from mullama.server._app import ROUTES
+
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "server.md").read_text()
+    missing = [route.path for route in ROUTES if not re.search(rf"`(?:[A-Z]+ )?{re.escape(route.path)}`", guide)]
+    assert not missing, f"docs/server.md does not name {missing}"
+    assert "`POST /v1/responses`" in guide
+
+
+def test_websocket_messages_over_the_limit_close_with_1009(server):
+    """A message larger than the body limit (1 MiB) is refused as RFC 6455's "message too big"."""
+    import websockets
+
+    async def scenario():
+        async with websockets.connect(server.url.replace("http", "ws") + "/v1/ws", max_size=None) as ws:
+            await ws.send(json.dumps({"prompt": "x" * (1 << 20), "max_tokens": 2}))
+            with pytest.raises(websockets.ConnectionClosed) as info:
+                await ws.recv()
+            return info.value.rcvd.code
+
+    assert asyncio.run(scenario()) == 1009
 
 
 def test_the_model_field_never_opens_a_path(server):

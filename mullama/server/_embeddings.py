@@ -1,5 +1,5 @@
 """Embeddings over HTTP: OpenAI's ``POST /v1/embeddings`` (its request and response shapes and the
-route), and the one ``embed`` that ollama's ``/api/embed`` shares. Concurrent requests share
+route), and the one ``embed`` that ollama's ``/api/embed`` and ``/api/embeddings`` share. Concurrent requests share
 decodes (see mullama._embed)."""
 
 from __future__ import annotations
@@ -15,13 +15,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .._exceptions import ContextOverflowError, InvalidConfigError, MullamaError, TokenizeError
+from .._model import Model
 from ._http import MAX_EMBEDDING_INPUTS, ServerSettings, endpoint, read_json, requested_model, state
 from ._pool import Served
 from ._request import APIError, bad, generation_error, integer
 
 __all__ = ["EmbeddingRequest", "embed", "embedding_body", "embeddings", "parse_embedding_request"]
-
-EMBEDDING_FIELDS = {"input", "model", "encoding_format", "dimensions", "user"}
 
 EMBEDDING_FIELDS = {"input", "model", "encoding_format", "dimensions", "user"}
 
@@ -35,6 +34,7 @@ class EmbeddingRequest:
     base64: bool
     dimensions: int | None
     model: str | None = None
+    normalize: bool = True  # unit vectors; ollama's legacy /api/embeddings answers the raw ones
 
 
 def _is_token_list(value: Any) -> bool:
@@ -107,7 +107,9 @@ def embed(served: Served, parsed: EmbeddingRequest, settings: ServerSettings) ->
             token_lists = [model.tokenize(text, add_special=True, parse_special=True) for text in parsed.texts]
         else:
             token_lists = parsed.token_lists or []
-        vectors = model.embed(token_lists, pooling=settings.pooling, batch_size=settings.embedding_batch)
+            _check_token_lists(model, token_lists)
+        vectors = model.embed(token_lists, pooling=settings.pooling, batch_size=settings.embedding_batch,
+                              normalize=parsed.normalize)
         return vectors, sum(map(len, token_lists))
     except ContextOverflowError as exc:
         raise APIError(400, str(exc).replace("text ", "input item ", 1), param="input",
@@ -116,6 +118,21 @@ def embed(served: Served, parsed: EmbeddingRequest, settings: ServerSettings) ->
         raise APIError(400, str(exc).replace("text ", "input item ", 1), param="input") from None
     except MullamaError as exc:
         raise generation_error(exc) from None
+
+
+def _check_token_lists(model: Model, token_lists: list[list[int]]) -> None:
+    """Token arrays must be ``model``'s own ids. Clients that count tokens with another tokenizer send
+    theirs (LangChain's OpenAIEmbeddings sends tiktoken's unless ``check_embedding_ctx_length=False``),
+    and ids of another vocabulary embed as the wrong text without a word: the ones that cannot be this
+    model's (negative, or beyond its vocabulary) are a 400 that says so."""
+    for index, tokens in enumerate(token_lists):
+        try:
+            model._check_tokens(tokens)
+        except TokenizeError as exc:
+            raise APIError(400, f"'input' item {index} is a token array that cannot be this model's: {exc} "
+                                "Token arrays must be ids of this model's own tokenizer, not another's (such as "
+                                "tiktoken's); send the text instead (LangChain's OpenAIEmbeddings: pass "
+                                "check_embedding_ctx_length=False).", param="input") from None
 
 
 async def embed_request(request: Request, parsed: EmbeddingRequest) -> tuple[str, list[list[float]], int]:

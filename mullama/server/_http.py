@@ -139,11 +139,10 @@ def parse_json(body: bytes | bytearray | str) -> Any:
 
 
 async def read_json(request: Request) -> Any:
-    """The request's JSON body: Content-Type application/json, at most ``max_body_bytes``."""
+    """The request's JSON body, at most ``max_body_bytes``, whatever its Content-Type: LiteLLM's
+    ollama providers send none, and ollama and llama-server read such bodies as JSON too. A body that
+    is not JSON is a 400 all the same."""
     limit = state(request).settings.max_body_bytes
-    content_type = request.headers.get("content-type", "")
-    if content_type.split(";")[0].strip().lower() != "application/json":
-        raise APIError(415, "send the request body as JSON with Content-Type: application/json.")
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > limit):
         raise APIError(413, f"the request body is larger than {limit} bytes.")

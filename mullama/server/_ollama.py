@@ -1,9 +1,11 @@
-"""ollama's API (``/api/chat``, ``/api/generate``, ``/api/embed``, ``/api/tags``, ``/api/show``,
-``/api/ps``, ``/api/pull``, ``/api/version``): requests in, NDJSON lines and bodies out, translated
-to and from the internal request the engine serves, and the routes. As ollama: streaming is the
-default, the prompt of ``/api/generate`` goes through the model's chat template unless ``raw``,
-``options`` carry the sampling settings, ``format`` is ``"json"`` or a JSON schema, ``keep_alive``
-sets how long the model stays loaded, durations are nanoseconds, errors are ``{"error": ...}``.
+"""ollama's API (``/api/chat``, ``/api/generate``, ``/api/embed``, the legacy ``/api/embeddings``,
+``/api/tags``, ``/api/show``, ``/api/ps``, ``/api/pull``, ``/api/copy``, ``/api/delete``,
+``/api/version``): requests in, NDJSON lines and bodies out, translated to and from the internal
+request the engine serves, and the routes. As ollama: streaming is the default, the prompt of
+``/api/generate`` goes through the model's chat template unless ``raw``, ``options`` carry the
+sampling settings, ``format`` is ``"json"`` or a JSON schema, ``keep_alive`` sets how long the model
+stays loaded, durations are nanoseconds, errors are ``{"error": ...}``. ``/api/copy`` and
+``/api/delete`` add and remove names of the served models while the server runs (see ModelPool.copy).
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from ._http import drain, endpoint, read_object, requested_model, run_to_end, st
 from ._pool import ModelSpec, Served, parse_keep_alive
 from ._request import APIError, ParsedRequest, bad
 
-__all__ = ["chat", "chat_line", "done_line", "embed", "error_body", "generate", "parse_chat", "parse_generate",
-           "ps", "pull", "show", "tags", "timestamp", "version"]
+__all__ = ["chat", "chat_line", "copy", "delete", "done_line", "embed", "embeddings", "error_body", "generate",
+           "parse_chat", "parse_generate", "ps", "pull", "show", "tags", "timestamp", "version"]
 
 VERSION = "0.13.0"  # the ollama API version whose shapes these are
 # ollama option -> StreamConfig field (options not listed, such as num_ctx or num_thread, are server settings)
@@ -240,6 +242,54 @@ async def embed(request: Request) -> Response:
                          "prompt_eval_count": n_tokens})
 
 
+@endpoint(error_body)
+async def embeddings(request: Request) -> Response:
+    """ollama's legacy ``/api/embeddings`` (``Client.embeddings``, older integrations): one ``prompt``
+    in, ``{"embedding": [...]}`` out, the raw vector as ollama answers it (``/api/embed``'s are unit
+    length). An empty prompt only loads the model and answers an empty vector, as ollama's."""
+    server = state(request)
+    body = await read_object(request)
+    prompt = body.get("prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        raise bad("prompt must be a string.", "prompt")
+    if not prompt:
+        async with await server.pool.lease(requested_model(body)):
+            return JSONResponse({"embedding": []})
+    parsed = parse_embedding_request({"input": prompt, "model": body.get("model", body.get("name"))})
+    parsed.normalize = False
+    _name, vectors, _n_tokens = await embed_request(request, parsed)
+    return JSONResponse({"embedding": vectors[0]})
+
+
+def _name_field(body: dict, field: str) -> str:
+    """A non-empty string field of a request (ollama's 400 otherwise)."""
+    value = body.get(field)
+    if not isinstance(value, str) or not value:
+        raise bad(f"{field} is required: a model name.", field)
+    return value
+
+
+@endpoint(error_body)
+async def copy(request: Request) -> Response:
+    """ollama's ``/api/copy``: ``destination`` becomes one more name of the served model ``source``
+    names, which listings show, while the server runs (nothing is written to disk)."""
+    body = await read_object(request)
+    state(request).pool.copy(_name_field(body, "source"), _name_field(body, "destination"))
+    return Response(status_code=200)
+
+
+@endpoint(error_body)
+async def delete(request: Request) -> Response:
+    """ollama's ``/api/delete``: removes a name ``/api/copy`` gave; the models the server was started
+    with stay (see ModelPool.delete)."""
+    body = await read_object(request)
+    name = requested_model(body)
+    if not name:
+        raise bad("model is required: the name to delete.", "model")
+    state(request).pool.delete(name)
+    return Response(status_code=200)
+
+
 @functools.lru_cache(maxsize=64)
 def _file_details(path: str, mtime: float) -> dict:
     """What ollama's listings say of a model file (read from its GGUF header; cached per file version)."""
@@ -264,17 +314,20 @@ def _details(spec: ModelSpec) -> dict:
     return _file_details(str(path), path.stat().st_mtime)
 
 
-def _listing(spec: ModelSpec) -> dict:
+def _listing(spec: ModelSpec, name: str | None = None) -> dict:
+    """ollama's listing of ``spec``, under ``name`` (a copy's) or its own."""
     details = _details(spec)
-    return {"name": spec.name, "model": spec.name, "size": details["size"], "digest": "",
+    return {"name": name or spec.name, "model": name or spec.name, "size": details["size"], "digest": "",
             "modified_at": details["modified_at"], "details": details["details"]}
 
 
 @endpoint(error_body)
 async def tags(request: Request) -> Response:
-    """Every model this server answers for."""
-    specs = state(request).pool.specs
-    return JSONResponse({"models": await asyncio.to_thread(lambda: [_listing(spec) for spec in specs])})
+    """Every model this server answers for, and each copy (``/api/copy``) as a model of its own, as
+    ollama lists them."""
+    pool = state(request).pool
+    entries = [(spec, None) for spec in pool.specs] + [(pool.find(name), name) for name in pool.copies]
+    return JSONResponse({"models": await asyncio.to_thread(lambda: [_listing(*entry) for entry in entries])})
 
 
 def _running(served: Served) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import os
 import re
 import sys
@@ -38,6 +39,9 @@ T = TypeVar("T")
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+# A name /api/copy may give: ollama's characters ([host/][namespace/]model[:tag]), never a path or a URL.
+_NAME_PART = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
+_COPY_NAME = re.compile(rf"{_NAME_PART}(/{_NAME_PART}){{0,2}}(:{_NAME_PART})?")
 _UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 
 
@@ -225,6 +229,7 @@ class ModelPool:
         self._changed: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task] = set()
+        self.copies: dict[str, str] = {}  # name /api/copy gave -> the served model's name (kept while serving)
         self.retired_stats: collections.Counter[str] = collections.Counter()  # counters of unloaded engines
         self.loads = 0
         self.unloads = 0
@@ -257,7 +262,65 @@ class ModelPool:
                        type="not_found_error", param="model", code="model_not_found")
 
     def names(self) -> str:
-        return ", ".join(spec.name for spec in self.specs)
+        return ", ".join([*(spec.name for spec in self.specs), *self.copies])
+
+    def _named_exactly(self, name: str) -> ModelSpec | None:
+        """The spec whose name or alias ``name`` is (``:latest`` ignored), even on a one-model server,
+        where ``find`` takes any name: what ``copy`` and ``delete`` must not confuse."""
+        for candidate in dict.fromkeys((name, name.removesuffix(":latest"))):
+            for spec in self.specs:
+                if candidate == spec.name or candidate in spec.aliases:
+                    return spec
+        return None
+
+    def copy(self, source: str, destination: str) -> ModelSpec:
+        """ollama's ``/api/copy`` on a running server: ``destination`` becomes one more name of the
+        model ``source`` picks (an alias, which ``/v1/models`` shows, and an entry of ``/api/tags``),
+        until the server stops or ``delete`` removes it. Nothing is written to disk. A destination
+        that names another model is refused (400); one that names an earlier copy is moved."""
+        spec = self.find(source)
+        destination = destination.removesuffix(":latest")
+        if len(destination) > 200 or not _COPY_NAME.fullmatch(destination):
+            raise APIError(400, f"destination {destination[:200]!r} is not a model name: use letters, digits, "
+                                "'_', '.', '-', a ':tag' and at most two '/'.", param="destination")
+        owner = self._named_exactly(destination)
+        if owner is not None and destination not in self.copies:
+            if owner.name == spec.name:
+                return spec  # already a name of that model: nothing to do
+            raise APIError(400, f"{destination!r} is already the name of {owner.name}, which this server was "
+                                "started with; choose another destination.", param="destination")
+        if destination in self.copies:
+            self._rename(self.copies.pop(destination), remove=destination)
+        self.copies[destination] = spec.name
+        return self._rename(spec.name, add=destination)
+
+    def delete(self, name: str) -> None:
+        """ollama's ``/api/delete`` on a running server: a name ``copy`` gave stops picking its model
+        (the model itself stays served). The models the server was started with are not deleted
+        (400: stop the server first, then ``mullama rm``); any other name is ollama's 404."""
+        name = name.removesuffix(":latest")
+        if name in self.copies:
+            self._rename(self.copies.pop(name), remove=name)
+            return
+        spec = self._named_exactly(name)
+        if spec is not None:
+            raise APIError(400, f"{spec.name} is a model this server was started with, which it does not delete "
+                                "while serving; only names given by /api/copy can be deleted. Stop the server, "
+                                "then remove the file (mullama rm).", param="model")
+        raise APIError(404, f"model '{name[:200]}' not found", type="not_found_error", param="model",
+                       code="model_not_found")
+
+    def _rename(self, name: str, *, add: str | None = None, remove: str | None = None) -> ModelSpec:
+        """Replace the spec named ``name`` (and its Served's) by one with ``add`` among its aliases,
+        or ``remove`` taken out."""
+        index = next(i for i, spec in enumerate(self.specs) if spec.name == name)
+        old = self.specs[index]
+        aliases = tuple(alias for alias in old.aliases if alias != remove) + ((add,) if add else ())
+        self.specs[index] = spec = dataclasses.replace(old, aliases=aliases)
+        served = self._served.get(name)
+        if served is not None:
+            served.spec = spec
+        return spec
 
     def loaded(self) -> list[Served]:
         return [served for served in self._served.values() if served.loaded]

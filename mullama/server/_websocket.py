@@ -1,11 +1,14 @@
 """``/v1/ws``: a WebSocket streaming protocol. Send a JSON text frame with ``prompt`` or ``messages``
 (and OpenAI's sampling fields); receive ``{"type": "token", "text", "id"}`` frames, then ``done``
-with the finish reason and usage. ``{"type": "cancel"}`` stops the stream in flight."""
+with the finish reason and usage. ``{"type": "cancel"}`` stops the stream in flight. A message larger
+than the request-body limit closes the connection with 1009 (message too big), a binary frame with
+1003 (unsupported data)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Mapping
 from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -31,6 +34,10 @@ async def websocket(ws: WebSocket) -> None:
             message = await ws.receive()
             if message["type"] == "websocket.disconnect":
                 break
+            limit = server.settings.max_body_bytes
+            if _message_bytes(message) > limit:  # (uvicorn's ws_max_size, as mullama serve sets it, does the same)
+                await ws.close(code=1009, reason=f"a message is larger than {limit} bytes")
+                break
             if message.get("text") is None:  # a binary frame: not this protocol
                 await ws.close(code=1003, reason="send JSON in text frames")
                 break
@@ -53,6 +60,15 @@ async def websocket(ws: WebSocket) -> None:
     finally:
         if current is not None and not current.done():
             current.cancel()
+
+
+def _message_bytes(message: Mapping[str, Any]) -> int:
+    """The size of a received message in bytes, as the limit on request bodies counts them (a text
+    frame's UTF-8)."""
+    text = message.get("text")
+    if text is None:
+        return len(message.get("bytes") or b"")
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 async def _stream(ws: WebSocket, data: Any) -> None:
