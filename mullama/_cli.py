@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__
-from ._exceptions import InvalidConfigError, MullamaError
+from ._exceptions import InvalidConfigError, ModelNotFoundError, MullamaError
 
 EXAMPLES = """examples:
   mullama run "Why is the sky blue?"            stream a reply from the default model
@@ -34,25 +34,58 @@ EXAMPLES = """examples:
 
 
 MIN_CTX = 256  # llama.cpp rounds a smaller context up to this
-_MODEL_NAME = re.compile(r"^(hf:[\w.\-]+/[\w.\-]+(:[\w.\-]+)?|[\w.\-]+:[\w.\-]+)$")
+_HF_NAME = re.compile(r"^hf:[\w.\-]+/[\w.@\-]+(:[\w./\-]+)?$")
+_TAGGED_NAME = re.compile(r"^[A-Za-z][\w.\-]*:[\w.\-]+$")  # name:tag, as ollama's
 
 
-def _is_model(word: str) -> bool:
-    """A first word such as ``smollm2:135m``, ``smollm2``, ``hf:owner/repo`` or ``model.gguf`` names the model."""
-    from ._hub import is_family
+def _is_model(word: str, command: str) -> bool:
+    """Whether the first word names the model: ``model.gguf``, ``hf:owner/repo``, a known name or family
+    (``smollm2:135m``, ``smollm2``). A word that only looks like a model name (``name:tag``, or within a
+    typo of a known name: ``smollm``, ``qwen3``) is MODEL_NOT_FOUND, naming the close ones, rather than
+    the first word of a prompt; an ordinary word (``hello``, ``Why``) is the prompt."""
+    from ._hub import close_names, entry_for
 
-    return word.endswith(".gguf") or bool(_MODEL_NAME.match(word)) or is_family(word)
+    if word.endswith(".gguf") or _HF_NAME.match(word):
+        return True
+    if not (_TAGGED_NAME.match(word) or close_names(word)):
+        return False
+    try:
+        entry_for(word)
+    except ModelNotFoundError as error:
+        raise ModelNotFoundError(f"{error} If {word!r} is the start of the prompt, write `mullama {command} -- "
+                                 f"{word} ...`.") from None
+    return True
 
 
 def _model_and_words(args: argparse.Namespace) -> tuple[str, list[str]]:
-    """The model (``-m``, else a first word that names one, else the default) and the other words."""
+    """The model (``-m``, else a first word that names one, else the default) and the other words.
+    Words after ``--`` are never the model."""
     from ._hub import DEFAULT_MODEL
 
     words = list(args.words)
     model_name = args.model
-    if model_name is None and words and _is_model(words[0]):
+    if model_name is None and words and args.words_before_dashes and _is_model(words[0], args.command):
         model_name = words.pop(0)
     return model_name or DEFAULT_MODEL, words
+
+
+def _model_label(model_ref: str) -> str:
+    """A model's name for messages and ``--json``: a known name in full (``smollm2`` is ``smollm2:135m``),
+    a path or a Hugging Face name as given."""
+    from ._hub import entry_for, is_local_path
+
+    if is_local_path(model_ref) or model_ref.startswith("hf:"):
+        return model_ref
+    return entry_for(model_ref).name
+
+
+def _note(text: str) -> None:
+    """One dim line on standard error (plain when that is not a terminal): standard output holds only the
+    reply, for pipes."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[dim]{escape(text)}[/]")
 
 
 def _config(args: argparse.Namespace, *, stop: list[str] | None = None) -> Any:
@@ -96,6 +129,8 @@ def _run(args: argparse.Namespace) -> int:
     from ._model import Model
 
     model_name, words = _model_and_words(args)
+    if args.prompt is not None:
+        words.insert(0, args.prompt)
     _check_ctx_size(args.ctx_size)
     if not words and args.file is None and sys.stdin.isatty():
         return _chat(args, model_name)  # `mullama run MODEL` in a terminal: a chat, as with ollama
@@ -103,10 +138,15 @@ def _run(args: argparse.Namespace) -> int:
     if not prompt.strip():
         raise InvalidConfigError("no prompt: give one as arguments, with -f FILE, or on standard input.")
     config = _config(args, stop=args.stop)
+    label = _model_label(model_name)
     with Model.load(model_name, chat_template=args.chat_template_file, **_placement(args)) as model, \
             Context(model, n_ctx=args.ctx_size, n_threads=args.threads) as context:
         _warn_ctx_size(args.ctx_size, model)
-        if args.raw:
+        raw = args.raw or model.chat_template is None
+        if raw and not args.raw:  # a base model: complete the text, as ollama does
+            _note(f"{label} has no chat template (a base model): completing the prompt as is, as --raw does"
+                  + (", without the system message" if args.system else ""))
+        if raw:
             stream = context.generate_stream(prompt, config=config)
         else:
             messages = ([{"role": "system", "content": args.system}] if args.system else [])
@@ -118,11 +158,15 @@ def _run(args: argparse.Namespace) -> int:
                     sys.stdout.write(token.text)
                     sys.stdout.flush()
         if args.json:
-            json.dump({"model": str(model.path), "text": stream.text, "finish_reason": stream.finish_reason,
+            json.dump({"model": label, "path": str(model.path), "raw": raw, "text": stream.text,
+                       "finish_reason": stream.finish_reason,
                        "prompt_tokens": stream.prompt_tokens, "completion_tokens": stream.tokens_generated(),
                        "time_to_first_token_s": stream.time_to_first_token(),
                        "tokens_per_second": stream.tokens_per_second()}, sys.stdout, ensure_ascii=False)
         sys.stdout.write("\n")
+        sys.stdout.flush()
+        if stream.finish_reason == "length" and not args.json:  # cut short: say so, off standard output
+            _note("… (max tokens)")
         if args.verbose:
             ttft = stream.time_to_first_token()
             print(f"[{stream.tokens_generated()} tokens, {stream.tokens_per_second():.1f} tokens/s, "
@@ -152,9 +196,26 @@ def _chat(args: argparse.Namespace, model_name: str | None = None) -> int:
     from ._terminal_chat import chat_main
 
     _check_ctx_size(args.ctx_size)
-    return chat_main(model_name or args.model or DEFAULT_MODEL, system=args.system, config=_config(args),
-                     ctx_size=args.ctx_size, threads=args.threads, record=getattr(args, "record", None),
+    record = getattr(args, "record", None)
+    if record is not None:
+        _check_writable(record, "--record")
+    return chat_main(model_name or _model_arg(args) or DEFAULT_MODEL, system=args.system, config=_config(args),
+                     ctx_size=args.ctx_size, threads=args.threads, record=record,
                      chat_template=args.chat_template_file, placement=_placement(args))
+
+
+def _check_writable(path: str, flag: str) -> None:
+    """Refuse at once a file that could not be written later (a missing directory, no permission)."""
+    target = Path(path).expanduser()
+    existed = target.exists()
+    try:
+        with open(target, "a"):
+            pass
+    except OSError as exc:
+        raise InvalidConfigError(f"cannot write {flag} {path}: {exc.strerror or exc}; give a file in a "
+                                 "directory that exists and is writable.") from None
+    if not existed:
+        target.unlink(missing_ok=True)
 
 
 def _pull(args: argparse.Namespace) -> int:
@@ -230,7 +291,6 @@ def _rm(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from ._exceptions import ModelNotFoundError
     from ._gguf import read_gguf_info
     from ._hub import cached, is_local_path
 
@@ -344,8 +404,11 @@ def _bench(args: argparse.Namespace) -> int:
     from ._hub import DEFAULT_MODEL
     from ._model import Model
 
-    with Model.load(args.model or DEFAULT_MODEL, **_placement(args)) as model, \
-            Context(model, n_threads=args.threads) as context:
+    _check_ctx_size(args.ctx_size)
+    model_name = _model_arg(args) or DEFAULT_MODEL
+    with Model.load(model_name, **_placement(args)) as model, \
+            Context(model, n_ctx=args.ctx_size, n_threads=args.threads) as context:
+        _warn_ctx_size(args.ctx_size, model)
         context.generate("Hello", max_tokens=8)  # warm up
         first = []
         for _ in range(5):
@@ -363,12 +426,13 @@ def _bench(args: argparse.Namespace) -> int:
             speeds.append(stream.tokens_per_second())
     first.sort()
     speeds.sort()
-    result = {"model": str(model.path), "threads": context.n_threads, "time_to_first_token_ms": first[2] * 1000,
+    result = {"model": _model_label(model_name), "path": str(model.path), "threads": context.n_threads,
+              "context": context.n_ctx, "time_to_first_token_ms": first[2] * 1000,
               "decode_tokens_per_second": speeds[1], "tokens": args.tokens}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"{model.path.name}, {context.n_threads} threads: {speeds[1]:.1f} tokens/s decoding "
+        print(f"{result['model']}, {context.n_threads} threads: {speeds[1]:.1f} tokens/s decoding "
               f"({args.tokens} tokens), {first[2] * 1000:.1f} ms to the first token of a 5-token prompt")
     return 0
 
@@ -421,11 +485,30 @@ def _add_verbosity(parser: argparse.ArgumentParser) -> None:
                         help="show llama.cpp's own log")
 
 
-def _add_compute(parser: argparse.ArgumentParser, ctx_help: str) -> None:
-    parser.add_argument("--chat-template-file", metavar="FILE.jinja",
-                        help="use this Jinja chat template instead of the model's (as llama-server's)")
+def _add_model(parser: argparse.ArgumentParser, *, word: bool = False) -> None:
+    """``-m/--model``; with ``word``, also an optional first word naming the model (``chat``, ``bench``)."""
+    if word:
+        parser.add_argument("model_word", nargs="?", metavar="MODEL", help=MODEL_HELP)
+    parser.add_argument("-m", "--model", help=MODEL_HELP)
+
+
+def _model_arg(args: argparse.Namespace) -> str | None:
+    """The model the command line names (``-m``, or the first word of ``chat`` and ``bench``), if any."""
+    word = getattr(args, "model_word", None)
+    if word and args.model and word != args.model:
+        raise InvalidConfigError(f"two models: {word} and -m {args.model}; give one.")
+    return args.model or word
+
+
+def _add_context(parser: argparse.ArgumentParser,
+                 ctx_help: str = "context size in tokens (default: the model's, at most 4096)") -> None:
     parser.add_argument("-c", "--ctx-size", type=int, help=ctx_help)
     parser.add_argument("-t", "--threads", type=int, help="CPU threads (default: all available, at most 8)")
+
+
+def _add_template(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--chat-template-file", metavar="FILE.jinja",
+                        help="use this Jinja chat template instead of the model's (as llama-server's)")
 
 
 def _add_offload(parser: argparse.ArgumentParser) -> None:
@@ -478,22 +561,27 @@ def make_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="stream a reply to a prompt (a chat in a terminal without one)",
                               epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("words", nargs="*", metavar="[MODEL] PROMPT", help="an optional model, then the prompt")
-    run.add_argument("-m", "--model", help=MODEL_HELP)
+    run.add_argument("words", nargs="*", metavar="[MODEL] PROMPT",
+                     help="an optional model, then the prompt (words after -- are all the prompt)")
+    _add_model(run)
+    run.add_argument("-p", "--prompt", help="the prompt (placed before the other words; never taken for a model)")
     run.add_argument("-f", "--file", help="read the prompt from this file")
     _add_sampling(run, 512)
-    _add_compute(run, "context size in tokens (default: the model's, at most 4096)")
+    _add_template(run)
+    _add_context(run)
     _add_offload(run)
     run.add_argument("--stop", action="append", help="stop at this text (repeatable)")
-    run.add_argument("--raw", action="store_true", help="complete the prompt as is, without the chat template")
+    run.add_argument("--raw", action="store_true",
+                     help="complete the prompt as is, without the chat template (always, for a model without one)")
     run.add_argument("--json", action="store_true", help="print the result and statistics as JSON")
     _add_verbosity(run)
     run.set_defaults(handler=_run)
 
     chat = commands.add_parser("chat", help="chat in the terminal (Markdown, streaming, multi-turn)")
-    chat.add_argument("model", nargs="?", help=MODEL_HELP)
+    _add_model(chat, word=True)
     _add_sampling(chat, 1024)
-    _add_compute(chat, "context size in tokens (default: the model's, at most 4096)")
+    _add_template(chat)
+    _add_context(chat)
     _add_offload(chat)
     chat.add_argument("--record", metavar="FILE.svg", help="save the session as an SVG picture on exit")
     _add_verbosity(chat)
@@ -502,7 +590,7 @@ def make_parser() -> argparse.ArgumentParser:
     embed = commands.add_parser("embed", help="embedding vectors of texts, one JSON line per text")
     embed.add_argument("words", nargs="*", metavar="[MODEL] TEXT",
                        help="an optional model, then the texts (or one text per line on standard input)")
-    embed.add_argument("-m", "--model", help=MODEL_HELP)
+    _add_model(embed)
     embed.add_argument("--pooling", choices=["mean", "cls", "last", "none"],
                        help="how token vectors become one (default: the model's own, else mean)")
     embed.add_argument("--no-normalize", action="store_true", help="keep the vectors' length (default: unit length)")
@@ -537,7 +625,7 @@ def make_parser() -> argparse.ArgumentParser:
                                        "application/json' \\\n    -d '{\"messages\": [{\"role\": \"user\", "
                                        "\"content\": \"Hello!\"}], \"stream\": true}'",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    serve.add_argument("-m", "--model", help=MODEL_HELP)
+    _add_model(serve)
     serve.add_argument("--models", metavar="LIST",
                        help="serve several models, comma-separated (names, families, .gguf paths): a request's "
                             "'model' picks one, loaded on first use")
@@ -555,7 +643,8 @@ def make_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     serve.add_argument("-np", "--parallel", type=int, default=4, help="streams decoded together (default 4)")
     _add_offload(serve)
-    _add_compute(serve, "context tokens of EACH stream (llama-server's -c is the total; default: the model's, "
+    _add_template(serve)
+    _add_context(serve, "context tokens of EACH stream (llama-server's -c is the total; default: the model's, "
                         "at most 4096)")
     serve.add_argument("--api-key", help="require this key (or set MULLAMA_API_KEY)")
     serve.add_argument("--max-tokens-limit", type=int, default=4096, help="cap on max_tokens (default 4096)")
@@ -564,6 +653,8 @@ def make_parser() -> argparse.ArgumentParser:
                        help="pooling for /v1/embeddings (default: the model's own, else mean)")
     serve.add_argument("--embedding-batch", type=int,
                        help="tokens per embedding decode, and the longest input (default 512)")
+    serve.add_argument("--embeddings", "--embedding", action="store_true",
+                       help="accepted, as llama-server's: /v1/embeddings and /api/embed are always served")
     _add_verbosity(serve)
     serve.set_defaults(handler=_serve)
 
@@ -575,9 +666,9 @@ def make_parser() -> argparse.ArgumentParser:
     ps.set_defaults(handler=_ps)
 
     bench = commands.add_parser("bench", help="quick tokens/s and time to first token on this machine")
-    bench.add_argument("model", nargs="?", help=MODEL_HELP)
+    _add_model(bench, word=True)
     bench.add_argument("-n", "--tokens", type=int, default=128, help="tokens to decode (default 128)")
-    bench.add_argument("-t", "--threads", type=int, help="CPU threads")
+    _add_context(bench)
     _add_offload(bench)
     bench.add_argument("--json", action="store_true")
     _add_verbosity(bench)
@@ -590,14 +681,30 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """The command line. For ``run`` and ``embed``, words after ``--`` are prompt (or text) words, never
+    the model: ``words_before_dashes`` says whether the first word came before it."""
+    dashes = argv.index("--") if "--" in argv else len(argv)
+    args, extra = parser.parse_known_args(argv[:dashes])
+    tail = argv[dashes + 1:]
+    if tail and not hasattr(args, "words"):  # another command: argparse's own meaning of --
+        args, extra = parser.parse_known_args(argv)
+        tail = []
+    if extra and args.command == "run" and not any(word.startswith("-") for word in extra):
+        args.words += extra  # `mullama run Why -n 20 is the sky blue`: words after an option are still the prompt
+        extra = []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if hasattr(args, "words"):
+        args.words_before_dashes = bool(args.words)
+        args.words += tail
+    args.argv = argv  # `serve --rpc` runs it again in a child
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
-    args, extra = parser.parse_known_args(argv)
-    args.argv = list(argv) if argv is not None else sys.argv[1:]  # `serve --rpc` runs it again in a child
-    if extra:  # `mullama run Why -n 20 is the sky blue`: words after an option are still the prompt
-        if args.command != "run" or any(word.startswith("-") for word in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.words += extra
+    args = _parse(parser, list(argv) if argv is not None else sys.argv[1:])
     if args.command is None:
         parser.print_help()
         return 2

@@ -14,7 +14,6 @@ share one download.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import fcntl
 import hashlib
 import json
@@ -220,6 +219,45 @@ def is_family(name: str) -> bool:
     return any(entry_name.split(":")[0] == name.lower() for entry_name in REGISTRY)
 
 
+def _edit_distance(a: str, b: str) -> int:
+    """Levenshtein's distance: the fewest insertions, deletions and substitutions from ``a`` to ``b``."""
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, 1):
+        current = [i]
+        for j, char_b in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
+        previous = current
+    return previous[-1]
+
+
+def _typos_allowed(known: str) -> int:
+    """How many typing mistakes still make a word a misspelling of ``known``: none in a short name
+    (``qwen``), one from 5 characters (``smollm`` for ``smollm2``), two from 9 (``smollm2:135``)."""
+    return 0 if len(known) < 5 else 1 if len(known) < 9 else 2
+
+
+def _stem(family: str) -> str:
+    """A family without its version: ``llama3.2`` -> ``llama``, ``smollm2`` -> ``smollm``."""
+    return family.rstrip("0123456789.") or family
+
+
+def close_names(word: str) -> list[str]:
+    """The known model names that ``word`` probably means: those of its family, for a family or a name
+    within a typo or two of one (``smollm``, ``smolm2``, ``smollm2:1.7b``, ``llama3.2:8b``), or the
+    same family in another version (``qwen3``, ``gemma``, ``llama``). Empty for words farther from
+    every name (``hello``, ``gamma``, ``llamas``, ``nosuch:7b``)."""
+    key = word.strip().lower()
+    family = key.split(":")[0]
+    close = []
+    for name in REGISTRY:
+        known_family = name.split(":")[0]
+        if (_edit_distance(key, name) <= _typos_allowed(name)
+                or _edit_distance(family, known_family) <= _typos_allowed(known_family)
+                or _stem(family) == _stem(known_family)):
+            close.append(name)
+    return close
+
+
 def cached(name: str) -> Path | None:
     """The cached file of a model name, or None when it has not been pulled (never downloads)."""
     try:
@@ -255,10 +293,10 @@ def entry_for(name: str) -> RegistryEntry:
         return family[0]
     if name.startswith("hf:"):
         return _hf_entry(name)
-    close = difflib.get_close_matches(key, REGISTRY, n=3, cutoff=0.5)
-    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    close = close_names(key)
+    hint = f": did you mean {' or '.join(close)}?" if close else "."
     raise ModelNotFoundError(
-        f"unknown model {_shown(name)}.{hint} Known models: {', '.join(sorted(REGISTRY))}; or use "
+        f"unknown model {_shown(name)}{hint} Known models: {', '.join(sorted(REGISTRY))}; or use "
         f"{HF_FORM} for a GGUF on Hugging Face, or the path of a .gguf file.")
 
 

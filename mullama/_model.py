@@ -248,7 +248,9 @@ class Model(Owned):
         if tools:
             variables["tools"] = check_tools(tools)
         if source is None:
-            raise TemplateError("this model has no chat template; pass template=... or use generate_stream().")
+            raise TemplateError("this model has no chat template (a base model): give one with chat_template=... "
+                                "(Jinja text or a .jinja file, to Model.load or chat_stream; apply_chat_template "
+                                "takes template=...), or complete plain text with generate_stream().")
         lib = self._library.lib
         vocab = self._vocab_ptr()
         return render_chat_template(

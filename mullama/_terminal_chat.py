@@ -10,9 +10,12 @@ a multi-line message. When output is not a terminal, replies are written as plai
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import sys
+from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,7 @@ from rich.text import Text
 
 from ._config import StreamConfig
 from ._context import Context
-from ._exceptions import MullamaError
+from ._exceptions import MullamaError, TemplateError
 from ._model import Model
 
 HELP = """\
@@ -53,16 +56,52 @@ SETTABLE = {"temperature": ("temperature", float), "top_k": ("top_k", int), "top
 
 class _Tail:
     """The last screenful of a renderable: what a live view can show, and erase, while a reply grows
-    beyond the screen (the whole reply is printed once, at its end)."""
+    beyond the screen (the whole reply is printed once, at its end). One column is left free: a
+    character the terminal draws wider than Rich counts (some emoji) must not wrap a line, since a
+    row the live view does not know of is a row it does not erase (and the reply would show twice)."""
 
     def __init__(self, renderable: Any) -> None:
         self.renderable = renderable
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        lines = console.render_lines(self.renderable, options, pad=False)
+        lines = console.render_lines(self.renderable, options.update_width(max(1, options.max_width - 1)),
+                                     pad=False)
         for line in lines[-max(1, console.size.height - 2):]:
             yield from line
             yield Segment.line()
+
+
+@contextlib.contextmanager
+def _no_echo() -> Iterator[None]:
+    """While a live view is on the screen, the terminal does not echo keys: an echoed ``^C`` or a key
+    typed ahead would move the cursor behind the view's back, so that erasing the view left its first
+    lines, and the reply, once printed whole, showed twice. Typed-ahead keys still reach the next prompt."""
+    try:
+        import termios
+
+        fd = sys.stdin.fileno()
+        saved = termios.tcgetattr(fd)
+    except (ImportError, OSError, ValueError):  # not a terminal
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] &= ~termios.ECHO  # the local modes
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
+
+
+def terminal_console() -> Console:
+    """The chat's Console. In a terminal its size is the terminal's own, read again at every render (as
+    Rich does without COLUMNS and LINES): a COLUMNS exported by a shell before a resize, or by a parent
+    program, would make every line of the live view wrap, and erasing it would leave rows behind."""
+    environ = dict(os.environ)
+    if sys.stdout.isatty():
+        environ.pop("COLUMNS", None)
+        environ.pop("LINES", None)
+    return Console(highlight=False, _environ=environ)
 
 
 class TerminalChat:
@@ -194,8 +233,8 @@ class TerminalChat:
         interrupted = failed = False
         try:
             if self.console.is_terminal:
-                with Live(Spinner("dots", style="dim"), console=self.console, refresh_per_second=15,
-                          transient=True) as live:
+                with _no_echo(), Live(Spinner("dots", style="dim"), console=self.console, refresh_per_second=15,
+                                      transient=True) as live:
                     for token in stream:
                         if token.text:
                             parts.append(token.text)
@@ -358,10 +397,14 @@ def chat_main(model_ref: str, *, system: str | None, config: StreamConfig, ctx_s
               threads: int | None = None, record: str | None = None, chat_template: str | None = None,
               placement: dict[str, Any] | None = None) -> int:
     """The terminal chat on ``model_ref`` (``placement``: Model.load's offloading options)."""
-    console = Console(highlight=False)
+    console = terminal_console()
     with console.status(f"loading {model_ref} ...", spinner="dots") if console.is_terminal else nullcontext():
         model = Model.load(model_ref, chat_template=chat_template, **(placement or {}))
         try:
+            if model.chat_template is None:
+                raise TemplateError(f"{model_ref} has no chat template (a base model), so it cannot chat: "
+                                    f"`mullama run {model_ref} PROMPT` completes text, or give a template with "
+                                    "--chat-template-file.")
             context = Context(model, n_ctx=ctx_size, n_threads=threads)
         except BaseException:
             model.close()
