@@ -22,6 +22,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from .._chat import normalize_messages
 from .._engine import EngineRequest
 from .._exceptions import MullamaError
 from .._sequence import Token
@@ -162,7 +163,7 @@ def _messages(body: dict) -> list[dict]:
         else:
             raise bad(f"{where}: unsupported input item type {kind!r} (message, function_call, "
                       "function_call_output, reasoning).", "input")
-    return messages
+    return normalize_messages(messages)  # the parts joined into plain strings, as every chat message has
 
 
 def _as_parts(content: Any) -> list[dict]:
