@@ -21,8 +21,9 @@ from typing import Any, TypeVar
 
 from ._config import StreamConfig, resolve_config
 from ._context import Completion
+from ._context_params import check_n_ctx
 from ._engine import Engine, EngineRequest
-from ._exceptions import InvalidConfigError
+from ._exceptions import InvalidConfigError, StreamingError
 from ._model import Model
 from ._sequence import SequenceView, Token
 from ._tools import chat_prompt
@@ -38,7 +39,8 @@ class AsyncTokenStream(SequenceView):
     """An async iterator of :class:`Token`, with the statistics of :class:`~mullama.TokenStream`."""
 
     def __init__(self, start: Callable[[], EngineRequest]) -> None:
-        self._start = start  # renders and tokenises the prompt, then submits it (in a worker thread)
+        # Renders and tokenises the prompt, then submits it (in a worker thread); None once started.
+        self._start: Callable[[], EngineRequest] | None = start
         self._request: EngineRequest | None = None
         self._sequence = None
         self._done = False
@@ -53,7 +55,12 @@ class AsyncTokenStream(SequenceView):
         return self
 
     async def _begin(self) -> EngineRequest:
-        request = await submit_in_thread(self._start, EngineRequest.cancel)
+        # Once started, the stream no longer needs ``start`` (which holds the AsyncModel): a stream
+        # that outlives its model, or sits in a reference cycle, does not keep the engine running.
+        start, self._start = self._start, None
+        if start is None:
+            raise StreamingError("this stream is being started by another task; iterate a stream in one task.")
+        request = await submit_in_thread(start, EngineRequest.cancel)
         self._request, self._sequence = request, request._sequence
         # Dropped without aclose() (a `break` out of `async for`): end the sequence anyway.
         weakref.finalize(self, request.cancel)
@@ -113,6 +120,10 @@ async def submit_in_thread(start: Callable[[], T], undo: Callable[[T], object]) 
 
         started.add_done_callback(undo_when_done)
         raise
+    finally:
+        # When start() raised, the future holds its exception, whose traceback holds this frame (and
+        # start's, with what start holds: an AsyncModel): without this, a cycle for the cyclic GC.
+        del started, start
 
 
 class AsyncModel:
@@ -127,6 +138,7 @@ class AsyncModel:
     def __init__(self, model: Model, *, parallel: int = 4, n_ctx: int | None = None, n_batch: int = 2048,
                  n_threads: int | None = None, seed: int | None = None, flash_attn: bool | None = None,
                  max_queue: int = 256) -> None:
+        check_n_ctx(n_ctx)  # now, not when the first stream starts the engine
         self.model = model
         self._engine_options: dict[str, Any] = {
             "parallel": parallel, "n_ctx": n_ctx, "n_batch": n_batch, "n_threads": n_threads, "seed": seed,

@@ -23,8 +23,6 @@ EXAMPLES = """examples:
   mullama run smollm2:135m "Hello" --json       the reply and its statistics as JSON
   echo "Summarise: ..." | mullama run           the prompt from standard input
   mullama run --raw "The capital of France is"  plain completion, no chat template
-  mullama run gemma3:270m "Once upon a time"    a base model (no chat template) completes the text as is
-  mullama run -- smollm is a small model        words after -- are the prompt, never a model name
   mullama run smollm2 -f notes.txt --temp 0     the prompt from a file, greedy
   cat notes.txt | mullama run "Summarise:"      the prompt, a blank line, then standard input
   mullama embed all-minilm:l6-v2 "a cat" "a dog"  one JSON line of embedding per text
@@ -35,7 +33,6 @@ EXAMPLES = """examples:
 """
 
 
-MIN_CTX = 256  # llama.cpp rounds a smaller context up to this
 _HF_NAME = re.compile(r"^hf:[\w.\-]+/[\w.@\-]+(:[\w./\-]+)?$")
 _TAGGED_NAME = re.compile(r"^[A-Za-z][\w.\-]*:[\w.\-]+$")  # name:tag, as ollama's
 
@@ -100,9 +97,10 @@ def _config(args: argparse.Namespace, *, stop: list[str] | None = None) -> Any:
 
 
 def _check_ctx_size(value: int | None) -> None:
-    if value is not None and value < MIN_CTX:
-        raise InvalidConfigError(f"--ctx-size {value} is too small: llama.cpp's contexts hold at least {MIN_CTX} "
-                                 f"tokens; pass --ctx-size {MIN_CTX} or more.")
+    """-c/--ctx-size: the rule and message of Context(n_ctx=...), checked before any model is loaded."""
+    from ._context_params import check_n_ctx
+
+    check_n_ctx(value, "--ctx-size")
 
 
 def _warn_ctx_size(value: int | None, model: Any) -> None:

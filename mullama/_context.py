@@ -13,6 +13,7 @@ from ._config import MAX_SEED, StreamConfig, resolve_config
 from ._context_params import (
     ContextSettings,
     adopt_context,
+    check_n_ctx,
     chunk_end,
     common_prefix,
     create_context,
@@ -90,6 +91,7 @@ class Context(Owned):
                  seed: int | None = None, flash_attn: bool | None = None, warmup: bool = True) -> None:
         if not isinstance(model, Model):
             raise InvalidConfigError(f"Context needs a mullama.Model, not {type(model).__name__}.")
+        check_n_ctx(n_ctx)
         settings = ContextSettings(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
                                    n_threads_batch=n_threads_batch, flash_attn=flash_attn)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._exceptions import ContextError, InvalidConfigError
@@ -21,8 +22,8 @@ if TYPE_CHECKING:
     from ._model import Model
     from ._owned import Owned
 
-__all__ = ["ContextSettings", "adopt_context", "chunk_end", "common_prefix", "create_context", "default_n_ctx",
-           "default_threads", "prompt_breaks"]
+__all__ = ["MIN_CTX", "ContextSettings", "adopt_context", "check_n_ctx", "chunk_end", "common_prefix", "create_context",
+           "default_n_ctx", "default_threads", "prompt_breaks"]
 
 DEFAULT_MAX_CTX = 4096  # a new context holds at most this many tokens unless asked for more
 DEFAULT_BATCH = 2048  # common_params.n_batch
@@ -30,6 +31,9 @@ DEFAULT_UBATCH = 512  # common_params.n_ubatch
 MAX_THREADS = 512  # GGML_MAX_N_THREADS
 MAX_SEQUENCES = 256  # LLAMA_MAX_SEQ
 MAX_UINT32 = 2**32 - 1
+# llama.cpp rounds a context (and each sequence's share of it) up to a multiple of 256 tokens
+# (GGML_PAD in llama_context's constructor): a smaller one would silently become 256.
+MIN_CTX = 256
 
 
 def default_threads() -> int:
@@ -82,6 +86,17 @@ def check_count(name: str, value: Any, high: int, *, allow_none: bool = True) ->
         return
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
         raise InvalidConfigError(f"{name} must be an integer from 1 to {high}, not {value!r}.")
+
+
+def check_n_ctx(value: Any, option: str = "n_ctx") -> None:
+    """The one rule for a context size asked for (tokens per sequence; None: the default), with one
+    message: ``Context(n_ctx=...)``, ``AsyncModel``/``Engine`` and the commands' ``-c/--ctx-size``
+    (``option`` names it) all refuse, with InvalidConfigError, what llama.cpp would change: less than
+    MIN_CTX."""
+    check_count(option, value, MAX_UINT32)
+    if value is not None and value < MIN_CTX:
+        raise InvalidConfigError(f"{option} must be at least {MIN_CTX} tokens, not {value}: llama.cpp makes no "
+                                 f"smaller context (it rounds a context up to a multiple of {MIN_CTX}).")
 
 
 @dataclass(frozen=True)
@@ -138,8 +153,9 @@ def _arch_int(model: Model, key: str) -> int:
 def available_memory() -> int | None:
     """Bytes of memory this process could still get (MemAvailable and free swap, within a cgroup
     limit), or None where that cannot be read."""
-    try:
-        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in open("/proc/meminfo")
+    try:  # (read_text closes each file: no ResourceWarning)
+        lines = Path("/proc/meminfo").read_text().splitlines()
+        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in lines
                 if line.split()[1:2] and line.split()[1].isdigit()}
     except OSError:
         return None
@@ -147,8 +163,8 @@ def available_memory() -> int | None:
         return None
     available = info["MemAvailable"] + info.get("SwapFree", 0)
     try:
-        limit = open("/sys/fs/cgroup/memory.max").read().strip()
-        used = int(open("/sys/fs/cgroup/memory.current").read().strip())
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
         if limit.isdigit():
             available = min(available, int(limit) - used)
     except (OSError, ValueError):

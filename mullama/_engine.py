@@ -25,10 +25,10 @@ from ._channel import Channel
 from ._config import MAX_SEED, StreamConfig
 from ._context_params import (
     MAX_SEQUENCES,
-    MAX_UINT32,
     ContextSettings,
     adopt_context,
     check_count,
+    check_n_ctx,
     chunk_end,
     common_prefix,
     create_context,
@@ -118,7 +118,7 @@ class Engine(Owned):
                  flash_attn: bool | None = None) -> None:
         if not isinstance(model, Model):
             raise InvalidConfigError(f"Engine needs a mullama.Model, not {type(model).__name__}.")
-        check_count("n_ctx", n_ctx, MAX_UINT32)
+        check_n_ctx(n_ctx)
         check_count("parallel", parallel, MAX_SEQUENCES, allow_none=False)
         settings = ContextSettings(n_ctx=(n_ctx or default_n_ctx(model)) * parallel, n_batch=n_batch,
                                    n_threads=n_threads, n_seq_max=parallel, flash_attn=flash_attn)
@@ -386,6 +386,9 @@ class Engine(Owned):
     def _fail(self, slot: _Slot, error: BaseException) -> None:
         request = slot.request
         assert request is not None
+        # Raised in this thread, its traceback holds the engine's frames (and so the engine): kept in the
+        # request, it would keep the engine (and its thread) alive as long as the request's stream.
+        error = error.with_traceback(None)
         request._sequence.fail(error)
         self.stats["requests_failed"] += 1
         request.channel.fail(error)

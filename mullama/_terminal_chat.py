@@ -108,7 +108,7 @@ class TerminalChat:
     def __init__(self, model: Model, context: Context, config: StreamConfig, *, system: str | None = None,
                  console: Console | None = None, model_name: str = "") -> None:
         self.model, self.context, self.config = model, context, config
-        self.console = console or terminal_console()
+        self.console = console or Console(highlight=False)
         self.system = system
         self.messages: list[dict[str, Any]] = []
         self.model_name = model_name
@@ -357,8 +357,6 @@ class TerminalChat:
         """A new context of ``value`` tokens (the conversation is kept; its cache is rebuilt)."""
         try:
             n_ctx = int(value)
-            if n_ctx < 256:
-                raise ValueError("it must be at least 256")
             context = Context(self.model, n_ctx=n_ctx, n_threads=self.context.n_threads)
         except (ValueError, MullamaError) as exc:
             self._notice(f"cannot set num_ctx to {value}: {exc}", "red")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 
@@ -18,6 +20,24 @@ def test_bad_parameters(model, kwargs):
         mullama.Context(model, **kwargs)
     assert info.value.code == "INVALID_CONFIG"
     assert next(iter(kwargs)) in str(info.value)
+
+
+@pytest.mark.parametrize("n_ctx", [1, 10, 100, 255])
+def test_a_context_smaller_than_llama_cpp_makes_is_refused_as_the_cli_refuses_it(model, n_ctx):
+    """llama.cpp rounds a context up to a multiple of 256: Context, AsyncModel and -c/--ctx-size refuse
+    less with one rule and one message, instead of silently holding 256 tokens."""
+    with pytest.raises(mullama.InvalidConfigError) as info:
+        mullama.Context(model, n_ctx=n_ctx)
+    message = str(info.value)
+    assert info.value.code == "INVALID_CONFIG" and "n_ctx" in message and "at least 256" in message
+    with pytest.raises(mullama.InvalidConfigError, match="n_ctx must be at least 256"):
+        mullama.AsyncModel(model, n_ctx=n_ctx)
+    cli = subprocess.run([sys.executable, "-m", "mullama", "run", "-c", str(n_ctx), "hi"], capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert cli.returncode == 1
+    assert cli.stderr.strip() == f"mullama: error [INVALID_CONFIG]: {message.replace('n_ctx', '--ctx-size')}"
+    with mullama.Context(model, n_ctx=256, warmup=False) as ctx:
+        assert ctx.n_ctx == 256
 
 
 def test_bad_max_tokens(context):

@@ -148,7 +148,7 @@ def test_what_llama_cpp_accepts_still_loads(crafted, tokens):
     """Mirrored precisely: an empty token, a token with a NUL that collides with nothing, and a layer
     count llama.cpp never reads (vocab_only) are accepted, as llama.cpp accepts them."""
     path = crafted(replaced(tokens, i5=b"", i7=tokens[7] + b"\0zz"))
-    with mullama.Model.load(path) as model, mullama.Context(model, n_ctx=128) as context:
+    with mullama.Model.load(path) as model, mullama.Context(model, n_ctx=256) as context:
         assert context.generate("Hello", max_tokens=2).token_ids
     path = crafted({"llama.block_count": u32(0)})
     with mullama.Model.load(path, vocab_only=True) as model:
@@ -266,7 +266,7 @@ for index, offset, xor in plan:
     try:
         with mullama.Model.load(path) as model:
             model.tokenize("Hello, world"); model.metadata
-            with mullama.Context(model, n_ctx=64, n_batch=64) as context:
+            with mullama.Context(model, n_ctx=256, n_batch=64) as context:
                 context.generate("Hi", max_tokens=2)
         outcome = "loaded and generated"
     except mullama.MullamaError as error:

@@ -14,6 +14,7 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 
 import leaks
@@ -79,21 +80,48 @@ def test_300_dropped_contexts_keep_memory_flat(model_path):
     assert growth_mb < 50, samples  # one KV cache of 2048 tokens is ~45 MB on this model
 
 
-def test_dropped_async_model_stops_its_engine(model_path):
-    """No aclose(): the AsyncModel dropped, its engine thread ends and its context is freed."""
+async def last_stream(async_model: mullama.AsyncModel, ending: str) -> str:
+    """One more stream on ``async_model``, ending as ``ending`` says; the error code it raised, if any."""
+    try:
+        if ending == "finished":
+            [t async for t in async_model.generate_stream("Hi", max_tokens=3, temperature=0)]
+        elif ending == "timed out":  # the engine's thread fails the stream
+            [t async for t in async_model.generate_stream("Write a long story:", max_tokens=100000, ignore_eos=True,
+                                                          timeout_ms=200)]
+        elif ending == "generate timed out":  # through AsyncModel.generate, whose frame holds the model
+            await async_model.generate("Write a long story:", max_tokens=100000, ignore_eos=True, timeout_ms=200)
+        elif ending == "prompt too long":  # refused in the worker thread that submits it
+            [t async for t in async_model.generate_stream("word " * 3000, max_tokens=3)]
+        elif ending == "broken grammar":
+            [t async for t in async_model.generate_stream("Hi", max_tokens=3, grammar="root ::= (")]
+    except mullama.MullamaError as error:
+        return error.code
+    return "OK"
+
+
+@pytest.mark.parametrize("ending, code", [("finished", "OK"), ("timed out", "STREAM_TIMEOUT"),
+                                          ("generate timed out", "STREAM_TIMEOUT"),
+                                          ("prompt too long", "CONTEXT_OVERFLOW"),
+                                          ("broken grammar", "INVALID_CONFIG")])
+def test_dropped_async_model_stops_its_engine(model_path, ending, code):
+    """No aclose(): the AsyncModel dropped, its engine thread ends and its context is freed, with the GC off,
+    however its last stream ended (a failed stream's exception, raised through the caller's frames, ties
+    nothing to the model)."""
     async def scenario():
         async_model = await mullama.AsyncModel.load(model_path, n_ctx=512, parallel=2)
         tokens = [t async for t in async_model.generate_stream("Hi", max_tokens=3, temperature=0)]
-        engine_thread = async_model.engine._thread
-        return tokens, engine_thread
+        outcome = await last_stream(async_model, ending)
+        return tokens, outcome, async_model.engine._thread
 
-    with gc_off():
+    with gc_off(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         engines_before = freed("engine")
-        tokens, engine_thread = asyncio.run(scenario())
-        assert tokens
-        engine_thread.join(5)
+        tokens, outcome, engine_thread = asyncio.run(scenario())
+        assert tokens and outcome == code
+        engine_thread.join(60)  # generous: the thread ends at its next look at the engine (0.5 s idle)
         assert not engine_thread.is_alive()
         assert freed("engine") == engines_before + 1
+    assert not [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
 
 
 SCRIPT = textwrap.dedent("""
