@@ -218,6 +218,34 @@ def test_text_format_json_schema_and_json_object(client):
     assert anything.status == "completed" and isinstance(json.loads(anything.output_text), dict)
 
 
+def test_a_thought_is_a_reasoning_item(build, model_path):
+    """With a thinking template (DeepSeek-R1's opens the thought in the prompt) the thought is a
+    ``reasoning`` item with ``reasoning_text`` before the message, equal to the chat route's
+    reasoning_content; streamed, its deltas come as ``response.reasoning_text.delta``."""
+    template = template_path(build, "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja")
+    with mullama.Model.load(model_path, chat_template=template) as loaded, \
+            serving(loaded, settings=ServerSettings(model_name="m"), parallel=1, n_ctx=2048) as (server, _engine):
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+        question = "Why is the sky blue?"
+        reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": question}],
+                                               max_tokens=60, **GREEDY)
+        thought = reply.choices[0].message.model_extra["reasoning_content"]
+        assert thought
+        response = client.responses.create(model="m", input=question, max_output_tokens=60, **GREEDY)
+        assert response.output[0].type == "reasoning" and response.output[0].id.startswith("rs_")
+        assert response.output[0].content[0].type == "reasoning_text"
+        assert response.output[0].content[0].text == thought
+        assert response.output_text == (reply.choices[0].message.content or "")
+        assert response.usage is not None and 0 < response.usage.output_tokens_details.reasoning_tokens <= 60
+        events = list(client.responses.create(model="m", input=question, max_output_tokens=60, stream=True,
+                                              **GREEDY))
+        assert [event.sequence_number for event in events] == list(range(len(events)))
+        deltas = "".join(event.delta for event in events if event.type == "response.reasoning_text.delta")
+        (done,) = [event for event in events if event.type == "response.reasoning_text.done"]
+        assert deltas == done.text == thought
+        assert events[-1].response.output[0].content[0].text == thought
+
+
 # --- greedy parity with llama-server -------------------------------------------------------------
 PARITY = [("What is the capital of France?", None),
           ("Write a haiku about the sea.", "You are a poet."),

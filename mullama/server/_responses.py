@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from .._chat import normalize_messages
 from .._engine import EngineRequest
-from .._exceptions import MullamaError
+from .._exceptions import InvalidConfigError, MullamaError, TemplateError
 from .._sequence import Token
 from ._generation import start
 from ._http import endpoint, read_json, run_to_end, state
@@ -163,7 +163,10 @@ def _messages(body: dict) -> list[dict]:
         else:
             raise bad(f"{where}: unsupported input item type {kind!r} (message, function_call, "
                       "function_call_output, reasoning).", "input")
-    return normalize_messages(messages)  # the parts joined into plain strings, as every chat message has
+    try:
+        return normalize_messages(messages)  # the parts joined into plain strings, as every chat message has
+    except (TemplateError, InvalidConfigError) as exc:
+        raise bad(str(exc), "input") from None
 
 
 def _as_parts(content: Any) -> list[dict]:
@@ -382,7 +385,12 @@ async def responses(request: Request) -> Response:
     server = state(request)
     body = await read_json(request)
     parsed = to_chat_request(body, max_tokens_limit=server.settings.max_tokens_limit)
-    lease, (job,) = await start(request, parsed)
+    try:
+        lease, (job,) = await start(request, parsed)
+    except APIError as exc:  # a problem with the rendered conversation: the request's name for it is 'input'
+        if exc.param == "messages":
+            exc.param = "input"
+        raise
     response_id, created = _new_id("resp"), int(time.time())
     if parsed.stream:
         events = _events(job, response_id, created, lease.name, body, parsed, request)
