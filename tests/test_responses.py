@@ -88,6 +88,21 @@ def test_instructions_reach_the_prompt(client, model):
     assert plain.usage is not None and plain.usage.input_tokens != response.usage.input_tokens
 
 
+def test_input_tokens_counts_the_prompt(client):
+    """``responses.input_tokens.count`` gives the prompt tokens the same request is answered with."""
+    items = [{"role": "user", "content": "What is the weather in Paris?"},
+             {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+             {"type": "function_call_output", "call_id": "call_1", "output": "sunny"}]
+    counted = client.responses.input_tokens.count(model="m", instructions=INSTRUCTIONS, input=items,
+                                                  tools=[WEATHER_TOOL], truncation="auto")
+    answered = client.responses.create(model="m", instructions=INSTRUCTIONS, input=items, tools=[WEATHER_TOOL],
+                                       max_output_tokens=2)
+    assert counted.object == "response.input_tokens"
+    assert answered.usage is not None and counted.input_tokens == answered.usage.input_tokens > 20
+    with pytest.raises(openai.BadRequestError):
+        client.responses.input_tokens.count(model="m", input="Hi", previous_response_id="resp_1")
+
+
 def test_stream_events_in_the_sdks_order(client):
     """The SDK's stream helper accumulates the events: deltas join to the final text, which equals the
     non-streamed answer; every event is numbered in order, and the usage counts the same tokens."""

@@ -126,6 +126,7 @@ ROUTES = [
     Route("/v1/embeddings", _embeddings.embeddings, methods=["POST"]),
     Route("/v1/models", _openai.list_models, methods=["GET"]),
     Route("/v1/responses", _responses.responses, methods=["POST"]),
+    Route("/v1/responses/input_tokens", _responses.input_tokens, methods=["POST"]),
     Route("/v1/messages", _anthropic.messages, methods=["POST"]),
     Route("/v1/messages/count_tokens", _anthropic.count_tokens, methods=["POST"]),
     Route("/api/chat", _ollama.chat, methods=["POST"]),

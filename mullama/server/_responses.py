@@ -11,6 +11,7 @@ with a 400. Errors have OpenAI's shape.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import itertools
 import json
@@ -26,12 +27,12 @@ from .._chat import normalize_messages
 from .._engine import EngineRequest
 from .._exceptions import InvalidConfigError, MullamaError, TemplateError
 from .._sequence import Token
-from ._generation import start
+from ._generation import prompt_tokens, start
 from ._http import endpoint, read_json, run_to_end, state
 from ._openai import LLAMA_FIELDS, parse_request
 from ._request import APIError, ParsedRequest, ToolCallDeltas, bad, integer
 
-__all__ = ["ResponseOutput", "responses", "to_chat_request"]
+__all__ = ["ResponseOutput", "input_tokens", "responses", "to_chat_request", "to_count_request"]
 
 # Fields with a meaning here, and llama-server's extensions (which its /v1/responses passes on to chat).
 HONOURED = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "tools", "tool_choice",
@@ -378,7 +379,35 @@ def response_body(response_id: str, created: int, model: str, body: dict, parsed
     return response
 
 
-# --- the route ---------------------------------------------------------------------------------
+# The fields of a token count (``POST /v1/responses/input_tokens``): those that shape the prompt, and
+# those the SDK may send that do not change it here.
+COUNT_FIELDS = {"model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "text", *STATEFUL}
+COUNT_IGNORED = {"reasoning", "truncation", "personality"}
+
+
+def to_count_request(body: Any) -> ParsedRequest:
+    """A token-count request as the chat request whose prompt it counts."""
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object.")
+    unknown = sorted(set(body) - COUNT_FIELDS - COUNT_IGNORED)
+    if unknown:
+        raise bad(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0])
+    return to_chat_request({key: value for key, value in body.items() if key in COUNT_FIELDS},
+                           max_tokens_limit=1)
+
+
+# --- the routes --------------------------------------------------------------------------------
+@endpoint(APIError.body)
+async def input_tokens(request: Request) -> Response:
+    """``POST /v1/responses/input_tokens``: the tokens of the prompt a request would have (as
+    llama-server's route of that name)."""
+    server = state(request)
+    parsed = to_count_request(await read_json(request))
+    async with await server.pool.lease(parsed.model) as served:
+        tokens, _ = await asyncio.to_thread(prompt_tokens, served, parsed, server.settings)
+    return JSONResponse({"object": "response.input_tokens", "input_tokens": len(tokens)})
+
+
 @endpoint(APIError.body)
 async def responses(request: Request) -> Response:
     """``POST /v1/responses``: a whole response object, or its stream of typed events."""
