@@ -9,11 +9,12 @@ loop: the producer wakes it with ``call_soon_threadsafe`` only when it is waitin
 from __future__ import annotations
 
 import asyncio
-import copy
 import queue
 import threading
 from collections.abc import Callable
 from typing import Any
+
+from ._exceptions import detached
 
 __all__ = ["Channel"]
 
@@ -133,22 +134,10 @@ def _unpack(item: Any) -> Any:
     if item is _END:
         return None
     if isinstance(item, _Failure):
-        raise _fresh(item.error)
+        # A copy: the stored error, raised itself, would gather the consumer's frames (a stream, the
+        # AsyncModel a caller's frame holds) into a cycle with the channel that keeps it.
+        raise detached(item.error)
     return item
-
-
-def _fresh(error: BaseException) -> BaseException:
-    """A copy of ``error`` to raise in the consumer (the same type, message and attributes, no traceback).
-
-    A raised exception collects the frames it passes through in its traceback. Raised itself, the
-    stored error would tie the consumer's frames (a stream, an AsyncModel that a caller's frame
-    holds, hence its engine and thread) into a cycle with the channel and sequence that keep it:
-    freed only by the cyclic GC. The copy is held by the consumer alone.
-    """
-    try:
-        return copy.copy(error).with_traceback(None)
-    except Exception:  # noqa: BLE001 (an exception type that cannot be copied: raise the original)
-        return error
 
 
 def _wake(waiter: asyncio.Future) -> None:

@@ -25,6 +25,7 @@ from ._exceptions import (
     ContextOverflowError,
     InvalidConfigError,
     decode_error,
+    detached,
 )
 from ._model import Model
 from ._owned import Owned
@@ -229,7 +230,7 @@ class Context(Owned):
             sequence.cancel()
             raise
         except BaseException as exc:
-            sequence.fail(exc)
+            sequence.fail(detached(exc))  # the sequence keeps a copy: exc's traceback holds this frame
             raise
         finally:
             sequence.close()

@@ -42,6 +42,7 @@ from ._exceptions import (
     MullamaError,
     QueueFullError,
     decode_error,
+    detached,
 )
 from ._model import Model
 from ._owned import Owned
@@ -388,7 +389,7 @@ class Engine(Owned):
         assert request is not None
         # Raised in this thread, its traceback holds the engine's frames (and so the engine): kept in the
         # request, it would keep the engine (and its thread) alive as long as the request's stream.
-        error = error.with_traceback(None)
+        error = detached(error)
         request._sequence.fail(error)
         self.stats["requests_failed"] += 1
         request.channel.fail(error)

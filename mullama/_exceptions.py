@@ -21,6 +21,8 @@ Each message says what happened and what to do about it.
 
 from __future__ import annotations
 
+import copy
+
 __all__ = [
     "ClosedError",
     "ContextError",
@@ -38,6 +40,7 @@ __all__ = [
     "TemplateError",
     "TokenizeError",
     "decode_error",
+    "detached",
 ]
 
 
@@ -139,3 +142,19 @@ def decode_error(rc: int, *, n_ctx: int, processed: int = 0) -> MullamaError:
                               "this is a bug in mullama, please report it.")
     return StreamingError(f"llama_decode failed with code {rc}; enable logging for 'mullama.llama_cpp' "
                           "to see llama.cpp's reason.")
+
+
+def detached(error: BaseException) -> BaseException:
+    """A copy of ``error`` (its type, message and attributes) without a traceback: the one to keep, or
+    to hand to another thread.
+
+    A raised exception holds in its traceback every frame it passed through, and those frames hold
+    their objects (a Context, an engine, the AsyncModel in a caller's frame). Kept where those frames
+    can reach it (a stream's sequence, a channel), it makes a reference cycle that only the cyclic GC
+    frees, and the objects in it (an engine's thread) live on until then. The original is returned
+    for an exception type that cannot be copied.
+    """
+    try:
+        return copy.copy(error).with_traceback(None)
+    except Exception:  # noqa: BLE001 (copying runs the type's own code; any failure: keep the original)
+        return error

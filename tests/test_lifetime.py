@@ -64,6 +64,20 @@ def test_dropped_stream_and_context_free_everything(model_path):
         model.close()
 
 
+def test_a_context_whose_stream_failed_is_freed_at_once(model_path):
+    """The stream's error, raised through the Context's frames, is not kept with them: no cycle."""
+    with gc_off():
+        model = mullama.Model.load(model_path)
+        ctx = mullama.Context(model, n_ctx=512, warmup=False)
+        with pytest.raises(mullama.StreamTimeoutError):
+            for _ in ctx.generate_stream("Write a long story:", max_tokens=100000, ignore_eos=True, timeout_ms=100):
+                pass
+        before = freed("context")
+        del ctx
+        assert freed("context") == before + 1
+        model.close()
+
+
 def test_300_dropped_contexts_keep_memory_flat(model_path):
     """Each context holds a KV cache of some MB: were any kept alive, RSS would climb by GBs."""
     with gc_off():
