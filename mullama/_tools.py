@@ -274,12 +274,15 @@ class ToolCallParser:
         assert form is not None
         try:
             value = json.loads(text)
+        except ValueError:
+            return ""  # an unfinished call (cut by the token limit): nothing to run
+        try:
             items = value if form.array else [value]
             found = [(item["name"], item.get(form.arguments, {}), item.get("id")) for item in items]
             if not all(isinstance(item, dict) and form.arguments in item and set(item) <= {"name", form.arguments, "id"}
                        for item in items) or not all(isinstance(name, str) for name, _, _ in found):
                 raise TypeError
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (KeyError, TypeError, AttributeError):
             return text  # not calls after all: an answer in JSON
         for name, arguments, given_id in found:
             arguments_text = json.dumps(arguments, ensure_ascii=False)
@@ -320,7 +323,7 @@ def chat_prompt(model: Model, messages: list[dict], config: StreamConfig, *, too
                 chat_template_kwargs: dict | None, reasoning_format: str = "auto") -> tuple[str, StreamConfig]:
     """The prompt text for a chat turn and the StreamConfig to generate it with (tool calling set up
     when ``tools`` are given): one place for Context, AsyncModel and the server."""
-    from ._chat import load_template
+    from ._chat import load_template, normalize_messages
     from ._model import check_tools
     from ._reasoning import reasoning_for
 
@@ -345,7 +348,7 @@ def chat_prompt(model: Model, messages: list[dict], config: StreamConfig, *, too
     if calling is None and config.json_schema is not None:
         config = config.with_options(fenced_json=True)
     if calling is not None and calling.format is GENERIC:
-        messages = with_tools_described(messages, tools or [], forced=calling.forced)
+        messages = with_tools_described(normalize_messages(messages), tools or [], forced=calling.forced)
     prompt = model.apply_chat_template(messages, add_generation_prompt=True, template=template,
                                        tools=tools or None, **kwargs)
     reasoning = reasoning_for(template or "", prompt, reasoning_format)
@@ -355,8 +358,9 @@ def chat_prompt(model: Model, messages: list[dict], config: StreamConfig, *, too
 
 
 def with_tools_described(messages: list[dict], tools: list[dict], *, forced: bool) -> list[dict]:
-    """``messages`` for a template with no tools section: the tools described in the system message
-    (added when there is none), and earlier calls written as the JSON the model answers with."""
+    """``messages`` (normalised: contents are strings) for a template with no tools section: the tools
+    described in the system message (added when there is none), and earlier calls written as the JSON
+    the model answers with."""
     description = (GENERIC_FORCED if forced else GENERIC_AUTO).format(
         tools="\n".join(json.dumps(tool["function"], ensure_ascii=False) for tool in tools))
     messages = [_calls_as_text(message) for message in messages]
