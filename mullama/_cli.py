@@ -23,6 +23,8 @@ EXAMPLES = """examples:
   mullama run smollm2:135m "Hello" --json       the reply and its statistics as JSON
   echo "Summarise: ..." | mullama run           the prompt from standard input
   mullama run --raw "The capital of France is"  plain completion, no chat template
+  mullama run gemma3:270m "Once upon a time"    a base model (no chat template) completes the text as is
+  mullama run -- smollm is a small model        words after -- are the prompt, never a model name
   mullama run smollm2 -f notes.txt --temp 0     the prompt from a file, greedy
   cat notes.txt | mullama run "Summarise:"      the prompt, a blank line, then standard input
   mullama embed all-minilm:l6-v2 "a cat" "a dog"  one JSON line of embedding per text

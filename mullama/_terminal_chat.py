@@ -108,7 +108,7 @@ class TerminalChat:
     def __init__(self, model: Model, context: Context, config: StreamConfig, *, system: str | None = None,
                  console: Console | None = None, model_name: str = "") -> None:
         self.model, self.context, self.config = model, context, config
-        self.console = console or Console(highlight=False)
+        self.console = console or terminal_console()
         self.system = system
         self.messages: list[dict[str, Any]] = []
         self.model_name = model_name
