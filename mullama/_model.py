@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from . import _gguf, _library
 from ._devices import DeviceOptions
 from ._exceptions import ClosedError, ContextError, InvalidConfigError, ModelLoadError, TemplateError, TokenizeError
+from ._heap import give_back_memory
 from ._owned import Owned
 
 if TYPE_CHECKING:
@@ -159,6 +160,7 @@ class Model(Owned):
                 raise ContextError(f"{len(open_contexts)} context(s) still use this model; close them first.")
             super().close()
             self._pieces = {}  # so that _cached_piece misses, and token_to_piece raises ClosedError
+        give_back_memory()  # the weights' and their contexts' heap pages, kept by glibc otherwise
 
     def _register(self, context: Any) -> None:
         with self._lock:
