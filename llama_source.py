@@ -2,7 +2,9 @@
 
 Tried in order: ``--source DIR|ARCHIVE`` (or ``MULLAMA_LLAMA_CPP_SOURCE``), a tree
 downloaded before, the upstream GitHub archive of the pinned commit, and the PyPI sdist
-of llama-cpp-python that vendors exactly that tree (its sha256 is checked before use).
+of llama-cpp-python that vendors exactly that tree (its sha256 is checked before use),
+fetched from the index pip is configured with (``index-url``, then each ``extra-index-url``)
+over HTTP with the standard library: pip's isolated build environment has no pip to call.
 Each unusable source is reported in one line and the next is tried. Every source must
 carry the pinned ``llama.h`` (checked by sha256), because the generated cffi bindings
 describe exactly that header.
@@ -15,13 +17,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
-import subprocess
+import ssl
 import sys
 import tarfile
 import tempfile
+import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
+from html.parser import HTMLParser
 from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parent))  # after site-packages: an installed mullama wins
@@ -132,26 +138,146 @@ def _source_from_github(staging: Path) -> Path:
     return tree
 
 
+#: Where pip keeps its configuration, lowest priority first (site-wide, then per user, then the venv's).
+_PIP_CONFIG_FILES = (
+    Path("/etc/xdg/pip/pip.conf"),
+    Path("/etc/pip.conf"),
+    Path.home() / ".pip" / "pip.conf",
+    Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "pip" / "pip.conf",
+    Path(sys.prefix) / "pip.conf",
+)
+PYPI_SIMPLE = "https://pypi.org/simple"
+
+
+def pip_settings() -> dict[str, str]:
+    """pip's ``index-url``, ``extra-index-url`` and ``cert`` as pip would see them, without pip.
+
+    Read from pip's configuration files (``[global]``, then ``[download]``; ``PIP_CONFIG_FILE``
+    last) and the ``PIP_INDEX_URL`` / ``PIP_EXTRA_INDEX_URL`` / ``PIP_CERT`` variables, which win.
+    """
+    import configparser
+
+    files = list(_PIP_CONFIG_FILES)
+    if os.environ.get("PIP_CONFIG_FILE"):
+        files.append(Path(os.environ["PIP_CONFIG_FILE"]))
+    settings: dict[str, str] = {}
+    for path in files:
+        parser = configparser.RawConfigParser()
+        try:
+            parser.read(path)
+        except (OSError, configparser.Error):
+            continue  # pip would complain; the index is all we need, so carry on with the defaults
+        for section in ("global", "download"):
+            if parser.has_section(section):
+                for key in ("index-url", "extra-index-url", "cert"):
+                    if parser.has_option(section, key):
+                        settings[key] = parser.get(section, key)
+    for key in ("index-url", "extra-index-url", "cert"):
+        value = os.environ.get("PIP_" + key.upper().replace("-", "_"))
+        if value:
+            settings[key] = value
+    return settings
+
+
+def package_indexes() -> list[str]:
+    """The simple indexes pip would search, in order: its index-url (PyPI by default), then each extra one."""
+    settings = pip_settings()
+    indexes = [settings.get("index-url", "").strip() or PYPI_SIMPLE, *settings.get("extra-index-url", "").split()]
+    return list(dict.fromkeys(url.rstrip("/") for url in indexes if url))
+
+
+class _Links(HTMLParser):
+    """The ``href`` of every ``<a>`` on a simple-index page (PEP 503)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hrefs: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        href = dict(attrs).get("href")
+        if tag == "a" and href:
+            self.hrefs.append(href)
+
+
+def _local_path(url: str) -> Path:
+    """The path a ``file:`` URL names."""
+    return Path(urllib.request.url2pathname(urllib.parse.urlsplit(url).path))
+
+
+def _open(url: str, cafile: str | None, timeout: float = 60):
+    """Open ``url`` (http(s) or file; a ``file:`` directory is read through its ``index.html``)."""
+    if url.startswith("file:"):
+        path = _local_path(url)
+        if path.is_dir():
+            url = (path / "index.html").as_uri()
+        return urllib.request.urlopen(url, timeout=timeout)
+    context = ssl.create_default_context(cafile=cafile) if cafile else None
+    request = urllib.request.Request(url, headers={"Accept": "text/html", "User-Agent": "mullama-build"})
+    return urllib.request.urlopen(request, timeout=timeout, context=context)
+
+
+def _sdist_url(index: str, cafile: str | None) -> str | None:
+    """The URL of the pinned sdist on one simple index, or None when that index does not list it."""
+    project, version = SDIST_REQUIREMENT.split("==")
+    page_url = f"{index}/{re.sub(r'[-_.]+', '-', project).lower()}/"
+    if page_url.startswith("file:") and not _local_path(page_url).exists():
+        return None  # a local index without the project
+    try:
+        with _open(page_url, cafile) as response:
+            page = response.read().decode("utf-8", errors="replace")
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return None
+        raise
+    links = _Links()
+    links.feed(page)
+    wanted = {f"{name}-{version}.tar.gz" for name in (project, project.replace("-", "_"))}
+    for href in links.hrefs:
+        url = urllib.parse.urljoin(page_url, href)
+        if urllib.parse.unquote(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1]) in wanted:
+            return url.split("#", 1)[0]
+    return None
+
+
+def download_sdist(into: Path) -> Path:
+    """Download the pinned sdist into ``into`` from the first index pip would use that lists it.
+
+    Standard library only: inside pip's isolated build environment there is no pip to call.
+    The archive's sha256 is checked here; a wrong one is refused (and the file removed).
+    """
+    settings = pip_settings()
+    cafile = settings.get("cert") or None
+    unreachable: list[str] = []
+    for index in package_indexes():
+        try:
+            url = _sdist_url(index, cafile)
+        except (OSError, ValueError) as exc:  # an index that cannot be reached: try the next one
+            unreachable.append(f"{index} ({type(exc).__name__}: {exc})")
+            continue
+        if url is None:
+            continue
+        into.mkdir(parents=True, exist_ok=True)
+        archive = into / urllib.parse.unquote(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1])
+        with _open(url, cafile, timeout=120) as response, open(archive, "wb") as out:
+            shutil.copyfileobj(response, out, 1 << 20)
+        actual = sha256_file(archive)
+        if actual != SDIST_SHA256:
+            archive.unlink()
+            raise BuildError(f"{archive.name} has sha256 {actual}, expected {SDIST_SHA256}; refusing to build it.")
+        return archive
+    where = "; ".join(unreachable) if unreachable else ", ".join(package_indexes())
+    raise BuildError(f"{SDIST_REQUIREMENT} not found on the package index ({where})")
+
+
 def _source_from_sdist(staging: Path) -> Path:
     download_dir = staging / "download"
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "--disable-pip-version-check", "-q", "-d", str(download_dir), SDIST_REQUIREMENT]
-    proc = subprocess.run(command, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
-        raise BuildError(f"pip download {SDIST_REQUIREMENT} failed: {last}")
-    archives = list(download_dir.glob("*.tar.gz"))
-    if len(archives) != 1:
-        raise BuildError(f"pip download {SDIST_REQUIREMENT} gave no single sdist")
-    actual = sha256_file(archives[0])
-    if actual != SDIST_SHA256:
-        raise BuildError(f"{archives[0].name} has sha256 {actual}, expected {SDIST_SHA256}; refusing to build it.")
-    _extract(archives[0], staging / "sdist", member_filter=f"/{SDIST_SUBDIR}/")
+    archive = download_sdist(download_dir)
+    _extract(archive, staging / "sdist", member_filter=f"/{SDIST_SUBDIR}/")
     shutil.rmtree(download_dir)
     tree = _find_tree(staging / "sdist")
     if tree is None:
-        raise BuildError(f"{archives[0].name} holds no {SDIST_SUBDIR}")
-    _check_header(tree, archives[0].name)
+        raise BuildError(f"{archive.name} holds no {SDIST_SUBDIR}")
+    _check_header(tree, archive.name)
     return tree
 
 

@@ -10,6 +10,8 @@ import tarfile
 import time
 from pathlib import Path
 
+import pytest
+
 import build_llama
 import llama_source
 
@@ -130,3 +132,90 @@ def test_backend_shortcuts_and_rpc_are_cmake_options_and_tools():
 def test_the_build_has_the_rpc_backend_and_server(build):
     assert build.tool(build_llama.RPC_SERVER).is_file()
     assert any(path.name.startswith("libggml-rpc") for path in build.core_libraries())
+
+
+# --- the sdist fallback without pip (pip's isolated build environment has none) -------------------
+FETCH_SDIST = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {repo!r})
+try:
+    import pip  # noqa: F401
+except ImportError:
+    pass
+else:
+    raise SystemExit("this interpreter has pip")
+import llama_source
+staging = Path(sys.argv[1])
+try:
+    tree = llama_source._source_from_sdist(staging)
+except llama_source.BuildError as exc:
+    print("BuildError:", exc)
+    raise SystemExit(3)
+print(tree)
+"""
+
+
+@pytest.fixture(scope="module")
+def python_without_pip(tmp_path_factory) -> Path:
+    """An interpreter with no pip, like the one of pip's isolated build environment."""
+    venv = tmp_path_factory.mktemp("nopip") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    return venv / "bin" / "python"
+
+
+def fetch_sdist(python: Path, staging: Path, env_extra: dict) -> subprocess.CompletedProcess:
+    """Run llama_source's sdist fallback in ``python`` (a fresh MULLAMA_HOME, so nothing cached is used)."""
+    script = staging.parent / "fetch_sdist.py"
+    script.write_text(FETCH_SDIST.format(repo=str(REPO)))
+    staging.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, MULLAMA_HOME=str(staging.parent / "home"), **env_extra)
+    env.pop("PYTHONPATH", None)
+    return subprocess.run([str(python), str(script), str(staging)], capture_output=True, text=True, env=env,
+                          timeout=900, check=False)
+
+
+@pytest.mark.slow
+def test_the_sdist_is_fetched_from_the_configured_index_without_pip(python_without_pip, tmp_path):
+    """The pinned sdist (~50 MB) comes from the index pip is configured with, by an interpreter with no pip."""
+    result = fetch_sdist(python_without_pip, tmp_path / "staging", {})
+    assert result.returncode == 0, result.stdout + result.stderr
+    tree = Path(result.stdout.strip().splitlines()[-1])
+    assert build_llama.sha256_file(tree / "include" / "llama.h") == llama_source.LLAMA_H_SHA256
+    assert (tree / "ggml" / "include" / "ggml.h").is_file()
+    assert not (tmp_path / "staging" / "download").exists()  # the archive is not kept
+
+
+def test_an_sdist_with_a_wrong_checksum_is_refused_in_one_line(python_without_pip, tmp_path):
+    """A local simple index (PIP_INDEX_URL, as pip reads it) serving a different archive: refused, removed."""
+    project = tmp_path / "index" / "llama-cpp-python"
+    project.mkdir(parents=True)
+    name = "llama_cpp_python-0.3.36.tar.gz"
+    payload = tmp_path / "payload" / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp" / "include"
+    payload.mkdir(parents=True)
+    (payload / "llama.h").write_text("// not the pinned header\n")
+    with tarfile.open(project / name, "w:gz") as tar:
+        tar.add(tmp_path / "payload" / "llama_cpp_python-0.3.36", arcname="llama_cpp_python-0.3.36")
+    (project / "index.html").write_text(f'<html><body><a href="{name}#sha256=0">{name}</a></body></html>')
+    staging = tmp_path / "staging"
+    result = fetch_sdist(python_without_pip, staging, {"PIP_INDEX_URL": (tmp_path / "index").as_uri()})
+    assert result.returncode == 3, result.stdout + result.stderr
+    error = result.stdout.strip()
+    assert error.count("\n") == 0
+    assert f"{name} has sha256 " in error and f"expected {llama_source.SDIST_SHA256}; refusing to build it." in error
+    assert not list(staging.rglob("*.tar.gz"))  # nothing unverified is left behind
+
+
+def test_pip_settings_follow_pips_configuration_and_environment(tmp_path, monkeypatch):
+    """index-url and extra-index-url from a pip config file, the environment winning; PyPI by default."""
+    config = tmp_path / "pip.conf"
+    config.write_text("[global]\nindex-url = https://mirror.example/simple/\n"
+                      "extra-index-url = file:///a/simple\n    file:///b/simple\n")
+    monkeypatch.setenv("PIP_CONFIG_FILE", str(config))
+    monkeypatch.delenv("PIP_INDEX_URL", raising=False)
+    monkeypatch.delenv("PIP_EXTRA_INDEX_URL", raising=False)
+    assert llama_source.package_indexes() == ["https://mirror.example/simple", "file:///a/simple",
+                                              "file:///b/simple"]
+    monkeypatch.setenv("PIP_INDEX_URL", "https://other.example/simple")
+    monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "file:///c/simple")
+    assert llama_source.package_indexes() == ["https://other.example/simple", "file:///c/simple"]
