@@ -157,6 +157,21 @@ async def read_json(request: Request) -> Any:
     return parse_json(body)
 
 
+# Starlette's JSONResponse encoding, in the pure-Python encoder's pieces (see json_answer).
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+async def json_answer(build: Callable[[], Any], status: int = 200) -> Response:
+    """The JSON answer ``build()`` returns, built and encoded in a worker thread, in pieces: a large one
+    (logprobs of many tokens and choices, thousands of embeddings) never holds up the event loop —
+    json's C encoder would hold the GIL for the whole text; its pure-Python one, which
+    ``iterencode`` uses, lets the loop run between pieces."""
+    def work() -> bytes:
+        return "".join(_ENCODER.iterencode(build())).encode("utf-8")
+
+    return Response(await asyncio.to_thread(work), status_code=status, media_type="application/json")
+
+
 async def read_object(request: Request) -> dict:
     """The request's JSON body, which must be an object."""
     body = await read_json(request)

@@ -24,7 +24,7 @@ from .._engine import EngineRequest
 from .._exceptions import InvalidConfigError, MullamaError
 from .._sequence import Token
 from ._generation import start
-from ._http import endpoint, merged, read_json, requested_model, run_to_end, state
+from ._http import endpoint, json_answer, merged, read_json, requested_model, run_to_end, state
 from ._request import APIError, ParsedRequest, ToolCallDeltas, bad, error_body, integer, number
 
 __all__ = ["LLAMA_FIELDS", "chat_completions", "chunk", "completion_body", "completions", "list_models",
@@ -366,16 +366,25 @@ async def _generate(request: Request, kind: str) -> Response:
     async with lease as served:
         assert served.model is not None
         piece = served.model._cached_piece
-        choices = await run_to_end(request, jobs, asyncio.gather(*(_collect(job, kind, piece) for job in jobs)))
+        generated = await run_to_end(request, jobs, asyncio.gather(*(_collect(job) for job in jobs)))
     completion_tokens = sum(job.completion_tokens for job in jobs)
     server.finished(request.scope, completion_tokens)
-    return JSONResponse(completion_body(kind, request_id, lease.name, choices, n_prompt, completion_tokens))
+
+    def answer() -> dict:  # in a worker thread: n choices with logprobs can be megabytes
+        choices = [_choice(job, tokens, kind, piece) for job, tokens in zip(jobs, generated)]
+        return completion_body(kind, request_id, lease.name, choices, n_prompt, completion_tokens)
+
+    return await json_answer(answer)
 
 
-async def _collect(job: EngineRequest, kind: str, piece: Piece) -> Choice:
+async def _collect(job: EngineRequest) -> list[Token]:
     tokens = []
     while (token := await job.next_token()) is not None:
         tokens.append(token)
+    return tokens
+
+
+def _choice(job: EngineRequest, tokens: list[Token], kind: str, piece: Piece) -> Choice:
     calls = [call.to_openai() for call in job.tool_calls] or None
     return Choice(job.text, job.finish_reason or "stop", logprobs_body(kind, tokens, piece), calls,
                   job.reasoning or None)
