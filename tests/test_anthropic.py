@@ -125,3 +125,65 @@ def test_the_sdk_raises_its_own_error_types(clients):
     with pytest.raises(anthropic.BadRequestError) as caught:
         claude.messages.create(model="m", max_tokens=8, messages=[])
     assert "messages" in json.dumps(caught.value.body)
+
+
+@pytest.mark.parametrize("thinking, max_tokens, needle", [
+    ({"type": "enabled", "budget_tokens": -5}, 2048, "budget_tokens"),
+    ({"type": "enabled", "budget_tokens": "lots"}, 2048, "budget_tokens"),
+    ({"type": "enabled", "budget_tokens": 1024.5}, 2048, "budget_tokens"),
+    ({"type": "enabled"}, 2048, "budget_tokens"),
+    ({"type": "enabled", "budget_tokens": 512}, 2048, "1024"),  # Anthropic's least budget
+    ({"type": "enabled", "budget_tokens": 2048}, 2048, "max_tokens"),  # must stay below max_tokens
+    ({"type": "pondering"}, 16, "thinking"),
+    ({"budget_tokens": 2048}, 16, "thinking"),
+    ({"type": "adaptive", "display": "loud"}, 16, "display"),
+])
+def test_a_bad_thinking_setting_is_refused_as_anthropic_refuses_it(clients, thinking, max_tokens, needle):
+    claude, _ = clients
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        claude.messages.create(model="m", max_tokens=max_tokens, thinking=thinking,
+                               messages=[{"role": "user", "content": "Hi"}])
+    assert caught.value.status_code == 400
+    assert caught.value.body["type"] == "error" and caught.value.body["error"]["type"] == "invalid_request_error"
+    assert needle in caught.value.body["error"]["message"]
+
+
+def test_a_text_thinking_setting_is_refused(served):
+    """Not an object at all (the SDK's types would not let it through): raw HTTP."""
+    for thinking in ("yes", 4096, ["enabled"]):
+        response = httpx.post(f"{served.url}/v1/messages", timeout=60, json={
+            "model": "m", "max_tokens": 16, "thinking": thinking, "messages": [{"role": "user", "content": "Hi"}]})
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_valid_thinking_settings_are_accepted_and_change_nothing(clients):
+    """A local model thinks as its chat template says: the setting is checked, then has no effect."""
+    claude, _ = clients
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    plain = claude.messages.create(model="m", max_tokens=16, extra_body=GREEDY, system="Answer in one word.",
+                                   messages=messages)
+    assert plain.stop_reason == "end_turn"  # a short answer: the 1025 max_tokens below are not all spent
+    for thinking in ({"type": "disabled"}, {"type": "adaptive"}, {"type": "adaptive", "display": "omitted"},
+                     {"type": "between_tools"}):
+        reply = claude.messages.create(model="m", max_tokens=16, extra_body=GREEDY, thinking=thinking,
+                                       system="Answer in one word.", messages=messages)
+        assert reply.content[0].text == plain.content[0].text
+    enabled = claude.messages.create(model="m", max_tokens=1025, extra_body=GREEDY, system="Answer in one word.",
+                                     messages=messages, thinking={"type": "enabled", "budget_tokens": 1024})
+    assert enabled.content[0].text == plain.content[0].text
+
+
+@pytest.mark.parametrize("tool_input", ["{\"city\": \"Paris\"}", None, ["Paris"], 5])
+def test_a_tool_use_input_that_is_not_an_object_is_refused(clients, tool_input):
+    claude, _ = clients
+    block = {"type": "tool_use", "id": "toolu_1", "name": "get_weather"}
+    if tool_input is not None:
+        block["input"] = tool_input
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        claude.messages.create(model="m", max_tokens=16, messages=[
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": [block]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"}]}])
+    assert caught.value.body["error"]["type"] == "invalid_request_error"
+    assert "messages.1.content.0.tool_use.input" in caught.value.body["error"]["message"]

@@ -78,8 +78,11 @@ def _messages(body: dict) -> list[dict]:
             if kind == "text" and isinstance(block.get("text"), str):
                 texts.append(block["text"])
             elif kind == "tool_use" and role == "assistant" and isinstance(block.get("name"), str):
+                if not isinstance(block.get("input"), dict):
+                    raise bad(f"{where}.content.{number}.tool_use.input: an object is required "
+                              f"(the tool's arguments), not {type(block.get('input')).__name__}.")
                 calls.append({"id": str(block.get("id") or ""), "type": "function", "function": {
-                    "name": block["name"], "arguments": json.dumps(block.get("input") or {}, ensure_ascii=False)}})
+                    "name": block["name"], "arguments": json.dumps(block["input"], ensure_ascii=False)}})
             elif kind == "tool_result" and role == "user" and isinstance(block.get("tool_use_id"), str):
                 value = block.get("content", "")
                 results.append({"role": "tool", "tool_call_id": block["tool_use_id"],
@@ -94,6 +97,32 @@ def _messages(body: dict) -> list[dict]:
                 entry["tool_calls"] = calls
             result.append(entry)
     return result
+
+
+THINKING_TYPES = ("enabled", "disabled", "adaptive", "between_tools")
+MIN_THINKING_BUDGET = 1024  # Anthropic's least budget_tokens
+
+
+def _check_thinking(thinking: Any, max_tokens: int) -> None:
+    """Refuse a ``thinking`` setting Anthropic refuses (it is otherwise ignored: the chat template
+    decides whether a local model thinks): an object of a known ``type``; ``enabled`` needs an
+    integer ``budget_tokens`` of at least 1024 and below ``max_tokens``."""
+    if thinking is None:
+        return
+    if not isinstance(thinking, dict) or thinking.get("type") not in THINKING_TYPES:
+        raise bad("thinking: must be an object whose type is one of " + ", ".join(map(repr, THINKING_TYPES)) + ".")
+    display = thinking.get("display")
+    if display is not None and display not in ("summarized", "omitted"):
+        raise bad("thinking.display: must be 'summarized' or 'omitted'.")
+    if thinking["type"] != "enabled":
+        return
+    budget = thinking.get("budget_tokens")
+    if isinstance(budget, bool) or not isinstance(budget, int):
+        raise bad("thinking.enabled.budget_tokens: an integer is required.")
+    if budget < MIN_THINKING_BUDGET:
+        raise bad(f"thinking.enabled.budget_tokens: Input should be greater than or equal to {MIN_THINKING_BUDGET}")
+    if max_tokens <= budget:
+        raise bad("`max_tokens` must be greater than `thinking.budget_tokens`.")
 
 
 def _tools(body: dict) -> tuple[list[dict] | None, Any, bool]:
@@ -132,6 +161,7 @@ def parse_request(body: Any, *, max_tokens_limit: int) -> ParsedRequest:
     max_tokens = body.get("max_tokens")
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= max_tokens_limit:
         raise bad(f"max_tokens: an integer from 1 to {max_tokens_limit} is required.")
+    _check_thinking(body.get("thinking"), max_tokens)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise bad("stream must be true or false.")
