@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import httpx
 import ollama  # the test extra installs it: a missing package fails, never skips
@@ -260,3 +261,66 @@ def test_langchain_chat_ollama_bind_tools_describes_the_tools(served):
         assert call["name"] == "get_weather" and isinstance(call["args"], dict)
     assert plain.usage_metadata["input_tokens"] == plain.response_metadata["prompt_eval_count"] > 0
     assert with_tools.usage_metadata["input_tokens"] > plain.usage_metadata["input_tokens"]
+
+
+LONG_TEXT = "The cat sat on the mat and looked at the dog. " * 120  # well over the 512-token embedding batch
+
+
+def test_embed_truncates_a_long_input_unless_told_not_to(clients, served, model):
+    """ollama's ``truncate`` (default true): the input's beginning is embedded; false: a 400."""
+    client, _ = clients
+    tokens = model.tokenize(LONG_TEXT, add_special=True, parse_special=True)
+    assert len(tokens) > 512
+    expected = model.embed([LONG_TEXT], truncate=True)[0]
+    for truncate in (None, True):
+        embedded = client.embed(model="m", input=LONG_TEXT, truncate=truncate)
+        assert max(abs(a - b) for a, b in zip(embedded.embeddings[0], expected)) < 1e-6
+        assert embedded.prompt_eval_count == 512  # what was embedded
+    with pytest.raises(ollama.ResponseError) as caught:
+        client.embed(model="m", input=["a cat", LONG_TEXT], truncate=False)
+    assert caught.value.status_code == 400 and "input item 1" in caught.value.error
+    refused = httpx.post(f"{served.url}/api/embed", json={"model": "m", "input": "a cat", "truncate": "yes"},
+                         timeout=60)
+    assert refused.status_code == 400 and "truncate" in refused.json()["error"]
+
+
+def test_embed_dimensions_shorten_and_renormalise_each_vector(clients, served, model):
+    """ollama's ``dimensions``: each vector cut to its first N values and scaled to unit length again."""
+    client, _ = clients
+    full = client.embed(model="m", input=["a cat", "a dog"]).embeddings
+    short = client.embed(model="m", input=["a cat", "a dog"], dimensions=16).embeddings
+    for whole, cut in zip(full, short):
+        assert len(cut) == 16
+        scale = sum(x * x for x in whole[:16]) ** 0.5
+        assert max(abs(a - b / scale) for a, b in zip(cut, whole[:16])) < 1e-6
+        assert abs(sum(x * x for x in cut) - 1) < 1e-6
+    unchanged = client.embed(model="m", input="a cat", dimensions=model.n_embd + 10).embeddings[0]
+    assert unchanged == full[0]  # no longer than asked: left as it is, as ollama does
+    for dimensions in (0, -3, "16", 1.5):
+        refused = httpx.post(f"{served.url}/api/embed", json={"model": "m", "input": "a cat",
+                                                              "dimensions": dimensions}, timeout=60)
+        assert refused.status_code == 400 and "dimensions" in refused.json()["error"]
+
+
+def test_embed_keep_alive_is_checked(served):
+    refused = httpx.post(f"{served.url}/api/embed", json={"model": "m", "input": "a cat", "keep_alive": "soon"},
+                         timeout=60)
+    assert refused.status_code == 400 and "keep_alive" in refused.json()["error"]
+
+
+def test_embed_keep_alive_keeps_or_unloads_the_model():
+    """On a server that loads models on demand: -1 keeps the model for ever, 0 unloads it after the request."""
+    server = MullamaServer(None, parallel=1, ctx_size=1024, extra=("--models", "smollm2"))
+    try:
+        client = ollama.Client(host=server.url)
+        client.embed(model="smollm2", input="a cat", keep_alive=-1)
+        (entry,) = client.ps().models
+        assert entry.model == "smollm2:135m" and entry.expires_at.year == 2999  # negative: for ever
+        assert client.embed(model="smollm2", input="a cat", keep_alive=0).embeddings
+        for _ in range(600):  # 0: unloaded once the request ends (the pool's idle check runs next)
+            if not client.ps().models:
+                break
+            time.sleep(0.05)
+        assert client.ps().models == []
+    finally:
+        server.close()

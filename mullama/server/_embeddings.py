@@ -14,10 +14,11 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from .._embed import DEFAULT_BATCH_SIZE
 from .._exceptions import ContextOverflowError, InvalidConfigError, MullamaError, TokenizeError
 from .._model import Model
 from ._http import MAX_EMBEDDING_INPUTS, ServerSettings, endpoint, read_json, requested_model, state
-from ._pool import Served
+from ._pool import _UNSET, Served
 from ._request import APIError, bad, generation_error, integer
 
 __all__ = ["EmbeddingRequest", "embed", "embedding_body", "embeddings", "parse_embedding_request"]
@@ -35,6 +36,7 @@ class EmbeddingRequest:
     dimensions: int | None
     model: str | None = None
     normalize: bool = True  # unit vectors; ollama's legacy /api/embeddings answers the raw ones
+    truncate: bool = False  # cut an input longer than the embedding batch to its beginning (ollama's default)
 
 
 def _is_token_list(value: Any) -> bool:
@@ -109,8 +111,9 @@ def embed(served: Served, parsed: EmbeddingRequest, settings: ServerSettings) ->
             token_lists = parsed.token_lists or []
             _check_token_lists(model, token_lists)
         vectors = model.embed(token_lists, pooling=settings.pooling, batch_size=settings.embedding_batch,
-                              normalize=parsed.normalize)
-        return vectors, sum(map(len, token_lists))
+                              normalize=parsed.normalize, truncate=parsed.truncate)
+        longest = settings.embedding_batch or DEFAULT_BATCH_SIZE  # what a truncated input keeps
+        return vectors, sum(min(len(tokens), longest) for tokens in token_lists)
     except ContextOverflowError as exc:
         raise APIError(400, str(exc).replace("text ", "input item ", 1), param="input",
                        code="context_length_exceeded") from None
@@ -135,10 +138,12 @@ def _check_token_lists(model: Model, token_lists: list[list[int]]) -> None:
                                 "check_embedding_ctx_length=False).", param="input") from None
 
 
-async def embed_request(request: Request, parsed: EmbeddingRequest) -> tuple[str, list[list[float]], int]:
-    """Lease the model the request names and embed its input: (model name, vectors, tokens)."""
+async def embed_request(request: Request, parsed: EmbeddingRequest, *, keep_alive: float | None = _UNSET
+                        ) -> tuple[str, list[list[float]], int]:
+    """Lease the model the request names and embed its input: (model name, vectors, tokens).
+    ``keep_alive`` (ollama's, parsed) replaces the model's own from then on."""
     server = state(request)
-    async with await server.pool.lease(parsed.model) as served:
+    async with await server.pool.lease(parsed.model, keep_alive=keep_alive) as served:
         vectors, n_tokens = await asyncio.to_thread(embed, served, parsed, server.settings)
     return served.spec.name, vectors, n_tokens
 

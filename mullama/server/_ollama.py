@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import math
 import time
 from collections.abc import AsyncGenerator
 from pathlib import Path
@@ -28,10 +29,10 @@ from ._embeddings import embed_request, parse_embedding_request
 from ._generation import start
 from ._http import drain, endpoint, read_object, requested_model, run_to_end, state
 from ._pool import ModelSpec, Served, parse_keep_alive
-from ._request import APIError, ParsedRequest, bad
+from ._request import APIError, ParsedRequest, bad, integer
 
 __all__ = ["chat", "chat_line", "copy", "delete", "done_line", "embed", "embeddings", "error_body", "generate",
-           "parse_chat", "parse_generate", "ps", "pull", "show", "tags", "timestamp", "version"]
+           "parse_chat", "parse_generate", "ps", "pull", "shorten", "show", "tags", "timestamp", "version"]
 
 VERSION = "0.13.0"  # the ollama API version whose shapes these are
 # ollama option -> StreamConfig field (options not listed, such as num_ctx or num_thread, are server settings)
@@ -229,14 +230,43 @@ async def _lines(job: EngineRequest, kind: str, name: str, started: float, reque
     yield json.dumps(done_line(kind, name, job, started, "", job.tool_calls), ensure_ascii=False) + "\n"
 
 
+def shorten(vectors: list[list[float]], dimensions: int | None) -> list[list[float]]:
+    """ollama's ``dimensions``: each (unit) vector cut to its first ``dimensions`` values and scaled back
+    to unit length; a vector no longer than that is left as it is."""
+    if dimensions is None:
+        return vectors
+    shortened = []
+    for vector in vectors:
+        if dimensions < len(vector):
+            vector = vector[:dimensions]
+            norm = math.sqrt(sum(x * x for x in vector))
+            vector = [x / norm for x in vector] if norm > 0 else vector
+        shortened.append(vector)
+    return shortened
+
+
 @endpoint(error_body)
 async def embed(request: Request) -> Response:
+    """ollama's ``/api/embed``: unit vectors of ``input``; ``truncate`` (default true) cuts an input longer
+    than the embedding batch to its beginning (false: a 400), ``dimensions`` shortens each vector
+    (renormalised), ``keep_alive`` as for generation."""
     server = state(request)
     started = time.perf_counter()
     body = await read_object(request)
     parsed = parse_embedding_request({"input": body.get("input"), "model": body.get("model")},
                                      max_inputs=server.settings.max_embedding_inputs)
-    name, vectors, n_tokens = await embed_request(request, parsed)
+    truncate = body.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise bad("truncate must be true or false.", "truncate")
+    parsed.truncate = truncate
+    dimensions = integer(body, "dimensions", 1)
+    try:
+        keep_alive = parse_keep_alive(body.get("keep_alive"))
+    except InvalidConfigError as exc:
+        raise bad(str(exc), "keep_alive") from None
+    name, vectors, n_tokens = await embed_request(request, parsed, keep_alive=keep_alive)
+    if dimensions is not None:
+        vectors = await asyncio.to_thread(shorten, vectors, dimensions)
     return JSONResponse({"model": parsed.model or name, "embeddings": vectors,
                          "total_duration": int((time.perf_counter() - started) * 1e9), "load_duration": 0,
                          "prompt_eval_count": n_tokens})
