@@ -33,6 +33,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from ._exceptions import InvalidConfigError
+from ._gbnf_check import MAX_ALTERNATIVES, MAX_REPETITION
 
 __all__ = ["grammar", "json_object_grammar", "json_schema_rules", "json_schema_to_grammar"]
 
@@ -78,6 +79,9 @@ _LITERAL_ESCAPES = {"\r": "\\r", "\n": "\\n", '"': '\\"', "\\": "\\\\"}
 _NON_LITERAL = frozenset("|.()[]{}*+?^$")
 _ESCAPED_IN_REGEXPS_BUT_NOT_IN_LITERALS = frozenset("^$.[](){}|*+?")
 MAX_PATTERN_DEPTH = 100
+#: The grammar-size budget of one schema: enum values, anyOf/oneOf alternatives and properties in total
+#: (20,000 enum strings decode for minutes; the largest schema of the corpus has a few dozen).
+MAX_SCHEMA_ITEMS = MAX_ALTERNATIVES
 _SHORTHANDS = {"d": "0-9", "w": "a-zA-Z0-9_"}  # safe inside a JSON string as they are
 
 # ---------------------------------------------------------------------------------------------
@@ -268,6 +272,15 @@ class _Reader:
         self.pending: list[_Ref] = []
         self.type_checks: list[tuple[_Node, set[str], str]] = []
         self.all_ofs: list[_AllOf] = []
+        self.items = 0  # enum values, alternatives and properties read so far: see _spend
+
+    def _spend(self, count: int, path: str, what: str) -> None:
+        """Count ``count`` more items against the grammar-size budget (:data:`MAX_SCHEMA_ITEMS`)."""
+        self.items += count
+        if self.items > MAX_SCHEMA_ITEMS:
+            raise _error(path, f"{what} take the schema past the grammar-size budget of {MAX_SCHEMA_ITEMS} enum "
+                               "values, anyOf/oneOf alternatives and properties in total (a larger grammar "
+                               "decodes for minutes)")
 
     def read(self) -> _Node:
         node = self.node(self.root, "#")
@@ -329,6 +342,7 @@ class _Reader:
             values = schema["enum"]
             if not isinstance(values, list) or not values:
                 raise _error(path, "\"enum\" must be a non-empty array")
+            self._spend(len(values), path, f"{len(values)} enum values")
             self._check_values(values, schema, path, "enum")
             return _Enum(list(values)), {"enum", "type"}
         if kind is not None and not isinstance(kind, str):
@@ -390,6 +404,7 @@ class _Reader:
             raise _error(path, "must be an array of schemas")
         if not alternatives:
             raise _error(path, "must not be empty")
+        self._spend(len(alternatives), path, f"{len(alternatives)} alternatives")
         return [self.node(alternative, f"{path}/{i}") for i, alternative in enumerate(alternatives)]
 
     def _all_of(self, schema: Mapping[str, Any], path: str) -> _AllOf:
@@ -405,11 +420,41 @@ class _Reader:
             raise _error(path, f"unsupported $ref {ref!r}: only references into the same document "
                                "(\"#/$defs/...\", \"#/definitions/...\") are supported, not remote ones")
         if ref not in self.refs:
+            self._check_ref_cycle(ref, path)
             self.refs[ref] = None  # reserve the key first, so that a cycle back to this $ref stops here
             self.refs[ref] = self.node(self._resolve(ref, path), ref)
         node = _Ref(ref)
         self.pending.append(node)
         return node
+
+    def _check_ref_cycle(self, ref: str, path: str) -> None:
+        """Refuse a $ref that leads back to itself through schemas that are only references (or
+        anyOf/oneOf of them): its grammar rule would be left-recursive, which llama.cpp refuses."""
+        def left_refs(schema: Any) -> list[str]:
+            if not isinstance(schema, Mapping):
+                return []
+            if isinstance(schema.get("$ref"), str):
+                return [schema["$ref"]]
+            key = "oneOf" if "oneOf" in schema else "anyOf"
+            alternatives = schema.get(key)
+            if not isinstance(alternatives, list):
+                return []
+            return [found for alternative in alternatives for found in left_refs(alternative)]
+
+        def visit(current: str, chain: list[str], seen: set[str]) -> None:
+            try:
+                target = self._resolve(current, path)
+            except InvalidConfigError:
+                return  # reported where it is read
+            for following in left_refs(target):
+                if following == ref:
+                    raise _error(path, f"$ref cycle at {' → '.join([path, *chain, ref])}: each schema is only "
+                                       "a reference to the next, so no value could ever be generated")
+                if following.startswith("#") and following not in seen:
+                    seen.add(following)
+                    visit(following, [*chain, following], seen)
+
+        visit(ref, [ref], {ref})
 
     def _resolve(self, ref: str, path: str) -> Any:
         target = self.root
@@ -436,6 +481,7 @@ class _Reader:
         properties = schema.get("properties", {})
         if not isinstance(properties, Mapping):
             raise _error(path, "\"properties\" must be an object")
+        self._spend(len(properties), path, f"{len(properties)} properties")
         for name, prop in properties.items():
             node.properties.append((name, self.node(prop, f"{path}/properties/{name}"), name in required))
         missing = sorted(required - set(properties))
@@ -603,8 +649,13 @@ def _count_or_none(schema: Mapping[str, Any], key: str, path: str) -> int | None
     if key not in schema:
         return None
     value = schema[key]
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # 1e9 is an integer in JSON Schema
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise _error(path, f"\"{key}\" must be a non-negative integer")
+    if key.startswith("min") and value > MAX_REPETITION:
+        raise _error(path, f"{key} {value} is larger than the limit {MAX_REPETITION} (llama.cpp's "
+                           "largest repetition count)")
     return value
 
 

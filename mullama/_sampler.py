@@ -13,7 +13,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import _library
-from ._exceptions import InvalidConfigError
+from ._exceptions import InvalidConfigError, StreamingError
+from ._gbnf_check import check_grammar
 from ._owned import Owned
 
 if TYPE_CHECKING:
@@ -223,6 +224,7 @@ class Grammar(Owned):
         library = _library.get()
         ffi, lib = library.ffi, library.lib
         self._lib = lib
+        check_grammar(text)  # before llama.cpp's recursive parser sees it
         vocab = model._vocab_ptr()
         with _library.capture_output(_parser_error(text)) as said:
             if triggers:
@@ -255,8 +257,14 @@ class Grammar(Owned):
         lib = self._lib
         array = self._candidates(lib.llama_get_logits_ith(ctx, row))
         lib.llama_sampler_apply(self._ptr, array)
+        if not any_allowed(self._ffi, array):
+            raise StreamingError("the grammar allows no token here (its language is empty, or it cannot go on "
+                                 "from the text so far): generation stopped")
         lib.llama_sampler_apply(chain.ptr, array)
         token = int(array.data[array.selected].id)
+        if not self.allows(token):  # never hand the grammar a token it refused: llama.cpp aborts the process
+            raise StreamingError(f"the sampler picked token {token}, which the grammar does not allow: "
+                                 "generation stopped")
         lib.llama_sampler_accept(chain.ptr, token)
         return token
 
@@ -296,6 +304,18 @@ def _parser_error(grammar: str) -> Callable[[str], tuple[str, str]]:
         return reason, text[:start] + text[end + len(end_marker):]
 
     return claim
+
+
+def any_allowed(ffi: Any, array: Any) -> bool:
+    """Whether any candidate of ``array`` (a ``llama_token_data_array *``) has a logit above -inf."""
+    from ._logprobs import _numpy_module
+
+    numpy = _numpy_module()
+    n = int(array.size)
+    if numpy is not None:
+        view = numpy.frombuffer(ffi.buffer(array.data, 12 * n), dtype=[("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+        return bool((view["logit"] != NEG_INF).any())
+    return any(array.data[i].logit != NEG_INF for i in range(n))
 
 
 def fill_candidates(ffi: Any, data: Any, logits: Any, n: int) -> None:
