@@ -33,7 +33,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from ._exceptions import InvalidConfigError
-from ._gbnf_check import MAX_ALTERNATIVES, MAX_REPETITION
+from ._gbnf_check import MAX_REPETITION
 
 __all__ = ["grammar", "json_object_grammar", "json_schema_rules", "json_schema_to_grammar"]
 
@@ -80,8 +80,10 @@ _NON_LITERAL = frozenset("|.()[]{}*+?^$")
 _ESCAPED_IN_REGEXPS_BUT_NOT_IN_LITERALS = frozenset("^$.[](){}|*+?")
 MAX_PATTERN_DEPTH = 100
 #: The grammar-size budget of one schema: enum values, anyOf/oneOf alternatives and properties in total
-#: (20,000 enum strings decode for minutes; the largest schema of the corpus has a few dozen).
-MAX_SCHEMA_ITEMS = MAX_ALTERNATIVES
+#: (20,000 enum strings decode for minutes; the largest schema of the corpus has a few dozen). Half of the
+#: GBNF limit on alternatives, so that the grammar of a schema within budget (with a chat answer's fence,
+#: number ranges) always passes :func:`~mullama._gbnf_check.check_grammar`.
+MAX_SCHEMA_ITEMS = 1_000
 _SHORTHANDS = {"d": "0-9", "w": "a-zA-Z0-9_"}  # safe inside a JSON string as they are
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from mullama_server import MullamaServer
 
 import mullama
 from mullama._gbnf_check import MAX_ALTERNATIVES, MAX_NESTING, MAX_REPETITION, check_grammar, scan
-from mullama._json_schema import json_schema_to_grammar
+from mullama._json_schema import MAX_SCHEMA_ITEMS, json_schema_to_grammar
+from mullama._response_format import chat_json_grammar
 
 EMPTY_ROOT = "root ::= [^\\x00-\\U0010FFFF]"  # a class that matches no character: an empty language
 EMPTY_LATER = "root ::= x\nx ::= \"a\" [^\\x00-\\U0010FFFF]"  # empty too, but not visible from the root's text
@@ -90,7 +91,7 @@ def test_the_scanner_skips_strings_classes_and_comments(text, depth):
 
 # --- 3. a grammar-size budget ---------------------------------------------------------------------
 def test_a_100k_enum_is_refused_by_the_budget_naming_it():
-    with pytest.raises(mullama.InvalidConfigError, match=f"grammar-size budget of {MAX_ALTERNATIVES}") as raised:
+    with pytest.raises(mullama.InvalidConfigError, match=f"grammar-size budget of {MAX_SCHEMA_ITEMS}") as raised:
         json_schema_to_grammar(HUGE_ENUM)
     assert "100000 enum values" in str(raised.value) and "at #" in str(raised.value)
 
@@ -102,16 +103,20 @@ def test_many_alternatives_in_raw_gbnf_are_refused():
 
 
 def test_many_properties_and_any_of_are_refused():
-    properties = {f"p{i}": {"type": "integer"} for i in range(MAX_ALTERNATIVES + 1)}
+    properties = {f"p{i}": {"type": "integer"} for i in range(MAX_SCHEMA_ITEMS + 1)}
     with pytest.raises(mullama.InvalidConfigError, match="properties take the schema past"):
         json_schema_to_grammar({"type": "object", "properties": properties, "required": list(properties)})
-    any_of = [{"type": "object", "properties": {"k": {"const": i}}} for i in range(MAX_ALTERNATIVES + 1)]
+    any_of = [{"type": "object", "properties": {"k": {"const": i}}} for i in range(MAX_SCHEMA_ITEMS + 1)]
     with pytest.raises(mullama.InvalidConfigError, match="alternatives take the schema past"):
         json_schema_to_grammar({"anyOf": any_of})
 
 
-def test_an_enum_within_the_budget_converts():
-    assert "value-1999" in json_schema_to_grammar({"enum": [f"value-{i}" for i in range(MAX_ALTERNATIVES)]})
+def test_a_schema_within_the_budget_passes_the_gbnf_check_too():
+    """The schema budget leaves room for what is added around a schema's grammar (a chat answer's fence)."""
+    schema = {"enum": [f"value-{i}" for i in range(MAX_SCHEMA_ITEMS)]}
+    for grammar in (json_schema_to_grammar(schema), chat_json_grammar(schema)):
+        assert f"value-{MAX_SCHEMA_ITEMS - 1}" in grammar
+        check_grammar(grammar)
 
 
 # --- 4. errors that say what is wrong, and where ---------------------------------------------------
