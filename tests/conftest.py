@@ -64,3 +64,18 @@ def llama_server(build, model_path):
     server = upstream.LlamaServer(build.tool("llama-server"), model_path, threads=default_threads())
     yield server
     server.close()
+
+
+@pytest.fixture(scope="module")
+def qwen_template(build):
+    """Upstream's Qwen 2.5 chat template from the pinned tree (it describes tools)."""
+    return upstream.template_path(build, "Qwen-Qwen2.5-7B-Instruct.jinja")
+
+
+@pytest.fixture(scope="module")
+def qwen_server(build, model_path, qwen_template):
+    """llama-server on the default model with the Qwen 2.5 template (--jinja --chat-template-file)."""
+    server = upstream.LlamaServer(build.tool("llama-server"), model_path, threads=default_threads(),
+                                  extra=("--jinja", "--chat-template-file", str(qwen_template)))
+    yield server
+    server.close()

@@ -82,6 +82,16 @@ def test_one_line_errors_and_exit_codes():
         assert len(bad_serve.stderr.strip().splitlines()) == 1 and "Traceback" not in bad_serve.stderr
 
 
+def interrupt_a_long_reply(child, request: str) -> None:
+    """Ask for a long reply, send Ctrl-C once it has started, and see the chat say so and go on."""
+    child.sendline(request)
+    child.expect_exact(request.split()[-1] + "\r\n")  # our own line, echoed
+    child.expect(r"\w+ \w+ \w+")  # the reply has started
+    child.sendintr()
+    child.expect("stopped")
+    child.expect(">>> ")
+
+
 def test_chat_two_turns_commands_and_ctrl_c(model_path, tmp_path):
     # (greedy, this model answers the first question with a loop that only max_tokens ends: keep it short)
     child = spawn("chat", str(model_path), "--temp", "0", "-n", "120")
@@ -123,12 +133,7 @@ def test_chat_two_turns_commands_and_ctrl_c(model_path, tmp_path):
     # Ctrl-C during a long reply stops it and returns to the prompt; the model still answers.
     child.sendline("/load " + str(saved))
     child.expect(">>> ")
-    child.sendline("Write a very long story about the sea, with many chapters.")
-    child.expect_exact("chapters.\r\n")  # our own line, echoed
-    child.expect(r"\w+ \w+ \w+")  # the reply has started
-    child.sendintr()
-    child.expect("stopped")
-    child.expect(">>> ")
+    interrupt_a_long_reply(child, "Write a very long story about the sea, with many chapters.")
     child.sendline("Say hi.")
     child.expect("prompt tokens cached")
     child.expect(">>> ")
@@ -437,12 +442,7 @@ def test_chat_shows_each_reply_once_in_a_narrow_terminal(model_path, tmp_path):
     child.sendline("Tell me about Paris.")
     child.expect("prompt tokens cached")
     child.expect(">>> ")
-    child.sendline("Write a long story about the sea.")
-    child.expect_exact("sea.\r\n")  # our own line, echoed
-    child.expect(r"\w+ \w+ \w+ \w+")  # the reply has started
-    child.sendintr()
-    child.expect("stopped")
-    child.expect(">>> ")
+    interrupt_a_long_reply(child, "Write a long story about the sea.")
     saved = tmp_path / "conversation.json"
     child.sendline(f"/save {saved}")
     child.expect("saved 4 messages")

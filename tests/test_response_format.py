@@ -11,10 +11,8 @@ import httpx
 import jsonschema
 import pytest
 import upstream
-from upstream import template_path
 
 import mullama
-from mullama._context import default_threads
 from mullama._response_format import JsonFence
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
@@ -36,19 +34,6 @@ def reference(server: upstream.LlamaServer, messages: list[dict], response_forma
     return server.post("/v1/chat/completions", {
         "messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0, "cache_prompt": False,
         "response_format": response_format})
-
-
-@pytest.fixture(scope="module")
-def qwen_template(build):
-    return template_path(build, "Qwen-Qwen2.5-7B-Instruct.jinja")
-
-
-@pytest.fixture(scope="module")
-def qwen_llama_server(build, model_path, qwen_template):
-    server = upstream.LlamaServer(build.tool("llama-server"), model_path, threads=default_threads(),
-                                  extra=("--jinja", "--chat-template-file", str(qwen_template)))
-    yield server
-    server.close()
 
 
 def check_equal(stream: mullama.TokenStream, pieces: list[str], expected: dict) -> None:
@@ -75,9 +60,9 @@ def test_chat_json_equals_llama_server_on_the_own_template(context, llama_server
 
 @pytest.mark.parametrize("messages", CONVERSATIONS, ids=["cat", "person", "code-block", "system-fence"])
 def test_chat_json_equals_llama_server_on_a_template_from_the_pinned_tree(model_path, qwen_template,
-                                                                          qwen_llama_server, messages):
+                                                                          qwen_server, messages):
     response_format, schema = FORMATS[0]
-    expected = reference(qwen_llama_server, messages, response_format)
+    expected = reference(qwen_server, messages, response_format)
     with mullama.Model.load(model_path, chat_template=qwen_template) as model, \
             mullama.Context(model, n_ctx=4096) as context:
         stream = context.chat_stream(messages, max_tokens=MAX_TOKENS, temperature=0, json_schema=schema,

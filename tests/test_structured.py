@@ -108,20 +108,25 @@ SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength
           "required": ["name", "age"]}
 
 
+def async_json_text(model, prompt: str, max_tokens: int, schema) -> str:
+    """The greedy text of ``prompt`` under ``schema`` through an AsyncModel of ``model``."""
+    async def scenario():
+        async_model = mullama.AsyncModel(model, parallel=1, n_ctx=1024)
+        try:
+            return [t.text async for t in async_model.generate_stream(prompt, max_tokens=max_tokens, temperature=0,
+                                                                      json_schema=schema)]
+        finally:
+            await asyncio.to_thread(async_model.engine.close)
+
+    return "".join(asyncio.run(scenario()))
+
+
 def test_a_json_schema_constrains_sync_and_async_streams(context, model):
     prompt = model.apply_chat_template([{"role": "user", "content": "Describe a person as JSON."}])
     text = context.generate(prompt, max_tokens=120, json_schema=SCHEMA).text
     jsonschema.validate(json.loads(text), SCHEMA)
 
-    async def scenario():
-        async_model = mullama.AsyncModel(model, parallel=2, n_ctx=1024)
-        try:
-            return [t.text async for t in async_model.generate_stream(prompt, max_tokens=120, temperature=0,
-                                                                      json_schema=SCHEMA)]
-        finally:
-            await asyncio.to_thread(async_model.engine.close)
-
-    assert "".join(asyncio.run(scenario())) == text
+    assert async_json_text(model, prompt, 120, SCHEMA) == text
 
 
 class Pet(BaseModel):
@@ -142,15 +147,7 @@ def test_json_schema_takes_a_pydantic_model_as_openai_does(context, model):
     chat = "".join(t.text for t in context.chat_stream(messages, max_tokens=60, temperature=0, json_schema=Pet))
     assert Pet.model_validate_json(chat)
 
-    async def scenario():
-        async_model = mullama.AsyncModel(model, parallel=1, n_ctx=512)
-        try:
-            return [t.text async for t in async_model.generate_stream(prompt, max_tokens=60, temperature=0,
-                                                                      json_schema=Pet)]
-        finally:
-            await asyncio.to_thread(async_model.engine.close)
-
-    assert "".join(asyncio.run(scenario())) == result.text
+    assert async_json_text(model, prompt, 60, Pet) == result.text
     with pytest.raises(mullama.InvalidConfigError, match="json_schema"):
         mullama.StreamConfig(json_schema=Pet(name="Rex", legs=4).model_dump_json())  # JSON text is not a schema
 

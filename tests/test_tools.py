@@ -35,22 +35,9 @@ CALLED = [*QUESTION,
 
 
 @pytest.fixture(scope="module")
-def qwen_template(build):
-    return template_path(build, "Qwen-Qwen2.5-7B-Instruct.jinja")
-
-
-@pytest.fixture(scope="module")
 def qwen_model(model_path, qwen_template):
     with mullama.Model.load(model_path, chat_template=qwen_template) as loaded:
         yield loaded
-
-
-@pytest.fixture(scope="module")
-def qwen_server(build, model_path, qwen_template):
-    server = upstream.LlamaServer(build.tool("llama-server"), model_path, threads=default_threads(),
-                                  extra=("--jinja", "--chat-template-file", str(qwen_template)))
-    yield server
-    server.close()
 
 
 def validate(call, tools=TOOLS) -> dict:
