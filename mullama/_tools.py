@@ -169,7 +169,7 @@ def tool_calling(template: str, tools: list[dict], tool_choice: Any = "auto",
 
 
 class ToolCallParser:
-    """Splits streamed output into content and tool calls, for one CallFormat (None: all content).
+    """Splits streamed output into content and tool calls, for one CallFormat.
 
     ``feed(text)`` returns ``(content, in_call)``: the content it can release now (text that might
     begin a call is held back until it is known not to), and whether the text fed ended inside a
@@ -178,9 +178,9 @@ class ToolCallParser:
     content and between calls is dropped, as llama-server's parser drops it.
     """
 
-    def __init__(self, form: CallFormat | None = None) -> None:
+    def __init__(self, form: CallFormat) -> None:
         self.form = form
-        self._head = form.head() if form is not None and not form.array else None
+        self._head = form.head() if not form.array else None
         self.started = False  # content (or a call) began
         self._skip_space = True  # before the content, and after a call: whitespace is dropped
         self.calls: list[ToolCall] = []
@@ -199,7 +199,6 @@ class ToolCallParser:
         form = self.form
         while text:
             if self._call is not None:
-                assert form is not None
                 if form.end is None:  # the region runs to the end of the output
                     self._call += text
                     self._update()
@@ -220,10 +219,6 @@ class ToolCallParser:
                 if not text:
                     break
                 self._skip_space = False
-            if form is None:
-                content.append(text)
-                self.started = True
-                break
             if form.leading:  # a call opens the output, or there is none
                 start = 0 if not self.started and text.startswith(form.start) else -1
             else:
@@ -246,7 +241,7 @@ class ToolCallParser:
         closed (an unfinished one, cut by the token limit, is dropped)."""
         held, self._held = self._held, ""
         if self._call is not None:
-            if self.form is not None and self.form.end is None:
+            if self.form.end is None:
                 held += self._close()
             self._call = None
         return held
@@ -261,7 +256,7 @@ class ToolCallParser:
         if match is None:
             return
         self.name = json.loads(f'"{match.group(1)}"')
-        end = self.form.end if self.form is not None else None
+        end = self.form.end
         rest = written[match.end(): len(written) - (held_suffix(written, (end,)) if end else 0)]
         tail = _WRAPPER_END.search(rest)
         self.arguments = rest[: tail.start()] if tail else rest
@@ -271,7 +266,6 @@ class ToolCallParser:
         streamed). A region that holds no calls is content (a JSON answer beside tools): its text."""
         text, self._call = self._call or "", None
         form = self.form
-        assert form is not None
         try:
             value = json.loads(text)
         except ValueError:
@@ -364,23 +358,26 @@ def with_tools_described(messages: list[dict], tools: list[dict], *, forced: boo
     description = (GENERIC_FORCED if forced else GENERIC_AUTO).format(
         tools="\n".join(json.dumps(tool["function"], ensure_ascii=False) for tool in tools))
     messages = [_calls_as_text(message) for message in messages]
-    if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system" \
-            and isinstance(messages[0].get("content"), str):
+    if messages and messages[0]["role"] == "system":
         return [{**messages[0], "content": messages[0]["content"] + "\n\n" + description}, *messages[1:]]
     return [{"role": "system", "content": description}, *messages]
 
 
-def _calls_as_text(message: Any) -> Any:
-    """An assistant message's tool calls as the generic format's JSON, in its content."""
-    if not isinstance(message, dict) or message.get("role") != "assistant" or not message.get("tool_calls"):
+def _calls_as_text(message: dict) -> dict:
+    """A normalised assistant message's tool calls as the generic format's JSON, after its content."""
+    if message["role"] != "assistant" or not message.get("tool_calls"):
         return message
-    written = []
-    for call in message["tool_calls"]:
-        function = call.get("function", {}) if isinstance(call, dict) else {}
-        arguments = function.get("arguments", {})
-        if isinstance(arguments, str) and _is_json(arguments):
-            arguments = json.loads(arguments)
-        written.append(json.dumps({"name": function.get("name"), "arguments": arguments}, ensure_ascii=False))
-    content = message.get("content") if isinstance(message.get("content"), str) else ""
-    return {key: value for key, value in message.items() if key != "tool_calls"} | {
-        "content": "\n".join(filter(None, [content, *written]))}
+    written = [json.dumps({"name": call["function"]["name"], "arguments": _value(call["function"]["arguments"])},
+                          ensure_ascii=False) for call in message["tool_calls"]]
+    rest = {key: value for key, value in message.items() if key != "tool_calls"}
+    return rest | {"content": "\n".join(filter(None, [message["content"], *written]))}
+
+
+def _value(arguments: Any) -> Any:
+    """Arguments given as JSON text, as the value they stand for (other text as it is)."""
+    if not isinstance(arguments, str):
+        return arguments
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
