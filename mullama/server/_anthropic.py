@@ -9,20 +9,19 @@ Anthropic's shape, ``{"type": "error", "error": {"type": ..., "message": ...}}``
 
 from __future__ import annotations
 
-import asyncio
 import json
 import secrets
 from collections.abc import AsyncGenerator
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from .._config import StreamConfig
 from .._engine import EngineRequest
 from .._exceptions import InvalidConfigError, MullamaError
-from ._generation import prompt_tokens, start
-from ._http import drain, endpoint, read_json, requested_model, run_to_end, state
+from ._generation import count_prompt_tokens, start
+from ._http import drain, endpoint, event_stream, read_json, requested_model, run_to_end, state
 from ._request import APIError, ParsedRequest, ToolCallDeltas, bad
 
 __all__ = ["count_tokens", "error_body", "event", "message_body", "messages", "parse_request", "stop_reason",
@@ -237,9 +236,7 @@ async def messages(request: Request) -> Response:
     lease, (job,) = await start(request, parsed)
     message_id = new_id()
     if parsed.stream:
-        return StreamingResponse(lease.until_closed(_events(job, message_id, lease.name, request)),
-                                 media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return event_stream(lease, _events(job, message_id, lease.name, request))
     async with lease:
         await run_to_end(request, [job], drain(job))
     server.finished(request.scope, job.completion_tokens)
@@ -250,11 +247,8 @@ async def messages(request: Request) -> Response:
 @endpoint(error_body)
 async def count_tokens(request: Request) -> Response:
     """``POST /v1/messages/count_tokens``: the tokens of the rendered prompt."""
-    server = state(request)
     parsed = to_count_request(await read_json(request))
-    async with await server.pool.lease(parsed.model) as served:
-        tokens, _ = await asyncio.to_thread(prompt_tokens, served, parsed, server.settings)
-    return JSONResponse({"input_tokens": len(tokens)})
+    return JSONResponse({"input_tokens": await count_prompt_tokens(request, parsed)})
 
 
 async def _events(job: EngineRequest, message_id: str, model_name: str, request: Request) -> AsyncGenerator[str, None]:

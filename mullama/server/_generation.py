@@ -3,6 +3,8 @@ model, then queue one sequence per choice on its engine. Every wire format gener
 
 from __future__ import annotations
 
+import asyncio
+
 from starlette.requests import Request
 
 from .._config import StreamConfig
@@ -20,7 +22,7 @@ from ._http import ServerSettings, state, submit_in_all
 from ._pool import _UNSET, Lease, Served
 from ._request import APIError, ParsedRequest
 
-__all__ = ["prepare", "prompt_tokens", "start"]
+__all__ = ["count_prompt_tokens", "prepare", "prompt_tokens", "start"]
 
 
 def prompt_tokens(served: Served, parsed: ParsedRequest, settings: ServerSettings) -> tuple[list[int], StreamConfig]:
@@ -49,6 +51,14 @@ def prompt_tokens(served: Served, parsed: ParsedRequest, settings: ServerSetting
     except (TemplateError, TokenizeError, InvalidConfigError) as exc:
         tools_problem = parsed.tools and ("tool" in str(exc) or "grammar" in str(exc))
         raise APIError(400, str(exc), param="tools" if tools_problem else param) from None
+
+
+async def count_prompt_tokens(request: Request, parsed: ParsedRequest) -> int:
+    """How many tokens ``parsed``'s prompt has once rendered (a token-count route: nothing generated)."""
+    server = state(request)
+    async with await server.pool.lease(parsed.model) as served:
+        tokens, _ = await asyncio.to_thread(prompt_tokens, served, parsed, server.settings)
+    return len(tokens)
 
 
 async def start(request: Request, parsed: ParsedRequest, *, keep_alive: float | None = _UNSET

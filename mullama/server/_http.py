@@ -11,12 +11,12 @@ import ipaddress
 import json
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from .._async import submit_in_thread
 from .._engine import EngineRequest
@@ -25,7 +25,7 @@ from .._sequence import Token
 from ._request import APIError, generation_error
 
 if TYPE_CHECKING:
-    from ._pool import ModelPool
+    from ._pool import Lease, ModelPool
 
 T = TypeVar("T")
 TOKENS_KEY = "mullama.tokens"  # where a route leaves the number of tokens it generated, for the access log
@@ -170,6 +170,13 @@ async def json_answer(build: Callable[[], Any], status: int = 200) -> Response:
         return "".join(_ENCODER.iterencode(build())).encode("utf-8")
 
     return Response(await asyncio.to_thread(work), status_code=status, media_type="application/json")
+
+
+def event_stream(lease: Lease, events: AsyncGenerator[str, None]) -> StreamingResponse:
+    """A streamed answer of server-sent events, holding its model's lease until the stream ends (no
+    caching, no buffering by a proxy in between)."""
+    return StreamingResponse(lease.until_closed(events), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 async def read_object(request: Request) -> dict:

@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from .._config import StreamConfig
 from .._engine import EngineRequest
 from .._exceptions import InvalidConfigError, MullamaError
 from .._sequence import Token
 from ._generation import start
-from ._http import endpoint, json_answer, merged, read_json, requested_model, run_to_end, state
+from ._http import endpoint, event_stream, json_answer, merged, read_json, requested_model, run_to_end, state
 from ._request import APIError, ParsedRequest, ToolCallDeltas, bad, error_body, integer, number
 
 __all__ = ["LLAMA_FIELDS", "chat_completions", "chunk", "completion_body", "completions", "list_models",
@@ -361,8 +361,7 @@ async def _generate(request: Request, kind: str) -> Response:
         assert lease.served.model is not None
         events = _events(jobs, parsed, kind, request_id, n_prompt, lease.name, lease.served.model._cached_piece,
                          request)
-        return StreamingResponse(lease.until_closed(events), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return event_stream(lease, events)
     async with lease as served:
         assert served.model is not None
         piece = served.model._cached_piece

@@ -11,7 +11,6 @@ with a 400. Errors have OpenAI's shape.
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import itertools
 import json
@@ -21,14 +20,14 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from .._chat import normalize_messages
 from .._engine import EngineRequest
 from .._exceptions import InvalidConfigError, MullamaError, TemplateError
 from .._sequence import Token
-from ._generation import prompt_tokens, start
-from ._http import endpoint, read_json, run_to_end, state
+from ._generation import count_prompt_tokens, start
+from ._http import endpoint, event_stream, read_json, run_to_end, state
 from ._openai import LLAMA_FIELDS, parse_request
 from ._request import APIError, ParsedRequest, ToolCallDeltas, bad, integer
 
@@ -401,11 +400,8 @@ def to_count_request(body: Any) -> ParsedRequest:
 async def input_tokens(request: Request) -> Response:
     """``POST /v1/responses/input_tokens``: the tokens of the prompt a request would have (as
     llama-server's route of that name)."""
-    server = state(request)
     parsed = to_count_request(await read_json(request))
-    async with await server.pool.lease(parsed.model) as served:
-        tokens, _ = await asyncio.to_thread(prompt_tokens, served, parsed, server.settings)
-    return JSONResponse({"object": "response.input_tokens", "input_tokens": len(tokens)})
+    return JSONResponse({"object": "response.input_tokens", "input_tokens": await count_prompt_tokens(request, parsed)})
 
 
 @endpoint(APIError.body)
@@ -423,8 +419,7 @@ async def responses(request: Request) -> Response:
     response_id, created = _new_id("resp"), int(time.time())
     if parsed.stream:
         events = _events(job, response_id, created, lease.name, body, parsed, request)
-        return StreamingResponse(lease.until_closed(events), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return event_stream(lease, events)
     output = ResponseOutput()
     async with lease:
         await run_to_end(request, [job], _collect(job, output))
