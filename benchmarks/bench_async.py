@@ -28,7 +28,7 @@ import upstream
 
 import mullama
 from mullama import _hub
-from mullama._context import default_threads
+from mullama.generate._context import default_threads
 
 CTX_PER_STREAM = 1024
 

@@ -31,7 +31,7 @@ from inprocess_server import InProcessServer
 
 import mullama
 from mullama import _hub
-from mullama._context import default_threads
+from mullama.generate._context import default_threads
 from mullama.server import ServerSettings, create_app
 
 SUBJECTS = ["The weather", "A small cat", "Our team", "The new library", "This recipe", "A train to Paris",

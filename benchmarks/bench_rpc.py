@@ -28,7 +28,7 @@ import upstream
 from test_rpc import RPCServer
 
 from mullama import _hub
-from mullama._context import default_threads
+from mullama.generate._context import default_threads
 
 PROMPT = "Write a story about a journey:"
 

@@ -29,7 +29,7 @@ import upstream
 from mullama_server import MullamaServer
 
 from mullama import _hub
-from mullama._context import default_threads
+from mullama.generate._context import default_threads
 
 
 async def one_stream(http: httpx.AsyncClient, url: str, prompt: str, tokens: int, model: str | None = None) -> dict:

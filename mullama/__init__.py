@@ -65,29 +65,29 @@ __all__ = [
 # Public name -> the private module that defines it; imported on first access to keep
 # `import mullama` light (no cffi, no dlopen).
 _LAZY = {
-    "AsyncModel": "._async",
-    "AsyncTokenStream": "._async",
-    "StreamConfig": "._config",
-    "Token": "._sequence",
-    "TokenStream": "._stream",
-    "Model": "._model",
-    "Context": "._context",
-    "Completion": "._context",
-    "SamplerChain": "._sampler",
-    "ToolCall": "._tools",
-    "system_info": "._library",
+    "AsyncModel": ".generate._async",
+    "AsyncTokenStream": ".generate._async",
+    "StreamConfig": ".generate._config",
+    "Token": ".generate._sequence",
+    "TokenStream": ".generate._stream",
+    "Model": ".generate._model",
+    "Context": ".generate._context",
+    "Completion": ".generate._context",
+    "SamplerChain": ".generate._sampler",
+    "ToolCall": ".chat._tools",
+    "system_info": ".native._library",
 }
 
 if TYPE_CHECKING:
-    from ._async import AsyncModel, AsyncTokenStream
-    from ._config import StreamConfig
-    from ._context import Completion, Context
-    from ._library import system_info
-    from ._model import Model
-    from ._sampler import SamplerChain
-    from ._sequence import Token
-    from ._stream import TokenStream
-    from ._tools import ToolCall
+    from .chat._tools import ToolCall
+    from .generate._async import AsyncModel, AsyncTokenStream
+    from .generate._config import StreamConfig
+    from .generate._context import Completion, Context
+    from .generate._model import Model
+    from .generate._sampler import SamplerChain
+    from .generate._sequence import Token
+    from .generate._stream import TokenStream
+    from .native._library import system_info
 
 
 def __getattr__(name: str) -> Any:

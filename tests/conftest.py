@@ -21,7 +21,7 @@ os.environ["PYTHONSAFEPATH"] = "1"
 
 import mullama
 from mullama import _hub
-from mullama._context import default_threads
+from mullama.generate._context import default_threads
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import struct
 from pathlib import Path
 
 from mullama import _gguf
-from mullama._gguf import ARRAY, FLOAT32, INT32, STRING, UINT32, UINT64
+from mullama.gguf._reader import ARRAY, FLOAT32, INT32, STRING, UINT32, UINT64
 
 Value = tuple[int, bytes]  # a GGUF type and its encoded payload
 

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import uvicorn
 from upstream import free_port
 
-from mullama._engine import Engine
+from mullama.generate._engine import Engine
 from mullama.server import ServerSettings, create_app
 
 

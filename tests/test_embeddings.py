@@ -25,7 +25,7 @@ from inprocess_server import InProcessServer, serving
 
 import mullama
 from mullama import _hub
-from mullama._context import default_threads
+from mullama.generate._context import default_threads
 from mullama.server import ServerSettings, create_app
 
 TEXTS = [

@@ -14,7 +14,7 @@ from inprocess_server import serving, wait_for
 
 import mullama
 from mullama import StreamConfig
-from mullama._engine import Engine
+from mullama.generate._engine import Engine
 
 GREEDY = StreamConfig(max_tokens=16, temperature=0)
 LONG = StreamConfig(max_tokens=400, temperature=0, ignore_eos=True)

@@ -15,9 +15,9 @@ import pytest
 from mullama_server import MullamaServer
 
 import mullama
-from mullama._gbnf_check import MAX_ALTERNATIVES, MAX_NESTING, MAX_REPETITION, check_grammar, scan
-from mullama._json_schema import MAX_SCHEMA_ITEMS, json_schema_to_grammar
-from mullama._response_format import chat_json_grammar
+from mullama.structured._gbnf_check import MAX_ALTERNATIVES, MAX_NESTING, MAX_REPETITION, check_grammar, scan
+from mullama.structured._json_schema import MAX_SCHEMA_ITEMS, json_schema_to_grammar
+from mullama.structured._response_format import chat_json_grammar
 
 EMPTY_ROOT = "root ::= [^\\x00-\\U0010FFFF]"  # a class that matches no character: an empty language
 EMPTY_LATER = "root ::= x\nx ::= \"a\" [^\\x00-\\U0010FFFF]"  # empty too, but not visible from the root's text

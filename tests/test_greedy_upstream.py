@@ -13,7 +13,7 @@ import upstream
 
 import mullama
 from mullama import _hub
-from mullama._context import default_threads
+from mullama.generate._context import default_threads
 
 PROMPTS = [
     "The capital of France is",

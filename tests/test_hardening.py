@@ -22,7 +22,7 @@ from inprocess_server import serving, wait_for
 
 import mullama
 from mullama import StreamConfig
-from mullama._engine import Engine
+from mullama.generate._engine import Engine
 from mullama.server import ServerSettings
 
 EXTREME_INTS = st.sampled_from([2**31, 2**31 - 1, 2**32, 2**63, 2**64, -(2**31) - 1, -(2**63), 10**30, -1, 0])

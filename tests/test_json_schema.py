@@ -1,4 +1,4 @@
-"""JSON Schema -> GBNF (mullama._json_schema) against upstream llama.cpp, with the real library.
+"""JSON Schema -> GBNF (mullama.structured._json_schema) against upstream llama.cpp, with the real library.
 
 1. Upstream's own cases (tests/test-json-schema-to-grammar.cpp at the pin, extracted into
    tests/data/upstream_json_schema_cases.json): the same grammar text, or a refusal we chose.
@@ -25,7 +25,7 @@ import pytest
 
 import mullama
 from mullama import _library, _paths
-from mullama._json_schema import METADATA_KEYWORDS, json_object_grammar, json_schema_to_grammar
+from mullama.structured._json_schema import METADATA_KEYWORDS, json_object_grammar, json_schema_to_grammar
 
 DATA = Path(__file__).resolve().parent / "data"
 UPSTREAM = json.loads((DATA / "upstream_json_schema_cases.json").read_text(encoding="utf-8"))

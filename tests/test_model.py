@@ -144,7 +144,7 @@ def test_garbage_collection_frees_in_a_safe_order(model_path):
     "c = mullama.Context(m); list(c.generate_stream('Hi', max_tokens=4))",
     "import asyncio\nam = mullama.AsyncModel(m)\nasync def go():\n"
     "    async for t in am.generate_stream('Hi', max_tokens=4): pass\nasyncio.run(go())",
-    "from mullama._engine import Engine\ne = Engine(m, parallel=2, n_ctx=1024)",
+    "from mullama.generate._engine import Engine\ne = Engine(m, parallel=2, n_ctx=1024)",
 ])
 def test_exiting_without_closing_anything_does_not_crash(model_path, scenario):
     """llama.cpp logs while freeing: it must never call a log callback that teardown destroyed."""

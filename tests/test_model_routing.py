@@ -22,7 +22,7 @@ import upstream
 from mullama_server import MullamaServer
 
 from mullama import _hub, _paths
-from mullama._context import default_threads
+from mullama.generate._context import default_threads
 
 MODELS = ("smollm2:135m", "gemma3:270m")
 PROMPTS = ("The capital of France is", "Once upon a time, in a small village by the sea,",

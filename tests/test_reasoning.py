@@ -13,8 +13,8 @@ from inprocess_server import serving
 from upstream import template_path
 
 import mullama
-from mullama._context import default_threads
-from mullama._reasoning import Reasoning, ReasoningParser
+from mullama.chat._reasoning import Reasoning, ReasoningParser
+from mullama.generate._context import default_threads
 from mullama.server import ServerSettings
 
 TEMPLATES = ["deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja", "Qwen-Qwen3-0.6B.jinja"]

@@ -13,7 +13,7 @@ import pytest
 import upstream
 
 import mullama
-from mullama._response_format import JsonFence
+from mullama.structured._response_format import JsonFence
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
           "required": ["name", "age"]}

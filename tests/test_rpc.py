@@ -20,7 +20,7 @@ import pytest
 import upstream
 
 import mullama
-from mullama._context import default_threads
+from mullama.generate._context import default_threads
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n", "Once upon a time, in a small village by the sea,"]
 N_PREDICT = 32

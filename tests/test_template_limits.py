@@ -113,7 +113,7 @@ HOSTILE = [
 CHILD = textwrap.dedent("""
     import json, resource, sys, time
     import mullama
-    from mullama._chat import render_chat_template
+    from mullama.chat._template import render_chat_template
 
     def status(key):
         for line in open("/proc/self/status"):

@@ -14,8 +14,8 @@ from inprocess_server import serving
 from upstream import template_path
 
 import mullama
-from mullama._context import default_threads
-from mullama._tools import _is_json
+from mullama.chat._tools import _is_json
+from mullama.generate._context import default_threads
 from mullama.server import ServerSettings
 
 WEATHER = {"type": "function", "function": {
@@ -200,7 +200,7 @@ def test_a_json_answer_beside_tools_is_content_and_a_call_is_a_call(model):
 
 
 def test_the_call_formats_are_recognised_from_the_templates(build):
-    from mullama._tools import HERMES, LLAMA3, MISTRAL, call_format
+    from mullama.chat._tools import HERMES, LLAMA3, MISTRAL, call_format
 
     found = [call_format(template_path(build, name).read_text()) for name in FORMATS]
     assert found == [HERMES, HERMES, LLAMA3, MISTRAL]

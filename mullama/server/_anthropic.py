@@ -17,9 +17,9 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from .._config import StreamConfig
-from .._engine import EngineRequest
 from .._exceptions import InvalidConfigError, MullamaError
+from ..generate._config import StreamConfig
+from ..generate._engine import EngineRequest
 from ._generation import count_prompt_tokens, start
 from ._http import drain, endpoint, event_stream, read_json, requested_model, run_to_end, state
 from ._request import APIError, ParsedRequest, ToolCallDeltas, bad

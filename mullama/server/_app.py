@@ -15,8 +15,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
-from .._engine import Engine
-from .._model import Model
+from ..generate._engine import Engine
+from ..generate._model import Model
 from . import _anthropic, _embeddings, _ollama, _openai, _responses
 from ._http import ServerSettings, ServerState, endpoint, state
 from ._pool import ModelPool

@@ -1,6 +1,6 @@
 """Embeddings over HTTP: OpenAI's ``POST /v1/embeddings`` (its request and response shapes and the
 route), and the one ``embed`` that ollama's ``/api/embed`` and ``/api/embeddings`` share. Concurrent requests share
-decodes (see mullama._embed)."""
+decodes (see mullama.generate._embed)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from .._embed import DEFAULT_BATCH_SIZE
 from .._exceptions import ContextOverflowError, InvalidConfigError, MullamaError, TokenizeError
-from .._model import Model
+from ..generate._embed import DEFAULT_BATCH_SIZE
+from ..generate._model import Model
 from ._http import MAX_EMBEDDING_INPUTS, ServerSettings, endpoint, read_json, requested_model, state
 from ._pool import _UNSET, Served
 from ._request import APIError, bad, generation_error, integer

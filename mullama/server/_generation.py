@@ -7,8 +7,6 @@ import asyncio
 
 from starlette.requests import Request
 
-from .._config import StreamConfig
-from .._engine import EngineRequest
 from .._exceptions import (
     ContextOverflowError,
     EngineError,
@@ -17,7 +15,9 @@ from .._exceptions import (
     TemplateError,
     TokenizeError,
 )
-from .._tools import chat_prompt
+from ..chat._tools import chat_prompt
+from ..generate._config import StreamConfig
+from ..generate._engine import EngineRequest
 from ._http import ServerSettings, state, submit_in_all
 from ._pool import _UNSET, Lease, Served
 from ._request import APIError, ParsedRequest

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from .._async import submit_in_thread
-from .._engine import EngineRequest
 from .._exceptions import MullamaError
-from .._sequence import Token
+from ..generate._async import submit_in_thread
+from ..generate._engine import EngineRequest
+from ..generate._sequence import Token
 from ._request import APIError, generation_error
 
 if TYPE_CHECKING:

@@ -22,9 +22,9 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from .._config import StreamConfig
-from .._engine import EngineRequest
 from .._exceptions import InvalidConfigError, MullamaError
+from ..generate._config import StreamConfig
+from ..generate._engine import EngineRequest
 from ._embeddings import embed_request, parse_embedding_request
 from ._generation import start
 from ._http import drain, endpoint, read_object, requested_model, run_to_end, state
@@ -323,7 +323,7 @@ async def delete(request: Request) -> Response:
 @functools.lru_cache(maxsize=64)
 def _file_details(path: str, mtime: float) -> dict:
     """What ollama's listings say of a model file (read from its GGUF header; cached per file version)."""
-    from .._gguf import read_gguf_info
+    from ..gguf._reader import read_gguf_info
 
     info = read_gguf_info(path)
     metadata = {key: value for key, value in info.metadata.items() if not isinstance(value, list)}
@@ -397,7 +397,7 @@ async def version(request: Request) -> Response:
 @endpoint(error_body)
 async def pull(request: Request) -> Response:
     """Download a hub model into the cache (verified, resumable), streaming ollama's progress lines."""
-    from .._hub import entry_for
+    from ..hub._hub import entry_for
 
     body = await read_object(request)
     name = requested_model(body)
@@ -419,8 +419,8 @@ async def pull(request: Request) -> Response:
 
 
 async def _pull_lines(entry: Any) -> AsyncGenerator[str, None]:
-    from .._download import progress_listener
-    from .._hub import pull as pull_model
+    from ..hub._download import progress_listener
+    from ..hub._hub import pull as pull_model
 
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[dict | None] = asyncio.Queue()

@@ -19,10 +19,10 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from .._config import StreamConfig
-from .._engine import EngineRequest
 from .._exceptions import InvalidConfigError, MullamaError
-from .._sequence import Token
+from ..generate._config import StreamConfig
+from ..generate._engine import EngineRequest
+from ..generate._sequence import Token
 from ._generation import start
 from ._http import endpoint, event_stream, json_answer, merged, read_json, requested_model, run_to_end, state
 from ._request import APIError, ParsedRequest, ToolCallDeltas, bad, error_body, integer, number

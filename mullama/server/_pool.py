@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .._context_params import kv_cache_bytes
-from .._engine import Engine
 from .._exceptions import InvalidConfigError, ModelLoadError, ModelNotFoundError, MullamaError
-from .._model import Model
+from ..generate._context_params import kv_cache_bytes
+from ..generate._engine import Engine
+from ..generate._model import Model
 from ._request import APIError
 
 __all__ = ["DEFAULT_KEEP_ALIVE", "Lease", "LoadOptions", "ModelPool", "ModelSpec", "Served", "load_model",
@@ -80,7 +80,7 @@ class ModelSpec:
 
     def path(self) -> Path | None:
         """Its file, when it is on disk (a local file, or a hub model already downloaded)."""
-        from .._hub import cached, is_local_path
+        from ..hub._hub import cached, is_local_path
 
         if is_local_path(self.ref):
             return Path(self.ref).expanduser()
@@ -94,7 +94,7 @@ def model_specs(refs: Sequence[str], models_dir: str | os.PathLike | None = None
     """The specs for ``--models`` (hub names, tagless family names, paths) and every ``.gguf`` file
     in ``--models-dir``. A hub model is named by its full name (``smollm2:135m``) and also answers to
     the name given and its family (``smollm2``); a file by its stem. Problems fail here, at start."""
-    from .._hub import entry_for, is_family, is_local_path
+    from ..hub._hub import entry_for, is_family, is_local_path
 
     specs: list[ModelSpec] = []
     for ref in refs:
@@ -141,7 +141,7 @@ class LoadOptions:
 
 def load_model(spec: ModelSpec, options: LoadOptions) -> tuple[Model, Engine | None]:
     """Load ``spec`` and start its engine (none for an embedding model, which only embeds)."""
-    from .._embed import resolve_pooling
+    from ..generate._embed import resolve_pooling
 
     model = Model.load(spec.ref, chat_template=options.chat_template, **options.placement)
     try:

@@ -12,8 +12,8 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from .._config import StreamConfig
 from .._exceptions import MullamaError
+from ..generate._config import StreamConfig
 
 __all__ = ["APIError", "ParsedRequest", "ToolCallDeltas", "bad", "error_body", "generation_error", "integer",
            "number"]

@@ -22,10 +22,10 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from .._chat import normalize_messages
-from .._engine import EngineRequest
 from .._exceptions import InvalidConfigError, MullamaError, TemplateError
-from .._sequence import Token
+from ..chat._template import normalize_messages
+from ..generate._engine import EngineRequest
+from ..generate._sequence import Token
 from ._generation import count_prompt_tokens, start
 from ._http import endpoint, event_stream, read_json, run_to_end, state
 from ._openai import LLAMA_FIELDS, parse_request

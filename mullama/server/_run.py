@@ -45,8 +45,8 @@ def serve(model_ref: str | None = None, *, models: Sequence[str] = (), models_di
     up to ``drain_timeout`` seconds."""
     import uvicorn
 
-    from .._context_params import ContextSettings
-    from .._embed import check_options
+    from ..generate._context_params import ContextSettings
+    from ..generate._embed import check_options
 
     if not is_loopback(host) and not api_key:
         raise InvalidConfigError(f"refusing to listen on {host} without an API key: anyone on the network could "

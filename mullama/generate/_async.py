@@ -1,0 +1,246 @@
+"""asyncio streaming over the batching engine: concurrent streams decode together.
+
+An :class:`AsyncModel` owns one :class:`~mullama.generate._engine.Engine` (created off the event
+loop): every async stream of the model is a sequence in it, so N concurrent streams
+share each ``llama_decode`` instead of taking turns. Each stream still hands its tokens
+through its own ``queue.Queue(maxsize=buffer_size)``: a slow consumer pauses only its
+own sequence, and memory stays bounded. The event loop never runs a template, a
+tokeniser or a decode. Cancelling the consuming task, ``aclose()``, leaving
+``async with``, breaking out of ``async for`` or dropping the stream ends its sequence
+at the engine's next step; no thread is left behind, because no stream has one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from .._exceptions import InvalidConfigError, StreamingError
+from ..chat._tools import chat_prompt
+from ._config import StreamConfig, resolve_config
+from ._context import Completion
+from ._context_params import check_n_ctx
+from ._engine import Engine, EngineRequest
+from ._model import Model
+from ._sequence import SequenceView, Token
+
+__all__ = ["AsyncModel", "AsyncTokenStream", "submit_in_thread"]
+
+T = TypeVar("T")
+
+ENGINE_OPTIONS = frozenset({"parallel", "n_ctx", "n_batch", "n_threads", "seed", "flash_attn", "max_queue"})
+
+
+class AsyncTokenStream(SequenceView):
+    """An async iterator of :class:`Token`, with the statistics of :class:`~mullama.TokenStream`."""
+
+    def __init__(self, start: Callable[[], EngineRequest]) -> None:
+        # Renders and tokenises the prompt, then submits it (in a worker thread); None once started.
+        self._start: Callable[[], EngineRequest] | None = start
+        self._request: EngineRequest | None = None
+        self._sequence = None
+        self._done = False
+        self._closed = False
+
+    @property
+    def max_queued(self) -> int:
+        """The most tokens ever waiting in the buffer (never more than ``buffer_size``)."""
+        return self._request.channel.max_queued if self._request else 0
+
+    def __aiter__(self) -> AsyncTokenStream:
+        return self
+
+    async def _begin(self) -> EngineRequest:
+        # Once started, the stream no longer needs ``start`` (which holds the AsyncModel): a stream
+        # that outlives its model, or sits in a reference cycle, does not keep the engine running.
+        start, self._start = self._start, None
+        if start is None:
+            raise StreamingError("this stream is being started by another task; iterate a stream in one task.")
+        request = await submit_in_thread(start, EngineRequest.cancel)
+        self._request, self._sequence = request, request._sequence
+        # Dropped without aclose() (a `break` out of `async for`): end the sequence anyway.
+        weakref.finalize(self, request.cancel)
+        return request
+
+    async def __anext__(self) -> Token:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            request = self._request or await self._begin()
+            token = await request.next_token()
+        except BaseException:  # a failure, or the task was cancelled: the sequence ends here
+            self._end()
+            raise
+        if token is None:
+            self._done = True
+            raise StopAsyncIteration
+        return token
+
+    def _end(self) -> None:
+        self._done = True
+        if self._request is not None:
+            self._request.cancel()
+
+    async def aclose(self) -> None:
+        """Stop generating (the engine frees the sequence at its next step)."""
+        if not self._done:
+            self._closed = True
+        self._end()
+
+    async def __aenter__(self) -> AsyncTokenStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    @property
+    def finish_reason(self) -> str | None:
+        reason = super().finish_reason
+        return "cancelled" if reason is None and self._closed else reason
+
+    def __repr__(self) -> str:
+        return f"<mullama.AsyncTokenStream tokens={self.tokens_generated()} finish_reason={self.finish_reason!r}>"
+
+
+async def submit_in_thread(start: Callable[[], T], undo: Callable[[T], object]) -> T:
+    """``start()`` (render, tokenise, submit: CPU work) in a worker thread, never on the event loop.
+    If the awaiting task is cancelled meanwhile, ``undo`` is applied to what it still makes (the
+    requests it submitted are cancelled)."""
+    started = asyncio.ensure_future(asyncio.to_thread(start))
+    try:
+        return await asyncio.shield(started)
+    except asyncio.CancelledError:
+        def undo_when_done(future: asyncio.Future) -> None:
+            if not future.cancelled() and future.exception() is None:
+                undo(future.result())
+
+        started.add_done_callback(undo_when_done)
+        raise
+    finally:
+        # When start() raised, the future holds its exception, whose traceback holds this frame (and
+        # start's, with what start holds: an AsyncModel): without this, a cycle for the cyclic GC.
+        del started, start
+
+
+class AsyncModel:
+    """A Model for asyncio code: loads off the event loop, streams through a batching engine.
+
+    ``parallel`` streams decode together (more wait, up to ``max_queue``), each with
+    ``n_ctx`` tokens of context; a stream reuses the KV cache of an earlier one that shares
+    its prompt's beginning, so a follow-up chat turn only decodes what is new. ``seed``
+    seeds every stream whose StreamConfig sets none.
+    """
+
+    def __init__(self, model: Model, *, parallel: int = 4, n_ctx: int | None = None, n_batch: int = 2048,
+                 n_threads: int | None = None, seed: int | None = None, flash_attn: bool | None = None,
+                 max_queue: int = 256) -> None:
+        check_n_ctx(n_ctx)  # now, not when the first stream starts the engine
+        self.model = model
+        self._engine_options: dict[str, Any] = {
+            "parallel": parallel, "n_ctx": n_ctx, "n_batch": n_batch, "n_threads": n_threads, "seed": seed,
+            "flash_attn": flash_attn, "max_queue": max_queue}
+        self._engine: Engine | None = None
+        self._engine_lock = threading.Lock()
+
+    @classmethod
+    async def load(cls, model: str | os.PathLike, **options: Any) -> AsyncModel:
+        """Load ``model`` (a path or a name) and start its engine, in a worker thread. Engine
+        options (``parallel``, ``n_ctx``, ``n_threads``, ``seed``, ...) go to the engine; the rest
+        to :meth:`Model.load`."""
+        engine_options = {k: options.pop(k) for k in list(options) if k in ENGINE_OPTIONS}
+        loaded = await asyncio.to_thread(Model.load, model, **options)
+        try:
+            async_model = cls(loaded, **engine_options)
+            await asyncio.to_thread(async_model._get_engine)
+        except BaseException:
+            loaded.close()
+            raise
+        return async_model
+
+    @property
+    def engine(self) -> Engine | None:
+        """The engine, once started (by ``load`` or the first stream)."""
+        return self._engine
+
+    def _get_engine(self) -> Engine:
+        """The engine, created on first use (in a worker thread: never on the event loop)."""
+        with self._engine_lock:
+            if self._engine is None:
+                self._engine = Engine(self.model, **self._engine_options)
+            return self._engine
+
+    def _stream(self, prepare: Callable[[], tuple[str, StreamConfig]]) -> AsyncTokenStream:
+        model = self.model
+
+        def start() -> EngineRequest:
+            engine = self._get_engine()
+            prompt, config = prepare()
+            tokens = model.tokenize(prompt, add_special=True, parse_special=True)
+            return engine.submit(tokens, config)
+
+        return AsyncTokenStream(start)
+
+    def generate_stream(self, prompt: str, config: StreamConfig | int | None = None, *,
+                        max_tokens: int | None = None, **options: Any) -> AsyncTokenStream:
+        """``async for token in model.generate_stream(prompt, config=...)``."""
+        config = resolve_config(config, max_tokens, options)
+        _check_prompt(prompt)
+        return self._stream(lambda: (prompt, config))
+
+    def chat_stream(self, messages: list[dict], config: StreamConfig | int | None = None, *,
+                    max_tokens: int | None = None, tools: list[dict] | None = None, tool_choice: Any = "auto",
+                    parallel_tool_calls: bool = True, chat_template: str | os.PathLike | None = None,
+                    chat_template_kwargs: dict | None = None, reasoning_format: str = "auto",
+                    **options: Any) -> AsyncTokenStream:
+        """Stream the reply to ``messages`` with the model's chat template; tools and templates as
+        :meth:`Context.chat_stream` (rendered in a worker thread)."""
+        resolved = resolve_config(config, max_tokens, options)
+        return self._stream(lambda: chat_prompt(
+            self.model, messages, resolved, tools=tools, tool_choice=tool_choice,
+            parallel_tool_calls=parallel_tool_calls, chat_template=chat_template,
+            chat_template_kwargs=chat_template_kwargs, reasoning_format=reasoning_format))
+
+    async def generate(self, prompt: str, max_tokens: int | None = None, *, config: StreamConfig | None = None,
+                       **options: Any) -> Completion:
+        """The whole completion (greedy unless told otherwise), as :meth:`Context.generate`."""
+        if config is None and "temperature" not in options:
+            options["temperature"] = 0.0
+        stream = self.generate_stream(prompt, config, max_tokens=max_tokens, **options)
+        async with stream:
+            async for _ in stream:
+                pass
+        return Completion(
+            text=stream.text, token_ids=stream.token_ids, finish_reason=stream.finish_reason or "stop",
+            prompt_tokens=stream.prompt_tokens, cached_tokens=stream.cached_tokens,
+            timings={"prompt_seconds": stream.prompt_seconds(), "time_to_first_token": stream.time_to_first_token(),
+                     "tokens_per_second": stream.tokens_per_second()})
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kw: Any) -> str:
+        return self.model.apply_chat_template(messages, add_generation_prompt, **kw)
+
+    async def embed(self, texts: Any, **options: Any) -> Any:
+        """:meth:`Model.embed` in a worker thread: the event loop never waits for tokenising or a
+        decode. Concurrent calls share decodes."""
+        return await asyncio.to_thread(self.model.embed, texts, **options)
+
+    async def aclose(self) -> None:
+        """Stop every stream, end the engine's thread, free the engine and the model."""
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            await asyncio.to_thread(engine.close)
+        self.model.close()
+
+    async def __aenter__(self) -> AsyncModel:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+def _check_prompt(prompt: Any) -> None:
+    if not isinstance(prompt, str):
+        raise InvalidConfigError(f"the prompt must be a str, not {type(prompt).__name__}.")

@@ -1,0 +1,390 @@
+"""A llama.cpp context: the KV cache of one conversation, and the token loop on top of it."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .._exceptions import (
+    ContextError,
+    ContextOverflowError,
+    InvalidConfigError,
+    decode_error,
+    detached,
+)
+from ..chat._tools import chat_prompt
+from ..native._owned import Owned
+from ._config import MAX_SEED, StreamConfig, resolve_config
+from ._context_params import (
+    ContextSettings,
+    adopt_context,
+    check_n_ctx,
+    chunk_end,
+    common_prefix,
+    create_context,
+    default_threads,
+    prompt_breaks,
+)
+from ._model import Model
+from ._sequence import Sequence, Token
+from ._stream import TokenStream
+
+__all__ = ["Completion", "Context", "default_threads"]
+
+
+@dataclass
+class Completion:
+    """The result of :meth:`Context.generate`."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (end of generation or a stop sequence), "length" (max_tokens or context full)
+    prompt_tokens: int
+    cached_tokens: int = 0  # prompt tokens reused from the KV cache
+    timings: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class _AbortState:
+    """What the abort callback of one context looks at (never the Context itself)."""
+
+    __slots__ = ("deadline",)
+
+    def __init__(self) -> None:
+        self.deadline: float | None = None
+
+
+_abort_callback: Any = None  # one C callback for every context, made on first use
+
+
+def _abort_callback_for(ffi: Any) -> Any:
+    """The ``ggml_abort_callback`` all contexts share. Its user data is a handle to the context's
+    _AbortState, so no callback refers to a Context: a dropped Context is freed by refcount."""
+    global _abort_callback
+    if _abort_callback is None:
+        def should_abort(data: Any) -> bool:
+            deadline = ffi.from_handle(data).deadline
+            return deadline is not None and time.monotonic() > deadline
+
+        _abort_callback = ffi.callback("ggml_abort_callback", should_abort)
+    return _abort_callback
+
+
+class Context(Owned):
+    """One llama.cpp context over a :class:`Model`.
+
+    It keeps its KV cache between calls and reuses the longest common token prefix
+    with the previous prompt, so a follow-up turn only decodes what is new.
+    ``seed`` seeds every stream on it whose StreamConfig sets none.
+    A Context is used by one thread at a time; give each thread its own.
+    """
+
+    _kind = "context"
+
+    def __init__(self, model: Model, *, n_ctx: int | None = None, n_batch: int = 2048,
+                 n_threads: int | None = None, n_threads_batch: int | None = None,
+                 seed: int | None = None, flash_attn: bool | None = None, warmup: bool = True) -> None:
+        if not isinstance(model, Model):
+            raise InvalidConfigError(f"Context needs a mullama.Model, not {type(model).__name__}.")
+        check_n_ctx(n_ctx)
+        settings = ContextSettings(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
+                                   n_threads_batch=n_threads_batch, flash_attn=flash_attn)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+            raise InvalidConfigError(f"seed must be an integer from 0 to {MAX_SEED}, not {seed!r}.")
+        self.model = model  # keeps the model alive as long as this context
+        self.seed = seed
+        ptr = create_context(model, settings)
+        adopt_context(self, model, ptr, settings, warmup=warmup)
+        library = model._library
+        ffi, lib = library.ffi, library.lib
+        self._compute = library.compute
+        self._lock = library.compute.lock_for(model)
+        self._lib = lib
+        self._memory = lib.llama_get_memory(ptr)
+        self.n_ctx = lib.llama_n_ctx(ptr)
+        self.n_batch = lib.llama_n_batch(ptr)
+        self.n_threads = settings.threads
+        self._tokens: list[int] = []  # what the KV cache holds, in order
+        self._guard = threading.Lock()
+        # One-token batch, built once: the loop rewrites _token_buf[0] and decodes (no allocation).
+        self._token_buf = ffi.new("llama_token[1]")
+        self._one_token_batch = lib.llama_batch_get_one(self._token_buf, 1)
+        self._abort_state = _AbortState()
+        self._abort_handle = ffi.new_handle(self._abort_state)
+        self._generation = 0  # bumped by each generation; an older one then stops
+
+    # --- KV cache ---------------------------------------------------------------
+    @property
+    def cached_tokens(self) -> list[int]:
+        """The tokens whose keys and values are in the cache, in order."""
+        return list(self._tokens)
+
+    def clear(self) -> None:
+        """Forget everything: the next prompt is decoded from scratch."""
+        with self._use():
+            self._lib.llama_memory_clear(self._memory, True)
+            self._tokens = []
+
+    def _trim(self, keep: int) -> None:
+        """Keep the first ``keep`` tokens of the cache, drop the rest."""
+        if keep < len(self._tokens):
+            if not self._lib.llama_memory_seq_rm(self._memory, 0, keep, -1):
+                self._lib.llama_memory_clear(self._memory, True)
+                keep = 0
+            del self._tokens[keep:]
+
+    def _use(self) -> _Exclusive:
+        return _Exclusive(self)
+
+    # --- decoding ---------------------------------------------------------------
+    def decode(self, tokens: list[int]) -> None:
+        """Append ``tokens`` to the cache (logits of the last one are kept for sampling)."""
+        self.model._check_tokens(list(tokens))
+        with self._compute.busy(), self._use():
+            self._decode(list(tokens))
+
+    def _decode(self, tokens: list[int], deadline: float | None = None, breaks: tuple[int, ...] = ()) -> None:
+        """Decode ``tokens`` after the cached ones, in batches of at most n_batch that also end at the
+        absolute positions ``breaks`` (as llama-server's do)."""
+        if not tokens:
+            return
+        if len(self._tokens) + len(tokens) > self.n_ctx:
+            raise ContextOverflowError(
+                f"{len(tokens)} new tokens + {len(self._tokens)} cached do not fit in the context of "
+                f"{self.n_ctx} tokens; shorten the prompt, clear() the context, or create it with a larger n_ctx."
+            )
+        ffi, lib, ptr = self._ffi, self._lib, self.ptr
+        use_abort = deadline is not None
+        if use_abort:  # only around prompt decodes: ggml polls it at every graph node
+            self._abort_state.deadline = deadline
+            lib.llama_set_abort_callback(ptr, _abort_callback_for(ffi), self._abort_handle)
+        try:
+            start, offset = 0, len(self._tokens)
+            while start < len(tokens):
+                end = chunk_end(offset + start, self.n_batch, breaks) - offset
+                chunk = tokens[start:end]
+                start = end
+                array = ffi.new("llama_token[]", chunk)
+                with self._lock:
+                    rc = lib.llama_decode(ptr, lib.llama_batch_get_one(array, len(chunk)))
+                if rc != 0:
+                    self._decode_failed(rc, len(self._tokens), 0)
+                self._tokens.extend(chunk)
+        finally:
+            if use_abort:
+                lib.llama_set_abort_callback(ptr, ffi.NULL, ffi.NULL)
+                self._abort_state.deadline = None
+
+    def _decode_failed(self, rc: int, keep: int, processed: int) -> None:
+        # A failed or aborted decode may leave finished chunks in the cache: drop them.
+        self._lib.llama_memory_seq_rm(self._memory, 0, keep, -1)
+        raise decode_error(rc, n_ctx=self.n_ctx, processed=processed)
+
+    def _prepare_prompt(self, prompt_tokens: list[int], deadline: float | None = None, *,
+                        reuse: bool = True) -> int:
+        """Make the cache hold exactly ``prompt_tokens``, decoding only what differs (everything
+        unless ``reuse``).
+
+        Returns how many prompt tokens were reused from the cache.
+        """
+        if not prompt_tokens:
+            raise InvalidConfigError("the prompt is empty; give at least one token of text.")
+        if len(prompt_tokens) > self.n_ctx:
+            raise ContextOverflowError(
+                f"the prompt has {len(prompt_tokens)} tokens but the context holds {self.n_ctx}; "
+                "shorten the prompt or create the Context with a larger n_ctx."
+            )
+        # Logits are only there for the last decoded token: re-decode at least one.
+        common = min(common_prefix(self._tokens, prompt_tokens), len(prompt_tokens) - 1) if reuse else 0
+        self._trim(common)
+        self._decode(prompt_tokens[common:], deadline, prompt_breaks(self.model, len(prompt_tokens), self.n_batch))
+        return common
+
+    def _sequence(self, prompt_tokens: list[int], config: StreamConfig) -> Sequence:
+        """A new sequence for ``prompt_tokens`` on this context (its sampler seeded by ``seed``)."""
+        if not prompt_tokens:
+            raise InvalidConfigError("the prompt is empty; give at least one token of text.")
+        return Sequence(self.model, prompt_tokens, config, n_ctx=self.n_ctx, default_seed=self.seed)
+
+    def _steps(self, sequence: Sequence) -> Generator[Token, None, None]:
+        """Step ``sequence`` on this context: decode its prompt, then sample and decode one token
+        at a time. Closing the generator stops at once and leaves the cache consistent; starting
+        another generation on this Context ends this one (its next step raises ContextError)."""
+        try:
+            with self._compute.busy():
+                with self._use():
+                    self._generation += 1
+                    generation = self._generation
+                    sequence.begin()
+                    cached = self._prepare_prompt(sequence.prompt_tokens, sequence.deadline,
+                                                  reuse=sequence.config.cache_prompt)
+                    sequence.prompt_decoded(cached)
+                yield from self._token_loop(generation, sequence)
+        except GeneratorExit:
+            sequence.cancel()
+            raise
+        except BaseException as exc:
+            sequence.fail(detached(exc))  # the sequence keeps a copy: exc's traceback holds this frame
+            raise
+        finally:
+            sequence.close()
+
+    def _enter_step(self, generation: int | None = None) -> None:
+        """Take the context for one step (of ``generation``, when given); release ``_guard`` after it.
+
+        Another thread using it, a closed context, or a newer generation each raise a clear error.
+        """
+        if not self._guard.acquire(False):
+            raise ContextError("this Context is being used by another thread at the same time; "
+                               "give each thread its own Context (they can share one Model).")
+        if self._ptr is None:
+            self._guard.release()
+            self.ensure_open()  # raises the ClosedError that says why
+        if generation is not None and generation != self._generation:
+            self._guard.release()
+            raise ContextError("another generation started on this Context, which ends this one; "
+                               "use one Context per concurrent stream.")
+
+    def _token_loop(self, generation: int, sequence: Sequence) -> Iterator[Token]:
+        lib, ptr, lock, guard = self._lib, self.ptr, self._lock, self._guard
+        buf, batch, tokens = self._token_buf, self._one_token_batch, self._tokens
+        sample, accept = sequence.sampler.sample, sequence.accept
+        while True:
+            self._enter_step(generation)
+            try:
+                with lock:  # sampling takes the cores too: not beside another context's decode
+                    token_id = sample(ptr, -1)
+            finally:
+                guard.release()
+            token = accept(token_id, ptr, -1)
+            yield token
+            if token.finish_reason is not None:
+                return
+            sequence.check_deadline()
+            self._enter_step(generation)
+            try:
+                buf[0] = token_id
+                with lock:
+                    rc = lib.llama_decode(ptr, batch)
+                if rc != 0:
+                    self._decode_failed(rc, len(tokens), sequence.n_tokens)
+                tokens.append(token_id)
+            finally:
+                guard.release()
+
+    # --- the public streaming API -------------------------------------------------
+    def _tokenize_prompt(self, prompt: str) -> list[int]:
+        if not isinstance(prompt, str):
+            raise InvalidConfigError(f"the prompt must be a str, not {type(prompt).__name__}.")
+        # As upstream's server and tools do: BOS/EOS as the model wants, special-token text parsed.
+        return self.model.tokenize(prompt, add_special=True, parse_special=True)
+
+    def generate_stream(self, prompt: str, config: StreamConfig | int | None = None, *,
+                        max_tokens: int | None = None, **options: Any) -> TokenStream:
+        """Stream the completion of ``prompt``, token by token.
+
+        Call it as ``generate_stream(prompt, config=StreamConfig(...))``,
+        ``generate_stream(prompt, 500)`` or ``generate_stream(prompt, max_tokens=500,
+        temperature=0)`` (keyword options override fields of ``config``).
+        """
+        config = resolve_config(config, max_tokens, options)
+        return self._stream(self._tokenize_prompt(prompt), config)
+
+    def _stream(self, prompt_tokens: list[int], config: StreamConfig) -> TokenStream:
+        sequence = self._sequence(prompt_tokens, config)
+        return TokenStream(self._steps(sequence), sequence)
+
+    def generate_streaming(self, prompt: str, max_tokens: int | None = None,
+                           callback: Callable[[str], bool | None] | None = None, *,
+                           config: StreamConfig | None = None, **options: Any) -> TokenStream:
+        """Call ``callback(text)`` for every token's text; returning False stops generation.
+
+        Returns the finished TokenStream, for its statistics.
+        """
+        if callback is None or not callable(callback):
+            raise InvalidConfigError("generate_streaming needs a callback(text) -> bool.")
+        stream = self.generate_stream(prompt, config, max_tokens=max_tokens, **options)
+        with stream:
+            for token in stream:
+                if callback(token.text) is False:
+                    break
+        return stream
+
+    def chat_stream(self, messages: list[dict], config: StreamConfig | int | None = None, *,
+                    max_tokens: int | None = None, tools: list[dict] | None = None, tool_choice: Any = "auto",
+                    parallel_tool_calls: bool = True, chat_template: str | os.PathLike | None = None,
+                    chat_template_kwargs: dict | None = None, reasoning_format: str = "auto",
+                    **options: Any) -> TokenStream:
+        """Stream the assistant's reply to ``messages``, rendered with the model's own chat template
+        (or ``chat_template``, Jinja text or a file; ``chat_template_kwargs`` reach it).
+
+        With ``tools`` (OpenAI's function tools) the model may call them: a call's tokens come with
+        ``kind == "tool_call"`` and no text, the calls are in ``stream.tool_calls`` afterwards, and
+        ``finish_reason`` is ``"tool_calls"``. ``tool_choice`` is "auto", "none", "required" or
+        ``{"type": "function", "function": {"name": ...}}`` (a call, to that function).
+
+        With a thinking template (``<think>``), the thought is kept apart: its tokens have
+        ``kind == "reasoning"`` and it is in ``stream.reasoning``, not ``stream.text``;
+        ``reasoning_format="none"`` leaves it in the text.
+        """
+        config = resolve_config(config, max_tokens, options)
+        prompt, config = chat_prompt(self.model, messages, config, tools=tools, tool_choice=tool_choice,
+                                     parallel_tool_calls=parallel_tool_calls, chat_template=chat_template,
+                                     chat_template_kwargs=chat_template_kwargs, reasoning_format=reasoning_format)
+        return self._stream(self._tokenize_prompt(prompt), config)
+
+    def generate(self, prompt: str, max_tokens: int | None = None, *, config: StreamConfig | None = None,
+                 **options: Any) -> Completion:
+        """Complete ``prompt`` and return the whole result (greedy unless told otherwise)."""
+        if config is None and "temperature" not in options:
+            options["temperature"] = 0.0
+        stream = self.generate_stream(prompt, config, max_tokens=max_tokens, **options)
+        started = time.perf_counter()
+        with stream:
+            for _ in stream:
+                pass
+        return Completion(
+            text=stream.text,
+            token_ids=stream.token_ids,
+            finish_reason=stream.finish_reason or "stop",
+            prompt_tokens=stream.prompt_tokens,
+            cached_tokens=stream.cached_tokens,
+            timings={"prompt_seconds": stream.prompt_seconds(), "total_seconds": time.perf_counter() - started,
+                     "time_to_first_token": stream.time_to_first_token(),
+                     "tokens_per_second": stream.tokens_per_second()},
+        )
+
+    def close(self) -> None:
+        """Free the KV cache and the context. Refused while another thread uses it."""
+        if self._ptr is None:
+            return
+        if not self._guard.acquire(blocking=False):
+            raise ContextError("this context is in use by another thread; stop its generation first.")
+        try:
+            super().close()
+        finally:
+            self._guard.release()
+
+    def __repr__(self) -> str:
+        return f"<mullama.Context n_ctx={self.n_ctx} cached={len(self._tokens)}{' closed' if self.closed else ''}>"
+
+
+class _Exclusive:
+    """Marks a Context busy for one step; a second thread gets a clear error, not corrupted state."""
+
+    __slots__ = ("_context",)
+
+    def __init__(self, context: Context) -> None:
+        self._context = context
+
+    def __enter__(self) -> None:
+        self._context._enter_step()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._context._guard.release()

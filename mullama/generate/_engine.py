@@ -1,0 +1,446 @@
+"""Continuous batching: one thread, one llama context, many sequences decoding together.
+
+Each step decodes one batch that holds the next token of every active sequence and
+chunks of the prompts of new ones; then each sequence samples from its own row of
+logits. New requests join between steps; finished or cancelled ones leave, and a
+cancelled sequence's KV cells are freed at once. A request whose reader is slow pauses
+alone: its bounded channel is full, so it sits out the next steps while the others go
+on. Requests beyond the number of slots wait in a bounded queue.
+
+What a token means (sampling, text, stop sequences, limits, timeouts, statistics) is
+decided by each request's :class:`~mullama.generate._sequence.Sequence`, the same one a
+``Context`` steps: this module only schedules. If the engine's thread ever dies, every
+request it held fails with EngineError, ``submit`` refuses new ones, and ``alive`` says so.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+import weakref
+
+from .._exceptions import (
+    ContextOverflowError,
+    EngineError,
+    InvalidConfigError,
+    MullamaError,
+    QueueFullError,
+    decode_error,
+    detached,
+)
+from ..native._owned import Owned
+from ._channel import Channel
+from ._config import MAX_SEED, StreamConfig
+from ._context_params import (
+    MAX_SEQUENCES,
+    ContextSettings,
+    adopt_context,
+    check_count,
+    check_n_ctx,
+    chunk_end,
+    common_prefix,
+    create_context,
+    default_n_ctx,
+    prompt_breaks,
+)
+from ._model import Model
+from ._sequence import Sequence, SequenceView, Token
+
+__all__ = ["Engine", "EngineRequest", "QueueFullError"]
+
+
+class EngineRequest(SequenceView):
+    """One sequence in the engine: read its tokens with ``next_token()``; ``cancel()`` ends it.
+
+    Statistics are those of every stream (``text``, ``finish_reason``, ``tokens_generated()``, ...).
+    """
+
+    _sequence: Sequence
+
+    def __init__(self, sequence: Sequence, request_id: int, wake: threading.Event) -> None:
+        self._sequence = sequence
+        self.id = request_id
+        self.config = sequence.config
+        self.channel = Channel(sequence.config.buffer_size)
+        # A reader taking a token may un-pause its sequence: let the engine look again.
+        self.channel.on_take = wake.set
+        self._wake = wake
+        self._cancelled = False
+
+    def cancel(self) -> None:
+        """Stop this sequence; its slot and KV cells are released by the next step. A reader still
+        waiting for its next token (a route whose client went away) gets the end at once."""
+        if not self._cancelled:
+            self._cancelled = True
+            self.channel.close()
+            self.channel.finish()
+            self._wake.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    async def next_token(self) -> Token | None:
+        """The next token, awaited without blocking the event loop; None at the end."""
+        result: Token | None = await self.channel.get_async()
+        return result
+
+
+class _Slot:
+    """A sequence of the shared context, and the request it is serving."""
+
+    __slots__ = ("batch_row", "breaks", "cached", "next_token", "pending_prompt", "request", "seq_id")
+
+    def __init__(self, seq_id: int) -> None:
+        self.seq_id = seq_id
+        self.cached: list[int] = []  # tokens whose KV cells this sequence holds
+        self.request: EngineRequest | None = None
+        self.pending_prompt: list[int] = []
+        self.breaks: tuple[int, ...] = ()  # positions where a prompt batch must end (prompt_breaks)
+        self.next_token: int | None = None  # sampled, delivered, not yet decoded
+        self.batch_row = -1
+
+
+class Engine(Owned):
+    """A thread that serves many sequences from one model with continuous batching.
+
+    ``parallel`` sequences decode together, each with ``n_ctx`` tokens of context (default:
+    the model's trained length, at most 4096); up to ``max_queue`` more requests wait.
+    ``seed`` seeds every request whose config sets none.
+    """
+
+    _kind = "engine"
+    _close_order = 0
+
+    def __init__(self, model: Model, *, parallel: int = 4, n_ctx: int | None = None, n_batch: int = 2048,
+                 n_threads: int | None = None, max_queue: int = 64, seed: int | None = None,
+                 flash_attn: bool | None = None) -> None:
+        if not isinstance(model, Model):
+            raise InvalidConfigError(f"Engine needs a mullama.Model, not {type(model).__name__}.")
+        check_n_ctx(n_ctx)
+        check_count("parallel", parallel, MAX_SEQUENCES, allow_none=False)
+        settings = ContextSettings(n_ctx=(n_ctx or default_n_ctx(model)) * parallel, n_batch=n_batch,
+                                   n_threads=n_threads, n_seq_max=parallel, flash_attn=flash_attn)
+        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
+            raise InvalidConfigError(f"max_queue must be a non-negative integer, not {max_queue!r}.")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+            raise InvalidConfigError(f"seed must be an integer from 0 to {MAX_SEED}, not {seed!r}.")
+        self.model = model
+        self.parallel = parallel
+        self.seed = seed
+        ptr = create_context(model, settings)
+        adopt_context(self, model, ptr, settings, warmup=True)
+        library = model._library
+        self._compute = library.compute
+        self._lock = library.compute.lock_for(model)
+        self._lib = lib = library.lib
+        self._memory = lib.llama_get_memory(ptr)
+        self.n_ctx = lib.llama_n_ctx(ptr)
+        self.n_batch = lib.llama_n_batch(ptr)
+        self.n_ctx_per_slot = lib.llama_n_ctx_seq(ptr) or self.n_ctx // parallel
+        self._batch = lib.llama_batch_init(self.n_batch, 0, 1)
+        self._free_batch = weakref.finalize(self, lib.llama_batch_free, self._batch)
+        self._slots = [_Slot(i) for i in range(parallel)]
+        self._waiting: collections.deque[EngineRequest] = collections.deque()
+        self.max_queue = max_queue
+        self._state = threading.Lock()  # guards _waiting, _stopping, failure
+        self._wake = threading.Event()
+        self._stopping = False
+        self.failure: BaseException | None = None  # why the thread died, if it did
+        self._ids = itertools.count(1)
+        self.stats = {"requests_total": 0, "requests_finished": 0, "requests_cancelled": 0, "requests_failed": 0,
+                      "prompt_tokens_total": 0, "completion_tokens_total": 0, "decode_steps": 0,
+                      "decode_seconds": 0.0, "rejected_total": 0}
+        # The thread holds a weak reference: an engine nobody holds is stopped and freed.
+        self._thread = threading.Thread(target=_serve, args=(weakref.ref(self), self._wake),
+                                        name="mullama-engine", daemon=True)
+        self._thread.start()
+
+    # --- requests -------------------------------------------------------------------
+    def submit(self, prompt_tokens: list[int], config: StreamConfig) -> EngineRequest:
+        """Queue a sequence. Raises QueueFullError when every slot is busy and the queue is full,
+        ContextOverflowError when the prompt cannot fit, EngineError when the engine has died."""
+        if not isinstance(config, StreamConfig):
+            raise InvalidConfigError(f"config must be a StreamConfig, not {type(config).__name__}.")
+        if not prompt_tokens:
+            raise InvalidConfigError("the prompt is empty; give at least one token of text.")
+        self.model._check_tokens(prompt_tokens)
+        if len(prompt_tokens) >= self.n_ctx_per_slot:
+            raise ContextOverflowError(
+                f"the prompt has {len(prompt_tokens)} tokens but each of the {self.parallel} sequences holds "
+                f"{self.n_ctx_per_slot}; shorten it, or use a larger context size.")
+        self._check_alive()
+        sequence = Sequence(self.model, list(prompt_tokens), config, n_ctx=self.n_ctx_per_slot,
+                            default_seed=self.seed)
+        request = EngineRequest(sequence, next(self._ids), self._wake)
+        with self._state:
+            self._check_alive()
+            if self._stopping:
+                raise QueueFullError("the engine is shutting down; retry on another server.")
+            busy = sum(1 for s in self._slots if s.request is not None)
+            if busy + len(self._waiting) >= self.parallel + self.max_queue:
+                self.stats["rejected_total"] += 1
+                raise QueueFullError(f"all {self.parallel} slots are busy and {self.max_queue} requests are "
+                                     "waiting; retry later.")
+            sequence.begin()
+            self._waiting.append(request)
+            self.stats["requests_total"] += 1
+        self._wake.set()
+        return request
+
+    def _check_alive(self) -> None:
+        if self.failure is not None:
+            raise EngineError(f"the engine stopped after an internal error ({self.failure!r}); "
+                              "restart it (or the server).")
+        if self._ptr is None:
+            raise EngineError("the engine is closed.")
+
+    @property
+    def alive(self) -> bool:
+        """False once the engine's thread has died or the engine was closed."""
+        return self.failure is None and self._ptr is not None and self._thread.is_alive()
+
+    @property
+    def active_streams(self) -> int:
+        return sum(1 for s in self._slots if s.request is not None)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def stop(self, *, drain: bool = True, timeout: float = 60.0) -> None:
+        """Stop taking requests; finish (``drain``) or cancel the ones in flight; end the thread."""
+        with self._state:
+            self._stopping = True
+            if not drain:
+                for request in list(self._waiting) + [s.request for s in self._slots if s.request]:
+                    request.cancel()
+        self._wake.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def close(self) -> None:
+        """Cancel every request, end the thread, free the context. Refused while the thread
+        is still inside a decode after the wait (it never is for long)."""
+        if self._thread.is_alive():
+            self.stop(drain=False, timeout=30)
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            raise EngineError("the engine's thread did not stop within 30 s; not freeing its context.")
+        super().close()
+        self._free_batch()
+
+    # --- the engine thread -------------------------------------------------------------
+    def _run_once(self) -> bool | None:
+        """One round: admit, step. True if it decoded, False if idle, None when it should end."""
+        self._wake.clear()  # before looking for work: a later set() is never missed
+        self._admit()
+        with self._state:
+            idle = all(s.request is None for s in self._slots)
+            if idle and self._stopping and not self._waiting:
+                return None
+        return self._step()
+
+    def _die(self, exc: BaseException) -> None:
+        """The thread is ending on an error: fail everything it held and refuse new work."""
+        with self._state:
+            self.failure = exc
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        error = EngineError(f"the engine stopped after an internal error ({exc!r}); restart it (or the server).")
+        requests = [s.request for s in self._slots if isinstance(s, _Slot) and s.request is not None] + waiting
+        for request in requests:  # each one is told, whatever state the slots are in
+            request._sequence.fail(error)
+            request.channel.fail(error)
+            request._sequence.close()
+
+    def _admit(self) -> None:
+        """Move waiting requests into free slots, choosing the slot whose cache shares the most."""
+        while True:
+            with self._state:
+                if not self._waiting:
+                    return
+                free = [s for s in self._slots if s.request is None]
+                if not free:
+                    return
+                request = self._waiting.popleft()
+                slot = None
+                if not request.cancelled:  # reserved under the lock, so submit() counts it as busy
+                    prompt = request._sequence.prompt_tokens
+                    slot = max(free, key=lambda s: common_prefix(s.cached, prompt))
+                    slot.request = request
+            if slot is None:
+                request._sequence.cancel()
+                request._sequence.close()
+                self.stats["requests_cancelled"] += 1
+                continue
+            self._start(slot, request)
+
+    def _start(self, slot: _Slot, request: EngineRequest) -> None:
+        """Begin serving ``request`` in ``slot`` (reserved for it): keep the cache's common prefix."""
+        prompt = request._sequence.prompt_tokens
+        reuse = request._sequence.config.cache_prompt
+        common = min(common_prefix(slot.cached, prompt), len(prompt) - 1) if reuse else 0
+        if common < len(slot.cached):
+            if not self._lib.llama_memory_seq_rm(self._memory, slot.seq_id, common, -1):
+                self._lib.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+                common = 0
+            del slot.cached[common:]
+        slot.pending_prompt = prompt[common:]
+        slot.breaks = prompt_breaks(self.model, len(prompt), self.n_batch)
+        slot.next_token = None
+        request._sequence.cached_tokens = common
+        self.stats["prompt_tokens_total"] += len(prompt)
+
+    def _step(self) -> bool:
+        """Decode one batch; False when there was nothing to do."""
+        batch, lib = self._batch, self._lib
+        n = 0
+        rows: list[_Slot] = []  # sequences that sample after this decode
+        members: list[_Slot] = []  # every sequence with tokens in the batch
+        for slot in self._slots:  # generation first: one token of every sequence that is not paused
+            request = slot.request
+            if request is None:
+                continue
+            if request.cancelled:
+                self._release(slot, cancelled=True)
+                continue
+            try:
+                request._sequence.check_deadline()
+            except MullamaError as exc:
+                self._fail(slot, exc)
+                continue
+            if slot.next_token is not None and request.channel.has_room():
+                n = self._add(n, slot.next_token, len(slot.cached), slot.seq_id, True)
+                slot.cached.append(slot.next_token)
+                slot.next_token = None
+                slot.batch_row = n - 1
+                rows.append(slot)
+                members.append(slot)
+        for slot in self._slots:  # then prompt chunks, as much as the batch has room for
+            if slot.request is None or not slot.pending_prompt or n >= self.n_batch:
+                continue
+            position = len(slot.cached)
+            take = slot.pending_prompt[: chunk_end(position, self.n_batch - n, slot.breaks) - position]
+            del slot.pending_prompt[: len(take)]
+            last = not slot.pending_prompt
+            for i, token in enumerate(take):
+                n = self._add(n, token, len(slot.cached), slot.seq_id, last and i == len(take) - 1)
+                slot.cached.append(token)
+            members.append(slot)
+            if last:
+                slot.batch_row = n - 1
+                rows.append(slot)
+        if n == 0:
+            return False
+        batch.n_tokens = n
+        started = time.perf_counter()
+        with self._lock:
+            rc = lib.llama_decode(self.ptr, batch)
+        self.stats["decode_seconds"] += time.perf_counter() - started
+        self.stats["decode_steps"] += 1
+        if rc != 0:
+            for slot in members:  # the batch is dropped: every sequence in it fails, the others go on
+                assert slot.request is not None
+                processed = slot.request._sequence.n_tokens
+                self._fail(slot, decode_error(rc, n_ctx=self.n_ctx_per_slot, processed=processed))
+            return True
+        for slot in rows:
+            try:
+                self._sample(slot)
+            except MullamaError as exc:  # one request's failure is that request's alone
+                self._fail(slot, exc)
+        return True
+
+    def _add(self, n: int, token: int, pos: int, seq_id: int, logits: bool) -> int:
+        batch = self._batch
+        batch.token[n] = token
+        batch.pos[n] = pos
+        batch.n_seq_id[n] = 1
+        batch.seq_id[n][0] = seq_id
+        batch.logits[n] = logits
+        return n + 1
+
+    def _sample(self, slot: _Slot) -> None:
+        request = slot.request
+        assert request is not None
+        sequence = request._sequence
+        if sequence.prompt_done is None:
+            sequence.prompt_decoded(sequence.cached_tokens)
+        with self._lock:
+            token_id = sequence.sampler.sample(self.ptr, slot.batch_row)
+        token = sequence.accept(token_id, self.ptr, slot.batch_row)
+        request.channel.offer(token)  # there is room: checked before decoding
+        if token.finish_reason is not None:
+            self._finish(slot)
+        else:
+            slot.next_token = token_id
+
+    def _finish(self, slot: _Slot) -> None:
+        request = slot.request
+        assert request is not None
+        self.stats["requests_finished"] += 1
+        self.stats["completion_tokens_total"] += request._sequence.n_tokens
+        request.channel.finish()
+        self._clear(slot)
+
+    def _fail(self, slot: _Slot, error: BaseException) -> None:
+        request = slot.request
+        assert request is not None
+        # Raised in this thread, its traceback holds the engine's frames (and so the engine): kept in the
+        # request, it would keep the engine (and its thread) alive as long as the request's stream.
+        error = detached(error)
+        request._sequence.fail(error)
+        self.stats["requests_failed"] += 1
+        request.channel.fail(error)
+        self._release(slot, cancelled=False)
+
+    def _release(self, slot: _Slot, *, cancelled: bool) -> None:
+        """End the slot's request and free its KV cells (its cache is no use for prefix reuse)."""
+        if cancelled:
+            assert slot.request is not None
+            slot.request._sequence.cancel()
+            self.stats["requests_cancelled"] += 1
+        self._lib.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+        slot.cached = []
+        self._clear(slot)
+
+    def _clear(self, slot: _Slot) -> None:
+        if slot.request is not None:
+            slot.request._sequence.close()
+        slot.request, slot.next_token = None, None
+        slot.pending_prompt = []
+
+
+def _serve(engine_ref: weakref.ref[Engine], wake: threading.Event) -> None:
+    """The engine's thread. It holds the engine only while there is work, so an engine that
+    nobody holds anymore is freed (and this thread ends)."""
+    computing = False  # inside a compute.begin()/end() stretch
+    compute = None
+    try:
+        while True:
+            engine = engine_ref()
+            if engine is None or engine._ptr is None:
+                return
+            compute = engine._compute
+            try:
+                outcome = engine._run_once()
+            except BaseException as exc:  # the engine must never die silently
+                engine._die(exc)
+                raise
+            if outcome is None:
+                return
+            if outcome:
+                if not computing:
+                    computing = True
+                    compute.begin()
+                continue
+            if computing:  # idle now: let the thread pools sleep
+                computing = False
+                compute.end()
+            del engine
+            wake.wait(0.5)
+    finally:
+        if computing and compute is not None:
+            compute.end()
+

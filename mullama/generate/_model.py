@@ -1,0 +1,438 @@
+"""A loaded GGUF model: weights, vocabulary, metadata, tokenizer."""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .._exceptions import ClosedError, ContextError, InvalidConfigError, ModelLoadError, TemplateError, TokenizeError
+from ..gguf import _reader as _gguf
+from ..native import _library
+from ..native._devices import DeviceOptions
+from ..native._heap import give_back_memory
+from ..native._owned import Owned
+
+if TYPE_CHECKING:
+    from ._embed import Embedder
+
+
+def check_tools(tools: Any) -> list[dict]:
+    """OpenAI function tools, checked: ``[{"type": "function", "function": {"name": ..., "parameters": {...}}}]``."""
+    if not isinstance(tools, list):
+        raise InvalidConfigError(f"tools must be a list of {{'type': 'function', 'function': {{...}}}}, not "
+                                 f"{type(tools).__name__}.")
+    for index, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(function, dict):
+            raise InvalidConfigError(f"tools[{index}] must be {{'type': 'function', 'function': {{'name': ..., "
+                                     "'parameters': {...}}}}.")
+        name = function.get("name")
+        if not isinstance(name, str) or not name or len(name) > 64 or not all(c.isalnum() or c in "_-." for c in name):
+            raise InvalidConfigError(f"tools[{index}].function.name must be 1-64 letters, digits, '_', '-' or '.', "
+                                     f"not {name!r}.")
+        parameters = function.get("parameters", {})
+        if not isinstance(parameters, dict):
+            raise InvalidConfigError(f"tools[{index}].function.parameters must be a JSON Schema object.")
+    return tools
+
+__all__ = ["Model"]
+
+GGUF_MAGIC = b"GGUF"
+
+
+def _check_model_file(path: Path) -> None:
+    """Fail early, with a clear message, on files llama.cpp would only log about."""
+    try:
+        exists, is_file = path.exists(), path.is_file()
+    except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL in the path
+        raise ModelLoadError(f"{str(path)[:200]!r} cannot be a model file ({getattr(exc, 'strerror', None) or exc}); "
+                             "pass the path of a .gguf file, or a model name such as 'smollm2:135m'.") from None
+    if not exists:
+        raise ModelLoadError(f"model file not found: {path}. Check the path, or pass a model name "
+                             "such as 'smollm2:135m' to download one.")
+    if not is_file:
+        raise ModelLoadError(f"{path} is not a file; pass the path of a .gguf model file.")
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc.strerror}.") from exc
+    if magic != GGUF_MAGIC:
+        what = "is empty" if not magic else "is not a GGUF file (wrong magic bytes)"
+        raise ModelLoadError(f"{path} {what}. mullama loads GGUF models; convert others with "
+                             "llama.cpp's convert_hf_to_gguf.py, or download a .gguf file.")
+
+
+class Model(Owned):
+    """A GGUF model loaded by llama.cpp. Share one Model between many Contexts.
+
+    Use ``Model.load(path_or_name)``; close it with ``close()`` or a ``with`` block
+    (garbage collection frees it too).
+    """
+
+    _kind = "model"
+    _close_order = 2
+
+    def __init__(self, library: Any, ptr: Any, path: Path, *, offloaded: bool = False,
+                 vocab_only: bool = False, chat_template: str | None = None) -> None:
+        self._library = library
+        self._chat_template = chat_template  # overrides the GGUF's
+        self.vocab_only = vocab_only  # loaded without weights: a tokenizer only, no context can use it
+        # Layers on a GPU or an RPC server: its contexts need not take turns on the CPU (Compute.lock_for).
+        self.offloaded = offloaded
+        lib = library.lib
+        # A cache that cannot drop its last tokens (sliding window, recurrent state): llama-server
+        # then decodes a prompt's last tokens in batches of their own (see prompt_breaks).
+        self.needs_checkpoints = bool(lib.llama_model_n_swa(ptr) > 0 or lib.llama_model_is_recurrent(ptr)
+                                      or lib.llama_model_is_hybrid(ptr))
+        self._own(library.ffi, ptr, library.lib.llama_model_free)
+        self.path = path
+        self._vocab = library.lib.llama_model_get_vocab(ptr)
+        self._n_vocab = library.lib.llama_vocab_n_tokens(self._vocab)  # fixed: token ids are checked against it
+        self._contexts: weakref.WeakSet = weakref.WeakSet()
+        self._pieces: dict[int, bytes] = {}  # token id -> bytes (special=False); immutable, so cached
+        self._lock = threading.Lock()
+        self._embedders: dict[tuple[int, int], Embedder] = {}  # (pooling, batch size) -> embedding context
+        self._embed_lock = threading.Lock()  # creating one (it registers itself, which takes _lock)
+
+    # --- loading --------------------------------------------------------------
+    @classmethod
+    def load(cls, model: str | os.PathLike, *, n_gpu_layers: int = 0, use_mmap: bool = True,
+             vocab_only: bool = False, chat_template: str | os.PathLike | None = None, main_gpu: int = 0,
+             split_mode: str = "layer", tensor_split: Sequence[float] | None = None,
+             rpc_servers: Sequence[str] | None = None) -> Model:
+        """Load a model from a ``.gguf`` path, or by name (e.g. ``"smollm2:135m"``, downloaded once).
+
+        ``chat_template`` (Jinja text, or the path of a ``.jinja`` file) replaces the GGUF's own
+        template, as llama-server's ``--chat-template-file`` does.
+
+        Offloading, as llama.cpp's ``-ngl``, ``--main-gpu``, ``--split-mode``, ``--tensor-split`` and
+        ``--rpc``: ``n_gpu_layers`` layers (-1: all) go to the GPUs the library was built for and to
+        ``rpc_servers`` (``["host:port", ...]``, upstream's ``ggml-rpc-server`` on other machines),
+        split by layer (``split_mode="layer"``), by rows (``"row"``) or kept on ``main_gpu``
+        (``"none"``), in ``tensor_split`` proportions. An unreachable RPC server is a ModelLoadError
+        naming it. (RPC is unauthenticated: use servers on a private network only.)
+
+        Raises ModelLoadError for a missing, empty, truncated or corrupt file, and
+        ModelNotFoundError / DownloadError for a name that cannot be fetched. The file's header is
+        checked first (mullama.gguf._reader.preflight): values on which llama.cpp would abort the process
+        (a layer count beyond its limit, a NaN norm epsilon, a duplicated token, ...) are refused
+        with ModelLoadError naming the key.
+        """
+        from ..chat._template import load_template
+        from ..hub import _hub
+
+        template = load_template(chat_template) if chat_template is not None else None
+        path = _hub.resolve(model)
+        _check_model_file(path)
+        placement = DeviceOptions.of(n_gpu_layers=n_gpu_layers, main_gpu=main_gpu, split_mode=split_mode,
+                                     tensor_split=tensor_split, rpc_servers=rpc_servers)
+        library = _library.get()
+        _gguf.preflight(path, vocab_only=vocab_only)
+        ffi, lib = library.ffi, library.lib
+        params = lib.llama_model_default_params()
+        arrays = placement.apply(library, params)  # noqa: F841 (kept alive until the load is done)
+        params.load_mode = lib.LLAMA_LOAD_MODE_MMAP if use_mmap else lib.LLAMA_LOAD_MODE_NONE
+        params.vocab_only = vocab_only
+        ptr = lib.llama_model_load_from_file(os.fsencode(path), params)
+        if ptr == ffi.NULL:
+            raise ModelLoadError(
+                f"llama.cpp could not load {path}: the file is truncated, corrupt, or uses an architecture "
+                "this llama.cpp build does not know. Download it again (`mullama pull` re-verifies), and "
+                "enable logging for 'mullama.llama_cpp' to see llama.cpp's reason."
+            )
+        return cls(library, ptr, path, offloaded=placement.offloads(library), vocab_only=bool(vocab_only),
+                   chat_template=template)
+
+    def close(self) -> None:
+        """Free the weights. Refused while a Context of this model is open. Afterwards every method and
+        property that needs the C model raises ClosedError."""
+        with self._embed_lock:
+            embedders, self._embedders = list(self._embedders.values()), {}
+        for embedder in embedders:
+            embedder.close()
+        with self._lock:
+            open_contexts = [c for c in self._contexts if not c.closed and c is not self]
+            if open_contexts:
+                raise ContextError(f"{len(open_contexts)} context(s) still use this model; close them first.")
+            super().close()
+            self._pieces = {}  # so that _cached_piece misses, and token_to_piece raises ClosedError
+        give_back_memory()  # the weights' and their contexts' heap pages, kept by glibc otherwise
+
+    def _register(self, context: Any) -> None:
+        with self._lock:
+            self.ensure_open()
+            self._contexts.add(context)
+
+    # --- facts ----------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self._library.lib.llama_vocab_n_tokens(self._vocab_ptr())
+
+    @property
+    def n_ctx_train(self) -> int:
+        """The context length the model was trained with."""
+        return self._library.lib.llama_model_n_ctx_train(self.ptr)
+
+    @property
+    def n_embd(self) -> int:
+        """The length of this model's embedding vectors."""
+        return self._library.lib.llama_model_n_embd_out(self.ptr)
+
+    @property
+    def pooling(self) -> str | None:
+        """The pooling the GGUF asks for embeddings (``"mean"``, ``"cls"``, ``"last"``, ``"none"``,
+        ``"rank"`` for rerankers), or None when it names none (generative models)."""
+        from ._embed import pooling_name
+
+        value = self._arch_meta("pooling_type")
+        if value is None or not value.lstrip("-").isdigit():
+            return None
+        return "rank" if int(value) == 4 else pooling_name(int(value))
+
+    @property
+    def generative(self) -> bool:
+        """False for an embedding model (its GGUF names a pooling, as BERT-style encoders do): it has
+        no language-model head to sample from, so only :meth:`embed` works."""
+        return self.pooling is None
+
+    @property
+    def n_params(self) -> int:
+        return self._library.lib.llama_model_n_params(self.ptr)
+
+    @property
+    def size_bytes(self) -> int:
+        return self._library.lib.llama_model_size(self.ptr)
+
+    @property
+    def description(self) -> str:
+        buf = self._ffi.new("char[]", 256)
+        self._library.lib.llama_model_desc(self.ptr, buf, 256)
+        return self._ffi.string(buf).decode("utf-8", "replace")
+
+    @property
+    def bos_token_id(self) -> int:
+        return self._library.lib.llama_vocab_bos(self._vocab_ptr())
+
+    @property
+    def eos_token_id(self) -> int:
+        return self._library.lib.llama_vocab_eos(self._vocab_ptr())
+
+    @property
+    def add_bos(self) -> bool:
+        """Whether tokenising with ``add_special=True`` prepends BOS."""
+        return bool(self._library.lib.llama_vocab_get_add_bos(self._vocab_ptr()))
+
+    @property
+    def chat_template(self) -> str | None:
+        """The Jinja chat template: the one given to :meth:`load`, else the GGUF's own
+        (``tokenizer.chat_template``), if it has one."""
+        if self._chat_template is not None:
+            self.ensure_open()
+            return self._chat_template
+        ptr = self._library.lib.llama_model_chat_template(self.ptr, self._ffi.NULL)
+        return None if ptr == self._ffi.NULL else self._ffi.string(ptr).decode("utf-8", "replace")
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, *,
+                            template: str | os.PathLike | None = None, tools: list[dict] | None = None,
+                            **variables: Any) -> str:
+        """The prompt text for ``messages``, rendered with the model's own chat template
+        (or ``template``: Jinja text or a file) exactly as upstream llama.cpp renders it.
+        ``tools`` (OpenAI's function tools) reach the template as llama-server passes them;
+        messages may hold assistant ``tool_calls`` and ``tool`` results. Extra ``variables``
+        (``enable_thinking``, ...) reach the template. Tokenise the result with ``parse_special=True``."""
+        from ..chat._template import load_template, render_chat_template
+
+        source = load_template(template) if template is not None else self.chat_template
+        if tools:
+            variables["tools"] = check_tools(tools)
+        if source is None:
+            raise TemplateError("this model has no chat template (a base model): give one with chat_template=... "
+                                "(Jinja text or a .jinja file, to Model.load or chat_stream; apply_chat_template "
+                                "takes template=...), or complete plain text with generate_stream().")
+        lib = self._library.lib
+        vocab = self._vocab_ptr()
+        return render_chat_template(
+            source, messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self._special_text(lib.llama_vocab_bos(vocab)),
+            eos_token=self._special_text(lib.llama_vocab_eos(vocab)),
+            strip_bos=self.add_bos, strip_eos=bool(lib.llama_vocab_get_add_eos(vocab)), **variables)
+
+    def _special_text(self, token: int) -> str:
+        if token < 0:  # LLAMA_TOKEN_NULL: the vocabulary has no such token
+            return ""
+        return self.token_to_piece(token, special=True).decode("utf-8", "replace")
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """Every GGUF key/value (arrays abbreviated by llama.cpp), as strings."""
+        lib, ffi, ptr = self._library.lib, self._ffi, self.ptr
+        result = {}
+        size = 1024
+        buf = ffi.new("char[]", size)
+        for index in range(lib.llama_model_meta_count(ptr)):
+            lib.llama_model_meta_key_by_index(ptr, index, buf, size)
+            key = ffi.string(buf).decode("utf-8", "replace")
+            needed = lib.llama_model_meta_val_str_by_index(ptr, index, buf, size)
+            if needed >= size:
+                size = needed + 1
+                buf = ffi.new("char[]", size)
+                lib.llama_model_meta_val_str_by_index(ptr, index, buf, size)
+            result[key] = ffi.string(buf).decode("utf-8", "replace")
+        return result
+
+    def _meta(self, key: str) -> str | None:
+        """One GGUF metadata value as a string, or None when the file has no such key."""
+        ffi, lib = self._ffi, self._library.lib
+        buf = ffi.new("char[]", 256)
+        n = lib.llama_model_meta_val_str(self.ptr, key.encode(), buf, 256)
+        if n < 0:
+            return None
+        if n >= 256:
+            buf = ffi.new("char[]", n + 1)
+            lib.llama_model_meta_val_str(self.ptr, key.encode(), buf, n + 1)
+        return ffi.string(buf).decode("utf-8", "replace")
+
+    def _arch_meta(self, key: str) -> str | None:
+        """The metadata value ``<architecture>.<key>`` (e.g. ``llama.context_length``), or None."""
+        return self._meta(f"{self._meta('general.architecture')}.{key}")
+
+    # --- embeddings -----------------------------------------------------------
+    def embed(self, texts: str | Sequence[str] | Sequence[Sequence[int]], *, pooling: str | None = None,
+              normalize: bool = True, batch_size: int | None = None, truncate: bool = False,
+              as_numpy: bool = False) -> Any:
+        """Embedding vectors of ``texts`` (a str or a list of them; or lists of token ids): a list of
+        float lists, one per text, in order.
+
+        ``pooling`` is the GGUF's (``model.pooling``), or mean for generative models that name none;
+        ``"mean"``, ``"cls"``, ``"last"`` override it, and ``"none"`` gives a list of per-token
+        vectors for each text. Vectors have unit length unless ``normalize=False``. Texts are
+        tokenised as llama-server does (special tokens added and parsed). ``batch_size`` (default
+        512) is the embedding context's size: the longest text it takes; a longer one raises
+        ContextOverflowError naming its index, or is cut to its beginning with ``truncate=True``.
+        ``as_numpy=True`` returns one float32 array (texts x ``n_embd``) instead.
+
+        Short texts share decodes (and threads embedding at the same time share them too), in
+        groups chosen so that every vector equals the one llama-server computes for its text
+        alone (see mullama.generate._embed).
+        """
+        from ._embed import embed
+
+        return embed(self, texts, pooling=pooling, normalize=normalize, batch_size=batch_size,
+                     truncate=truncate, as_numpy=as_numpy)
+
+    def embed_one(self, text: str, **options: Any) -> list[float]:
+        """The embedding of one text (options as :meth:`embed`)."""
+        if not isinstance(text, str):
+            raise InvalidConfigError(f"embed_one() takes a str, not {type(text).__name__}.")
+        result: list[float] = self.embed([text], **options)[0]
+        return result
+
+    def _embedder(self, pooling: int, batch_size: int) -> Embedder:
+        """The embedding context for ``pooling`` and ``batch_size``, created on first use."""
+        from ._embed import Embedder
+
+        key = (pooling, batch_size)
+        with self._embed_lock:
+            self.ensure_open()
+            embedder = self._embedders.get(key)
+            if embedder is None or embedder.closed:
+                embedder = self._embedders[key] = Embedder(self, pooling, batch_size)
+            return embedder
+
+    def _vocab_ptr(self) -> Any:
+        self.ensure_open()
+        return self._vocab
+
+    # --- tokens ---------------------------------------------------------------
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        """Text to token ids. ``add_special`` adds BOS/EOS as the model wants;
+        ``parse_special`` turns special-token text such as ``<|im_start|>`` into its token."""
+        if not isinstance(text, str):
+            raise TokenizeError(f"tokenize() takes a str, not {type(text).__name__}.")
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise TokenizeError(f"the text is not valid Unicode ({exc.reason} at {exc.start}); "
+                                "remove lone surrogates before tokenising.") from None
+        if len(data) >= 2**31 - 1:
+            raise TokenizeError("the text is too long to tokenise (2 GiB or more).")
+        lib, ffi = self._library.lib, self._ffi
+        vocab = self._vocab_ptr()
+        capacity = len(data) + 8
+        tokens = ffi.new("llama_token[]", capacity)
+        count = lib.llama_tokenize(vocab, data, len(data), tokens, capacity, add_special, parse_special)
+        if count < 0:
+            capacity = -count
+            tokens = ffi.new("llama_token[]", capacity)
+            count = lib.llama_tokenize(vocab, data, len(data), tokens, capacity, add_special, parse_special)
+        if count < 0:
+            raise TokenizeError("llama.cpp could not tokenise the text.")
+        return ffi.unpack(tokens, count)
+
+    def token_to_piece(self, token: int, *, special: bool = False) -> bytes:
+        """The bytes of one token (may be part of a multi-byte character)."""
+        buf = self._ffi.new("char[]", 64)
+        return self._piece(token, buf, 64, special)
+
+    def _cached_piece(self, token: int) -> bytes:
+        """token_to_piece(special=False), from a cache after the first time (the streaming hot path: a hit
+        is one dict lookup; close() empties the cache, so that a closed model raises ClosedError)."""
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = self.token_to_piece(token)
+        return piece
+
+    def _piece(self, token: int, buf: Any, size: int, special: bool) -> bytes:
+        """token_to_piece into a caller-owned buffer (no allocation on the hot path)."""
+        self._check_token(token)  # llama.cpp throws (aborting the process) on an id out of range
+        n = self._library.lib.llama_token_to_piece(self._vocab, token, buf, size, 0, special)
+        if n < 0:
+            bigger = self._ffi.new("char[]", -n)
+            n = self._library.lib.llama_token_to_piece(self._vocab, token, bigger, -n, 0, special)
+            return self._ffi.unpack(bigger, n)
+        return self._ffi.unpack(buf, n)
+
+    def detokenize(self, tokens: Iterable[int], *, remove_special: bool = False,
+                   unparse_special: bool = False) -> str:
+        """Token ids to text, exactly as llama.cpp joins them."""
+        tokens = list(tokens)
+        self._check_tokens(tokens)
+        lib, ffi = self._library.lib, self._ffi
+        vocab = self._vocab_ptr()
+        array = ffi.new("llama_token[]", tokens) if tokens else ffi.NULL
+        capacity = max(64, 8 * len(tokens))
+        buf = ffi.new("char[]", capacity)
+        n = lib.llama_detokenize(vocab, array, len(tokens), buf, capacity, remove_special, unparse_special)
+        if n < 0:
+            capacity = -n
+            buf = ffi.new("char[]", capacity)
+            n = lib.llama_detokenize(vocab, array, len(tokens), buf, capacity, remove_special, unparse_special)
+        return ffi.unpack(buf, n).decode("utf-8", "replace")
+
+    def is_eog(self, token: int) -> bool:
+        """Whether ``token`` ends generation (EOS, EOT, ...)."""
+        self._check_token(token)
+        return bool(self._library.lib.llama_vocab_is_eog(self._vocab, token))
+
+    def _check_token(self, token: int) -> None:
+        """ClosedError after close(); TokenizeError for an id that is not one of the vocabulary's."""
+        if self._ptr is None:
+            raise ClosedError(f"this {self._kind} is closed; create a new one to go on.")
+        if not isinstance(token, int) or not 0 <= token < self._n_vocab:
+            raise TokenizeError(f"token id {token!r} is out of range for this model (0..{self._n_vocab - 1}).")
+
+    def _check_tokens(self, tokens: list[int]) -> None:
+        self.ensure_open()
+        n_vocab = self._n_vocab
+        for token in tokens:
+            if not isinstance(token, int) or not 0 <= token < n_vocab:
+                raise TokenizeError(f"token id {token!r} is out of range for this model (0..{n_vocab - 1}).")
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else self.description
+        return f"<mullama.Model {self.path.name} ({state})>"

@@ -1,0 +1,289 @@
+"""One generated sequence: the single place that decides what a sampled token means.
+
+A :class:`Sequence` holds everything about one generation except the KV cache: its
+sampler chain, the text assembly (UTF-8 and stop sequences), its limits and deadline,
+its statistics and its finish reason. Whoever decodes — a :class:`~mullama.Context`
+stepping one sequence, or the batching engine stepping many in one ``llama_decode`` —
+asks it to ``sample`` from a row of logits and gets back the :class:`Token` to hand
+out, with its finish reason when it is the last. Stop, length, end of generation and
+timeouts are decided here and nowhere else, so a feature added here reaches the sync
+stream, the async stream and the server alike.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .._exceptions import InvalidConfigError, StreamTimeoutError
+from .._text import TextAssembler
+from ..chat._reasoning import ReasoningParser
+from ..chat._tools import ToolCall, ToolCallParser
+from ..structured._response_format import JsonFence
+from ._logprobs import TopLogprob, token_logprobs
+from ._sampler import SamplerChain
+
+if TYPE_CHECKING:
+    from ._config import StreamConfig
+    from ._model import Model
+
+__all__ = ["Sequence", "SequenceView", "Token"]
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """One generated token.
+
+    ``text`` is what this token adds to the visible output: it may be "" while a
+    multi-byte character or a possible stop sequence is still incomplete, and it may
+    carry text held back from earlier tokens. Joining every ``text`` of a stream gives
+    exactly the completion. In a chat with a thinking template or tools, ``kind`` says
+    which part a token belongs to: the content, the reasoning (``text`` is thought), or a
+    tool call (no text); the content alone is the stream's ``text``. The last token of a
+    finished stream has ``finish_reason`` set ("stop", "length", or "tool_calls"); an
+    end-of-generation token is yielded like upstream counts it, with no text of its own.
+    """
+
+    id: int
+    text: str
+    index: int
+    finish_reason: str | None = None
+    logprob: float | None = None  # with StreamConfig(logprobs=K): log-probability of this token
+    top_logprobs: tuple[TopLogprob, ...] = ()  # ... and the K most likely tokens at this step
+    kind: str = "content"  # "reasoning": text is thought; "tool_call": written inside a tool call (text "")
+
+
+class Sequence:
+    """The state of one generation, from its prompt to its finish.
+
+    ``n_ctx`` is the room the sequence has in its context: the prompt and the generated
+    tokens together never need more (the last token produced is never decoded).
+    """
+
+    __slots__ = ("_is_eog", "_model", "_n_vocab", "_piece", "_vocab", "assembler", "cached_tokens", "config",
+                 "deadline", "error", "fence", "finish_reason", "first_token", "ignore_eos", "last_token", "limit",
+                 "n_logprobs", "n_tokens", "prompt_done", "prompt_tokens", "sampler", "started", "stop_sequence",
+                 "text_parts", "thinking", "thought_parts", "token_ids", "tools")
+
+    def __init__(self, model: Model, prompt_tokens: list[int], config: StreamConfig, *, n_ctx: int,
+                 default_seed: int | None = None) -> None:
+        if config.top_k > model.vocab_size:
+            raise InvalidConfigError(f"StreamConfig.top_k must be at most the vocabulary size "
+                                     f"({model.vocab_size}), not {config.top_k}.")
+        if config.repeat_last_n > n_ctx:
+            raise InvalidConfigError(f"StreamConfig.repeat_last_n must be at most the context size ({n_ctx}), "
+                                     f"not {config.repeat_last_n}.")
+        self.prompt_tokens = prompt_tokens
+        self.config = config
+        self.limit = min(config.max_tokens, n_ctx - len(prompt_tokens))
+        self.ignore_eos = config.ignore_eos
+        self.sampler = SamplerChain.for_config(config, model, n_ctx=n_ctx, default_seed=default_seed)
+        self.sampler.accept_prompt(prompt_tokens)
+        self.assembler = TextAssembler(config.stop_sequences)
+        self.tools = ToolCallParser(config.tool_calls.format) if config.tool_calls is not None else None
+        self.thinking = ReasoningParser(config.reasoning) if config.reasoning is not None else None
+        self.fence = JsonFence() if config.fenced_json and self.tools is None else None
+        self.thought_parts: list[str] = []
+        self._piece = model._cached_piece
+        self._model = model
+        self._n_vocab = model.vocab_size
+        self.n_logprobs = config.logprobs
+        self._is_eog = model._library.lib.llama_vocab_is_eog
+        self._vocab = model._vocab
+        self.started: float | None = None
+        self.deadline: float | None = None
+        self.prompt_done: float | None = None
+        self.first_token: float | None = None
+        self.last_token: float | None = None
+        self.n_tokens = 0
+        self.cached_tokens = 0
+        self.token_ids: list[int] = []
+        self.text_parts: list[str] = []
+        self.finish_reason: str | None = None
+        self.stop_sequence: str | None = None
+        self.error: BaseException | None = None
+
+    # --- the steps ------------------------------------------------------------------
+    def begin(self) -> None:
+        """The request for tokens is made now: time to first token and the timeout count from here."""
+        self.started = time.perf_counter()
+        timeout = self.config.timeout_ms
+        self.deadline = time.monotonic() + timeout / 1000 if timeout else None
+
+    def prompt_decoded(self, cached_tokens: int) -> None:
+        """The prompt is in the KV cache (``cached_tokens`` of it were reused, not decoded)."""
+        self.prompt_done = time.perf_counter()
+        self.cached_tokens = cached_tokens
+
+    def accept(self, token: int, ctx: Any = None, row: int = -1) -> Token:
+        """Take a sampled token (from row ``row`` of the logits of ``ctx``): its text, and whether
+        generation ends with it."""
+        now = time.perf_counter()
+        if self.first_token is None:
+            self.first_token = now
+        self.last_token = now
+        self.n_tokens += 1
+        self.token_ids.append(token)
+        if not self.ignore_eos and self._is_eog(self._vocab, token):
+            finish: str | None = "stop"
+        else:
+            finish = "length" if self.n_tokens >= self.limit else None
+        text, finish = self.assembler.add(self._piece(token), finish)
+        kind, shown = "content", None
+        if self.thinking is not None:
+            text, thought = self._split_thought(text, finish)
+            if thought and not text:
+                kind, shown = "reasoning", thought
+        if self.fence is not None:
+            text = self.fence.feed(text) + (self.fence.finish() if finish is not None else "")
+        if self.tools is not None:
+            text, call_kind, finish = self._split_calls(text, finish)
+            kind = call_kind if call_kind == "tool_call" else kind
+        if text:
+            self.text_parts.append(text)
+        if finish is not None:
+            self.finish_reason, self.stop_sequence = finish, self.assembler.stop_sequence
+        shown = text if shown is None else shown
+        if self.n_logprobs is None or ctx is None:
+            return Token(token, shown, self.n_tokens - 1, finish, kind=kind)
+        logprob, top = self._logprobs(ctx, row, token)
+        return Token(token, shown, self.n_tokens - 1, finish, logprob, top, kind)
+
+    def _split_thought(self, text: str, finish: str | None) -> tuple[str, str]:
+        """The content and the reasoning this token releases (see mullama.chat._reasoning)."""
+        thinking = self.thinking
+        assert thinking is not None
+        content, thought = thinking.feed(text)
+        if finish is not None:
+            more_content, more_thought = thinking.finish()
+            content, thought = content + more_content, thought + more_thought
+        if thought:
+            self.thought_parts.append(thought)
+        return content, thought
+
+    def _split_calls(self, text: str, finish: str | None) -> tuple[str, str, str | None]:
+        """Content and tool calls apart: the content this token releases, its kind, and the finish
+        ("tool_calls" when the model ended after calling tools)."""
+        tools = self.tools
+        assert tools is not None
+        was_in_call, calls_before = tools.in_call, len(tools.calls)
+        content, in_call = tools.feed(text)
+        if finish is not None:
+            content += tools.finish()
+            if finish == "stop" and tools.calls:
+                finish = "tool_calls"
+        touched = was_in_call or in_call or len(tools.calls) != calls_before
+        return content, "tool_call" if touched and not content else "content", finish
+
+    def _logprobs(self, ctx: Any, row: int, token: int) -> tuple[float, tuple[TopLogprob, ...]]:
+        lib, ffi = self._model._library.lib, self._model._library.ffi
+        logits = lib.llama_get_logits_ith(ctx, row)
+        chosen, top = token_logprobs(ffi, logits, self._n_vocab, token, self.n_logprobs or 0)
+        piece = self._piece
+        return chosen, tuple(TopLogprob(i, piece(i).decode("utf-8", "replace"), lp, piece(i)) for i, lp in top)
+
+    def check_deadline(self) -> None:
+        """Raise StreamTimeoutError once the sequence has run past its timeout."""
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise StreamTimeoutError(f"generation timed out after {self.n_tokens} tokens; raise timeout_ms "
+                                     "or lower max_tokens.")
+
+    def fail(self, error: BaseException) -> None:
+        if self.finish_reason is None:
+            self.finish_reason = "error"
+            self.error = error
+
+    def cancel(self) -> None:
+        if self.finish_reason is None:
+            self.finish_reason = "cancelled"
+
+    def close(self) -> None:
+        """Free the sampler chain (statistics stay readable)."""
+        self.sampler.close()
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.text_parts)
+
+
+class SequenceView:
+    """Statistics of a stream, read from its :class:`Sequence` (shared by every stream type)."""
+
+    _sequence: Sequence | None
+
+    @property
+    def finish_reason(self) -> str | None:
+        """"stop" (end of generation or a stop sequence), "length" (max_tokens or a full context),
+        "cancelled" (closed early), "error", or None while running."""
+        return self._sequence.finish_reason if self._sequence else None
+
+    @property
+    def stop_sequence(self) -> str | None:
+        """The stop sequence that ended the stream, if one did."""
+        return self._sequence.stop_sequence if self._sequence else None
+
+    @property
+    def text(self) -> str:
+        """All text produced so far (the join of every token's ``text``; with tools, the content
+        without the calls)."""
+        return self._sequence.text if self._sequence else ""
+
+    @property
+    def reasoning(self) -> str:
+        """The model's thought (``<think>…</think>``), kept apart from ``text`` for thinking templates."""
+        return "".join(self._sequence.thought_parts) if self._sequence else ""
+
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        """The tool calls the model made (with ``chat_stream(tools=...)``), complete ones only."""
+        tools = self._sequence.tools if self._sequence else None
+        return list(tools.calls) if tools is not None else []
+
+    @property
+    def token_ids(self) -> list[int]:
+        return list(self._sequence.token_ids) if self._sequence else []
+
+    @property
+    def prompt_tokens(self) -> int:
+        """How many tokens the prompt has."""
+        return len(self._sequence.prompt_tokens) if self._sequence else 0
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens reused from the KV cache instead of decoded again."""
+        return self._sequence.cached_tokens if self._sequence else 0
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.tokens_generated()
+
+    def tokens_generated(self) -> int:
+        """Tokens produced so far (an end-of-generation token counts, as upstream counts it)."""
+        return self._sequence.n_tokens if self._sequence else 0
+
+    def time_to_first_token(self) -> float | None:
+        """Seconds from the request (prompt processing and any wait for a slot included) to the first token."""
+        seq = self._sequence
+        if seq is None or seq.first_token is None or seq.started is None:
+            return None
+        return seq.first_token - seq.started
+
+    def tokens_per_second(self) -> float:
+        """Generation speed: tokens after the first, over the time since the first (0.0 before two tokens)."""
+        seq = self._sequence
+        if seq is None or seq.n_tokens < 2 or seq.first_token is None or seq.last_token == seq.first_token:
+            return 0.0
+        assert seq.last_token is not None
+        return (seq.n_tokens - 1) / (seq.last_token - seq.first_token)
+
+    def prompt_seconds(self) -> float | None:
+        """Seconds from the request until the prompt was in the KV cache."""
+        seq = self._sequence
+        if seq is None or seq.prompt_done is None or seq.started is None:
+            return None
+        return seq.prompt_done - seq.started
