@@ -20,8 +20,8 @@ import upstream
 os.environ["PYTHONSAFEPATH"] = "1"
 
 import mullama
-from mullama import _hub
 from mullama.generate._context import default_threads
+from mullama.hub import _hub
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from cffi import cparser
 
 import build_llama
 import llama_source
-from mullama import _library
+from mullama.native import _library
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))

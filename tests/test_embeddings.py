@@ -24,8 +24,8 @@ from concurrently import run_in_threads
 from inprocess_server import InProcessServer, serving
 
 import mullama
-from mullama import _hub
 from mullama.generate._context import default_threads
+from mullama.hub import _hub
 from mullama.server import ServerSettings, create_app
 
 TEXTS = [
@@ -243,7 +243,7 @@ def test_async_embed_never_blocks_the_event_loop(model):
 
 
 def test_the_embedding_context_is_freed_with_the_model(model_path):
-    from mullama import _owned
+    from mullama.native import _owned
 
     freed = _owned.freed_count["embedder"]
     loaded = mullama.Model.load(model_path)
@@ -425,7 +425,7 @@ def test_mullama_embed_prints_one_json_line_per_text(model, model_path):
 def test_a_dropped_model_frees_its_embedding_context_by_refcount_alone(model_path):
     import gc
 
-    from mullama import _owned
+    from mullama.native import _owned
 
     freed = dict(_owned.freed_count)
     gc.disable()

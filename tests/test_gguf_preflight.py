@@ -119,7 +119,7 @@ def test_a_crafted_file_is_refused_naming_the_key(case, crafted, tokens):
 
 RAW_LOAD = """
 import os, sys
-from mullama import _library
+from mullama.native import _library
 library = _library.get()
 ffi, lib = library.ffi, library.lib
 model = lib.llama_model_load_from_file(os.fsencode(sys.argv[1]), lib.llama_model_default_params())

@@ -12,8 +12,8 @@ import pytest
 import upstream
 
 import mullama
-from mullama import _hub
 from mullama.generate._context import default_threads
+from mullama.hub import _hub
 
 PROMPTS = [
     "The capital of France is",

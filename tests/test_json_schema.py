@@ -24,7 +24,8 @@ import jsonschema
 import pytest
 
 import mullama
-from mullama import _library, _paths
+from mullama import _paths
+from mullama.native import _library
 from mullama.structured._json_schema import METADATA_KEYWORDS, json_object_grammar, json_schema_to_grammar
 
 DATA = Path(__file__).resolve().parent / "data"

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import mullama
-from mullama import _library
+from mullama.native import _library
 
 
 def run_python(code: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:

@@ -21,7 +21,7 @@ import leaks
 import pytest
 
 import mullama
-from mullama import _owned
+from mullama.native import _owned
 
 
 @contextmanager

@@ -21,8 +21,9 @@ import pytest
 import upstream
 from mullama_server import MullamaServer
 
-from mullama import _hub, _paths
+from mullama import _paths
 from mullama.generate._context import default_threads
+from mullama.hub import _hub
 
 MODELS = ("smollm2:135m", "gemma3:270m")
 PROMPTS = ("The capital of France is", "Once upon a time, in a small village by the sea,",

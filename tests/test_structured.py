@@ -59,7 +59,7 @@ def test_a_broken_grammar_says_why_in_the_exception(context, capfd, grammar, rea
 def test_capturing_llama_cpp_output_passes_on_what_others_print(model, capfd):
     """Standard error is redirected while a grammar is made: what anyone else prints meanwhile still
     reaches it, and what the block claims does not."""
-    from mullama import _library
+    from mullama.native import _library
 
     def claim(text):
         return text[:4], text[4:]

@@ -17,7 +17,7 @@ import pytest
 
 import llama_source  # beside build_llama (tests/upstream.py puts the repository on sys.path)
 import mullama
-from mullama import _chat
+from mullama.chat import _template
 
 TEMPLATES_DIR = llama_source.ensure_source() / "models" / "templates"
 TEMPLATES = sorted(path.name for path in TEMPLATES_DIR.glob("*.jinja"))
@@ -173,7 +173,7 @@ def test_hostile_templates_stop_fast_and_small(hostile_results, template, limit)
 def test_hostile_template_sources_fail_to_compile_quickly(template, limit):
     started = time.monotonic()
     with pytest.raises(mullama.TemplateError) as info:
-        _chat.render_chat_template(template, CONVERSATION, add_generation_prompt=True, bos_token="", eos_token="")
+        _template.render_chat_template(template, CONVERSATION, add_generation_prompt=True, bos_token="", eos_token="")
     assert info.value.code == "TEMPLATE_ERROR" and limit in str(info.value)
     assert time.monotonic() - started < 10
 
@@ -189,7 +189,7 @@ def test_a_limit_breach_is_a_template_error_through_the_public_api(model):
 @pytest.mark.parametrize("name", TEMPLATES)
 def test_every_upstream_template_renders_within_the_limits(name):
     source = (TEMPLATES_DIR / name).read_text(encoding="utf-8")
-    prompt = _chat.render_chat_template(source, CONVERSATION, add_generation_prompt=True, bos_token="<s>",
+    prompt = _template.render_chat_template(source, CONVERSATION, add_generation_prompt=True, bos_token="<s>",
                                         eos_token="</s>", **EXTRA_VARIABLES.get(name, {}))
     assert "What is 2+2?" in prompt
 
@@ -203,7 +203,7 @@ def test_a_long_conversation_renders_in_a_template_that_rebuilds_its_prompt():
         messages += [{"role": "user", "content": (f"question {i} " * 500)[:5000]},
                      {"role": "assistant", "content": (f"answer {i}. " * 500)[:5000]}]
     messages.append({"role": "user", "content": "last"})
-    prompt = _chat.render_chat_template(source, messages, add_generation_prompt=True, bos_token="", eos_token="")
+    prompt = _template.render_chat_template(source, messages, add_generation_prompt=True, bos_token="", eos_token="")
     assert len(prompt) > 2_000_000 and prompt.count("question 199") >= 1
 
 
@@ -212,7 +212,7 @@ def test_limits_grow_with_the_conversation_for_templates_that_compare_every_pair
     loop iterations, past MAX_LOOP_ITERATIONS, within its allowance of one per pair of messages."""
     source = (TEMPLATES_DIR / "google-gemma-4-31B-it.jinja").read_text(encoding="utf-8")
     messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i}"} for i in range(1501)]
-    prompt = _chat.render_chat_template(source, messages, add_generation_prompt=True, bos_token="<bos>",
+    prompt = _template.render_chat_template(source, messages, add_generation_prompt=True, bos_token="<bos>",
                                         eos_token="<eos>")
     assert "message 1500" in prompt
 
@@ -221,14 +221,14 @@ def test_budgets_are_per_render():
     """600,000 loop iterations twice: each render has its own MAX_LOOP_ITERATIONS (1,000,000)."""
     source = "{% for i in range(6) %}{% for j in range(100000) %}{% endfor %}{% endfor %}ok"
     for _ in range(2):
-        assert _chat.render_chat_template(source, CONVERSATION, add_generation_prompt=False, bos_token="",
+        assert _template.render_chat_template(source, CONVERSATION, add_generation_prompt=False, bos_token="",
                                           eos_token="") == "ok"
 
 
 def test_generation_blocks_render_their_body():
     """transformers' {% generation %} markers (LFM2.5, Laguna): llama.cpp ignores the tags, so do we."""
     source = "{% for m in messages %}{% generation %}[{{ m.content }}]{% endgeneration %}{% endfor %}"
-    assert _chat.render_chat_template(source, CONVERSATION, add_generation_prompt=False, bos_token="",
+    assert _template.render_chat_template(source, CONVERSATION, add_generation_prompt=False, bos_token="",
                                       eos_token="") == "[Hi][Hello! How can I help?][What is 2+2?]"
 
 
@@ -242,5 +242,5 @@ def test_limited_operations_keep_their_meaning():
               "|{% for m in messages if m.role == 'user' %}{{ loop.index }}/{{ loop.length }} {% endfor %}")
     expected = ("ababab|[1, 1]|1024|xy|[1, 2]|    a|7  |   1z|['a', 'b']|a-b|bbXbb|**x**|[1, 2]|  a\n  b"
                 '|{\n "k": "é"\n}|bcd|a1None|user assistant user|user|1/2 2/2 ')
-    assert _chat.render_chat_template(source, CONVERSATION, add_generation_prompt=False, bos_token="",
+    assert _template.render_chat_template(source, CONVERSATION, add_generation_prompt=False, bos_token="",
                                       eos_token="") == expected

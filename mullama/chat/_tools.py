@@ -23,16 +23,12 @@ import json
 import re
 import secrets
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .._exceptions import InvalidConfigError
 from .._text import held_suffix
 
-if TYPE_CHECKING:
-    from ..generate._config import StreamConfig
-    from ..generate._model import Model
-
-__all__ = ["ToolCall", "ToolCallParser", "ToolCalling", "tool_calling"]
+__all__ = ["ToolCall", "ToolCallParser", "ToolCalling", "check_tools", "tool_calling", "with_tools_described"]
 
 CALL_START, CALL_END = "<tool_call>", "</tool_call>"
 _WRAPPER_END = re.compile(r"\s*\}?\s*$")  # may close the {"name": ..., "arguments": ...} object
@@ -312,44 +308,24 @@ def _is_json(text: str) -> bool:
     return True
 
 
-def chat_prompt(model: Model, messages: list[dict], config: StreamConfig, *, tools: list[dict] | None,
-                tool_choice: Any, parallel_tool_calls: bool, chat_template: Any,
-                chat_template_kwargs: dict | None, reasoning_format: str = "auto") -> tuple[str, StreamConfig]:
-    """The prompt text for a chat turn and the StreamConfig to generate it with (tool calling set up
-    when ``tools`` are given): one place for Context, AsyncModel and the server."""
-    from ..generate._model import check_tools
-    from ._reasoning import reasoning_for
-    from ._template import load_template, normalize_messages
-
-    kwargs = dict(chat_template_kwargs or {})
-    if not all(isinstance(key, str) for key in kwargs):
-        raise InvalidConfigError("chat_template_kwargs must be a dict with str keys.")
-    template = load_template(chat_template) if chat_template is not None else model.chat_template
-    if tools:
-        check_tools(tools)
-        if template is None:
-            raise InvalidConfigError("this model has no chat template to describe tools with; pass chat_template=...")
-        calling = tool_calling(template, tools, tool_choice, parallel_tool_calls)
-        if calling is not None:
-            if config.grammar is not None:
-                raise InvalidConfigError("a grammar cannot be combined with tools (a json_schema can).")
-            config = config.with_options(tool_calls=calling)
-    elif tool_choice not in ("auto", "none", None):
-        raise InvalidConfigError(f"tool_choice {tool_choice!r} needs tools.")
-    if reasoning_format not in ("auto", "none"):
-        raise InvalidConfigError(f"reasoning_format must be 'auto' or 'none', not {reasoning_format!r}.")
-    calling = config.tool_calls
-    if calling is None and config.json_schema is not None:
-        config = config.with_options(fenced_json=True)
-    if calling is not None and calling.format is GENERIC:
-        messages = with_tools_described(normalize_messages(messages), tools or [], forced=calling.forced)
-    prompt = model.apply_chat_template(messages, add_generation_prompt=True, template=template,
-                                       tools=tools or None, **kwargs)
-    reasoning = reasoning_for(template or "", prompt, reasoning_format)
-    if reasoning is not None:
-        config = config.with_options(reasoning=reasoning)
-    return prompt, config
-
+def check_tools(tools: Any) -> list[dict]:
+    """OpenAI function tools, checked: ``[{"type": "function", "function": {"name": ..., "parameters": {...}}}]``."""
+    if not isinstance(tools, list):
+        raise InvalidConfigError(f"tools must be a list of {{'type': 'function', 'function': {{...}}}}, not "
+                                 f"{type(tools).__name__}.")
+    for index, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(function, dict):
+            raise InvalidConfigError(f"tools[{index}] must be {{'type': 'function', 'function': {{'name': ..., "
+                                     "'parameters': {...}}}}.")
+        name = function.get("name")
+        if not isinstance(name, str) or not name or len(name) > 64 or not all(c.isalnum() or c in "_-." for c in name):
+            raise InvalidConfigError(f"tools[{index}].function.name must be 1-64 letters, digits, '_', '-' or '.', "
+                                     f"not {name!r}.")
+        parameters = function.get("parameters", {})
+        if not isinstance(parameters, dict):
+            raise InvalidConfigError(f"tools[{index}].function.parameters must be a JSON Schema object.")
+    return tools
 
 def with_tools_described(messages: list[dict], tools: list[dict], *, forced: bool) -> list[dict]:
     """``messages`` (normalised: contents are strings) for a template with no tools section: the tools

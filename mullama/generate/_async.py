@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from .._exceptions import InvalidConfigError, StreamingError
-from ..chat._tools import chat_prompt
+from ._chat_turn import chat_prompt
 from ._config import StreamConfig, resolve_config
 from ._context import Completion
 from ._context_params import check_n_ctx

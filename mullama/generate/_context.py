@@ -16,8 +16,8 @@ from .._exceptions import (
     decode_error,
     detached,
 )
-from ..chat._tools import chat_prompt
 from ..native._owned import Owned
+from ._chat_turn import chat_prompt
 from ._config import MAX_SEED, StreamConfig, resolve_config
 from ._context_params import (
     ContextSettings,
@@ -104,7 +104,7 @@ class Context(Owned):
         library = model._library
         ffi, lib = library.ffi, library.lib
         self._compute = library.compute
-        self._lock = library.compute.lock_for(model)
+        self._lock = library.compute.lock_for(model.offloaded)
         self._lib = lib
         self._memory = lib.llama_get_memory(ptr)
         self.n_ctx = lib.llama_n_ctx(ptr)

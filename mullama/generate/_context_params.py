@@ -232,7 +232,7 @@ def warm_up(model: Model, ptr: Any) -> None:
     tokens = [t for t in (model.bos_token_id, model.eos_token_id) if t >= 0] or [0]
     array = ffi.new("llama_token[]", tokens)
     lib.llama_set_warmup(ptr, True)
-    with library.compute.lock_for(model):
+    with library.compute.lock_for(model.offloaded):
         lib.llama_decode(ptr, lib.llama_batch_get_one(array, len(tokens)))
     lib.llama_memory_clear(lib.llama_get_memory(ptr), True)
     lib.llama_synchronize(ptr)

@@ -114,7 +114,7 @@ class Embedder(Owned):
         self._encode_only = bool(lib.llama_model_has_encoder(model_ptr) and not lib.llama_model_has_decoder(model_ptr))
         self._memory = lib.llama_get_memory(ptr)
         self._compute = library.compute
-        self._lock = library.compute.lock_for(model)
+        self._lock = library.compute.lock_for(model.offloaded)
         self._batch = lib.llama_batch_init(self.batch_size, 0, 1)
         self._batch_free = lib.llama_batch_free
         self._vector_bytes = 4 * self.n_embd

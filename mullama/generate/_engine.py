@@ -134,7 +134,7 @@ class Engine(Owned):
         adopt_context(self, model, ptr, settings, warmup=True)
         library = model._library
         self._compute = library.compute
-        self._lock = library.compute.lock_for(model)
+        self._lock = library.compute.lock_for(model.offloaded)
         self._lib = lib = library.lib
         self._memory = lib.llama_get_memory(ptr)
         self.n_ctx = lib.llama_n_ctx(ptr)

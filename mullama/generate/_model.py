@@ -20,25 +20,6 @@ if TYPE_CHECKING:
     from ._embed import Embedder
 
 
-def check_tools(tools: Any) -> list[dict]:
-    """OpenAI function tools, checked: ``[{"type": "function", "function": {"name": ..., "parameters": {...}}}]``."""
-    if not isinstance(tools, list):
-        raise InvalidConfigError(f"tools must be a list of {{'type': 'function', 'function': {{...}}}}, not "
-                                 f"{type(tools).__name__}.")
-    for index, tool in enumerate(tools):
-        function = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(function, dict):
-            raise InvalidConfigError(f"tools[{index}] must be {{'type': 'function', 'function': {{'name': ..., "
-                                     "'parameters': {...}}}}.")
-        name = function.get("name")
-        if not isinstance(name, str) or not name or len(name) > 64 or not all(c.isalnum() or c in "_-." for c in name):
-            raise InvalidConfigError(f"tools[{index}].function.name must be 1-64 letters, digits, '_', '-' or '.', "
-                                     f"not {name!r}.")
-        parameters = function.get("parameters", {})
-        if not isinstance(parameters, dict):
-            raise InvalidConfigError(f"tools[{index}].function.parameters must be a JSON Schema object.")
-    return tools
-
 __all__ = ["Model"]
 
 GGUF_MAGIC = b"GGUF"
@@ -246,6 +227,7 @@ class Model(Owned):
         messages may hold assistant ``tool_calls`` and ``tool`` results. Extra ``variables``
         (``enable_thinking``, ...) reach the template. Tokenise the result with ``parse_special=True``."""
         from ..chat._template import load_template, render_chat_template
+        from ..chat._tools import check_tools
 
         source = load_template(template) if template is not None else self.chat_template
         if tools:

@@ -21,10 +21,7 @@ import contextlib
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from ..generate._model import Model
+from typing import Any
 
 __all__ = ["Compute"]
 
@@ -48,10 +45,10 @@ class Compute:
         self._users = 0
         self._closed = False
 
-    def lock_for(self, model: Model) -> contextlib.AbstractContextManager[Any]:
-        """The lock that decodes and samples of ``model``'s contexts take: the shared one on the
-        CPU, none (a lock that never blocks) when the model's layers are offloaded to a GPU."""
-        return contextlib.nullcontext() if model.offloaded else self.lock
+    def lock_for(self, offloaded: bool) -> contextlib.AbstractContextManager[Any]:
+        """The lock that decodes and samples of a model's contexts take: the shared one on the
+        CPU, none (a lock that never blocks) when the model's layers are ``offloaded`` to a GPU."""
+        return contextlib.nullcontext() if offloaded else self.lock
 
     def attach(self, ptr: Any, n_threads: int, n_threads_batch: int) -> None:
         """Make the context ``ptr`` compute on the shared pools for its thread counts."""

@@ -15,7 +15,7 @@ from .._exceptions import (
     TemplateError,
     TokenizeError,
 )
-from ..chat._tools import chat_prompt
+from ..generate._chat_turn import chat_prompt
 from ..generate._config import StreamConfig
 from ..generate._engine import EngineRequest
 from ._http import ServerSettings, state, submit_in_all

@@ -1,0 +1,51 @@
+"""One chat turn: the prompt a model's template makes of the messages, and the StreamConfig to
+generate the answer with (tool calling, a JSON answer's fence, reasoning blocks). One place for
+Context, AsyncModel and the server."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .._exceptions import InvalidConfigError
+from ..chat._reasoning import reasoning_for
+from ..chat._template import load_template, normalize_messages
+from ..chat._tools import GENERIC, check_tools, tool_calling, with_tools_described
+from ._config import StreamConfig
+from ._model import Model
+
+__all__ = ["chat_prompt"]
+
+
+def chat_prompt(model: Model, messages: list[dict], config: StreamConfig, *, tools: list[dict] | None,
+                tool_choice: Any, parallel_tool_calls: bool, chat_template: Any,
+                chat_template_kwargs: dict | None, reasoning_format: str = "auto") -> tuple[str, StreamConfig]:
+    """The prompt text for a chat turn and the StreamConfig to generate it with (tool calling set up
+    when ``tools`` are given): one place for Context, AsyncModel and the server."""
+    kwargs = dict(chat_template_kwargs or {})
+    if not all(isinstance(key, str) for key in kwargs):
+        raise InvalidConfigError("chat_template_kwargs must be a dict with str keys.")
+    template = load_template(chat_template) if chat_template is not None else model.chat_template
+    if tools:
+        check_tools(tools)
+        if template is None:
+            raise InvalidConfigError("this model has no chat template to describe tools with; pass chat_template=...")
+        calling = tool_calling(template, tools, tool_choice, parallel_tool_calls)
+        if calling is not None:
+            if config.grammar is not None:
+                raise InvalidConfigError("a grammar cannot be combined with tools (a json_schema can).")
+            config = config.with_options(tool_calls=calling)
+    elif tool_choice not in ("auto", "none", None):
+        raise InvalidConfigError(f"tool_choice {tool_choice!r} needs tools.")
+    if reasoning_format not in ("auto", "none"):
+        raise InvalidConfigError(f"reasoning_format must be 'auto' or 'none', not {reasoning_format!r}.")
+    calling = config.tool_calls
+    if calling is None and config.json_schema is not None:
+        config = config.with_options(fenced_json=True)
+    if calling is not None and calling.format is GENERIC:
+        messages = with_tools_described(normalize_messages(messages), tools or [], forced=calling.forced)
+    prompt = model.apply_chat_template(messages, add_generation_prompt=True, template=template,
+                                       tools=tools or None, **kwargs)
+    reasoning = reasoning_for(template or "", prompt, reasoning_format)
+    if reasoning is not None:
+        config = config.with_options(reasoning=reasoning)
+    return prompt, config
