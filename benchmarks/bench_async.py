@@ -27,8 +27,8 @@ import bench_server  # (puts tests/ on sys.path for upstream)
 import upstream
 
 import mullama
-from mullama import _hub
 from mullama.generate._context import default_threads
+from mullama.hub import _hub
 
 CTX_PER_STREAM = 1024
 

@@ -30,8 +30,8 @@ import upstream
 from inprocess_server import InProcessServer
 
 import mullama
-from mullama import _hub
 from mullama.generate._context import default_threads
+from mullama.hub import _hub
 from mullama.server import ServerSettings, create_app
 
 SUBJECTS = ["The weather", "A small cat", "Our team", "The new library", "This recipe", "A train to Paris",

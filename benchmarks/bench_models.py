@@ -36,8 +36,8 @@ import upstream
 from bench_server import one_stream
 from mullama_server import MullamaServer
 
-from mullama import _hub
 from mullama.generate._context import default_threads
+from mullama.hub import _hub
 
 MODELS = {"smollm2": "smollm2:135m", "gemma3": "gemma3:270m"}  # file stem in the directory -> hub name
 PARALLEL = 2

@@ -27,8 +27,8 @@ sys.path.insert(0, str(REPO / "tests"))
 import upstream
 from test_rpc import RPCServer
 
-from mullama import _hub
 from mullama.generate._context import default_threads
+from mullama.hub import _hub
 
 PROMPT = "Write a story about a journey:"
 

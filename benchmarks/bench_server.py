@@ -28,8 +28,8 @@ import httpx
 import upstream
 from mullama_server import MullamaServer
 
-from mullama import _hub
 from mullama.generate._context import default_threads
+from mullama.hub import _hub
 
 
 async def one_stream(http: httpx.AsyncClient, url: str, prompt: str, tokens: int, model: str | None = None) -> dict:

@@ -31,8 +31,9 @@ sys.path.append(str(REPO))  # build_llama, tests helpers; an installed mullama w
 
 import build_llama
 import mullama
-from mullama import AsyncModel, Context, Model, _hub
+from mullama import AsyncModel, Context, Model
 from mullama.generate._context import default_threads
+from mullama.hub import _hub
 
 PROMPT_5 = "The capital of France is"  # checked to be 5 tokens below
 DECODE_PROMPT = "Once upon a time"

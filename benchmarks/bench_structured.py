@@ -26,8 +26,8 @@ import bench_server  # noqa: F401  (puts tests/ on sys.path for upstream)
 import upstream
 
 import mullama
-from mullama import _hub
 from mullama.generate._context import default_threads
+from mullama.hub import _hub
 
 SCHEMA = {"type": "object", "properties": {
     "items": {"type": "array", "items": {"type": "object", "properties": {

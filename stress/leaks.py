@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.append(str(REPO))  # build_llama, tests helpers; an installed mullama wins over the source tree
 
 import mullama
-from mullama import _hub, _owned
+from mullama.hub import _hub
+from mullama.native import _owned
 
 
 def _malloc_trim():

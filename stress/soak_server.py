@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO / "tests"))
 import httpx
 from mullama_server import MullamaServer
 
-from mullama import _hub
+from mullama.hub import _hub
 
 MALFORMED = [b"{", b"[]", b'{"messages": 5}', b'{"prompt": ""}', b'{"max_tokens": -1, "prompt": "x"}',
              b'{"prompt": "x", "stop": [1]}', b'{"prompt": "x", "temperature": "hot"}', b"\xff\xfe\x00",

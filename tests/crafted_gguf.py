@@ -15,7 +15,7 @@ import shutil
 import struct
 from pathlib import Path
 
-from mullama import _gguf
+from mullama.gguf import _reader as _gguf
 from mullama.gguf._reader import ARRAY, FLOAT32, INT32, STRING, UINT32, UINT64
 
 Value = tuple[int, bytes]  # a GGUF type and its encoded payload

@@ -33,7 +33,10 @@ from crafted_gguf import (
 )
 
 import mullama
-from mullama import ModelLoadError, _gguf, _hub, _library
+from mullama import ModelLoadError
+from mullama.gguf import _reader as _gguf
+from mullama.hub import _hub
+from mullama.native import _library
 
 TOKENS = "tokenizer.ggml.tokens"
 

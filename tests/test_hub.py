@@ -14,7 +14,9 @@ import pytest
 from hf_server import HFServer
 
 import mullama
-from mullama import _download, _gguf, _hub, _library
+from mullama.gguf import _reader as _gguf
+from mullama.hub import _download, _hub
+from mullama.native import _library
 
 REPO = "test-org/SmolLM2-135M-Instruct-GGUF"
 FILE = "SmolLM2-135M-Instruct-Q4_K_M.gguf"  # the real model's bytes under a Q4_K_M name
@@ -139,7 +141,7 @@ def test_default_model_falls_back_to_hugging_face(hub, tmp_path, monkeypatch, mo
 
 
 def test_two_processes_pulling_one_model_share_one_download(hub, tmp_path):
-    code = ("import sys; from mullama import _hub; print(_hub.pull(sys.argv[1], quiet=True))")
+    code = ("import sys; from mullama.hub import _hub; print(_hub.pull(sys.argv[1], quiet=True))")
     env = dict(os.environ)
     processes = [subprocess.Popen([sys.executable, "-c", code, f"hf:{REPO}:{FILE}"], env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]

@@ -17,7 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mullama
-from mullama import StreamConfig, _download, _library, _owned
+from mullama import StreamConfig
+from mullama.hub import _download
+from mullama.native import _library, _owned
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -191,7 +193,7 @@ def slow_hub(tmp_path, monkeypatch, model_path):
 
 
 NAME = "hf:faults/Model-GGUF:model-Q4_K_M.gguf"
-PULL = "import sys; from mullama import _hub; print(_hub.pull(sys.argv[1], quiet=True))"
+PULL = "import sys; from mullama.hub import _hub; print(_hub.pull(sys.argv[1], quiet=True))"
 
 
 def final_and_parts(tmp_path):
@@ -226,7 +228,7 @@ def test_a_full_disk_is_a_clear_error_and_the_partial_file_is_kept(slow_hub, tmp
     code = ("import resource, signal, sys\n"
             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
             "resource.setrlimit(resource.RLIMIT_FSIZE, (30_000_000, 30_000_000))\n"
-            "from mullama import _hub\n"
+            "from mullama.hub import _hub\n"
             "try:\n    _hub.pull(sys.argv[1], quiet=True)\n"
             "except Exception as e:\n    print(type(e).__name__, getattr(e, 'code', ''), e)\n")
     result = subprocess.run([sys.executable, "-c", code, NAME],
