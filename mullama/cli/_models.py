@@ -1,0 +1,71 @@
+"""The commands over the model cache: ``pull``, ``list``, ``rm`` and ``show``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .._exceptions import ModelNotFoundError
+from ._format import ago, size
+
+
+def pull_command(args: argparse.Namespace) -> int:
+    from ..hub._hub import pull
+
+    path = pull(args.name, force=args.force)
+    print(path)
+    return 0
+
+
+def list_command(args: argparse.Namespace) -> int:
+    from ..hub._hub import list_models
+
+    models = list_models()
+    if args.json:
+        print(json.dumps([{"name": m.name, "size": m.size, "path": str(m.path), "sha256": m.sha256,
+                           "source": m.source, "pulled_at": m.pulled_at} for m in models], indent=2))
+        return 0
+    if not models:
+        print("no models in the cache yet: `mullama pull smollm2:135m`")
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("NAME", "ID", "SIZE", "MODIFIED", box=None, header_style="bold")
+    for m in models:
+        table.add_row(m.name, m.sha256[:12], size(m.size), ago(m.pulled_at))
+    Console().print(table)
+    print("(`mullama show NAME` prints a model's path and metadata; `mullama list --json` lists paths)")
+    return 0
+
+
+def rm_command(args: argparse.Namespace) -> int:
+    from ..hub._hub import remove
+
+    for name in args.names:
+        print(f"removed {name} ({remove(name)})")
+    return 0
+
+
+def show_command(args: argparse.Namespace) -> int:
+    from ..gguf._reader import read_gguf_info
+    from ..hub._hub import cached, is_local_path
+
+    name = args.name
+    path = Path(name).expanduser() if is_local_path(name) else cached(name)
+    if path is None:  # show never downloads
+        raise ModelNotFoundError(f"{args.name} is not in the cache; `mullama pull {args.name}` downloads it "
+                                 "(`mullama list` shows what is there).")
+    info = read_gguf_info(path)
+    summary = {"path": str(info.path), **info.summary()}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        summary["parameters"] = f"{info.n_params / 1e6:.1f}M"
+        summary["size_bytes"] = size(info.size_bytes)
+        for key, value in summary.items():
+            print(f"{key.replace('_', ' '):>15}: {value}")
+    if args.template and info.chat_template:
+        print(info.chat_template)
+    return 0

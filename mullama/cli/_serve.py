@@ -1,0 +1,85 @@
+"""The server's commands: ``serve``, and ``ps`` (the models a running server has loaded)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+
+from .._exceptions import InvalidConfigError
+from ._args import check_ctx_size, placement
+from ._format import duration, size, until
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    try:
+        from ..server import SUPERVISED_ENV, parse_keep_alive, serve, supervise
+    except ImportError as exc:
+        raise InvalidConfigError(f"`mullama serve` needs the server extra ({exc.name} is missing): "
+                                 "pip install 'mullama[server]'.") from None
+    from ..hub._hub import DEFAULT_MODEL
+
+    check_ctx_size(args.ctx_size)
+    if args.rpc and os.environ.get(SUPERVISED_ENV) != "1":  # ggml ends a process whose RPC server is lost
+        return supervise(args.argv, host=args.host, port=args.port, drain_timeout=args.drain_timeout,
+                         api_key=args.api_key or os.environ.get("MULLAMA_API_KEY"))
+    if args.rpc:  # the supervised serving process: when ggml ends it, one line says why
+        from ..native._devices import one_line_aborts
+        from ..native._library import get
+
+        one_line_aborts(get())
+    models = [name.strip() for name in (args.models or "").split(",") if name.strip()]
+    several = bool(models or args.models_dir)
+    keep_alive = parse_keep_alive(args.keep_alive)
+    return serve(args.model or (None if several else DEFAULT_MODEL), models=models, models_dir=args.models_dir,
+                 host=args.host, port=args.port, parallel=args.parallel,
+                 ctx_size=args.ctx_size, api_key=args.api_key or os.environ.get("MULLAMA_API_KEY"),
+                 max_tokens_limit=args.max_tokens_limit, threads=args.threads, max_queue=args.max_queue,
+                 pooling=args.pooling, embedding_batch=args.embedding_batch, chat_template=args.chat_template_file,
+                 keep_alive=keep_alive, max_loaded=args.max_loaded, placement=placement(args),
+                 drain_timeout=args.drain_timeout,
+                 max_memory=_parse_size(args.max_memory) if args.max_memory else None)
+
+
+def _parse_size(text: str) -> int:
+    """``2GB``, ``1.5G``, ``500MB``, ``750M`` or bytes, as a number of bytes (decimal units, as ``list``)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", text, re.IGNORECASE)
+    if not match:
+        raise InvalidConfigError(f"--max-memory must be a size such as 2GB or 500MB, not {text!r}.")
+    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}[match.group(2).upper()]
+    return int(float(match.group(1)) * scale)
+
+
+def ps_command(args: argparse.Namespace) -> int:
+    """The models a running ``mullama serve`` has loaded (its GET /api/ps)."""
+    import urllib.error
+    import urllib.request
+
+    url = f"http://{args.host}:{args.port}/api/ps"
+    request = urllib.request.Request(url)
+    key = args.api_key or os.environ.get("MULLAMA_API_KEY")
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            models = json.load(response)["models"]
+    except urllib.error.HTTPError as exc:
+        why = ": wrong or missing API key (--api-key or MULLAMA_API_KEY)" if exc.code == 401 else ""
+        raise InvalidConfigError(f"{url} answered {exc.code}{why}.") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise InvalidConfigError(f"no mullama server answers at {url} ({getattr(exc, 'reason', exc)}); start one "
+                                 "with `mullama serve`, or pass --host/--port.") from None
+    if args.json:
+        print(json.dumps(models, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("NAME", "SIZE", "PROCESSOR", "CONTEXT", "STREAMS", "IDLE", "UNTIL", box=None, header_style="bold")
+    for model in models:
+        expires = "Forever" if model["expires_at"].startswith("2999") else until(model["expires_at"])
+        table.add_row(model["name"], size(model["size"]), "100% CPU", str(model.get("context_length", "")),
+                      str(model.get("active_streams", 0)), duration(model.get("idle_seconds", 0.0)), expires)
+    Console().print(table)
+    return 0
