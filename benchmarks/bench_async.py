@@ -28,7 +28,7 @@ import upstream
 
 import mullama
 from mullama.generate._context import default_threads
-from mullama.hub import _hub
+from mullama.hub import _catalog, _pull
 
 CTX_PER_STREAM = 1024
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = [int(c) for c in args.counts.split(",")]
 
     build = upstream.build_with_tools()
-    model_path = _hub.resolve(_hub.DEFAULT_MODEL)
+    model_path = _pull.resolve(_catalog.DEFAULT_MODEL)
     model = mullama.Model.load(model_path)
     ours: dict[int, list[float]] = {n: [] for n in counts}
     theirs: dict[int, list[float]] = {n: [] for n in counts}

@@ -31,7 +31,7 @@ from inprocess_server import InProcessServer
 
 import mullama
 from mullama.generate._context import default_threads
-from mullama.hub import _hub
+from mullama.hub import _catalog, _pull
 from mullama.server import ServerSettings, create_app
 
 SUBJECTS = ["The weather", "A small cat", "Our team", "The new library", "This recipe", "A train to Paris",
@@ -72,7 +72,7 @@ def llama_cpp_python(model_path: Path, threads: int) -> Callable[[list[str]], ob
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=_hub.DEFAULT_MODEL)
+    parser.add_argument("--model", default=_catalog.DEFAULT_MODEL)
     parser.add_argument("--texts", type=int, default=256)
     parser.add_argument("--threads", type=int, default=default_threads())
     parser.add_argument("--reps", type=int, default=3)
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     build = upstream.build_with_tools()
-    model_path = _hub.resolve(args.model)
+    model_path = _pull.resolve(args.model)
     inputs = texts(args.texts)
     model = mullama.Model.load(model_path)
     n_tokens = sum(len(model.tokenize(text, add_special=True, parse_special=True)) for text in inputs)

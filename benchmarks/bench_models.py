@@ -37,7 +37,7 @@ from bench_server import one_stream
 from mullama_server import MullamaServer
 
 from mullama.generate._context import default_threads
-from mullama.hub import _hub
+from mullama.hub import _pull
 
 MODELS = {"smollm2": "smollm2:135m", "gemma3": "gemma3:270m"}  # file stem in the directory -> hub name
 PARALLEL = 2
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     directory = Path(tempfile.mkdtemp(prefix="mullama-models-"))
     for stem, name in MODELS.items():
-        (directory / f"{stem}.gguf").symlink_to(_hub.resolve(name))
+        (directory / f"{stem}.gguf").symlink_to(_pull.resolve(name))
     rows: dict[str, dict[str, list[float]]] = {"llama-server": {}, "mullama": {}}
 
     def record(server: str, figure: str, value: float) -> None:

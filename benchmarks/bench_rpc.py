@@ -28,7 +28,7 @@ import upstream
 from test_rpc import RPCServer
 
 from mullama.generate._context import default_threads
-from mullama.hub import _hub
+from mullama.hub import _catalog, _pull
 
 PROMPT = "Write a story about a journey:"
 
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
     build = upstream.build_with_tools()
-    model = _hub.resolve(_hub.DEFAULT_MODEL)
+    model = _pull.resolve(_catalog.DEFAULT_MODEL)
     rpc = [RPCServer(build.tool("ggml-rpc-server")) for _ in range(2)]
     addresses = [server.address for server in rpc]
     rows: dict[str, list[float]] = {"mullama": [], "llama-server": []}

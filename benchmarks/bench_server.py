@@ -29,7 +29,7 @@ import upstream
 from mullama_server import MullamaServer
 
 from mullama.generate._context import default_threads
-from mullama.hub import _hub
+from mullama.hub import _catalog, _pull
 
 
 async def one_stream(http: httpx.AsyncClient, url: str, prompt: str, tokens: int, model: str | None = None) -> dict:
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = [int(c) for c in args.clients.split(",")]
 
     build = upstream.build_with_tools()
-    model = _hub.resolve(_hub.DEFAULT_MODEL)
+    model = _pull.resolve(_catalog.DEFAULT_MODEL)
     theirs = upstream.LlamaServer(build.tool("llama-server"), model, threads=args.threads,
                                   n_ctx=args.ctx_size * args.parallel, parallel=args.parallel)
     ours = MullamaServer(model, parallel=args.parallel, ctx_size=args.ctx_size, threads=args.threads)

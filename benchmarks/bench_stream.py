@@ -33,7 +33,7 @@ import build_llama
 import mullama
 from mullama import AsyncModel, Context, Model
 from mullama.generate._context import default_threads
-from mullama.hub import _hub
+from mullama.hub import _catalog, _pull
 
 PROMPT_5 = "The capital of France is"  # checked to be 5 tokens below
 DECODE_PROMPT = "Once upon a time"
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     build = build_llama.build(tools=["llama-bench"])
-    model_path = _hub.resolve(_hub.DEFAULT_MODEL)
+    model_path = _pull.resolve(_catalog.DEFAULT_MODEL)
     model = Model.load(model_path)
     assert len(model.tokenize(PROMPT_5)) == 5
     print(f"model {model_path.name}, {args.threads} threads, library {mullama.system_info()['library_path']}",

@@ -27,7 +27,7 @@ import upstream
 
 import mullama
 from mullama.generate._context import default_threads
-from mullama.hub import _hub
+from mullama.hub import _catalog, _pull
 
 SCHEMA = {"type": "object", "properties": {
     "items": {"type": "array", "items": {"type": "object", "properties": {
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     build = upstream.build_with_tools()
-    model_path = _hub.resolve(_hub.DEFAULT_MODEL)
+    model_path = _pull.resolve(_catalog.DEFAULT_MODEL)
     model = mullama.Model.load(model_path)
     context = mullama.Context(model, n_ctx=2048, n_threads=args.threads)
     prompt = model.apply_chat_template([{"role": "user", "content": "List the fruit in my basket as JSON."}])

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.append(str(REPO))  # build_llama, tests helpers; an installed mullama wins over the source tree
 
 import mullama
-from mullama.hub import _hub
+from mullama.hub import _catalog, _pull
 from mullama.native import _owned
 
 
@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contexts", type=int, default=1000)
     parser.add_argument("--streams", type=int, default=1000)
     args = parser.parse_args(argv)
-    report = run(_hub.resolve(_hub.DEFAULT_MODEL), models=args.models, contexts=args.contexts, streams=args.streams)
+    report = run(_pull.resolve(_catalog.DEFAULT_MODEL), models=args.models, contexts=args.contexts,
+                 streams=args.streams)
     print(describe(report))
     return 0
 

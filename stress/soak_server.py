@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO / "tests"))
 import httpx
 from mullama_server import MullamaServer
 
-from mullama.hub import _hub
+from mullama.hub import _catalog, _pull
 
 MALFORMED = [b"{", b"[]", b'{"messages": 5}', b'{"prompt": ""}', b'{"max_tokens": -1, "prompt": "x"}',
              b'{"prompt": "x", "stop": [1]}', b'{"prompt": "x", "temperature": "hot"}', b"\xff\xfe\x00",
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    report = run(_hub.resolve(_hub.DEFAULT_MODEL), requests=args.requests, concurrency=args.concurrency,
+    report = run(_pull.resolve(_catalog.DEFAULT_MODEL), requests=args.requests, concurrency=args.concurrency,
                  seed=args.seed)
     print(describe(report))
     return 0 if report["status_5xx"] == 0 and report["lost_or_truncated"] == 0 else 1

@@ -21,7 +21,7 @@ os.environ["PYTHONSAFEPATH"] = "1"
 
 import mullama
 from mullama.generate._context import default_threads
-from mullama.hub import _hub
+from mullama.hub import _catalog, _pull
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +33,7 @@ def build():
 @pytest.fixture(scope="session")
 def model_path():
     """The default model, fetched and verified by mullama's own download helper."""
-    return _hub.resolve(_hub.DEFAULT_MODEL)
+    return _pull.resolve(_catalog.DEFAULT_MODEL)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import shutil
 import struct
 from pathlib import Path
 
-from mullama.gguf import _reader as _gguf
+from mullama.gguf import _reader
 from mullama.gguf._reader import ARRAY, FLOAT32, INT32, STRING, UINT32, UINT64
 
 Value = tuple[int, bytes]  # a GGUF type and its encoded payload
@@ -50,8 +50,8 @@ def nested_arrays(depth: int) -> Value:
     return ARRAY, struct.pack("<IQ", ARRAY, 1) * (depth - 1) + struct.pack("<IQ", UINT32, 0)
 
 
-def header(path: Path) -> _gguf._Header:
-    return _gguf._read(path)
+def header(path: Path) -> _reader._Header:
+    return _reader._read(path)
 
 
 def read_strings(path: Path, key: str) -> list[bytes]:
@@ -87,7 +87,7 @@ def craft(source: Path, dest: Path, changes: dict[str, Value | None] | None = No
         elif changes[key] is not None:
             pairs.append(_pair(key, changes[key]))  # type: ignore[arg-type]
     pairs += [_pair(key, value) for key, value in changes.items() if key not in parsed.spans and value is not None]
-    alignment = parsed.values.get("general.alignment", _gguf.GGUF_DEFAULT_ALIGNMENT)
+    alignment = parsed.values.get("general.alignment", _reader.GGUF_DEFAULT_ALIGNMENT)
     start, end = parsed.tensors_span
     source_data = end + (-end % alignment)
     out = bytearray(b"GGUF" + struct.pack("<IQQ", parsed.version, len(parsed.tensors), len(pairs)))

@@ -333,9 +333,9 @@ def test_a_mistyped_model_name_is_an_error_and_ordinary_words_are_the_prompt(mod
 @pytest.fixture(scope="module")
 def base_model_path():
     """gemma3:270m, a base model without a chat template (pulled once into the cache)."""
-    from mullama.hub import _hub
+    from mullama.hub import _pull
 
-    return _hub.resolve("gemma3:270m")
+    return _pull.resolve("gemma3:270m")
 
 
 def test_a_base_model_completes_the_prompt_as_is(base_model_path, model_path):

@@ -25,7 +25,7 @@ from inprocess_server import InProcessServer, serving
 
 import mullama
 from mullama.generate._context import default_threads
-from mullama.hub import _hub
+from mullama.hub import _pull
 from mullama.server import ServerSettings, create_app
 
 TEXTS = [
@@ -74,7 +74,7 @@ def mean_server(build, model_path):
 
 @pytest.fixture(scope="module")
 def minilm_path():
-    return _hub.resolve("all-minilm:l6-v2")
+    return _pull.resolve("all-minilm:l6-v2")
 
 
 @pytest.fixture(scope="module")

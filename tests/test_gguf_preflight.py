@@ -34,8 +34,8 @@ from crafted_gguf import (
 
 import mullama
 from mullama import ModelLoadError
-from mullama.gguf import _reader as _gguf
-from mullama.hub import _hub
+from mullama.gguf import _preflight, _reader
+from mullama.hub import _pull
 from mullama.native import _library
 
 TOKENS = "tokenizer.ggml.tokens"
@@ -172,7 +172,7 @@ def test_an_unchanged_rewrite_loads_and_generates_like_the_original(crafted, mod
 def test_show_on_arrays_nested_20000_deep(crafted):
     path = crafted({"general.nested": nested_arrays(20_000)})
     with pytest.raises(ModelLoadError) as info:
-        _gguf.read_gguf_info(path)
+        _reader.read_gguf_info(path)
     assert "general.nested has arrays nested more than" in str(info.value)
     result = subprocess.run([sys.executable, "-m", "mullama", "show", str(path)], capture_output=True, text=True,
                             timeout=120, check=False)
@@ -181,7 +181,7 @@ def test_show_on_arrays_nested_20000_deep(crafted):
     with pytest.raises(ModelLoadError):
         mullama.Model.load(path)
     shallow = crafted({"general.nested": nested_arrays(3)})  # within bounds: shown, counted
-    assert _gguf.read_gguf_info(shallow).metadata["general.nested"] == "<1 items>"
+    assert _reader.read_gguf_info(shallow).metadata["general.nested"] == "<1 items>"
 
 
 def tiny_gguf(path: Path, body: bytes, n_tensors: int = 0, n_kv: int = 1) -> Path:
@@ -209,7 +209,7 @@ def test_absurd_counts_are_refused_before_anything_is_allocated(tmp_path, what, 
     started = time.perf_counter()
     try:
         with pytest.raises(ModelLoadError) as info:
-            _gguf.read_gguf_info(path)
+            _reader.read_gguf_info(path)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -220,14 +220,14 @@ def test_absurd_counts_are_refused_before_anything_is_allocated(tmp_path, what, 
 
 
 def test_a_header_beyond_the_limit_is_refused(model_path, monkeypatch):
-    monkeypatch.setattr(_gguf, "MAX_HEADER", 1 << 20)  # the real model's header is ~1.8 MB
+    monkeypatch.setattr(_reader, "MAX_HEADER", 1 << 20)  # the real model's header is ~1.8 MB
     with pytest.raises(ModelLoadError) as info:
-        _gguf.read_gguf_info(model_path)
+        _reader.read_gguf_info(model_path)
     assert "a GGUF header larger than 1 MiB" in str(info.value)
 
 
 def test_read_gguf_info_reads_what_it_did(model_path):
-    info = _gguf.read_gguf_info(model_path)
+    info = _reader.read_gguf_info(model_path)
     assert (info.version, info.n_tensors, info.n_params) == (3, 272, 134_515_008)
     assert info.metadata["general.languages"] == ["en"] and info.metadata[TOKENS] == "<49152 items>"
     assert info.metadata["llama.block_count"] == 30 and info.chat_template.startswith("{% for message")
@@ -237,21 +237,21 @@ def test_read_gguf_info_reads_what_it_did(model_path):
 def test_real_models_pass_the_preflight_quickly(name, tmp_path, monkeypatch):
     """Both real vocabularies (49,152 and 262,144 tokens) pass the full check; once a vocabulary is known
     to be unique (a marker in the cache, by content digest) the pre-flight reads metadata only."""
-    path = _hub.resolve(name)
+    path = _pull.resolve(name)
     _library.get()
     monkeypatch.setenv("MULLAMA_HOME", str(tmp_path))  # no marker yet: the full uniqueness check runs
-    monkeypatch.setattr(_gguf, "_unique_vocabularies", set())
-    _gguf._skip_pattern()  # compiled once per process
-    _gguf._split_patterns()
+    monkeypatch.setattr(_preflight, "_unique_vocabularies", set())
+    _reader._skip_pattern()  # compiled once per process
+    _preflight._split_patterns()
     started = time.perf_counter()
-    _gguf.preflight(path)
+    _preflight.preflight(path)
     first = time.perf_counter() - started
     assert len(list((tmp_path / "checked").iterdir())) == 1
-    monkeypatch.setattr(_gguf, "_unique_vocabularies", set())  # a new process: only the marker is left
+    monkeypatch.setattr(_preflight, "_unique_vocabularies", set())  # a new process: only the marker is left
     times = []
     for _ in range(5):
         started = time.perf_counter()
-        _gguf.preflight(path)
+        _preflight.preflight(path)
         times.append(time.perf_counter() - started)
     print(f"\n{name}: pre-flight {first * 1e3:.0f} ms the first time, then {min(times) * 1e3:.0f} ms")
     assert min(times) < 0.5  # about 15 and 40 ms on a quiet 2-core machine; generous for a busy one

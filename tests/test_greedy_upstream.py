@@ -13,7 +13,7 @@ import upstream
 
 import mullama
 from mullama.generate._context import default_threads
-from mullama.hub import _hub
+from mullama.hub import _pull
 
 PROMPTS = [
     "The capital of France is",
@@ -43,7 +43,7 @@ class Setup:
 
 @pytest.fixture(scope="module", params=["smollm2:135m", "gemma3:270m"])
 def setup(request, build):
-    path = _hub.resolve(request.param)
+    path = _pull.resolve(request.param)
     server = upstream.LlamaServer(build.tool("llama-server"), path, threads=default_threads())
     model = mullama.Model.load(path)
     yield Setup(request.param, model, server)

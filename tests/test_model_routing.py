@@ -23,7 +23,7 @@ from mullama_server import MullamaServer
 
 from mullama import _paths
 from mullama.generate._context import default_threads
-from mullama.hub import _hub
+from mullama.hub import _catalog, _pull
 
 MODELS = ("smollm2:135m", "gemma3:270m")
 PROMPTS = ("The capital of France is", "Once upon a time, in a small village by the sea,",
@@ -36,7 +36,7 @@ def references(build):
     """llama-server's greedy answers, per model and prompt (same build, same threads)."""
     answers: dict[str, dict[str, str]] = {}
     for name in MODELS:
-        server = upstream.LlamaServer(build.tool("llama-server"), _hub.resolve(name), threads=default_threads())
+        server = upstream.LlamaServer(build.tool("llama-server"), _pull.resolve(name), threads=default_threads())
         try:
             answers[name] = {prompt: server.greedy(prompt, N_PREDICT)["content"] for prompt in PROMPTS}
         finally:
@@ -62,7 +62,7 @@ def complete(url: str, model: str, prompt: str) -> str:
     response = httpx.post(f"{url}/v1/completions", timeout=300, json={
         "model": model, "prompt": prompt, "max_tokens": N_PREDICT, "temperature": 0, "cache_prompt": False})
     assert response.status_code == 200, response.text
-    assert response.json()["model"] == _hub.entry_for(model.removesuffix(":latest")).name
+    assert response.json()["model"] == _catalog.entry_for(model.removesuffix(":latest")).name
     return response.json()["choices"][0]["text"]
 
 
@@ -117,7 +117,7 @@ def test_models_are_listed_with_their_state_in_each_format(two_models):
 def test_a_family_name_and_latest_pick_the_model(two_models, references):
     prompt = PROMPTS[0]
     for name in ("smollm2", "smollm2:latest", "gemma3"):
-        expected = references[_hub.entry_for(name.removesuffix(":latest")).name][prompt]
+        expected = references[_catalog.entry_for(name.removesuffix(":latest")).name][prompt]
         assert complete(two_models.url, name, prompt) == expected
 
 
@@ -134,7 +134,7 @@ def test_an_unknown_model_is_a_404_in_each_format(two_models):
         ollama.Client(host=two_models.url).chat(model="nope", messages=[{"role": "user", "content": "hi"}])
     assert missing.value.status_code == 404 and "not served here" in missing.value.error
     # A request never names a file: a path is just an unknown name.
-    path = str(_hub.resolve("smollm2:135m"))
+    path = str(_pull.resolve("smollm2:135m"))
     status, body = two_models.post("/v1/completions", {"model": path, "prompt": "hi", "max_tokens": 2})
     assert status == 404 and body["error"]["code"] == "model_not_found"
     status, body = two_models.post("/v1/embeddings", {"model": "nope", "input": "hi"})
@@ -159,7 +159,7 @@ def test_mullama_ps_lists_the_loaded_models(two_models):
     assert "smollm2:135m" in shown.stdout and "100% CPU" in shown.stdout and "from now" in shown.stdout
     as_json = json.loads(subprocess.run([*command, "--json"], capture_output=True, text=True, timeout=60).stdout)
     entry = {model["name"]: model for model in as_json}["smollm2:135m"]
-    assert entry["size"] > _hub.resolve("smollm2:135m").stat().st_size  # the weights and the KV cache
+    assert entry["size"] > _pull.resolve("smollm2:135m").stat().st_size  # the weights and the KV cache
     assert entry["context_length"] == 1024 and entry["idle_seconds"] >= 0
     processes = ollama.Client(host=two_models.url).ps()  # the official client reads the same listing
     assert "smollm2:135m" in [model.model for model in processes.models]
@@ -287,7 +287,7 @@ def test_bad_model_settings_fail_at_start(tmp_path):
 
 
 def test_models_dir_serves_each_file_by_its_stem(tmp_path, references):
-    (tmp_path / "tiny-chat.gguf").symlink_to(_hub.resolve("smollm2:135m"))
+    (tmp_path / "tiny-chat.gguf").symlink_to(_pull.resolve("smollm2:135m"))
     server = start("--models-dir", str(tmp_path), "--models", "gemma3:270m")
     try:
         assert {m["id"] for m in server.get_json("/v1/models")["data"]} == {"tiny-chat", "gemma3:270m"}
@@ -305,7 +305,7 @@ def test_api_pull_streams_progress_into_the_cache(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     (home / "llama.cpp").symlink_to(_paths.llama_cache_dir())  # the same build; an empty model cache
-    server = start("--models", str(_hub.resolve("smollm2:135m")), env={"MULLAMA_HOME": str(home)})
+    server = start("--models", str(_pull.resolve("smollm2:135m")), env={"MULLAMA_HOME": str(home)})
     try:
         client = ollama.Client(host=server.url)
         updates = list(client.pull("all-minilm:l6-v2", stream=True))

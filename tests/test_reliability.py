@@ -193,7 +193,7 @@ def slow_hub(tmp_path, monkeypatch, model_path):
 
 
 NAME = "hf:faults/Model-GGUF:model-Q4_K_M.gguf"
-PULL = "import sys; from mullama.hub import _hub; print(_hub.pull(sys.argv[1], quiet=True))"
+PULL = "import sys; from mullama.hub import _pull; print(_pull.pull(sys.argv[1], quiet=True))"
 
 
 def final_and_parts(tmp_path):
@@ -228,8 +228,8 @@ def test_a_full_disk_is_a_clear_error_and_the_partial_file_is_kept(slow_hub, tmp
     code = ("import resource, signal, sys\n"
             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
             "resource.setrlimit(resource.RLIMIT_FSIZE, (30_000_000, 30_000_000))\n"
-            "from mullama.hub import _hub\n"
-            "try:\n    _hub.pull(sys.argv[1], quiet=True)\n"
+            "from mullama.hub import _pull\n"
+            "try:\n    _pull.pull(sys.argv[1], quiet=True)\n"
             "except Exception as e:\n    print(type(e).__name__, getattr(e, 'code', ''), e)\n")
     result = subprocess.run([sys.executable, "-c", code, NAME],
                             capture_output=True, text=True, timeout=120, check=False)

@@ -20,7 +20,7 @@ def _is_model(word: str, command: str) -> bool:
     (``smollm2:135m``, ``smollm2``). A word that only looks like a model name (``name:tag``, or within a
     typo of a known name: ``smollm``, ``qwen3``) is MODEL_NOT_FOUND, naming the close ones, rather than
     the first word of a prompt; an ordinary word (``hello``, ``Why``) is the prompt."""
-    from ..hub._hub import close_names, entry_for
+    from ..hub._catalog import close_names, entry_for
 
     if word.endswith(".gguf") or _HF_NAME.match(word):
         return True
@@ -37,7 +37,7 @@ def _is_model(word: str, command: str) -> bool:
 def model_and_words(args: argparse.Namespace) -> tuple[str, list[str]]:
     """The model (``-m``, else a first word that names one, else the default) and the other words.
     Words after ``--`` are never the model."""
-    from ..hub._hub import DEFAULT_MODEL
+    from ..hub._catalog import DEFAULT_MODEL
 
     words = list(args.words)
     model_name = args.model
@@ -57,7 +57,7 @@ def model_arg(args: argparse.Namespace) -> str | None:
 def model_label(model_ref: str) -> str:
     """A model's name for messages and ``--json``: a known name in full (``smollm2`` is ``smollm2:135m``),
     a path or a Hugging Face name as given."""
-    from ..hub._hub import entry_for, is_local_path
+    from ..hub._catalog import entry_for, is_local_path
 
     if is_local_path(model_ref) or model_ref.startswith("hf:"):
         return model_ref

@@ -88,7 +88,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def chat_command(args: argparse.Namespace, model_name: str | None = None) -> int:
-    from ..hub._hub import DEFAULT_MODEL
+    from ..hub._catalog import DEFAULT_MODEL
     from ._terminal_chat import chat_main
 
     check_ctx_size(args.ctx_size)
@@ -121,7 +121,7 @@ def bench_command(args: argparse.Namespace) -> int:
 
     from ..generate._context import Context
     from ..generate._model import Model
-    from ..hub._hub import DEFAULT_MODEL
+    from ..hub._catalog import DEFAULT_MODEL
 
     check_ctx_size(args.ctx_size)
     model_name = model_arg(args) or DEFAULT_MODEL

@@ -11,7 +11,7 @@ from ._format import ago, size
 
 
 def pull_command(args: argparse.Namespace) -> int:
-    from ..hub._hub import pull
+    from ..hub._pull import pull
 
     path = pull(args.name, force=args.force)
     print(path)
@@ -19,7 +19,7 @@ def pull_command(args: argparse.Namespace) -> int:
 
 
 def list_command(args: argparse.Namespace) -> int:
-    from ..hub._hub import list_models
+    from ..hub._cache import list_models
 
     models = list_models()
     if args.json:
@@ -41,7 +41,7 @@ def list_command(args: argparse.Namespace) -> int:
 
 
 def rm_command(args: argparse.Namespace) -> int:
-    from ..hub._hub import remove
+    from ..hub._cache import remove
 
     for name in args.names:
         print(f"removed {name} ({remove(name)})")
@@ -50,7 +50,8 @@ def rm_command(args: argparse.Namespace) -> int:
 
 def show_command(args: argparse.Namespace) -> int:
     from ..gguf._reader import read_gguf_info
-    from ..hub._hub import cached, is_local_path
+    from ..hub._cache import cached
+    from ..hub._catalog import is_local_path
 
     name = args.name
     path = Path(name).expanduser() if is_local_path(name) else cached(name)

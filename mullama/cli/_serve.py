@@ -18,7 +18,7 @@ def serve_command(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise InvalidConfigError(f"`mullama serve` needs the server extra ({exc.name} is missing): "
                                  "pip install 'mullama[server]'.") from None
-    from ..hub._hub import DEFAULT_MODEL
+    from ..hub._catalog import DEFAULT_MODEL
 
     check_ctx_size(args.ctx_size)
     if args.rpc and os.environ.get(SUPERVISED_ENV) != "1":  # ggml ends a process whose RPC server is lost

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._exceptions import ClosedError, ContextError, InvalidConfigError, ModelLoadError, TemplateError, TokenizeError
-from ..gguf import _reader as _gguf
+from ..gguf._preflight import preflight
 from ..native import _library
 from ..native._devices import DeviceOptions
 from ..native._heap import give_back_memory
@@ -100,20 +100,20 @@ class Model(Owned):
 
         Raises ModelLoadError for a missing, empty, truncated or corrupt file, and
         ModelNotFoundError / DownloadError for a name that cannot be fetched. The file's header is
-        checked first (mullama.gguf._reader.preflight): values on which llama.cpp would abort the process
+        checked first (mullama.gguf._preflight.preflight): values on which llama.cpp would abort the process
         (a layer count beyond its limit, a NaN norm epsilon, a duplicated token, ...) are refused
         with ModelLoadError naming the key.
         """
         from ..chat._template import load_template
-        from ..hub import _hub
+        from ..hub._pull import resolve
 
         template = load_template(chat_template) if chat_template is not None else None
-        path = _hub.resolve(model)
+        path = resolve(model)
         _check_model_file(path)
         placement = DeviceOptions.of(n_gpu_layers=n_gpu_layers, main_gpu=main_gpu, split_mode=split_mode,
                                      tensor_split=tensor_split, rpc_servers=rpc_servers)
         library = _library.get()
-        _gguf.preflight(path, vocab_only=vocab_only)
+        preflight(path, vocab_only=vocab_only)
         ffi, lib = library.ffi, library.lib
         params = lib.llama_model_default_params()
         arrays = placement.apply(library, params)  # noqa: F841 (kept alive until the load is done)

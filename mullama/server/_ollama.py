@@ -397,7 +397,7 @@ async def version(request: Request) -> Response:
 @endpoint(error_body)
 async def pull(request: Request) -> Response:
     """Download a hub model into the cache (verified, resumable), streaming ollama's progress lines."""
-    from ..hub._hub import entry_for
+    from ..hub._catalog import entry_for
 
     body = await read_object(request)
     name = requested_model(body)
@@ -420,7 +420,7 @@ async def pull(request: Request) -> Response:
 
 async def _pull_lines(entry: Any) -> AsyncGenerator[str, None]:
     from ..hub._download import progress_listener
-    from ..hub._hub import pull as pull_model
+    from ..hub._pull import pull as pull_model
 
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[dict | None] = asyncio.Queue()

@@ -80,7 +80,8 @@ class ModelSpec:
 
     def path(self) -> Path | None:
         """Its file, when it is on disk (a local file, or a hub model already downloaded)."""
-        from ..hub._hub import cached, is_local_path
+        from ..hub._cache import cached
+        from ..hub._catalog import is_local_path
 
         if is_local_path(self.ref):
             return Path(self.ref).expanduser()
@@ -94,7 +95,7 @@ def model_specs(refs: Sequence[str], models_dir: str | os.PathLike | None = None
     """The specs for ``--models`` (hub names, tagless family names, paths) and every ``.gguf`` file
     in ``--models-dir``. A hub model is named by its full name (``smollm2:135m``) and also answers to
     the name given and its family (``smollm2``); a file by its stem. Problems fail here, at start."""
-    from ..hub._hub import entry_for, is_family, is_local_path
+    from ..hub._catalog import entry_for, is_family, is_local_path
 
     specs: list[ModelSpec] = []
     for ref in refs:

@@ -1,0 +1,124 @@
+"""The cache of downloaded models: where a verified file lives, and the index of what is there.
+
+Each model has a directory under ``models_dir()`` (``model_path``); ``index.json`` beside them records,
+per name, the file, its size, its sha256, where it came from and when (``list_models``; ``remove``
+deletes a model and its partial downloads). The index is rewritten whole, under a file lock, and
+replaced atomically; ``_locked`` is the same lock the downloads (``_pull``) take per file. Nothing
+here downloads: ``cached`` answers whether a name has been pulled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .._exceptions import ModelNotFoundError
+from .._paths import models_dir
+from ._catalog import HFFile, RegistryEntry, entry_for
+
+__all__ = ["CachedModel", "cached", "list_models", "model_path", "remove"]
+
+INDEX_FILE = "index.json"
+
+
+def model_path(entry: RegistryEntry) -> Path:
+    """Where the verified file of ``entry`` lives in the cache: a directory per name (a Hugging Face
+    name's directory ends with a digest of the whole name, revision and file included, so that no two
+    names share one and none is too long for the file system)."""
+    source = entry.sources[0] if entry.sources else None
+    if entry.name.startswith("hf:") and isinstance(source, HFFile):
+        digest = hashlib.sha256(entry.name.encode()).hexdigest()[:16]
+        safe = f"hf-{source.repo.replace('/', '--')}-{digest}"
+    else:
+        safe = entry.name.replace(":", "-").replace("/", "_").replace("@", "_")
+    return models_dir() / safe / entry.filename
+
+
+def cached(name: str) -> Path | None:
+    """The cached file of a model name, or None when it has not been pulled (never downloads)."""
+    try:
+        entry = entry_for(name) if not name.startswith("hf:") else None
+    except ModelNotFoundError:
+        return None
+    if entry is None:
+        return next((m.path for m in list_models() if m.name == name), None)
+    path = model_path(entry)
+    return path if path.is_file() else None
+
+
+@dataclass(frozen=True)
+class CachedModel:
+    name: str
+    path: Path
+    size: int
+    sha256: str
+    source: str
+    pulled_at: str
+
+
+def _index_path() -> Path:
+    return models_dir() / INDEX_FILE
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _read_index() -> dict[str, dict]:
+    try:
+        return json.loads(_index_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _update_index(change: Callable[[dict], None]) -> None:
+    with _locked(models_dir() / ".index.lock"):
+        index = _read_index()
+        change(index)
+        tmp = _index_path().with_suffix(".tmp")
+        tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, _index_path())
+
+
+def list_models() -> list[CachedModel]:
+    """Models in the cache whose file is still there."""
+    result = []
+    for name, item in sorted(_read_index().items()):
+        path = Path(item["path"])
+        if path.is_file():
+            result.append(CachedModel(name, path, item["size"], item["sha256"], item["source"], item["pulled_at"]))
+    return result
+
+
+def remove(name: str) -> Path:
+    """Delete a cached model and its partial downloads; returns the directory removed."""
+    index = _read_index()
+    key = name if name in index else name.lower()
+    if key not in index:
+        cached = ", ".join(sorted(index)) or "none"
+        raise ModelNotFoundError(f"{name!r} is not in the cache (cached: {cached}).")
+    directory = Path(index[key]["path"]).parent
+    shutil.rmtree(directory, ignore_errors=True)
+    _update_index(lambda idx: idx.pop(key, None))
+    return directory
+
+
+def _record(entry: RegistryEntry, final: Path, digest: str, origin: str) -> None:
+    item = {"path": str(final), "size": final.stat().st_size, "sha256": digest, "source": origin,
+            "pulled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(final.stat().st_mtime))}
+    _update_index(lambda index: index.__setitem__(entry.name, item))
