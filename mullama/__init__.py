@@ -72,7 +72,7 @@ _LAZY = {
     "TokenStream": ".generate._stream",
     "Model": ".generate._model",
     "Context": ".generate._context",
-    "Completion": ".generate._context",
+    "Completion": ".generate._completion",
     "SamplerChain": ".generate._sampler",
     "ToolCall": ".chat._tools",
     "system_info": ".native._library",
@@ -81,8 +81,9 @@ _LAZY = {
 if TYPE_CHECKING:
     from .chat._tools import ToolCall
     from .generate._async import AsyncModel, AsyncTokenStream
+    from .generate._completion import Completion
     from .generate._config import StreamConfig
-    from .generate._context import Completion, Context
+    from .generate._context import Context
     from .generate._model import Model
     from .generate._sampler import SamplerChain
     from .generate._sequence import Token

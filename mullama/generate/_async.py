@@ -15,17 +15,18 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from .._exceptions import InvalidConfigError, StreamingError
+from .._exceptions import StreamingError
 from ._chat_turn import chat_prompt
+from ._completion import Completion, greedy_unless_told
 from ._config import StreamConfig, resolve_config
-from ._context import Completion
 from ._context_params import check_n_ctx
 from ._engine import Engine, EngineRequest
-from ._model import Model
+from ._model import Model, check_prompt, tokenize_prompt
 from ._sequence import SequenceView, Token
 
 __all__ = ["AsyncModel", "AsyncTokenStream", "submit_in_thread"]
@@ -114,7 +115,7 @@ async def submit_in_thread(start: Callable[[], T], undo: Callable[[T], object]) 
     try:
         return await asyncio.shield(started)
     except asyncio.CancelledError:
-        def undo_when_done(future: asyncio.Future) -> None:
+        def undo_when_done(future: asyncio.Future[Any]) -> None:
             if not future.cancelled() and future.exception() is None:
                 undo(future.result())
 
@@ -147,7 +148,7 @@ class AsyncModel:
         self._engine_lock = threading.Lock()
 
     @classmethod
-    async def load(cls, model: str | os.PathLike, **options: Any) -> AsyncModel:
+    async def load(cls, model: str | os.PathLike[str], **options: Any) -> AsyncModel:
         """Load ``model`` (a path or a name) and start its engine, in a worker thread. Engine
         options (``parallel``, ``n_ctx``, ``n_threads``, ``seed``, ...) go to the engine; the rest
         to :meth:`Model.load`."""
@@ -179,8 +180,7 @@ class AsyncModel:
         def start() -> EngineRequest:
             engine = self._get_engine()
             prompt, config = prepare()
-            tokens = model.tokenize(prompt, add_special=True, parse_special=True)
-            return engine.submit(tokens, config)
+            return engine.submit(tokenize_prompt(model, prompt), config)
 
         return AsyncTokenStream(start)
 
@@ -188,13 +188,13 @@ class AsyncModel:
                         max_tokens: int | None = None, **options: Any) -> AsyncTokenStream:
         """``async for token in model.generate_stream(prompt, config=...)``."""
         config = resolve_config(config, max_tokens, options)
-        _check_prompt(prompt)
+        check_prompt(prompt)
         return self._stream(lambda: (prompt, config))
 
-    def chat_stream(self, messages: list[dict], config: StreamConfig | int | None = None, *,
-                    max_tokens: int | None = None, tools: list[dict] | None = None, tool_choice: Any = "auto",
-                    parallel_tool_calls: bool = True, chat_template: str | os.PathLike | None = None,
-                    chat_template_kwargs: dict | None = None, reasoning_format: str = "auto",
+    def chat_stream(self, messages: list[dict[str, Any]], config: StreamConfig | int | None = None, *,
+                    max_tokens: int | None = None, tools: list[dict[str, Any]] | None = None, tool_choice: Any = "auto",
+                    parallel_tool_calls: bool = True, chat_template: str | os.PathLike[str] | None = None,
+                    chat_template_kwargs: dict[str, Any] | None = None, reasoning_format: str = "auto",
                     **options: Any) -> AsyncTokenStream:
         """Stream the reply to ``messages`` with the model's chat template; tools and templates as
         :meth:`Context.chat_stream` (rendered in a worker thread)."""
@@ -207,19 +207,15 @@ class AsyncModel:
     async def generate(self, prompt: str, max_tokens: int | None = None, *, config: StreamConfig | None = None,
                        **options: Any) -> Completion:
         """The whole completion (greedy unless told otherwise), as :meth:`Context.generate`."""
-        if config is None and "temperature" not in options:
-            options["temperature"] = 0.0
+        greedy_unless_told(config, options)
+        started = time.perf_counter()
         stream = self.generate_stream(prompt, config, max_tokens=max_tokens, **options)
         async with stream:
             async for _ in stream:
                 pass
-        return Completion(
-            text=stream.text, token_ids=stream.token_ids, finish_reason=stream.finish_reason or "stop",
-            prompt_tokens=stream.prompt_tokens, cached_tokens=stream.cached_tokens,
-            timings={"prompt_seconds": stream.prompt_seconds(), "time_to_first_token": stream.time_to_first_token(),
-                     "tokens_per_second": stream.tokens_per_second()})
+        return Completion.from_stream(stream, time.perf_counter() - started)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kw: Any) -> str:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kw: Any) -> str:
         return self.model.apply_chat_template(messages, add_generation_prompt, **kw)
 
     async def embed(self, texts: Any, **options: Any) -> Any:
@@ -240,7 +236,3 @@ class AsyncModel:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-
-def _check_prompt(prompt: Any) -> None:
-    if not isinstance(prompt, str):
-        raise InvalidConfigError(f"the prompt must be a str, not {type(prompt).__name__}.")

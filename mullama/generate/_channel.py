@@ -1,15 +1,22 @@
 """A bounded hand-over from the engine's thread to one stream's consumer (an asyncio task).
 
-The producer ``offer``s items to a ``queue.Queue(maxsize)`` and only when it has room: when
-the consumer is slow the queue fills and the producer leaves that stream paused, so
-memory stays bounded. An asyncio consumer awaits ``get_async()`` without blocking its event
-loop: the producer wakes it with ``call_soon_threadsafe`` only when it is waiting.
+The producer ``offer``s items only when there is room: when the consumer is slow its
+buffer fills and the producer leaves that stream paused, so memory stays bounded. An
+asyncio consumer awaits ``get_async()`` without blocking its event loop.
+
+No lock is taken per item: a ``deque``'s ``append`` and ``popleft`` are atomic, and each
+side wakes the other only when the other said it is waiting. The consumer publishes its
+waiter, then looks at the buffer again; the producer appends, then looks for a waiter. The
+producer, finding the buffer full, marks itself ``paused``, then looks at the buffer again; the
+consumer takes an item, then looks at ``paused``. Whichever order the two threads run in, one
+of them sees the other's step, so no item and no room is ever missed, and nobody is woken
+for nothing on every token.
 """
 
 from __future__ import annotations
 
 import asyncio
-import queue
+import collections
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -21,22 +28,27 @@ __all__ = ["Channel"]
 
 class Channel:
     def __init__(self, maxsize: int) -> None:
-        self._queue: queue.Queue = queue.Queue(maxsize=maxsize)
+        self._items: collections.deque[Any] = collections.deque()
+        self._maxsize = maxsize
         self.closed = threading.Event()  # set by the consumer: the producer should stop
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._waiter: asyncio.Future | None = None
-        self.on_take: Callable[[], None] | None = None  # called after the consumer takes an item
+        self._waiter: asyncio.Future[Any] | None = None
+        self._paused = False  # the producer found no room and waits for the consumer to take one
+        self.on_take: Callable[[], None] | None = None  # called when a take makes room for a paused producer
         self.max_queued = 0
         self._final: Any = None  # the last item, delivered after everything queued; never blocks
 
     # --- producer side ----------------------------------------------------------
     def offer(self, item: Any) -> bool:
         """Queue ``item`` if there is room now; never waits."""
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
+        items = self._items
+        if len(items) >= self._maxsize:
             return False
-        self._delivered()
+        items.append(item)
+        if len(items) > self.max_queued:
+            self.max_queued = len(items)
+        if self._waiter is not None:
+            self._wake_consumer()
         return True
 
     def finish(self) -> None:
@@ -52,12 +64,11 @@ class Channel:
         self._wake_consumer()
 
     def has_room(self) -> bool:
-        return not self._queue.full()
-
-    def _delivered(self) -> None:
-        size = self._queue.qsize()
-        self.max_queued = max(self.max_queued, size)
-        self._wake_consumer()
+        """Whether an item can be offered now. When not, the next take calls ``on_take``."""
+        if len(self._items) < self._maxsize:
+            return True
+        self._paused = True
+        return len(self._items) < self._maxsize  # a take between the two looks did not see the flag
 
     def _wake_consumer(self) -> None:
         waiter, loop = self._waiter, self._loop
@@ -69,52 +80,46 @@ class Channel:
 
     # --- consumer side ----------------------------------------------------------
     def qsize(self) -> int:
-        return self._queue.qsize()
+        return len(self._items)
 
     def _take_now(self) -> Any:
         """A queued item, else the final item once everything before it was taken, else _NOTHING."""
-        try:
-            item = self._queue.get_nowait()
-        except queue.Empty:
-            if self._final is None:
+        items = self._items
+        if not items:
+            final = self._final
+            if final is None:
                 return _NOTHING
-            try:  # the final item is set after the last put: look once more before returning it
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return self._final
-        self._taken()
+            if not items:  # the final item is set after the last append: look once more
+                return final
+        item = items.popleft()
+        if self._paused:
+            self._paused = False
+            if self.on_take is not None:
+                self.on_take()
         return item
 
     async def get_async(self) -> Any:
-        """Like ``get``, awaited without blocking the event loop."""
-        q = self._queue
-        self._loop = asyncio.get_running_loop()
+        """The next item, awaited without blocking the event loop: None after ``finish()``; raises
+        the error given to ``fail()``."""
+        loop = self._loop = asyncio.get_running_loop()
         while True:
             item = self._take_now()
             if item is not _NOTHING:
                 return _unpack(item)
-            waiter = self._loop.create_future()
+            waiter = loop.create_future()
             self._waiter = waiter
             try:
-                # Check again once the waiter is published: a put in between would be missed.
-                if not q.empty() or self._final is not None:
+                # Look again once the waiter is published: an append in between would be missed.
+                if self._items or self._final is not None:
                     continue
                 await waiter
             finally:
                 self._waiter = None
 
-    def _taken(self) -> None:
-        if self.on_take is not None:
-            self.on_take()
-
     def close(self) -> None:
         """The consumer has gone: stop the producer and drop what is queued."""
         self.closed.set()
-        while True:
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
+        self._items.clear()
 
 
 _NOTHING = object()
@@ -140,6 +145,6 @@ def _unpack(item: Any) -> Any:
     return item
 
 
-def _wake(waiter: asyncio.Future) -> None:
+def _wake(waiter: asyncio.Future[Any]) -> None:
     if not waiter.done():
         waiter.set_result(None)

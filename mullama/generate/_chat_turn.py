@@ -16,9 +16,10 @@ from ._model import Model
 __all__ = ["chat_prompt"]
 
 
-def chat_prompt(model: Model, messages: list[dict], config: StreamConfig, *, tools: list[dict] | None,
-                tool_choice: Any, parallel_tool_calls: bool, chat_template: Any,
-                chat_template_kwargs: dict | None, reasoning_format: str = "auto") -> tuple[str, StreamConfig]:
+def chat_prompt(model: Model, messages: list[dict[str, Any]], config: StreamConfig, *,
+                tools: list[dict[str, Any]] | None, tool_choice: Any, parallel_tool_calls: bool, chat_template: Any,
+                chat_template_kwargs: dict[str, Any] | None,
+                reasoning_format: str = "auto") -> tuple[str, StreamConfig]:
     """The prompt text for a chat turn and the StreamConfig to generate it with (tool calling set up
     when ``tools`` are given): one place for Context, AsyncModel and the server."""
     kwargs = dict(chat_template_kwargs or {})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, cast
 
 from .._exceptions import InvalidConfigError
 from ..structured._schema import schema_of
@@ -175,11 +175,11 @@ class StreamConfig:
         if self.grammar is not None:
             return self.grammar
         if calls is not None and (self.json_schema is None or calls.forced):
-            return calls.grammar
+            return cast("str | None", calls.grammar)
         if self.json_schema is None:
             return None
         if calls is not None:
-            return calls.or_json(self.json_schema)
+            return cast("str | None", calls.or_json(self.json_schema))
         if self.fenced_json:
             from ..structured._response_format import chat_json_grammar
 
@@ -200,7 +200,7 @@ class StreamConfig:
         return replace(self, **changes)
 
 
-def resolve_config(config: StreamConfig | int | None, max_tokens: int | None, options: dict) -> StreamConfig:
+def resolve_config(config: StreamConfig | int | None, max_tokens: int | None, options: dict[str, Any]) -> StreamConfig:
     """The config for ``generate_stream(prompt, config, max_tokens=..., **options)``.
 
     ``config`` may be a StreamConfig, None (the defaults), or an int (``generate_stream(prompt, 500)``);

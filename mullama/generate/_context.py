@@ -6,7 +6,6 @@ import os
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from .._exceptions import (
@@ -18,37 +17,24 @@ from .._exceptions import (
 )
 from ..native._owned import Owned
 from ._chat_turn import chat_prompt
+from ._completion import Completion, greedy_unless_told
 from ._config import MAX_SEED, StreamConfig, resolve_config
 from ._context_params import (
     ContextSettings,
     adopt_context,
     check_n_ctx,
     chunk_end,
-    common_prefix,
     create_context,
     default_threads,
     prompt_breaks,
+    reusable_prefix,
+    trim_cache,
 )
-from ._model import Model
+from ._model import Model, tokenize_prompt
 from ._sequence import Sequence, Token
 from ._stream import TokenStream
 
-__all__ = ["Completion", "Context", "default_threads"]
-
-
-@dataclass
-class Completion:
-    """The result of :meth:`Context.generate`."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str  # "stop" (end of generation or a stop sequence), "length" (max_tokens or context full)
-    prompt_tokens: int
-    cached_tokens: int = 0  # prompt tokens reused from the KV cache
-    timings: dict = field(default_factory=dict)
-
-    def __str__(self) -> str:
-        return self.text
+__all__ = ["Context", "default_threads"]
 
 
 class _AbortState:
@@ -131,14 +117,6 @@ class Context(Owned):
             self._lib.llama_memory_clear(self._memory, True)
             self._tokens = []
 
-    def _trim(self, keep: int) -> None:
-        """Keep the first ``keep`` tokens of the cache, drop the rest."""
-        if keep < len(self._tokens):
-            if not self._lib.llama_memory_seq_rm(self._memory, 0, keep, -1):
-                self._lib.llama_memory_clear(self._memory, True)
-                keep = 0
-            del self._tokens[keep:]
-
     def _use(self) -> _Exclusive:
         return _Exclusive(self)
 
@@ -201,8 +179,8 @@ class Context(Owned):
                 "shorten the prompt or create the Context with a larger n_ctx."
             )
         # Logits are only there for the last decoded token: re-decode at least one.
-        common = min(common_prefix(self._tokens, prompt_tokens), len(prompt_tokens) - 1) if reuse else 0
-        self._trim(common)
+        common = trim_cache(self._lib, self._memory, 0, self._tokens,
+                            reusable_prefix(self._tokens, prompt_tokens, reuse))
         self._decode(prompt_tokens[common:], deadline, prompt_breaks(self.model, len(prompt_tokens), self.n_batch))
         return common
 
@@ -252,39 +230,31 @@ class Context(Owned):
                                "use one Context per concurrent stream.")
 
     def _token_loop(self, generation: int, sequence: Sequence) -> Iterator[Token]:
+        """One step per token, under the guard once: decode the token handed out last (the first
+        step has the prompt's logits), then sample and accept the next."""
         lib, ptr, lock, guard = self._lib, self.ptr, self._lock, self._guard
         buf, batch, tokens = self._token_buf, self._one_token_batch, self._tokens
-        sample, accept = sequence.sampler.sample, sequence.accept
+        next_token = sequence.next_token
+        token: Token | None = None
         while True:
             self._enter_step(generation)
             try:
-                with lock:  # sampling takes the cores too: not beside another context's decode
-                    token_id = sample(ptr, -1)
+                if token is not None:
+                    buf[0] = token.id
+                    with lock:
+                        rc = lib.llama_decode(ptr, batch)
+                    if rc != 0:
+                        self._decode_failed(rc, len(tokens), sequence.n_tokens)
+                    tokens.append(token.id)
+                token = next_token(ptr, -1, lock)
             finally:
                 guard.release()
-            token = accept(token_id, ptr, -1)
             yield token
             if token.finish_reason is not None:
                 return
             sequence.check_deadline()
-            self._enter_step(generation)
-            try:
-                buf[0] = token_id
-                with lock:
-                    rc = lib.llama_decode(ptr, batch)
-                if rc != 0:
-                    self._decode_failed(rc, len(tokens), sequence.n_tokens)
-                tokens.append(token_id)
-            finally:
-                guard.release()
 
     # --- the public streaming API -------------------------------------------------
-    def _tokenize_prompt(self, prompt: str) -> list[int]:
-        if not isinstance(prompt, str):
-            raise InvalidConfigError(f"the prompt must be a str, not {type(prompt).__name__}.")
-        # As upstream's server and tools do: BOS/EOS as the model wants, special-token text parsed.
-        return self.model.tokenize(prompt, add_special=True, parse_special=True)
-
     def generate_stream(self, prompt: str, config: StreamConfig | int | None = None, *,
                         max_tokens: int | None = None, **options: Any) -> TokenStream:
         """Stream the completion of ``prompt``, token by token.
@@ -294,7 +264,7 @@ class Context(Owned):
         temperature=0)`` (keyword options override fields of ``config``).
         """
         config = resolve_config(config, max_tokens, options)
-        return self._stream(self._tokenize_prompt(prompt), config)
+        return self._stream(tokenize_prompt(self.model, prompt), config)
 
     def _stream(self, prompt_tokens: list[int], config: StreamConfig) -> TokenStream:
         sequence = self._sequence(prompt_tokens, config)
@@ -316,10 +286,10 @@ class Context(Owned):
                     break
         return stream
 
-    def chat_stream(self, messages: list[dict], config: StreamConfig | int | None = None, *,
-                    max_tokens: int | None = None, tools: list[dict] | None = None, tool_choice: Any = "auto",
-                    parallel_tool_calls: bool = True, chat_template: str | os.PathLike | None = None,
-                    chat_template_kwargs: dict | None = None, reasoning_format: str = "auto",
+    def chat_stream(self, messages: list[dict[str, Any]], config: StreamConfig | int | None = None, *,
+                    max_tokens: int | None = None, tools: list[dict[str, Any]] | None = None, tool_choice: Any = "auto",
+                    parallel_tool_calls: bool = True, chat_template: str | os.PathLike[str] | None = None,
+                    chat_template_kwargs: dict[str, Any] | None = None, reasoning_format: str = "auto",
                     **options: Any) -> TokenStream:
         """Stream the assistant's reply to ``messages``, rendered with the model's own chat template
         (or ``chat_template``, Jinja text or a file; ``chat_template_kwargs`` reach it).
@@ -337,28 +307,18 @@ class Context(Owned):
         prompt, config = chat_prompt(self.model, messages, config, tools=tools, tool_choice=tool_choice,
                                      parallel_tool_calls=parallel_tool_calls, chat_template=chat_template,
                                      chat_template_kwargs=chat_template_kwargs, reasoning_format=reasoning_format)
-        return self._stream(self._tokenize_prompt(prompt), config)
+        return self._stream(tokenize_prompt(self.model, prompt), config)
 
     def generate(self, prompt: str, max_tokens: int | None = None, *, config: StreamConfig | None = None,
                  **options: Any) -> Completion:
         """Complete ``prompt`` and return the whole result (greedy unless told otherwise)."""
-        if config is None and "temperature" not in options:
-            options["temperature"] = 0.0
-        stream = self.generate_stream(prompt, config, max_tokens=max_tokens, **options)
+        greedy_unless_told(config, options)
         started = time.perf_counter()
+        stream = self.generate_stream(prompt, config, max_tokens=max_tokens, **options)
         with stream:
             for _ in stream:
                 pass
-        return Completion(
-            text=stream.text,
-            token_ids=stream.token_ids,
-            finish_reason=stream.finish_reason or "stop",
-            prompt_tokens=stream.prompt_tokens,
-            cached_tokens=stream.cached_tokens,
-            timings={"prompt_seconds": stream.prompt_seconds(), "total_seconds": time.perf_counter() - started,
-                     "time_to_first_token": stream.time_to_first_token(),
-                     "tokens_per_second": stream.tokens_per_second()},
-        )
+        return Completion.from_stream(stream, time.perf_counter() - started)
 
     def close(self) -> None:
         """Free the KV cache and the context. Refused while another thread uses it."""

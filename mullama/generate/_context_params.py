@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .._exceptions import ContextError, InvalidConfigError
 
@@ -22,8 +22,20 @@ if TYPE_CHECKING:
     from ..native._owned import Owned
     from ._model import Model
 
-__all__ = ["MIN_CTX", "ContextSettings", "adopt_context", "check_n_ctx", "chunk_end", "common_prefix", "create_context",
-           "default_n_ctx", "default_threads", "prompt_breaks"]
+__all__ = [
+    "MIN_CTX",
+    "ContextSettings",
+    "adopt_context",
+    "check_n_ctx",
+    "chunk_end",
+    "common_prefix",
+    "create_context",
+    "default_n_ctx",
+    "default_threads",
+    "prompt_breaks",
+    "reusable_prefix",
+    "trim_cache",
+]
 
 DEFAULT_MAX_CTX = 4096  # a new context holds at most this many tokens unless asked for more
 DEFAULT_BATCH = 2048  # common_params.n_batch
@@ -78,6 +90,24 @@ def common_prefix(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
+
+
+def reusable_prefix(cached: list[int], prompt: list[int], reuse: bool) -> int:
+    """How many of ``prompt``'s tokens a cache that holds ``cached`` keeps: their common prefix, less
+    at least the prompt's last token (logits exist only for the last token decoded); none unless ``reuse``."""
+    return min(common_prefix(cached, prompt), len(prompt) - 1) if reuse else 0
+
+
+def trim_cache(lib: Any, memory: Any, seq_id: int, cached: list[int], keep: int) -> int:
+    """Keep the first ``keep`` tokens of sequence ``seq_id``'s cache and drop the rest (``cached``, the
+    list of what it holds, is cut to match). A cache that cannot drop a tail (a recurrent state) is
+    emptied instead. Returns how many tokens were kept."""
+    if keep < len(cached):
+        if not lib.llama_memory_seq_rm(memory, seq_id, keep, -1):
+            lib.llama_memory_seq_rm(memory, seq_id, -1, -1)
+            keep = 0
+        del cached[keep:]
+    return keep
 
 
 def check_count(name: str, value: Any, high: int, *, allow_none: bool = True) -> None:
@@ -141,7 +171,7 @@ def kv_cache_bytes(model: Model, n_ctx: int) -> int:
     head = lib.llama_model_n_embd(ptr) // n_head
     key_length = _arch_int(model, "attention.key_length") or head
     value_length = _arch_int(model, "attention.value_length") or head
-    return n_ctx * lib.llama_model_n_layer(ptr) * n_head_kv * (key_length + value_length) * 2
+    return cast("int", n_ctx * lib.llama_model_n_layer(ptr) * n_head_kv * (key_length + value_length) * 2)
 
 
 def _arch_int(model: Model, key: str) -> int:

@@ -44,6 +44,8 @@ from ._context_params import (
     create_context,
     default_n_ctx,
     prompt_breaks,
+    reusable_prefix,
+    trim_cache,
 )
 from ._model import Model
 from ._sequence import Sequence, SequenceView, Token
@@ -280,12 +282,8 @@ class Engine(Owned):
         """Begin serving ``request`` in ``slot`` (reserved for it): keep the cache's common prefix."""
         prompt = request._sequence.prompt_tokens
         reuse = request._sequence.config.cache_prompt
-        common = min(common_prefix(slot.cached, prompt), len(prompt) - 1) if reuse else 0
-        if common < len(slot.cached):
-            if not self._lib.llama_memory_seq_rm(self._memory, slot.seq_id, common, -1):
-                self._lib.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
-                common = 0
-            del slot.cached[common:]
+        common = trim_cache(self._lib, self._memory, slot.seq_id, slot.cached,
+                            reusable_prefix(slot.cached, prompt, reuse))
         slot.pending_prompt = prompt[common:]
         slot.breaks = prompt_breaks(self.model, len(prompt), self.n_batch)
         slot.next_token = None
@@ -367,14 +365,12 @@ class Engine(Owned):
         sequence = request._sequence
         if sequence.prompt_done is None:
             sequence.prompt_decoded(sequence.cached_tokens)
-        with self._lock:
-            token_id = sequence.sampler.sample(self.ptr, slot.batch_row)
-        token = sequence.accept(token_id, self.ptr, slot.batch_row)
+        token = sequence.next_token(self.ptr, slot.batch_row, self._lock)
         request.channel.offer(token)  # there is room: checked before decoding
         if token.finish_reason is not None:
             self._finish(slot)
         else:
-            slot.next_token = token_id
+            slot.next_token = token.id
 
     def _finish(self, slot: _Slot) -> None:
         request = slot.request

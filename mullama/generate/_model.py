@@ -7,7 +7,7 @@ import threading
 import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .._exceptions import ClosedError, ContextError, InvalidConfigError, ModelLoadError, TemplateError, TokenizeError
 from ..gguf._preflight import preflight
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from ._embed import Embedder
 
 
-__all__ = ["Model"]
+__all__ = ["Model", "check_prompt", "tokenize_prompt"]
 
 GGUF_MAGIC = b"GGUF"
 
@@ -74,7 +74,7 @@ class Model(Owned):
         self.path = path
         self._vocab = library.lib.llama_model_get_vocab(ptr)
         self._n_vocab = library.lib.llama_vocab_n_tokens(self._vocab)  # fixed: token ids are checked against it
-        self._contexts: weakref.WeakSet = weakref.WeakSet()
+        self._contexts: weakref.WeakSet[Any] = weakref.WeakSet()
         self._pieces: dict[int, bytes] = {}  # token id -> bytes (special=False); immutable, so cached
         self._lock = threading.Lock()
         self._embedders: dict[tuple[int, int], Embedder] = {}  # (pooling, batch size) -> embedding context
@@ -82,8 +82,8 @@ class Model(Owned):
 
     # --- loading --------------------------------------------------------------
     @classmethod
-    def load(cls, model: str | os.PathLike, *, n_gpu_layers: int = 0, use_mmap: bool = True,
-             vocab_only: bool = False, chat_template: str | os.PathLike | None = None, main_gpu: int = 0,
+    def load(cls, model: str | os.PathLike[str], *, n_gpu_layers: int = 0, use_mmap: bool = True,
+             vocab_only: bool = False, chat_template: str | os.PathLike[str] | None = None, main_gpu: int = 0,
              split_mode: str = "layer", tensor_split: Sequence[float] | None = None,
              rpc_servers: Sequence[str] | None = None) -> Model:
         """Load a model from a ``.gguf`` path, or by name (e.g. ``"smollm2:135m"``, downloaded once).
@@ -152,17 +152,17 @@ class Model(Owned):
     # --- facts ----------------------------------------------------------------
     @property
     def vocab_size(self) -> int:
-        return self._library.lib.llama_vocab_n_tokens(self._vocab_ptr())
+        return cast("int", self._library.lib.llama_vocab_n_tokens(self._vocab_ptr()))
 
     @property
     def n_ctx_train(self) -> int:
         """The context length the model was trained with."""
-        return self._library.lib.llama_model_n_ctx_train(self.ptr)
+        return cast("int", self._library.lib.llama_model_n_ctx_train(self.ptr))
 
     @property
     def n_embd(self) -> int:
         """The length of this model's embedding vectors."""
-        return self._library.lib.llama_model_n_embd_out(self.ptr)
+        return cast("int", self._library.lib.llama_model_n_embd_out(self.ptr))
 
     @property
     def pooling(self) -> str | None:
@@ -183,25 +183,25 @@ class Model(Owned):
 
     @property
     def n_params(self) -> int:
-        return self._library.lib.llama_model_n_params(self.ptr)
+        return cast("int", self._library.lib.llama_model_n_params(self.ptr))
 
     @property
     def size_bytes(self) -> int:
-        return self._library.lib.llama_model_size(self.ptr)
+        return cast("int", self._library.lib.llama_model_size(self.ptr))
 
     @property
     def description(self) -> str:
         buf = self._ffi.new("char[]", 256)
         self._library.lib.llama_model_desc(self.ptr, buf, 256)
-        return self._ffi.string(buf).decode("utf-8", "replace")
+        return cast("str", self._ffi.string(buf).decode("utf-8", "replace"))
 
     @property
     def bos_token_id(self) -> int:
-        return self._library.lib.llama_vocab_bos(self._vocab_ptr())
+        return cast("int", self._library.lib.llama_vocab_bos(self._vocab_ptr()))
 
     @property
     def eos_token_id(self) -> int:
-        return self._library.lib.llama_vocab_eos(self._vocab_ptr())
+        return cast("int", self._library.lib.llama_vocab_eos(self._vocab_ptr()))
 
     @property
     def add_bos(self) -> bool:
@@ -218,8 +218,8 @@ class Model(Owned):
         ptr = self._library.lib.llama_model_chat_template(self.ptr, self._ffi.NULL)
         return None if ptr == self._ffi.NULL else self._ffi.string(ptr).decode("utf-8", "replace")
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, *,
-                            template: str | os.PathLike | None = None, tools: list[dict] | None = None,
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, *,
+                            template: str | os.PathLike[str] | None = None, tools: list[dict[str, Any]] | None = None,
                             **variables: Any) -> str:
         """The prompt text for ``messages``, rendered with the model's own chat template
         (or ``template``: Jinja text or a file) exactly as upstream llama.cpp renders it.
@@ -277,7 +277,7 @@ class Model(Owned):
         if n >= 256:
             buf = ffi.new("char[]", n + 1)
             lib.llama_model_meta_val_str(self.ptr, key.encode(), buf, n + 1)
-        return ffi.string(buf).decode("utf-8", "replace")
+        return cast("str | None", ffi.string(buf).decode("utf-8", "replace"))
 
     def _arch_meta(self, key: str) -> str | None:
         """The metadata value ``<architecture>.<key>`` (e.g. ``llama.context_length``), or None."""
@@ -354,7 +354,7 @@ class Model(Owned):
             count = lib.llama_tokenize(vocab, data, len(data), tokens, capacity, add_special, parse_special)
         if count < 0:
             raise TokenizeError("llama.cpp could not tokenise the text.")
-        return ffi.unpack(tokens, count)
+        return cast("list[int]", ffi.unpack(tokens, count))
 
     def token_to_piece(self, token: int, *, special: bool = False) -> bytes:
         """The bytes of one token (may be part of a multi-byte character)."""
@@ -376,8 +376,8 @@ class Model(Owned):
         if n < 0:
             bigger = self._ffi.new("char[]", -n)
             n = self._library.lib.llama_token_to_piece(self._vocab, token, bigger, -n, 0, special)
-            return self._ffi.unpack(bigger, n)
-        return self._ffi.unpack(buf, n)
+            return cast("bytes", self._ffi.unpack(bigger, n))
+        return cast("bytes", self._ffi.unpack(buf, n))
 
     def detokenize(self, tokens: Iterable[int], *, remove_special: bool = False,
                    unparse_special: bool = False) -> str:
@@ -394,7 +394,7 @@ class Model(Owned):
             capacity = -n
             buf = ffi.new("char[]", capacity)
             n = lib.llama_detokenize(vocab, array, len(tokens), buf, capacity, remove_special, unparse_special)
-        return ffi.unpack(buf, n).decode("utf-8", "replace")
+        return cast("str", ffi.unpack(buf, n).decode("utf-8", "replace"))
 
     def is_eog(self, token: int) -> bool:
         """Whether ``token`` ends generation (EOS, EOT, ...)."""
@@ -418,3 +418,16 @@ class Model(Owned):
     def __repr__(self) -> str:
         state = "closed" if self.closed else self.description
         return f"<mullama.Model {self.path.name} ({state})>"
+
+
+def check_prompt(prompt: Any) -> str:
+    """``prompt``, when it is text; a clear error otherwise."""
+    if not isinstance(prompt, str):
+        raise InvalidConfigError(f"the prompt must be a str, not {type(prompt).__name__}.")
+    return prompt
+
+
+def tokenize_prompt(model: Model, prompt: str) -> list[int]:
+    """A prompt's tokens as upstream's server and tools make them: BOS/EOS as the model wants,
+    special-token text (a chat template's markers) parsed. The one place a prompt becomes tokens."""
+    return model.tokenize(check_prompt(prompt), add_special=True, parse_special=True)

@@ -13,6 +13,7 @@ stream, the async stream and the server alike.
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -115,6 +116,13 @@ class Sequence:
         """The prompt is in the KV cache (``cached_tokens`` of it were reused, not decoded)."""
         self.prompt_done = time.perf_counter()
         self.cached_tokens = cached_tokens
+
+    def next_token(self, ctx: Any, row: int, lock: AbstractContextManager[Any]) -> Token:
+        """Sample from row ``row`` of ``ctx``'s logits (under ``lock``: sampling takes the cores, so not
+        beside another context's decode) and accept the token: the step every decoder takes."""
+        with lock:
+            token_id = self.sampler.sample(ctx, row)
+        return self.accept(token_id, ctx, row)
 
     def accept(self, token: int, ctx: Any = None, row: int = -1) -> Token:
         """Take a sampled token (from row ``row`` of the logits of ``ctx``): its text, and whether

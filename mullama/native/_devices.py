@@ -220,7 +220,7 @@ def one_line_aborts(library: Any) -> None:
     lib.ggml_set_abort_callback(callback)
 
 
-def _as_tuple(name: str, value: Any) -> tuple:
+def _as_tuple(name: str, value: Any) -> tuple[Any, ...]:
     if value is None:
         return ()
     if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):

@@ -26,7 +26,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from .._exceptions import LibraryError
 from .._paths import llama_cache_dir
@@ -50,7 +50,7 @@ class Library:
     ffi: Any
     lib: Any
     path: Path
-    manifest: dict
+    manifest: dict[str, Any]
     compute: Compute
 
 
@@ -60,7 +60,7 @@ _library: Library | None = None
 _log_callback: Any = None
 
 
-def _bindings():
+def _bindings() -> tuple[Any, str, str]:
     try:
         from .._bindings import LLAMA_CPP_COMMIT, LLAMA_H_SHA256
         from .._bindings._llama_ffi import ffi
@@ -73,6 +73,8 @@ def _bindings():
             raise LibraryError(f"mullama's generated bindings are missing ({exc}); reinstall mullama.") from exc
         spec = importlib.util.spec_from_file_location("mullama._bindings", source,
                                                       submodule_search_locations=[str(source.parent)])
+        if spec is None or spec.loader is None:
+            raise LibraryError(f"cannot load mullama's generated bindings from {source}; reinstall mullama.") from exc
         module = importlib.util.module_from_spec(spec)
         sys.modules["mullama._bindings"] = module
         spec.loader.exec_module(module)
@@ -81,11 +83,11 @@ def _bindings():
     return ffi, LLAMA_CPP_COMMIT, LLAMA_H_SHA256
 
 
-def _read_manifest(lib_dir: Path) -> dict | None:
+def _read_manifest(lib_dir: Path) -> dict[str, Any] | None:
     for candidate in (lib_dir / MANIFEST_FILE, lib_dir.parent / MANIFEST_FILE):
         if candidate.is_file():
             try:
-                return json.loads(candidate.read_text())
+                return cast("dict[str, Any] | None", json.loads(candidate.read_text()))
             except (OSError, ValueError):
                 return None
     return None
@@ -127,7 +129,7 @@ def candidate_paths(commit: str) -> list[tuple[str, Path]]:
     return paths
 
 
-def _on_log(level: int, text: Any, _user_data: Any, ffi: Any, state: dict) -> None:
+def _on_log(level: int, text: Any, _user_data: Any, ffi: Any, state: dict[str, Any]) -> None:
     try:
         message = ffi.string(text).decode("utf-8", "replace") if text else ""
         if level == state["continued"]:  # GGML_LOG_LEVEL_CONT: continues the previous line
@@ -153,7 +155,7 @@ _log_state: dict[str, Any] = {}  # the log forwarder's partial line (see _log_fo
 _stderr_lock = threading.Lock()  # one capture of file descriptor 2 at a time
 
 
-def _emit(state: dict) -> None:
+def _emit(state: dict[str, Any]) -> None:
     text = state["buffer"].rstrip("\n")
     state["buffer"] = ""
     level = state["levels"].get(state["level"], logging.INFO)
@@ -214,7 +216,7 @@ def capture_output(claim: Callable[[str], tuple[str, str]]) -> Iterator[LlamaOut
                     log.error("%s", said.stderr)
 
 
-def _log_forwarder(ffi: Any):
+def _log_forwarder(ffi: Any) -> Callable[[int, Any, Any], None]:
     """The function llama.cpp calls with each log fragment (it keeps the partial line)."""
     names = {value: name.removeprefix("GGML_LOG_LEVEL_")
              for value, name in ffi.typeof("enum ggml_log_level").elements.items()}
@@ -299,7 +301,7 @@ def get() -> Library:
     return _library
 
 
-def system_info() -> dict:
+def system_info() -> dict[str, Any]:
     """What mullama runs on: library path, llama.cpp commit, llama.cpp's own system info."""
     library = get()
     from .._bindings import LLAMA_CPP_COMMIT

@@ -5,9 +5,11 @@ from __future__ import annotations
 import collections
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from .._exceptions import ClosedError, MullamaError
+
+_OwnedT = TypeVar("_OwnedT", bound="Owned")
 
 # Every live C-owning object, so that all can be freed at interpreter exit while the
 # Python side (llama.cpp's log callback above all) still exists: freed later, during module
@@ -15,8 +17,8 @@ from .._exceptions import ClosedError, MullamaError
 _live: weakref.WeakSet[Owned] = weakref.WeakSet()
 
 # C objects taken and freed, by kind: the reliability tests check that each is freed exactly once.
-owned_count: collections.Counter = collections.Counter()
-freed_count: collections.Counter = collections.Counter()
+owned_count: collections.Counter[str] = collections.Counter()
+freed_count: collections.Counter[str] = collections.Counter()
 
 
 def close_all() -> int:
@@ -63,8 +65,8 @@ class Owned:
     _close_order: int | None = 1
 
     def _own(self, ffi: Any, ptr: Any, free: Callable[[Any], None]) -> None:
-        def counted_free(p: Any, _free: Callable = free, _kind: str = self._kind,
-                         _count: collections.Counter = freed_count) -> None:
+        def counted_free(p: Any, _free: Callable[..., Any] = free, _kind: str = self._kind,
+                         _count: collections.Counter[str] = freed_count) -> None:
             _count[_kind] += 1
             _free(p)
 
@@ -105,7 +107,7 @@ class Owned:
             self._ffi.gc(ptr, None)
             self._free(ptr)
 
-    def __enter__(self):
+    def __enter__(self: _OwnedT) -> _OwnedT:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
