@@ -1,7 +1,7 @@
 """Chat templates: the model's own Jinja template, rendered as upstream renders it.
 
 Messages are checked and normalised here (roles, text parts); the template itself runs in
-the sandbox of ``_template_sandbox`` (jinja2's, with resource limits), because templates come
+the sandbox of ``_sandbox`` (jinja2's, with resource limits), because templates come
 from model files, which may be hostile.
 """
 
