@@ -82,13 +82,28 @@ def test_one_line_errors_and_exit_codes():
         assert len(bad_serve.stderr.strip().splitlines()) == 1 and "Traceback" not in bad_serve.stderr
 
 
-def interrupt_a_long_reply(child, request: str) -> None:
-    """Ask for a long reply, send Ctrl-C once it has started, and see the chat say so and go on."""
+UNENDING = 1_000_000  # num_predict for a reply that Ctrl-C must stop: only a full context ends it sooner
+
+
+def interrupt_a_long_reply(child, request: str, max_tokens: int) -> None:
+    """Ask for a long reply, send Ctrl-C once it has started, and see the chat say so and go on.
+    The reply cannot end before the Ctrl-C arrives: its limit is a full context (thousands of tokens;
+    greedy, this model's long stories loop on until a limit ends them), not a short max_tokens that the
+    reply may reach, on a busy machine, before the Ctrl-C is read. The chat's max_tokens is put back after."""
+    child.sendline(f"/set num_predict {UNENDING}")
+    child.expect(f"set num_predict to {UNENDING}")
+    child.expect(">>> ")
     child.sendline(request)
     child.expect_exact(request.split()[-1] + "\r\n")  # our own line, echoed
     child.expect(r"\w+ \w+ \w+")  # the reply has started
     child.sendintr()
-    child.expect("stopped")
+    child.expect("stopped")  # the end of an interrupted reply's status line
+    child.expect(">>> ")
+    child.sendline("/stats")  # the reply ended by Ctrl-C, not by its limit nor by the end of generation
+    child.expect(r'"finish_reason"\S*: \S*"interrupted"')  # (colours around the JSON in a terminal)
+    child.expect(">>> ")
+    child.sendline(f"/set num_predict {max_tokens}")
+    child.expect(f"set num_predict to {max_tokens}")
     child.expect(">>> ")
 
 
@@ -133,7 +148,7 @@ def test_chat_two_turns_commands_and_ctrl_c(model_path, tmp_path):
     # Ctrl-C during a long reply stops it and returns to the prompt; the model still answers.
     child.sendline("/load " + str(saved))
     child.expect(">>> ")
-    interrupt_a_long_reply(child, "Write a very long story about the sea, with many chapters.")
+    interrupt_a_long_reply(child, "Write a very long story about the sea, with many chapters.", 120)
     child.sendline("Say hi.")
     child.expect("prompt tokens cached")
     child.expect(">>> ")
@@ -227,7 +242,7 @@ def test_serve_logs_one_line_per_request(model_path):
         status, body = server.post("/v1/completions", {"prompt": "Hi", "max_tokens": 3, "temperature": 0})
         assert status == 200 and body["usage"]["completion_tokens"] <= 3
         server.post("/v1/nowhere", {})
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 120  # (a bound against a hang only: the lines come when they are logged)
         while len([line for line in server.log if "/v1/" in line]) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         lines = [line for line in server.log if "/v1/" in line]
@@ -442,7 +457,7 @@ def test_chat_shows_each_reply_once_in_a_narrow_terminal(model_path, tmp_path):
     child.sendline("Tell me about Paris.")
     child.expect("prompt tokens cached")
     child.expect(">>> ")
-    interrupt_a_long_reply(child, "Write a long story about the sea.")
+    interrupt_a_long_reply(child, "Write a long story about the sea.", 60)
     saved = tmp_path / "conversation.json"
     child.sendline(f"/save {saved}")
     child.expect("saved 4 messages")
