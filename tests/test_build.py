@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -17,6 +19,8 @@ import llama_source
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = str(REPO / "build_llama.py")
+HANG = 600  # seconds: waits are for events (a line, an exit); this bound only guards against a hang
+INTERRUPTED_LINE = "interrupted: nothing was added to the cache"  # build_llama.main on Ctrl-C/SIGINT
 
 
 def run_build(args: list[str], env_extra: dict, **kwargs) -> subprocess.CompletedProcess:
@@ -93,21 +97,58 @@ def test_a_source_archive_is_accepted(tmp_path, build):
     assert (tree / "include" / "llama.h").is_file()
 
 
+def _lines(stream) -> queue.Queue[str | None]:
+    """The lines of ``stream`` as they come, read by a thread; None at its end."""
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        for line in stream:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines
+
+
+def _wait_for_line(lines: queue.Queue[str | None], text: str, bound: float) -> str:
+    """The lines read until one holding ``text``, that one included. ``bound`` (seconds) only guards
+    against a hang: the wait is for the line, however long a busy machine takes to print it."""
+    seen: list[str] = []
+    deadline = time.monotonic() + bound
+    while True:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            pytest.fail(f"no line with {text!r} after {bound:.0f} s (a hang?); the output so far:\n{''.join(seen)}")
+        if line is None:
+            pytest.fail(f"the output ended without a line with {text!r}:\n{''.join(seen)}")
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+
+
 def test_an_interrupted_build_leaves_no_complete_looking_entry(tmp_path, build, monkeypatch):
     home = tmp_path / "home"
     env = dict(os.environ, MULLAMA_HOME=str(home))
     process = subprocess.Popen([sys.executable, SCRIPT, "--source", str(build_llama.ensure_source()), "-j", "1"],
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    logs = []
-    while time.monotonic() < deadline and not logs:
-        logs = [p for p in home.glob("llama.cpp/build/*/build.log") if "Building" in p.read_text(errors="replace")]
-        time.sleep(0.5)
-    assert logs, "the build never started compiling"
-    process.send_signal(signal.SIGINT)
-    process.wait(timeout=60)
-    assert process.returncode != 0
-    assert "interrupted" in process.stderr.read()
+    stderr = _lines(process.stderr)
+    try:
+        # Events, not time: the compiler has started (a line in the build's log), then the build says it was
+        # interrupted (its own line, printed once its compiler is stopped). The bounds only guard against hangs.
+        deadline = time.monotonic() + HANG
+        logs = []
+        while not logs and process.poll() is None and time.monotonic() < deadline:
+            logs = [p for p in home.glob("llama.cpp/build/*/build.log") if "Building" in p.read_text(errors="replace")]
+            time.sleep(0.5)
+        assert logs, "the build never started compiling"
+        process.send_signal(signal.SIGINT)
+        said = _wait_for_line(stderr, INTERRUPTED_LINE, HANG)
+        assert process.wait(timeout=HANG) == 130, said
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
     monkeypatch.setenv("MULLAMA_HOME", str(home))
     assert build_llama.cached_build() is None
     assert not list(home.glob("llama.cpp/*/manifest.json"))
