@@ -18,7 +18,8 @@ from .._exceptions import ContextOverflowError, InvalidConfigError, MullamaError
 from ..generate._embed import DEFAULT_BATCH_SIZE
 from ..generate._model import Model
 from ._http import MAX_EMBEDDING_INPUTS, ServerSettings, endpoint, read_json, requested_model, state
-from ._pool import _UNSET, Served
+from ._keep_alive import UNSET
+from ._pool import Served
 from ._request import APIError, bad, generation_error, integer
 
 __all__ = ["EmbeddingRequest", "embed", "embedding_body", "embeddings", "parse_embedding_request"]
@@ -138,7 +139,7 @@ def _check_token_lists(model: Model, token_lists: list[list[int]]) -> None:
                                 "check_embedding_ctx_length=False).", param="input") from None
 
 
-async def embed_request(request: Request, parsed: EmbeddingRequest, *, keep_alive: float | None = _UNSET
+async def embed_request(request: Request, parsed: EmbeddingRequest, *, keep_alive: float | None = UNSET
                         ) -> tuple[str, list[list[float]], int]:
     """Lease the model the request names and embed its input: (model name, vectors, tokens).
     ``keep_alive`` (ollama's, parsed) replaces the model's own from then on."""

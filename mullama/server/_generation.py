@@ -19,7 +19,8 @@ from ..generate._chat_turn import chat_prompt
 from ..generate._config import StreamConfig
 from ..generate._engine import EngineRequest
 from ._http import ServerSettings, state, submit_in_all
-from ._pool import _UNSET, Lease, Served
+from ._keep_alive import UNSET
+from ._pool import Lease, Served
 from ._request import APIError, ParsedRequest
 
 __all__ = ["count_prompt_tokens", "prepare", "prompt_tokens", "start"]
@@ -61,7 +62,7 @@ async def count_prompt_tokens(request: Request, parsed: ParsedRequest) -> int:
     return len(tokens)
 
 
-async def start(request: Request, parsed: ParsedRequest, *, keep_alive: float | None = _UNSET
+async def start(request: Request, parsed: ParsedRequest, *, keep_alive: float | None = UNSET
                 ) -> tuple[Lease, list[EngineRequest]]:
     """Lease the model the request names (loading it if need be) and queue its sequences. The caller
     releases the lease when its answer is complete (a streamed one: ``lease.until_closed``)."""

@@ -28,8 +28,10 @@ from ..generate._engine import EngineRequest
 from ._embeddings import embed_request, parse_embedding_request
 from ._generation import start
 from ._http import drain, endpoint, read_object, requested_model, run_to_end, state
-from ._pool import ModelSpec, Served, parse_keep_alive
+from ._keep_alive import parse_keep_alive
+from ._pool import Served
 from ._request import APIError, ParsedRequest, bad, integer
+from ._specs import ModelSpec
 
 __all__ = ["chat", "chat_line", "copy", "delete", "done_line", "embed", "embeddings", "error_body", "generate",
            "parse_chat", "parse_generate", "ps", "pull", "shorten", "show", "tags", "timestamp", "version"]

@@ -13,151 +13,29 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
-import os
 import re
-import sys
 import time
 import weakref
 from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
-from .._exceptions import InvalidConfigError, ModelLoadError, ModelNotFoundError, MullamaError
+from .._exceptions import InvalidConfigError, ModelLoadError, MullamaError
 from ..generate._context_params import kv_cache_bytes
 from ..generate._engine import Engine
 from ..generate._model import Model
+from ._keep_alive import DEFAULT_KEEP_ALIVE, UNSET
 from ._request import APIError
+from ._specs import ModelSpec
 
-__all__ = ["DEFAULT_KEEP_ALIVE", "Lease", "LoadOptions", "ModelPool", "ModelSpec", "Served", "load_model",
-           "model_specs", "parse_keep_alive"]
+__all__ = ["Lease", "ModelPool", "Served"]
 
-DEFAULT_KEEP_ALIVE = 300.0  # seconds, as ollama
 TICK = 0.25  # seconds between checks for idle models
-_UNSET: Any = object()
 T = TypeVar("T")
 
-
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 # A name /api/copy may give: ollama's characters ([host/][namespace/]model[:tag]), never a path or a URL.
 _NAME_PART = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
 _COPY_NAME = re.compile(rf"{_NAME_PART}(/{_NAME_PART}){{0,2}}(:{_NAME_PART})?")
-_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
-
-
-def parse_keep_alive(value: Any) -> float | None:
-    """ollama's ``keep_alive``: seconds as a number, or a duration such as ``"5m"``, ``"1h30m"``, ``"10s"``;
-    negative keeps the model loaded for ever (None), 0 unloads it as soon as the request ends.
-    Absent: the model keeps the keep-alive it has."""
-    if value is None:
-        return _UNSET
-    if isinstance(value, str):
-        text = value.strip()
-        sign = -1.0 if text.startswith("-") else 1.0
-        text = text.lstrip("+-")
-        with contextlib.suppress(ValueError):
-            seconds = float(text)
-            return None if sign < 0 and seconds > 0 else seconds
-        parts = _DURATION.findall(text)
-        if not text or "".join(number + unit for number, unit in parts) != text:
-            raise InvalidConfigError(f"keep_alive must be a number of seconds or a duration such as \"5m\", "
-                                     f"not {value[:40]!r}.")
-        seconds = sum(float(number) * _UNITS[unit] for number, unit in parts)
-        return None if sign < 0 and seconds > 0 else seconds
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise InvalidConfigError(f"keep_alive must be a number of seconds or a duration such as \"5m\", not {value!r}.")
-    return None if value < 0 else float(value)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A model the server may answer with: its listed ``name``, other names that pick it, and what
-    ``Model.load`` gets (a hub name or a path — never one a request gave)."""
-
-    name: str
-    ref: str
-    aliases: tuple[str, ...] = ()
-
-    def path(self) -> Path | None:
-        """Its file, when it is on disk (a local file, or a hub model already downloaded)."""
-        from ..hub._cache import cached
-        from ..hub._catalog import is_local_path
-
-        if is_local_path(self.ref):
-            return Path(self.ref).expanduser()
-        try:
-            return cached(self.ref)
-        except ModelNotFoundError:
-            return None
-
-
-def model_specs(refs: Sequence[str], models_dir: str | os.PathLike | None = None) -> list[ModelSpec]:
-    """The specs for ``--models`` (hub names, tagless family names, paths) and every ``.gguf`` file
-    in ``--models-dir``. A hub model is named by its full name (``smollm2:135m``) and also answers to
-    the name given and its family (``smollm2``); a file by its stem. Problems fail here, at start."""
-    from ..hub._catalog import entry_for, is_family, is_local_path
-
-    specs: list[ModelSpec] = []
-    for ref in refs:
-        if is_local_path(ref):
-            path = Path(ref).expanduser()
-            if not path.is_file():
-                raise ModelNotFoundError(f"--models names {ref}, which is not a file.")
-            specs.append(ModelSpec(path.stem, str(path.resolve())))
-            continue
-        entry = entry_for(ref)  # MODEL_NOT_FOUND for an unknown name
-        family = entry.name.split(":")[0]
-        aliases = {ref, family} if is_family(family) else {ref}
-        specs.append(ModelSpec(entry.name, entry.name, tuple(sorted(aliases - {entry.name}))))
-    if models_dir is not None:
-        directory = Path(models_dir).expanduser()
-        if not directory.is_dir():
-            raise ModelNotFoundError(f"--models-dir {models_dir} is not a directory.")
-        files = sorted(directory.glob("*.gguf"))
-        if not files:
-            raise ModelNotFoundError(f"--models-dir {models_dir} holds no .gguf file.")
-        specs += [ModelSpec(path.stem, str(path.resolve())) for path in files]
-    names = [name for spec in specs for name in (spec.name, *spec.aliases)]
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise InvalidConfigError(f"two models answer to {repeated[0]!r}; give each model once (rename a file "
-                                 "whose stem repeats another's name).")
-    if not specs:
-        raise InvalidConfigError("no model to serve: give a model, --models or --models-dir.")
-    return specs
-
-
-@dataclass
-class LoadOptions:
-    """How each served model is loaded and given an engine."""
-
-    parallel: int = 4
-    ctx_size: int | None = None
-    threads: int | None = None
-    max_queue: int = 64
-    pooling: str | None = None
-    chat_template: str | None = None
-    placement: dict[str, Any] = field(default_factory=dict)  # Model.load's offloading options (-ngl, --rpc)
-
-
-def load_model(spec: ModelSpec, options: LoadOptions) -> tuple[Model, Engine | None]:
-    """Load ``spec`` and start its engine (none for an embedding model, which only embeds)."""
-    from ..generate._embed import resolve_pooling
-
-    model = Model.load(spec.ref, chat_template=options.chat_template, **options.placement)
-    try:
-        if options.ctx_size is not None and options.ctx_size > model.n_ctx_train:
-            print(f"mullama: warning: --ctx-size {options.ctx_size} is beyond the {model.n_ctx_train} tokens "
-                  f"{spec.name} was trained with; replies may degrade past that point.", file=sys.stderr)
-        resolve_pooling(model, options.pooling)
-        engine = None
-        if model.generative:
-            engine = Engine(model, parallel=options.parallel, n_ctx=options.ctx_size, n_threads=options.threads,
-                            max_queue=options.max_queue)
-    except BaseException:
-        model.close()
-        raise
-    return model, engine
 
 
 @dataclass(eq=False)
@@ -330,7 +208,7 @@ class ModelPool:
         return self._served.get(spec.name)
 
     # --- leases -------------------------------------------------------------------------------
-    async def lease(self, name: str | None, *, keep_alive: float | None = _UNSET) -> Lease:
+    async def lease(self, name: str | None, *, keep_alive: float | None = UNSET) -> Lease:
         """The model ``name`` picks, loaded, held until the lease is released. ``keep_alive`` (seconds,
         None for ever) replaces the model's own from then on, as ollama's per-request keep_alive does."""
         return Lease(self, await self.acquire(self.find(name)), keep_alive)
@@ -361,11 +239,11 @@ class ModelPool:
             self._make_room(spec)
             await self._wait_for_change()
 
-    def release(self, served: Served, keep_alive: float | None = _UNSET) -> None:
+    def release(self, served: Served, keep_alive: float | None = UNSET) -> None:
         """End a lease (in the event loop's thread)."""
         served.leases -= 1
         served.last_used = time.monotonic()
-        if keep_alive is not _UNSET and not served.pinned:
+        if keep_alive is not UNSET and not served.pinned:
             served.keep_alive = keep_alive
         self._check(served)
 

@@ -14,7 +14,9 @@ from typing import Any
 from .._exceptions import InvalidConfigError
 from ._app import create_app
 from ._http import AccessLog, ServerSettings, is_loopback
-from ._pool import DEFAULT_KEEP_ALIVE, LoadOptions, ModelPool, ModelSpec, load_model, model_specs
+from ._keep_alive import DEFAULT_KEEP_ALIVE
+from ._pool import ModelPool
+from ._specs import LoadOptions, ModelSpec, load_model, model_specs
 
 __all__ = ["check_port_free", "serve"]
 
