@@ -21,11 +21,12 @@ from .._exceptions import InvalidConfigError, MullamaError
 from ..generate._config import StreamConfig
 from ..generate._engine import EngineRequest
 from ._generation import count_prompt_tokens, start
-from ._http import drain, endpoint, event_stream, read_json, requested_model, run_to_end, state
-from ._request import APIError, ParsedRequest, ToolCallDeltas, bad
+from ._http import SSE, WireFormat, drain, endpoint, event_stream, read_json, requested_model, run_to_end, state
+from ._request import APIError, ParsedRequest, bad
+from ._tool_calls import CallStart, ToolCallProgress
 
-__all__ = ["count_tokens", "error_body", "event", "message_body", "messages", "parse_request", "stop_reason",
-           "to_count_request"]
+__all__ = ["ANTHROPIC", "count_tokens", "error_body", "error_event", "event", "message_body", "messages",
+           "parse_request", "stop_reason", "to_count_request"]
 
 FIELDS = {"model", "messages", "system", "max_tokens", "stop_sequences", "temperature", "top_p", "top_k", "stream",
           "tools", "tool_choice",
@@ -40,6 +41,14 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
 def error_body(exc: APIError) -> dict:
     """Anthropic's error shape for a refused request."""
     return {"type": "error", "error": {"type": ERROR_TYPES.get(exc.status, "api_error"), "message": exc.message}}
+
+
+def error_event(exc: APIError) -> str:
+    """The ``error`` event that ends a Messages stream that failed."""
+    return event("error", {"error": error_body(exc)["error"]})
+
+
+ANTHROPIC = WireFormat(error_body, error_event, SSE)
 
 
 def _text_of(blocks: Any, where: str) -> str:
@@ -228,7 +237,7 @@ def event(kind: str, payload: dict) -> str:
 
 
 # --- routes ------------------------------------------------------------------------------------
-@endpoint(error_body)
+@endpoint(ANTHROPIC)
 async def messages(request: Request) -> Response:
     """``POST /v1/messages``: a whole message, or its stream of events."""
     server = state(request)
@@ -244,7 +253,7 @@ async def messages(request: Request) -> Response:
                                      job.stop_sequence, job.prompt_tokens, job.completion_tokens))
 
 
-@endpoint(error_body)
+@endpoint(ANTHROPIC)
 async def count_tokens(request: Request) -> Response:
     """``POST /v1/messages/count_tokens``: the tokens of the rendered prompt."""
     parsed = to_count_request(await read_json(request))
@@ -259,7 +268,7 @@ async def _events(job: EngineRequest, message_id: str, model_name: str, request:
         "stop_reason": None, "stop_sequence": None,
         "usage": {"input_tokens": job.prompt_tokens, "output_tokens": 0}}})
     index, open_kind = -1, None
-    calls = ToolCallDeltas()
+    calls = ToolCallProgress()
 
     def begin(kind: str, block: dict) -> list[str]:
         nonlocal index, open_kind
@@ -270,14 +279,14 @@ async def _events(job: EngineRequest, message_id: str, model_name: str, request:
     try:
         while (token := await job.next_token()) is not None:
             parser = job._sequence.tools
-            for delta in calls.after(parser) if parser is not None else []:
-                if "id" in delta:
-                    for item in begin("tool_use", {"type": "tool_use", "id": delta["id"],
-                                                   "name": delta["function"]["name"], "input": {}}):
+            for call in calls.after(parser) if parser is not None else []:
+                if isinstance(call, CallStart):
+                    for item in begin("tool_use", {"type": "tool_use", "id": call.id, "name": call.name,
+                                                   "input": {}}):
                         yield item
-                if delta["function"].get("arguments"):
+                else:
                     yield event("content_block_delta", {"index": index, "delta": {
-                        "type": "input_json_delta", "partial_json": delta["function"]["arguments"]}})
+                        "type": "input_json_delta", "partial_json": call.text}})
             if not token.text:
                 continue
             kind = "thinking" if token.kind == "reasoning" else "text"
@@ -286,7 +295,7 @@ async def _events(job: EngineRequest, message_id: str, model_name: str, request:
                     yield item
             yield event("content_block_delta", {"index": index, "delta": {"type": f"{kind}_delta", kind: token.text}})
     except MullamaError as exc:
-        yield event("error", {"error": {"type": "api_error", "message": str(exc)}})
+        yield error_event(APIError(500, str(exc)))
         return
     finally:
         job.cancel()

@@ -18,12 +18,13 @@ from starlette.routing import Route, WebSocketRoute
 from ..generate._engine import Engine
 from ..generate._model import Model
 from . import _anthropic, _embeddings, _ollama, _openai, _responses
-from ._http import ServerSettings, ServerState, endpoint, state
+from ._http import ServerSettings, ServerState, WireFormat, declared_format, endpoint, state
+from ._openai_shapes import OPENAI, error_body
 from ._pool import ModelPool
-from ._request import APIError, error_body
+from ._request import APIError
 from ._websocket import websocket
 
-__all__ = ["create_app"]
+__all__ = ["ROUTES", "create_app", "route_format"]
 
 
 def create_app(source: Model | ModelPool, engine: Engine | None = None,
@@ -73,7 +74,7 @@ async def health(request: Request) -> Response:
                          "loaded": [served.spec.name for served in loaded]})
 
 
-@endpoint(APIError.body)
+@endpoint(OPENAI)
 async def prometheus(request: Request) -> Response:
     server = state(request)
     pool = server.pool
@@ -115,8 +116,8 @@ async def prometheus(request: Request) -> Response:
 async def _no_route(request: Request, exc: Exception) -> Response:
     status = getattr(exc, "status_code", 404)
     state(request).metrics.count(status)
-    return JSONResponse(error_body(f"{request.method} {request.url.path}: "
-                                   f"{'no such route' if status == 404 else 'method not allowed'}."),
+    return JSONResponse(error_body(APIError(status, f"{request.method} {request.url.path}: "
+                                                    f"{'no such route' if status == 404 else 'method not allowed'}.")),
                         status_code=status)
 
 
@@ -146,3 +147,13 @@ ROUTES = [
     Route("/metrics", prometheus, methods=["GET"]),
     WebSocketRoute("/v1/ws", websocket),
 ]
+
+
+def route_format(path: str) -> WireFormat:
+    """The wire format of the route ``path`` names, as its handler declared it (``endpoint``, ``speaks``):
+    what the supervisor answers a proxied request's errors in. OpenAI's for a path no route declares a
+    format for, as the app answers such a path itself (``_no_route``)."""
+    for route in ROUTES:
+        if isinstance(route, Route) and route.path_regex.match(path):
+            return declared_format(route.endpoint) or OPENAI
+    return OPENAI

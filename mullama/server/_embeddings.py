@@ -19,6 +19,7 @@ from ..generate._embed import DEFAULT_BATCH_SIZE
 from ..generate._model import Model
 from ._http import MAX_EMBEDDING_INPUTS, ServerSettings, endpoint, read_json, requested_model, state
 from ._keep_alive import UNSET
+from ._openai_shapes import OPENAI
 from ._pool import Served
 from ._request import APIError, bad, generation_error, integer
 
@@ -149,7 +150,7 @@ async def embed_request(request: Request, parsed: EmbeddingRequest, *, keep_aliv
     return served.spec.name, vectors, n_tokens
 
 
-@endpoint(APIError.body)
+@endpoint(OPENAI)
 async def embeddings(request: Request) -> Response:
     server = state(request)
     parsed = parse_embedding_request(await read_json(request), max_inputs=server.settings.max_embedding_inputs)

@@ -1,6 +1,7 @@
 """What every route shares, whatever its wire format: the server's state, the API-key check,
-reading a JSON body within limits, error responses in the route's own shape, metrics, the
-access log, and reading engine requests to their end when the client may go away."""
+reading a JSON body within limits, error responses in the route's own format (``WireFormat``, which
+each route declares with ``endpoint``), metrics, the access log, and reading engine requests to their
+end when the client may go away."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from ._pool import Lease, ModelPool
 
 T = TypeVar("T")
+SSE = "text/event-stream"
 TOKENS_KEY = "mullama.tokens"  # where a route leaves the number of tokens it generated, for the access log
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's own limit on inputs per request
 
@@ -92,10 +94,39 @@ def state(request: Request) -> ServerState:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def endpoint(shape: Callable[[APIError], dict]) -> Callable[[Handler], Handler]:
+@dataclass(frozen=True)
+class WireFormat:
+    """What a wire format answers in its own shape whatever the route: a refused request's error body,
+    the event that ends its stream on an error, and the media type of its streams. Each format
+    declares one; each route declares its format (``endpoint``, ``speaks``)."""
+
+    error_body: Callable[[APIError], dict]
+    error_event: Callable[[APIError], str]
+    media_type: str = SSE
+
+
+_DECLARED: dict[Callable[..., Any], WireFormat] = {}  # route handler -> the format it answers in
+
+
+def speaks(fmt: WireFormat) -> Callable[[Handler], Handler]:
+    """Declare the wire format a route answers in (``endpoint`` does it for its routes)."""
+    def declare(handler: Handler) -> Handler:
+        _DECLARED[handler] = fmt
+        return handler
+    return declare
+
+
+def declared_format(handler: Callable[..., Any]) -> WireFormat | None:
+    """The wire format a route's handler was declared with (None: it declared none)."""
+    return _DECLARED.get(handler)
+
+
+def endpoint(fmt: WireFormat) -> Callable[[Handler], Handler]:
     """A route of one wire format: the API key is checked first; an APIError (or a MullamaError, such
-    as a model that fails to load) is answered in ``shape``, the format's error body; every answer counts
-    in the metrics."""
+    as a model that fails to load) is answered in ``fmt``'s error body; every answer counts in the
+    metrics."""
+    shape = fmt.error_body
+
     def wrap(handler: Handler) -> Handler:
         @functools.wraps(handler)
         async def route(request: Request) -> Response:
@@ -115,7 +146,7 @@ def endpoint(shape: Callable[[APIError], dict]) -> Callable[[Handler], Handler]:
                 response = JSONResponse(shape(problem), status_code=problem.status)
             server.metrics.count(response.status_code)
             return response
-        return route
+        return speaks(fmt)(route)
     return wrap
 
 
@@ -175,7 +206,7 @@ async def json_answer(build: Callable[[], Any], status: int = 200) -> Response:
 def event_stream(lease: Lease, events: AsyncGenerator[str, None]) -> StreamingResponse:
     """A streamed answer of server-sent events, holding its model's lease until the stream ends (no
     caching, no buffering by a proxy in between)."""
-    return StreamingResponse(lease.until_closed(events), media_type="text/event-stream",
+    return StreamingResponse(lease.until_closed(events), media_type=SSE,
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 

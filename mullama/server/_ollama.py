@@ -27,14 +27,15 @@ from ..generate._config import StreamConfig
 from ..generate._engine import EngineRequest
 from ._embeddings import embed_request, parse_embedding_request
 from ._generation import start
-from ._http import drain, endpoint, read_object, requested_model, run_to_end, state
+from ._http import WireFormat, drain, endpoint, read_object, requested_model, run_to_end, speaks, state
 from ._keep_alive import parse_keep_alive
 from ._pool import Served
 from ._request import APIError, ParsedRequest, bad, integer
 from ._specs import ModelSpec
 
-__all__ = ["chat", "chat_line", "copy", "delete", "done_line", "embed", "embeddings", "error_body", "generate",
-           "parse_chat", "parse_generate", "ps", "pull", "shorten", "show", "tags", "timestamp", "version"]
+__all__ = ["OLLAMA", "chat", "chat_line", "copy", "delete", "done_line", "embed", "embeddings", "error_body",
+           "error_event", "generate", "parse_chat", "parse_generate", "ps", "pull", "shorten", "show", "tags",
+           "timestamp", "version"]
 
 VERSION = "0.13.0"  # the ollama API version whose shapes these are
 # ollama option -> StreamConfig field (options not listed, such as num_ctx or num_thread, are server settings)
@@ -47,6 +48,14 @@ DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9}  # ollama's own
 
 def error_body(exc: APIError) -> dict:
     return {"error": exc.message}
+
+
+def error_event(exc: APIError) -> str:
+    """The line that ends a stream that failed."""
+    return json.dumps(error_body(exc)) + "\n"
+
+
+OLLAMA = WireFormat(error_body, error_event, "application/x-ndjson")
 
 
 def _config(body: dict, max_tokens_limit: int) -> StreamConfig:
@@ -167,12 +176,12 @@ def done_line(kind: str, model: str, job: Any, started: float, text: str = "", t
 
 
 # --- routes ------------------------------------------------------------------------------------
-@endpoint(error_body)
+@endpoint(OLLAMA)
 async def chat(request: Request) -> Response:
     return await _generation(request, "chat")
 
 
-@endpoint(error_body)
+@endpoint(OLLAMA)
 async def generate(request: Request) -> Response:
     return await _generation(request, "generate")
 
@@ -193,7 +202,7 @@ async def _generation(request: Request, kind: str) -> Response:
     name = parsed.model or lease.name
     if parsed.stream:
         return StreamingResponse(lease.until_closed(_lines(job, kind, name, started, request)),
-                                 media_type="application/x-ndjson")
+                                 media_type=OLLAMA.media_type)
     async with lease:
         await run_to_end(request, [job], drain(job))
     server.finished(request.scope, job.completion_tokens)
@@ -224,7 +233,7 @@ async def _lines(job: EngineRequest, kind: str, name: str, started: float, reque
             if token.text and token.kind == "content":
                 yield json.dumps(chat_line(kind, name, token.text), ensure_ascii=False) + "\n"
     except MullamaError as exc:
-        yield json.dumps({"error": str(exc)}) + "\n"
+        yield error_event(APIError(500, str(exc)))
         return
     finally:
         job.cancel()
@@ -247,7 +256,7 @@ def shorten(vectors: list[list[float]], dimensions: int | None) -> list[list[flo
     return shortened
 
 
-@endpoint(error_body)
+@endpoint(OLLAMA)
 async def embed(request: Request) -> Response:
     """ollama's ``/api/embed``: unit vectors of ``input``; ``truncate`` (default true) cuts an input longer
     than the embedding batch to its beginning (false: a 400), ``dimensions`` shortens each vector
@@ -274,7 +283,7 @@ async def embed(request: Request) -> Response:
                          "prompt_eval_count": n_tokens})
 
 
-@endpoint(error_body)
+@endpoint(OLLAMA)
 async def embeddings(request: Request) -> Response:
     """ollama's legacy ``/api/embeddings`` (``Client.embeddings``, older integrations): one ``prompt``
     in, ``{"embedding": [...]}`` out, the raw vector as ollama answers it (``/api/embed``'s are unit
@@ -301,7 +310,7 @@ def _name_field(body: dict, field: str) -> str:
     return value
 
 
-@endpoint(error_body)
+@endpoint(OLLAMA)
 async def copy(request: Request) -> Response:
     """ollama's ``/api/copy``: ``destination`` becomes one more name of the served model ``source``
     names, which listings show, while the server runs (nothing is written to disk)."""
@@ -310,7 +319,7 @@ async def copy(request: Request) -> Response:
     return Response(status_code=200)
 
 
-@endpoint(error_body)
+@endpoint(OLLAMA)
 async def delete(request: Request) -> Response:
     """ollama's ``/api/delete``: removes a name ``/api/copy`` gave; the models the server was started
     with stay (see ModelPool.delete)."""
@@ -353,7 +362,7 @@ def _listing(spec: ModelSpec, name: str | None = None) -> dict:
             "modified_at": details["modified_at"], "details": details["details"]}
 
 
-@endpoint(error_body)
+@endpoint(OLLAMA)
 async def tags(request: Request) -> Response:
     """Every model this server answers for, and each copy (``/api/copy``) as a model of its own, as
     ollama lists them."""
@@ -373,14 +382,14 @@ def _running(served: Served) -> dict:
             "active_streams": engine.active_streams if engine is not None else 0}
 
 
-@endpoint(error_body)
+@endpoint(OLLAMA)
 async def ps(request: Request) -> Response:
     """The models loaded now: their memory (weights and KV cache), when they unload, how long idle."""
     loaded = state(request).pool.loaded()
     return JSONResponse({"models": await asyncio.to_thread(lambda: [_running(served) for served in loaded])})
 
 
-@endpoint(error_body)
+@endpoint(OLLAMA)
 async def show(request: Request) -> Response:
     body = await read_object(request)
     spec = state(request).pool.find(requested_model(body))
@@ -391,12 +400,13 @@ async def show(request: Request) -> Response:
                          "capabilities": ["embedding"] if details["embedding"] else ["completion"]})
 
 
+@speaks(OLLAMA)
 async def version(request: Request) -> Response:
     """The ollama API version whose shapes these are (no API key needed, as /health)."""
     return JSONResponse({"version": VERSION})
 
 
-@endpoint(error_body)
+@endpoint(OLLAMA)
 async def pull(request: Request) -> Response:
     """Download a hub model into the cache (verified, resumable), streaming ollama's progress lines."""
     from ..hub._catalog import entry_for

@@ -1,5 +1,6 @@
 """OpenAI's wire format: ``POST /v1/chat/completions``, ``POST /v1/completions`` (SSE when
-``stream``) and ``GET /v1/models`` — request validation, response shapes, and the routes.
+``stream``) and ``GET /v1/models`` — request validation and the routes (the response shapes are
+in ``_openai_shapes``).
 
 Every problem with a request becomes an ``APIError`` with an HTTP status and the
 OpenAI error body, so the server never answers a malformed request with a 5xx.
@@ -10,10 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import secrets
 import time
-from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from starlette.requests import Request
@@ -25,10 +24,22 @@ from ..generate._engine import EngineRequest
 from ..generate._sequence import Token
 from ._generation import start
 from ._http import endpoint, event_stream, json_answer, merged, read_json, requested_model, run_to_end, state
-from ._request import APIError, ParsedRequest, ToolCallDeltas, bad, error_body, integer, number
+from ._openai_shapes import (
+    OPENAI,
+    Choice,
+    Piece,
+    chunk,
+    completion_body,
+    error_event,
+    logprobs_body,
+    new_id,
+    tool_call_delta,
+    usage_chunk,
+)
+from ._request import APIError, ParsedRequest, bad, integer, number
+from ._tool_calls import ToolCallProgress
 
-__all__ = ["LLAMA_FIELDS", "chat_completions", "chunk", "completion_body", "completions", "list_models",
-           "parse_request", "usage"]
+__all__ = ["LLAMA_FIELDS", "chat_completions", "completions", "list_models", "parse_request"]
 
 # llama-server's extensions to OpenAI's fields (sampling, output constraints, the prompt cache): every
 # generating route of OpenAI's format takes them, as llama-server's do.
@@ -172,31 +183,6 @@ def _requested_logprobs(body: dict, kind: str) -> int | None:
     return integer(body, "logprobs", 0, 20)
 
 
-Piece = Callable[[int], bytes]  # a token id's bytes (Model._cached_piece)
-
-
-def logprobs_body(kind: str, tokens: list[Token] | None, piece: Piece) -> dict | None:
-    """The ``logprobs`` of a choice for ``tokens`` (those that carry logprobs; end-of-generation tokens,
-    which have no text, are left out as OpenAI does), or None when they carry none."""
-    kept = [t for t in tokens or () if t.logprob is not None and (t.text or piece(t.id))]
-    if not kept:
-        return None
-    if kind == "chat":
-        return {"content": [{"token": piece(t.id).decode("utf-8", "replace"), "logprob": t.logprob,
-                             "bytes": list(piece(t.id)),
-                             "top_logprobs": [{"token": top.text, "logprob": top.logprob, "bytes": list(top.bytes)}
-                                              for top in t.top_logprobs]} for t in kept],
-                "refusal": None}
-    offsets, offset = [], 0
-    for t in kept:
-        offsets.append(offset)
-        offset += len(t.text)
-    return {"tokens": [piece(t.id).decode("utf-8", "replace") for t in kept],
-            "token_logprobs": [t.logprob for t in kept],
-            "top_logprobs": [{top.text: top.logprob for top in t.top_logprobs} for t in kept],
-            "text_offset": offsets}
-
-
 def _output_constraint(body: dict) -> dict[str, Any]:
     """``response_format`` (OpenAI), or llama-server's ``grammar`` / ``json_schema``, as StreamConfig fields."""
     response_format = body.get("response_format")
@@ -246,96 +232,19 @@ def _logit_bias(value: Any) -> dict[int, float]:
     return result
 
 
-def new_id(kind: str) -> str:
-    return ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def chunk(kind: str, request_id: str, model: str, created: int, *, text: str | None = None,
-          role: bool = False, finish_reason: str | None = None, logprobs: dict | None = None,
-          index: int = 0, tool_call: dict | None = None, reasoning: str | None = None) -> dict:
-    """One streamed chunk of choice ``index``: the role, a piece of text (and the logprobs of its
-    tokens), a piece of a tool call (``delta.tool_calls``), or the final finish_reason."""
-    if kind == "chat":
-        delta: dict = {}
-        if role:
-            delta = {"role": "assistant", "content": ""}
-        elif tool_call is not None:
-            delta = {"tool_calls": [tool_call]}
-        elif reasoning is not None:
-            delta = {"reasoning_content": reasoning}
-        elif text is not None:
-            delta = {"content": text}
-        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-        return {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [choice]}
-    choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
-    return {"id": request_id, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
-
-
-def usage_chunk(kind: str, request_id: str, model: str, created: int, prompt_tokens: int,
-                completion_tokens: int) -> dict:
-    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-    return {"id": request_id, "object": obj, "created": created, "model": model, "choices": [],
-            "usage": usage(prompt_tokens, completion_tokens)}
-
-
-@dataclass
-class Choice:
-    """One finished choice of a non-streamed answer."""
-
-    text: str
-    finish_reason: str
-    logprobs: dict | None = None
-    tool_calls: list[dict] | None = None
-    reasoning: str | None = None
-
-
-def completion_body(kind: str, request_id: str, model: str, choices: list[Choice], prompt_tokens: int,
-                    completion_tokens: int) -> dict:
-    created = int(time.time())
-    if kind == "chat":
-        items = [{"index": i, "message": _message(c), "logprobs": c.logprobs, "finish_reason": c.finish_reason}
-                 for i, c in enumerate(choices)]
-        obj = "chat.completion"
-    else:
-        items = [{"index": i, "text": c.text, "logprobs": c.logprobs, "finish_reason": c.finish_reason}
-                 for i, c in enumerate(choices)]
-        obj = "text_completion"
-    return {"id": request_id, "object": obj, "created": created, "model": model, "choices": items,
-            "usage": usage(prompt_tokens, completion_tokens)}
-
-
-def _message(choice: Choice) -> dict:
-    """The assistant message of a chat choice: content, its thought (``reasoning_content``), and its
-    tool calls (content null when there is no text besides them)."""
-    message: dict[str, Any] = {"role": "assistant", "content": choice.text}
-    if choice.reasoning:
-        message["reasoning_content"] = choice.reasoning
-    if choice.tool_calls:
-        message["content"] = choice.text or None
-        message["tool_calls"] = choice.tool_calls
-    return message
-
-
-
 
 # --- routes ------------------------------------------------------------------------------------
-@endpoint(APIError.body)
+@endpoint(OPENAI)
 async def chat_completions(request: Request) -> Response:
     return await _generate(request, "chat")
 
 
-@endpoint(APIError.body)
+@endpoint(OPENAI)
 async def completions(request: Request) -> Response:
     return await _generate(request, "completion")
 
 
-@endpoint(APIError.body)
+@endpoint(OPENAI)
 async def list_models(request: Request) -> Response:
     """Every model this server answers for, and whether it is loaded now."""
     server = state(request)
@@ -403,10 +312,10 @@ async def _events(jobs: list[EngineRequest], parsed: ParsedRequest, kind: str, r
             for index in range(len(jobs)):
                 yield event(chunk(kind, request_id, model_name, stamp, role=True, index=index))
         pending: list[list[Token]] = [[] for _ in jobs]  # tokens whose text is not out yet, per choice
-        calls = [ToolCallDeltas() for _ in jobs]
+        calls = [ToolCallProgress() for _ in jobs]
         async for index, token in merged(jobs):
             if isinstance(token, MullamaError):
-                yield event(error_body(str(token), type="server_error", code=token.code.lower()))
+                yield error_event(APIError(500, str(token), type="server_error", code=token.code.lower()))
                 return
             if token is None:
                 yield event(chunk(kind, request_id, model_name, stamp, index=index,
@@ -414,8 +323,9 @@ async def _events(jobs: list[EngineRequest], parsed: ParsedRequest, kind: str, r
                 continue
             parser = jobs[index]._sequence.tools
             if parser is not None:
-                for delta in calls[index].after(parser):
-                    yield event(chunk(kind, request_id, model_name, stamp, index=index, tool_call=delta))
+                for call in calls[index].after(parser):
+                    yield event(chunk(kind, request_id, model_name, stamp, index=index,
+                                      tool_call=tool_call_delta(call)))
             if token.kind == "reasoning":
                 yield event(chunk(kind, request_id, model_name, stamp, index=index, reasoning=token.text))
                 continue

@@ -1,34 +1,31 @@
-"""The server's one internal request type, and the errors every wire format shares.
+"""The server's one internal request type, and the error every wire format shares.
 
-Each wire format (OpenAI, Anthropic, ollama) parses its body into a ``ParsedRequest`` and raises
-``APIError`` for anything it refuses; the server generates from the former and answers the latter
-in the format's own error shape, never as a 5xx.
+Each wire format (OpenAI, Anthropic, ollama, the Responses API) parses its body into a ``ParsedRequest``
+and raises ``APIError`` for anything it refuses; the server generates from the former and answers the
+latter in the format's own error shape (each format declares its own, see ``_http.WireFormat``),
+never as a 5xx. Nothing here is any one format's shape.
 """
 
 from __future__ import annotations
 
 import math
-import secrets
 from dataclasses import dataclass
 from typing import Any
 
 from .._exceptions import MullamaError
 from ..generate._config import StreamConfig
 
-__all__ = ["APIError", "ParsedRequest", "ToolCallDeltas", "bad", "error_body", "generation_error", "integer",
-           "number"]
+__all__ = ["APIError", "ParsedRequest", "bad", "generation_error", "integer", "number"]
 
 
 class APIError(Exception):
-    """A request the server refuses, with the HTTP status and OpenAI error fields."""
+    """A request the server refuses: its HTTP status, a message, and the field at fault (``param``), a
+    kind of error (``type``) and a machine-readable ``code``, which each format's error shape picks from."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None,
                  type: str = "invalid_request_error", code: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
-
-    def body(self) -> dict:
-        return error_body(self.message, type=self.type, param=self.param, code=self.code)
 
 
 def generation_error(exc: MullamaError) -> APIError:
@@ -42,11 +39,6 @@ def generation_error(exc: MullamaError) -> APIError:
     if exc.code == "MODEL_NOT_FOUND":
         return APIError(404, str(exc), type="not_found_error", param="model", code="model_not_found")
     return APIError(500, str(exc), type="server_error", code=exc.code.lower())
-
-
-def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
 @dataclass
@@ -96,37 +88,3 @@ def integer(body: dict, name: str, low: int, high: int | None = None) -> int | N
         bound = f"from {low} to {high}" if high is not None else f"of at least {low}"
         raise bad(f"'{name}' must be an integer {bound}.", name)
     return value
-
-
-class ToolCallDeltas:
-    """Streamed ``delta.tool_calls`` of one choice, from its sequence's tool-call parser: the call's
-    index, id, type and name first, then its arguments in pieces, as OpenAI streams them."""
-
-    def __init__(self) -> None:
-        self.index = 0  # the call being streamed
-        self.sent = 0  # characters of its arguments sent
-        self.named = False
-        self.call_id = ""
-
-    def after(self, parser: Any) -> list[dict]:
-        """The deltas a token added (``parser`` is the sequence's ToolCallParser)."""
-        deltas = []
-        while self.index < len(parser.calls):  # calls completed: send what is left of them
-            call = parser.calls[self.index]
-            deltas += self._progress(call.name, call.arguments, call.id)
-            self.index, self.sent, self.named = self.index + 1, 0, False
-        if parser.in_call and parser.name is not None:
-            deltas += self._progress(parser.name, parser.arguments, None)
-        return deltas
-
-    def _progress(self, name: str, arguments: str, call_id: str | None) -> list[dict]:
-        deltas = []
-        if not self.named:
-            self.named = True
-            self.call_id = call_id or f"call_{secrets.token_hex(12)}"
-            deltas.append({"index": self.index, "id": self.call_id, "type": "function",
-                           "function": {"name": name, "arguments": ""}})
-        if len(arguments) > self.sent:
-            deltas.append({"index": self.index, "function": {"arguments": arguments[self.sent:]}})
-            self.sent = len(arguments)
-        return deltas

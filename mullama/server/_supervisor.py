@@ -5,18 +5,19 @@ way to recover the lost connection), and a process cannot reconnect to it afterw
 ``--rpc`` this process holds the port and proxies every request to a child ``mullama serve`` on a
 private loopback port. When the child dies, the streams that were under way end with an error event
 in their API's own shape (``generation_error``), requests meanwhile get a 503 to retry, ``/health``
-reports ``degraded``, and the child is started again as soon as the RPC servers answer.
+reports ``degraded``, and the child is started again as soon as the RPC servers answer. The shape of
+each answer is the wire format the route declares (``_app.route_format``: the child serves the same
+route table), not a guess from the path.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import httpx
@@ -27,8 +28,8 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from .._exceptions import InvalidConfigError
-from . import _anthropic, _ollama
-from ._http import is_loopback
+from ._app import route_format
+from ._http import SSE, is_loopback
 from ._request import APIError
 
 __all__ = ["SUPERVISED_ENV", "supervise"]
@@ -122,29 +123,19 @@ def _describe(code: int) -> str:
     return f"exit code {code}"
 
 
-# --- errors in each API's shape ------------------------------------------------------------------
-def _shape(path: str) -> Callable[[APIError], dict]:
-    """The error body of the API ``path`` belongs to."""
-    if path.startswith("/v1/messages"):
-        return _anthropic.error_body
-    return _ollama.error_body if path.startswith("/api/") else APIError.body
-
-
+# --- errors in each route's own format ------------------------------------------------------------
 def _error_response(path: str, status: int, message: str, code: str) -> JSONResponse:
     headers = {"Retry-After": "2"} if status == 503 else None
     problem = APIError(status, message, type="server_error", code=code)
-    return JSONResponse(_shape(path)(problem), status_code=status, headers=headers)
+    return JSONResponse(route_format(path).error_body(problem), status_code=status, headers=headers)
 
 
 def _error_event(path: str, message: str) -> bytes:
     """The last event of a stream whose serving process died: in the stream's own format (after a
-    blank line, should the process have died in the middle of an event)."""
-    body = _shape(path)(APIError(500, message, type="server_error", code="generation_error"))
-    if path.startswith("/v1/messages"):
-        return ("\n\n" + _anthropic.event("error", {"error": body["error"]})).encode()
-    if path.startswith("/api/"):
-        return (json.dumps(body) + "\n").encode()
-    return f"\n\ndata: {json.dumps(body)}\n\n".encode()
+    blank line for server-sent events, should the process have died in the middle of an event)."""
+    fmt = route_format(path)
+    event = fmt.error_event(APIError(500, message, type="server_error", code="generation_error"))
+    return (("\n\n" if fmt.media_type == SSE else "") + event).encode()
 
 
 # --- the proxy ---------------------------------------------------------------------------------------

@@ -16,8 +16,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from .._exceptions import MullamaError
 from ._generation import prepare
 from ._http import parse_json, submit_in_all
-from ._openai import parse_request, usage
-from ._request import APIError, error_body
+from ._openai import parse_request
+from ._openai_shapes import error_body, usage
+from ._request import APIError
 
 __all__ = ["websocket"]
 
@@ -44,7 +45,7 @@ async def websocket(ws: WebSocket) -> None:
             try:
                 data = parse_json(message["text"])
             except APIError as exc:
-                await ws.send_json({"type": "error", "status": 400, **exc.body()})
+                await ws.send_json({"type": "error", "status": 400, **error_body(exc)})
                 continue
             if isinstance(data, dict) and data.get("type") == "cancel":
                 if current is not None and not current.done():
@@ -91,9 +92,10 @@ async def _stream(ws: WebSocket, data: Any) -> None:
                             "usage": usage(job.prompt_tokens, job.completion_tokens)})
         server.metrics.finished(job.completion_tokens)
     except APIError as exc:
-        await ws.send_json({"type": "error", "status": exc.status, **exc.body()})
+        await ws.send_json({"type": "error", "status": exc.status, **error_body(exc)})
     except MullamaError as exc:
-        await ws.send_json({"type": "error", **error_body(str(exc), type="server_error", code=exc.code.lower())})
+        await ws.send_json({"type": "error", **error_body(APIError(500, str(exc), type="server_error",
+                                                                   code=exc.code.lower()))})
     except asyncio.CancelledError:
         if job is not None:
             job.cancel()

@@ -1,0 +1,143 @@
+"""OpenAI's response shapes: chat and text completion bodies and stream chunks, token logprobs,
+usage, tool-call deltas, and OpenAI's error body — which the other routes of OpenAI's API family
+(the Responses API, embeddings, models) and the WebSocket answer errors with too."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..generate._sequence import Token
+from ._http import SSE, WireFormat
+from ._request import APIError
+from ._tool_calls import CallArguments, CallStart
+
+__all__ = ["OPENAI", "Choice", "Piece", "chunk", "completion_body", "error_body", "error_event", "logprobs_body",
+           "new_id", "tool_call_delta", "usage", "usage_chunk"]
+
+
+def error_body(exc: APIError) -> dict:
+    """OpenAI's error shape for a refused request (or a failed stream)."""
+    return {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
+
+
+def error_event(exc: APIError) -> str:
+    """The event that ends a stream on an error: the error body as a ``data:`` event."""
+    return f"data: {json.dumps(error_body(exc), ensure_ascii=False)}\n\n"
+
+
+OPENAI = WireFormat(error_body, error_event, SSE)
+
+
+def tool_call_delta(event: CallStart | CallArguments) -> dict:
+    """A tool-call event as an entry of ``delta.tool_calls``: the call's index, id, type and name
+    first, then its arguments in pieces, as OpenAI streams them."""
+    if isinstance(event, CallStart):
+        return {"index": event.index, "id": event.id, "type": "function",
+                "function": {"name": event.name, "arguments": ""}}
+    return {"index": event.index, "function": {"arguments": event.text}}
+
+
+Piece = Callable[[int], bytes]  # a token id's bytes (Model._cached_piece)
+
+
+def logprobs_body(kind: str, tokens: list[Token] | None, piece: Piece) -> dict | None:
+    """The ``logprobs`` of a choice for ``tokens`` (those that carry logprobs; end-of-generation tokens,
+    which have no text, are left out as OpenAI does), or None when they carry none."""
+    kept = [t for t in tokens or () if t.logprob is not None and (t.text or piece(t.id))]
+    if not kept:
+        return None
+    if kind == "chat":
+        return {"content": [{"token": piece(t.id).decode("utf-8", "replace"), "logprob": t.logprob,
+                             "bytes": list(piece(t.id)),
+                             "top_logprobs": [{"token": top.text, "logprob": top.logprob, "bytes": list(top.bytes)}
+                                              for top in t.top_logprobs]} for t in kept],
+                "refusal": None}
+    offsets, offset = [], 0
+    for t in kept:
+        offsets.append(offset)
+        offset += len(t.text)
+    return {"tokens": [piece(t.id).decode("utf-8", "replace") for t in kept],
+            "token_logprobs": [t.logprob for t in kept],
+            "top_logprobs": [{top.text: top.logprob for top in t.top_logprobs} for t in kept],
+            "text_offset": offsets}
+
+
+def new_id(kind: str) -> str:
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def chunk(kind: str, request_id: str, model: str, created: int, *, text: str | None = None,
+          role: bool = False, finish_reason: str | None = None, logprobs: dict | None = None,
+          index: int = 0, tool_call: dict | None = None, reasoning: str | None = None) -> dict:
+    """One streamed chunk of choice ``index``: the role, a piece of text (and the logprobs of its
+    tokens), a piece of a tool call (``delta.tool_calls``), or the final finish_reason."""
+    if kind == "chat":
+        delta: dict = {}
+        if role:
+            delta = {"role": "assistant", "content": ""}
+        elif tool_call is not None:
+            delta = {"tool_calls": [tool_call]}
+        elif reasoning is not None:
+            delta = {"reasoning_content": reasoning}
+        elif text is not None:
+            delta = {"content": text}
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        return {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [choice]}
+    choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
+    return {"id": request_id, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
+
+
+def usage_chunk(kind: str, request_id: str, model: str, created: int, prompt_tokens: int,
+                completion_tokens: int) -> dict:
+    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    return {"id": request_id, "object": obj, "created": created, "model": model, "choices": [],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+@dataclass
+class Choice:
+    """One finished choice of a non-streamed answer."""
+
+    text: str
+    finish_reason: str
+    logprobs: dict | None = None
+    tool_calls: list[dict] | None = None
+    reasoning: str | None = None
+
+
+def completion_body(kind: str, request_id: str, model: str, choices: list[Choice], prompt_tokens: int,
+                    completion_tokens: int) -> dict:
+    created = int(time.time())
+    if kind == "chat":
+        items = [{"index": i, "message": _message(c), "logprobs": c.logprobs, "finish_reason": c.finish_reason}
+                 for i, c in enumerate(choices)]
+        obj = "chat.completion"
+    else:
+        items = [{"index": i, "text": c.text, "logprobs": c.logprobs, "finish_reason": c.finish_reason}
+                 for i, c in enumerate(choices)]
+        obj = "text_completion"
+    return {"id": request_id, "object": obj, "created": created, "model": model, "choices": items,
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def _message(choice: Choice) -> dict:
+    """The assistant message of a chat choice: content, its thought (``reasoning_content``), and its
+    tool calls (content null when there is no text besides them)."""
+    message: dict[str, Any] = {"role": "assistant", "content": choice.text}
+    if choice.reasoning:
+        message["reasoning_content"] = choice.reasoning
+    if choice.tool_calls:
+        message["content"] = choice.text or None
+        message["tool_calls"] = choice.tool_calls
+    return message
