@@ -6,9 +6,9 @@ that ``_generation`` runs on a model of the pool (``_pool``: which model, loaded
 when; ``_specs``: the models served and how each loads; ``_keep_alive``: for how long), and owning
 its response shapes (OpenAI's in ``_openai_shapes``; the Responses API's in ``_responses``) built
 from the engine's tokens and the neutral tool-call events of ``_tool_calls``. ``_http`` holds what
-every route shares (API key, body limits, each route's declared ``WireFormat``, metrics,
-disconnects), ``_app`` assembles the routes and ``_run`` serves them on uvicorn; ``_supervisor``
-proxies to a child server under ``--rpc``.
+every route shares (API key, body limits, each route's declared ``WireFormat``, metrics, the
+stream-or-collect answer, disconnects), ``_app`` assembles the routes and ``_run`` serves them on
+uvicorn; ``_supervisor`` proxies to a child server under ``--rpc``.
 
 Needs the ``server`` extra (starlette, uvicorn).
 """

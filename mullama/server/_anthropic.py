@@ -21,7 +21,7 @@ from .._exceptions import InvalidConfigError, MullamaError
 from ..generate._config import StreamConfig
 from ..generate._engine import EngineRequest
 from ._generation import count_prompt_tokens, start
-from ._http import SSE, WireFormat, drain, endpoint, event_stream, read_json, requested_model, run_to_end, state
+from ._http import SSE, WireFormat, drain, endpoint, read_json, requested_model, state, stream_or_collect
 from ._request import APIError, ParsedRequest, bad
 from ._tool_calls import CallStart, ToolCallProgress
 
@@ -240,17 +240,14 @@ def event(kind: str, payload: dict) -> str:
 @endpoint(ANTHROPIC)
 async def messages(request: Request) -> Response:
     """``POST /v1/messages``: a whole message, or its stream of events."""
-    server = state(request)
-    parsed = parse_request(await read_json(request), max_tokens_limit=server.settings.max_tokens_limit)
+    parsed = parse_request(await read_json(request), max_tokens_limit=state(request).settings.max_tokens_limit)
     lease, (job,) = await start(request, parsed)
-    message_id = new_id()
-    if parsed.stream:
-        return event_stream(lease, _events(job, message_id, lease.name, request))
-    async with lease:
-        await run_to_end(request, [job], drain(job))
-    server.finished(request.scope, job.completion_tokens)
-    return JSONResponse(message_body(message_id, lease.name, job.text, job.tool_calls, job.finish_reason,
-                                     job.stop_sequence, job.prompt_tokens, job.completion_tokens))
+    message_id, name = new_id(), lease.name
+    return await stream_or_collect(
+        request, ANTHROPIC, lease, [job], stream=parsed.stream,
+        events=lambda: _events(job, message_id, name, request), collect=lambda: drain(job),
+        answer=lambda _: message_body(message_id, name, job.text, job.tool_calls, job.finish_reason,
+                                      job.stop_sequence, job.prompt_tokens, job.completion_tokens))
 
 
 @endpoint(ANTHROPIC)

@@ -1,7 +1,8 @@
 """What every route shares, whatever its wire format: the server's state, the API-key check,
 reading a JSON body within limits, error responses in the route's own format (``WireFormat``, which
-each route declares with ``endpoint``), metrics, the access log, and reading engine requests to their
-end when the client may go away."""
+each route declares with ``endpoint``), metrics, the access log, one answer skeleton for streamed
+and whole answers (``stream_or_collect``), and reading engine requests to their end when the
+client may go away."""
 
 from __future__ import annotations
 
@@ -203,11 +204,23 @@ async def json_answer(build: Callable[[], Any], status: int = 200) -> Response:
     return Response(await asyncio.to_thread(work), status_code=status, media_type="application/json")
 
 
-def event_stream(lease: Lease, events: AsyncGenerator[str, None]) -> StreamingResponse:
-    """A streamed answer of server-sent events, holding its model's lease until the stream ends (no
-    caching, no buffering by a proxy in between)."""
-    return StreamingResponse(lease.until_closed(events), media_type=SSE,
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+async def stream_or_collect(request: Request, fmt: WireFormat, lease: Lease, jobs: list[EngineRequest], *,
+                            stream: bool, events: Callable[[], AsyncGenerator[str, None]],
+                            collect: Callable[[], Awaitable[T]], answer: Callable[[T], Any]) -> Response:
+    """The answer to a generation request whose ``jobs`` run on ``lease``'s model, in ``fmt``.
+
+    Streamed: ``events()``, the format's events as the tokens come (its own error event, and
+    ``ServerState.finished`` at its end, included), holding the lease until the stream ends (server-sent
+    events uncached and unbuffered by a proxy in between). Whole: ``collect()`` reads the jobs to their
+    end (they stop if the client goes away) while the lease is held, then ``answer(collected)`` is the
+    JSON body, built and encoded in a worker thread."""
+    if stream:
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"} if fmt.media_type == SSE else None
+        return StreamingResponse(lease.until_closed(events()), media_type=fmt.media_type, headers=headers)
+    async with lease:
+        collected = await run_to_end(request, jobs, collect())
+    state(request).finished(request.scope, sum(job.completion_tokens for job in jobs))
+    return await json_answer(lambda: answer(collected))
 
 
 async def read_object(request: Request) -> dict:

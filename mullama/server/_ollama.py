@@ -27,7 +27,7 @@ from ..generate._config import StreamConfig
 from ..generate._engine import EngineRequest
 from ._embeddings import embed_request, parse_embedding_request
 from ._generation import start
-from ._http import WireFormat, drain, endpoint, read_object, requested_model, run_to_end, speaks, state
+from ._http import WireFormat, drain, endpoint, read_object, requested_model, speaks, state, stream_or_collect
 from ._keep_alive import parse_keep_alive
 from ._pool import Served
 from ._request import APIError, ParsedRequest, bad, integer
@@ -200,13 +200,9 @@ async def _generation(request: Request, kind: str) -> Response:
     parsed = parse(body, max_tokens_limit=server.settings.max_tokens_limit)
     lease, (job,) = await start(request, parsed, keep_alive=keep_alive)
     name = parsed.model or lease.name
-    if parsed.stream:
-        return StreamingResponse(lease.until_closed(_lines(job, kind, name, started, request)),
-                                 media_type=OLLAMA.media_type)
-    async with lease:
-        await run_to_end(request, [job], drain(job))
-    server.finished(request.scope, job.completion_tokens)
-    return JSONResponse(done_line(kind, name, job, started, job.text, job.tool_calls))
+    return await stream_or_collect(request, OLLAMA, lease, [job], stream=parsed.stream,
+                                   events=lambda: _lines(job, kind, name, started, request), collect=lambda: drain(job),
+                                   answer=lambda _: done_line(kind, name, job, started, job.text, job.tool_calls))
 
 
 async def _load_or_unload(request: Request, kind: str, body: dict, keep_alive: float | None) -> Response:

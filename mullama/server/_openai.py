@@ -23,7 +23,7 @@ from ..generate._config import StreamConfig
 from ..generate._engine import EngineRequest
 from ..generate._sequence import Token
 from ._generation import start
-from ._http import endpoint, event_stream, json_answer, merged, read_json, requested_model, run_to_end, state
+from ._http import endpoint, merged, read_json, requested_model, state, stream_or_collect
 from ._openai_shapes import (
     OPENAI,
     Choice,
@@ -264,25 +264,19 @@ async def _generate(request: Request, kind: str) -> Response:
     body = await read_json(request)
     parsed = parse_request(body, kind, max_tokens_limit=server.settings.max_tokens_limit)
     lease, jobs = await start(request, parsed)
-    request_id = new_id(kind)
+    request_id, name = new_id(kind), lease.name
     n_prompt = jobs[0].prompt_tokens
-    if parsed.stream:
-        assert lease.served.model is not None
-        events = _events(jobs, parsed, kind, request_id, n_prompt, lease.name, lease.served.model._cached_piece,
-                         request)
-        return event_stream(lease, events)
-    async with lease as served:
-        assert served.model is not None
-        piece = served.model._cached_piece
-        generated = await run_to_end(request, jobs, asyncio.gather(*(_collect(job) for job in jobs)))
-    completion_tokens = sum(job.completion_tokens for job in jobs)
-    server.finished(request.scope, completion_tokens)
+    assert lease.served.model is not None
+    piece = lease.served.model._cached_piece
 
-    def answer() -> dict:  # in a worker thread: n choices with logprobs can be megabytes
+    def answer(generated: list[list[Token]]) -> dict:  # n choices with logprobs can be megabytes
         choices = [_choice(job, tokens, kind, piece) for job, tokens in zip(jobs, generated)]
-        return completion_body(kind, request_id, lease.name, choices, n_prompt, completion_tokens)
+        return completion_body(kind, request_id, name, choices, n_prompt, sum(job.completion_tokens for job in jobs))
 
-    return await json_answer(answer)
+    return await stream_or_collect(
+        request, OPENAI, lease, jobs, stream=parsed.stream,
+        events=lambda: _events(jobs, parsed, kind, request_id, n_prompt, name, piece, request),
+        collect=lambda: asyncio.gather(*(_collect(job) for job in jobs)), answer=answer)
 
 
 async def _collect(job: EngineRequest) -> list[Token]:

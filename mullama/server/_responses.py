@@ -29,7 +29,7 @@ from ..chat._template import normalize_messages
 from ..generate._engine import EngineRequest
 from ..generate._sequence import Token
 from ._generation import count_prompt_tokens, start
-from ._http import endpoint, event_stream, read_json, run_to_end, state
+from ._http import endpoint, read_json, state, stream_or_collect
 from ._openai import LLAMA_FIELDS, parse_request
 from ._openai_shapes import OPENAI
 from ._request import APIError, ParsedRequest, bad, integer
@@ -419,15 +419,13 @@ async def responses(request: Request) -> Response:
         if exc.param == "messages":
             exc.param = "input"
         raise
-    response_id, created = _new_id("resp"), int(time.time())
-    if parsed.stream:
-        events = _events(job, response_id, created, lease.name, body, parsed, request)
-        return event_stream(lease, events)
+    response_id, created, name = _new_id("resp"), int(time.time()), lease.name
     output = ResponseOutput()
-    async with lease:
-        await run_to_end(request, [job], _collect(job, output))
-    server.finished(request.scope, job.completion_tokens)
-    return JSONResponse(response_body(response_id, created, lease.name, body, parsed, output, job))
+    return await stream_or_collect(
+        request, OPENAI, lease, [job], stream=parsed.stream,
+        events=lambda: _events(job, response_id, created, name, body, parsed, request),
+        collect=lambda: _collect(job, output),
+        answer=lambda _: response_body(response_id, created, name, body, parsed, output, job))
 
 
 async def _collect(job: EngineRequest, output: ResponseOutput) -> None:
