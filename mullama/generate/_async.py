@@ -17,7 +17,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from .._exceptions import StreamingError
@@ -26,6 +26,7 @@ from ._completion import Completion, greedy_unless_told
 from ._config import StreamConfig, resolve_config
 from ._context_params import check_n_ctx
 from ._engine import Engine, EngineRequest
+from ._infill import infill_prompt
 from ._model import Model, check_prompt, tokenize_prompt
 from ._sequence import SequenceView, Token
 
@@ -174,13 +175,15 @@ class AsyncModel:
                 self._engine = Engine(self.model, **self._engine_options)
             return self._engine
 
-    def _stream(self, prepare: Callable[[], tuple[str, StreamConfig]]) -> AsyncTokenStream:
+    def _stream(self, prepare: Callable[[], tuple[str | list[int], StreamConfig]]) -> AsyncTokenStream:
+        """A stream of the prompt ``prepare()`` makes in a worker thread: text, or token ids."""
         model = self.model
 
         def start() -> EngineRequest:
             engine = self._get_engine()
             prompt, config = prepare()
-            return engine.submit(tokenize_prompt(model, prompt), config)
+            tokens = prompt if isinstance(prompt, list) else tokenize_prompt(model, prompt)
+            return engine.submit(tokens, config)
 
         return AsyncTokenStream(start)
 
@@ -203,6 +206,20 @@ class AsyncModel:
             self.model, messages, resolved, tools=tools, tool_choice=tool_choice,
             parallel_tool_calls=parallel_tool_calls, chat_template=chat_template,
             chat_template_kwargs=chat_template_kwargs, reasoning_format=reasoning_format))
+
+    def infill(self, prefix: str, suffix: str, config: StreamConfig | int | None = None, *,
+               max_tokens: int | None = None, prompt: str = "", extra: Sequence[Mapping[str, Any]] = (),
+               spm: bool = False, **options: Any) -> AsyncTokenStream:
+        """Stream the middle between ``prefix`` and ``suffix``, as :meth:`Context.infill` (the budget
+        of each part from one stream's context size; the prompt built in a worker thread)."""
+        resolved = resolve_config(config, max_tokens, options)
+
+        def prepare() -> tuple[str | list[int], StreamConfig]:
+            engine = self._get_engine()
+            return infill_prompt(self.model, prefix, suffix, prompt=prompt, extra=extra,
+                                 n_ctx=engine.n_ctx_per_slot, n_batch=engine.n_batch, spm=spm), resolved
+
+        return self._stream(prepare)
 
     async def generate(self, prompt: str, max_tokens: int | None = None, *, config: StreamConfig | None = None,
                        **options: Any) -> Completion:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Mapping
+from collections.abc import Sequence as Seq
 from typing import Any
 
 from .._exceptions import (
@@ -30,6 +31,7 @@ from ._context_params import (
     reusable_prefix,
     trim_cache,
 )
+from ._infill import infill_prompt
 from ._model import Model, tokenize_prompt
 from ._sequence import Sequence, Token
 from ._stream import TokenStream
@@ -308,6 +310,17 @@ class Context(Owned):
                                      parallel_tool_calls=parallel_tool_calls, chat_template=chat_template,
                                      chat_template_kwargs=chat_template_kwargs, reasoning_format=reasoning_format)
         return self._stream(tokenize_prompt(self.model, prompt), config)
+
+    def infill(self, prefix: str, suffix: str, config: StreamConfig | int | None = None, *,
+               max_tokens: int | None = None, prompt: str = "", extra: Seq[Mapping[str, Any]] = (),
+               spm: bool = False, **options: Any) -> TokenStream:
+        """Stream the middle between ``prefix`` and ``suffix`` (code completion at a cursor), for a model
+        with FIM tokens (InvalidConfigError otherwise). The prompt is llama-server's ``/infill`` one:
+        ``prompt`` starts the middle, ``extra`` chunks (``{"text", "filename"}``) are other files."""
+        config = resolve_config(config, max_tokens, options)
+        tokens = infill_prompt(self.model, prefix, suffix, prompt=prompt, extra=extra, n_ctx=self.n_ctx,
+                               n_batch=self.n_batch, spm=spm)
+        return self._stream(tokens, config)
 
     def generate(self, prompt: str, max_tokens: int | None = None, *, config: StreamConfig | None = None,
                  **options: Any) -> Completion:
