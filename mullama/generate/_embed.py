@@ -41,10 +41,11 @@ from ._context_params import ContextSettings, adopt_context, check_count, create
 if TYPE_CHECKING:
     from ._model import Model
 
-__all__ = ["DEFAULT_BATCH_SIZE", "POOLINGS", "Embedder", "embed", "pooling_name"]
+__all__ = ["DEFAULT_BATCH_SIZE", "POOLINGS", "POOLING_RANK", "Embedder", "embed", "pooling_name"]
 
 # llama_pooling_type values by name ("rank" is for rerankers: a score, not an embedding).
 POOLINGS = {"none": 0, "mean": 1, "cls": 2, "last": 3}
+POOLING_RANK = 4  # a reranker's classification head: n_cls_out scores per text (see _rerank)
 DEFAULT_BATCH_SIZE = 512  # tokens per decode, and the longest text (llama-server's n_ubatch)
 KERNEL_SIZES = (8, 64)  # batch sizes (rows) from which ggml's CPU kernels change (see above)
 # Weight types whose products ggml's CPU computes with its tiled kernel from 8 rows on (ggml-cpu/tiled).
@@ -107,7 +108,9 @@ class Embedder(Owned):
         lib = self._lib
         self.pooling = pooling
         self.batch_size = lib.llama_n_batch(ptr)
-        self.n_embd = lib.llama_model_n_embd_out(model.ptr)
+        # rank pooling gives each text the head's n_cls_out scores, not a vector
+        self.n_embd = (lib.llama_model_n_cls_out(model.ptr) if pooling == POOLING_RANK
+                       else lib.llama_model_n_embd_out(model.ptr))
         self.max_sequences = lib.llama_n_seq_max(ptr)
         self.kernel_sizes = kernel_sizes(model)
         model_ptr = model.ptr

@@ -18,6 +18,7 @@ from ..native._owned import Owned
 
 if TYPE_CHECKING:
     from ._embed import Embedder
+    from ._rerank import Ranked
 
 
 __all__ = ["Model", "check_prompt", "tokenize_prompt"]
@@ -313,6 +314,19 @@ class Model(Owned):
             raise InvalidConfigError(f"embed_one() takes a str, not {type(text).__name__}.")
         result: list[float] = self.embed([text], **options)[0]
         return result
+
+    def rerank(self, query: str, documents: Sequence[str], *, top_n: int | None = None, normalize: bool = False,
+               batch_size: int | None = None, truncate: bool = False) -> list[Ranked]:
+        """``documents`` ranked by relevance to ``query``, most relevant first (at most ``top_n``):
+        each a ``Ranked(index, score, document)``. Needs a reranker (``model.pooling == "rank"``;
+        another model is an InvalidConfigError). Scores are llama-server ``--rerank``'s: the
+        classification head's raw output, or with ``normalize=True`` its logistic in (0, 1).
+        ``batch_size`` and ``truncate`` bound a (query, document) pair as :meth:`embed` bounds a
+        text (see mullama.generate._rerank)."""
+        from ._rerank import rerank
+
+        return rerank(self, query, documents, top_n=top_n, normalize=normalize, batch_size=batch_size,
+                      truncate=truncate)
 
     def _embedder(self, pooling: int, batch_size: int) -> Embedder:
         """The embedding context for ``pooling`` and ``batch_size``, created on first use."""
