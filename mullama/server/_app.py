@@ -17,7 +17,7 @@ from starlette.routing import Route, WebSocketRoute
 
 from ..generate._engine import Engine
 from ..generate._model import Model
-from . import _anthropic, _embeddings, _infill, _ollama, _openai, _responses
+from . import _anthropic, _embeddings, _infill, _ollama, _openai, _rerank, _responses
 from ._http import ServerSettings, ServerState, WireFormat, declared_format, endpoint, state
 from ._openai_shapes import OPENAI, error_body
 from ._pool import ModelPool
@@ -131,6 +131,10 @@ ROUTES = [
     Route("/v1/messages", _anthropic.messages, methods=["POST"]),
     Route("/v1/messages/count_tokens", _anthropic.count_tokens, methods=["POST"]),
     Route("/infill", _infill.infill, methods=["POST"]),
+    Route("/rerank", _rerank.rerank, methods=["POST"]),
+    Route("/reranking", _rerank.rerank, methods=["POST"]),
+    Route("/v1/rerank", _rerank.rerank, methods=["POST"]),
+    Route("/v1/reranking", _rerank.rerank, methods=["POST"]),
     Route("/api/chat", _ollama.chat, methods=["POST"]),
     Route("/api/generate", _ollama.generate, methods=["POST"]),
     Route("/api/embed", _ollama.embed, methods=["POST"]),
