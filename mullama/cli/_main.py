@@ -14,10 +14,12 @@ from ._generate import bench_command, chat_command, embed_command, run_command
 from ._info import info_command
 from ._models import list_command, pull_command, rm_command, show_command
 from ._parser import make_parser, parse
+from ._rerank import rerank_command
 from ._serve import ps_command, serve_command
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "run": run_command, "chat": chat_command, "embed": embed_command, "bench": bench_command,
+    "run": run_command, "chat": chat_command, "embed": embed_command, "rerank": rerank_command,
+    "bench": bench_command,
     "pull": pull_command, "list": list_command, "rm": rm_command, "show": show_command,
     "serve": serve_command, "ps": ps_command, "info": info_command,
 }

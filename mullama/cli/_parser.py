@@ -22,6 +22,7 @@ EXAMPLES = """examples:
   mullama run smollm2 -f notes.txt --temp 0     the prompt from a file, greedy
   cat notes.txt | mullama run "Summarise:"      the prompt, a blank line, then standard input
   mullama embed all-minilm:l6-v2 "a cat" "a dog"  one JSON line of embedding per text
+  mullama rerank RERANKER.gguf "a query" "doc one" "doc two"  one JSON line per document, best first
   mullama pull qwen2.5:0.5b                     download a model (resumable, verified)
   mullama list                                  models in the cache
   mullama show smollm2:135m                     architecture, parameters, quantisation, context
@@ -138,6 +139,17 @@ def make_parser() -> argparse.ArgumentParser:
     embed.add_argument("--truncate", action="store_true", help="cut texts longer than the batch to their beginning")
     _add_verbosity(embed)
 
+    rerank = commands.add_parser("rerank", help="documents ranked by relevance to a query (a reranking model), "
+                                                 "one JSON line each, most relevant first")
+    rerank.add_argument("model_name", metavar="MODEL", help=MODEL_HELP)
+    rerank.add_argument("query", metavar="QUERY")
+    rerank.add_argument("documents", nargs="*", metavar="DOC", help="the documents (or one per line on standard input)")
+    rerank.add_argument("--top-n", type=int, help="print only the N most relevant")
+    rerank.add_argument("--normalize", action="store_true", help="scores through the logistic function, in (0, 1)")
+    rerank.add_argument("--batch-size", type=int, help="the longest query and document pair, in tokens (default 512)")
+    rerank.add_argument("--truncate", action="store_true", help="cut longer pairs to their beginning")
+    _add_verbosity(rerank)
+
     pull = commands.add_parser("pull", help="download a model into the cache (verified)")
     pull.add_argument("name", help="a model name (smollm2:135m, gemma3:270m, qwen2.5:0.5b, ...) "
                                    "or hf:owner/repo[:file]")
@@ -190,6 +202,8 @@ def make_parser() -> argparse.ArgumentParser:
                        help="tokens per embedding decode, and the longest input (default 512)")
     serve.add_argument("--embeddings", "--embedding", action="store_true",
                        help="accepted, as llama-server's: /v1/embeddings and /api/embed are always served")
+    serve.add_argument("--rerank", "--reranking", action="store_true",
+                       help="accepted, as llama-server's: /v1/rerank is served for a model whose GGUF has rank pooling")
     _add_verbosity(serve)
 
     ps = commands.add_parser("ps", help="models a running `mullama serve` has loaded: memory, idle time, until")
