@@ -115,12 +115,38 @@ def parse_infill(body: dict, *, max_tokens_limit: int) -> InfillRequest:
     for flag in ("cache_prompt", "ignore_eos"):
         if flag in body:
             fields[flag] = body[flag]
+    bias = _logit_bias(body.get("logit_bias"))
+    if bias:
+        fields["logit_bias"] = bias
     try:
         config = StreamConfig(**fields)
     except InvalidConfigError as exc:
         raise bad(str(exc)) from None
     return InfillRequest(prefix, suffix, list(extra), prompt, config, body.get("stream", False),
                          body.get("return_tokens", False), requested_model(body))
+
+
+def _logit_bias(value: Any) -> dict[int, float]:
+    """llama-server's ``logit_bias`` by token id: ``[[id, bias], ...]`` or ``{"id": bias}``, a bias of
+    ``false`` banning the token."""
+    if value is None:
+        return {}
+    pairs = list(value.items()) if isinstance(value, dict) else value
+    if not isinstance(pairs, list):
+        raise bad("\"logit_bias\" must be an array of [token id, bias] pairs or an object", "logit_bias")
+    bias: dict[int, float] = {}
+    for pair in pairs:
+        token, amount = pair if isinstance(pair, (list, tuple)) and len(pair) == 2 else (None, None)
+        token = int(token) if isinstance(token, str) and token.isdigit() else token
+        if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+            raise bad("\"logit_bias\" takes token ids (strings of text are not supported here)", "logit_bias")
+        if amount is False:
+            bias[token] = float("-inf")
+        elif isinstance(amount, (int, float)) and not isinstance(amount, bool):
+            bias[token] = float(amount)
+        else:
+            raise bad("a \"logit_bias\" value must be a number or false", "logit_bias")
+    return bias
 
 
 def _prepare(served: Served, parsed: InfillRequest) -> tuple[str, EngineRequest]:
