@@ -15,6 +15,7 @@ import mullama.server
 from mullama.server._anthropic import ANTHROPIC
 from mullama.server._app import ROUTES, route_format
 from mullama.server._http import declared_format
+from mullama.server._infill import LLAMA_SERVER
 from mullama.server._ollama import OLLAMA
 from mullama.server._openai_shapes import OPENAI, tool_call_delta
 from mullama.server._supervisor import _error_event, _error_response
@@ -25,6 +26,8 @@ UNSHAPED = {"/health", "/health/ready", "/health/live"}  # no errors to shape (t
 
 
 def _expected(path: str):
+    if path == "/infill":  # llama-server's own route, in its error shape
+        return LLAMA_SERVER
     if path.startswith("/v1/messages"):
         return ANTHROPIC
     return OLLAMA if path.startswith("/api/") else OPENAI
@@ -104,5 +107,6 @@ def _imported(module: str) -> set[str]:
 def test_no_wire_format_reads_another_formats_shapes():
     assert not _imported("_anthropic") & {"_openai", "_openai_shapes", "_ollama", "_responses"}
     assert not _imported("_ollama") & {"_openai", "_openai_shapes", "_anthropic", "_responses"}
+    assert not _imported("_infill") & {"_openai", "_openai_shapes", "_anthropic", "_ollama", "_responses"}
     assert not _imported("_request") & {"_openai", "_openai_shapes", "_anthropic", "_ollama", "_responses"}
     assert not _imported("_supervisor") & {"_openai", "_openai_shapes", "_anthropic", "_ollama", "_responses"}
