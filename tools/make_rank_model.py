@@ -16,7 +16,6 @@ file is written with the pinned llama.cpp tree's gguf-py (it needs numpy).
 
 from __future__ import annotations
 
-import glob
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,13 +25,10 @@ POOLING_RANK = 4  # LLAMA_POOLING_TYPE_RANK in llama.h
 
 
 def default_source() -> Path:
-    """all-MiniLM-L6-v2 in mullama's model cache."""
-    from mullama._paths import models_dir
+    """all-MiniLM-L6-v2 from mullama's model cache (pulled, verified, on first use)."""
+    from mullama.hub._pull import resolve
 
-    found = sorted(glob.glob(str(models_dir() / "all-minilm-l6-v2" / "*.gguf")))
-    if not found:
-        raise SystemExit("all-MiniLM-L6-v2 is not in the cache: run `mullama pull all-minilm:l6-v2` first.")
-    return Path(found[0])
+    return resolve("all-minilm:l6-v2", quiet=True)
 
 
 def _import_gguf() -> object:
