@@ -81,12 +81,23 @@ def docs_server(model_path, build):
     server.close()
 
 
+@pytest.fixture(scope="module")
+def reranker_path(tmp_path_factory) -> Path:
+    """The reranker docs/embeddings.md has its reader write with tools/make_rank_model.py."""
+    out = tmp_path_factory.mktemp("reranker") / "reranker.gguf"
+    subprocess.run([sys.executable, str(REPO / "tools" / "make_rank_model.py"), str(out)], check=True,
+                   capture_output=True, timeout=300)
+    return out
+
+
 @pytest.mark.parametrize("name, index, code", blocks(), ids=[f"{n}#{i}" for n, i, _ in blocks()])
 def test_docs_block_runs(name, index, code, tmp_path, model_path, build, request):
     from upstream import free_port
 
     (tmp_path / "model.gguf").symlink_to(model_path)
     (tmp_path / "templates").symlink_to(template_path(build, "Qwen-Qwen2.5-7B-Instruct.jinja").parent)
+    if "reranker.gguf" in code:
+        (tmp_path / "reranker.gguf").symlink_to(request.getfixturevalue("reranker_path"))
     if "127.0.0.1:8080" in code:
         server = request.getfixturevalue("docs_server")
         code = code.replace("127.0.0.1:8080", f"127.0.0.1:{server.port}")
