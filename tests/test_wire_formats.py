@@ -26,7 +26,8 @@ UNSHAPED = {"/health", "/health/ready", "/health/live"}  # no errors to shape (t
 
 
 def _expected(path: str):
-    if path == "/infill":  # llama-server's own route, in its error shape
+    # llama-server's own routes (/infill, /rerank and its aliases), in its error shape
+    if path == "/infill" or path.removeprefix("/v1").startswith("/rerank"):
         return LLAMA_SERVER
     if path.startswith("/v1/messages"):
         return ANTHROPIC
@@ -108,5 +109,6 @@ def test_no_wire_format_reads_another_formats_shapes():
     assert not _imported("_anthropic") & {"_openai", "_openai_shapes", "_ollama", "_responses"}
     assert not _imported("_ollama") & {"_openai", "_openai_shapes", "_anthropic", "_responses"}
     assert not _imported("_infill") & {"_openai", "_openai_shapes", "_anthropic", "_ollama", "_responses"}
+    assert not _imported("_rerank") & {"_openai", "_openai_shapes", "_anthropic", "_ollama", "_responses"}
     assert not _imported("_request") & {"_openai", "_openai_shapes", "_anthropic", "_ollama", "_responses"}
     assert not _imported("_supervisor") & {"_openai", "_openai_shapes", "_anthropic", "_ollama", "_responses"}
