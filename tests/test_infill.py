@@ -43,7 +43,9 @@ CASES = {
     "long-prefix-and-suffix": (LONG_PREFIX + CODE, "\n" + LONG_SUFFIX, [UTIL], "", True),
     "extra-over-budget": ("x = ", "\nprint(x)\n", [README, HUGE], "", True),
     "no-filename": ("a = [1, 2, 3]\n", "\nprint(total)\n", [{"text": "total = 0\n"}], "total =", True),
+    "mixed-tokens": (["def double(x):", 198, "    return"], ["\n", 198, "print(double(4))"], [], "", True),
 }
+SPM_CASES = ("plain", "extra-and-prompt")  # also asked of llama-server --spm-infill (suffix first)
 
 
 EOG: list[int] = []  # the FIM model's end-of-generation tokens (filled by the fim_model fixture)
@@ -85,6 +87,17 @@ def reference(build, fim_path, fim_model):
 
 
 @pytest.fixture(scope="module")
+def spm_reference(build, fim_path, fim_model):
+    """llama-server --spm-infill's answers for SPM_CASES."""
+    server = upstream.LlamaServer(build.tool("llama-server"), fim_path, threads=default_threads(), n_ctx=N_CTX,
+                                  extra=("-b", str(N_BATCH), "--spm-infill"))
+    try:
+        yield {name: server.post("/infill", _upstream_body(CASES[name])) for name in SPM_CASES}
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="module")
 def fim_served(fim_model):
     with serving(fim_model, parallel=1, n_ctx=N_CTX, n_batch=N_BATCH) as (server, _engine):
         yield server
@@ -116,6 +129,20 @@ def test_context_infill_equals_llama_server(fim_model, reference, name):
         assert ids == expected["tokens"]
         assert stream.prompt_tokens == expected["tokens_evaluated"] == len(tokens)
         assert stream.text == expected["content"]
+    finally:
+        context.close()
+
+
+def test_suffix_first_infill_equals_llama_server_spm_infill(fim_model, spm_reference):
+    context = mullama.Context(fim_model, n_ctx=N_CTX, n_batch=N_BATCH)
+    try:
+        for name in SPM_CASES:
+            case, expected = CASES[name], spm_reference[name]
+            tokens = infill_prompt(fim_model, case[0], case[1], prompt=case[3], extra=case[2], n_ctx=N_CTX,
+                                   n_batch=N_BATCH, spm=True)
+            assert fim_model.detokenize(tokens, unparse_special=True) == expected["prompt"], name
+            with context.infill(case[0], case[1], spm=True, **_options(case)) as stream:
+                assert [token.id for token in stream] == expected["tokens"], name
     finally:
         context.close()
 

@@ -207,7 +207,8 @@ class AsyncModel:
             parallel_tool_calls=parallel_tool_calls, chat_template=chat_template,
             chat_template_kwargs=chat_template_kwargs, reasoning_format=reasoning_format))
 
-    def infill(self, prefix: str, suffix: str, config: StreamConfig | int | None = None, *,
+    def infill(self, prefix: str | list[str | int], suffix: str | list[str | int],
+               config: StreamConfig | int | None = None, *,
                max_tokens: int | None = None, prompt: str = "", extra: Sequence[Mapping[str, Any]] = (),
                spm: bool = False, **options: Any) -> AsyncTokenStream:
         """Stream the middle between ``prefix`` and ``suffix``, as :meth:`Context.infill` (the budget

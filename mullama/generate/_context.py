@@ -311,12 +311,15 @@ class Context(Owned):
                                      chat_template_kwargs=chat_template_kwargs, reasoning_format=reasoning_format)
         return self._stream(tokenize_prompt(self.model, prompt), config)
 
-    def infill(self, prefix: str, suffix: str, config: StreamConfig | int | None = None, *,
+    def infill(self, prefix: str | list[str | int], suffix: str | list[str | int],
+               config: StreamConfig | int | None = None, *,
                max_tokens: int | None = None, prompt: str = "", extra: Seq[Mapping[str, Any]] = (),
                spm: bool = False, **options: Any) -> TokenStream:
         """Stream the middle between ``prefix`` and ``suffix`` (code completion at a cursor), for a model
         with FIM tokens (InvalidConfigError otherwise). The prompt is llama-server's ``/infill`` one:
-        ``prompt`` starts the middle, ``extra`` chunks (``{"text", "filename"}``) are other files."""
+        ``prompt`` starts the middle, ``extra`` chunks (``{"text", "filename"}``) are other files;
+        ``prefix`` and ``suffix`` may also be lists of texts and token ids. ``spm`` puts the suffix
+        first (llama-server's ``--spm-infill``, for models trained that way)."""
         config = resolve_config(config, max_tokens, options)
         tokens = infill_prompt(self.model, prefix, suffix, prompt=prompt, extra=extra, n_ctx=self.n_ctx,
                                n_batch=self.n_batch, spm=spm)
