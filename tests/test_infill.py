@@ -236,6 +236,7 @@ def test_the_server_refuses_infill_on_a_model_without_fim_tokens(served):
     ({"input_prefix": "a", "input_suffix": "b", "temperature": "hot"}, "'temperature'"),
     ({"input_prefix": {"x": 1}, "input_suffix": "b"}, "\"input_prefix\" must be a string"),
     ({"input_prefix": "a", "input_suffix": "b", "logit_bias": [[2, "x"]]}, "must be a number or false"),
+    ({"input_prefix": ["a", 10**9], "input_suffix": "b"}, "out of range"),
 ])
 def test_bad_infill_requests_are_400s(fim_served, body, message):
     response = httpx.post(f"{fim_served.url}/infill", json=body, timeout=60)

@@ -24,7 +24,7 @@ from starlette.responses import Response
 from .._exceptions import InvalidConfigError, MullamaError, TokenizeError
 from ..generate._config import StreamConfig
 from ..generate._engine import EngineRequest
-from ..generate._infill import infill_prompt
+from ..generate._infill import fim_tokens, infill_prompt
 from ._generation import _submit
 from ._http import WireFormat, endpoint, read_object, requested_model, state, stream_or_collect, submit_in_all
 from ._pool import Served
@@ -157,11 +157,14 @@ def _prepare(served: Served, parsed: InfillRequest) -> tuple[str, EngineRequest]
         raise APIError(400, f"{served.spec.name} is an embedding model: it answers embedding requests only.",
                        code="model_not_generative")
     try:
+        fim_tokens(model)
+    except InvalidConfigError as exc:
+        raise APIError(400, str(exc), type="not_supported_error", code="infill_not_supported") from None
+    try:
         tokens = infill_prompt(model, parsed.prefix, parsed.suffix, prompt=parsed.prompt, extra=parsed.extra,
                                n_ctx=engine.n_ctx_per_slot, n_batch=engine.n_batch)
-    except (InvalidConfigError, TokenizeError) as exc:
-        raise APIError(400, str(exc), type="not_supported_error" if "FIM" in str(exc) else "invalid_request_error",
-                       code="infill_not_supported" if "FIM" in str(exc) else None) from None
+    except (InvalidConfigError, TokenizeError) as exc:  # a token id out of range, text that is not Unicode
+        raise APIError(400, str(exc)) from None
     return model.detokenize(tokens, unparse_special=True), _submit(served, tokens, parsed.config)
 
 
