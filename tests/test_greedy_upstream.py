@@ -116,6 +116,20 @@ def test_penalties_at_temperature_zero_equal_llama_server(prompt, setup):
     assert ours.text == reference["content"]
 
 
+def test_ignore_eos_bans_end_of_generation_tokens_as_llama_server(setup):
+    """``ignore_eos`` is llama-server's: every end-of-generation token gets a -inf bias, so the greedy
+    pick is the best other token (not the end token, then more text after it)."""
+    prompt = PROMPTS[-1]  # a chat turn: the answer ends early with <|im_end|> unless it is banned
+    reference = setup.server.greedy(prompt, N_PREDICT, ignore_eos=True)
+    with mullama.Context(setup.model, n_ctx=4096) as context:
+        ours = context.generate(prompt, max_tokens=N_PREDICT, ignore_eos=True)
+    assert ours.token_ids == reference["tokens"]
+    assert ours.text == reference["content"]
+    assert len(ours.token_ids) == N_PREDICT and ours.finish_reason == "length"
+    assert not any(setup.model.is_eog(token) for token in ours.token_ids)
+    assert setup.model.is_eog(setup.reference(prompt)["tokens"][-1]) or setup.name != "smollm2:135m"
+
+
 def test_penalties_change_the_greedy_answer(setup):
     """The penalty test above is not vacuous: on a repetitive prompt they change the tokens."""
     prompt = "one two one two one two one two"

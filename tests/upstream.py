@@ -79,14 +79,14 @@ class LlamaServer:
         with urllib.request.urlopen(request, timeout=300) as response:
             return json.loads(response.read())
 
-    def greedy(self, prompt: str, n_predict: int, *, penalties: dict | None = None) -> dict:
+    def greedy(self, prompt: str, n_predict: int, *, penalties: dict | None = None, **fields) -> dict:
         """Greedy completion of ``prompt``: ``tokens`` (ids), ``content``, ``stop_type``.
         ``penalties`` (llama-server's repeat_penalty, repeat_last_n, frequency_penalty,
-        presence_penalty) apply before the greedy pick."""
+        presence_penalty) apply before the greedy pick; other ``fields`` go into the request as they are."""
         samplers = ["penalties", "top_k", "temperature"] if penalties else ["top_k", "temperature"]
         return self.post("/completion", {
             "prompt": prompt, "n_predict": n_predict, "temperature": 0.0, "top_k": 1,
-            "cache_prompt": False, "return_tokens": True, "samplers": samplers, **(penalties or {}),
+            "cache_prompt": False, "return_tokens": True, "samplers": samplers, **(penalties or {}), **fields,
         })
 
     def close(self) -> None:

@@ -86,7 +86,7 @@ class StreamConfig:
     # (upstream's chat route; see mullama.structured._response_format).
     fenced_json: bool = False
     reasoning: Any = None  # set by chat_stream for thinking templates: where the thought is (_reasoning.Reasoning)
-    ignore_eos: bool = False  # keep going after an end-of-generation token (benchmarks, tests)
+    ignore_eos: bool = False  # ban end-of-generation tokens, as llama-server does: run to max_tokens (benchmarks)
     # Reuse the KV cache of the prompt's beginning when it is already there (llama-server's
     # cache_prompt). False decodes the whole prompt afresh: batch boundaries then fall where a fresh
     # run puts them, which some models' kernels need for bit-identical output.

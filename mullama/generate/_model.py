@@ -77,6 +77,7 @@ class Model(Owned):
         self._n_vocab = library.lib.llama_vocab_n_tokens(self._vocab)  # fixed: token ids are checked against it
         self._contexts: weakref.WeakSet[Any] = weakref.WeakSet()
         self._pieces: dict[int, bytes] = {}  # token id -> bytes (special=False); immutable, so cached
+        self._eog: tuple[int, ...] | None = None  # every end-of-generation token, found on first use
         self._lock = threading.Lock()
         self._embedders: dict[tuple[int, int], Embedder] = {}  # (pooling, batch size) -> embedding context
         self._embed_lock = threading.Lock()  # creating one (it registers itself, which takes _lock)
@@ -409,6 +410,14 @@ class Model(Owned):
             buf = ffi.new("char[]", capacity)
             n = lib.llama_detokenize(vocab, array, len(tokens), buf, capacity, remove_special, unparse_special)
         return cast("str", ffi.unpack(buf, n).decode("utf-8", "replace"))
+
+    def eog_tokens(self) -> tuple[int, ...]:
+        """Every token that ends generation (EOS, EOT, <|im_end|>, ...), as upstream lists them to ban
+        them under ``ignore_eos``."""
+        if self._eog is None:
+            lib, vocab = self._library.lib, self._vocab_ptr()
+            self._eog = tuple(token for token in range(self.vocab_size) if lib.llama_vocab_is_eog(vocab, token))
+        return self._eog
 
     def is_eog(self, token: int) -> bool:
         """Whether ``token`` ends generation (EOS, EOT, ...)."""

@@ -65,7 +65,7 @@ class SamplerChain(Owned):
         n_vocab = model.vocab_size
         seed = config.seed if config.seed is not None else default_seed
         seed = RANDOM_SEED if seed is None else seed & 0xFFFFFFFF
-        chain._add_logit_bias(model, config.logit_bias or {})
+        chain._add_logit_bias(model, config.logit_bias or {}, ban_eog=config.ignore_eos)
         grammar = config.grammar_text()
         if grammar is not None:
             lazy = config.tool_calls is not None and config.tool_calls.lazy and grammar == config.tool_calls.grammar
@@ -120,9 +120,10 @@ class SamplerChain(Owned):
         chain._add_sampling(temperature, top_k, top_p, min_p, seed)
         return chain
 
-    def _add_logit_bias(self, model: Model, user: Mapping[int, float]) -> None:
+    def _add_logit_bias(self, model: Model, user: Mapping[int, float], *, ban_eog: bool = False) -> None:
         """The user's biases, and -inf for the tokens the model file says never to generate, as
-        upstream merges them."""
+        upstream merges them; with ``ban_eog`` (``ignore_eos``) -inf for every end-of-generation token
+        too, as llama-server does: generation goes on because none can be sampled."""
         lib, ffi = self._lib, self._ffi
         n_vocab = model.vocab_size
         for token in user:
@@ -134,6 +135,8 @@ class SamplerChain(Owned):
         merged = [(token, float(bias)) for token, bias in user.items()]
         if count[0] > 0 and suppressed != ffi.NULL:
             merged += [(suppressed[i], float("-inf")) for i in range(count[0])]
+        if ban_eog:
+            merged += [(token, float("-inf")) for token in model.eog_tokens()]
         if merged:
             biases = ffi.new("llama_logit_bias[]", len(merged))
             for i, (token, bias) in enumerate(merged):
