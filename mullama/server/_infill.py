@@ -26,25 +26,14 @@ from ..generate._config import StreamConfig
 from ..generate._engine import EngineRequest
 from ..generate._infill import fim_tokens, infill_prompt
 from ._generation import _submit
-from ._http import WireFormat, endpoint, read_object, requested_model, state, stream_or_collect, submit_in_all
+from ._http import endpoint, read_object, requested_model, state, stream_or_collect, submit_in_all
+from ._llama_server_shapes import LLAMA_SERVER
 from ._pool import Served
 from ._request import APIError, bad, integer, number
 
-__all__ = ["LLAMA_SERVER", "infill", "parse_infill"]
+__all__ = ["infill", "parse_infill"]
 
 MAX_STOPS = 16
-
-
-def error_body(exc: APIError) -> dict:
-    """llama-server's error shape."""
-    return {"error": {"code": exc.status, "message": exc.message, "type": exc.type}}
-
-
-def error_event(exc: APIError) -> str:
-    return f"data: {json.dumps(error_body(exc), ensure_ascii=False)}\n\n"
-
-
-LLAMA_SERVER = WireFormat(error_body, error_event)
 
 
 @dataclass
@@ -203,7 +192,7 @@ async def _events(request: Request, job: EngineRequest, parsed: InfillRequest, n
                     "tokens_evaluated": job.prompt_tokens}
             yield f"data: {json.dumps(part, ensure_ascii=False)}\n\n"
     except MullamaError as exc:
-        yield error_event(APIError(500, str(exc), type="server_error"))
+        yield LLAMA_SERVER.error_event(APIError(500, str(exc), type="server_error"))
         return
     finally:
         job.cancel()

@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse, Response
 from .._exceptions import ContextOverflowError, InvalidConfigError, MullamaError, TokenizeError
 from ..generate._rerank import rank_tokens, scores
 from ._http import endpoint, read_object, requested_model, state
-from ._infill import LLAMA_SERVER
+from ._llama_server_shapes import LLAMA_SERVER
 from ._pool import Served
 from ._request import APIError, bad, generation_error
 
