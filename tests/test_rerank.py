@@ -9,6 +9,7 @@ library, the real server on 127.0.0.1, real HTTP.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -152,6 +153,17 @@ def test_top_n_normalize_and_concurrent_callers(reranker):
     for index, document in enumerate(DOCUMENTS):
         (single,) = reranker.rerank(QUERY, [document])
         assert abs(single.score - alone[index]) < EXACT
+
+
+def test_async_model_reranks_off_the_event_loop(reranker):
+    async def scenario():
+        async_model = mullama.AsyncModel(reranker)  # its engine is never started: rerank needs none
+        return await asyncio.gather(*(async_model.rerank(QUERY, DOCUMENTS, top_n=3) for _ in range(3)))
+
+    expected = reranker.rerank(QUERY, DOCUMENTS, top_n=3)
+    for answer in asyncio.run(scenario()):  # concurrent callers share decodes: sums may differ in the last bits
+        assert [item.index for item in answer] == [item.index for item in expected]
+        assert all(abs(a.score - b.score) < EXACT for a, b in zip(answer, expected))
 
 
 def test_bad_inputs_are_clear_errors(reranker, minilm):

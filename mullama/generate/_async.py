@@ -28,6 +28,7 @@ from ._context_params import check_n_ctx
 from ._engine import Engine, EngineRequest
 from ._infill import infill_prompt
 from ._model import Model, check_prompt, tokenize_prompt
+from ._rerank import Ranked
 from ._sequence import SequenceView, Token
 
 __all__ = ["AsyncModel", "AsyncTokenStream", "submit_in_thread"]
@@ -240,6 +241,10 @@ class AsyncModel:
         """:meth:`Model.embed` in a worker thread: the event loop never waits for tokenising or a
         decode. Concurrent calls share decodes."""
         return await asyncio.to_thread(self.model.embed, texts, **options)
+
+    async def rerank(self, query: str, documents: Sequence[str], **options: Any) -> list[Ranked]:
+        """:meth:`Model.rerank` in a worker thread: the pairs are decoded off the event loop."""
+        return await asyncio.to_thread(self.model.rerank, query, documents, **options)
 
     async def aclose(self) -> None:
         """Stop every stream, end the engine's thread, free the engine and the model."""
