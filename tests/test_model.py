@@ -190,6 +190,8 @@ CLOSED_CALLS = {
     "n_embd": lambda m: m.n_embd,
     "pooling": lambda m: m.pooling,
     "generative": lambda m: m.generative,
+    "eog_tokens": lambda m: m.eog_tokens(),
+    "rerank": lambda m: m.rerank("query", ["document"]),
 }
 # Plain Python state, no C behind it: usable after close.
 OPEN_AFTER_CLOSE = {"close", "closed", "load", "path", "offloaded", "needs_checkpoints", "vocab_only"}
