@@ -30,18 +30,22 @@ def held_suffix(text: str, markers: Sequence[str]) -> int:
 class TextAssembler:
     """Turn token bytes into text that is safe to show."""
 
-    __slots__ = ("_decoder", "_pending", "_stops", "stop_sequence", "stopped")
+    __slots__ = ("_decoder", "_held", "_pending", "_stops", "stop_sequence", "stopped")
 
     def __init__(self, stop_sequences: Sequence[str] = ()) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._held = False
         self._stops = tuple(stop_sequences)
         self._pending = ""  # decoded text held back because it may begin a stop sequence
         self.stopped = False
         self.stop_sequence: str | None = None
 
-    def feed(self, piece: bytes) -> str:
-        """Add one token's bytes; return the text that can be shown now (maybe "")."""
-        text = self._decoder.decode(piece)
+    def feed(self, piece: bytes, text: str | None = None) -> str:
+        """Add one token's bytes (and their text, when the caller knows they are whole UTF-8
+        characters); return the text that can be shown now (maybe "")."""
+        if text is None or self._held:
+            text = self._decoder.decode(piece)
+            self._held = bool(self._decoder.getstate()[0])  # a character's first bytes, waiting for the rest
         if not self._stops:
             return text
         if self.stopped:
@@ -61,14 +65,17 @@ class TextAssembler:
         self._pending = window[len(window) - hold:] if hold else ""
         return window[:len(window) - hold]
 
-    def add(self, piece: bytes, finish: str | None) -> tuple[str, str | None]:
+    def add(self, piece: bytes, finish: str | None, text: str | None = None) -> tuple[str, str | None]:
         """One generated token: its bytes, and why generation ends after it, if it does
         ("stop" for an end-of-generation token, whose bytes are not text; "length" for the last
-        token allowed). Returns the text to show now and the finish reason, which becomes "stop"
-        when a stop sequence completes (``stop_sequence`` says which)."""
+        token allowed); ``text`` as :meth:`feed` takes it. Returns the text to show now and the
+        finish reason, which becomes "stop" when a stop sequence completes (``stop_sequence`` says
+        which)."""
+        if text is not None and finish is None and not self._held and not self._stops:
+            return text, None  # the common case: whole characters, nothing to watch for
         if finish == "stop":
             return self.flush(), "stop"
-        text = self.feed(piece)
+        text = self.feed(piece, text)
         if self.stopped:
             return text, "stop"
         if finish is not None:
@@ -78,6 +85,7 @@ class TextAssembler:
     def flush(self) -> str:
         """The end of generation (not by a stop sequence): release everything held."""
         text = self._decoder.decode(b"", final=True)
+        self._held = False
         if self.stopped:
             return ""
         text, self._pending = self._pending + text, ""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -193,9 +193,11 @@ class Context(Owned):
         return Sequence(self.model, prompt_tokens, config, n_ctx=self.n_ctx, default_seed=self.seed)
 
     def _steps(self, sequence: Sequence) -> Generator[Token, None, None]:
-        """Step ``sequence`` on this context: decode its prompt, then sample and decode one token
-        at a time. Closing the generator stops at once and leaves the cache consistent; starting
-        another generation on this Context ends this one (its next step raises ContextError)."""
+        """Step ``sequence`` on this context: decode its prompt, then one step per token, under the
+        guard once: decode the token handed out last (the first step has the prompt's logits), then
+        sample and accept the next. Closing the generator stops at once and leaves the cache
+        consistent; starting another generation on this Context ends this one (its next step raises
+        ContextError). One generator, no helpers per token: this is the hot loop."""
         try:
             with self._compute.busy():
                 with self._use():
@@ -205,7 +207,32 @@ class Context(Owned):
                     cached = self._prepare_prompt(sequence.prompt_tokens, sequence.deadline,
                                                   reuse=sequence.config.cache_prompt)
                     sequence.prompt_decoded(cached)
-                yield from self._token_loop(generation, sequence)
+                lib, ptr, lock, guard, enter_step = self._lib, self.ptr, self._lock, self._guard, self._enter_step
+                buf, batch, tokens = self._token_buf, self._one_token_batch, self._tokens
+                next_token, deadline, monotonic = sequence.next_token, sequence.deadline, time.monotonic
+                token: Token | None = None
+                while True:
+                    if not guard.acquire(False):
+                        enter_step(generation)  # tries again, and raises if it must
+                    elif self._ptr is None or generation != self._generation:
+                        guard.release()
+                        enter_step(generation)  # raises why the step cannot be taken
+                    try:
+                        with lock:
+                            if token is not None:
+                                buf[0] = token.id
+                                rc = lib.llama_decode(ptr, batch)
+                                if rc != 0:
+                                    self._decode_failed(rc, len(tokens), sequence.n_tokens)
+                                tokens.append(token.id)
+                            token = next_token(ptr, -1, None)
+                    finally:
+                        guard.release()
+                    yield token
+                    if token.finish_reason is not None:
+                        return
+                    if deadline is not None and monotonic() > deadline:
+                        sequence.check_deadline()
         except GeneratorExit:
             sequence.cancel()
             raise
@@ -223,38 +250,11 @@ class Context(Owned):
         if not self._guard.acquire(False):
             raise ContextError("this Context is being used by another thread at the same time; "
                                "give each thread its own Context (they can share one Model).")
-        if self._ptr is None:
+        if self._ptr is None or (generation is not None and generation != self._generation):
             self._guard.release()
             self.ensure_open()  # raises the ClosedError that says why
-        if generation is not None and generation != self._generation:
-            self._guard.release()
             raise ContextError("another generation started on this Context, which ends this one; "
                                "use one Context per concurrent stream.")
-
-    def _token_loop(self, generation: int, sequence: Sequence) -> Iterator[Token]:
-        """One step per token, under the guard once: decode the token handed out last (the first
-        step has the prompt's logits), then sample and accept the next."""
-        lib, ptr, lock, guard = self._lib, self.ptr, self._lock, self._guard
-        buf, batch, tokens = self._token_buf, self._one_token_batch, self._tokens
-        next_token = sequence.next_token
-        token: Token | None = None
-        while True:
-            self._enter_step(generation)
-            try:
-                if token is not None:
-                    buf[0] = token.id
-                    with lock:
-                        rc = lib.llama_decode(ptr, batch)
-                    if rc != 0:
-                        self._decode_failed(rc, len(tokens), sequence.n_tokens)
-                    tokens.append(token.id)
-                token = next_token(ptr, -1, lock)
-            finally:
-                guard.release()
-            yield token
-            if token.finish_reason is not None:
-                return
-            sequence.check_deadline()
 
     # --- the public streaming API -------------------------------------------------
     def generate_stream(self, prompt: str, config: StreamConfig | int | None = None, *,

@@ -21,7 +21,9 @@ if TYPE_CHECKING:
     from ._rerank import Ranked
 
 
-__all__ = ["Model", "check_prompt", "tokenize_prompt"]
+__all__ = ["Model", "TokenInfo", "check_prompt", "tokenize_prompt"]
+
+TokenInfo = tuple[bytes, "str | None", bool]  # a token's bytes, their text if whole characters, ends generation
 
 GGUF_MAGIC = b"GGUF"
 
@@ -76,7 +78,7 @@ class Model(Owned):
         self._vocab = library.lib.llama_model_get_vocab(ptr)
         self._n_vocab = library.lib.llama_vocab_n_tokens(self._vocab)  # fixed: token ids are checked against it
         self._contexts: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._pieces: dict[int, bytes] = {}  # token id -> bytes (special=False); immutable, so cached
+        self._pieces: dict[int, TokenInfo] = {}  # token id -> what streaming needs of it; immutable, so cached
         self._eog: tuple[int, ...] | None = None  # every end-of-generation token, found on first use
         self._lock = threading.Lock()
         self._embedders: dict[tuple[int, int], Embedder] = {}  # (pooling, batch size) -> embedding context
@@ -143,7 +145,7 @@ class Model(Owned):
             if open_contexts:
                 raise ContextError(f"{len(open_contexts)} context(s) still use this model; close them first.")
             super().close()
-            self._pieces = {}  # so that _cached_piece misses, and token_to_piece raises ClosedError
+            self._pieces = {}  # so that _token_info misses, and token_to_piece raises ClosedError
         give_back_memory()  # the weights' and their contexts' heap pages, kept by glibc otherwise
 
     def _register(self, context: Any) -> None:
@@ -377,12 +379,23 @@ class Model(Owned):
         return self._piece(token, buf, 64, special)
 
     def _cached_piece(self, token: int) -> bytes:
-        """token_to_piece(special=False), from a cache after the first time (the streaming hot path: a hit
-        is one dict lookup; close() empties the cache, so that a closed model raises ClosedError)."""
-        piece = self._pieces.get(token)
-        if piece is None:
-            piece = self._pieces[token] = self.token_to_piece(token)
-        return piece
+        """token_to_piece(special=False), from a cache after the first time."""
+        return self._token_info(token)[0]
+
+    def _token_info(self, token: int) -> TokenInfo:
+        """What the streaming hot path needs of a token, found once and then one dict lookup: its
+        bytes (special=False), their text when they are whole UTF-8 characters (else None), and
+        whether it ends generation. close() empties the cache, so that a closed model raises
+        ClosedError."""
+        info = self._pieces.get(token)
+        if info is None:
+            piece = self.token_to_piece(token)
+            try:
+                text: str | None = piece.decode("utf-8")
+            except UnicodeDecodeError:
+                text = None
+            info = self._pieces[token] = (piece, text, self.is_eog(token))
+        return info
 
     def _piece(self, token: int, buf: Any, size: int, special: bool) -> bytes:
         """token_to_piece into a caller-owned buffer (no allocation on the hot path)."""

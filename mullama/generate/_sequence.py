@@ -13,8 +13,10 @@ stream, the async stream and the server alike.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from .._exceptions import InvalidConfigError, StreamTimeoutError
@@ -55,6 +57,32 @@ class Token:
     kind: str = "content"  # "reasoning": text is thought; "tool_call": written inside a tool call (text "")
 
 
+def _token_constructor() -> Callable[[int, str, int, str | None, float | None, tuple[TopLogprob, ...], str], Token]:
+    """``Token(...)`` with every field given, at a third of the dataclass __init__'s cost: a frozen
+    dataclass sets each field through object.__setattr__; this sets its slots directly."""
+    new = object.__new__
+    set_id, set_text, set_index, set_finish, set_logprob, set_top, set_kind = (
+        getattr(Token, name).__set__ for name in ("id", "text", "index", "finish_reason", "logprob", "top_logprobs",
+                                                  "kind"))
+
+    def token(id: int, text: str, index: int, finish_reason: str | None, logprob: float | None,
+              top_logprobs: tuple[TopLogprob, ...], kind: str) -> Token:
+        made = new(Token)
+        set_id(made, id)
+        set_text(made, text)
+        set_index(made, index)
+        set_finish(made, finish_reason)
+        set_logprob(made, logprob)
+        set_top(made, top_logprobs)
+        set_kind(made, kind)
+        return made
+
+    return token
+
+
+new_token = _token_constructor()
+
+
 class Sequence:
     """The state of one generation, from its prompt to its finish.
 
@@ -62,10 +90,37 @@ class Sequence:
     tokens together never need more (the last token produced is never decoded).
     """
 
-    __slots__ = ("_is_eog", "_model", "_n_vocab", "_piece", "_vocab", "assembler", "cached_tokens", "config",
-                 "deadline", "error", "fence", "finish_reason", "first_token", "ignore_eos", "last_token", "limit",
-                 "n_logprobs", "n_tokens", "prompt_done", "prompt_tokens", "sampler", "started", "stop_sequence",
-                 "text_parts", "thinking", "thought_parts", "token_ids", "tools")
+    __slots__ = (
+        "_info",
+        "_infos",
+        "_model",
+        "_n_vocab",
+        "_parsed",
+        "_piece",
+        "assembler",
+        "cached_tokens",
+        "config",
+        "deadline",
+        "error",
+        "fence",
+        "finish_reason",
+        "first_token",
+        "ignore_eos",
+        "last_token",
+        "limit",
+        "n_logprobs",
+        "n_tokens",
+        "prompt_done",
+        "prompt_tokens",
+        "sampler",
+        "started",
+        "stop_sequence",
+        "text_parts",
+        "thinking",
+        "thought_parts",
+        "token_ids",
+        "tools",
+    )
 
     def __init__(self, model: Model, prompt_tokens: list[int], config: StreamConfig, *, n_ctx: int,
                  default_seed: int | None = None) -> None:
@@ -87,11 +142,12 @@ class Sequence:
         self.fence = JsonFence() if config.fenced_json and self.tools is None else None
         self.thought_parts: list[str] = []
         self._piece = model._cached_piece
+        self._info = model._token_info
+        self._infos = model._pieces  # _info's cache, read first: a hit costs no call
+        self._parsed = self.thinking is not None or self.fence is not None or self.tools is not None
         self._model = model
         self._n_vocab = model.vocab_size
         self.n_logprobs = config.logprobs
-        self._is_eog = model._library.lib.llama_vocab_is_eog
-        self._vocab = model._vocab
         self.started: float | None = None
         self.deadline: float | None = None
         self.prompt_done: float | None = None
@@ -117,27 +173,47 @@ class Sequence:
         self.prompt_done = time.perf_counter()
         self.cached_tokens = cached_tokens
 
-    def next_token(self, ctx: Any, row: int, lock: AbstractContextManager[Any]) -> Token:
+    def next_token(self, ctx: Any, row: int, lock: AbstractContextManager[Any] | None) -> Token:
         """Sample from row ``row`` of ``ctx``'s logits (under ``lock``: sampling takes the cores, so not
-        beside another context's decode) and accept the token: the step every decoder takes."""
-        with lock:
+        beside another context's decode; None when the caller holds it) and accept the token: the
+        step every decoder takes."""
+        if lock is None:
             token_id = self.sampler.sample(ctx, row)
+        else:
+            with lock:
+                token_id = self.sampler.sample(ctx, row)
         return self.accept(token_id, ctx, row)
 
     def accept(self, token: int, ctx: Any = None, row: int = -1) -> Token:
         """Take a sampled token (from row ``row`` of the logits of ``ctx``): its text, and whether
-        generation ends with it."""
-        now = time.perf_counter()
+        generation ends with it. Runs once per token: what most streams skip sits behind one test."""
+        now = perf_counter()
         if self.first_token is None:
             self.first_token = now
         self.last_token = now
-        self.n_tokens += 1
+        self.n_tokens = n = self.n_tokens + 1
         self.token_ids.append(token)
-        if not self.ignore_eos and self._is_eog(self._vocab, token):
+        piece, whole_text, eog = self._infos.get(token) or self._info(token)
+        if eog and not self.ignore_eos:
             finish: str | None = "stop"
         else:
-            finish = "length" if self.n_tokens >= self.limit else None
-        text, finish = self.assembler.add(self._piece(token), finish)
+            finish = "length" if n >= self.limit else None
+        text, finish = self.assembler.add(piece, finish, whole_text)
+        kind, shown = "content", text
+        if self._parsed:
+            text, shown, kind, finish = self._parse(text, finish)
+        if text:
+            self.text_parts.append(text)
+        if finish is not None:
+            self.finish_reason, self.stop_sequence = finish, self.assembler.stop_sequence
+        if self.n_logprobs is None or ctx is None:
+            return new_token(token, shown, n - 1, finish, None, (), kind)
+        logprob, top = self._logprobs(ctx, row, token)
+        return new_token(token, shown, n - 1, finish, logprob, top, kind)
+
+    def _parse(self, text: str, finish: str | None) -> tuple[str, str, str, str | None]:
+        """Reasoning, a JSON fence and tool calls taken out of the text: the content, the text to
+        show (the thought when the token is reasoning), the token's kind, and the finish."""
         kind, shown = "content", None
         if self.thinking is not None:
             text, thought = self._split_thought(text, finish)
@@ -148,15 +224,7 @@ class Sequence:
         if self.tools is not None:
             text, call_kind, finish = self._split_calls(text, finish)
             kind = call_kind if call_kind == "tool_call" else kind
-        if text:
-            self.text_parts.append(text)
-        if finish is not None:
-            self.finish_reason, self.stop_sequence = finish, self.assembler.stop_sequence
-        shown = text if shown is None else shown
-        if self.n_logprobs is None or ctx is None:
-            return Token(token, shown, self.n_tokens - 1, finish, kind=kind)
-        logprob, top = self._logprobs(ctx, row, token)
-        return Token(token, shown, self.n_tokens - 1, finish, logprob, top, kind)
+        return text, text if shown is None else shown, kind, finish
 
     def _split_thought(self, text: str, finish: str | None) -> tuple[str, str]:
         """The content and the reasoning this token releases (see mullama.chat._reasoning)."""

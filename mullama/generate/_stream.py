@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 
 from ._sequence import Sequence, SequenceView, Token
 
@@ -26,17 +26,13 @@ class TokenStream(SequenceView):
         self.config = sequence.config
         self._closed = False
 
-    def __iter__(self) -> TokenStream:
-        return self
+    def __iter__(self) -> Iterator[Token]:
+        # The generator itself: a ``for`` loop then resumes it directly, with no method of ours
+        # between tokens. It and ``next(stream)`` advance the same steps.
+        return self._steps
 
     def __next__(self) -> Token:
-        if self._closed:
-            raise StopIteration
-        try:
-            return next(self._steps)
-        except BaseException:
-            self._closed = True
-            raise
+        return next(self._steps)
 
     def close(self) -> None:
         """Stop generating now. Idempotent."""
