@@ -232,7 +232,7 @@ def table_rows(s: dict) -> list[tuple[str, str, str, str, str]]:
          f"llama-bench pp5 {s['upstream_pp5_ms']:.2f}", f"{s['ttft_fresh_ms'] / s['upstream_pp5_ms']:.3f}", "≤ 1.05"),
         ("same prompt again on the same context (ms)", f"{s['ttft_again_ms']:.2f}",
          f"one decode step {1000 / up_tg:.2f}", f"{s['ttft_again_ms'] * up_tg / 1000:.3f}", "≤ 1 step"),
-        ("Python time per token beside the C calls (µs)", f"{s['python_overhead_us']:.1f}", "—", "—", "≤ 50"),
+        ("Python time per token beside the C calls (µs)", f"{s['python_overhead_us']:.1f}", "—", "—", "≤ 35"),
         ("RSS growth, slow consumer, 1000 tokens (MB)", f"{s['rss_growth_mb']:.2f}", "—", "—", "≤ 5"),
     ]
     peer = s.get("llama_cpp_python")
