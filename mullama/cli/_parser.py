@@ -7,6 +7,7 @@ import argparse
 from typing import NoReturn
 
 from .. import __version__
+from ..generate._prompt_cache import DEFAULT_CACHE_RAM_MIB
 
 EXAMPLES = """examples:
   mullama run "Why is the sky blue?"            stream a reply from the default model
@@ -196,6 +197,9 @@ def make_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", help="require this key (or set MULLAMA_API_KEY)")
     serve.add_argument("--max-tokens-limit", type=int, default=4096, help="cap on max_tokens (default 4096)")
     serve.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot (default 64)")
+    serve.add_argument("-cram", "--cache-ram", type=int, default=DEFAULT_CACHE_RAM_MIB, metavar="MiB",
+                       help="host memory for earlier prompts' KV states, restored when a new prompt shares "
+                            f"their beginning (llama-server's; default {DEFAULT_CACHE_RAM_MIB}, 0: off, -1: no limit)")
     serve.add_argument("--pooling", choices=["mean", "cls", "last"],
                        help="pooling for /v1/embeddings (default: the model's own, else mean)")
     serve.add_argument("--embedding-batch", type=int,

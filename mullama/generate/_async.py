@@ -28,6 +28,7 @@ from ._context_params import check_n_ctx
 from ._engine import Engine, EngineRequest
 from ._infill import infill_prompt
 from ._model import Model, check_prompt, tokenize_prompt
+from ._prompt_cache import DEFAULT_CACHE_RAM_MIB
 from ._rerank import Ranked
 from ._sequence import SequenceView, Token
 
@@ -35,7 +36,8 @@ __all__ = ["AsyncModel", "AsyncTokenStream", "submit_in_thread"]
 
 T = TypeVar("T")
 
-ENGINE_OPTIONS = frozenset({"parallel", "n_ctx", "n_batch", "n_threads", "seed", "flash_attn", "max_queue"})
+ENGINE_OPTIONS = frozenset({"parallel", "n_ctx", "n_batch", "n_threads", "seed", "flash_attn", "max_queue",
+                            "cache_ram_mib"})
 
 
 class AsyncTokenStream(SequenceView):
@@ -134,18 +136,20 @@ class AsyncModel:
 
     ``parallel`` streams decode together (more wait, up to ``max_queue``), each with
     ``n_ctx`` tokens of context; a stream reuses the KV cache of an earlier one that shares
-    its prompt's beginning, so a follow-up chat turn only decodes what is new. ``seed``
-    seeds every stream whose StreamConfig sets none.
+    its prompt's beginning, so a follow-up chat turn only decodes what is new; prompts that
+    other streams pushed out of every sequence are kept in host memory, up to ``cache_ram_mib``
+    MiB (0: off, -1: no bound), and restored when they serve a new prompt. ``seed`` seeds every
+    stream whose StreamConfig sets none.
     """
 
     def __init__(self, model: Model, *, parallel: int = 4, n_ctx: int | None = None, n_batch: int = 2048,
                  n_threads: int | None = None, seed: int | None = None, flash_attn: bool | None = None,
-                 max_queue: int = 256) -> None:
+                 max_queue: int = 256, cache_ram_mib: int = DEFAULT_CACHE_RAM_MIB) -> None:
         check_n_ctx(n_ctx)  # now, not when the first stream starts the engine
         self.model = model
         self._engine_options: dict[str, Any] = {
             "parallel": parallel, "n_ctx": n_ctx, "n_batch": n_batch, "n_threads": n_threads, "seed": seed,
-            "flash_attn": flash_attn, "max_queue": max_queue}
+            "flash_attn": flash_attn, "max_queue": max_queue, "cache_ram_mib": cache_ram_mib}
         self._engine: Engine | None = None
         self._engine_lock = threading.Lock()
 

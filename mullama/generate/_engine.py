@@ -48,6 +48,7 @@ from ._context_params import (
     trim_cache,
 )
 from ._model import Model
+from ._prompt_cache import DEFAULT_CACHE_RAM_MIB, MIB, PromptCache
 from ._sequence import Sequence, SequenceView, Token
 
 __all__ = ["Engine", "EngineRequest", "QueueFullError"]
@@ -110,7 +111,9 @@ class Engine(Owned):
 
     ``parallel`` sequences decode together, each with ``n_ctx`` tokens of context (default:
     the model's trained length, at most 4096); up to ``max_queue`` more requests wait.
-    ``seed`` seeds every request whose config sets none.
+    ``seed`` seeds every request whose config sets none. ``cache_ram_mib`` bounds the host
+    memory that keeps earlier prompts' KV states (llama-server's ``--cache-ram``: 0 turns it
+    off, -1 sets no bound; see mullama.generate._prompt_cache).
     """
 
     _kind = "engine"
@@ -118,9 +121,12 @@ class Engine(Owned):
 
     def __init__(self, model: Model, *, parallel: int = 4, n_ctx: int | None = None, n_batch: int = 2048,
                  n_threads: int | None = None, max_queue: int = 64, seed: int | None = None,
-                 flash_attn: bool | None = None) -> None:
+                 flash_attn: bool | None = None, cache_ram_mib: int = DEFAULT_CACHE_RAM_MIB) -> None:
         if not isinstance(model, Model):
             raise InvalidConfigError(f"Engine needs a mullama.Model, not {type(model).__name__}.")
+        if isinstance(cache_ram_mib, bool) or not isinstance(cache_ram_mib, int) or cache_ram_mib < -1:
+            raise InvalidConfigError(f"cache_ram_mib must be -1 (no limit), 0 (off) or a size in MiB, "
+                                     f"not {cache_ram_mib!r}.")
         check_n_ctx(n_ctx)
         check_count("parallel", parallel, MAX_SEQUENCES, allow_none=False)
         settings = ContextSettings(n_ctx=(n_ctx or default_n_ctx(model)) * parallel, n_batch=n_batch,
@@ -145,6 +151,8 @@ class Engine(Owned):
         self._batch = lib.llama_batch_init(self.n_batch, 0, 1)
         self._free_batch = weakref.finalize(self, lib.llama_batch_free, self._batch)
         self._slots = [_Slot(i) for i in range(parallel)]
+        self.prompt_cache = (PromptCache(library.ffi, lib, cache_ram_mib * MIB)
+                             if cache_ram_mib != 0 and not model.needs_checkpoints else None)
         self._waiting: collections.deque[EngineRequest] = collections.deque()
         self.max_queue = max_queue
         self._state = threading.Lock()  # guards _waiting, _stopping, failure
@@ -282,6 +290,8 @@ class Engine(Owned):
         """Begin serving ``request`` in ``slot`` (reserved for it): keep the cache's common prefix."""
         prompt = request._sequence.prompt_tokens
         reuse = request._sequence.config.cache_prompt
+        if reuse and self.prompt_cache is not None:
+            self._swap_cached(slot, prompt)
         common = trim_cache(self._lib, self._memory, slot.seq_id, slot.cached,
                             reusable_prefix(slot.cached, prompt, reuse))
         slot.pending_prompt = prompt[common:]
@@ -289,6 +299,17 @@ class Engine(Owned):
         slot.next_token = None
         request._sequence.cached_tokens = common
         self.stats["prompt_tokens_total"] += len(prompt)
+
+    def _swap_cached(self, slot: _Slot, prompt: list[int]) -> None:
+        """Before ``slot`` loses cells ``prompt`` does not share, keep them in the host prompt
+        cache; then restore from it whatever serves ``prompt`` better than the slot does."""
+        cache = self.prompt_cache
+        assert cache is not None
+        if common_prefix(slot.cached, prompt) < len(slot.cached):
+            cache.save(self.ptr, slot.seq_id, slot.cached)
+        restored = cache.restore(self.ptr, slot.seq_id, slot.cached, prompt)
+        if restored is not None:
+            slot.cached = restored
 
     def _step(self) -> bool:
         """Decode one batch; False when there was nothing to do."""

@@ -271,7 +271,8 @@ async def _generate(request: Request, kind: str) -> Response:
 
     def answer(generated: list[list[Token]]) -> dict:  # n choices with logprobs can be megabytes
         choices = [_choice(job, tokens, kind, piece) for job, tokens in zip(jobs, generated)]
-        return completion_body(kind, request_id, name, choices, n_prompt, sum(job.completion_tokens for job in jobs))
+        return completion_body(kind, request_id, name, choices, n_prompt, sum(job.completion_tokens for job in jobs),
+                               jobs[0].cached_tokens)
 
     return await stream_or_collect(
         request, OPENAI, lease, jobs, stream=parsed.stream,
@@ -331,7 +332,8 @@ async def _events(jobs: list[EngineRequest], parsed: ParsedRequest, kind: str, r
                 pending[index] = []
         completion_tokens = sum(job.completion_tokens for job in jobs)
         if parsed.include_usage:
-            yield event(usage_chunk(kind, request_id, model_name, stamp, n_prompt, completion_tokens))
+            yield event(usage_chunk(kind, request_id, model_name, stamp, n_prompt, completion_tokens,
+                                    jobs[0].cached_tokens))
         yield "data: [DONE]\n\n"
         state(request).finished(request.scope, completion_tokens)
     finally:  # the client went away, or we are done: either way the sequences stop now

@@ -71,9 +71,11 @@ def new_id(kind: str) -> str:
     return ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage, with the prompt tokens taken from the KV cache (reused or restored)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def chunk(kind: str, request_id: str, model: str, created: int, *, text: str | None = None,
@@ -99,10 +101,10 @@ def chunk(kind: str, request_id: str, model: str, created: int, *, text: str | N
 
 
 def usage_chunk(kind: str, request_id: str, model: str, created: int, prompt_tokens: int,
-                completion_tokens: int) -> dict:
+                completion_tokens: int, cached_tokens: int = 0) -> dict:
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
     return {"id": request_id, "object": obj, "created": created, "model": model, "choices": [],
-            "usage": usage(prompt_tokens, completion_tokens)}
+            "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
 @dataclass
@@ -117,7 +119,7 @@ class Choice:
 
 
 def completion_body(kind: str, request_id: str, model: str, choices: list[Choice], prompt_tokens: int,
-                    completion_tokens: int) -> dict:
+                    completion_tokens: int, cached_tokens: int = 0) -> dict:
     created = int(time.time())
     if kind == "chat":
         items = [{"index": i, "message": _message(c), "logprobs": c.logprobs, "finish_reason": c.finish_reason}
@@ -128,7 +130,7 @@ def completion_body(kind: str, request_id: str, model: str, choices: list[Choice
                  for i, c in enumerate(choices)]
         obj = "text_completion"
     return {"id": request_id, "object": obj, "created": created, "model": model, "choices": items,
-            "usage": usage(prompt_tokens, completion_tokens)}
+            "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
 def _message(choice: Choice) -> dict:

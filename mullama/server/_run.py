@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .._exceptions import InvalidConfigError
+from ..generate._prompt_cache import DEFAULT_CACHE_RAM_MIB
 from ._app import create_app
 from ._http import AccessLog, ServerSettings, is_loopback
 from ._keep_alive import DEFAULT_KEEP_ALIVE
@@ -36,6 +37,7 @@ def check_port_free(host: str, port: int) -> None:
 def serve(model_ref: str | None = None, *, models: Sequence[str] = (), models_dir: str | None = None,
           host: str = "127.0.0.1", port: int = 8080, parallel: int = 4, ctx_size: int | None = None,
           api_key: str | None = None, max_tokens_limit: int = 4096, threads: int | None = None, max_queue: int = 64,
+          cache_ram_mib: int = DEFAULT_CACHE_RAM_MIB,
           max_body_bytes: int = 1 << 20, pooling: str | None = None, embedding_batch: int | None = None,
           chat_template: str | None = None, keep_alive: float | None = DEFAULT_KEEP_ALIVE,
           max_loaded: int | None = None, max_memory: int | None = None,
@@ -61,6 +63,7 @@ def serve(model_ref: str | None = None, *, models: Sequence[str] = (), models_di
     ContextSettings(n_ctx=ctx_size, n_threads=threads, n_seq_max=parallel)  # bad values fail before any load
     check_options(True, embedding_batch, False)
     options = LoadOptions(parallel=parallel, ctx_size=ctx_size, threads=threads, max_queue=max_queue,
+                          cache_ram_mib=cache_ram_mib,
                           pooling=pooling, chat_template=chat_template, placement=placement or {})
     settings = ServerSettings(api_key=api_key, max_body_bytes=max_body_bytes, max_tokens_limit=max_tokens_limit,
                               pooling=pooling, embedding_batch=embedding_batch)

@@ -13,6 +13,7 @@ from typing import Any
 from .._exceptions import InvalidConfigError, ModelNotFoundError
 from ..generate._engine import Engine
 from ..generate._model import Model
+from ..generate._prompt_cache import DEFAULT_CACHE_RAM_MIB
 
 __all__ = ["LoadOptions", "ModelSpec", "load_model", "model_specs"]
 
@@ -83,6 +84,7 @@ class LoadOptions:
     ctx_size: int | None = None
     threads: int | None = None
     max_queue: int = 64
+    cache_ram_mib: int = DEFAULT_CACHE_RAM_MIB
     pooling: str | None = None
     chat_template: str | None = None
     placement: dict[str, Any] = field(default_factory=dict)  # Model.load's offloading options (-ngl, --rpc)
@@ -101,7 +103,7 @@ def load_model(spec: ModelSpec, options: LoadOptions) -> tuple[Model, Engine | N
         engine = None
         if model.generative:
             engine = Engine(model, parallel=options.parallel, n_ctx=options.ctx_size, n_threads=options.threads,
-                            max_queue=options.max_queue)
+                            max_queue=options.max_queue, cache_ram_mib=options.cache_ram_mib)
     except BaseException:
         model.close()
         raise
