@@ -78,6 +78,39 @@ def test_the_same_requests_give_what_llama_server_gives_with_its_cache(build, mo
     assert ours == theirs
 
 
+def test_a_prompt_another_slot_is_answering_is_copied_from_it(model):
+    """Two requests sharing a long system prompt arrive together: the one that lands on the empty slot
+    copies the shared part from the other slot instead of decoding it again."""
+    third = SYSTEM + "Question: what is the capital of France?"
+    with Engine(model, parallel=2, n_ctx=2048) as engine:
+        greedy(engine, SYSTEM.rstrip(), 1)  # one slot holds the system prompt alone: nothing goes to host memory
+        requests = [engine.submit(model.tokenize(prompt), mullama.StreamConfig(max_tokens=12, temperature=0))
+                    for prompt in (AGAIN, third)]
+
+        async def read(request) -> list[int]:
+            return [token.id async for token in _tokens(request)]
+
+        async def both():
+            return await asyncio.gather(*(read(request) for request in requests))
+
+        ids = asyncio.run(both())
+        cache = engine.prompt_cache
+        assert cache is not None and cache.stats["copied"] == 1 and cache.stats["saved"] == 0
+    shared = len(model.tokenize(SYSTEM.rstrip()))
+    assert requests[0].cached_tokens == shared
+    assert requests[1].cached_tokens >= shared  # maybe more: "Question:" may be decoded in the other slot by then
+    # What each would have given on a slot that kept the system prompt.
+    with Engine(model, parallel=1, n_ctx=2048, cache_ram_mib=0) as kept:
+        for prompt, got in zip((AGAIN, third), ids):
+            greedy(kept, SYSTEM.rstrip(), 1)
+            assert greedy(kept, prompt)[0] == got
+
+
+async def _tokens(request):
+    while (token := await request.next_token()) is not None:
+        yield token
+
+
 def test_without_the_cache_the_pushed_out_prompt_is_decoded_again(model):
     with Engine(model, parallel=1, n_ctx=2048, cache_ram_mib=0) as engine:
         assert engine.prompt_cache is None

@@ -302,12 +302,14 @@ class Engine(Owned):
 
     def _swap_cached(self, slot: _Slot, prompt: list[int]) -> None:
         """Before ``slot`` loses cells ``prompt`` does not share, keep them in the host prompt
-        cache; then restore from it whatever serves ``prompt`` better than the slot does."""
+        cache; then restore from it, or copy from another slot, whatever serves ``prompt`` better
+        than the slot does."""
         cache = self.prompt_cache
         assert cache is not None
         if common_prefix(slot.cached, prompt) < len(slot.cached):
             cache.save(self.ptr, slot.seq_id, slot.cached)
-        restored = cache.restore(self.ptr, slot.seq_id, slot.cached, prompt)
+        live = [(other.seq_id, other.cached) for other in self._slots if other is not slot and other.cached]
+        restored = cache.restore(self.ptr, slot.seq_id, slot.cached, prompt, live)
         if restored is not None:
             slot.cached = restored
 

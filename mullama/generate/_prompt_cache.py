@@ -12,12 +12,15 @@ in another is never kept twice; entries contained in a new one are dropped; the 
 go first when the byte budget is reached; an entry is restored only when it keeps at least a
 quarter of itself and beats the slot both in the share of itself kept and in the share of the
 new prompt covered; a restored entry leaves the cache (the slot holds it now, and is saved
-again when it is given away). Models whose cache cannot be cut back (sliding-window attention,
-recurrent state) are not cached here.
+again when it is given away). Beyond upstream, the engine's other sequences are candidates too: a
+prompt that another sequence holds (or is answering right now) is copied from it instead of being
+decoded again. Models whose cache cannot be cut back (sliding-window attention, recurrent state)
+are not cached here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +46,7 @@ class PromptCache:
         self._ffi, self._lib = ffi, lib
         self.limit_bytes = limit_bytes
         self._entries: list[_Entry] = []
-        self.stats = {"saved": 0, "restored": 0, "evicted": 0, "restored_tokens": 0}
+        self.stats = {"saved": 0, "restored": 0, "copied": 0, "evicted": 0, "restored_tokens": 0}
 
     @property
     def size_bytes(self) -> int:
@@ -78,30 +81,46 @@ class PromptCache:
         self.stats["saved"] += 1
         return True
 
-    def restore(self, ctx: Any, seq_id: int, cached: list[int], prompt: list[int]) -> list[int] | None:
-        """Put the entry that serves ``prompt`` best into sequence ``seq_id`` (which holds
-        ``cached``) when it beats what is there; returns the tokens the sequence then holds, or
-        None when nothing was restored (the sequence is untouched)."""
+    def restore(self, ctx: Any, seq_id: int, cached: list[int], prompt: list[int],
+                live: Sequence[tuple[int, list[int]]] = ()) -> list[int] | None:
+        """Put the state that serves ``prompt`` best into sequence ``seq_id`` (which holds
+        ``cached``) when it beats what is there: an entry of this cache (which then leaves it), or
+        one of the ``live`` sequences of the same context, ``(seq_id, tokens)``, copied (a prompt
+        another sequence is answering right now is not decoded twice). Returns the tokens the
+        sequence then holds, or None when nothing was restored (the sequence is untouched)."""
         best_common = common_prefix(cached, prompt)
         best_keep = best_common / len(cached) if cached else -1.0
         best_share = best_common / len(prompt)
-        best: _Entry | None = None
-        for entry in self._entries:
-            common = common_prefix(entry.tokens, prompt)
-            keep, share = common / len(entry.tokens), common / len(prompt)
+        best: _Entry | tuple[int, list[int]] | None = None
+        candidates: list[_Entry | tuple[int, list[int]]] = [*self._entries, *live]
+        for candidate in candidates:
+            tokens = candidate.tokens if isinstance(candidate, _Entry) else candidate[1]
+            if not tokens:
+                continue
+            common = common_prefix(tokens, prompt)
+            keep, share = common / len(tokens), common / len(prompt)
             if keep < 0.25:  # restoring it would throw most of it away
                 continue
             if keep > best_keep and share > best_share:
-                best, best_keep, best_share = entry, keep, share
+                best, best_keep, best_share = candidate, keep, share
         if best is None:
             return None
-        self._entries.remove(best)
-        if self._lib.llama_state_seq_set_data_ext(ctx, best.data, best.size, seq_id, 0) != best.size:
+        if isinstance(best, _Entry):
+            self._entries.remove(best)
+            data, size, tokens = best.data, best.size, best.tokens
+        else:
+            source, tokens = best
+            size = self._lib.llama_state_seq_get_size_ext(ctx, source, 0)
+            data = self._ffi.new("uint8_t[]", size)
+            if self._lib.llama_state_seq_get_data_ext(ctx, data, size, source, 0) != size:
+                return None
+            tokens = list(tokens)
+        if self._lib.llama_state_seq_set_data_ext(ctx, data, size, seq_id, 0) != size:
             self._lib.llama_memory_seq_rm(self._lib.llama_get_memory(ctx), seq_id, -1, -1)
             return []
-        self.stats["restored"] += 1
-        self.stats["restored_tokens"] += common_prefix(best.tokens, prompt)
-        return best.tokens
+        self.stats["restored" if isinstance(best, _Entry) else "copied"] += 1
+        self.stats["restored_tokens"] += common_prefix(tokens, prompt)
+        return tokens
 
     def clear(self) -> None:
         self._entries = []
