@@ -20,6 +20,7 @@ import itertools
 import threading
 import time
 import weakref
+from collections.abc import Callable
 
 from .._exceptions import (
     ContextOverflowError,
@@ -48,7 +49,7 @@ from ._context_params import (
     trim_cache,
 )
 from ._model import Model
-from ._prompt_cache import DEFAULT_CACHE_RAM_MIB, MIB, PromptCache
+from ._prompt_cache import DEFAULT_CACHE_RAM_MIB, MIB, SAVE_BELOW_KEEP, PromptCache
 from ._sequence import Sequence, SequenceView, Token
 
 __all__ = ["Engine", "EngineRequest", "QueueFullError"]
@@ -154,6 +155,7 @@ class Engine(Owned):
         self.prompt_cache = (PromptCache(library.ffi, lib, cache_ram_mib * MIB)
                              if cache_ram_mib != 0 and not model.needs_checkpoints else None)
         self._waiting: collections.deque[EngineRequest] = collections.deque()
+        self._between_steps: collections.deque[Callable[[], bool]] = collections.deque()  # see run_between_steps
         self.max_queue = max_queue
         self._state = threading.Lock()  # guards _waiting, _stopping, failure
         self._wake = threading.Event()
@@ -200,6 +202,13 @@ class Engine(Owned):
         self._wake.set()
         return request
 
+    def run_between_steps(self, action: Callable[[], bool]) -> None:
+        """Have the engine's thread call ``action()`` between two steps, and again before each later
+        step while it returns False. It must not raise (mullama.generate._slots' actions hold a Future)."""
+        self._check_alive()
+        self._between_steps.append(action)
+        self._wake.set()
+
     def _check_alive(self) -> None:
         if self.failure is not None:
             raise EngineError(f"the engine stopped after an internal error ({self.failure!r}); "
@@ -245,6 +254,10 @@ class Engine(Owned):
     def _run_once(self) -> bool | None:
         """One round: admit, step. True if it decoded, False if idle, None when it should end."""
         self._wake.clear()  # before looking for work: a later set() is never missed
+        for _ in range(len(self._between_steps)):
+            action = self._between_steps.popleft()
+            if not action():
+                self._between_steps.append(action)
         self._admit()
         with self._state:
             idle = all(s.request is None for s in self._slots)
@@ -301,12 +314,12 @@ class Engine(Owned):
         self.stats["prompt_tokens_total"] += len(prompt)
 
     def _swap_cached(self, slot: _Slot, prompt: list[int]) -> None:
-        """Before ``slot`` loses cells ``prompt`` does not share, keep them in the host prompt
+        """Before ``slot`` loses most of its cells to ``prompt``, keep them in the host prompt
         cache; then restore from it, or copy from another slot, whatever serves ``prompt`` better
         than the slot does."""
         cache = self.prompt_cache
         assert cache is not None
-        if common_prefix(slot.cached, prompt) < len(slot.cached):
+        if common_prefix(slot.cached, prompt) < SAVE_BELOW_KEEP * len(slot.cached):
             cache.save(self.ptr, slot.seq_id, slot.cached)
         live = [(other.seq_id, other.cached) for other in self._slots if other is not slot and other.cached]
         restored = cache.restore(self.ptr, slot.seq_id, slot.cached, prompt, live)

@@ -1,7 +1,7 @@
 """Earlier prompts' KV states in host memory: llama-server's ``--cache-ram``.
 
-When the engine gives a slot to a request whose prompt shares less with the slot's cache
-than the slot holds, the slot's state (its tokens and their KV cells, through
+When the engine gives a slot to a request whose prompt keeps less than half of the slot's
+cache, the slot's state (its tokens and their KV cells, through
 ``llama_state_seq_get_data_ext``) is copied here before it is trimmed; then the entry that
 shares the most with the new prompt, if it beats what the slot already has, is restored into
 the slot. So a system prompt, an agent's instructions or a RAG context that other requests
@@ -11,8 +11,8 @@ The rules are upstream's (``server_prompt_cache`` of the pinned tree): an entry 
 in another is never kept twice; entries contained in a new one are dropped; the oldest entries
 go first when the byte budget is reached; an entry is restored only when it keeps at least a
 quarter of itself and beats the slot both in the share of itself kept and in the share of the
-new prompt covered; a restored entry leaves the cache (the slot holds it now, and is saved
-again when it is given away). Beyond upstream, the engine's other sequences are candidates too: a
+new prompt covered (by a tenth of the prompt at least: a copy is not free); a restored entry
+leaves the cache (the slot holds it now, and is saved again when it is given away). Beyond upstream, the engine's other sequences are candidates too: a
 prompt that another sequence holds (or is answering right now) is copied from it instead of being
 decoded again. Models whose cache cannot be cut back (sliding-window attention, recurrent state)
 are not cached here.
@@ -26,10 +26,17 @@ from typing import Any
 
 from ._context_params import common_prefix
 
-__all__ = ["DEFAULT_CACHE_RAM_MIB", "MIB", "PromptCache"]
+__all__ = ["DEFAULT_CACHE_RAM_MIB", "MIB", "SAVE_BELOW_KEEP", "PromptCache"]
 
 MIB = 1024 * 1024
 DEFAULT_CACHE_RAM_MIB = 8192  # llama-server's default at the pinned commit
+# A state is taken only when it covers at least this share of the new prompt more than the slot
+# does (llama-server's slot-similarity threshold): copying a state costs about as much as decoding
+# a few dozen tokens, so a few more shared tokens are not worth it.
+MIN_GAIN = 0.1
+# A slot's state is saved only when the new prompt keeps less than this share of it: otherwise most
+# of it stays in the slot anyway (a new question after the same system prompt saves nothing).
+SAVE_BELOW_KEEP = 0.5
 
 
 @dataclass
@@ -100,6 +107,8 @@ class PromptCache:
             common = common_prefix(tokens, prompt)
             keep, share = common / len(tokens), common / len(prompt)
             if keep < 0.25:  # restoring it would throw most of it away
+                continue
+            if common - best_common < MIN_GAIN * len(prompt):  # not worth a copy of the whole state
                 continue
             if keep > best_keep and share > best_share:
                 best, best_keep, best_share = candidate, keep, share
