@@ -12,10 +12,11 @@ in another is never kept twice; entries contained in a new one are dropped; the 
 go first when the byte budget is reached; an entry is restored only when it keeps at least a
 quarter of itself and beats the slot both in the share of itself kept and in the share of the
 new prompt covered (by a tenth of the prompt at least: a copy is not free); a restored entry
-leaves the cache (the slot holds it now, and is saved again when it is given away). Beyond upstream, the engine's other sequences are candidates too: a
-prompt that another sequence holds (or is answering right now) is copied from it instead of being
-decoded again. Models whose cache cannot be cut back (sliding-window attention, recurrent state)
-are not cached here.
+leaves the cache (the slot holds it now, and is saved again when it is given away).
+
+Beyond upstream, the engine's other sequences are candidates too: a prompt that another sequence
+holds (or is answering right now) is copied from it instead of being decoded again. Models whose
+cache cannot be cut back (sliding-window attention, recurrent state) are not cached here.
 """
 
 from __future__ import annotations
