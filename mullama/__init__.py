@@ -24,7 +24,11 @@ from ._exceptions import (
     ModelLoadError,
     ModelNotFoundError,
     MullamaError,
+    NotAStateFileError,
     QueueFullError,
+    StateCorruptError,
+    StateError,
+    StateModelMismatchError,
     StreamingError,
     StreamTimeoutError,
     TemplateError,
@@ -49,8 +53,12 @@ __all__ = [
     "ModelLoadError",
     "ModelNotFoundError",
     "MullamaError",
+    "NotAStateFileError",
     "QueueFullError",
     "SamplerChain",
+    "StateCorruptError",
+    "StateError",
+    "StateModelMismatchError",
     "StreamConfig",
     "StreamTimeoutError",
     "StreamingError",
@@ -108,6 +116,7 @@ def __dir__() -> list[str]:
 
 for _name in ("ClosedError", "ContextError", "ContextOverflowError", "DownloadError", "EngineError",
               "InvalidConfigError", "LibraryError", "ModelLoadError", "ModelNotFoundError", "MullamaError",
-              "QueueFullError", "StreamTimeoutError", "StreamingError", "TemplateError", "TokenizeError"):
+              "QueueFullError", "StreamTimeoutError", "StreamingError", "TemplateError", "TokenizeError",
+              "NotAStateFileError", "StateCorruptError", "StateError", "StateModelMismatchError"):
     globals()[_name].__module__ = "mullama"
 del _name

@@ -14,6 +14,10 @@
      │    ├── StreamTimeoutError      STREAM_TIMEOUT     generation ran past its timeout_ms
      │    └── EngineError             ENGINE_FAILED      the batching engine stopped; restart it
      ├── QueueFullError               QUEUE_FULL         every slot busy and the waiting queue full
+     ├── StateError                   STATE_ERROR        a saved KV state that cannot be loaded here
+     │    ├── NotAStateFileError      NOT_A_STATE_FILE   the bytes are not a mullama state at all
+     │    ├── StateCorruptError       STATE_CORRUPT      a state file truncated or damaged
+     │    └── StateModelMismatchError STATE_MODEL_MISMATCH  saved by another model
      └── ClosedError                  CLOSED             use of a model or context after close()
 
 Each message says what happened and what to do about it.
@@ -34,7 +38,11 @@ __all__ = [
     "ModelLoadError",
     "ModelNotFoundError",
     "MullamaError",
+    "NotAStateFileError",
     "QueueFullError",
+    "StateCorruptError",
+    "StateError",
+    "StateModelMismatchError",
     "StreamTimeoutError",
     "StreamingError",
     "TemplateError",
@@ -117,6 +125,24 @@ class QueueFullError(MullamaError):
     """Every slot of the engine is busy and its waiting queue is full."""
 
     code = "QUEUE_FULL"
+
+
+class StateError(MullamaError):
+    """A saved KV state (``Context.save_state``, a server's slot file) that cannot be loaded here."""
+
+    code = "STATE_ERROR"
+
+
+class NotAStateFileError(StateError):
+    code = "NOT_A_STATE_FILE"
+
+
+class StateCorruptError(StateError):
+    code = "STATE_CORRUPT"
+
+
+class StateModelMismatchError(StateError):
+    code = "STATE_MODEL_MISMATCH"
 
 
 class ClosedError(MullamaError):

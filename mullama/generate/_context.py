@@ -17,6 +17,7 @@ from .._exceptions import (
     detached,
 )
 from ..native._owned import Owned
+from . import _state
 from ._chat_turn import chat_prompt
 from ._completion import Completion, greedy_unless_told
 from ._config import MAX_SEED, StreamConfig, resolve_config
@@ -118,6 +119,35 @@ class Context(Owned):
         with self._use():
             self._lib.llama_memory_clear(self._memory, True)
             self._tokens = []
+
+    def save_state(self, path: str | os.PathLike[str]) -> int:
+        """Write the KV cache and its tokens to ``path`` (atomically: a temporary file renamed over
+        it), with the model's fingerprint; ``load_state`` on a Context of the same model takes it
+        back. Returns the bytes written."""
+        return _state.write_atomically(path, self.state_bytes())
+
+    def state_bytes(self) -> bytes:
+        """The KV cache and its tokens as bytes, in ``save_state``'s format."""
+        with self._use():
+            return _state.sequence_state(self.model, self.ptr, 0, list(self._tokens))
+
+    def load_state(self, path: str | os.PathLike[str]) -> list[int]:
+        """Replace the KV cache by the state ``save_state`` wrote to ``path``; a prompt that starts with
+        its tokens then decodes only what follows. Returns the tokens restored. Raises a StateError
+        (NOT_A_STATE_FILE, STATE_CORRUPT, STATE_MODEL_MISMATCH) or ContextOverflowError, leaving the
+        cache as it was, when a check fails; StateError, leaving it empty, when llama.cpp refuses it."""
+        data = _state.read_state_file(path, limit=(self.n_ctx + 1) << 20)
+        return self.load_state_bytes(data, source=os.fspath(path))
+
+    def load_state_bytes(self, data: bytes | bytearray | memoryview, *, source: str = "the state") -> list[int]:
+        """``load_state`` from the bytes ``state_bytes`` returned."""
+        with self._use():
+            tokens, state = _state.unpack_state(data, self.model, n_ctx=self.n_ctx, source=source)
+            self._tokens = []
+            with self._lock:
+                _state.set_sequence(self.model, self.ptr, 0, tokens, state, source=source)
+            self._tokens = tokens
+            return list(tokens)
 
     def _use(self) -> _Exclusive:
         return _Exclusive(self)
