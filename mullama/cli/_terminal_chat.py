@@ -31,7 +31,7 @@ from rich.text import Text
 from .._exceptions import MullamaError, TemplateError
 from ..generate._config import StreamConfig
 from ..generate._context import Context
-from ..generate._model import Model
+from ..generate._model import Model, tokenize_prompt
 
 HELP = """\
 /help, /?              this help
@@ -201,7 +201,7 @@ class TerminalChat:
         dropped = 0
         while True:
             prompt = self.model.apply_chat_template(self.conversation(), add_generation_prompt=True)
-            if len(self.model.tokenize(prompt, add_special=True, parse_special=True)) + room <= self.context.n_ctx:
+            if len(tokenize_prompt(self.model, prompt)) + room <= self.context.n_ctx:
                 break
             if len(self.messages) <= 1:
                 return False

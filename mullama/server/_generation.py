@@ -18,6 +18,7 @@ from .._exceptions import (
 from ..generate._chat_turn import chat_prompt
 from ..generate._config import StreamConfig
 from ..generate._engine import EngineRequest
+from ..generate._model import tokenize_prompt
 from ._http import ServerSettings, state, submit_in_all
 from ._keep_alive import UNSET
 from ._pool import Lease, Served
@@ -48,7 +49,7 @@ def prompt_tokens(served: Served, parsed: ParsedRequest, settings: ServerSetting
         if len(text) > settings.max_prompt_chars:
             raise APIError(413, f"the prompt is {len(text)} characters long once rendered; the limit is "
                                 f"{settings.max_prompt_chars}.", param=param)
-        return model.tokenize(text, add_special=True, parse_special=True), config
+        return tokenize_prompt(model, text), config
     except (TemplateError, TokenizeError, InvalidConfigError) as exc:
         tools_problem = parsed.tools and ("tool" in str(exc) or "grammar" in str(exc))
         raise APIError(400, str(exc), param="tools" if tools_problem else param) from None
