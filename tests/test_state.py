@@ -146,3 +146,194 @@ def test_save_is_atomic(model, tmp_path):
             context.save_state(tmp_path / "no" / "such" / "dir.state")
         with mullama.Context(model, n_ctx=256) as fresh:
             assert fresh.load_state(target) == context.cached_tokens
+
+
+# --- the server's /slots routes ------------------------------------------------------------------
+def post(url: str, body: dict | None = None) -> tuple[int, dict]:
+    import requests
+
+    response = requests.post(url, json=body, timeout=300)
+    return response.status_code, response.json()
+
+
+def complete(server, prompt: str, max_tokens: int) -> dict:
+    status, answer = post(f"{server.url}/v1/completions", {"prompt": prompt, "max_tokens": max_tokens,
+                                                           "temperature": 0, "model": "smollm2:135m"})
+    assert status == 200, answer
+    return answer
+
+
+@pytest.fixture(scope="module")
+def slot_server(model, tmp_path_factory):
+    """Our server with --slot-save-path (2 slots, no host prompt cache: a reused prefix is the slot's)."""
+    from inprocess_server import serving
+
+    from mullama.server import ServerSettings
+
+    directory = tmp_path_factory.mktemp("slots")
+    settings = ServerSettings(model_name="smollm2:135m", slot_save_path=directory.resolve())
+    with serving(model, settings=settings, parallel=2, n_ctx=1024, cache_ram_mib=0) as (server, engine):
+        yield server, engine, directory
+
+
+def slots(server) -> list[dict]:
+    import requests
+
+    return requests.get(f"{server.url}/slots", timeout=60).json()
+
+
+def test_slot_save_erase_restore_round_trip(slot_server):
+    server, _engine, directory = slot_server
+    first = complete(server, PROMPT, 8)
+    held = {slot["id"]: slot["n_cached_tokens"] for slot in slots(server)}
+    id_slot = max(held, key=held.get)
+    status, saved = post(f"{server.url}/slots/{id_slot}?action=save", {"filename": "colors.bin"})
+    assert status == 200, saved
+    assert set(saved) == {"id_slot", "filename", "n_saved", "n_written", "timings"}
+    assert saved["id_slot"] == id_slot and saved["filename"] == "colors.bin" and set(saved["timings"]) == {"save_ms"}
+    assert saved["n_saved"] == held[id_slot] > 0
+    assert saved["n_written"] == (directory / "colors.bin").stat().st_size
+    assert sorted(os.listdir(directory)) == ["colors.bin"]
+
+    follow_up = PROMPT + first["choices"][0]["text"] + " Then"
+    reference = complete(server, follow_up, 16)  # on the slot that kept the prompt
+    assert reference["usage"]["prompt_tokens_details"]["cached_tokens"] == saved["n_saved"]
+
+    for slot in range(2):
+        status, erased = post(f"{server.url}/slots/{slot}?action=erase")
+        assert status == 200 and set(erased) == {"id_slot", "n_erased"} and erased["id_slot"] == slot
+    assert all(slot["n_cached_tokens"] == 0 for slot in slots(server))
+
+    other = 1 - id_slot
+    status, restored = post(f"{server.url}/slots/{other}?action=restore", {"filename": "colors.bin"})
+    assert status == 200, restored
+    assert restored == {"id_slot": other, "filename": "colors.bin", "n_restored": saved["n_saved"],
+                        "n_read": saved["n_written"], "timings": restored["timings"]}
+    assert set(restored["timings"]) == {"restore_ms"}
+    assert {slot["id"]: slot["n_cached_tokens"] for slot in slots(server)} == {other: saved["n_saved"], id_slot: 0}
+    again = complete(server, follow_up, 16)  # lands on the restored slot: only the new tokens are decoded
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == saved["n_saved"]
+    assert again["choices"][0]["text"] == reference["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("filename", ["../escape.bin", "/tmp/escape.bin", "a/b.bin", "a\\b.bin", "..", ".", "",
+                                      " lead.bin", "trail.bin.", "x:y", "nul\x00.bin", "q?.bin", "a" * 256, 7, None])
+def test_slot_file_names_stay_in_the_directory(slot_server, filename):
+    server, _engine, directory = slot_server
+    before = set(os.listdir(directory)), set(os.listdir(directory.parent))
+    for action in ("save", "restore"):
+        status, answer = post(f"{server.url}/slots/0?action={action}", {"filename": filename})
+        assert (status, answer) == (400, {"error": {"code": 400, "message": "Invalid filename",
+                                                    "type": "invalid_request_error"}})
+    assert (set(os.listdir(directory)), set(os.listdir(directory.parent))) == before
+
+
+def test_slot_symlink_out_of_the_directory_is_refused(slot_server, tmp_path):
+    server, _engine, directory = slot_server
+    link = directory / "outside.bin"
+    link.symlink_to(tmp_path / "target.bin")
+    try:
+        status, answer = post(f"{server.url}/slots/0?action=save", {"filename": "outside.bin"})
+        assert (status, answer["error"]["message"]) == (400, "Invalid filename")
+        assert not (tmp_path / "target.bin").exists()
+    finally:
+        link.unlink()
+
+
+def test_slot_errors_in_llama_server_shape(slot_server):
+    server, _engine, directory = slot_server
+    assert post(f"{server.url}/slots/abc?action=save", {"filename": "x.bin"})[1]["error"]["message"] == \
+        "Invalid slot ID"
+    assert post(f"{server.url}/slots/-1?action=erase")[1]["error"]["message"] == "Invalid slot ID"
+    assert post(f"{server.url}/slots/0?action=load", {"filename": "x.bin"}) == \
+        (400, {"error": {"code": 400, "message": "Invalid action", "type": "invalid_request_error"}})
+    status, answer = post(f"{server.url}/slots/0?action=restore", {"filename": "missing.bin"})
+    assert status == 400 and answer["error"]["message"].startswith("Unable to restore slot")
+    (directory / "garbage.bin").write_bytes(b"not a state at all")
+    slots_before = slots(server)
+    status, answer = post(f"{server.url}/slots/0?action=restore", {"filename": "garbage.bin"})
+    assert status == 400 and "not a mullama state" in answer["error"]["message"]
+    assert slots(server) == slots_before  # a refused file leaves the slot as it was
+    (directory / "garbage.bin").unlink()
+
+
+def test_slots_without_a_save_path(served):
+    status, answer = post(f"{served.url}/slots/0?action=save", {"filename": "x.bin"})
+    assert (status, answer) == (501, {"error": {
+        "code": 501, "message": "This server does not support slots action. Start it with `--slot-save-path`",
+        "type": "not_supported_error"}})
+    listed = slots(served)
+    assert [slot["id"] for slot in listed] == [0, 1]
+    assert all({"id", "n_ctx", "speculative", "is_processing"} <= set(slot) for slot in listed)
+
+
+def test_llama_server_answers_in_the_same_shapes(build, model_path, slot_server, tmp_path):
+    """llama-server --slot-save-path on the same model: the same keys, the same errors (its files are
+    llama.cpp's own format, which ours is not)."""
+    import upstream
+
+    from mullama.generate._context import default_threads
+
+    server, _engine, _directory = slot_server
+    theirs = upstream.LlamaServer(build.tool("llama-server"), model_path, threads=default_threads(), n_ctx=2048,
+                                  parallel=2, extra=("--slot-save-path", str(tmp_path)))
+    try:
+        for url in (theirs.url, server.url):
+            assert post(f"{url}/completion" if url == theirs.url else f"{url}/v1/completions",
+                        {"prompt": PROMPT, "n_predict": 4, "max_tokens": 4, "temperature": 0,
+                         "id_slot": 0} if url == theirs.url else
+                        {"prompt": PROMPT, "max_tokens": 4, "temperature": 0})[0] == 200
+        answers = []
+        for url in (theirs.url, server.url):
+            saved = post(f"{url}/slots/0?action=save", {"filename": "shape.bin"})
+            restored = post(f"{url}/slots/1?action=restore", {"filename": "shape.bin"})
+            erased = post(f"{url}/slots/1?action=erase")
+            refused = post(f"{url}/slots/0?action=save", {"filename": "../shape.bin"})
+            answers.append([(status, sorted(body), sorted(body.get("timings", {}))) for status, body in
+                            (saved, restored, erased)] + [refused])
+            listed = slots_of(url)
+            answers[-1].append(sorted(set(listed[0]) & {"id", "n_ctx", "speculative", "is_processing"}))
+        assert answers[0] == answers[1]
+    finally:
+        theirs.close()
+
+
+def slots_of(url: str) -> list[dict]:
+    import requests
+
+    return requests.get(f"{url}/slots", timeout=60).json()
+
+
+def test_mullama_serve_slot_save_path(model_path, tmp_path):
+    """`mullama serve --slot-save-path DIR`: a slot saved by one server process is restored by another;
+    a missing directory is refused at start."""
+    import subprocess
+    import sys
+
+    from mullama_server import MullamaServer
+
+    refused = subprocess.run([sys.executable, "-m", "mullama", "serve", "--model", str(model_path),
+                              "--slot-save-path", str(tmp_path / "missing")], capture_output=True, text=True,
+                             timeout=120)
+    assert refused.returncode != 0 and "--slot-save-path: not a directory" in refused.stderr
+    answers = []
+    for _ in range(2):
+        server = MullamaServer(model_path, parallel=1, ctx_size=1024,
+                               extra=("--slot-save-path", str(tmp_path), "--cache-ram", "0"))
+        try:
+            if not answers:
+                assert server.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 6, "temperature": 0})[0] == 200
+                status, saved = server.post("/slots/0?action=save", {"filename": "s.bin"})
+                assert status == 200 and saved["n_saved"] > 0
+            else:
+                status, restored = server.post("/slots/0?action=restore", {"filename": "s.bin"})
+                assert status == 200 and restored["n_restored"] == saved["n_saved"]
+            status, answer = server.post("/v1/completions", {"prompt": PROMPT + " red,", "max_tokens": 8,
+                                                             "temperature": 0})
+            assert status == 200
+            answers.append(answer)
+        finally:
+            server.close()
+    assert answers[1]["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    assert answers[1]["choices"][0]["text"] == answers[0]["choices"][0]["text"]
+    assert sorted(os.listdir(tmp_path)) == ["s.bin"]

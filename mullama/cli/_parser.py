@@ -200,6 +200,8 @@ def make_parser() -> argparse.ArgumentParser:
     serve.add_argument("-cram", "--cache-ram", type=int, default=DEFAULT_CACHE_RAM_MIB, metavar="MiB",
                        help="host memory for earlier prompts' KV states, restored when a new prompt shares "
                             f"their beginning (llama-server's; default {DEFAULT_CACHE_RAM_MIB}, 0: off, -1: no limit)")
+    serve.add_argument("--slot-save-path", metavar="DIR",
+                       help="directory of POST /slots/{id}?action=save|restore (llama-server's; default: disabled)")
     serve.add_argument("--pooling", choices=["mean", "cls", "last"],
                        help="pooling for /v1/embeddings (default: the model's own, else mean)")
     serve.add_argument("--embedding-batch", type=int,

@@ -36,7 +36,7 @@ def serve_command(args: argparse.Namespace) -> int:
                  host=args.host, port=args.port, parallel=args.parallel,
                  ctx_size=args.ctx_size, api_key=args.api_key or os.environ.get("MULLAMA_API_KEY"),
                  max_tokens_limit=args.max_tokens_limit, threads=args.threads, max_queue=args.max_queue,
-                 cache_ram_mib=args.cache_ram,
+                 cache_ram_mib=args.cache_ram, slot_save_path=args.slot_save_path,
                  pooling=args.pooling, embedding_batch=args.embedding_batch, chat_template=args.chat_template_file,
                  keep_alive=keep_alive, max_loaded=args.max_loaded, placement=placement(args),
                  drain_timeout=args.drain_timeout,

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from starlette.requests import ClientDisconnect, Request
@@ -45,6 +46,7 @@ class ServerSettings:
     pooling: str | None = None  # for embeddings: None is the model's own (mean for generative models)
     embedding_batch: int | None = None  # tokens per embedding decode, and the longest input (default 512)
     max_embedding_inputs: int = MAX_EMBEDDING_INPUTS
+    slot_save_path: Path | None = None  # the directory of /slots save and restore (None: refused)
 
 
 class Metrics:

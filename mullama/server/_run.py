@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import socket
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from .._exceptions import InvalidConfigError
@@ -41,7 +43,8 @@ def serve(model_ref: str | None = None, *, models: Sequence[str] = (), models_di
           max_body_bytes: int = 1 << 20, pooling: str | None = None, embedding_batch: int | None = None,
           chat_template: str | None = None, keep_alive: float | None = DEFAULT_KEEP_ALIVE,
           max_loaded: int | None = None, max_memory: int | None = None,
-          placement: dict[str, Any] | None = None, drain_timeout: float = 30.0) -> int:
+          placement: dict[str, Any] | None = None, drain_timeout: float = 30.0,
+          slot_save_path: str | os.PathLike[str] | None = None) -> int:
     """Serve one model (``model_ref``: loaded now, answering every request), or several (``models``
     and/or ``models_dir``: each loaded when a request first names it, unloaded after ``keep_alive``
     idle seconds or to stay within ``max_loaded`` / ``max_memory``). On SIGINT/SIGTERM it stops
@@ -67,6 +70,10 @@ def serve(model_ref: str | None = None, *, models: Sequence[str] = (), models_di
                           pooling=pooling, chat_template=chat_template, placement=placement or {})
     settings = ServerSettings(api_key=api_key, max_body_bytes=max_body_bytes, max_tokens_limit=max_tokens_limit,
                               pooling=pooling, embedding_batch=embedding_batch)
+    if slot_save_path is not None:  # llama-server's --slot-save-path: an existing directory
+        if not Path(slot_save_path).is_dir():
+            raise InvalidConfigError(f"--slot-save-path: not a directory: {os.fspath(slot_save_path)}")
+        settings.slot_save_path = Path(slot_save_path).resolve()
     if models or models_dir:
         specs = model_specs(models, models_dir)
         pool = ModelPool(specs, load=lambda spec: load_model(spec, options), keep_alive=keep_alive,
