@@ -73,10 +73,13 @@ def blocks() -> list[tuple[str, int, str]]:
 
 
 @pytest.fixture(scope="module")
-def docs_server(model_path, build):
+def docs_server(model_path, build, tmp_path_factory):
     # With upstream's Qwen 2.5 template, as docs/tools.md says: its tool-calling block talks to this server.
+    # And a --slot-save-path, for docs/server.md's saved slots.
     template = template_path(build, "Qwen-Qwen2.5-7B-Instruct.jinja")
-    server = MullamaServer(model_path, parallel=2, ctx_size=1024, extra=("--chat-template-file", str(template)))
+    server = MullamaServer(model_path, parallel=2, ctx_size=1024,
+                           extra=("--chat-template-file", str(template),
+                                  "--slot-save-path", str(tmp_path_factory.mktemp("slots"))))
     yield server
     server.close()
 

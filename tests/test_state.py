@@ -64,9 +64,28 @@ def test_an_empty_context_round_trips(model):
         assert other.generate("Hello", max_tokens=4, temperature=0, timeout_ms=None).text
 
 
-def test_wrong_model_is_refused(saved):
+@pytest.fixture(scope="module")
+def gemma():
+    """Gemma 3 270M: another architecture, with sliding-window attention."""
+    with mullama.Model.load(_pull.resolve("gemma3:270m")) as loaded:
+        yield loaded
+
+
+def test_round_trip_with_sliding_window_attention(gemma):
+    with mullama.Context(gemma, n_ctx=512) as original, mullama.Context(gemma, n_ctx=512) as fresh:
+        first = original.generate(PROMPT, max_tokens=10, temperature=0, timeout_ms=None)
+        cached = original.cached_tokens
+        assert fresh.load_state_bytes(original.state_bytes()) == cached
+        follow_up = PROMPT + first.text + " Then"
+        restored = fresh.generate_stream(follow_up, max_tokens=16, temperature=0, timeout_ms=None)
+        assert tokens_of(restored) == tokens_of(original.generate_stream(follow_up, max_tokens=16, temperature=0,
+                                                                         timeout_ms=None))
+        assert restored.cached_tokens == len(cached)  # only the new tokens were decoded
+
+
+def test_wrong_model_is_refused(saved, gemma):
     _, data, _ = saved
-    with mullama.Model.load(_pull.resolve("gemma3:270m")) as gemma, mullama.Context(gemma, n_ctx=512) as context:
+    with mullama.Context(gemma, n_ctx=512) as context:
         context.decode(gemma.tokenize("Hello there"))
         before = context.cached_tokens
         with pytest.raises(mullama.StateModelMismatchError) as caught:
@@ -136,6 +155,9 @@ def test_save_is_atomic(model, tmp_path):
         context.save_state(target)  # replaced whole
         assert target.read_bytes() != first
         assert sorted(os.listdir(tmp_path)) == ["conversation.state"]
+        umask = os.umask(0o022)
+        os.umask(umask)
+        assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would make it, not mkstemp's 0600
         # A save that fails at the rename (the target is a directory) leaves nothing behind.
         blocked = tmp_path / "blocked"
         (blocked / "inside").mkdir(parents=True)
@@ -337,3 +359,22 @@ def test_mullama_serve_slot_save_path(model_path, tmp_path):
     assert answers[1]["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
     assert answers[1]["choices"][0]["text"] == answers[0]["choices"][0]["text"]
     assert sorted(os.listdir(tmp_path)) == ["s.bin"]
+
+
+def test_an_action_on_a_busy_slot_waits_for_its_request(model, tmp_path):
+    """As llama-server defers it: the save runs once the slot's request has ended, and holds all of it."""
+    from mullama.generate import _slots
+    from mullama.generate._config import StreamConfig
+    from mullama.generate._engine import Engine
+
+    with Engine(model, parallel=1, n_ctx=512, cache_ram_mib=0) as engine:
+        prompt = model.tokenize(PROMPT)
+        request = engine.submit(prompt, StreamConfig(max_tokens=24, temperature=0, timeout_ms=None))
+        saved = _slots.save_slot(engine, 0, tmp_path / "busy.bin")
+        assert request.finish_reason is not None  # it finished before the slot was saved
+        assert saved["n_saved"] == len(prompt) + request.tokens_generated() - 1  # the last token is not decoded
+        assert _slots.erase_slot(engine, 0)["n_erased"] == saved["n_saved"]
+        assert _slots.restore_slot(engine, 0, tmp_path / "busy.bin")["n_restored"] == saved["n_saved"]
+        with pytest.raises(_slots.SlotNotFoundError):
+            _slots.erase_slot(engine, -1)
+        assert _slots.erase_slot(engine, 3)["id_slot"] == 3  # wraps around, as llama-server's ids do

@@ -139,7 +139,7 @@ class Context(Owned):
         data = _state.read_state_file(path, limit=(self.n_ctx + 1) << 20)
         return self.load_state_bytes(data, source=os.fspath(path))
 
-    def load_state_bytes(self, data: bytes | bytearray | memoryview, *, source: str = "the state") -> list[int]:
+    def load_state_bytes(self, data: bytes | bytearray | memoryview, *, source: str = "the data") -> list[int]:
         """``load_state`` from the bytes ``state_bytes`` returned."""
         with self._use():
             tokens, state = _state.unpack_state(data, self.model, n_ctx=self.n_ctx, source=source)

@@ -252,13 +252,14 @@ class Engine(Owned):
 
     # --- the engine thread -------------------------------------------------------------
     def _run_once(self) -> bool | None:
-        """One round: admit, step. True if it decoded, False if idle, None when it should end."""
+        """One round: admit, run the actions (on slots requests did not take), step. True if it decoded,
+        False if idle, None when it should end."""
         self._wake.clear()  # before looking for work: a later set() is never missed
+        self._admit()
         for _ in range(len(self._between_steps)):
             action = self._between_steps.popleft()
             if not action():
                 self._between_steps.append(action)
-        self._admit()
         with self._state:
             idle = all(s.request is None for s in self._slots)
             if idle and self._stopping and not self._waiting:

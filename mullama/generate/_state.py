@@ -91,7 +91,7 @@ def pack_state(model: Model, tokens: list[int], state: bytes) -> bytes:
 
 
 def unpack_state(data: bytes | bytearray | memoryview, model: Model, *, n_ctx: int,
-                 source: str = "the state") -> tuple[list[int], memoryview]:
+                 source: str = "the data") -> tuple[list[int], memoryview]:
     """The tokens and the KV state bytes of a state file's ``data``, checked for ``model`` and a
     sequence of ``n_ctx`` cells (see the module's docstring for what each failure raises)."""
     view = memoryview(data).cast("B")
@@ -152,6 +152,18 @@ def read_state_file(path: str | os.PathLike[str], *, limit: int | None = None) -
         raise StateError(f"cannot read the state file {path}: {exc.strerror or exc}.") from None
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux); 0o022 where it cannot be read."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
 def write_atomically(path: str | os.PathLike[str], data: bytes) -> int:
     """Write ``data`` to ``path`` through a temporary file beside it, renamed over it once complete
     and flushed to disk; nothing is left behind on failure (StateError). Returns the bytes written."""
@@ -161,6 +173,7 @@ def write_atomically(path: str | os.PathLike[str], data: bytes) -> int:
     except OSError as exc:
         raise StateError(f"cannot write the state file {path}: {exc.strerror or exc}.") from None
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's file is 0600: give it the mode open() would
         with os.fdopen(fd, "wb") as file:
             file.write(data)
             file.flush()
@@ -191,7 +204,7 @@ def sequence_state(model: Model, ctx: Any, seq_id: int, tokens: list[int]) -> by
 
 
 def restore_sequence(model: Model, ctx: Any, seq_id: int, data: bytes | bytearray | memoryview, *,
-                     n_ctx: int, source: str = "the state") -> list[int]:
+                     n_ctx: int, source: str = "the data") -> list[int]:
     """Replace sequence ``seq_id`` of ``ctx`` by the state ``data``; returns its tokens. When a check
     fails (see ``unpack_state``) the sequence is untouched; when llama.cpp refuses the state, empty."""
     tokens, state = unpack_state(data, model, n_ctx=n_ctx, source=source)
@@ -200,7 +213,7 @@ def restore_sequence(model: Model, ctx: Any, seq_id: int, data: bytes | bytearra
 
 
 def set_sequence(model: Model, ctx: Any, seq_id: int, tokens: list[int], state: memoryview, *,
-                 source: str = "the state") -> None:
+                 source: str = "the data") -> None:
     """Replace sequence ``seq_id`` of ``ctx`` by ``state`` (checked by ``unpack_state``), which holds
     ``tokens``; StateError, and the sequence left empty, when llama.cpp refuses it."""
     library = model._library
