@@ -279,6 +279,19 @@ def test_slot_errors_in_llama_server_shape(slot_server):
     (directory / "garbage.bin").unlink()
 
 
+def test_slot_file_of_another_model_is_refused(slot_server, gemma):
+    server, _engine, directory = slot_server
+    with mullama.Context(gemma, n_ctx=256) as context:
+        context.decode(gemma.tokenize("Hello"))
+        context.save_state(directory / "gemma.bin")
+    try:
+        status, answer = post(f"{server.url}/slots/0?action=restore", {"filename": "gemma.bin"})
+        assert status == 400 and answer["error"]["type"] == "invalid_request_error"
+        assert "saved by another model" in answer["error"]["message"]
+    finally:
+        (directory / "gemma.bin").unlink()
+
+
 def test_slots_without_a_save_path(served):
     status, answer = post(f"{served.url}/slots/0?action=save", {"filename": "x.bin"})
     assert (status, answer) == (501, {"error": {
