@@ -391,3 +391,16 @@ def test_an_action_on_a_busy_slot_waits_for_its_request(model, tmp_path):
         with pytest.raises(_slots.SlotNotFoundError):
             _slots.erase_slot(engine, -1)
         assert _slots.erase_slot(engine, 3)["id_slot"] == 3  # wraps around, as llama-server's ids do
+
+
+def test_loading_ends_a_stream_still_open_on_the_context(model, saved):
+    _, data, _ = saved
+    with mullama.Context(model, n_ctx=512) as context:
+        stream = context.generate_stream("Once upon a time", max_tokens=32, temperature=0, timeout_ms=None)
+        first, _second = next(stream), next(stream)
+        middle = context.state_bytes()  # between two tokens: the prompt and the first token so far
+        context.load_state_bytes(data)
+        with pytest.raises(mullama.ContextError):
+            next(stream)
+        stream.close()
+        assert context.load_state_bytes(middle) == [*model.tokenize("Once upon a time"), first.id]

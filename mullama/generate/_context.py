@@ -143,6 +143,7 @@ class Context(Owned):
         """``load_state`` from the bytes ``state_bytes`` returned."""
         with self._use():
             tokens, state = _state.unpack_state(data, self.model, n_ctx=self.n_ctx, source=source)
+            self._generation += 1  # a stream still open on this context ends: its cache is gone
             self._tokens = []
             with self._lock:
                 _state.set_sequence(self.model, self.ptr, 0, tokens, state, source=source)
