@@ -91,6 +91,9 @@ class StreamConfig:
     # cache_prompt). False decodes the whole prompt afresh: batch boundaries then fall where a fresh
     # run puts them, which some models' kernels need for bit-identical output.
     cache_prompt: bool = True
+    # LoRA adapters for this generation ({path | adapter | id: scale}, or a list of paths or pairs; the
+    # ones not named at 0, as llama-server's per-request "lora"); None: the Context's or the model's.
+    lora: Any = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop_sequences, str):

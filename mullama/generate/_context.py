@@ -33,6 +33,7 @@ from ._context_params import (
     trim_cache,
 )
 from ._infill import infill_prompt
+from ._lora import LoraSet, LoraSpec, apply_lora, lora_set
 from ._model import Model, tokenize_prompt
 from ._sequence import Sequence, Token
 from ._stream import TokenStream
@@ -107,6 +108,9 @@ class Context(Owned):
         self._abort_state = _AbortState()
         self._abort_handle = ffi.new_handle(self._abort_state)
         self._generation = 0  # bumped by each generation; an older one then stops
+        self._lora: LoraSet = ()  # the LoRA adapters applied, which the cache's tokens were decoded with
+        self._lora_default = lora_set(model, None)  # the model's, until set_lora(); a config's lora overrides
+        self._apply_lora(self._lora_default)
 
     # --- KV cache ---------------------------------------------------------------
     @property
@@ -149,6 +153,28 @@ class Context(Owned):
                 _state.set_sequence(self.model, self.ptr, 0, tokens, state, source=source)
             self._tokens = tokens
             return list(tokens)
+
+    def set_lora(self, lora: LoraSpec | None) -> None:
+        """Apply LoRA adapters to every later generation: ``{path_or_adapter_or_id: scale}`` (or a list of
+        paths or (path, scale) pairs); adapters not named get scale 0, ``{}`` applies none, None the
+        model's at their default scales. A path not loaded yet is loaded (``model.load_lora``). A change
+        empties the cache (its keys and values were computed with the other adapters)."""
+        adapters = lora_set(self.model, lora)
+        with self._use():
+            self._lora_default = adapters
+            self._apply_lora(adapters)
+
+    @property
+    def lora(self) -> list[tuple[str, float]]:
+        """The adapters applied to the next generation without a ``lora`` option: (path, scale) pairs."""
+        return [(str(adapter.path), scale) for adapter, scale in self._lora_default]
+
+    def _apply_lora(self, adapters: LoraSet) -> None:
+        if adapters != self._lora:
+            apply_lora(self.model, self.ptr, adapters)
+            self._lib.llama_memory_clear(self._memory, True)
+            self._tokens = []
+            self._lora = adapters
 
     def _use(self) -> _Exclusive:
         return _Exclusive(self)
@@ -221,6 +247,8 @@ class Context(Owned):
         """A new sequence for ``prompt_tokens`` on this context (its sampler seeded by ``seed``)."""
         if not prompt_tokens:
             raise InvalidConfigError("the prompt is empty; give at least one token of text.")
+        if config.lora is not None:
+            lora_set(self.model, config.lora)  # a bad one fails now, not at the first step
         return Sequence(self.model, prompt_tokens, config, n_ctx=self.n_ctx, default_seed=self.seed)
 
     def _steps(self, sequence: Sequence) -> Generator[Token, None, None]:
@@ -235,6 +263,8 @@ class Context(Owned):
                     self._generation += 1
                     generation = self._generation
                     sequence.begin()
+                    lora = sequence.config.lora
+                    self._apply_lora(self._lora_default if lora is None else lora_set(self.model, lora))
                     cached = self._prepare_prompt(sequence.prompt_tokens, sequence.deadline,
                                                   reuse=sequence.config.cache_prompt)
                     sequence.prompt_decoded(cached)

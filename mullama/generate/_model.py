@@ -18,6 +18,7 @@ from ..native._owned import Owned
 
 if TYPE_CHECKING:
     from ._embed import Embedder
+    from ._lora import LoraAdapter, LoraSpec
     from ._rerank import Ranked
 
 
@@ -83,13 +84,14 @@ class Model(Owned):
         self._lock = threading.Lock()
         self._embedders: dict[tuple[int, int], Embedder] = {}  # (pooling, batch size) -> embedding context
         self._embed_lock = threading.Lock()  # creating one (it registers itself, which takes _lock)
+        self.lora: list[LoraAdapter] = []  # LoRA adapters, by id, each with its default scale (_lora.py)
 
     # --- loading --------------------------------------------------------------
     @classmethod
     def load(cls, model: str | os.PathLike[str], *, n_gpu_layers: int = 0, use_mmap: bool = True,
              vocab_only: bool = False, chat_template: str | os.PathLike[str] | None = None, main_gpu: int = 0,
              split_mode: str = "layer", tensor_split: Sequence[float] | None = None,
-             rpc_servers: Sequence[str] | None = None) -> Model:
+             rpc_servers: Sequence[str] | None = None, lora: LoraSpec | None = None) -> Model:
         """Load a model from a ``.gguf`` path, or by name (e.g. ``"smollm2:135m"``, downloaded once).
 
         ``chat_template`` (Jinja text, or the path of a ``.jinja`` file) replaces the GGUF's own
@@ -101,6 +103,9 @@ class Model(Owned):
         split by layer (``split_mode="layer"``), by rows (``"row"``) or kept on ``main_gpu``
         (``"none"``), in ``tensor_split`` proportions. An unreachable RPC server is a ModelLoadError
         naming it. (RPC is unauthenticated: use servers on a private network only.)
+
+        ``lora`` loads LoRA adapters: ``[(path, scale), ...]`` (a bare path: scale 1.0) or ``{path: scale}``;
+        contexts apply them at these scales unless told otherwise (see :meth:`load_lora`).
 
         Raises ModelLoadError for a missing, empty, truncated or corrupt file, and
         ModelNotFoundError / DownloadError for a name that cannot be fetched. The file's header is
@@ -130,8 +135,25 @@ class Model(Owned):
                 "this llama.cpp build does not know. Download it again (`mullama pull` re-verifies), and "
                 "enable logging for 'mullama.llama_cpp' to see llama.cpp's reason."
             )
-        return cls(library, ptr, path, offloaded=placement.offloads(library), vocab_only=bool(vocab_only),
-                   chat_template=template)
+        loaded = cls(library, ptr, path, offloaded=placement.offloads(library), vocab_only=bool(vocab_only),
+                     chat_template=template)
+        if lora is not None:
+            from ._lora import _entries
+
+            try:
+                for adapter, scale in _entries(lora):
+                    loaded.load_lora(adapter, scale)
+            except BaseException:
+                loaded.close()
+                raise
+        return loaded
+
+    def load_lora(self, path: str | os.PathLike[str], scale: float = 1.0) -> LoraAdapter:
+        """Load the LoRA adapter GGUF at ``path`` (once per path) with default ``scale``; it joins
+        ``model.lora``. ModelLoadError (code ``LORA_LOAD_ERROR``) when llama.cpp refuses the file."""
+        from ._lora import load_adapter
+
+        return load_adapter(self, path, scale)
 
     def close(self) -> None:
         """Free the weights. Refused while a Context of this model is open. Afterwards every method and
@@ -144,6 +166,10 @@ class Model(Owned):
             open_contexts = [c for c in self._contexts if not c.closed and c is not self]
             if open_contexts:
                 raise ContextError(f"{len(open_contexts)} context(s) still use this model; close them first.")
+            if self.lora and self._ptr is not None:
+                from ._lora import free_adapters
+
+                free_adapters(self)
             super().close()
             self._pieces = {}  # so that _token_info misses, and token_to_piece raises ClosedError
         give_back_memory()  # the weights' and their contexts' heap pages, kept by glibc otherwise
