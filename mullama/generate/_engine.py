@@ -48,6 +48,7 @@ from ._context_params import (
     reusable_prefix,
     trim_cache,
 )
+from ._lora import LoraSet, apply_lora, batch_lora, lora_set
 from ._model import Model
 from ._prompt_cache import DEFAULT_CACHE_RAM_MIB, MIB, SAVE_BELOW_KEEP, PromptCache
 from ._sequence import Sequence, SequenceView, Token
@@ -62,6 +63,7 @@ class EngineRequest(SequenceView):
     """
 
     _sequence: Sequence
+    lora: LoraSet = ()  # the LoRA adapters it decodes with (its config's lora, else the model's)
 
     def __init__(self, sequence: Sequence, request_id: int, wake: threading.Event) -> None:
         self._sequence = sequence
@@ -95,7 +97,7 @@ class EngineRequest(SequenceView):
 class _Slot:
     """A sequence of the shared context, and the request it is serving."""
 
-    __slots__ = ("batch_row", "breaks", "cached", "next_token", "pending_prompt", "request", "seq_id")
+    __slots__ = ("batch_row", "breaks", "cached", "lora", "next_token", "pending_prompt", "request", "seq_id")
 
     def __init__(self, seq_id: int) -> None:
         self.seq_id = seq_id
@@ -105,6 +107,7 @@ class _Slot:
         self.breaks: tuple[int, ...] = ()  # positions where a prompt batch must end (prompt_breaks)
         self.next_token: int | None = None  # sampled, delivered, not yet decoded
         self.batch_row = -1
+        self.lora: LoraSet = ()  # the LoRA adapters its cached cells were computed with
 
 
 class Engine(Owned):
@@ -152,6 +155,8 @@ class Engine(Owned):
         self._batch = lib.llama_batch_init(self.n_batch, 0, 1)
         self._free_batch = weakref.finalize(self, lib.llama_batch_free, self._batch)
         self._slots = [_Slot(i) for i in range(parallel)]
+        self._lora: LoraSet = ()  # the adapters applied to the context (see _lora.batch_lora)
+        self._turn = 0
         self.prompt_cache = (PromptCache(library.ffi, lib, cache_ram_mib * MIB)
                              if cache_ram_mib != 0 and not model.needs_checkpoints else None)
         self._waiting: collections.deque[EngineRequest] = collections.deque()
@@ -184,9 +189,11 @@ class Engine(Owned):
                 f"the prompt has {len(prompt_tokens)} tokens but each of the {self.parallel} sequences holds "
                 f"{self.n_ctx_per_slot}; shorten it, or use a larger context size.")
         self._check_alive()
+        lora = lora_set(self.model, config.lora)
         sequence = Sequence(self.model, list(prompt_tokens), config, n_ctx=self.n_ctx_per_slot,
                             default_seed=self.seed)
         request = EngineRequest(sequence, next(self._ids), self._wake)
+        request.lora = lora
         with self._state:
             self._check_alive()
             if self._stopping:
@@ -291,7 +298,7 @@ class Engine(Owned):
                 slot = None
                 if not request.cancelled:  # reserved under the lock, so submit() counts it as busy
                     prompt = request._sequence.prompt_tokens
-                    slot = max(free, key=lambda s: common_prefix(s.cached, prompt))
+                    slot = max(free, key=lambda s: common_prefix(s.cached, prompt) if s.lora == request.lora else -1)
                     slot.request = request
             if slot is None:
                 request._sequence.cancel()
@@ -304,7 +311,10 @@ class Engine(Owned):
         """Begin serving ``request`` in ``slot`` (reserved for it): keep the cache's common prefix."""
         prompt = request._sequence.prompt_tokens
         reuse = request._sequence.config.cache_prompt
-        if reuse and self.prompt_cache is not None:
+        if slot.lora != request.lora:  # cells computed with other adapters: of no use
+            self._lib.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+            slot.cached, slot.lora = [], request.lora
+        if reuse and self.prompt_cache is not None and not request.lora:  # the cache holds base-model states
             self._swap_cached(slot, prompt)
         common = trim_cache(self._lib, self._memory, slot.seq_id, slot.cached,
                             reusable_prefix(slot.cached, prompt, reuse))
@@ -322,7 +332,8 @@ class Engine(Owned):
         assert cache is not None
         if common_prefix(slot.cached, prompt) < SAVE_BELOW_KEEP * len(slot.cached):
             cache.save(self.ptr, slot.seq_id, slot.cached)
-        live = [(other.seq_id, other.cached) for other in self._slots if other is not slot and other.cached]
+        live = [(other.seq_id, other.cached) for other in self._slots
+                if other is not slot and other.cached and not other.lora]
         restored = cache.restore(self.ptr, slot.seq_id, slot.cached, prompt, live)
         if restored is not None:
             slot.cached = restored
@@ -333,6 +344,7 @@ class Engine(Owned):
         n = 0
         rows: list[_Slot] = []  # sequences that sample after this decode
         members: list[_Slot] = []  # every sequence with tokens in the batch
+        lora, self._turn = batch_lora(self._slots, self._turn, self._lora)  # sequences with another set wait
         for slot in self._slots:  # generation first: one token of every sequence that is not paused
             request = slot.request
             if request is None:
@@ -345,7 +357,7 @@ class Engine(Owned):
             except MullamaError as exc:
                 self._fail(slot, exc)
                 continue
-            if slot.next_token is not None and request.channel.has_room():
+            if slot.next_token is not None and request.channel.has_room() and slot.lora == lora:
                 n = self._add(n, slot.next_token, len(slot.cached), slot.seq_id, True)
                 slot.cached.append(slot.next_token)
                 slot.next_token = None
@@ -353,7 +365,7 @@ class Engine(Owned):
                 rows.append(slot)
                 members.append(slot)
         for slot in self._slots:  # then prompt chunks, as much as the batch has room for
-            if slot.request is None or not slot.pending_prompt or n >= self.n_batch:
+            if slot.request is None or not slot.pending_prompt or n >= self.n_batch or slot.lora != lora:
                 continue
             position = len(slot.cached)
             take = slot.pending_prompt[: chunk_end(position, self.n_batch - n, slot.breaks) - position]
@@ -369,6 +381,9 @@ class Engine(Owned):
         if n == 0:
             return False
         batch.n_tokens = n
+        if lora != self._lora:
+            apply_lora(self.model, self.ptr, lora)
+            self._lora = lora
         started = time.perf_counter()
         with self._lock:
             rc = lib.llama_decode(self.ptr, batch)

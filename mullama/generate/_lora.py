@@ -14,7 +14,7 @@ llama.cpp applies (it ignores zero scales), and the key under which sequences ma
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -25,7 +25,8 @@ from ..native._owned import freed_count, owned_count
 if TYPE_CHECKING:
     from ._model import Model
 
-__all__ = ["LoraAdapter", "LoraSet", "LoraSpec", "apply_lora", "free_adapters", "load_adapter", "lora_set"]
+__all__ = ["LoraAdapter", "LoraSet", "LoraSpec", "apply_lora", "batch_lora", "free_adapters", "load_adapter",
+           "lora_set"]
 
 LORA_LOAD_ERROR = "LORA_LOAD_ERROR"
 GGUF_MAGIC = b"GGUF"
@@ -183,6 +184,22 @@ def apply_lora(model: Model, ctx: Any, adapters: LoraSet) -> None:
     rc = lib.llama_set_adapters_lora(ctx, ptrs, len(adapters), scales)
     if rc != 0:
         raise InvalidConfigError(f"llama.cpp refused the LoRA adapters ({rc}).")
+
+
+def batch_lora(slots: Sequence[Any], turn: int, current: LoraSet) -> tuple[LoraSet, int]:
+    """The adapter set of the engine's next batch (llama.cpp applies one set per decode, as llama-server
+    batches only slots with equal adapters), and the next ``turn``: the set of the first slot with work
+    (a prompt to decode, or a token to decode that its reader has room for), looking from ``turn``, so
+    that sequences with different sets take turns step by step; the others wait for a later step.
+    ``current`` (the set applied) when no slot has work."""
+    count = len(slots)
+    for i in range(count):
+        slot = slots[(turn + i) % count]
+        request = slot.request
+        if request is not None and not request.cancelled and (slot.pending_prompt or (slot.next_token is not None
+                                                            and request.channel.has_room())):
+            return slot.lora, (turn + i + 1) % count
+    return current, turn
 
 
 def describe(adapters: LoraSet) -> list[tuple[str, float]]:
