@@ -41,6 +41,16 @@ class _Parser(argparse.ArgumentParser):
 MODEL_HELP = "a .gguf path or a model name, with or without its tag (default: smollm2:135m)"
 
 
+class _Tagged(argparse.Action):
+    """Appends (the option's name, its value): --lora and --lora-scaled share one list, kept in order."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        items = list(getattr(namespace, self.dest, None) or [])
+        items.append((option_string, values))
+        setattr(namespace, self.dest, items)
+
+
 def _add_verbosity(parser: argparse.ArgumentParser) -> None:
     # SUPPRESS: a subcommand's unset flag must not undo the same flag given before the subcommand.
     parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
@@ -202,6 +212,12 @@ def make_parser() -> argparse.ArgumentParser:
                             f"their beginning (llama-server's; default {DEFAULT_CACHE_RAM_MIB}, 0: off, -1: no limit)")
     serve.add_argument("--slot-save-path", metavar="DIR",
                        help="directory of POST /slots/{id}?action=save|restore (llama-server's; default: disabled)")
+    serve.add_argument("--lora", metavar="FNAME", dest="lora_flags", action=_Tagged,
+                       help="a LoRA adapter GGUF, applied at scale 1 (comma-separated, repeatable; llama-server's)")
+    serve.add_argument("--lora-scaled", metavar="FNAME:SCALE", dest="lora_flags", action=_Tagged,
+                       help="a LoRA adapter with its scale (comma-separated, repeatable; llama-server's)")
+    serve.add_argument("--lora-init-without-apply", action="store_true",
+                       help="load the LoRA adapters at scale 0; POST /lora-adapters sets scales")
     serve.add_argument("--pooling", choices=["mean", "cls", "last"],
                        help="pooling for /v1/embeddings (default: the model's own, else mean)")
     serve.add_argument("--embedding-batch", type=int,

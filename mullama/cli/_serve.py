@@ -39,8 +39,27 @@ def serve_command(args: argparse.Namespace) -> int:
                  cache_ram_mib=args.cache_ram, slot_save_path=args.slot_save_path,
                  pooling=args.pooling, embedding_batch=args.embedding_batch, chat_template=args.chat_template_file,
                  keep_alive=keep_alive, max_loaded=args.max_loaded, placement=placement(args),
-                 drain_timeout=args.drain_timeout,
+                 drain_timeout=args.drain_timeout, lora=_lora_args(args),
+                 lora_init_without_apply=args.lora_init_without_apply,
                  max_memory=_parse_size(args.max_memory) if args.max_memory else None)
+
+
+def _lora_args(args: argparse.Namespace) -> list[tuple[str, float]]:
+    """--lora FNAME[,FNAME...] and --lora-scaled FNAME:SCALE[,...] (llama-server's), in the order given."""
+    adapters: list[tuple[str, float]] = []
+    for flag, value in args.lora_flags or []:
+        for item in (part for part in value.split(",") if part):
+            if flag == "--lora":
+                adapters.append((item, 1.0))
+                continue
+            path, colon, scale = item.rpartition(":")
+            try:
+                adapters.append((path, float(scale)) if colon and path else ("", float("nan")))
+            except ValueError:
+                adapters.append(("", float("nan")))
+            if not adapters[-1][0]:
+                raise InvalidConfigError(f"--lora-scaled takes FNAME:SCALE (comma-separated), not {item!r}.")
+    return adapters
 
 
 def _parse_size(text: str) -> int:

@@ -17,7 +17,7 @@ from starlette.routing import Route, WebSocketRoute
 
 from ..generate._engine import Engine
 from ..generate._model import Model
-from . import _anthropic, _embeddings, _infill, _ollama, _openai, _rerank, _responses, _slots
+from . import _anthropic, _embeddings, _infill, _lora, _ollama, _openai, _rerank, _responses, _slots
 from ._http import ServerSettings, ServerState, WireFormat, declared_format, endpoint, state
 from ._openai_shapes import OPENAI, error_body
 from ._pool import ModelPool
@@ -147,6 +147,8 @@ ROUTES = [
     Route("/api/delete", _ollama.delete, methods=["DELETE", "POST"]),  # ollama's is DELETE
     Route("/api/version", _ollama.version, methods=["GET"]),
     Route("/slots", _slots.get_slots, methods=["GET"]),
+    Route("/lora-adapters", _lora.get_lora_adapters, methods=["GET"]),
+    Route("/lora-adapters", _lora.post_lora_adapters, methods=["POST"]),
     Route("/slots/{id_slot}", _slots.post_slot, methods=["POST"]),
     Route("/health", health, methods=["GET"]),
     Route("/health/ready", health, methods=["GET"]),

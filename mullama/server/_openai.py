@@ -24,6 +24,7 @@ from ..generate._engine import EngineRequest
 from ..generate._sequence import Token
 from ._generation import start
 from ._http import endpoint, merged, read_json, requested_model, state, stream_or_collect
+from ._lora import parse_lora
 from ._openai_shapes import (
     OPENAI,
     Choice,
@@ -46,7 +47,7 @@ __all__ = ["LLAMA_FIELDS", "chat_completions", "completions", "list_models", "pa
 LLAMA_FIELDS = {"top_k", "min_p", "repeat_penalty", "ignore_eos", "cache_prompt", "reasoning_format", "grammar",
                 "json_schema", "typical_p", "repeat_last_n", "mirostat", "mirostat_tau", "mirostat_eta",
                 "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n", "xtc_probability",
-                "xtc_threshold", "top_n_sigma"}
+                "xtc_threshold", "top_n_sigma", "lora"}
 # Fields we honour, and fields OpenAI clients send that we accept and ignore.
 _COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed", "stream",
            "stream_options", "n", "frequency_penalty", "presence_penalty", "user", "store", "metadata",
@@ -142,6 +143,8 @@ def parse_request(body: Any, kind: str, *, max_tokens_limit: int) -> ParsedReque
         if whole is not None:
             fields[name] = whole
     fields.update(_output_constraint(body))
+    if "lora" in body:  # llama-server's per-request adapter scales (mullama.server._lora)
+        fields["lora"] = parse_lora(body["lora"])
     if n_logprobs is not None:
         fields["logprobs"] = n_logprobs
     bias = _logit_bias(body.get("logit_bias"))

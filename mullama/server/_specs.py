@@ -88,13 +88,16 @@ class LoadOptions:
     pooling: str | None = None
     chat_template: str | None = None
     placement: dict[str, Any] = field(default_factory=dict)  # Model.load's offloading options (-ngl, --rpc)
+    lora: tuple[tuple[str, float], ...] = ()  # --lora / --lora-scaled: (path, scale), in id order
+    lora_init_without_apply: bool = False  # load them at scale 0 (POST /lora-adapters sets scales later)
 
 
 def load_model(spec: ModelSpec, options: LoadOptions) -> tuple[Model, Engine | None]:
     """Load ``spec`` and start its engine (none for an embedding model, which only embeds)."""
     from ..generate._embed import resolve_pooling
 
-    model = Model.load(spec.ref, chat_template=options.chat_template, **options.placement)
+    lora = [(path, 0.0 if options.lora_init_without_apply else scale) for path, scale in options.lora]
+    model = Model.load(spec.ref, chat_template=options.chat_template, lora=lora or None, **options.placement)
     try:
         if options.ctx_size is not None and options.ctx_size > model.n_ctx_train:
             print(f"mullama: warning: --ctx-size {options.ctx_size} is beyond the {model.n_ctx_train} tokens "
