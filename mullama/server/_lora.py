@@ -11,6 +11,7 @@ On a server of several models, ``?model=`` (or the body's ``model``) picks the m
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 from starlette.requests import Request
@@ -50,7 +51,8 @@ def _model_name(request: Request, body: Any) -> str | None:
 
 def _describe(adapter: Any) -> dict[str, Any]:
     meta = adapter.metadata
-    return {"id": adapter.id, "path": str(adapter.path), "scale": adapter.scale,
+    scale = struct.unpack("f", struct.pack("f", adapter.scale))[0]  # llama-server's float, as llama.cpp applies it
+    return {"id": adapter.id, "path": str(adapter.path), "scale": scale,
             "task_name": meta.get("adapter.lora.task_name", ""),
             "prompt_prefix": meta.get("adapter.lora.prompt_prefix", "")}
 
