@@ -93,6 +93,15 @@ def reranker_path(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def adapter_path(tmp_path_factory, model_path) -> Path:
+    """The LoRA adapter docs/lora.md has its reader write with tools/make_lora.py."""
+    out = tmp_path_factory.mktemp("lora") / "adapter.gguf"
+    subprocess.run([sys.executable, str(REPO / "tools" / "make_lora.py"), str(out), "--for", str(model_path)],
+                   check=True, capture_output=True, timeout=300)
+    return out
+
+
 @pytest.mark.parametrize("name, index, code", blocks(), ids=[f"{n}#{i}" for n, i, _ in blocks()])
 def test_docs_block_runs(name, index, code, tmp_path, model_path, build, request):
     from upstream import free_port
@@ -101,6 +110,8 @@ def test_docs_block_runs(name, index, code, tmp_path, model_path, build, request
     (tmp_path / "templates").symlink_to(template_path(build, "Qwen-Qwen2.5-7B-Instruct.jinja").parent)
     if "reranker.gguf" in code:
         (tmp_path / "reranker.gguf").symlink_to(request.getfixturevalue("reranker_path"))
+    if "adapter.gguf" in code:
+        (tmp_path / "adapter.gguf").symlink_to(request.getfixturevalue("adapter_path"))
     if "127.0.0.1:8080" in code:
         server = request.getfixturevalue("docs_server")
         code = code.replace("127.0.0.1:8080", f"127.0.0.1:{server.port}")
