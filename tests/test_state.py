@@ -404,3 +404,28 @@ def test_loading_ends_a_stream_still_open_on_the_context(model, saved):
             next(stream)
         stream.close()
         assert context.load_state_bytes(middle) == [*model.tokenize("Once upon a time"), first.id]
+
+
+def test_a_state_records_its_lora_adapters(model, model_path, tmp_path):
+    """Cells computed with a LoRA adapter load only where the same adapter, at the same scale, applies."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    adapter = tmp_path / "qv.gguf"
+    subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "tools" / "make_lora.py"),
+                    str(adapter), "--for", str(model_path)], check=True, capture_output=True, timeout=300)
+    with mullama.Model.load(model_path, lora=[(adapter, 1.0)]) as tuned:
+        with mullama.Context(tuned, n_ctx=512) as original, mullama.Context(tuned, n_ctx=512) as fresh:
+            first = original.generate(PROMPT, max_tokens=8, temperature=0, timeout_ms=None)
+            data = original.state_bytes()
+            assert fresh.load_state_bytes(data) == original.cached_tokens
+            follow_up = PROMPT + first.text
+            assert tokens_of(fresh.generate_stream(follow_up, max_tokens=12, temperature=0, timeout_ms=None)) == \
+                tokens_of(original.generate_stream(follow_up, max_tokens=12, temperature=0, timeout_ms=None))
+            fresh.set_lora({})  # no adapter: the state's cells are not this context's
+            with pytest.raises(mullama.StateModelMismatchError, match="LoRA"):
+                fresh.load_state_bytes(data)
+        with mullama.Context(model, n_ctx=512) as plain, pytest.raises(mullama.StateModelMismatchError) as caught:
+            plain.load_state_bytes(data)  # the base model, without the adapter loaded
+        assert "qv.gguf" in str(caught.value)

@@ -13,6 +13,7 @@ from .._exceptions import (
     ContextError,
     ContextOverflowError,
     InvalidConfigError,
+    StateModelMismatchError,
     decode_error,
     detached,
 )
@@ -33,7 +34,7 @@ from ._context_params import (
     trim_cache,
 )
 from ._infill import infill_prompt
-from ._lora import LoraSet, LoraSpec, apply_lora, lora_set
+from ._lora import LoraSet, LoraSpec, apply_lora, describe, lora_set
 from ._model import Model, tokenize_prompt
 from ._sequence import Sequence, Token
 from ._stream import TokenStream
@@ -133,7 +134,7 @@ class Context(Owned):
     def state_bytes(self) -> bytes:
         """The KV cache and its tokens as bytes, in ``save_state``'s format."""
         with self._use():
-            return _state.sequence_state(self.model, self.ptr, 0, list(self._tokens))
+            return _state.sequence_state(self.model, self.ptr, 0, list(self._tokens), self._lora)
 
     def load_state(self, path: str | os.PathLike[str]) -> list[int]:
         """Replace the KV cache by the state ``save_state`` wrote to ``path``; a prompt that starts with
@@ -144,11 +145,17 @@ class Context(Owned):
         return self.load_state_bytes(data, source=os.fspath(path))
 
     def load_state_bytes(self, data: bytes | bytearray | memoryview, *, source: str = "the data") -> list[int]:
-        """``load_state`` from the bytes ``state_bytes`` returned."""
+        """``load_state`` from the bytes ``state_bytes`` returned. A state computed with LoRA adapters
+        loads into a context that applies the same ones (``set_lora``), else StateModelMismatchError."""
         with self._use():
-            tokens, state = _state.unpack_state(data, self.model, n_ctx=self.n_ctx, source=source)
+            tokens, state, lora = _state.unpack_state(data, self.model, n_ctx=self.n_ctx, source=source)
+            if tokens and lora != self._lora_default:
+                raise StateModelMismatchError(
+                    f"{source} was computed with the LoRA adapters {describe(lora)}, but this context applies "
+                    f"{describe(self._lora_default)}; call set_lora() with the state's adapters first.")
             self._generation += 1  # a stream still open on this context ends: its cache is gone
             self._tokens = []
+            self._apply_lora(lora)
             with self._lock:
                 _state.set_sequence(self.model, self.ptr, 0, tokens, state, source=source)
             self._tokens = tokens

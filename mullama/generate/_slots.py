@@ -101,7 +101,8 @@ def save_slot(engine: Engine, id_slot: int, path: str | Path, *, timeout: float 
     answer: ``id_slot``, ``filename``, ``n_saved`` (tokens), ``n_written`` (bytes), ``timings.save_ms``."""
     started = time.perf_counter()
     future = _between_steps(engine, id_slot, lambda slot: (
-        len(slot.cached), _state.sequence_state(engine.model, engine.ptr, slot.seq_id, list(slot.cached))))
+        len(slot.cached), _state.sequence_state(engine.model, engine.ptr, slot.seq_id, list(slot.cached),
+                                                slot.lora)))
     n_tokens, data = _wait(engine, future, timeout)
     written = _state.write_atomically(path, data)
     return {"id_slot": id_slot, "filename": Path(path).name, "n_saved": n_tokens, "n_written": written,
@@ -117,12 +118,12 @@ def restore_slot(engine: Engine, id_slot: int, path: str | Path, *, timeout: flo
     _slot(engine, id_slot)
     data = _state.read_state_file(path, limit=(engine.n_ctx_per_slot + 1) << 20)
     source = Path(path).name
-    tokens, state = _state.unpack_state(data, engine.model, n_ctx=engine.n_ctx_per_slot, source=source)
+    tokens, state, lora = _state.unpack_state(data, engine.model, n_ctx=engine.n_ctx_per_slot, source=source)
 
     def restore(slot: Any) -> int:
         slot.cached = []
         _state.set_sequence(engine.model, engine.ptr, slot.seq_id, tokens, state, source=source)
-        slot.cached = list(tokens)
+        slot.cached, slot.lora = list(tokens), lora  # requests with these adapters reuse it
         return len(tokens)
 
     n_tokens = _wait(engine, _between_steps(engine, id_slot, restore), timeout)

@@ -16,6 +16,8 @@ the checksum (StateCorruptError), the model (StateModelMismatchError), the token
 context (ContextOverflowError) and the token ids against the vocabulary. A file is written to a
 temporary name beside the target and renamed over it, so no reader ever sees half of one.
 
+The LoRA adapters the cells were computed with are recorded too (file name, a digest as the
+model's, scale); loading needs them loaded on the model (else StateModelMismatchError).
 The model's fingerprint is a sha256 of the GGUF file's size, its first and last MiB (the header,
 with every tensor's name, shape and type; the last tensor's data, where two fine-tunes of one base
 differ), with the architecture, parameter count and vocabulary size kept in clear for the message.
@@ -42,6 +44,7 @@ from .._exceptions import (
     StateModelMismatchError,
     TokenizeError,
 )
+from ._lora import LoraSet
 from ._model import Model
 
 __all__ = ["MAGIC", "model_fingerprint", "pack_state", "read_state_file", "restore_sequence", "sequence_state",
@@ -67,33 +70,64 @@ def model_fingerprint(model: Model) -> dict[str, Any]:
         known = _fingerprints.get(key)
     if known is not None:
         return known
-    digest = hashlib.sha256(str(stat.st_size).encode())
-    with open(path, "rb") as file:
-        digest.update(file.read(_EDGE))
-        file.seek(max(0, stat.st_size - _EDGE))
-        digest.update(file.read(_EDGE))
-    fingerprint = {"sha256": digest.hexdigest(), "architecture": model._meta("general.architecture") or "",
-                   "n_params": model.n_params, "vocab_size": model.vocab_size, "file_size": stat.st_size,
-                   "file_name": path.name}
+    fingerprint = {"sha256": _file_digest(path, stat.st_size),
+                   "architecture": model._meta("general.architecture") or "", "n_params": model.n_params,
+                   "vocab_size": model.vocab_size, "file_size": stat.st_size, "file_name": path.name}
     with _fingerprints_lock:
         _fingerprints[key] = fingerprint
     return fingerprint
 
 
+def _file_digest(path: Path, size: int) -> str:
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as file:
+        digest.update(file.read(_EDGE))
+        file.seek(max(0, size - _EDGE))
+        digest.update(file.read(_EDGE))
+    return digest.hexdigest()
+
+
+def _lora_record(adapters: LoraSet) -> list[dict[str, Any]]:
+    """What identifies the LoRA adapters (and scales) a state's cells were computed with."""
+    record = []
+    for adapter, scale in adapters:
+        size = adapter.path.stat().st_size
+        record.append({"file_name": adapter.path.name, "sha256": _file_digest(adapter.path, size), "scale": scale})
+    return record
+
+
+def _resolve_lora(model: Model, record: Any, source: str) -> LoraSet:
+    """The model's adapter set a state's LoRA ``record`` names; StateModelMismatchError when one of its
+    adapters is not loaded on ``model``."""
+    if not isinstance(record, list):
+        raise StateCorruptError(f"{source} has a damaged header (its LoRA adapters); save it again.")
+    adapters = []
+    for entry in record:
+        found = next((adapter for adapter in model.lora
+                      if _lora_record(((adapter, 0.0),))[0]["sha256"] == entry.get("sha256")), None)
+        if found is None:
+            raise StateModelMismatchError(
+                f"{source} was computed with the LoRA adapter {entry.get('file_name', '?')} (scale "
+                f"{entry.get('scale')}), which this model has not loaded; load it (model.load_lora) first.")
+        adapters.append((found, float(entry["scale"])))
+    return tuple(sorted(adapters, key=lambda pair: pair[0].id))
+
+
 # --- the format ------------------------------------------------------------------------------
-def pack_state(model: Model, tokens: list[int], state: bytes) -> bytes:
-    """The bytes of a state file for ``tokens`` whose KV state is ``state``."""
-    header = json.dumps({"model": model_fingerprint(model), "n_tokens": len(tokens), "state_bytes": len(state)},
-                        sort_keys=True).encode()
+def pack_state(model: Model, tokens: list[int], state: bytes, lora: LoraSet = ()) -> bytes:
+    """The bytes of a state file for ``tokens`` whose KV state is ``state``, computed with ``lora``."""
+    header = json.dumps({"model": model_fingerprint(model), "n_tokens": len(tokens), "state_bytes": len(state),
+                         "lora": _lora_record(lora)}, sort_keys=True).encode()
     body = b"".join((MAGIC, _FIXED.pack(VERSION, len(header)), header, struct.pack(f"<{len(tokens)}i", *tokens),
                      state))
     return body + hashlib.sha256(body).digest()
 
 
 def unpack_state(data: bytes | bytearray | memoryview, model: Model, *, n_ctx: int,
-                 source: str = "the data") -> tuple[list[int], memoryview]:
-    """The tokens and the KV state bytes of a state file's ``data``, checked for ``model`` and a
-    sequence of ``n_ctx`` cells (see the module's docstring for what each failure raises)."""
+                 source: str = "the data") -> tuple[list[int], memoryview, LoraSet]:
+    """The tokens, the KV state bytes and the LoRA adapters (of ``model``) of a state file's ``data``,
+    checked for ``model`` and a sequence of ``n_ctx`` cells (see the module's docstring for what each
+    failure raises)."""
     view = memoryview(data).cast("B")
     if len(view) < len(MAGIC) or view[: len(MAGIC)] != MAGIC:
         raise NotAStateFileError(f"{source} is not a mullama state (it does not start with its magic bytes); "
@@ -128,12 +162,13 @@ def unpack_state(data: bytes | bytearray | memoryview, model: Model, *, n_ctx: i
     if n_tokens > n_ctx:
         raise ContextOverflowError(f"{source} holds {n_tokens} tokens but the context holds {n_ctx}; "
                                    "load it into a context with a larger n_ctx.")
+    lora = _resolve_lora(model, header.get("lora", []), source)
     tokens = list(struct.unpack_from(f"<{n_tokens}i", body, start))
     try:
         model._check_tokens(tokens)
     except TokenizeError as exc:
         raise StateCorruptError(f"{source} holds a token this model does not have ({exc}).") from None
-    return tokens, body[start + 4 * n_tokens:]
+    return tokens, body[start + 4 * n_tokens:], lora
 
 
 def read_state_file(path: str | os.PathLike[str], *, limit: int | None = None) -> bytes:
@@ -191,8 +226,9 @@ def write_atomically(path: str | os.PathLike[str], data: bytes) -> int:
 
 
 # --- one sequence of a llama context ---------------------------------------------------------------
-def sequence_state(model: Model, ctx: Any, seq_id: int, tokens: list[int]) -> bytes:
-    """The state file bytes of sequence ``seq_id`` of the llama context ``ctx`` (which holds ``tokens``)."""
+def sequence_state(model: Model, ctx: Any, seq_id: int, tokens: list[int], lora: LoraSet = ()) -> bytes:
+    """The state file bytes of sequence ``seq_id`` of the llama context ``ctx`` (which holds ``tokens``,
+    computed with the adapters ``lora``)."""
     library = model._library
     ffi, lib = library.ffi, library.lib
     size = lib.llama_state_seq_get_size(ctx, seq_id)
@@ -200,14 +236,14 @@ def sequence_state(model: Model, ctx: Any, seq_id: int, tokens: list[int]) -> by
     written = lib.llama_state_seq_get_data(ctx, buffer, size, seq_id)
     if written != size:
         raise StateError(f"llama.cpp wrote {written} of the {size} bytes of the sequence's state; try again.")
-    return pack_state(model, tokens, bytes(ffi.buffer(buffer, size)))
+    return pack_state(model, tokens, bytes(ffi.buffer(buffer, size)), lora)
 
 
 def restore_sequence(model: Model, ctx: Any, seq_id: int, data: bytes | bytearray | memoryview, *,
                      n_ctx: int, source: str = "the data") -> list[int]:
     """Replace sequence ``seq_id`` of ``ctx`` by the state ``data``; returns its tokens. When a check
     fails (see ``unpack_state``) the sequence is untouched; when llama.cpp refuses the state, empty."""
-    tokens, state = unpack_state(data, model, n_ctx=n_ctx, source=source)
+    tokens, state, _lora = unpack_state(data, model, n_ctx=n_ctx, source=source)
     set_sequence(model, ctx, seq_id, tokens, state, source=source)
     return tokens
 
