@@ -112,7 +112,8 @@ def load_adapter(model: Model, path: str | os.PathLike[str], scale: float = 1.0)
             if adapter.path == resolved:
                 return adapter
         lib, ffi = model._library.lib, model._ffi
-        with _library.capture_output(lambda text: ("", text)) as said:
+        # Under the compute lock: the adapter joins the model's set, which a context's graph reserve reads.
+        with model._library.compute.lock, _library.capture_output(lambda text: ("", text)) as said:
             ptr = lib.llama_adapter_lora_init(model._ptr, os.fsencode(resolved))
         if ptr == ffi.NULL:
             reason = next((line.split(": ", 1)[-1] for line in reversed(said.log) if "lora" in line.lower()),
