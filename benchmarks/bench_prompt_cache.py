@@ -19,7 +19,6 @@ import asyncio
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,6 +28,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import httpx
 import upstream
+from bench_server import one_stream
 from mullama_server import MullamaServer
 
 from mullama import Model
@@ -53,21 +53,9 @@ def rss_mb(pid: int) -> float:
 
 
 async def ask(http: httpx.AsyncClient, url: str, prompt: str, tokens: int, *, cache: bool = True) -> dict:
-    """One streamed greedy answer: its time to first token and its text."""
-    started = time.perf_counter()
-    first = None
-    parts = []
-    body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True, "cache_prompt": cache}
-    async with http.stream("POST", url + "/v1/completions", json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            data = json.loads(line[6:])
-            if data.get("choices") and data["choices"][0].get("text"):
-                first = first or time.perf_counter()
-                parts.append(data["choices"][0]["text"])
-    return {"ttft": (first or time.perf_counter()) - started, "text": "".join(parts)}
+    """One streamed greedy answer (ending where the model ends it): time to first token, text."""
+    answer = await one_stream(http, url, prompt, tokens, ignore_eos=False, cache_prompt=cache)
+    return {"ttft": answer["ttft"] or 0.0, "text": answer["text"]}
 
 
 async def scenario(url: str, clients: int, questions: int, tokens: int) -> dict:
@@ -104,24 +92,22 @@ def main(argv: list[str] | None = None) -> int:
 
     build = upstream.build_with_tools()
     model = _pull.resolve(_catalog.DEFAULT_MODEL)
+    servers = {
+        "mullama": lambda: MullamaServer(model, parallel=args.parallel, ctx_size=args.ctx_size,
+                                         threads=args.threads, extra=("--cache-ram", str(args.cache_ram))),
+        "llama-server": lambda: upstream.LlamaServer(build.tool("llama-server"), model, threads=args.threads,
+                                                     n_ctx=args.ctx_size * args.parallel, parallel=args.parallel,
+                                                     extra=("--cache-ram", str(args.cache_ram))),
+    }
     rows = {}
-    ours = MullamaServer(model, parallel=args.parallel, ctx_size=args.ctx_size, threads=args.threads,
-                         extra=("--cache-ram", str(args.cache_ram)))
-    try:
-        before = rss_mb(ours.process.pid)
-        rows["mullama"] = asyncio.run(scenario(ours.url, args.clients, args.questions, args.tokens))
-        rows["mullama"]["rss_growth_mb"] = rss_mb(ours.process.pid) - before
-    finally:
-        ours.close()
-    theirs = upstream.LlamaServer(build.tool("llama-server"), model, threads=args.threads,
-                                  n_ctx=args.ctx_size * args.parallel, parallel=args.parallel,
-                                  extra=("--cache-ram", str(args.cache_ram)))
-    try:
-        before = rss_mb(theirs.process.pid)
-        rows["llama-server"] = asyncio.run(scenario(theirs.url, args.clients, args.questions, args.tokens))
-        rows["llama-server"]["rss_growth_mb"] = rss_mb(theirs.process.pid) - before
-    finally:
-        theirs.close()
+    for name, start in servers.items():  # one at a time: each has the machine to itself
+        server = start()
+        try:
+            before = rss_mb(server.process.pid)
+            rows[name] = asyncio.run(scenario(server.url, args.clients, args.questions, args.tokens))
+            rows[name]["rss_growth_mb"] = rss_mb(server.process.pid) - before
+        finally:
+            server.close()
 
     n_system = len(Model.load(model, vocab_only=True).tokenize(SYSTEM))
     print(f"model {model.name}, {args.threads} threads, {args.parallel} slots, system prompt {n_system} tokens, "

@@ -32,12 +32,16 @@ from mullama.generate._context import default_threads
 from mullama.hub import _catalog, _pull
 
 
-async def one_stream(http: httpx.AsyncClient, url: str, prompt: str, tokens: int, model: str | None = None) -> dict:
+async def one_stream(http: httpx.AsyncClient, url: str, prompt: str, tokens: int, model: str | None = None,
+                     **fields: object) -> dict:
+    """One streamed greedy completion (``fields`` change the request: ``ignore_eos`` is on unless
+    told): time to first token, tokens, tokens/s, when it ended, and its text."""
     body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True, "ignore_eos": True,
-            "stream_options": {"include_usage": True}, **({"model": model} if model else {})}
+            "stream_options": {"include_usage": True}, **({"model": model} if model else {}), **fields}
     started = time.perf_counter()
     first = last = None
     usage = None
+    parts = []
     async with http.stream("POST", url + "/v1/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
@@ -50,9 +54,11 @@ async def one_stream(http: httpx.AsyncClient, url: str, prompt: str, tokens: int
                 now = time.perf_counter()
                 first = first or now
                 last = now
+                parts.append(data["choices"][0]["text"])
     n = usage["completion_tokens"] if usage else 0
     return {"ttft": (first - started) if first else None, "tokens": n,
-            "tps": (n - 1) / (last - first) if first and last and last > first else 0.0, "end": last}
+            "tps": (n - 1) / (last - first) if first and last and last > first else 0.0, "end": last,
+            "text": "".join(parts)}
 
 
 async def run_clients(url: str, clients: int, tokens: int) -> dict:
