@@ -110,7 +110,9 @@ async def in_flight_then_sigterm(server: MullamaServer, streams: int) -> bool:
 
 
 def run(model_path: Path, *, requests: int, concurrency: int, seed: int = 0) -> dict:
-    server = MullamaServer(model_path, parallel=4, ctx_size=512)
+    # The prompt cache keeps states on purpose, within its own budget (tests/test_prompt_cache.py): off
+    # here, so that what RSS grows by is what leaks.
+    server = MullamaServer(model_path, parallel=4, ctx_size=512, extra=("--cache-ram", "0"))
     try:
         asyncio.run(load(server.url, 20, concurrency, seed + 1))  # warm-up
         rss_warm = server.rss_mb()

@@ -191,10 +191,11 @@ CLOSED_CALLS = {
     "pooling": lambda m: m.pooling,
     "generative": lambda m: m.generative,
     "eog_tokens": lambda m: m.eog_tokens(),
+    "load_lora": lambda m: m.load_lora(m.path),
     "rerank": lambda m: m.rerank("query", ["document"]),
 }
 # Plain Python state, no C behind it: usable after close.
-OPEN_AFTER_CLOSE = {"close", "closed", "load", "path", "offloaded", "needs_checkpoints", "vocab_only"}
+OPEN_AFTER_CLOSE = {"close", "closed", "load", "path", "offloaded", "needs_checkpoints", "vocab_only", "lora"}
 
 
 @pytest.fixture(scope="module")

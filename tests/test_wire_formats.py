@@ -26,8 +26,9 @@ UNSHAPED = {"/health", "/health/ready", "/health/live"}  # no errors to shape (t
 
 
 def _expected(path: str):
-    # llama-server's own routes (/infill, /rerank and its aliases), in its error shape
-    if path == "/infill" or path.removeprefix("/v1").startswith("/rerank"):
+    # llama-server's own routes (/infill, /rerank and its aliases, /slots, /lora-adapters), in its error shape
+    own = path in ("/infill", "/lora-adapters") or path.startswith("/slots")
+    if own or path.removeprefix("/v1").startswith("/rerank"):
         return LLAMA_SERVER
     if path.startswith("/v1/messages"):
         return ANTHROPIC

@@ -153,6 +153,7 @@ class Model(Owned):
         ``model.lora``. ModelLoadError (code ``LORA_LOAD_ERROR``) when llama.cpp refuses the file."""
         from ._lora import load_adapter
 
+        self.ensure_open()
         return load_adapter(self, path, scale)
 
     def close(self) -> None:
