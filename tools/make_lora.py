@@ -21,6 +21,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # not there under PYTHONSAFEPATH (the tests set it)
+from _pinned_gguf import import_gguf  # a sibling module of this script
+
 DEFAULT_TARGETS = ("attn_q", "attn_v")
 
 
@@ -35,28 +38,13 @@ def default_source() -> Path:
     return Path(found[0])
 
 
-def _import_gguf() -> object:
-    """The gguf package of the pinned llama.cpp tree (its writer matches our pin's format)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from llama_source import LLAMA_CPP_COMMIT
-    from mullama._paths import llama_cache_dir
-
-    tree = llama_cache_dir() / "src" / LLAMA_CPP_COMMIT / "gguf-py"
-    if not tree.is_dir():
-        raise SystemExit(f"{tree} is missing (the pinned llama.cpp tree's gguf-py writes the file): build first.")
-    sys.path.insert(0, str(tree))
-    import gguf  # type: ignore[import-not-found]
-
-    return gguf
-
-
 def make_lora(out: Path, source: Path | None = None, *, rank: int = 8, seed: int = 0, strength: float = 0.2,
               targets: tuple[str, ...] = DEFAULT_TARGETS, alpha: float | None = None) -> dict[str, tuple[int, ...]]:
     """Write a random LoRA adapter for ``source`` to ``out``; return its tensors' names and shapes
     (numpy order)."""
     import numpy as np
 
-    g: Any = _import_gguf()
+    g: Any = import_gguf()
     source = source or default_source()
     reader = g.GGUFReader(str(source))
     arch = str(reader.fields["general.architecture"].contents())

@@ -20,6 +20,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # not there under PYTHONSAFEPATH (the tests set it)
+from _pinned_gguf import import_gguf  # a sibling module of this script
+
 SEED = 20240527
 POOLING_RANK = 4  # LLAMA_POOLING_TYPE_RANK in llama.h
 
@@ -31,27 +34,12 @@ def default_source() -> Path:
     return resolve("all-minilm:l6-v2", quiet=True)
 
 
-def _import_gguf() -> object:
-    """The gguf package of the pinned llama.cpp tree (its writer matches our pin's format)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from llama_source import LLAMA_CPP_COMMIT
-    from mullama._paths import llama_cache_dir
-
-    tree = llama_cache_dir() / "src" / LLAMA_CPP_COMMIT / "gguf-py"
-    if not tree.is_dir():
-        raise SystemExit(f"{tree} is missing (the pinned llama.cpp tree's gguf-py writes the file): build first.")
-    sys.path.insert(0, str(tree))
-    import gguf  # type: ignore[import-not-found]
-
-    return gguf
-
-
 def make_rank_model(out: Path, source: Path | None = None, seed: int = SEED) -> dict[str, tuple[int, ...]]:
     """Write ``source`` (all-MiniLM) to ``out`` with rank pooling and a classification head;
     return the added tensors' names and shapes (numpy order)."""
     import numpy as np
 
-    g: Any = _import_gguf()
+    g: Any = import_gguf()
     source = source or default_source()
     reader = g.GGUFReader(str(source))
     arch = str(reader.fields["general.architecture"].contents())

@@ -1,0 +1,21 @@
+"""The gguf package of the pinned llama.cpp tree, for the tools that write test models."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def import_gguf() -> object:
+    """The gguf package of the pinned llama.cpp tree (its writer matches our pin's format)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from llama_source import LLAMA_CPP_COMMIT
+    from mullama._paths import llama_cache_dir
+
+    tree = llama_cache_dir() / "src" / LLAMA_CPP_COMMIT / "gguf-py"
+    if not tree.is_dir():
+        raise SystemExit(f"{tree} is missing (the pinned llama.cpp tree's gguf-py writes the file): build first.")
+    sys.path.insert(0, str(tree))
+    import gguf  # type: ignore[import-not-found]
+
+    return gguf
