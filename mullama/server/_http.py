@@ -233,6 +233,15 @@ async def read_object(request: Request) -> dict:
     return body
 
 
+def named_model(request: Request, body: Any) -> str | None:
+    """The model a llama-server-style management route names: ``?model=``, else the body's
+    ``model`` string (none: the server's only or default model)."""
+    name = request.query_params.get("model")
+    if name is None and isinstance(body, dict) and isinstance(body.get("model"), str):
+        name = body["model"]
+    return name
+
+
 def requested_model(body: Any) -> str | None:
     """The body's ``model`` (ollama's clients may send ``name``), checked to be a string."""
     if not isinstance(body, dict):

@@ -17,7 +17,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ._http import endpoint, read_json, state
+from ._http import endpoint, named_model, read_json, state
 from ._llama_server_shapes import LLAMA_SERVER
 from ._request import APIError, bad
 
@@ -42,13 +42,6 @@ def parse_lora(value: Any) -> dict[int, float]:
     return scales
 
 
-def _model_name(request: Request, body: Any) -> str | None:
-    name = request.query_params.get("model")
-    if name is None and isinstance(body, dict) and isinstance(body.get("model"), str):
-        name = body["model"]
-    return name
-
-
 def _describe(adapter: Any) -> dict[str, Any]:
     meta = adapter.metadata
     scale = struct.unpack("f", struct.pack("f", adapter.scale))[0]  # llama-server's float, as llama.cpp applies it
@@ -60,7 +53,7 @@ def _describe(adapter: Any) -> dict[str, Any]:
 @endpoint(LLAMA_SERVER)
 async def get_lora_adapters(request: Request) -> Response:
     """The model's adapters and their current scales, as llama-server's ``GET /lora-adapters``."""
-    async with await state(request).pool.lease(_model_name(request, None)) as served:
+    async with await state(request).pool.lease(named_model(request, None)) as served:
         model = served.model
         assert model is not None  # a lease holds a loaded model
         return JSONResponse([_describe(adapter) for adapter in model.lora])
@@ -74,7 +67,7 @@ async def post_lora_adapters(request: Request) -> Response:
     if not isinstance(body, list):
         raise APIError(400, "Request body must be an array")
     scales = parse_lora(body)
-    async with await state(request).pool.lease(_model_name(request, None)) as served:
+    async with await state(request).pool.lease(named_model(request, None)) as served:
         assert served.model is not None
         for adapter in served.model.lora:
             adapter.scale = scales.get(adapter.id, 0.0)

@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response
 
 from .._exceptions import ContextOverflowError, EngineError, MullamaError, StateError
 from ..generate import _slots
-from ._http import endpoint, read_json, state
+from ._http import endpoint, named_model, read_json, state
 from ._llama_server_shapes import LLAMA_SERVER
 from ._pool import Served
 from ._request import APIError, generation_error
@@ -57,13 +57,6 @@ def check_filename(directory: Path, filename: Any) -> Path:
     return path
 
 
-def _model_name(request: Request, body: Any) -> str | None:
-    name = request.query_params.get("model")
-    if name is None and isinstance(body, dict) and isinstance(body.get("model"), str):
-        name = body["model"]
-    return name
-
-
 def _engine(served: Served) -> Any:
     if served.engine is None:
         raise APIError(501, "This server does not support slots: its model only computes embeddings.",
@@ -76,7 +69,7 @@ async def get_slots(request: Request) -> Response:
     """Each slot of the model's engine, as llama-server's ``GET /slots`` (``?fail_on_no_slot=1``: 503
     when none is idle)."""
     server = state(request)
-    async with await server.pool.lease(_model_name(request, None)) as served:
+    async with await server.pool.lease(named_model(request, None)) as served:
         slots = _slots.slot_info(_engine(served))
     if request.query_params.get("fail_on_no_slot") and all(slot["is_processing"] for slot in slots):
         raise APIError(503, "no slot available", type="unavailable_error")
@@ -106,7 +99,7 @@ async def post_slot(request: Request) -> Response:
             raise APIError(400, "\"filename\" is required: the name of a file in the --slot-save-path directory.",
                            param="filename")
         path = check_filename(directory, body["filename"])
-    async with await server.pool.lease(_model_name(request, body)) as served:
+    async with await server.pool.lease(named_model(request, body)) as served:
         engine = _engine(served)
         try:
             if action == "save":
