@@ -99,17 +99,11 @@ def test_a_prompt_another_slot_is_answering_is_copied_from_it(model):
     shared = len(model.tokenize(SYSTEM.rstrip()))
     assert requests[0].cached_tokens == shared
     assert requests[1].cached_tokens >= shared  # maybe more: "Question:" may be decoded in the other slot by then
-    # What each would have given on a slot that kept the system prompt. The copy may also carry
-    # "Question:" decoded in the other slot's batch by then: its last bits may differ from a
-    # lone decode (as any reused prefix's may), so that case is compared only for completeness.
-    with Engine(model, parallel=1, n_ctx=2048, cache_ram_mib=0) as kept:
-        for prompt, got, request in zip((AGAIN, third), ids, requests):
-            greedy(kept, SYSTEM.rstrip(), 1)
-            expected = greedy(kept, prompt)[0]
-            if request.cached_tokens == shared:
-                assert expected == got
-            else:
-                assert got and request.finish_reason in ("stop", "length")
+    # Both answers are decoded in batches shared with the other stream, which (as with llama-server -np 2)
+    # may change the last bits of a logit against a lone decode: exactness of a restored state is tested
+    # above with one slot; here each answer must be a real one.
+    for got, request in zip(ids, requests):
+        assert got and request.finish_reason in ("stop", "length")
 
 
 async def _tokens(request):
