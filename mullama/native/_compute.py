@@ -90,7 +90,7 @@ class Compute:
         """A stretch of decoding ended; pause the pools when nobody else decodes."""
         with self._state:
             self._users -= 1
-            if self._users == 0:
+            if self._users == 0 and not self._closed:
                 with self.lock:
                     for pool in self._pools.values():
                         self._lib.ggml_threadpool_pause(pool)
@@ -102,6 +102,16 @@ class Compute:
         self._state = threading.Lock()
         self._pools = {}
         self._users = 0
+
+    def hold_for_exit(self) -> None:
+        """At interpreter exit, while other threads still hold contexts: wait for the decode in
+        progress to end, then keep the lock for good. No thread computes while Python and the C
+        library's static objects are torn down (one caught inside a decode then dies by SIGSEGV);
+        a thread that tries blocks until the process is gone. (Offloaded models' contexts take no
+        lock: a GPU decode in another thread at exit is not covered.)"""
+        with self._state:
+            self._closed = True  # no new pools; end() no longer takes the lock
+        self.lock.acquire()
 
     def close(self) -> None:
         """Free the pools (at exit, after every context is freed)."""

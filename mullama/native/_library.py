@@ -281,12 +281,15 @@ def _after_fork_in_child(compute: Compute) -> None:
 def _at_exit(ffi: Any, lib: Any, compute: Compute) -> None:
     """Free what is still open while the log callback exists, then detach the callback.
 
-    Objects another thread is still using are left alone (see close_all), and so are the thread
-    pools then: a daemon thread may go on decoding while the interpreter shuts down."""
+    Engines are stopped and their threads joined first (close_all). Objects another thread is still
+    using are left alone (never freed), and so are the thread pools then; that thread's decode in
+    progress is waited for, and it never decodes again (Compute.hold_for_exit)."""
     from ._owned import close_all
 
     left_open = close_all()
-    if not left_open:
+    if left_open:
+        compute.hold_for_exit()
+    else:
         compute.close()
     lib.llama_log_set(ffi.NULL, ffi.NULL)
 
