@@ -106,7 +106,7 @@ class Compute:
     def hold_for_exit(self) -> None:
         """At interpreter exit, while other threads still hold contexts: wait for the decode in
         progress to end, then keep the lock for good. No thread computes while Python and the C
-        library's static objects are torn down (one caught inside a decode then dies by SIGSEGV);
+        library's static objects are torn down (one inside a decode could touch what is being torn down);
         a thread that tries blocks until the process is gone. (Offloaded models' contexts take no
         lock: a GPU decode in another thread at exit is not covered.)"""
         with self._state:
