@@ -156,8 +156,9 @@ def test_sigterm_drains_a_replica_while_the_other_takes_new_work(deployment):
         response = httpx.post(f"{balancer.url}/v1/completions", json=BODY, timeout=120)
         assert response.status_code == 200
     worker.join(120)
-    assert result["response"].status_code == 200  # the request in flight finished
-    assert result["response"].json()["usage"]["completion_tokens"] == 200
+    response = result["response"]
+    assert response.status_code == 200, (response.text, "\n".join(first.log))  # the request in flight finished
+    assert response.json()["usage"]["completion_tokens"] == 200
     assert first.process.wait(60) == 0  # then it exits cleanly
 
 
