@@ -37,6 +37,7 @@ from ._infill import infill_prompt
 from ._lora import LoraSet, LoraSpec, apply_lora, describe, lora_set
 from ._model import Model, tokenize_prompt
 from ._sequence import Sequence, Token
+from ._speculative import VerifyBatch
 from ._stream import TokenStream
 
 __all__ = ["Context", "default_threads"]
@@ -106,6 +107,7 @@ class Context(Owned):
         # One-token batch, built once: the loop rewrites _token_buf[0] and decodes (no allocation).
         self._token_buf = ffi.new("llama_token[1]")
         self._one_token_batch = lib.llama_batch_get_one(self._token_buf, 1)
+        self._verify: VerifyBatch | None = None  # for speculative decoding, made at its first use
         self._abort_state = _AbortState()
         self._abort_handle = ffi.new_handle(self._abort_state)
         self._generation = 0  # bumped by each generation; an older one then stops
@@ -256,6 +258,10 @@ class Context(Owned):
             raise InvalidConfigError("the prompt is empty; give at least one token of text.")
         if config.lora is not None:
             lora_set(self.model, config.lora)  # a bad one fails now, not at the first step
+        if config.speculative is not None and config.draft_max + 1 > self.n_batch:
+            raise InvalidConfigError(f"StreamConfig.draft_max ({config.draft_max}) and the token before the draft "
+                                     f"must fit in one batch of this Context (n_batch={self.n_batch}); lower "
+                                     "draft_max or create the Context with a larger n_batch.")
         return Sequence(self.model, prompt_tokens, config, n_ctx=self.n_ctx, default_seed=self.seed)
 
     def _steps(self, sequence: Sequence) -> Generator[Token, None, None]:
@@ -275,6 +281,9 @@ class Context(Owned):
                     cached = self._prepare_prompt(sequence.prompt_tokens, sequence.deadline,
                                                   reuse=sequence.config.cache_prompt)
                     sequence.prompt_decoded(cached)
+                if sequence.drafter is not None:
+                    yield from self._speculative_steps(sequence, generation)
+                    return
                 lib, ptr, lock, guard, enter_step = self._lib, self.ptr, self._lock, self._guard, self._enter_step
                 buf, batch, tokens = self._token_buf, self._one_token_batch, self._tokens
                 next_token, deadline, monotonic = sequence.next_token, sequence.deadline, time.monotonic
@@ -309,6 +318,47 @@ class Context(Owned):
             raise
         finally:
             sequence.close()
+
+    def _speculative_steps(self, sequence: Sequence, generation: int) -> Generator[Token, None, None]:
+        """The rest of ``_steps`` with speculative decoding: each step decodes the token handed out
+        last with a draft after it (logits for every row), lets the sequence accept the longest agreeing
+        prefix, and drops the rejected cells from the cache; the tokens accepted are then handed out
+        one by one (all sampled before the first is yielded, so the logits are read while they are ours)."""
+        lib, ptr, lock, guard, enter_step = self._lib, self.ptr, self._lock, self._guard, self._enter_step
+        tokens, memory, n_ctx = self._tokens, self._memory, self.n_ctx
+        capacity = sequence.config.draft_max + 1
+        if self._verify is None or self._verify.capacity < capacity:
+            self._verify = VerifyBatch(lib, capacity)
+        verify, draft, check, deadline = self._verify, sequence.draft, sequence.verify, sequence.deadline
+        last: Token | None = None
+        while True:
+            if not guard.acquire(False):
+                enter_step(generation)  # tries again, and raises if it must
+            elif self._ptr is None or generation != self._generation:
+                guard.release()
+                enter_step(generation)  # raises why the step cannot be taken
+            try:
+                with lock:
+                    if last is None:
+                        out = [sequence.next_token(ptr, -1, None)]
+                    else:
+                        proposed = draft(tokens, last.id, n_ctx)
+                        rc = verify.decode(ptr, len(tokens), [last.id, *proposed])
+                        if rc != 0:
+                            self._decode_failed(rc, len(tokens), sequence.n_tokens)
+                        out = check(ptr, 0, proposed)
+                        tokens.append(last.id)
+                        tokens.extend(proposed[:len(out) - 1])
+                        if len(out) <= len(proposed):  # rejected cells: out of the cache
+                            lib.llama_memory_seq_rm(memory, 0, len(tokens), -1)
+            finally:
+                guard.release()
+            for last in out:
+                yield last
+                if last.finish_reason is not None:
+                    return
+            if deadline is not None and time.monotonic() > deadline:
+                sequence.check_deadline()
 
     def _enter_step(self, generation: int | None = None) -> None:
         """Take the context for one step (of ``generation``, when given); release ``_guard`` after it.
@@ -412,6 +462,8 @@ class Context(Owned):
             raise ContextError("this context is in use by another thread; stop its generation first.")
         try:
             super().close()
+            if self._verify is not None:
+                self._verify.close()
         finally:
             self._guard.release()
 
