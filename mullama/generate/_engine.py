@@ -32,7 +32,6 @@ from .._exceptions import (
     detached,
 )
 from ..native._owned import Owned
-from ._channel import Channel
 from ._config import MAX_SEED, StreamConfig
 from ._context_params import (
     MAX_SEQUENCES,
@@ -48,66 +47,13 @@ from ._context_params import (
     reusable_prefix,
     trim_cache,
 )
+from ._engine_request import EngineRequest, _Slot
 from ._lora import LoraSet, apply_lora, batch_lora, lora_set
 from ._model import Model
 from ._prompt_cache import DEFAULT_CACHE_RAM_MIB, MIB, SAVE_BELOW_KEEP, PromptCache
-from ._sequence import Sequence, SequenceView, Token
+from ._sequence import Sequence
 
 __all__ = ["Engine", "EngineRequest", "QueueFullError"]
-
-
-class EngineRequest(SequenceView):
-    """One sequence in the engine: read its tokens with ``next_token()``; ``cancel()`` ends it.
-
-    Statistics are those of every stream (``text``, ``finish_reason``, ``tokens_generated()``, ...).
-    """
-
-    _sequence: Sequence
-    lora: LoraSet = ()  # the LoRA adapters it decodes with (its config's lora, else the model's)
-
-    def __init__(self, sequence: Sequence, request_id: int, wake: threading.Event) -> None:
-        self._sequence = sequence
-        self.id = request_id
-        self.config = sequence.config
-        self.channel = Channel(sequence.config.buffer_size)
-        # A reader taking a token may un-pause its sequence: let the engine look again.
-        self.channel.on_take = wake.set
-        self._wake = wake
-        self._cancelled = False
-
-    def cancel(self) -> None:
-        """Stop this sequence; its slot and KV cells are released by the next step. A reader still
-        waiting for its next token (a route whose client went away) gets the end at once."""
-        if not self._cancelled:
-            self._cancelled = True
-            self.channel.close()
-            self.channel.finish()
-            self._wake.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled
-
-    async def next_token(self) -> Token | None:
-        """The next token, awaited without blocking the event loop; None at the end."""
-        result: Token | None = await self.channel.get_async()
-        return result
-
-
-class _Slot:
-    """A sequence of the shared context, and the request it is serving."""
-
-    __slots__ = ("batch_row", "breaks", "cached", "lora", "next_token", "pending_prompt", "request", "seq_id")
-
-    def __init__(self, seq_id: int) -> None:
-        self.seq_id = seq_id
-        self.cached: list[int] = []  # tokens whose KV cells this sequence holds
-        self.request: EngineRequest | None = None
-        self.pending_prompt: list[int] = []
-        self.breaks: tuple[int, ...] = ()  # positions where a prompt batch must end (prompt_breaks)
-        self.next_token: int | None = None  # sampled, delivered, not yet decoded
-        self.batch_row = -1
-        self.lora: LoraSet = ()  # the LoRA adapters its cached cells were computed with
 
 
 class Engine(Owned):
@@ -357,11 +303,16 @@ class Engine(Owned):
             except MullamaError as exc:
                 self._fail(slot, exc)
                 continue
-            if slot.next_token is not None and request.channel.has_room() and slot.lora == lora:
-                n = self._add(n, slot.next_token, len(slot.cached), slot.seq_id, True)
-                slot.cached.append(slot.next_token)
+            room = min(request.channel.free(), self.n_batch - n) - 1  # for a draft, after the token
+            if slot.next_token is not None and request.channel.has_room() and slot.lora == lora and room >= 0:
+                sequence = request._sequence  # speculative decoding: a draft verified in the same batch
+                slot.draft = [] if sequence.drafter is None or not room else \
+                    sequence.draft(slot.cached, slot.next_token, self.n_ctx_per_slot)[:room]
+                slot.batch_row = n
+                for token in (slot.next_token, *slot.draft):
+                    n = self._add(n, token, len(slot.cached), slot.seq_id, True)
+                    slot.cached.append(token)
                 slot.next_token = None
-                slot.batch_row = n - 1
                 rows.append(slot)
                 members.append(slot)
         for slot in self._slots:  # then prompt chunks, as much as the batch has room for
@@ -417,8 +368,19 @@ class Engine(Owned):
         sequence = request._sequence
         if sequence.prompt_done is None:
             sequence.prompt_decoded(sequence.cached_tokens)
-        token = sequence.next_token(self.ptr, slot.batch_row, self._lock)
-        request.channel.offer(token)  # there is room: checked before decoding
+        if sequence.drafter is None:
+            token = sequence.next_token(self.ptr, slot.batch_row, self._lock)
+            request.channel.offer(token)  # there is room: checked before decoding
+        else:
+            with self._lock:
+                out = sequence.verify(self.ptr, slot.batch_row, slot.draft)
+            rejected = len(slot.draft) + 1 - len(out)
+            if rejected:  # their cells leave the cache
+                del slot.cached[-rejected:]
+                self._lib.llama_memory_seq_rm(self._memory, slot.seq_id, len(slot.cached), -1)
+            slot.draft = []
+            for token in out:
+                request.channel.offer(token)  # there is room: the draft was cut to it
         if token.finish_reason is not None:
             self._finish(slot)
         else:
