@@ -209,7 +209,6 @@ def test_async_streams_speculate_in_the_engine(model_path):
         stream = loaded.generate_stream(prompt, max_tokens=N_PREDICT, temperature=0, timeout_ms=None,
                                         cache_prompt=False, **SPEC)
         ids = [token.id async for token in stream]
-        assert "".join(stream.text) == stream.text
         return ids, stream.draft_proposed, stream.draft_accepted
 
     async def scenario():
@@ -231,3 +230,44 @@ def test_async_streams_speculate_in_the_engine(model_path):
                 assert shared_ids == reference.token_ids
     assert sum(accepted for _, _, accepted in together) > 0
     assert steps < sum(len(ids) for ids, _, _ in together)
+
+
+def test_the_server_speculates_as_llama_server(build, model, model_path):
+    """`mullama serve --spec-type ngram-simple` (the engine's speculative defaults) against llama-server
+    started with the same flags: /v1/completions gives the same text, on the official client."""
+    import openai
+    from inprocess_server import serving
+
+    server = upstream.LlamaServer(build.tool("llama-server"), model_path, threads=default_threads(),
+                                  extra=SERVER_SPEC)
+    try:
+        with serving(model, parallel=1, n_ctx=4096, speculative=SPEC) as (ours, engine):
+            for prompt in (GROUNDED[0], GROUNDED[2], OPEN[1]):
+                answers = []
+                for url in (ours.url, server.url):
+                    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none")
+                    answers.append(client.completions.create(model="smollm2:135m", prompt=prompt,
+                                                             max_tokens=N_PREDICT, temperature=0,
+                                                             extra_body={"cache_prompt": False,
+                                                                         "top_k": 1}).choices[0].text)
+                assert answers[0] == answers[1]
+            assert engine.speculative == SPEC
+    finally:
+        server.close()
+
+
+def test_serve_flags():
+    """--spec-type and the n-gram sizes reach the engine's defaults; bad values are clear errors."""
+    from mullama.cli._args import speculative_options
+    from mullama.cli._parser import make_parser
+
+    parser = make_parser()
+    args = parser.parse_args(["serve", "--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "3",
+                              "--draft-max", "8"])
+    assert speculative_options(args) == {"speculative": "ngram", "draft_min": 3, "draft_max": 8}
+    assert speculative_options(parser.parse_args(["serve"])) is None
+    with pytest.raises(mullama.InvalidConfigError, match="needs --spec-type"):
+        speculative_options(parser.parse_args(["run", "--draft-min", "3", "hi"]))
+    with pytest.raises(mullama.InvalidConfigError, match="draft_min"):
+        speculative_options(parser.parse_args(["serve", "--spec-type", "ngram-simple", "--draft-min", "9",
+                                               "--draft-max", "8"]))

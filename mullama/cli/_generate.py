@@ -74,7 +74,8 @@ def run_command(args: argparse.Namespace) -> int:
                        "finish_reason": stream.finish_reason,
                        "prompt_tokens": stream.prompt_tokens, "completion_tokens": stream.tokens_generated(),
                        "time_to_first_token_s": stream.time_to_first_token(),
-                       "tokens_per_second": stream.tokens_per_second()}, sys.stdout, ensure_ascii=False)
+                       "tokens_per_second": stream.tokens_per_second(), "draft_proposed": stream.draft_proposed,
+                       "draft_accepted": stream.draft_accepted}, sys.stdout, ensure_ascii=False)
         sys.stdout.write("\n")
         sys.stdout.flush()
         if stream.finish_reason == "length" and not args.json:  # cut short: say so, off standard output
@@ -82,8 +83,9 @@ def run_command(args: argparse.Namespace) -> int:
         if args.verbose:
             ttft = stream.time_to_first_token()
             print(f"[{stream.tokens_generated()} tokens, {stream.tokens_per_second():.1f} tokens/s, "
-                  f"first token after {(ttft or 0) * 1000:.0f} ms, {stream.prompt_tokens} prompt tokens]",
-                  file=sys.stderr)
+                  f"first token after {(ttft or 0) * 1000:.0f} ms, {stream.prompt_tokens} prompt tokens"
+                  + (f", {stream.draft_accepted}/{stream.draft_proposed} drafted tokens accepted"
+                     if config.speculative else "") + "]", file=sys.stderr)
     return 0
 
 

@@ -20,7 +20,8 @@ import itertools
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from .._exceptions import (
     ContextOverflowError,
@@ -71,7 +72,8 @@ class Engine(Owned):
 
     def __init__(self, model: Model, *, parallel: int = 4, n_ctx: int | None = None, n_batch: int = 2048,
                  n_threads: int | None = None, max_queue: int = 64, seed: int | None = None,
-                 flash_attn: bool | None = None, cache_ram_mib: int = DEFAULT_CACHE_RAM_MIB) -> None:
+                 flash_attn: bool | None = None, cache_ram_mib: int = DEFAULT_CACHE_RAM_MIB,
+                 speculative: Mapping[str, Any] | None = None) -> None:
         if not isinstance(model, Model):
             raise InvalidConfigError(f"Engine needs a mullama.Model, not {type(model).__name__}.")
         if isinstance(cache_ram_mib, bool) or not isinstance(cache_ram_mib, int) or cache_ram_mib < -1:
@@ -85,6 +87,9 @@ class Engine(Owned):
             raise InvalidConfigError(f"max_queue must be a non-negative integer, not {max_queue!r}.")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
             raise InvalidConfigError(f"seed must be an integer from 0 to {MAX_SEED}, not {seed!r}.")
+        # Speculative decoding for every request whose config asks for none (llama-server's --spec-type).
+        self.speculative = dict(speculative or {})
+        StreamConfig(**self.speculative)  # bad settings fail now
         self.model = model
         self.parallel = parallel
         self.seed = seed
@@ -136,6 +141,8 @@ class Engine(Owned):
                 f"{self.n_ctx_per_slot}; shorten it, or use a larger context size.")
         self._check_alive()
         lora = lora_set(self.model, config.lora)
+        if self.speculative and config.speculative is None:
+            config = config.with_options(**self.speculative)
         sequence = Sequence(self.model, list(prompt_tokens), config, n_ctx=self.n_ctx_per_slot,
                             default_seed=self.seed)
         request = EngineRequest(sequence, next(self._ids), self._wake)
