@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import upstream
 
 import mullama
 from mullama.generate._context import default_threads
+from mullama.generate._engine import Engine
 from mullama.generate._model import tokenize_prompt
 from mullama.generate._speculative import BACKOFF_MAX, NgramDrafter
 from mullama.hub import _pull
@@ -48,6 +52,7 @@ OPEN = [
     "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
 ]
 N_PREDICT = 64
+REPO = Path(__file__).resolve().parent.parent
 SPEC = {"speculative": "ngram", "draft_min": 4, "draft_max": 16}
 SERVER_SPEC = ("--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "4", "--spec-ngram-simple-size-m", "16")
 
@@ -271,3 +276,42 @@ def test_serve_flags():
     with pytest.raises(mullama.InvalidConfigError, match="draft_min"):
         speculative_options(parser.parse_args(["serve", "--spec-type", "ngram-simple", "--draft-min", "9",
                                                "--draft-max", "8"]))
+
+
+@pytest.fixture(scope="module")
+def draft_model(tmp_path_factory, model_path):
+    """SmolLM2 requantised to Q2_K by tools/make_draft_model.py: the same vocabulary, smaller weights."""
+    out = tmp_path_factory.mktemp("draft") / "draft.gguf"
+    subprocess.run([sys.executable, str(REPO / "tools" / "make_draft_model.py"), str(out), "--for", str(model_path)],
+                   check=True, capture_output=True, timeout=300)
+    with mullama.Model.load(out) as loaded:
+        yield loaded
+
+
+@pytest.mark.parametrize("prompt", OPEN)
+def test_a_draft_model_drafts_and_the_output_is_the_targets(prompt, model, draft_model):
+    with mullama.Context(model, n_ctx=2048, draft_model=draft_model) as context:
+        plain = context.generate(prompt, N_PREDICT, cache_prompt=False, timeout_ms=None)
+        fast = context.generate(prompt, N_PREDICT, cache_prompt=False, timeout_ms=None, speculative="draft",
+                                draft_max=4)
+    assert fast.token_ids == plain.token_ids
+    assert fast.timings["draft_proposed"] >= fast.timings["draft_accepted"] > 0
+
+
+def test_a_draft_model_must_share_the_vocabulary(model):
+    with mullama.Model.load(_pull.resolve("gemma3:270m")) as other:
+        with pytest.raises(mullama.InvalidConfigError, match="cannot draft for") as caught:
+            mullama.Context(model, draft_model=other)
+    assert caught.value.code == "INVALID_CONFIG"
+
+
+def test_draft_speculation_needs_a_draft_model(model):
+    with mullama.Context(model, n_ctx=512) as context:
+        with pytest.raises(mullama.InvalidConfigError, match="draft_model="):
+            context.generate("Hi", 4, speculative="draft")
+    engine = Engine(model, parallel=1, n_ctx=512)
+    try:
+        with pytest.raises(mullama.InvalidConfigError, match="ngram"):
+            engine.submit(tokenize_prompt(model, "Hi"), mullama.StreamConfig(speculative="draft"))
+    finally:
+        engine.close()

@@ -33,6 +33,7 @@ from ._context_params import (
     reusable_prefix,
     trim_cache,
 )
+from ._draft_model import DraftModelDrafter, check_draft_model
 from ._infill import infill_prompt
 from ._lora import LoraSet, LoraSpec, apply_lora, describe, lora_set
 from ._model import Model, tokenize_prompt
@@ -81,7 +82,8 @@ class Context(Owned):
 
     def __init__(self, model: Model, *, n_ctx: int | None = None, n_batch: int = 2048,
                  n_threads: int | None = None, n_threads_batch: int | None = None,
-                 seed: int | None = None, flash_attn: bool | None = None, warmup: bool = True) -> None:
+                 seed: int | None = None, flash_attn: bool | None = None, warmup: bool = True,
+                 draft_model: Model | None = None) -> None:
         if not isinstance(model, Model):
             raise InvalidConfigError(f"Context needs a mullama.Model, not {type(model).__name__}.")
         check_n_ctx(n_ctx)
@@ -114,6 +116,13 @@ class Context(Owned):
         self._lora: LoraSet = ()  # the LoRA adapters applied, which the cache's tokens were decoded with
         self._lora_default = lora_set(model, None)  # the model's, until set_lora(); a config's lora overrides
         self._apply_lora(self._lora_default)
+        self._draft: Context | None = None  # the draft model's context, for StreamConfig(speculative="draft")
+        if draft_model is not None:
+            if not isinstance(draft_model, Model):
+                raise InvalidConfigError(f"draft_model must be a mullama.Model, not {type(draft_model).__name__}.")
+            check_draft_model(model, draft_model)
+            self._draft = Context(draft_model, n_ctx=self.n_ctx, n_batch=n_batch, n_threads=n_threads,
+                                  n_threads_batch=n_threads_batch, flash_attn=flash_attn, warmup=warmup)
 
     # --- KV cache ---------------------------------------------------------------
     @property
@@ -262,7 +271,13 @@ class Context(Owned):
             raise InvalidConfigError(f"StreamConfig.draft_max ({config.draft_max}) and the token before the draft "
                                      f"must fit in one batch of this Context (n_batch={self.n_batch}); lower "
                                      "draft_max or create the Context with a larger n_batch.")
-        return Sequence(self.model, prompt_tokens, config, n_ctx=self.n_ctx, default_seed=self.seed)
+        if config.speculative == "draft" and self._draft is None:
+            raise InvalidConfigError('StreamConfig(speculative="draft") needs a Context made with a draft model: '
+                                     "Context(model, draft_model=Model.load(...)).")
+        sequence = Sequence(self.model, prompt_tokens, config, n_ctx=self.n_ctx, default_seed=self.seed)
+        if config.speculative == "draft" and self._draft is not None:
+            sequence.drafter = DraftModelDrafter(self._draft, config.draft_max)
+        return sequence
 
     def _steps(self, sequence: Sequence) -> Generator[Token, None, None]:
         """Step ``sequence`` on this context: decode its prompt, then one step per token, under the
@@ -464,6 +479,8 @@ class Context(Owned):
             super().close()
             if self._verify is not None:
                 self._verify.close()
+            if self._draft is not None:
+                self._draft.close()
         finally:
             self._guard.release()
 

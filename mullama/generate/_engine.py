@@ -141,6 +141,9 @@ class Engine(Owned):
                 f"{self.n_ctx_per_slot}; shorten it, or use a larger context size.")
         self._check_alive()
         lora = lora_set(self.model, config.lora)
+        if config.speculative == "draft":
+            raise InvalidConfigError('StreamConfig(speculative="draft") works on a Context made with a draft model; '
+                                     'the batching engine (AsyncModel, the server) drafts with speculative="ngram".')
         if self.speculative and config.speculative is None:
             config = config.with_options(**self.speculative)
         sequence = Sequence(self.model, list(prompt_tokens), config, n_ctx=self.n_ctx_per_slot,

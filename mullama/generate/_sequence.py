@@ -26,7 +26,7 @@ from ..chat._tools import ToolCall, ToolCallParser
 from ..structured._response_format import JsonFence
 from ._logprobs import TopLogprob, token_logprobs
 from ._sampler import SamplerChain
-from ._speculative import NgramDrafter
+from ._speculative import Drafter, NgramDrafter
 
 if TYPE_CHECKING:
     from ._config import StreamConfig
@@ -165,7 +165,8 @@ class Sequence:
         self.stop_sequence: str | None = None
         self.error: BaseException | None = None
         # Speculative decoding: who drafts, and how many drafted tokens were proposed and accepted.
-        self.drafter = NgramDrafter(config.draft_min, config.draft_max) if config.speculative == "ngram" else None
+        self.drafter: Drafter | None = (NgramDrafter(config.draft_min, config.draft_max)
+                                        if config.speculative == "ngram" else None)  # a draft model: set by Context
         self.draft_proposed = 0
         self.draft_accepted = 0
 
@@ -318,6 +319,8 @@ class Sequence:
     def close(self) -> None:
         """Free the sampler chain (statistics stay readable)."""
         self.sampler.close()
+        if self.drafter is not None:
+            self.drafter.close()
 
     @property
     def done(self) -> bool:

@@ -24,11 +24,21 @@ batches.
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["BACKOFF_MAX", "NgramDrafter", "VerifyBatch"]
+__all__ = ["BACKOFF_MAX", "Drafter", "NgramDrafter", "VerifyBatch"]
 
 BACKOFF_MAX = 64  # tokens: the longest pause in drafting after rejected drafts
+
+
+class Drafter(Protocol):
+    """What proposes drafts: the n-gram lookup below, or a draft model (mullama.generate._draft_model)."""
+
+    def draft(self, history: list[int], sampled: int, room: int) -> list[int]: ...
+
+    def verified(self, proposed: int, accepted: int) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class NgramDrafter:
@@ -101,6 +111,9 @@ class NgramDrafter:
         self.failures += 1
         if self.failures >= 2:
             self.wait = min(2 ** (self.failures - 1), BACKOFF_MAX)
+
+    def close(self) -> None:
+        """Nothing to free."""
 
 
 class VerifyBatch:
