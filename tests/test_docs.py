@@ -102,6 +102,15 @@ def adapter_path(tmp_path_factory, model_path) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def draft_path(tmp_path_factory, model_path) -> Path:
+    """The draft model docs/speculative.md has its reader write with tools/make_draft_model.py."""
+    out = tmp_path_factory.mktemp("draft") / "draft.gguf"
+    subprocess.run([sys.executable, str(REPO / "tools" / "make_draft_model.py"), str(out), "--for", str(model_path)],
+                   check=True, capture_output=True, timeout=300)
+    return out
+
+
 @pytest.mark.parametrize("name, index, code", blocks(), ids=[f"{n}#{i}" for n, i, _ in blocks()])
 def test_docs_block_runs(name, index, code, tmp_path, model_path, build, request):
     from upstream import free_port
@@ -112,6 +121,8 @@ def test_docs_block_runs(name, index, code, tmp_path, model_path, build, request
         (tmp_path / "reranker.gguf").symlink_to(request.getfixturevalue("reranker_path"))
     if "adapter.gguf" in code:
         (tmp_path / "adapter.gguf").symlink_to(request.getfixturevalue("adapter_path"))
+    if "draft.gguf" in code:
+        (tmp_path / "draft.gguf").symlink_to(request.getfixturevalue("draft_path"))
     if "127.0.0.1:8080" in code:
         server = request.getfixturevalue("docs_server")
         code = code.replace("127.0.0.1:8080", f"127.0.0.1:{server.port}")

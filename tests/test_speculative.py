@@ -273,6 +273,10 @@ def test_serve_flags():
     assert speculative_options(parser.parse_args(["serve"])) is None
     with pytest.raises(mullama.InvalidConfigError, match="needs --spec-type"):
         speculative_options(parser.parse_args(["run", "--draft-min", "3", "hi"]))
+    assert speculative_options(parser.parse_args(["run", "-md", "draft.gguf", "--spec-draft-n-max", "3", "hi"])) \
+        == {"speculative": "draft", "draft_max": 3}
+    with pytest.raises(mullama.InvalidConfigError, match="needs a draft model"):
+        speculative_options(parser.parse_args(["run", "--spec-type", "draft-simple", "hi"]))
     with pytest.raises(mullama.InvalidConfigError, match="draft_min"):
         speculative_options(parser.parse_args(["serve", "--spec-type", "ngram-simple", "--draft-min", "9",
                                                "--draft-max", "8"]))

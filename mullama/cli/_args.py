@@ -78,13 +78,20 @@ def speculative_options(args: argparse.Namespace) -> dict[str, Any] | None:
     """The StreamConfig fields --spec-type and the n-gram sizes ask for (None: no speculation), checked."""
     from ..generate._config import StreamConfig
 
-    if getattr(args, "spec_type", "none") == "none":
+    kind = getattr(args, "spec_type", "none")
+    if getattr(args, "model_draft", None):
+        if kind == "ngram-simple":
+            raise InvalidConfigError("-md/--model-draft drafts with a model: give --spec-type draft-simple (or none).")
+        kind = "draft-simple"
+    elif kind == "draft-simple":
+        raise InvalidConfigError("--spec-type draft-simple needs a draft model: -md FNAME.")
+    if kind == "none":
         for flag, value in (("--spec-ngram-simple-size-n", getattr(args, "draft_min", None)),
                             ("--spec-ngram-simple-size-m", getattr(args, "draft_max", None))):
             if value is not None:
                 raise InvalidConfigError(f"{flag} needs --spec-type ngram-simple.")
         return None
-    options: dict[str, Any] = {"speculative": "ngram"}
+    options: dict[str, Any] = {"speculative": "ngram" if kind == "ngram-simple" else "draft"}
     if args.draft_min is not None:
         options["draft_min"] = args.draft_min
     if args.draft_max is not None:

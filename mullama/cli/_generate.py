@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -51,8 +52,12 @@ def run_command(args: argparse.Namespace) -> int:
         raise InvalidConfigError("no prompt: give one as arguments, with -f FILE, or on standard input.")
     config = stream_config(args, stop=args.stop)
     label = model_label(model_name)
-    with Model.load(model_name, chat_template=args.chat_template_file, **placement(args)) as model, \
-            Context(model, n_ctx=args.ctx_size, n_threads=args.threads) as context:
+    with contextlib.ExitStack() as resources:
+        model = resources.enter_context(Model.load(model_name, chat_template=args.chat_template_file,
+                                                   **placement(args)))
+        draft = resources.enter_context(Model.load(args.model_draft)) if args.model_draft else None
+        context = resources.enter_context(Context(model, n_ctx=args.ctx_size, n_threads=args.threads,
+                                                  draft_model=draft))
         warn_ctx_size(args.ctx_size, model)
         raw = args.raw or model.chat_template is None
         if raw and not args.raw:  # a base model: complete the text, as ollama does

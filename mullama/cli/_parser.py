@@ -107,13 +107,16 @@ def _add_sampling(parser: argparse.ArgumentParser, max_tokens: int) -> None:
 
 def _add_speculative(parser: argparse.ArgumentParser) -> None:
     """llama-server's speculative decoding flags, for the kind mullama has (docs/speculative.md)."""
-    parser.add_argument("--spec-type", choices=["none", "ngram-simple"], default="none",
-                        help="speculative decoding: ngram-simple drafts from the prompt and output and checks "
-                             "each draft in one decode (the same tokens, faster when the text repeats)")
+    parser.add_argument("--spec-type", choices=["none", "ngram-simple", "draft-simple"], default="none",
+                        help="speculative decoding: ngram-simple drafts from the prompt and output, draft-simple "
+                             "with -md; each draft is checked in one decode (the same tokens, faster when the "
+                             "drafts are right)")
+    parser.add_argument("-md", "--model-draft", "--spec-draft-model", dest="model_draft", metavar="FNAME",
+                        help="a draft model with the same vocabulary (implies --spec-type draft-simple)")
     parser.add_argument("--spec-ngram-simple-size-n", "--draft-min", dest="draft_min", type=int, metavar="N",
                         help="n-gram looked up, and the shortest draft (default 4)")
-    parser.add_argument("--spec-ngram-simple-size-m", "--draft-max", dest="draft_max", type=int, metavar="N",
-                        help="the longest draft (default 16)")
+    parser.add_argument("--spec-ngram-simple-size-m", "--spec-draft-n-max", "--draft-max", dest="draft_max",
+                        type=int, metavar="N", help="the longest draft (default 16)")
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -89,7 +89,8 @@ class Engine(Owned):
             raise InvalidConfigError(f"seed must be an integer from 0 to {MAX_SEED}, not {seed!r}.")
         # Speculative decoding for every request whose config asks for none (llama-server's --spec-type).
         self.speculative = dict(speculative or {})
-        StreamConfig(**self.speculative)  # bad settings fail now
+        if StreamConfig(**self.speculative).speculative == "draft":  # bad settings fail now
+            raise _no_draft_model()
         self.model = model
         self.parallel = parallel
         self.seed = seed
@@ -142,8 +143,7 @@ class Engine(Owned):
         self._check_alive()
         lora = lora_set(self.model, config.lora)
         if config.speculative == "draft":
-            raise InvalidConfigError('StreamConfig(speculative="draft") works on a Context made with a draft model; '
-                                     'the batching engine (AsyncModel, the server) drafts with speculative="ngram".')
+            raise _no_draft_model()
         if self.speculative and config.speculative is None:
             config = config.with_options(**self.speculative)
         sequence = Sequence(self.model, list(prompt_tokens), config, n_ctx=self.n_ctx_per_slot,
@@ -430,6 +430,11 @@ class Engine(Owned):
             slot.request._sequence.close()
         slot.request, slot.next_token = None, None
         slot.pending_prompt = []
+
+
+def _no_draft_model() -> InvalidConfigError:
+    return InvalidConfigError('speculative="draft" (-md) works on a Context made with a draft model (and '
+                              '`mullama run -md`); the batching engine (AsyncModel, the server) drafts with "ngram".')
 
 
 def _serve(engine_ref: weakref.ref[Engine], wake: threading.Event) -> None:
