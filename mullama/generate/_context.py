@@ -347,11 +347,7 @@ class Context(Owned):
         verify, draft, check, deadline = self._verify, sequence.draft, sequence.verify, sequence.deadline
         last: Token | None = None
         while True:
-            if not guard.acquire(False):
-                enter_step(generation)  # tries again, and raises if it must
-            elif self._ptr is None or generation != self._generation:
-                guard.release()
-                enter_step(generation)  # raises why the step cannot be taken
+            enter_step(generation)  # takes the guard, or raises why the step cannot be taken
             try:
                 with lock:
                     if last is None:
