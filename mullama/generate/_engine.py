@@ -429,7 +429,7 @@ class Engine(Owned):
         if slot.request is not None:
             slot.request._sequence.close()
         slot.request, slot.next_token = None, None
-        slot.pending_prompt = []
+        slot.pending_prompt, slot.draft = [], []
 
 
 def _no_draft_model() -> InvalidConfigError:
