@@ -315,7 +315,30 @@ def test_draft_speculation_needs_a_draft_model(model):
             context.generate("Hi", 4, speculative="draft")
     engine = Engine(model, parallel=1, n_ctx=512)
     try:
-        with pytest.raises(mullama.InvalidConfigError, match="ngram"):
+        with pytest.raises(mullama.InvalidConfigError, match="draft_model="):
             engine.submit(tokenize_prompt(model, "Hi"), mullama.StreamConfig(speculative="draft"))
     finally:
         engine.close()
+
+
+def test_async_streams_draft_with_a_draft_model(model, model_path, draft_model):
+    """AsyncModel.load(path, draft_model=...): each slot of the engine has its own context of the draft
+    model; two streams draft side by side, and each gives the target's own answer."""
+    loaded = asyncio.run(mullama.AsyncModel.load(model_path, n_ctx=1024, parallel=2, draft_model=draft_model.path))
+
+    async def one(prompt):
+        stream = loaded.generate_stream(prompt, max_tokens=32, temperature=0, timeout_ms=None, cache_prompt=False,
+                                        speculative="draft", draft_max=4)
+        return [token.id async for token in stream], stream.draft_accepted
+
+    async def both():
+        return await asyncio.gather(*(one(prompt) for prompt in OPEN[:2]))
+
+    try:
+        results = asyncio.run(both())
+    finally:
+        asyncio.run(loaded.aclose())
+    with mullama.Context(model, n_ctx=1024) as context:
+        for prompt, (ids, accepted) in zip(OPEN[:2], results):
+            assert ids == context.generate(prompt, 32, cache_prompt=False, timeout_ms=None).token_ids
+            assert accepted > 0

@@ -112,7 +112,8 @@ def _add_speculative(parser: argparse.ArgumentParser) -> None:
                              "with -md; each draft is checked in one decode (the same tokens, faster when the "
                              "drafts are right)")
     parser.add_argument("-md", "--model-draft", "--spec-draft-model", dest="model_draft", metavar="FNAME",
-                        help="a draft model with the same vocabulary (implies --spec-type draft-simple)")
+                        help="a draft model with the same vocabulary (implies --spec-type draft-simple; "
+                             "llama-server's)")
     parser.add_argument("--spec-ngram-simple-size-n", "--draft-min", dest="draft_min", type=int, metavar="N",
                         help="n-gram looked up, and the shortest draft (default 4)")
     parser.add_argument("--spec-ngram-simple-size-m", "--spec-draft-n-max", "--draft-max", dest="draft_max",

@@ -41,6 +41,7 @@ def serve_command(args: argparse.Namespace) -> int:
                  keep_alive=keep_alive, max_loaded=args.max_loaded, placement=placement(args),
                  drain_timeout=args.drain_timeout, lora=_lora_args(args),
                  lora_init_without_apply=args.lora_init_without_apply, speculative=speculative_options(args),
+                 draft_model=args.model_draft,
                  max_memory=_parse_size(args.max_memory) if args.max_memory else None)
 
 

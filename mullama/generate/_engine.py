@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import os
 import threading
 import time
 import weakref
@@ -34,6 +35,7 @@ from .._exceptions import (
 )
 from ..native._owned import Owned
 from ._config import MAX_SEED, StreamConfig
+from ._context import Context
 from ._context_params import (
     MAX_SEQUENCES,
     ContextSettings,
@@ -48,6 +50,7 @@ from ._context_params import (
     reusable_prefix,
     trim_cache,
 )
+from ._draft_model import DraftModelDrafter, check_draft_model
 from ._engine_request import EngineRequest, _Slot
 from ._lora import LoraSet, apply_lora, batch_lora, lora_set
 from ._model import Model
@@ -73,7 +76,8 @@ class Engine(Owned):
     def __init__(self, model: Model, *, parallel: int = 4, n_ctx: int | None = None, n_batch: int = 2048,
                  n_threads: int | None = None, max_queue: int = 64, seed: int | None = None,
                  flash_attn: bool | None = None, cache_ram_mib: int = DEFAULT_CACHE_RAM_MIB,
-                 speculative: Mapping[str, Any] | None = None) -> None:
+                 speculative: Mapping[str, Any] | None = None,
+                 draft_model: Model | str | os.PathLike[str] | None = None) -> None:
         if not isinstance(model, Model):
             raise InvalidConfigError(f"Engine needs a mullama.Model, not {type(model).__name__}.")
         if isinstance(cache_ram_mib, bool) or not isinstance(cache_ram_mib, int) or cache_ram_mib < -1:
@@ -89,7 +93,7 @@ class Engine(Owned):
             raise InvalidConfigError(f"seed must be an integer from 0 to {MAX_SEED}, not {seed!r}.")
         # Speculative decoding for every request whose config asks for none (llama-server's --spec-type).
         self.speculative = dict(speculative or {})
-        if StreamConfig(**self.speculative).speculative == "draft":  # bad settings fail now
+        if StreamConfig(**self.speculative).speculative == "draft" and draft_model is None:  # bad settings fail now
             raise _no_draft_model()
         self.model = model
         self.parallel = parallel
@@ -123,6 +127,16 @@ class Engine(Owned):
                       "prompt_tokens_total": 0, "completion_tokens_total": 0, "decode_steps": 0,
                       "decode_seconds": 0.0, "rejected_total": 0}
         # The thread holds a weak reference: an engine nobody holds is stopped and freed.
+        # A draft model (speculative="draft"): one context of it per slot; loaded here from a path, and then ours.
+        self._draft_owned = draft_model if draft_model is None or isinstance(draft_model, Model) else \
+            Model.load(draft_model)
+        self._drafts: list[Context] = []
+        if self._draft_owned is not None:
+            check_draft_model(model, self._draft_owned)
+            self._drafts = [Context(self._draft_owned, n_ctx=self.n_ctx_per_slot, n_batch=n_batch, n_threads=n_threads,
+                                    flash_attn=flash_attn) for _ in range(parallel)]
+            if self._draft_owned is draft_model:
+                self._draft_owned = None
         self._thread = threading.Thread(target=_serve, args=(weakref.ref(self), self._wake),
                                         name="mullama-engine", daemon=True)
         self._thread.start()
@@ -142,7 +156,7 @@ class Engine(Owned):
                 f"{self.n_ctx_per_slot}; shorten it, or use a larger context size.")
         self._check_alive()
         lora = lora_set(self.model, config.lora)
-        if config.speculative == "draft":
+        if config.speculative == "draft" and not self._drafts:
             raise _no_draft_model()
         if self.speculative and config.speculative is None:
             config = config.with_options(**self.speculative)
@@ -212,6 +226,10 @@ class Engine(Owned):
             raise EngineError("the engine's thread did not stop within 30 s; not freeing its context.")
         super().close()
         self._free_batch()
+        for context in self._drafts:
+            context.close()
+        if self._draft_owned is not None:
+            self._draft_owned.close()
 
     # --- the engine thread -------------------------------------------------------------
     def _run_once(self) -> bool | None:
@@ -278,6 +296,8 @@ class Engine(Owned):
         slot.breaks = prompt_breaks(self.model, len(prompt), self.n_batch)
         slot.next_token = None
         request._sequence.cached_tokens = common
+        if request.config.speculative == "draft":  # the slot's own context of the draft model
+            request._sequence.drafter = DraftModelDrafter(self._drafts[slot.seq_id], request.config.draft_max)
         self.stats["prompt_tokens_total"] += len(prompt)
 
     def _swap_cached(self, slot: _Slot, prompt: list[int]) -> None:
@@ -433,8 +453,8 @@ class Engine(Owned):
 
 
 def _no_draft_model() -> InvalidConfigError:
-    return InvalidConfigError('speculative="draft" (-md) works on a Context made with a draft model (and '
-                              '`mullama run -md`); the batching engine (AsyncModel, the server) drafts with "ngram".')
+    return InvalidConfigError('speculative="draft" needs a draft model: Context(model, draft_model=...), '
+                              "AsyncModel.load(path, draft_model=...), or -md FNAME.")
 
 
 def _serve(engine_ref: weakref.ref[Engine], wake: threading.Event) -> None:
