@@ -201,14 +201,15 @@ def test_the_drafter_is_upstreams_ngram_simple_and_backs_off():
     assert drafter.draft(history, 3, room=16)
 
 
-def test_async_streams_speculate_in_the_engine(model_path):
+def test_async_streams_speculate_in_the_engine(setup):
     """AsyncModel's engine verifies drafts too: a stream alone gives what a Context gives (same batches,
     same drafts); streams together verify their drafts in shared decodes. Together, a sequence's rows
-    share the batch with other sequences' rows, so a near-tie may flip, as with llama-server -np 4 (the
-    first grounded prompt, whose every step is a long draft, did so once in a measurement at the pin):
-    the shared run is compared on the other prompts."""
+    share the batch with other sequences' rows, so a near-tie may flip, as with llama-server -np 4: for
+    Gemma (whose kernels sum a multi-row batch in another order, see test_greedy_upstream) the shared run
+    is not compared token for token, and for SmolLM2 the first grounded prompt, whose every step is a
+    long draft, flipped once in a measurement at the pin, so it is left out of that comparison."""
     prompts = GROUNDED + OPEN
-    loaded = asyncio.run(mullama.AsyncModel.load(model_path, n_ctx=2048, parallel=4))
+    loaded = asyncio.run(mullama.AsyncModel.load(setup.model.path, n_ctx=2048, parallel=4))
 
     async def one(prompt):
         stream = loaded.generate_stream(prompt, max_tokens=N_PREDICT, temperature=0, timeout_ms=None,
@@ -226,39 +227,35 @@ def test_async_streams_speculate_in_the_engine(model_path):
         alone, together, steps = asyncio.run(scenario())
     finally:
         asyncio.run(loaded.aclose())
-    with mullama.Context(loaded.model, n_ctx=2048) as context:
+    batch_invariant = setup.model.path.name.startswith("SmolLM2")
+    with mullama.Context(setup.model, n_ctx=2048) as context:
         for prompt, (ids, proposed, accepted), (shared_ids, _, _) in zip(prompts, alone, together):
             reference = context.generate(prompt, max_tokens=N_PREDICT, cache_prompt=False, timeout_ms=None, **SPEC)
             assert ids == reference.token_ids
             assert (proposed, accepted) == (reference.timings["draft_proposed"], reference.timings["draft_accepted"])
-            if prompt != GROUNDED[0]:
+            if batch_invariant and prompt != GROUNDED[0]:
                 assert shared_ids == reference.token_ids
     assert sum(accepted for _, _, accepted in together) > 0
     assert steps < sum(len(ids) for ids, _, _ in together)
 
 
-def test_the_server_speculates_as_llama_server(build, model, model_path):
+def test_the_server_speculates_as_llama_server(setup):
     """`mullama serve --spec-type ngram-simple` (the engine's speculative defaults) against llama-server
-    started with the same flags: /v1/completions gives the same text, on the official client."""
+    started with the same flags: /v1/completions gives the same text, on the official client, one request
+    at a time (parallel=1: the same batches as llama-server's)."""
     import openai
     from inprocess_server import serving
 
-    server = upstream.LlamaServer(build.tool("llama-server"), model_path, threads=default_threads(),
-                                  extra=SERVER_SPEC)
-    try:
-        with serving(model, parallel=1, n_ctx=4096, speculative=SPEC) as (ours, engine):
-            for prompt in (GROUNDED[0], GROUNDED[2], OPEN[1]):
-                answers = []
-                for url in (ours.url, server.url):
-                    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none")
-                    answers.append(client.completions.create(model="smollm2:135m", prompt=prompt,
-                                                             max_tokens=N_PREDICT, temperature=0,
-                                                             extra_body={"cache_prompt": False,
-                                                                         "top_k": 1}).choices[0].text)
-                assert answers[0] == answers[1]
-            assert engine.speculative == SPEC
-    finally:
-        server.close()
+    with serving(setup.model, parallel=1, n_ctx=4096, speculative=SPEC) as (ours, engine):
+        assert engine.speculative == SPEC
+        for prompt in (GROUNDED[0], GROUNDED[2], OPEN[1]):
+            answers = []
+            for url in (ours.url, setup.server.url):
+                client = openai.OpenAI(base_url=f"{url}/v1", api_key="none")
+                answers.append(client.completions.create(model="smollm2:135m", prompt=prompt, max_tokens=N_PREDICT,
+                                                         temperature=0, extra_body={"cache_prompt": False})
+                               .choices[0].text)
+            assert answers[0] == answers[1]
 
 
 def test_serve_flags():
