@@ -94,6 +94,8 @@ def speculative_options(args: argparse.Namespace) -> dict[str, Any] | None:
     options: dict[str, Any] = {"speculative": "ngram" if kind == "ngram-simple" else "draft"}
     if args.draft_min is not None:
         options["draft_min"] = args.draft_min
+    elif kind == "draft-simple":
+        options["draft_min"] = 1  # the n-gram size: no use to a draft model
     if args.draft_max is not None:
         options["draft_max"] = args.draft_max
     try:
