@@ -84,22 +84,30 @@ def docs_server(model_path, build, tmp_path_factory):
     server.close()
 
 
-@pytest.fixture(scope="module")
-def reranker_path(tmp_path_factory) -> Path:
-    """The reranker docs/embeddings.md has its reader write with tools/make_rank_model.py."""
-    out = tmp_path_factory.mktemp("reranker") / "reranker.gguf"
-    subprocess.run([sys.executable, str(REPO / "tools" / "make_rank_model.py"), str(out)], check=True,
+def _made_by_tool(tool: str, out: Path, *options: str) -> Path:
+    """``out``, written by ``tools/<tool> OUT [options]``, as a doc page has its reader do."""
+    subprocess.run([sys.executable, str(REPO / "tools" / tool), str(out), *options], check=True,
                    capture_output=True, timeout=300)
     return out
 
 
 @pytest.fixture(scope="module")
+def reranker_path(tmp_path_factory) -> Path:
+    """The reranker docs/embeddings.md has its reader write with tools/make_rank_model.py."""
+    return _made_by_tool("make_rank_model.py", tmp_path_factory.mktemp("reranker") / "reranker.gguf")
+
+
+@pytest.fixture(scope="module")
 def adapter_path(tmp_path_factory, model_path) -> Path:
     """The LoRA adapter docs/lora.md has its reader write with tools/make_lora.py."""
-    out = tmp_path_factory.mktemp("lora") / "adapter.gguf"
-    subprocess.run([sys.executable, str(REPO / "tools" / "make_lora.py"), str(out), "--for", str(model_path)],
-                   check=True, capture_output=True, timeout=300)
-    return out
+    return _made_by_tool("make_lora.py", tmp_path_factory.mktemp("lora") / "adapter.gguf", "--for", str(model_path))
+
+
+@pytest.fixture(scope="module")
+def draft_path(tmp_path_factory, model_path) -> Path:
+    """The draft model docs/speculative.md has its reader write with tools/make_draft_model.py."""
+    return _made_by_tool("make_draft_model.py", tmp_path_factory.mktemp("draft") / "draft.gguf", "--for",
+                         str(model_path))
 
 
 @pytest.mark.parametrize("name, index, code", blocks(), ids=[f"{n}#{i}" for n, i, _ in blocks()])
@@ -112,6 +120,8 @@ def test_docs_block_runs(name, index, code, tmp_path, model_path, build, request
         (tmp_path / "reranker.gguf").symlink_to(request.getfixturevalue("reranker_path"))
     if "adapter.gguf" in code:
         (tmp_path / "adapter.gguf").symlink_to(request.getfixturevalue("adapter_path"))
+    if "draft.gguf" in code:
+        (tmp_path / "draft.gguf").symlink_to(request.getfixturevalue("draft_path"))
     if "127.0.0.1:8080" in code:
         server = request.getfixturevalue("docs_server")
         code = code.replace("127.0.0.1:8080", f"127.0.0.1:{server.port}")

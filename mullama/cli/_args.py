@@ -70,7 +70,40 @@ def stream_config(args: argparse.Namespace, *, stop: list[str] | None = None) ->
 
     chosen = {name: getattr(args, name) for name in ("temperature", "seed", "top_k", "top_p", "min_p",
                                                       "repeat_penalty") if getattr(args, name, None) is not None}
-    return StreamConfig(max_tokens=args.max_tokens, stop_sequences=stop or [], timeout_ms=None, **chosen)
+    return StreamConfig(max_tokens=args.max_tokens, stop_sequences=stop or [], timeout_ms=None, **chosen,
+                        **(speculative_options(args) or {}))
+
+
+def speculative_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The StreamConfig fields --spec-type and the n-gram sizes ask for (None: no speculation), checked."""
+    from ..generate._config import StreamConfig
+
+    kind = getattr(args, "spec_type", "none")
+    if getattr(args, "model_draft", None):
+        if kind == "ngram-simple":
+            raise InvalidConfigError("-md/--model-draft drafts with a model: give --spec-type draft-simple (or none).")
+        kind = "draft-simple"
+    elif kind == "draft-simple":
+        raise InvalidConfigError("--spec-type draft-simple needs a draft model: -md FNAME.")
+    if kind == "none":
+        for flag, value in (("--spec-ngram-simple-size-n", getattr(args, "draft_min", None)),
+                            ("--spec-ngram-simple-size-m", getattr(args, "draft_max", None))):
+            if value is not None:
+                raise InvalidConfigError(f"{flag} needs --spec-type ngram-simple.")
+        return None
+    options: dict[str, Any] = {"speculative": "ngram" if kind == "ngram-simple" else "draft"}
+    if args.draft_min is not None:
+        options["draft_min"] = args.draft_min
+    elif kind == "draft-simple":
+        options["draft_min"] = 1  # the n-gram size: no use to a draft model
+    if args.draft_max is not None:
+        options["draft_max"] = args.draft_max
+    try:
+        StreamConfig(**options)
+    except InvalidConfigError as exc:
+        raise InvalidConfigError(f"{exc} (--spec-ngram-simple-size-n is draft_min, --spec-ngram-simple-size-m "
+                                 "draft_max)") from None
+    return options
 
 
 def check_ctx_size(value: int | None) -> None:

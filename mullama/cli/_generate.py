@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -51,8 +52,12 @@ def run_command(args: argparse.Namespace) -> int:
         raise InvalidConfigError("no prompt: give one as arguments, with -f FILE, or on standard input.")
     config = stream_config(args, stop=args.stop)
     label = model_label(model_name)
-    with Model.load(model_name, chat_template=args.chat_template_file, **placement(args)) as model, \
-            Context(model, n_ctx=args.ctx_size, n_threads=args.threads) as context:
+    with contextlib.ExitStack() as resources:
+        model = resources.enter_context(Model.load(model_name, chat_template=args.chat_template_file,
+                                                   **placement(args)))
+        draft = resources.enter_context(Model.load(args.model_draft)) if args.model_draft else None
+        context = resources.enter_context(Context(model, n_ctx=args.ctx_size, n_threads=args.threads,
+                                                  draft_model=draft))
         warn_ctx_size(args.ctx_size, model)
         raw = args.raw or model.chat_template is None
         if raw and not args.raw:  # a base model: complete the text, as ollama does
@@ -74,7 +79,8 @@ def run_command(args: argparse.Namespace) -> int:
                        "finish_reason": stream.finish_reason,
                        "prompt_tokens": stream.prompt_tokens, "completion_tokens": stream.tokens_generated(),
                        "time_to_first_token_s": stream.time_to_first_token(),
-                       "tokens_per_second": stream.tokens_per_second()}, sys.stdout, ensure_ascii=False)
+                       "tokens_per_second": stream.tokens_per_second(), "draft_proposed": stream.draft_proposed,
+                       "draft_accepted": stream.draft_accepted}, sys.stdout, ensure_ascii=False)
         sys.stdout.write("\n")
         sys.stdout.flush()
         if stream.finish_reason == "length" and not args.json:  # cut short: say so, off standard output
@@ -82,8 +88,9 @@ def run_command(args: argparse.Namespace) -> int:
         if args.verbose:
             ttft = stream.time_to_first_token()
             print(f"[{stream.tokens_generated()} tokens, {stream.tokens_per_second():.1f} tokens/s, "
-                  f"first token after {(ttft or 0) * 1000:.0f} ms, {stream.prompt_tokens} prompt tokens]",
-                  file=sys.stderr)
+                  f"first token after {(ttft or 0) * 1000:.0f} ms, {stream.prompt_tokens} prompt tokens"
+                  + (f", {stream.draft_accepted}/{stream.draft_proposed} drafted tokens accepted"
+                     if config.speculative else "") + "]", file=sys.stderr)
     return 0
 
 

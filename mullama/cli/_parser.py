@@ -105,6 +105,21 @@ def _add_sampling(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     parser.add_argument("-sys", "--system", help="a system message")
 
 
+def _add_speculative(parser: argparse.ArgumentParser) -> None:
+    """llama-server's speculative decoding flags, for the kind mullama has (docs/speculative.md)."""
+    parser.add_argument("--spec-type", choices=["none", "ngram-simple", "draft-simple"], default="none",
+                        help="speculative decoding: ngram-simple drafts from the prompt and output, draft-simple "
+                             "with -md; each draft is checked in one decode (the same tokens, faster when the "
+                             "drafts are right)")
+    parser.add_argument("-md", "--model-draft", "--spec-draft-model", dest="model_draft", metavar="FNAME",
+                        help="a draft model with the same vocabulary (implies --spec-type draft-simple; "
+                             "llama-server's)")
+    parser.add_argument("--spec-ngram-simple-size-n", "--draft-min", dest="draft_min", type=int, metavar="N",
+                        help="n-gram looked up, and the shortest draft (default 4)")
+    parser.add_argument("--spec-ngram-simple-size-m", "--spec-draft-n-max", "--draft-max", dest="draft_max",
+                        type=int, metavar="N", help="the longest draft (default 16)")
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mullama", description="Stream tokens from local GGUF models.",
                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -121,6 +136,7 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("-p", "--prompt", help="the prompt (placed before the other words; never taken for a model)")
     run.add_argument("-f", "--file", help="read the prompt from this file")
     _add_sampling(run, 512)
+    _add_speculative(run)
     _add_template(run)
     _add_context(run)
     _add_offload(run)
@@ -204,6 +220,7 @@ def make_parser() -> argparse.ArgumentParser:
     _add_template(serve)
     _add_context(serve, "context tokens of EACH stream (llama-server's -c is the total; default: the model's, "
                         "at most 4096)")
+    _add_speculative(serve)
     serve.add_argument("--api-key", help="require this key (or set MULLAMA_API_KEY)")
     serve.add_argument("--max-tokens-limit", type=int, default=4096, help="cap on max_tokens (default 4096)")
     serve.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot (default 64)")

@@ -8,7 +8,7 @@ import os
 import re
 
 from .._exceptions import InvalidConfigError
-from ._args import check_ctx_size, placement
+from ._args import check_ctx_size, placement, speculative_options
 from ._format import duration, size, until
 
 
@@ -40,7 +40,8 @@ def serve_command(args: argparse.Namespace) -> int:
                  pooling=args.pooling, embedding_batch=args.embedding_batch, chat_template=args.chat_template_file,
                  keep_alive=keep_alive, max_loaded=args.max_loaded, placement=placement(args),
                  drain_timeout=args.drain_timeout, lora=_lora_args(args),
-                 lora_init_without_apply=args.lora_init_without_apply,
+                 lora_init_without_apply=args.lora_init_without_apply, speculative=speculative_options(args),
+                 draft_model=args.model_draft,
                  max_memory=_parse_size(args.max_memory) if args.max_memory else None)
 
 

@@ -37,7 +37,7 @@ __all__ = ["AsyncModel", "AsyncTokenStream", "submit_in_thread"]
 T = TypeVar("T")
 
 ENGINE_OPTIONS = frozenset({"parallel", "n_ctx", "n_batch", "n_threads", "seed", "flash_attn", "max_queue",
-                            "cache_ram_mib"})
+                            "cache_ram_mib", "draft_model"})
 
 
 class AsyncTokenStream(SequenceView):
@@ -139,17 +139,20 @@ class AsyncModel:
     its prompt's beginning, so a follow-up chat turn only decodes what is new; prompts that
     other streams pushed out of every sequence are kept in host memory, up to ``cache_ram_mib``
     MiB (0: off, -1: no bound), and restored when they serve a new prompt. ``seed`` seeds every
-    stream whose StreamConfig sets none.
+    stream whose StreamConfig sets none. ``draft_model`` (a Model, or a path the engine loads) drafts
+    for streams with ``speculative="draft"`` (docs/speculative.md).
     """
 
     def __init__(self, model: Model, *, parallel: int = 4, n_ctx: int | None = None, n_batch: int = 2048,
                  n_threads: int | None = None, seed: int | None = None, flash_attn: bool | None = None,
-                 max_queue: int = 256, cache_ram_mib: int = DEFAULT_CACHE_RAM_MIB) -> None:
+                 max_queue: int = 256, cache_ram_mib: int = DEFAULT_CACHE_RAM_MIB,
+                 draft_model: Model | str | os.PathLike[str] | None = None) -> None:
         check_n_ctx(n_ctx)  # now, not when the first stream starts the engine
         self.model = model
         self._engine_options: dict[str, Any] = {
             "parallel": parallel, "n_ctx": n_ctx, "n_batch": n_batch, "n_threads": n_threads, "seed": seed,
-            "flash_attn": flash_attn, "max_queue": max_queue, "cache_ram_mib": cache_ram_mib}
+            "flash_attn": flash_attn, "max_queue": max_queue, "cache_ram_mib": cache_ram_mib,
+            "draft_model": draft_model}
         self._engine: Engine | None = None
         self._engine_lock = threading.Lock()
 

@@ -70,6 +70,10 @@ class Channel:
         self._paused = True
         return len(self._items) < self._maxsize  # a take between the two looks did not see the flag
 
+    def free(self) -> int:
+        """How many items can be offered now (a take meanwhile only makes more room)."""
+        return self._maxsize - len(self._items)
+
     def _wake_consumer(self) -> None:
         waiter, loop = self._waiter, self._loop
         if waiter is not None and loop is not None:

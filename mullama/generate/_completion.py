@@ -36,7 +36,8 @@ class Completion:
             cached_tokens=stream.cached_tokens,
             timings={"prompt_seconds": stream.prompt_seconds(), "total_seconds": total_seconds,
                      "time_to_first_token": stream.time_to_first_token(),
-                     "tokens_per_second": stream.tokens_per_second()},
+                     "tokens_per_second": stream.tokens_per_second(),
+                     "draft_proposed": stream.draft_proposed, "draft_accepted": stream.draft_accepted},
         )
 
 

@@ -18,6 +18,8 @@ MAX_BUFFER = 1_000_000  # tokens a stream's buffer may hold
 MAX_TIMEOUT_MS = 7 * 24 * 3600 * 1000  # a week
 MAX_STOP_CHARS = 1000  # per stop sequence
 MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit
+MAX_DRAFT = 1024  # tokens a speculative draft may have (upstream's limit for its n-gram sizes)
+SPECULATIVE = (None, "ngram", "draft")  # StreamConfig.speculative's values
 
 
 def _fail(name: str, value: Any, expected: str) -> None:
@@ -94,6 +96,14 @@ class StreamConfig:
     # LoRA adapters for this generation ({path | adapter | id: scale}, or a list of paths or pairs; the
     # ones not named at 0, as llama-server's per-request "lora"); None: the Context's or the model's.
     lora: Any = None
+    # Speculative decoding (docs/speculative.md): "ngram" drafts from the context itself (upstream's
+    # ngram-simple: the last draft_min tokens looked up earlier in the prompt and output, the tokens that
+    # followed them proposed, draft_min to draft_max of them) and verifies each draft in one decode.
+    # "draft": a Context's draft model proposes draft_max tokens. The tokens are the ones decoding one at a
+    # time gives; only the speed changes. None: off.
+    speculative: str | None = None
+    draft_max: int = 16
+    draft_min: int = 4
 
     def __post_init__(self) -> None:
         if isinstance(self.stop_sequences, str):
@@ -138,6 +148,10 @@ class StreamConfig:
         _check_float("mirostat_tau", self.mirostat_tau, 0.0, 100.0)
         _check_float("mirostat_eta", self.mirostat_eta, 0.0, 1.0)
         self._check_logit_bias()
+        if self.speculative not in SPECULATIVE:
+            _fail("speculative", self.speculative, " or ".join(repr(kind) for kind in SPECULATIVE))
+        _check_int("draft_max", self.draft_max, 1, MAX_DRAFT)
+        _check_int("draft_min", self.draft_min, 1, self.draft_max)
         _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS, optional=True)
         if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar.strip()):
             _fail("grammar", self.grammar, "GBNF text (a str with a root rule) or None")

@@ -33,10 +33,12 @@ from ._context_params import (
     reusable_prefix,
     trim_cache,
 )
+from ._draft_model import DraftModelDrafter, check_draft_model
 from ._infill import infill_prompt
 from ._lora import LoraSet, LoraSpec, apply_lora, describe, lora_set
 from ._model import Model, tokenize_prompt
 from ._sequence import Sequence, Token
+from ._speculative import VerifyBatch
 from ._stream import TokenStream
 
 __all__ = ["Context", "default_threads"]
@@ -80,7 +82,8 @@ class Context(Owned):
 
     def __init__(self, model: Model, *, n_ctx: int | None = None, n_batch: int = 2048,
                  n_threads: int | None = None, n_threads_batch: int | None = None,
-                 seed: int | None = None, flash_attn: bool | None = None, warmup: bool = True) -> None:
+                 seed: int | None = None, flash_attn: bool | None = None, warmup: bool = True,
+                 draft_model: Model | None = None) -> None:
         if not isinstance(model, Model):
             raise InvalidConfigError(f"Context needs a mullama.Model, not {type(model).__name__}.")
         check_n_ctx(n_ctx)
@@ -106,12 +109,20 @@ class Context(Owned):
         # One-token batch, built once: the loop rewrites _token_buf[0] and decodes (no allocation).
         self._token_buf = ffi.new("llama_token[1]")
         self._one_token_batch = lib.llama_batch_get_one(self._token_buf, 1)
+        self._verify: VerifyBatch | None = None  # for speculative decoding, made at its first use
         self._abort_state = _AbortState()
         self._abort_handle = ffi.new_handle(self._abort_state)
         self._generation = 0  # bumped by each generation; an older one then stops
         self._lora: LoraSet = ()  # the LoRA adapters applied, which the cache's tokens were decoded with
         self._lora_default = lora_set(model, None)  # the model's, until set_lora(); a config's lora overrides
         self._apply_lora(self._lora_default)
+        self._draft: Context | None = None  # the draft model's context, for StreamConfig(speculative="draft")
+        if draft_model is not None:
+            if not isinstance(draft_model, Model):
+                raise InvalidConfigError(f"draft_model must be a mullama.Model, not {type(draft_model).__name__}.")
+            check_draft_model(model, draft_model)
+            self._draft = Context(draft_model, n_ctx=self.n_ctx, n_batch=n_batch, n_threads=n_threads,
+                                  n_threads_batch=n_threads_batch, flash_attn=flash_attn, warmup=warmup)
 
     # --- KV cache ---------------------------------------------------------------
     @property
@@ -256,7 +267,17 @@ class Context(Owned):
             raise InvalidConfigError("the prompt is empty; give at least one token of text.")
         if config.lora is not None:
             lora_set(self.model, config.lora)  # a bad one fails now, not at the first step
-        return Sequence(self.model, prompt_tokens, config, n_ctx=self.n_ctx, default_seed=self.seed)
+        if config.speculative is not None and config.draft_max + 1 > self.n_batch:
+            raise InvalidConfigError(f"StreamConfig.draft_max ({config.draft_max}) and the token before the draft "
+                                     f"must fit in one batch of this Context (n_batch={self.n_batch}); lower "
+                                     "draft_max or create the Context with a larger n_batch.")
+        if config.speculative == "draft" and self._draft is None:
+            raise InvalidConfigError('StreamConfig(speculative="draft") needs a Context made with a draft model: '
+                                     "Context(model, draft_model=Model.load(...)).")
+        sequence = Sequence(self.model, prompt_tokens, config, n_ctx=self.n_ctx, default_seed=self.seed)
+        if config.speculative == "draft" and self._draft is not None:
+            sequence.drafter = DraftModelDrafter(self._draft, config.draft_max)
+        return sequence
 
     def _steps(self, sequence: Sequence) -> Generator[Token, None, None]:
         """Step ``sequence`` on this context: decode its prompt, then one step per token, under the
@@ -275,6 +296,9 @@ class Context(Owned):
                     cached = self._prepare_prompt(sequence.prompt_tokens, sequence.deadline,
                                                   reuse=sequence.config.cache_prompt)
                     sequence.prompt_decoded(cached)
+                if sequence.drafter is not None:
+                    yield from self._speculative_steps(sequence, generation)
+                    return
                 lib, ptr, lock, guard, enter_step = self._lib, self.ptr, self._lock, self._guard, self._enter_step
                 buf, batch, tokens = self._token_buf, self._one_token_batch, self._tokens
                 next_token, deadline, monotonic = sequence.next_token, sequence.deadline, time.monotonic
@@ -309,6 +333,43 @@ class Context(Owned):
             raise
         finally:
             sequence.close()
+
+    def _speculative_steps(self, sequence: Sequence, generation: int) -> Generator[Token, None, None]:
+        """The rest of ``_steps`` with speculative decoding: each step decodes the token handed out
+        last with a draft after it (logits for every row), lets the sequence accept the longest agreeing
+        prefix, and drops the rejected cells from the cache; the tokens accepted are then handed out
+        one by one (all sampled before the first is yielded, so the logits are read while they are ours)."""
+        lib, ptr, lock, guard, enter_step = self._lib, self.ptr, self._lock, self._guard, self._enter_step
+        tokens, memory, n_ctx = self._tokens, self._memory, self.n_ctx
+        capacity = sequence.config.draft_max + 1
+        if self._verify is None or self._verify.capacity < capacity:
+            self._verify = VerifyBatch(lib, capacity)
+        verify, draft, check, deadline = self._verify, sequence.draft, sequence.verify, sequence.deadline
+        last: Token | None = None
+        while True:
+            enter_step(generation)  # takes the guard, or raises why the step cannot be taken
+            try:
+                with lock:
+                    if last is None:
+                        out = [sequence.next_token(ptr, -1, None)]
+                    else:
+                        proposed = draft(tokens, last.id, n_ctx)
+                        rc = verify.decode(ptr, len(tokens), [last.id, *proposed])
+                        if rc != 0:
+                            self._decode_failed(rc, len(tokens), sequence.n_tokens)
+                        out = check(ptr, 0, proposed)
+                        tokens.append(last.id)
+                        tokens.extend(proposed[:len(out) - 1])
+                        if len(out) <= len(proposed):  # rejected cells: out of the cache
+                            lib.llama_memory_seq_rm(memory, 0, len(tokens), -1)
+            finally:
+                guard.release()
+            for last in out:
+                yield last
+                if last.finish_reason is not None:
+                    return
+            if deadline is not None and time.monotonic() > deadline:
+                sequence.check_deadline()
 
     def _enter_step(self, generation: int | None = None) -> None:
         """Take the context for one step (of ``generation``, when given); release ``_guard`` after it.
@@ -412,6 +473,10 @@ class Context(Owned):
             raise ContextError("this context is in use by another thread; stop its generation first.")
         try:
             super().close()
+            if self._verify is not None:
+                self._verify.close()
+            if self._draft is not None:
+                self._draft.close()
         finally:
             self._guard.release()
 

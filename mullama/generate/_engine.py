@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import collections
 import itertools
+import os
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from .._exceptions import (
     ContextOverflowError,
@@ -32,8 +34,8 @@ from .._exceptions import (
     detached,
 )
 from ..native._owned import Owned
-from ._channel import Channel
 from ._config import MAX_SEED, StreamConfig
+from ._context import Context
 from ._context_params import (
     MAX_SEQUENCES,
     ContextSettings,
@@ -48,66 +50,14 @@ from ._context_params import (
     reusable_prefix,
     trim_cache,
 )
+from ._draft_model import DraftModelDrafter, check_draft_model
+from ._engine_request import EngineRequest, _Slot
 from ._lora import LoraSet, apply_lora, batch_lora, lora_set
 from ._model import Model
 from ._prompt_cache import DEFAULT_CACHE_RAM_MIB, MIB, SAVE_BELOW_KEEP, PromptCache
-from ._sequence import Sequence, SequenceView, Token
+from ._sequence import Sequence
 
 __all__ = ["Engine", "EngineRequest", "QueueFullError"]
-
-
-class EngineRequest(SequenceView):
-    """One sequence in the engine: read its tokens with ``next_token()``; ``cancel()`` ends it.
-
-    Statistics are those of every stream (``text``, ``finish_reason``, ``tokens_generated()``, ...).
-    """
-
-    _sequence: Sequence
-    lora: LoraSet = ()  # the LoRA adapters it decodes with (its config's lora, else the model's)
-
-    def __init__(self, sequence: Sequence, request_id: int, wake: threading.Event) -> None:
-        self._sequence = sequence
-        self.id = request_id
-        self.config = sequence.config
-        self.channel = Channel(sequence.config.buffer_size)
-        # A reader taking a token may un-pause its sequence: let the engine look again.
-        self.channel.on_take = wake.set
-        self._wake = wake
-        self._cancelled = False
-
-    def cancel(self) -> None:
-        """Stop this sequence; its slot and KV cells are released by the next step. A reader still
-        waiting for its next token (a route whose client went away) gets the end at once."""
-        if not self._cancelled:
-            self._cancelled = True
-            self.channel.close()
-            self.channel.finish()
-            self._wake.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled
-
-    async def next_token(self) -> Token | None:
-        """The next token, awaited without blocking the event loop; None at the end."""
-        result: Token | None = await self.channel.get_async()
-        return result
-
-
-class _Slot:
-    """A sequence of the shared context, and the request it is serving."""
-
-    __slots__ = ("batch_row", "breaks", "cached", "lora", "next_token", "pending_prompt", "request", "seq_id")
-
-    def __init__(self, seq_id: int) -> None:
-        self.seq_id = seq_id
-        self.cached: list[int] = []  # tokens whose KV cells this sequence holds
-        self.request: EngineRequest | None = None
-        self.pending_prompt: list[int] = []
-        self.breaks: tuple[int, ...] = ()  # positions where a prompt batch must end (prompt_breaks)
-        self.next_token: int | None = None  # sampled, delivered, not yet decoded
-        self.batch_row = -1
-        self.lora: LoraSet = ()  # the LoRA adapters its cached cells were computed with
 
 
 class Engine(Owned):
@@ -125,7 +75,9 @@ class Engine(Owned):
 
     def __init__(self, model: Model, *, parallel: int = 4, n_ctx: int | None = None, n_batch: int = 2048,
                  n_threads: int | None = None, max_queue: int = 64, seed: int | None = None,
-                 flash_attn: bool | None = None, cache_ram_mib: int = DEFAULT_CACHE_RAM_MIB) -> None:
+                 flash_attn: bool | None = None, cache_ram_mib: int = DEFAULT_CACHE_RAM_MIB,
+                 speculative: Mapping[str, Any] | None = None,
+                 draft_model: Model | str | os.PathLike[str] | None = None) -> None:
         if not isinstance(model, Model):
             raise InvalidConfigError(f"Engine needs a mullama.Model, not {type(model).__name__}.")
         if isinstance(cache_ram_mib, bool) or not isinstance(cache_ram_mib, int) or cache_ram_mib < -1:
@@ -139,6 +91,10 @@ class Engine(Owned):
             raise InvalidConfigError(f"max_queue must be a non-negative integer, not {max_queue!r}.")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
             raise InvalidConfigError(f"seed must be an integer from 0 to {MAX_SEED}, not {seed!r}.")
+        # Speculative decoding for every request whose config asks for none (llama-server's --spec-type).
+        self.speculative = dict(speculative or {})
+        if StreamConfig(**self.speculative).speculative == "draft" and draft_model is None:  # bad settings fail now
+            raise _no_draft_model()
         self.model = model
         self.parallel = parallel
         self.seed = seed
@@ -171,6 +127,16 @@ class Engine(Owned):
                       "prompt_tokens_total": 0, "completion_tokens_total": 0, "decode_steps": 0,
                       "decode_seconds": 0.0, "rejected_total": 0}
         # The thread holds a weak reference: an engine nobody holds is stopped and freed.
+        # A draft model (speculative="draft"): one context of it per slot; loaded here from a path, and then ours.
+        self._draft_owned = draft_model if draft_model is None or isinstance(draft_model, Model) else \
+            Model.load(draft_model)
+        self._drafts: list[Context] = []
+        if self._draft_owned is not None:
+            check_draft_model(model, self._draft_owned)
+            self._drafts = [Context(self._draft_owned, n_ctx=self.n_ctx_per_slot, n_batch=n_batch, n_threads=n_threads,
+                                    flash_attn=flash_attn) for _ in range(parallel)]
+            if self._draft_owned is draft_model:
+                self._draft_owned = None
         self._thread = threading.Thread(target=_serve, args=(weakref.ref(self), self._wake),
                                         name="mullama-engine", daemon=True)
         self._thread.start()
@@ -190,6 +156,10 @@ class Engine(Owned):
                 f"{self.n_ctx_per_slot}; shorten it, or use a larger context size.")
         self._check_alive()
         lora = lora_set(self.model, config.lora)
+        if config.speculative == "draft" and not self._drafts:
+            raise _no_draft_model()
+        if self.speculative and config.speculative is None:
+            config = config.with_options(**self.speculative)
         sequence = Sequence(self.model, list(prompt_tokens), config, n_ctx=self.n_ctx_per_slot,
                             default_seed=self.seed)
         request = EngineRequest(sequence, next(self._ids), self._wake)
@@ -256,6 +226,10 @@ class Engine(Owned):
             raise EngineError("the engine's thread did not stop within 30 s; not freeing its context.")
         super().close()
         self._free_batch()
+        for context in self._drafts:
+            context.close()
+        if self._draft_owned is not None:
+            self._draft_owned.close()
 
     # --- the engine thread -------------------------------------------------------------
     def _run_once(self) -> bool | None:
@@ -322,6 +296,8 @@ class Engine(Owned):
         slot.breaks = prompt_breaks(self.model, len(prompt), self.n_batch)
         slot.next_token = None
         request._sequence.cached_tokens = common
+        if request.config.speculative == "draft":  # the slot's own context of the draft model
+            request._sequence.drafter = DraftModelDrafter(self._drafts[slot.seq_id], request.config.draft_max)
         self.stats["prompt_tokens_total"] += len(prompt)
 
     def _swap_cached(self, slot: _Slot, prompt: list[int]) -> None:
@@ -357,11 +333,16 @@ class Engine(Owned):
             except MullamaError as exc:
                 self._fail(slot, exc)
                 continue
-            if slot.next_token is not None and request.channel.has_room() and slot.lora == lora:
-                n = self._add(n, slot.next_token, len(slot.cached), slot.seq_id, True)
-                slot.cached.append(slot.next_token)
+            room = min(request.channel.free(), self.n_batch - n) - 1  # for a draft, after the token
+            if slot.next_token is not None and request.channel.has_room() and slot.lora == lora and room >= 0:
+                sequence = request._sequence  # speculative decoding: a draft verified in the same batch
+                slot.draft = [] if sequence.drafter is None or not room else \
+                    sequence.draft(slot.cached, slot.next_token, self.n_ctx_per_slot)[:room]
+                slot.batch_row = n
+                for token in (slot.next_token, *slot.draft):
+                    n = self._add(n, token, len(slot.cached), slot.seq_id, True)
+                    slot.cached.append(token)
                 slot.next_token = None
-                slot.batch_row = n - 1
                 rows.append(slot)
                 members.append(slot)
         for slot in self._slots:  # then prompt chunks, as much as the batch has room for
@@ -417,8 +398,19 @@ class Engine(Owned):
         sequence = request._sequence
         if sequence.prompt_done is None:
             sequence.prompt_decoded(sequence.cached_tokens)
-        token = sequence.next_token(self.ptr, slot.batch_row, self._lock)
-        request.channel.offer(token)  # there is room: checked before decoding
+        if sequence.drafter is None:
+            token = sequence.next_token(self.ptr, slot.batch_row, self._lock)
+            request.channel.offer(token)  # there is room: checked before decoding
+        else:
+            with self._lock:
+                out = sequence.verify(self.ptr, slot.batch_row, slot.draft)
+            rejected = len(slot.draft) + 1 - len(out)
+            if rejected:  # their cells leave the cache
+                del slot.cached[-rejected:]
+                self._lib.llama_memory_seq_rm(self._memory, slot.seq_id, len(slot.cached), -1)
+            slot.draft = []
+            for token in out:
+                request.channel.offer(token)  # there is room: the draft was cut to it
         if token.finish_reason is not None:
             self._finish(slot)
         else:
@@ -457,7 +449,12 @@ class Engine(Owned):
         if slot.request is not None:
             slot.request._sequence.close()
         slot.request, slot.next_token = None, None
-        slot.pending_prompt = []
+        slot.pending_prompt, slot.draft = [], []
+
+
+def _no_draft_model() -> InvalidConfigError:
+    return InvalidConfigError('speculative="draft" needs a draft model: Context(model, draft_model=...), '
+                              "AsyncModel.load(path, draft_model=...), or -md FNAME.")
 
 
 def _serve(engine_ref: weakref.ref[Engine], wake: threading.Event) -> None:

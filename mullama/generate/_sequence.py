@@ -26,6 +26,7 @@ from ..chat._tools import ToolCall, ToolCallParser
 from ..structured._response_format import JsonFence
 from ._logprobs import TopLogprob, token_logprobs
 from ._sampler import SamplerChain
+from ._speculative import Drafter, NgramDrafter
 
 if TYPE_CHECKING:
     from ._config import StreamConfig
@@ -101,6 +102,9 @@ class Sequence:
         "cached_tokens",
         "config",
         "deadline",
+        "draft_accepted",
+        "draft_proposed",
+        "drafter",
         "error",
         "fence",
         "finish_reason",
@@ -160,6 +164,11 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_sequence: str | None = None
         self.error: BaseException | None = None
+        # Speculative decoding: who drafts, and how many drafted tokens were proposed and accepted.
+        self.drafter: Drafter | None = (NgramDrafter(config.draft_min, config.draft_max)
+                                        if config.speculative == "ngram" else None)  # a draft model: set by Context
+        self.draft_proposed = 0
+        self.draft_accepted = 0
 
     # --- the steps ------------------------------------------------------------------
     def begin(self) -> None:
@@ -183,6 +192,39 @@ class Sequence:
             with lock:
                 token_id = self.sampler.sample(ctx, row)
         return self.accept(token_id, ctx, row)
+
+    def draft(self, cached: list[int], sampled: int, n_ctx: int) -> list[int]:
+        """The draft to verify with ``sampled`` (the token about to be decoded after ``cached``, the
+        tokens in this sequence's cache): llama-server's room, at most n_ctx - cached - 2 tokens and
+        one less than the tokens still allowed."""
+        assert self.drafter is not None
+        return self.drafter.draft(cached, sampled, min(n_ctx - len(cached) - 2, self.limit - self.n_tokens - 1))
+
+    def verify(self, ctx: Any, first_row: int, draft: list[int]) -> list[Token]:
+        """Sample rows ``first_row``... of ``ctx``'s logits (the sampled token's, then one per drafted
+        token; the caller holds the compute lock) and accept while the sample equals the draft:
+        upstream's ``common_sampler_sample_and_accept_n``. Returns the tokens to hand out, at least
+        one; the last may end the sequence. A draft token the grammar or sampler would not pick is
+        simply where the draft stops."""
+        next_token = self.next_token
+        out: list[Token] = []
+        accepted = proposed = len(draft)
+        for i in range(proposed):
+            token = next_token(ctx, first_row + i, None)
+            out.append(token)
+            if token.id != draft[i]:
+                accepted = i
+                break
+            if token.finish_reason is not None:
+                accepted = i + 1
+                break
+        else:
+            out.append(next_token(ctx, first_row + proposed, None))
+        self.draft_proposed += proposed
+        self.draft_accepted += accepted
+        if self.drafter is not None:
+            self.drafter.verified(proposed, accepted)
+        return out
 
     def accept(self, token: int, ctx: Any = None, row: int = -1) -> Token:
         """Take a sampled token (from row ``row`` of the logits of ``ctx``): its text, and whether
@@ -277,6 +319,8 @@ class Sequence:
     def close(self) -> None:
         """Free the sampler chain (statistics stay readable)."""
         self.sampler.close()
+        if self.drafter is not None:
+            self.drafter.close()
 
     @property
     def done(self) -> bool:
@@ -333,6 +377,16 @@ class SequenceView:
     def cached_tokens(self) -> int:
         """Prompt tokens reused from the KV cache instead of decoded again."""
         return self._sequence.cached_tokens if self._sequence else 0
+
+    @property
+    def draft_proposed(self) -> int:
+        """Drafted tokens sent for verification (speculative decoding)."""
+        return self._sequence.draft_proposed if self._sequence else 0
+
+    @property
+    def draft_accepted(self) -> int:
+        """Drafted tokens the model agreed with: each saved one decode step."""
+        return self._sequence.draft_accepted if self._sequence else 0
 
     @property
     def completion_tokens(self) -> int:

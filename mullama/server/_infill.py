@@ -178,7 +178,9 @@ def _final(job: EngineRequest, parsed: InfillRequest, name: str, prompt: str, st
         "stopping_word": job.stop_sequence or "", "tokens_cached": evaluated + max(0, predicted - 1),
         "timings": {"cache_n": job.cached_tokens, "prompt_n": evaluated - job.cached_tokens,
                     "prompt_ms": prompt_s * 1000, "predicted_n": predicted,
-                    "predicted_ms": max(0.0, total_s - prompt_s) * 1000},
+                    "predicted_ms": max(0.0, total_s - prompt_s) * 1000,
+                    **({"draft_n": job.draft_proposed, "draft_n_accepted": job.draft_accepted}
+                       if job.draft_proposed else {})},
     }
 
 

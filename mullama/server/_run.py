@@ -45,7 +45,8 @@ def serve(model_ref: str | None = None, *, models: Sequence[str] = (), models_di
           max_loaded: int | None = None, max_memory: int | None = None,
           placement: dict[str, Any] | None = None, drain_timeout: float = 30.0,
           slot_save_path: str | os.PathLike[str] | None = None, lora: Sequence[tuple[str, float]] = (),
-          lora_init_without_apply: bool = False) -> int:
+          lora_init_without_apply: bool = False, speculative: dict[str, Any] | None = None,
+          draft_model: str | None = None) -> int:
     """Serve one model (``model_ref``: loaded now, answering every request), or several (``models``
     and/or ``models_dir``: each loaded when a request first names it, unloaded after ``keep_alive``
     idle seconds or to stay within ``max_loaded`` / ``max_memory``). On SIGINT/SIGTERM it stops
@@ -69,7 +70,8 @@ def serve(model_ref: str | None = None, *, models: Sequence[str] = (), models_di
     options = LoadOptions(parallel=parallel, ctx_size=ctx_size, threads=threads, max_queue=max_queue,
                           cache_ram_mib=cache_ram_mib,
                           pooling=pooling, chat_template=chat_template, placement=placement or {},
-                          lora=tuple(lora), lora_init_without_apply=lora_init_without_apply)
+                          lora=tuple(lora), lora_init_without_apply=lora_init_without_apply,
+                          speculative=speculative, draft_model=draft_model)
     settings = ServerSettings(api_key=api_key, max_body_bytes=max_body_bytes, max_tokens_limit=max_tokens_limit,
                               pooling=pooling, embedding_batch=embedding_batch)
     if slot_save_path is not None:  # llama-server's --slot-save-path: an existing directory

@@ -90,6 +90,8 @@ class LoadOptions:
     placement: dict[str, Any] = field(default_factory=dict)  # Model.load's offloading options (-ngl, --rpc)
     lora: tuple[tuple[str, float], ...] = ()  # --lora / --lora-scaled: (path, scale), in id order
     lora_init_without_apply: bool = False  # load them at scale 0 (POST /lora-adapters sets scales later)
+    speculative: dict[str, Any] | None = None  # --spec-type and sizes: StreamConfig fields every request gets
+    draft_model: str | None = None  # -md: a draft model's path (each engine loads its own)
 
 
 def load_model(spec: ModelSpec, options: LoadOptions) -> tuple[Model, Engine | None]:
@@ -106,7 +108,8 @@ def load_model(spec: ModelSpec, options: LoadOptions) -> tuple[Model, Engine | N
         engine = None
         if model.generative:
             engine = Engine(model, parallel=options.parallel, n_ctx=options.ctx_size, n_threads=options.threads,
-                            max_queue=options.max_queue, cache_ram_mib=options.cache_ram_mib)
+                            max_queue=options.max_queue, cache_ram_mib=options.cache_ram_mib,
+                            speculative=options.speculative, draft_model=options.draft_model)
     except BaseException:
         model.close()
         raise

@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""Speculative decoding: our plain decode, ours with n-gram speculation, and llama-server's with the same settings.
+
+Greedy decode speed (generated tokens over the time after the prompt) on grounded prompts (a ~400-token
+passage to repeat or quote from, a code file to edit: the answer copies the prompt) and on open prompts
+(nothing to copy: speculation must cost nothing there). llama-server runs with ``--spec-type
+ngram-simple`` and the same n-gram sizes, ``cache_prompt: false``. Rounds are interleaved so drift in the
+machine's speed hits all three alike; each figure is the median over ``--reps`` rounds. Prints tokens/s,
+the ratio to our plain decode, and the ratio to llama-server's speculative decode, and checks that each
+speculative answer equals llama-server's.
+
+    python benchmarks/bench_speculative.py [--model smollm2:135m] [--tokens 128] [--reps 3] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import bench_server  # noqa: F401  (puts tests/ on sys.path for upstream)
+import upstream
+
+import mullama
+from mullama.generate._context import default_threads
+from mullama.hub import _pull
+
+PASSAGE = """The harbour town of Kessel grew up around a single stone pier, built in 1742 by the merchants who \
+traded salt and timber along the northern coast. For a century the pier was the only place where ships of any \
+size could unload, and the town's streets still follow the carts' old routes from the water to the warehouses \
+on the hill. In 1851 a storm destroyed half of the pier and sank eleven ships at anchor; the town rebuilt it \
+within two years, longer and higher, with an iron rail for cranes along its top. The railway reached Kessel in \
+1879, and with it came the cannery, which for sixty years employed nearly a third of the town. Herring were \
+landed at dawn, cleaned and packed by noon, and on the evening train to the capital by six. When the herring \
+vanished from the northern waters in the 1950s, the cannery closed, the railway cut its service to two trains \
+a day, and the population fell from nine thousand to under four. The pier was saved by the ferry company, \
+which began a summer service to the islands in 1962 and now carries some two hundred thousand passengers a \
+year. The old warehouses have become a museum, a school of boat building and a row of restaurants, and the \
+cannery's brick chimney, the tallest structure on the coast, is lit every night as a landmark for ships. \
+The town council meets in the former salt exchange, whose hall still has the merchants' scales set into the \
+floor, and every August the town holds a regatta in which crews race the old wooden herring boats from the \
+pier to the lighthouse and back."""
+
+CODE = '''import csv
+from dataclasses import dataclass
+
+
+@dataclass
+class Order:
+    customer: str
+    item: str
+    quantity: int
+    unit_price: float
+
+
+def read_orders(path):
+    orders = []
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            orders.append(Order(row["customer"], row["item"], int(row["quantity"]), float(row["unit_price"])))
+    return orders
+
+
+def total_by_customer(orders):
+    totals = {}
+    for order in orders:
+        totals[order.customer] = totals.get(order.customer, 0.0) + order.quantity * order.unit_price
+    return totals
+
+
+def print_report(path):
+    totals = total_by_customer(read_orders(path))
+    for customer, total in sorted(totals.items(), key=lambda pair: -pair[1]):
+        print(f"{customer:20} {total:10.2f}")
+'''
+
+PROMPTS = {
+    "repeat": ("grounded", f"Here is a text:\n\n{PASSAGE}\n\nRepeat the text above exactly, word for word:\n\n"),
+    "extract": ("grounded", f"{PASSAGE}\n\nQuote, word for word, every sentence of the text above that "
+                            "mentions a year:\n\n"),
+    "code edit": ("grounded", f"```python\n{CODE}```\n\nThe same file with the class `Order` renamed to "
+                              "`Purchase` everywhere:\n\n```python\n"),
+    "story": ("open", "Write a short story about a girl who finds a map in her grandfather's attic:"),
+    "explain": ("open", "Explain, in a few paragraphs, why the sky is blue and sunsets are red:"),
+}
+
+
+def ours(context: mullama.Context, prompt: str, tokens: int, spec: dict) -> tuple[float, list[int], int, int]:
+    """Decode tokens/s (after the prompt), the tokens, drafted tokens proposed and accepted."""
+    result = context.generate(prompt, tokens, cache_prompt=False, timeout_ms=None, **spec)
+    seconds = result.timings["total_seconds"] - (result.timings["prompt_seconds"] or 0.0)
+    return (len(result.token_ids) / seconds, result.token_ids, result.timings["draft_proposed"],
+            result.timings["draft_accepted"])
+
+
+def theirs(server: upstream.LlamaServer, prompt: str, tokens: int) -> tuple[float, list[int], int, int]:
+    reply = server.greedy(prompt, tokens)
+    timings = reply["timings"]
+    return (timings["predicted_n"] / (timings["predicted_ms"] / 1000), reply["tokens"],
+            timings.get("draft_n", 0), timings.get("draft_n_accepted", 0))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2:135m")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=default_threads())
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--draft-min", type=int, default=4)
+    parser.add_argument("--draft-max", type=int, default=16)
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    spec = {"speculative": "ngram", "draft_min": args.draft_min, "draft_max": args.draft_max}
+    path = _pull.resolve(args.model)
+    build = upstream.build_with_tools()
+    server = upstream.LlamaServer(build.tool("llama-server"), path, threads=args.threads, extra=(
+        "--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", str(args.draft_min),
+        "--spec-ngram-simple-size-m", str(args.draft_max)))
+    model = mullama.Model.load(path)
+    speeds: dict[str, dict[str, list[float]]] = {name: {"plain": [], "spec": [], "server": []} for name in PROMPTS}
+    drafts: dict[str, tuple[int, int, int, int]] = {}
+    same: dict[str, bool] = {}
+    try:
+        with mullama.Context(model, n_ctx=4096, n_threads=args.threads) as context:
+            ours(context, "Warm up:", 8, {})
+            for _ in range(args.reps):
+                for name, (_, prompt) in PROMPTS.items():
+                    plain = ours(context, prompt, args.tokens, {})
+                    fast = ours(context, prompt, args.tokens, spec)
+                    reference = theirs(server, prompt, args.tokens)
+                    speeds[name]["plain"].append(plain[0])
+                    speeds[name]["spec"].append(fast[0])
+                    speeds[name]["server"].append(reference[0])
+                    same[name] = same.get(name, True) and fast[1] == reference[1]
+                    drafts[name] = (fast[2], fast[3], reference[2], reference[3])
+    finally:
+        server.close()
+        model.close()
+    print(f"{args.model}, {args.threads} threads, {args.tokens} tokens, greedy, ngram-simple "
+          f"n={args.draft_min} m={args.draft_max}, median of {args.reps}")
+    print(f"{'prompt':10} {'kind':8} {'plain':>7} {'spec':>7} {'server':>7} {'spec/plain':>10} {'spec/server':>11}"
+          f" {'drafts ours':>12} {'server':>9} same")
+    figures = {}
+    for name, (kind, _) in PROMPTS.items():
+        plain, fast, reference = (statistics.median(speeds[name][k]) for k in ("plain", "spec", "server"))
+        proposed, accepted, s_proposed, s_accepted = drafts[name]
+        print(f"{name:10} {kind:8} {plain:7.1f} {fast:7.1f} {reference:7.1f} {fast / plain:10.2f} "
+              f"{fast / reference:11.2f} {accepted:>5}/{proposed:<6} {s_accepted:>4}/{s_proposed:<4} {same[name]}")
+        figures[name] = {"kind": kind, "plain": plain, "speculative": fast, "llama_server_speculative": reference,
+                         "speculative_over_plain": fast / plain, "speculative_over_llama_server": fast / reference,
+                         "drafts": {"proposed": proposed, "accepted": accepted},
+                         "llama_server_drafts": {"proposed": s_proposed, "accepted": s_accepted},
+                         "same_tokens_as_llama_server": same[name]}
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, "threads": args.threads, "tokens": args.tokens,
+                                               "draft_min": args.draft_min, "draft_max": args.draft_max,
+                                               "prompts": figures}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Speculative decoding: guess the next tokens cheaply, check them all in one ``llama_decode``.
+
+A drafter proposes tokens that may come next; the decoder puts the token it has just sampled
+and the draft into one batch with logits for every position; the sequence then samples row
+after row with its own sampler (:meth:`Sequence.verify`) and keeps going while what it samples
+equals the draft. Every token handed out is still the one the sampler picks from the model's
+logits after exactly the tokens before it, so greedy output is the same with speculation on or
+off (up to the last bits of a batched matrix product, see docs/speculative.md), and sampled
+output follows the same distribution: this is upstream's acceptance rule
+(``common_sampler_sample_and_accept_n``: sample at each drafted position, accept while the
+sample equals the draft), not the probability-ratio rejection rule.
+
+The drafter here is upstream's ``ngram-simple`` (``common/ngram-map.cpp``,
+``common_ngram_simple_draft``) token for token: the last ``n`` tokens of the context, the
+sampled token last, are looked up backwards in the context (prompt and output); the tokens
+that followed the most recent earlier occurrence are the draft, at most ``m`` of them and at
+least ``n``. ``StreamConfig.draft_min`` is its ``n`` (``--spec-ngram-simple-size-n``) and
+``draft_max`` its ``m`` (``--spec-ngram-simple-size-m``). On top of it, a back-off that
+upstream does not have: after two drafts in a row of which nothing was accepted, drafting
+pauses for 2, 4, ... up to 64 tokens, so text that never repeats itself pays for no verify
+batches.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Protocol
+
+__all__ = ["BACKOFF_MAX", "Drafter", "NgramDrafter", "VerifyBatch"]
+
+BACKOFF_MAX = 64  # tokens: the longest pause in drafting after rejected drafts
+
+
+class Drafter(Protocol):
+    """What proposes drafts: the n-gram lookup below, or a draft model (mullama.generate._draft_model)."""
+
+    def draft(self, history: list[int], sampled: int, room: int) -> list[int]: ...
+
+    def verified(self, proposed: int, accepted: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class NgramDrafter:
+    """Drafts from the sequence's own context, as upstream's ngram-simple does."""
+
+    __slots__ = ("_ends", "_history", "_indexed", "failures", "size_m", "size_n", "wait")
+
+    def __init__(self, size_n: int, size_m: int) -> None:
+        self.size_n = size_n  # the n-gram looked up, and the shortest draft
+        self.size_m = size_m  # the longest draft
+        self._history: list[int] | None = None
+        self._indexed = 0
+        self._ends: dict[int, list[int]] = {}  # token -> positions where it stands, ascending
+        self.failures = 0  # drafts in a row of which nothing was accepted
+        self.wait = 0  # drafting opportunities still to skip
+
+    def draft(self, history: list[int], sampled: int, room: int) -> list[int]:
+        """The draft to verify after ``history`` (the tokens in the cache) and ``sampled`` (the token
+        to decode next): at most ``room`` tokens; empty when there is no match, no room, or while
+        backing off."""
+        if room <= 0:
+            return []
+        if self.wait:
+            self.wait -= 1
+            return []
+        n, m = self.size_n, self.size_m
+        cur_len = len(history)
+        if cur_len <= n + m + 1:
+            return []
+        self._index(history)
+        positions = self._ends.get(sampled)
+        if not positions:
+            return []
+        prefix = history[cur_len - n + 1:]  # the pattern is these n - 1 tokens and then ``sampled``
+        last_start = cur_len - n - 1  # upstream's backward search starts here and never reaches 0
+        for end in reversed(positions):
+            start = end - n + 1
+            if start > last_start:
+                continue
+            if start < 1:
+                break
+            if history[start:end] == prefix:
+                copy = min(m, cur_len - (start + n))
+                if copy < n:
+                    return []
+                return history[start + n:start + n + min(copy, room)]
+        return []
+
+    def _index(self, history: list[int]) -> None:
+        """Where each token of ``history`` stands (built once, extended as the cache grows)."""
+        if history is not self._history or len(history) < self._indexed:
+            self._history, self._indexed, self._ends = history, 0, {}
+        ends = self._ends
+        for position in range(self._indexed, len(history)):
+            token = history[position]
+            found = ends.get(token)
+            if found is None:
+                ends[token] = [position]
+            else:
+                found.append(position)
+        self._indexed = len(history)
+
+    def verified(self, proposed: int, accepted: int) -> None:
+        """Back off after drafts that keep being rejected; an accepted token ends the back-off."""
+        if not proposed:
+            return
+        if accepted:
+            self.failures = 0
+            return
+        self.failures += 1
+        if self.failures >= 2:
+            self.wait = min(2 ** (self.failures - 1), BACKOFF_MAX)
+
+    def close(self) -> None:
+        """Nothing to free."""
+
+
+class VerifyBatch:
+    """A ``llama_batch`` for one sequence's sampled token and its draft, logits for every row."""
+
+    def __init__(self, lib: Any, capacity: int) -> None:
+        self._lib = lib
+        self.capacity = capacity
+        self._batch = lib.llama_batch_init(capacity, 0, 1)
+        self._free = weakref.finalize(self, lib.llama_batch_free, self._batch)
+
+    def decode(self, ctx: Any, position: int, tokens: list[int], seq_id: int = 0) -> int:
+        """Decode ``tokens`` at ``position`` onwards in sequence ``seq_id``; llama_decode's result."""
+        batch = self._batch
+        token, pos, n_seq_id, seq, logits = batch.token, batch.pos, batch.n_seq_id, batch.seq_id, batch.logits
+        for i, value in enumerate(tokens):
+            token[i] = value
+            pos[i] = position + i
+            n_seq_id[i] = 1
+            seq[i][0] = seq_id
+            logits[i] = 1
+        batch.n_tokens = len(tokens)
+        return int(self._lib.llama_decode(ctx, batch))
+
+    def close(self) -> None:
+        self._free()
