@@ -333,15 +333,18 @@ class Engine(Owned):
             except MullamaError as exc:
                 self._fail(slot, exc)
                 continue
-            room = min(request.channel.free(), self.n_batch - n) - 1  # for a draft, after the token
-            if slot.next_token is not None and request.channel.has_room() and slot.lora == lora and room >= 0:
-                sequence = request._sequence  # speculative decoding: a draft verified in the same batch
-                slot.draft = [] if sequence.drafter is None or not room else \
-                    sequence.draft(slot.cached, slot.next_token, self.n_ctx_per_slot)[:room]
+            token = slot.next_token
+            if token is not None and request.channel.has_room() and slot.lora == lora and n < self.n_batch:
+                sequence = request._sequence
+                if sequence.drafter is not None:  # speculative decoding: a draft verified in the same batch
+                    room = min(request.channel.free(), self.n_batch - n) - 1  # after the token
+                    slot.draft = sequence.draft(slot.cached, token, self.n_ctx_per_slot)[:room] if room else []
                 slot.batch_row = n
-                for token in (slot.next_token, *slot.draft):
-                    n = self._add(n, token, len(slot.cached), slot.seq_id, True)
-                    slot.cached.append(token)
+                n = self._add(n, token, len(slot.cached), slot.seq_id, True)
+                slot.cached.append(token)
+                for drafted in slot.draft:  # empty without speculation
+                    n = self._add(n, drafted, len(slot.cached), slot.seq_id, True)
+                    slot.cached.append(drafted)
                 slot.next_token = None
                 rows.append(slot)
                 members.append(slot)
