@@ -17,6 +17,7 @@ when they are installed), so it runs before mullama itself is installed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,7 +44,12 @@ from llama_source import (  # the one place of the pin
 from mullama._paths import llama_cache_dir
 
 #: Bumped whenever cmake_definitions() changes, so cached builds of an older recipe are not reused.
-BUILD_RECIPE = 3
+BUILD_RECIPE = 4
+
+#: ggml's AMX kernels are left out of native builds. On VMs that advertise AMX (Firecracker guests
+#: among them) upstream's own llama-bench dies by SIGILL (ILL_ILLOPN) at the first tile load of a prompt
+#: decode, in tinygemm_kernel_amx, whether it runs one thread or two; a CPU without AMX never used them.
+NO_AMX_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 
 #: Upstream's RPC server (ggml's RPC backend is always built: ``Model.load(rpc_servers=...)``).
 RPC_SERVER = "ggml-rpc-server"
@@ -64,11 +71,14 @@ class BuildOptions:
     build_type: str = "Release"
 
     def key(self) -> str:
-        blob = json.dumps(
-            {"commit": LLAMA_CPP_COMMIT, "recipe": BUILD_RECIPE, "portable": self.portable,
-             "cmake_args": list(self.cmake_args), "build_type": self.build_type},
-            sort_keys=True,
-        )
+        """The cache entry's name. A native build is for this CPU's features: a cache shared by
+        machines with different CPUs (a home directory on a network share) never hands one of them
+        a build with instructions it lacks."""
+        fields = {"commit": LLAMA_CPP_COMMIT, "recipe": BUILD_RECIPE, "portable": self.portable,
+                  "cmake_args": list(self.cmake_args), "build_type": self.build_type}
+        if not self.portable:
+            fields["cpu"] = hashlib.sha256(" ".join(cpu_features()).encode()).hexdigest()[:16]
+        blob = json.dumps(fields, sort_keys=True)
         flavour = "portable" if self.portable else "native"
         return f"{LLAMA_CPP_COMMIT[:12]}-{flavour}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
@@ -100,7 +110,23 @@ class BuildOptions:
             "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON",
             "-DCMAKE_INSTALL_RPATH=$ORIGIN;$ORIGIN/../lib",
         ]
+        if not self.portable and "amx_tile" in cpu_features():
+            defs += [f"-DCMAKE_C_FLAGS={NO_AMX_FLAGS}", f"-DCMAKE_CXX_FLAGS={NO_AMX_FLAGS}"]
         return defs + list(self.cmake_args)
+
+
+def cpu_features() -> tuple[str, ...]:
+    """This CPU's feature flags, sorted (the first ``flags`` or ``Features`` line of /proc/cpuinfo;
+    none where there is no such file)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return ()
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() in ("flags", "Features"):
+            return tuple(sorted(set(value.split())))
+    return ()
 
 
 @dataclass
@@ -263,7 +289,35 @@ def build(
     existing = cached_build(options)
     if existing is not None and all(existing.tool(t).is_file() for t in tools):
         return existing
+    with _build_lock(llama_cache_dir(), options.key()):
+        existing = cached_build(options)  # another builder may have made it while this one waited
+        if existing is not None and all(existing.tool(t).is_file() for t in tools):
+            say(f"built meanwhile by another process: {existing.lib_dir}")
+            return existing
+        return _build_entry(options, existing, tools, source, jobs)
 
+
+@contextlib.contextmanager
+def _build_lock(cache: Path, key: str) -> Iterator[None]:
+    """One builder per cache entry at a time. A second one (another ``pip install``, a parallel CI job)
+    waits for the first and then finds the entry complete, instead of compiling into the same build
+    directory. The lock is ``flock``'s: it goes with its process, so a killed build leaves none behind."""
+    import fcntl
+
+    path = cache / "build" / f"{key}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"waiting for another build of this llama.cpp to finish (lock: {path})")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _build_entry(options: BuildOptions, existing: BuildResult | None, tools: list[str],
+                 source: str | os.PathLike | None, jobs: int | None) -> BuildResult:
+    """Compile into the build directory and publish the cache entry (the caller holds the lock)."""
     toolchain = _require_toolchain()
     tree = ensure_source(source)
     key = options.key()

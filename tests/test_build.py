@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -155,6 +156,46 @@ def test_an_interrupted_build_leaves_no_complete_looking_entry(tmp_path, build, 
     # and the compiler it started was stopped with it
     leftovers = subprocess.run(["pgrep", "-f", str(home)], capture_output=True, text=True, check=False).stdout.split()
     assert leftovers == []
+
+
+def test_a_second_builder_waits_for_the_first_and_takes_its_entry(tmp_path, build, monkeypatch):
+    """Two builds of one entry at once (two pip installs, parallel CI jobs): the second waits on the
+    first's lock instead of compiling into the same build directory, then finds the entry it made."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("MULLAMA_HOME", str(home))
+    key = build_llama.BuildOptions().key()
+    with build_llama._build_lock(build_llama.llama_cache_dir(), key):  # the first builder, here
+        process = subprocess.Popen([sys.executable, SCRIPT, "--source", str(build_llama.ensure_source())],
+                                   env=dict(os.environ, MULLAMA_HOME=str(home)), stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, text=True)
+        try:
+            stderr = _lines(process.stderr)
+            _wait_for_line(stderr, "waiting for another build", HANG)
+            assert not list(home.glob("llama.cpp/build/*/CMakeCache.txt"))  # it has not configured
+            shutil.copytree(build.root, home / "llama.cpp" / key)  # what the first builder publishes
+        except BaseException:
+            process.kill()
+            raise
+    _wait_for_line(stderr, "built meanwhile by another process", HANG)
+    assert process.wait(timeout=HANG) == 0
+    assert not list(home.glob("llama.cpp/build/*/CMakeCache.txt"))  # and it compiled nothing
+
+
+def test_native_builds_are_keyed_by_the_cpu_and_leave_amx_out(monkeypatch, build):
+    """A native build is for one CPU's features (a cache shared by two kinds of machine keeps one build
+    for each), and leaves ggml's AMX kernels out: on VMs that advertise AMX they die by SIGILL."""
+    options, portable = build_llama.BuildOptions(), build_llama.BuildOptions(portable=True)
+    here = (options.key(), portable.key())
+    monkeypatch.setattr(build_llama, "cpu_features", lambda: ("avx2", "fma"))
+    assert options.key() != here[0] and portable.key() == here[1]
+    assert not any("amx" in d for d in options.cmake_definitions())
+    monkeypatch.setattr(build_llama, "cpu_features", lambda: ("amx_int8", "amx_tile", "avx512f"))
+    assert f"-DCMAKE_CXX_FLAGS={build_llama.NO_AMX_FLAGS}" in options.cmake_definitions()
+    assert not any("amx" in d for d in portable.cmake_definitions())
+    monkeypatch.undo()
+    if "amx_tile" in build_llama.cpu_features():  # this machine's build: configured without AMX
+        cache = (build_llama.llama_cache_dir() / "build" / options.key() / "CMakeCache.txt").read_text()
+        assert f"CMAKE_CXX_FLAGS:STRING={build_llama.NO_AMX_FLAGS}" in cache
 
 
 def test_backend_shortcuts_and_rpc_are_cmake_options_and_tools():
