@@ -63,7 +63,9 @@ class Balancer:
 @pytest.fixture()
 def deployment(tmp_path):
     nginx_binary()
-    replicas = [MullamaServer("smollm2:135m", parallel=2, ctx_size=512) for _ in range(2)]
+    # A drain deadline no busy machine reaches: the drain test checks what happens, not how fast.
+    replicas = [MullamaServer("smollm2:135m", parallel=2, ctx_size=512, extra=("--drain-timeout", "900"))
+                for _ in range(2)]
     balancer = Balancer(tmp_path, replicas)
     yield balancer, replicas
     balancer.close()
@@ -142,7 +144,7 @@ def test_sigterm_drains_a_replica_while_the_other_takes_new_work(deployment):
     result: dict = {}
 
     def in_flight() -> None:
-        result["response"] = httpx.post(f"{first.url}/v1/completions", json=long_body, timeout=120)
+        result["response"] = httpx.post(f"{first.url}/v1/completions", json=long_body, timeout=900)
 
     worker = threading.Thread(target=in_flight)
     worker.start()
@@ -150,12 +152,11 @@ def test_sigterm_drains_a_replica_while_the_other_takes_new_work(deployment):
     while first.get_json("/health")["active_streams"] == 0 and time.monotonic() < deadline:
         time.sleep(0.02)
     first.process.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
     # New work through the balancer is answered (by the other replica) while the first drains.
     for _ in range(4):
         response = httpx.post(f"{balancer.url}/v1/completions", json=BODY, timeout=120)
         assert response.status_code == 200
-    worker.join(120)
+    worker.join(900)
     response = result["response"]
     assert response.status_code == 200, (response.text, "\n".join(first.log))  # the request in flight finished
     assert response.json()["usage"]["completion_tokens"] == 200
