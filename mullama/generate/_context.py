@@ -19,6 +19,7 @@ from .._exceptions import (
 )
 from ..native._owned import Owned
 from . import _state
+from ._batch import TokenBatch
 from ._chat_turn import chat_prompt
 from ._completion import Completion, greedy_unless_told
 from ._config import MAX_SEED, StreamConfig, resolve_config
@@ -33,12 +34,11 @@ from ._context_params import (
     reusable_prefix,
     trim_cache,
 )
-from ._draft_model import DraftModelDrafter, check_draft_model
+from ._draft_model import DraftModelDrafter, check_draft_model, no_draft_model_error
 from ._infill import infill_prompt
 from ._lora import LoraSet, LoraSpec, apply_lora, describe, lora_set
 from ._model import Model, tokenize_prompt
 from ._sequence import Sequence, Token
-from ._speculative import VerifyBatch
 from ._stream import TokenStream
 
 __all__ = ["Context", "default_threads"]
@@ -109,7 +109,7 @@ class Context(Owned):
         # One-token batch, built once: the loop rewrites _token_buf[0] and decodes (no allocation).
         self._token_buf = ffi.new("llama_token[1]")
         self._one_token_batch = lib.llama_batch_get_one(self._token_buf, 1)
-        self._verify: VerifyBatch | None = None  # for speculative decoding, made at its first use
+        self._verify: TokenBatch | None = None  # for speculative decoding, made at its first use
         self._abort_state = _AbortState()
         self._abort_handle = ffi.new_handle(self._abort_state)
         self._generation = 0  # bumped by each generation; an older one then stops
@@ -123,6 +123,13 @@ class Context(Owned):
             check_draft_model(model, draft_model)
             self._draft = Context(draft_model, n_ctx=self.n_ctx, n_batch=n_batch, n_threads=n_threads,
                                   n_threads_batch=n_threads_batch, flash_attn=flash_attn, warmup=warmup)
+            self._draft.belongs_to_another()
+
+    def belongs_to_another(self) -> None:
+        """This context is a part of another object (a draft model's context, drafting for a Context or
+        an engine), closed by its owner's close(), never on its own at interpreter exit: the owner may
+        still be drafting with it in another thread then (freeing it under that thread crashed)."""
+        self._close_order = None
 
     # --- KV cache ---------------------------------------------------------------
     @property
@@ -272,8 +279,7 @@ class Context(Owned):
                                      f"must fit in one batch of this Context (n_batch={self.n_batch}); lower "
                                      "draft_max or create the Context with a larger n_batch.")
         if config.speculative == "draft" and self._draft is None:
-            raise InvalidConfigError('StreamConfig(speculative="draft") needs a Context made with a draft model: '
-                                     "Context(model, draft_model=Model.load(...)).")
+            raise no_draft_model_error()
         sequence = Sequence(self.model, prompt_tokens, config, n_ctx=self.n_ctx, default_seed=self.seed)
         if config.speculative == "draft" and self._draft is not None:
             sequence.drafter = DraftModelDrafter(self._draft, config.draft_max)
@@ -343,7 +349,7 @@ class Context(Owned):
         tokens, memory, n_ctx = self._tokens, self._memory, self.n_ctx
         capacity = sequence.config.draft_max + 1
         if self._verify is None or self._verify.capacity < capacity:
-            self._verify = VerifyBatch(lib, capacity)
+            self._verify = TokenBatch(lib, capacity)
         verify, draft, check, deadline = self._verify, sequence.draft, sequence.verify, sequence.deadline
         last: Token | None = None
         while True:
@@ -354,7 +360,7 @@ class Context(Owned):
                         out = [sequence.next_token(ptr, -1, None)]
                     else:
                         proposed = draft(tokens, last.id, n_ctx)
-                        rc = verify.decode(ptr, len(tokens), [last.id, *proposed])
+                        rc = verify.decode(ptr, verify.put_run(0, (last.id, *proposed), len(tokens), 0))
                         if rc != 0:
                             self._decode_failed(rc, len(tokens), sequence.n_tokens)
                         out = check(ptr, 0, proposed)

@@ -17,14 +17,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .._exceptions import InvalidConfigError
-from ._context_params import common_prefix, trim_cache
 from ._sampler import SamplerChain
 
 if TYPE_CHECKING:
     from ._context import Context
     from ._model import Model
 
-__all__ = ["DraftModelDrafter", "check_draft_model"]
+__all__ = ["DraftModelDrafter", "check_draft_model", "no_draft_model_error"]
 
 VOCAB_SIZE_SLACK = 128  # upstream's SPEC_VOCAB_MAX_SIZE_DIFFERENCE
 CHECK_FROM = 5  # upstream's SPEC_VOCAB_CHECK_START_TOKEN_ID
@@ -57,6 +56,12 @@ def check_draft_model(target: Model, draft: Model) -> None:
                                  "the same family, or the same model quantized smaller).")
 
 
+def no_draft_model_error() -> InvalidConfigError:
+    """The error for ``speculative="draft"`` where no draft model was given, wherever it is asked for."""
+    return InvalidConfigError('speculative="draft" needs a draft model: Context(model, draft_model=Model.load(...)), '
+                              "AsyncModel.load(path, draft_model=...), or -md FNAME on the command line.")
+
+
 class DraftModelDrafter:
     """Drafts with a draft model's context, greedily (one per generation: it owns no C object)."""
 
@@ -73,14 +78,12 @@ class DraftModelDrafter:
         if count <= 0:
             return []
         context = self._context
-        trim_cache(context._lib, context._memory, 0, context._tokens, common_prefix(context._tokens, history))
-        context._decode(history[len(context._tokens):])
-        out: list[int] = []
-        token = sampled
-        for _ in range(count):
-            context._decode([token])
-            token = self._greedy.sample(context.ptr, -1)
-            out.append(token)
+        context._prepare_prompt([*history, sampled])  # its cache reused up to where it parts from the target's
+        ptr, sample = context.ptr, self._greedy.sample
+        out = [sample(ptr, -1)]
+        while len(out) < count:
+            context._decode(out[-1:])
+            out.append(sample(ptr, -1))
         return out
 
     def verified(self, proposed: int, accepted: int) -> None:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from .._exceptions import ContextOverflowError, InvalidConfigError, MullamaError, decode_error
 from ..native._owned import Owned
+from ._batch import TokenBatch
 from ._context_params import ContextSettings, adopt_context, check_count, create_context
 
 if TYPE_CHECKING:
@@ -118,8 +119,7 @@ class Embedder(Owned):
         self._memory = lib.llama_get_memory(ptr)
         self._compute = library.compute
         self._lock = library.compute.lock_for(model.offloaded)
-        self._batch = lib.llama_batch_init(self.batch_size, 0, 1)
-        self._batch_free = lib.llama_batch_free
+        self._batch = TokenBatch(lib, self.batch_size)
         self._vector_bytes = 4 * self.n_embd
         self._ffi = ffi
         self._pending: list[_Job] = []
@@ -130,9 +130,7 @@ class Embedder(Owned):
     def close(self) -> None:
         """Free the context (waits for a decode in progress)."""
         with self._run_lock:
-            batch, self._batch = self._batch, None
-            if batch is not None:
-                self._batch_free(batch)
+            self._batch.close()
             super().close()
 
     def run(self, texts: list[list[int]]) -> list[list[bytes]]:
@@ -173,21 +171,13 @@ class Embedder(Owned):
         members = [(job, index) for job, index in members if job.error is None]
         if not members:
             return
-        lib, batch = self._lib, self._batch
-        n = 0
+        batch, n = self._batch, 0
         for seq_id, (job, index) in enumerate(members):
-            for position, token in enumerate(job.texts[index]):
-                batch.token[n] = token
-                batch.pos[n] = position
-                batch.n_seq_id[n] = 1
-                batch.seq_id[n][0] = seq_id
-                batch.logits[n] = True  # pooling needs every token's output
-                n += 1
-        batch.n_tokens = n
+            n = batch.put_run(n, job.texts[index], 0, seq_id)  # pooling needs every token's output
         if self._memory != self._ffi.NULL:
-            lib.llama_memory_clear(self._memory, True)
+            self._lib.llama_memory_clear(self._memory, True)
         with self._lock:
-            rc = (lib.llama_encode if self._encode_only else lib.llama_decode)(self.ptr, batch)
+            rc = batch.decode(self.ptr, n, encode=self._encode_only)
         self.decodes += 1
         if rc != 0:
             error = decode_error(rc, n_ctx=self.batch_size, processed=0)

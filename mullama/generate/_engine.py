@@ -34,6 +34,7 @@ from .._exceptions import (
     detached,
 )
 from ..native._owned import Owned
+from ._batch import TokenBatch
 from ._config import MAX_SEED, StreamConfig
 from ._context import Context
 from ._context_params import (
@@ -50,7 +51,7 @@ from ._context_params import (
     reusable_prefix,
     trim_cache,
 )
-from ._draft_model import DraftModelDrafter, check_draft_model
+from ._draft_model import DraftModelDrafter, check_draft_model, no_draft_model_error
 from ._engine_request import EngineRequest, _Slot
 from ._lora import LoraSet, apply_lora, batch_lora, lora_set
 from ._model import Model
@@ -94,7 +95,7 @@ class Engine(Owned):
         # Speculative decoding for every request whose config asks for none (llama-server's --spec-type).
         self.speculative = dict(speculative or {})
         if StreamConfig(**self.speculative).speculative == "draft" and draft_model is None:  # bad settings fail now
-            raise _no_draft_model()
+            raise no_draft_model_error()
         self.model = model
         self.parallel = parallel
         self.seed = seed
@@ -108,8 +109,7 @@ class Engine(Owned):
         self.n_ctx = lib.llama_n_ctx(ptr)
         self.n_batch = lib.llama_n_batch(ptr)
         self.n_ctx_per_slot = lib.llama_n_ctx_seq(ptr) or self.n_ctx // parallel
-        self._batch = lib.llama_batch_init(self.n_batch, 0, 1)
-        self._free_batch = weakref.finalize(self, lib.llama_batch_free, self._batch)
+        self._batch = TokenBatch(lib, self.n_batch)
         self._slots = [_Slot(i) for i in range(parallel)]
         self._lora: LoraSet = ()  # the adapters applied to the context (see _lora.batch_lora)
         self._turn = 0
@@ -135,6 +135,8 @@ class Engine(Owned):
             check_draft_model(model, self._draft_owned)
             self._drafts = [Context(self._draft_owned, n_ctx=self.n_ctx_per_slot, n_batch=n_batch, n_threads=n_threads,
                                     flash_attn=flash_attn) for _ in range(parallel)]
+            for context in self._drafts:
+                context.belongs_to_another()
             if self._draft_owned is draft_model:
                 self._draft_owned = None
         self._thread = threading.Thread(target=_serve, args=(weakref.ref(self), self._wake),
@@ -142,9 +144,15 @@ class Engine(Owned):
         self._thread.start()
 
     # --- requests -------------------------------------------------------------------
-    def submit(self, prompt_tokens: list[int], config: StreamConfig) -> EngineRequest:
+    def submit(self, prompt_tokens: list[int], config: StreamConfig, *, slot: int | None = None) -> EngineRequest:
         """Queue a sequence. Raises QueueFullError when every slot is busy and the queue is full,
-        ContextOverflowError when the prompt cannot fit, EngineError when the engine has died."""
+        ContextOverflowError when the prompt cannot fit, EngineError when the engine has died.
+
+        ``slot`` pins it to one slot (as llama-server's ``id_slot``: taken modulo ``parallel``; a
+        negative one means any): it waits for that slot while others are busy, and runs on what that
+        slot's cache holds (a state restored into it with mullama.generate._slots, say)."""
+        if slot is not None and (isinstance(slot, bool) or not isinstance(slot, int)):
+            raise InvalidConfigError(f"slot must be an integer or None, not {slot!r}.")
         if not isinstance(config, StreamConfig):
             raise InvalidConfigError(f"config must be a StreamConfig, not {type(config).__name__}.")
         if not prompt_tokens:
@@ -157,13 +165,15 @@ class Engine(Owned):
         self._check_alive()
         lora = lora_set(self.model, config.lora)
         if config.speculative == "draft" and not self._drafts:
-            raise _no_draft_model()
+            raise no_draft_model_error()
         if self.speculative and config.speculative is None:
             config = config.with_options(**self.speculative)
         sequence = Sequence(self.model, list(prompt_tokens), config, n_ctx=self.n_ctx_per_slot,
                             default_seed=self.seed)
         request = EngineRequest(sequence, next(self._ids), self._wake)
         request.lora = lora
+        if slot is not None and slot >= 0:
+            request.pinned_slot = slot % self.parallel
         with self._state:
             self._check_alive()
             if self._stopping:
@@ -225,7 +235,7 @@ class Engine(Owned):
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             raise EngineError("the engine's thread did not stop within 30 s; not freeing its context.")
         super().close()
-        self._free_batch()
+        self._batch.close()
         for context in self._drafts:
             context.close()
         if self._draft_owned is not None:
@@ -268,12 +278,22 @@ class Engine(Owned):
                 free = [s for s in self._slots if s.request is None]
                 if not free:
                     return
-                request = self._waiting.popleft()
+                # the first in line that can start: a request pinned to a busy slot lets the next one go
+                request = next((r for r in self._waiting if r.cancelled or r.pinned_slot is None
+                                or self._slots[r.pinned_slot].request is None), None)
+                if request is None:
+                    return
+                self._waiting.remove(request)
                 slot = None
                 if not request.cancelled:  # reserved under the lock, so submit() counts it as busy
                     prompt = request._sequence.prompt_tokens
-                    slot = max(free, key=lambda s: common_prefix(s.cached, prompt) if s.lora == request.lora else -1)
+                    if request.pinned_slot is not None:
+                        slot = self._slots[request.pinned_slot]
+                    else:
+                        slot = max(free, key=lambda s: common_prefix(s.cached, prompt)
+                                   if s.lora == request.lora else -1)
                     slot.request = request
+                    request.slot_id = slot.seq_id
             if slot is None:
                 request._sequence.cancel()
                 request._sequence.close()
@@ -316,7 +336,7 @@ class Engine(Owned):
 
     def _step(self) -> bool:
         """Decode one batch; False when there was nothing to do."""
-        batch, lib = self._batch, self._lib
+        batch = self._batch
         n = 0
         rows: list[_Slot] = []  # sequences that sample after this decode
         members: list[_Slot] = []  # every sequence with tokens in the batch
@@ -340,10 +360,10 @@ class Engine(Owned):
                     room = min(request.channel.free(), self.n_batch - n) - 1  # after the token
                     slot.draft = sequence.draft(slot.cached, token, self.n_ctx_per_slot)[:room] if room else []
                 slot.batch_row = n
-                n = self._add(n, token, len(slot.cached), slot.seq_id, True)
+                n = batch.put(n, token, len(slot.cached), slot.seq_id, True)
                 slot.cached.append(token)
                 for drafted in slot.draft:  # empty without speculation
-                    n = self._add(n, drafted, len(slot.cached), slot.seq_id, True)
+                    n = batch.put(n, drafted, len(slot.cached), slot.seq_id, True)
                     slot.cached.append(drafted)
                 slot.next_token = None
                 rows.append(slot)
@@ -356,7 +376,7 @@ class Engine(Owned):
             del slot.pending_prompt[: len(take)]
             last = not slot.pending_prompt
             for i, token in enumerate(take):
-                n = self._add(n, token, len(slot.cached), slot.seq_id, last and i == len(take) - 1)
+                n = batch.put(n, token, len(slot.cached), slot.seq_id, last and i == len(take) - 1)
                 slot.cached.append(token)
             members.append(slot)
             if last:
@@ -364,13 +384,12 @@ class Engine(Owned):
                 rows.append(slot)
         if n == 0:
             return False
-        batch.n_tokens = n
         if lora != self._lora:
             apply_lora(self.model, self.ptr, lora)
             self._lora = lora
         started = time.perf_counter()
         with self._lock:
-            rc = lib.llama_decode(self.ptr, batch)
+            rc = batch.decode(self.ptr, n)
         self.stats["decode_seconds"] += time.perf_counter() - started
         self.stats["decode_steps"] += 1
         if rc != 0:
@@ -385,15 +404,6 @@ class Engine(Owned):
             except MullamaError as exc:  # one request's failure is that request's alone
                 self._fail(slot, exc)
         return True
-
-    def _add(self, n: int, token: int, pos: int, seq_id: int, logits: bool) -> int:
-        batch = self._batch
-        batch.token[n] = token
-        batch.pos[n] = pos
-        batch.n_seq_id[n] = 1
-        batch.seq_id[n][0] = seq_id
-        batch.logits[n] = logits
-        return n + 1
 
     def _sample(self, slot: _Slot) -> None:
         request = slot.request
@@ -453,11 +463,6 @@ class Engine(Owned):
             slot.request._sequence.close()
         slot.request, slot.next_token = None, None
         slot.pending_prompt, slot.draft = [], []
-
-
-def _no_draft_model() -> InvalidConfigError:
-    return InvalidConfigError('speculative="draft" needs a draft model: Context(model, draft_model=...), '
-                              "AsyncModel.load(path, draft_model=...), or -md FNAME.")
 
 
 def _serve(engine_ref: weakref.ref[Engine], wake: threading.Event) -> None:

@@ -23,10 +23,9 @@ batches.
 
 from __future__ import annotations
 
-import weakref
-from typing import Any, Protocol
+from typing import Protocol
 
-__all__ = ["BACKOFF_MAX", "Drafter", "NgramDrafter", "VerifyBatch"]
+__all__ = ["BACKOFF_MAX", "Drafter", "NgramDrafter"]
 
 BACKOFF_MAX = 64  # tokens: the longest pause in drafting after rejected drafts
 
@@ -114,29 +113,3 @@ class NgramDrafter:
 
     def close(self) -> None:
         """Nothing to free."""
-
-
-class VerifyBatch:
-    """A ``llama_batch`` for one sequence's sampled token and its draft, logits for every row."""
-
-    def __init__(self, lib: Any, capacity: int) -> None:
-        self._lib = lib
-        self.capacity = capacity
-        self._batch = lib.llama_batch_init(capacity, 0, 1)
-        self._free = weakref.finalize(self, lib.llama_batch_free, self._batch)
-
-    def decode(self, ctx: Any, position: int, tokens: list[int], seq_id: int = 0) -> int:
-        """Decode ``tokens`` at ``position`` onwards in sequence ``seq_id``; llama_decode's result."""
-        batch = self._batch
-        token, pos, n_seq_id, seq, logits = batch.token, batch.pos, batch.n_seq_id, batch.seq_id, batch.logits
-        for i, value in enumerate(tokens):
-            token[i] = value
-            pos[i] = position + i
-            n_seq_id[i] = 1
-            seq[i][0] = seq_id
-            logits[i] = 1
-        batch.n_tokens = len(tokens)
-        return int(self._lib.llama_decode(ctx, batch))
-
-    def close(self) -> None:
-        self._free()
