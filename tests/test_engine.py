@@ -78,6 +78,28 @@ def test_a_full_queue_refuses_and_a_freed_slot_admits(model):
         assert read_all(second)[-1].finish_reason in ("stop", "length")
 
 
+def test_a_request_pinned_to_a_busy_slot_waits_and_others_go_ahead(model, context):
+    """llama-server's id_slot: a request pinned to a busy slot waits for it (slot numbers wrap), an
+    unpinned one behind it takes the free slot, and the pinned one then runs where it asked."""
+    with Engine(model, parallel=2, n_ctx=512) as engine:
+        # never read: its channel fills and it pauses, holding slot 0 until cancelled
+        holder = engine.submit(model.tokenize("Write a long story:"),
+                               LONG.with_options(buffer_size=2, timeout_ms=None), slot=0)
+        pinned = engine.submit(model.tokenize("Hello"), GREEDY, slot=2)  # 2 % 2: slot 0
+        free = engine.submit(model.tokenize("Paris is"), GREEDY)
+        assert [t.id for t in read_all(free)] == context.generate("Paris is", max_tokens=16).token_ids
+        assert (holder.slot_id, free.slot_id, pinned.slot_id) == (0, 1, -1)
+        assert engine.waiting == 1  # the pinned request, behind a slot that cannot free itself
+        holder.cancel()
+        assert [t.id for t in read_all(pinned)] == context.generate("Hello", max_tokens=16).token_ids
+        assert pinned.slot_id == 0
+        any_slot = engine.submit(model.tokenize("Hi"), GREEDY, slot=-1)  # negative: any slot
+        read_all(any_slot)
+        assert any_slot.slot_id in (0, 1)
+        with pytest.raises(mullama.InvalidConfigError, match="slot must be an integer"):
+            engine.submit(model.tokenize("Hi"), GREEDY, slot="0")
+
+
 def test_a_timeout_ends_only_its_sequence(engine, model):
     slow = engine.submit(model.tokenize("Write a long story:"), LONG.with_options(timeout_ms=200))
     fine = engine.submit(model.tokenize("Hello"), GREEDY)

@@ -243,3 +243,37 @@ def test_bad_infill_requests_are_400s(fim_served, body, message):
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and message in error["message"]
+
+
+@pytest.fixture(scope="module")
+def fim_adapter(tmp_path_factory, model_path) -> Path:
+    """A LoRA adapter written by the real tool for SmolLM2, whose tensors the FIM copy shares."""
+    out = tmp_path_factory.mktemp("fim-lora") / "qv.gguf"
+    subprocess.run([sys.executable, str(REPO / "tools" / "make_lora.py"), str(out), "--for", str(model_path)],
+                   check=True, capture_output=True, text=True)
+    return out
+
+
+def test_server_infill_takes_per_request_lora_and_id_slot_as_llama_server(build, fim_path, fim_model, fim_adapter):
+    """/infill's per-request ``lora`` scales give llama-server's tokens (with the same adapter loaded by
+    --lora), and ``id_slot`` picks the slot the answer names (taken modulo the slots, as upstream's)."""
+    scales = ([{"id": 0, "scale": 0.0}], [{"id": 0, "scale": 0.7}])
+    case = CASES["extra-and-prompt"]
+    server = upstream.LlamaServer(build.tool("llama-server"), fim_path, threads=default_threads(), n_ctx=N_CTX,
+                                  extra=("-b", str(N_BATCH), "--lora", str(fim_adapter)))
+    try:
+        expected = [server.post("/infill", {**_upstream_body(case), "lora": lora})["tokens"] for lora in scales]
+    finally:
+        server.close()
+    assert expected[0] != expected[1]  # the adapter changes the answer: the scales are honoured
+    with mullama.Model.load(fim_path, lora=[fim_adapter]) as adapted, \
+            serving(adapted, parallel=2, n_ctx=N_CTX, n_batch=N_BATCH) as (served, _engine):
+        for lora, tokens, id_slot in zip(scales, expected, (3, 0)):
+            response = httpx.post(f"{served.url}/infill", json={**_upstream_body(case), "lora": lora,
+                                                                 "id_slot": id_slot}, timeout=300)
+            assert response.status_code == 200, response.text
+            assert response.json()["tokens"] == tokens
+            assert response.json()["id_slot"] == id_slot % 2
+        bad = httpx.post(f"{served.url}/infill", json={"input_prefix": "a", "input_suffix": "b", "id_slot": "x"},
+                         timeout=60)
+        assert bad.status_code == 400 and "'id_slot'" in bad.json()["error"]["message"]

@@ -236,6 +236,12 @@ def test_slot_save_erase_restore_round_trip(slot_server):
     again = complete(server, follow_up, 16)  # lands on the restored slot: only the new tokens are decoded
     assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == saved["n_saved"]
     assert again["choices"][0]["text"] == reference["choices"][0]["text"]
+    # llama-server's id_slot: pinned to the erased slot, the same prompt is decoded whole there
+    status, pinned = post(f"{server.url}/v1/completions", {"prompt": follow_up, "max_tokens": 16, "temperature": 0,
+                                                            "id_slot": id_slot})
+    assert status == 200, pinned
+    assert pinned["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert pinned["choices"][0]["text"] == reference["choices"][0]["text"]
 
 
 @pytest.mark.parametrize("filename", ["../escape.bin", "/tmp/escape.bin", "a/b.bin", "a\\b.bin", "..", ".", "",

@@ -19,6 +19,8 @@ class EngineRequest(SequenceView):
 
     _sequence: Sequence
     lora: LoraSet = ()  # the LoRA adapters it decodes with (its config's lora, else the model's)
+    pinned_slot: int | None = None  # the slot it must run in (llama-server's id_slot), else any
+    slot_id = -1  # the slot serving it, once one does
 
     def __init__(self, sequence: Sequence, request_id: int, wake: threading.Event) -> None:
         self._sequence = sequence

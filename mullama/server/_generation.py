@@ -87,7 +87,7 @@ def prepare(served: Served, parsed: ParsedRequest, settings: ServerSettings) -> 
     jobs: list[EngineRequest] = []
     try:
         for choice_config in parsed.choice_configs(config):
-            jobs.append(_submit(served, tokens, choice_config))
+            jobs.append(_submit(served, tokens, choice_config, parsed.id_slot))
     except BaseException:
         for job in jobs:
             job.cancel()
@@ -95,10 +95,10 @@ def prepare(served: Served, parsed: ParsedRequest, settings: ServerSettings) -> 
     return jobs
 
 
-def _submit(served: Served, tokens: list[int], config: StreamConfig) -> EngineRequest:
+def _submit(served: Served, tokens: list[int], config: StreamConfig, id_slot: int | None = None) -> EngineRequest:
     assert served.engine is not None
     try:
-        return served.engine.submit(tokens, config)
+        return served.engine.submit(tokens, config, slot=id_slot)
     except QueueFullError as exc:
         raise APIError(429, str(exc), type="rate_limit_error", code="queue_full") from None
     except ContextOverflowError as exc:

@@ -28,8 +28,9 @@ from ..generate._infill import fim_tokens, infill_prompt
 from ._generation import _submit
 from ._http import endpoint, read_object, requested_model, state, stream_or_collect, submit_in_all
 from ._llama_server_shapes import LLAMA_SERVER
+from ._lora import parse_lora
 from ._pool import Served
-from ._request import APIError, bad, integer, number
+from ._request import APIError, bad, integer, number, requested_slot
 
 __all__ = ["infill", "parse_infill"]
 
@@ -46,6 +47,7 @@ class InfillRequest:
     stream: bool
     return_tokens: bool
     model: str | None
+    id_slot: int | None
 
 
 def _text_or_mixed(body: dict, name: str) -> Any:
@@ -107,12 +109,14 @@ def parse_infill(body: dict, *, max_tokens_limit: int) -> InfillRequest:
     bias = _logit_bias(body.get("logit_bias"))
     if bias:
         fields["logit_bias"] = bias
+    if "lora" in body:  # llama-server's per-request adapter scales, as on its other generating routes
+        fields["lora"] = parse_lora(body["lora"])
     try:
         config = StreamConfig(**fields)
     except InvalidConfigError as exc:
         raise bad(str(exc)) from None
     return InfillRequest(prefix, suffix, list(extra), prompt, config, body.get("stream", False),
-                         body.get("return_tokens", False), requested_model(body))
+                         body.get("return_tokens", False), requested_model(body), requested_slot(body))
 
 
 def _logit_bias(value: Any) -> dict[int, float]:
@@ -154,7 +158,7 @@ def _prepare(served: Served, parsed: InfillRequest) -> tuple[str, EngineRequest]
                                n_ctx=engine.n_ctx_per_slot, n_batch=engine.n_batch)
     except (InvalidConfigError, TokenizeError) as exc:  # a token id out of range, text that is not Unicode
         raise APIError(400, str(exc)) from None
-    return model.detokenize(tokens, unparse_special=True), _submit(served, tokens, parsed.config)
+    return model.detokenize(tokens, unparse_special=True), _submit(served, tokens, parsed.config, parsed.id_slot)
 
 
 def _stop_type(job: EngineRequest) -> str:
@@ -172,7 +176,7 @@ def _final(job: EngineRequest, parsed: InfillRequest, name: str, prompt: str, st
     prompt_s = job.prompt_seconds() or 0.0
     total_s = time.perf_counter() - started
     return {
-        "index": 0, "content": content, "tokens": tokens if parsed.return_tokens else [], "id_slot": -1,
+        "index": 0, "content": content, "tokens": tokens if parsed.return_tokens else [], "id_slot": job.slot_id,
         "stop": True, "model": name, "tokens_predicted": predicted, "tokens_evaluated": evaluated,
         "prompt": prompt, "has_new_line": "\n" in job.text, "truncated": False, "stop_type": _stop_type(job),
         "stopping_word": job.stop_sequence or "", "tokens_cached": evaluated + max(0, predicted - 1),
@@ -190,7 +194,7 @@ async def _events(request: Request, job: EngineRequest, parsed: InfillRequest, n
     try:
         while (token := await job.next_token()) is not None:
             part = {"index": 0, "content": token.text, "tokens": [token.id] if parsed.return_tokens else [],
-                    "stop": False, "id_slot": -1, "tokens_predicted": job.completion_tokens,
+                    "stop": False, "id_slot": job.slot_id, "tokens_predicted": job.completion_tokens,
                     "tokens_evaluated": job.prompt_tokens}
             yield f"data: {json.dumps(part, ensure_ascii=False)}\n\n"
     except MullamaError as exc:

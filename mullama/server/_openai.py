@@ -37,7 +37,7 @@ from ._openai_shapes import (
     tool_call_delta,
     usage_chunk,
 )
-from ._request import APIError, ParsedRequest, bad, integer, number
+from ._request import APIError, ParsedRequest, bad, integer, number, requested_slot
 from ._tool_calls import ToolCallProgress
 
 __all__ = ["LLAMA_FIELDS", "chat_completions", "completions", "list_models", "parse_request"]
@@ -47,7 +47,7 @@ __all__ = ["LLAMA_FIELDS", "chat_completions", "completions", "list_models", "pa
 LLAMA_FIELDS = {"top_k", "min_p", "repeat_penalty", "ignore_eos", "cache_prompt", "reasoning_format", "grammar",
                 "json_schema", "typical_p", "repeat_last_n", "mirostat", "mirostat_tau", "mirostat_eta",
                 "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n", "xtc_probability",
-                "xtc_threshold", "top_n_sigma", "lora"}
+                "xtc_threshold", "top_n_sigma", "lora", "id_slot"}
 # Fields we honour, and fields OpenAI clients send that we accept and ignore.
 _COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed", "stream",
            "stream_options", "n", "frequency_penalty", "presence_penalty", "user", "store", "metadata",
@@ -161,13 +161,15 @@ def parse_request(body: Any, kind: str, *, max_tokens_limit: int) -> ParsedReque
             raise bad("'messages' must be a non-empty list of {role, content} objects.", "messages")
         return ParsedRequest("chat", config, stream, include_usage, messages=messages, n=n, tools=tools,
                              tool_choice=tool_choice, parallel_tool_calls=parallel,
-                             reasoning_format="none" if reasoning_format == "none" else "auto", model=model)
+                             reasoning_format="none" if reasoning_format == "none" else "auto", model=model,
+                             id_slot=requested_slot(body))
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt:
         raise bad("'prompt' must be a non-empty string.", "prompt")
-    return ParsedRequest("completion", config, stream, include_usage, prompt=prompt, n=n, model=model)
+    return ParsedRequest("completion", config, stream, include_usage, prompt=prompt, n=n, model=model,
+                         id_slot=requested_slot(body))
 
 
 def _requested_logprobs(body: dict, kind: str) -> int | None:

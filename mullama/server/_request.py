@@ -55,6 +55,7 @@ class ParsedRequest:
     parallel_tool_calls: bool = True
     reasoning_format: str = "auto"
     model: str | None = None  # the request's ``model`` field: which served model answers it
+    id_slot: int | None = None  # llama-server's id_slot: the engine slot to run in (None: any)
 
     def choice_configs(self, config: StreamConfig | None = None) -> list[StreamConfig]:
         """One config per choice (from ``config``, else the request's): with a seed, choice i samples
@@ -88,3 +89,10 @@ def integer(body: dict, name: str, low: int, high: int | None = None) -> int | N
         bound = f"from {low} to {high}" if high is not None else f"of at least {low}"
         raise bad(f"'{name}' must be an integer {bound}.", name)
     return value
+
+
+def requested_slot(body: dict) -> int | None:
+    """llama-server's ``id_slot``: the engine slot a request runs in, taken modulo the slots; -1 (its
+    default) or another negative number, any slot."""
+    value = integer(body, "id_slot", -(2**31), 2**31 - 1)
+    return None if value is None or value < 0 else value
