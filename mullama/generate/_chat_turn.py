@@ -4,16 +4,19 @@ Context, AsyncModel and the server."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from .._exceptions import InvalidConfigError
+from ..chat._media_parts import MediaSource, has_media, split_media
 from ..chat._reasoning import reasoning_for
 from ..chat._template import load_template, normalize_messages
 from ..chat._tools import GENERIC, check_tools, tool_calling, with_tools_described
 from ._config import StreamConfig
-from ._model import Model
+from ._media import DEFAULT_LIMITS, MediaLimits, MediaPrompt, check_projector_model
+from ._model import Model, tokenize_prompt
 
-__all__ = ["chat_prompt"]
+__all__ = ["chat_media", "chat_prompt", "prompt_tokens"]
 
 
 def chat_prompt(model: Model, messages: list[dict[str, Any]], config: StreamConfig, *,
@@ -50,3 +53,21 @@ def chat_prompt(model: Model, messages: list[dict[str, Any]], config: StreamConf
     if reasoning is not None:
         config = config.with_options(reasoning=reasoning)
     return prompt, config
+
+
+def chat_media(model: Model, messages: Any) -> tuple[Any, list[MediaSource]]:
+    """``messages`` with their images and audio replaced by the projector's marker, and those media in
+    order (none, and the messages as they are, when they hold none)."""
+    if not has_media(messages):
+        return messages, []
+    return split_media(messages, check_projector_model(model).marker)
+
+
+def prompt_tokens(model: Model, prompt: str, media: Sequence[MediaSource],
+                  limits: MediaLimits = DEFAULT_LIMITS) -> tuple[list[int], MediaPrompt | None]:
+    """The tokens of a rendered chat prompt, and its MediaPrompt when it holds media (whose tokens
+    these are, with placeholders at the media's positions)."""
+    if not media:
+        return tokenize_prompt(model, prompt), None
+    tokenized = check_projector_model(model).tokenize(prompt, media, limits)
+    return tokenized.tokens, tokenized
