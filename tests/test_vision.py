@@ -8,6 +8,7 @@ token of them is compared with llama-server's on the same files.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import subprocess
 import sys
@@ -167,6 +168,45 @@ def test_the_prompt_cache_reuses_an_image_only_when_it_is_the_same(vision_model,
     assert [t.id for t in alone] == other.token_ids
     fresh.close()
     context.close()
+
+
+def test_image_requests_batch_with_text_ones_in_the_engine(vision_model, server, images, tmp_path, model_path, mmproj):
+    """AsyncModel: two image chats and two text chats at once, in one engine; each answer equals the
+    one a Context gives alone (and the image one equals llama-server's)."""
+    grey = tmp_path / "grey.bmp"
+    grey.write_bytes(_bmp(32, 32, (128, 128, 128)))
+    chats = [image_messages(data_uri(images["test-1"])), [{"role": "user", "content": "Name a colour."}],
+             image_messages(str(grey)), [{"role": "user", "content": "Count to five."}]]
+    alone = []
+    for messages in chats:
+        context = mullama.Context(vision_model, n_ctx=1024)
+        alone.append([t.id for t in context.chat_stream(messages, max_tokens=N_PREDICT, temperature=0)])
+        context.close()
+    reference = upstream_greedy(server, vision_model, chats[0], images["test-1"])
+    assert alone[0] == reference["tokens"]
+
+    async def together():
+        # Its own model: aclose() closes the model it holds.
+        async_model = mullama.AsyncModel(mullama.Model.load(model_path, mmproj=mmproj), parallel=4, n_ctx=4096)
+        try:
+            streams = [async_model.chat_stream(messages, max_tokens=N_PREDICT, temperature=0) for messages in chats]
+
+            async def read(stream):
+                return [token.id async for token in stream]
+
+            answers = await asyncio.gather(*(read(stream) for stream in streams))
+            stats = dict(async_model._get_engine().stats)
+            again = async_model.chat_stream(chats[0], max_tokens=4, temperature=0)
+            first = [token.id async for token in again]
+            return answers, stats, first, again.cached_tokens, again.prompt_tokens
+        finally:
+            await async_model.aclose()
+
+    answers, stats, first, cached, prompt = asyncio.run(together())
+    assert answers == alone
+    assert stats["requests_finished"] == 4
+    assert first == alone[0][:4]
+    assert cached == prompt - 1  # the same image again: its cells (and the text around it) reused
 
 
 def test_media_errors_are_clear(vision_model, model, images, tmp_path):

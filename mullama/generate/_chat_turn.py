@@ -4,7 +4,6 @@ Context, AsyncModel and the server."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from .._exceptions import InvalidConfigError
@@ -16,7 +15,7 @@ from ._config import StreamConfig
 from ._media import DEFAULT_LIMITS, MediaLimits, MediaPrompt, check_projector_model
 from ._model import Model, tokenize_prompt
 
-__all__ = ["chat_media", "chat_prompt", "prompt_tokens"]
+__all__ = ["chat_media", "chat_prompt", "chat_turn", "turn_tokens"]
 
 
 def chat_prompt(model: Model, messages: list[dict[str, Any]], config: StreamConfig, *,
@@ -63,11 +62,19 @@ def chat_media(model: Model, messages: Any) -> tuple[Any, list[MediaSource]]:
     return split_media(messages, check_projector_model(model).marker)
 
 
-def prompt_tokens(model: Model, prompt: str, media: Sequence[MediaSource],
-                  limits: MediaLimits = DEFAULT_LIMITS) -> tuple[list[int], MediaPrompt | None]:
-    """The tokens of a rendered chat prompt, and its MediaPrompt when it holds media (whose tokens
-    these are, with placeholders at the media's positions)."""
+def chat_turn(model: Model, messages: list[dict[str, Any]], config: StreamConfig, *,
+              limits: MediaLimits = DEFAULT_LIMITS, **options: Any) -> tuple[str | MediaPrompt, StreamConfig]:
+    """:func:`chat_prompt` for messages that may hold images and audio: the prompt text, or when they
+    hold media, the prompt tokenized with them (a MediaPrompt, checked against ``limits``)."""
+    messages, media = chat_media(model, messages)
+    prompt, config = chat_prompt(model, messages, config, **options)
     if not media:
-        return tokenize_prompt(model, prompt), None
-    tokenized = check_projector_model(model).tokenize(prompt, media, limits)
-    return tokenized.tokens, tokenized
+        return prompt, config
+    return check_projector_model(model).tokenize(prompt, media, limits), config
+
+
+def turn_tokens(model: Model, prompt: str | MediaPrompt) -> tuple[list[int], MediaPrompt | None]:
+    """The tokens of what :func:`chat_turn` made, and the MediaPrompt that evaluates them (or None)."""
+    if isinstance(prompt, MediaPrompt):
+        return prompt.tokens, prompt
+    return tokenize_prompt(model, prompt), None

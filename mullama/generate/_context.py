@@ -19,7 +19,7 @@ from .._exceptions import (
 )
 from ..native._owned import Owned
 from . import _state
-from ._chat_turn import chat_media, chat_prompt, prompt_tokens
+from ._chat_turn import chat_turn, turn_tokens
 from ._completion import Completion, greedy_unless_told
 from ._config import MAX_SEED, StreamConfig, resolve_config
 from ._context_params import (
@@ -394,9 +394,10 @@ class Context(Owned):
         temperature=0)`` (keyword options override fields of ``config``).
         """
         config = resolve_config(config, max_tokens, options)
-        return self._stream(tokenize_prompt(self.model, prompt), config)
+        return self._stream(tokenize_prompt(self.model, prompt), config=config)
 
-    def _stream(self, prompt_tokens: list[int], config: StreamConfig, media: MediaPrompt | None = None) -> TokenStream:
+    def _stream(self, prompt_tokens: list[int], media: MediaPrompt | None = None, *,
+                config: StreamConfig) -> TokenStream:
         sequence = self._sequence(prompt_tokens, config, media)
         return TokenStream(self._steps(sequence), sequence)
 
@@ -435,12 +436,10 @@ class Context(Owned):
         ``input_audio``) need a model loaded with a projector (``Model.load(..., mmproj=...)``).
         """
         config = resolve_config(config, max_tokens, options)
-        messages, media = chat_media(self.model, messages)
-        prompt, config = chat_prompt(self.model, messages, config, tools=tools, tool_choice=tool_choice,
-                                     parallel_tool_calls=parallel_tool_calls, chat_template=chat_template,
-                                     chat_template_kwargs=chat_template_kwargs, reasoning_format=reasoning_format)
-        tokens, media_prompt = prompt_tokens(self.model, prompt, media)
-        return self._stream(tokens, config, media_prompt)
+        prompt, config = chat_turn(self.model, messages, config, tools=tools, tool_choice=tool_choice,
+                                   parallel_tool_calls=parallel_tool_calls, chat_template=chat_template,
+                                   chat_template_kwargs=chat_template_kwargs, reasoning_format=reasoning_format)
+        return self._stream(*turn_tokens(self.model, prompt), config=config)
 
     def infill(self, prefix: str | list[str | int], suffix: str | list[str | int],
                config: StreamConfig | int | None = None, *,
@@ -454,7 +453,7 @@ class Context(Owned):
         config = resolve_config(config, max_tokens, options)
         tokens = infill_prompt(self.model, prefix, suffix, prompt=prompt, extra=extra, n_ctx=self.n_ctx,
                                n_batch=self.n_batch, spm=spm)
-        return self._stream(tokens, config)
+        return self._stream(tokens, config=config)
 
     def generate(self, prompt: str, max_tokens: int | None = None, *, config: StreamConfig | None = None,
                  **options: Any) -> Completion:

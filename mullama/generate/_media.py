@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._exceptions import InvalidConfigError, MediaError, ModelLoadError
+from .._exceptions import ContextOverflowError, InvalidConfigError, MediaError, ModelLoadError
 from ..chat._media_parts import MediaSource
 from ..native import _library
 from ..native._owned import Owned
@@ -216,8 +216,9 @@ class MediaPrompt:
         if rc != 0:
             raise MediaError("the projector could not preprocess the media (a corrupt or unusable image or clip).")
         self.tokens: list[int] = []
-        self.pieces: list[tuple[int, int, Any]] = []  # (start, end, media chunk or None for text)
+        self.pieces: list[tuple[int, int, Any, bool]] = []  # (start, end, chunk, whether media)
         self.media_count = 0
+        self.head_end = 0
         for index in range(lib.mtmd_input_chunks_size(chunks)):
             chunk = lib.mtmd_input_chunks_get(chunks, index)
             start = len(self.tokens)
@@ -225,13 +226,16 @@ class MediaPrompt:
                 count = ffi.new("size_t *")
                 ids = lib.mtmd_input_chunk_get_tokens_text(chunk, count)
                 self.tokens.extend(ffi.unpack(ids, count[0]))
-                self.pieces.append((start, len(self.tokens), None))
+                self.pieces.append((start, len(self.tokens), chunk, False))
             else:
                 media_id = ffi.string(lib.mtmd_input_chunk_get_id(chunk)).decode("ascii", "replace")
                 placeholder = -1 - int(media_id[:12] or "0", 16) % _PLACEHOLDER_SPAN
                 self.tokens.extend([placeholder] * lib.mtmd_input_chunk_get_n_tokens(chunk))
-                self.pieces.append((start, len(self.tokens), chunk))
+                self.pieces.append((start, len(self.tokens), chunk, True))
                 self.media_count += 1
+                self.head_end = len(self.tokens)  # where the last media chunk ends
+        if self.pieces and self.pieces[-1][3]:
+            raise MediaError("a prompt must end with text after its last image or audio clip.")
 
     @property
     def text_tokens(self) -> list[int]:
@@ -240,42 +244,48 @@ class MediaPrompt:
 
     def reusable(self, cached: list[int], reuse: bool) -> int:
         """How much of a cache holding ``cached`` this prompt keeps: the common prefix, cut back to the
-        start of a media chunk it would end inside (a chunk is evaluated whole)."""
+        start of the chunk it would end inside, unless that is the text after the last media (the
+        chunks before it are evaluated whole)."""
         common = reusable_prefix(cached, self.tokens, reuse)
-        for start, end, chunk in self.pieces:
-            if chunk is not None and start < common < end:
+        for start, end, _chunk, _media in self.pieces:
+            if start < common < end and end <= self.head_end:
                 return start
         return common
+
+    def evaluate_head(self, ptr: Any, seq_id: int, cached: list[int], n_batch: int, lock: Any) -> None:
+        """Evaluate the chunks from the end of ``cached`` (a chunk boundary) through the last media
+        chunk into sequence ``seq_id`` of the llama context ``ptr``, as llama-server does: a text chunk
+        decoded, a media chunk encoded and its embeddings decoded at their positions (non-causal where
+        the projector says). ``cached`` grows with them; the text after the last media is the caller's
+        to decode, as any prompt's. On failure (MediaError) the caller drops the cells past ``cached``."""
+        projector = self._projector
+        ffi, lib = projector._mtmd.ffi, projector._mtmd.lib
+        new_n_past = ffi.new("llama_pos *")
+        for start, end, chunk, _media in self.pieces:
+            if end <= len(cached) or start >= self.head_end:
+                continue
+            with projector.lock, lock:
+                rc = lib.mtmd_helper_eval_chunk_single(projector.ptr, ptr, chunk, start, seq_id, n_batch, False,
+                                                       new_n_past)
+            if rc != 0:
+                raise MediaError(f"the projector failed to encode or decode a chunk of the prompt (code {rc}).")
+            cached.extend(self.tokens[start:end])
 
     def evaluate(self, context: Any, deadline: float | None, reuse: bool) -> int:
         """Make ``context``'s cache (sequence 0) hold this prompt, evaluating what differs; returns
         how many positions were reused."""
         if len(self.tokens) > context.n_ctx:
-            from .._exceptions import ContextOverflowError
-
             raise ContextOverflowError(f"the prompt has {len(self.tokens)} positions (text and media) but the "
                                        f"context holds {context.n_ctx}; shorten it or use a larger n_ctx.")
-        common = trim_cache(context._lib, context._memory, 0, context._tokens, self.reusable(context._tokens, reuse))
-        for start, end, chunk in self.pieces:
-            if end <= common:
-                continue
-            if chunk is None:
-                context._decode(self.tokens[max(start, common):end], deadline)
-            else:
-                self._evaluate_media(context, chunk, start, end, last=end == len(self.tokens))
+        cached = context._tokens
+        common = trim_cache(context._lib, context._memory, 0, cached, self.reusable(cached, reuse))
+        try:
+            self.evaluate_head(context.ptr, 0, cached, context.n_batch, context._lock)
+        except MediaError:
+            context._lib.llama_memory_seq_rm(context._memory, 0, len(cached), -1)
+            raise
+        context._decode(self.tokens[len(cached):], deadline)
         return common
-
-    def _evaluate_media(self, context: Any, chunk: Any, start: int, end: int, last: bool) -> None:
-        projector = self._projector
-        ffi, lib = projector._mtmd.ffi, projector._mtmd.lib
-        new_n_past = ffi.new("llama_pos *")
-        with projector.lock, context._lock:
-            rc = lib.mtmd_helper_eval_chunk_single(projector.ptr, context.ptr, chunk, start, 0, context.n_batch,
-                                                   last, new_n_past)
-        if rc != 0:
-            context._lib.llama_memory_seq_rm(context._memory, 0, start, -1)
-            raise MediaError(f"the projector failed to encode or decode a media chunk (code {rc}).")
-        context._tokens.extend(self.tokens[start:end])
 
 
 def check_projector_model(model: Model) -> Projector:
