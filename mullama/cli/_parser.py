@@ -235,6 +235,16 @@ def make_parser() -> argparse.ArgumentParser:
                        help="a LoRA adapter with its scale (comma-separated, repeatable; llama-server's)")
     serve.add_argument("--lora-init-without-apply", action="store_true",
                        help="load the LoRA adapters at scale 0; POST /lora-adapters sets scales")
+    serve.add_argument("--mmproj", metavar="FILE",
+                       help="the model's multimodal projector (an mmproj GGUF, llama-server's): requests may hold "
+                            "images (OpenAI image_url, Anthropic image blocks, ollama images)")
+    serve.add_argument("--media-path", metavar="DIR",
+                       help="read image_url file paths below this directory (llama-server's; default: no files)")
+    serve.add_argument("--allow-remote-media", action="store_true",
+                       help="fetch image_url http(s) URLs (at most --max-media-bytes each; default: refused)")
+    serve.add_argument("--max-media-bytes", type=int, default=20 << 20, metavar="N",
+                       help="the largest image or clip, encoded (default 20 MiB; with --mmproj a request body "
+                            "may hold one such image in base64 beside 1 MiB of text)")
     serve.add_argument("--pooling", choices=["mean", "cls", "last"],
                        help="pooling for /v1/embeddings (default: the model's own, else mean)")
     serve.add_argument("--embedding-batch", type=int,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
 import secrets
 import threading
 from collections.abc import Sequence
@@ -38,24 +39,28 @@ _PLACEHOLDER_SPAN = 1 << 40
 
 @dataclass(frozen=True)
 class MediaLimits:
-    """Bounds on media a request may carry (the server sets its own from its options)."""
+    """Bounds on the media a request may carry, and where they may come from (the server sets its own
+    from its options: no local files but under its --media-path, no remote URLs unless allowed)."""
 
     max_bytes: int = 20 << 20  # of one image or clip, encoded
     max_items: int = 8  # per request
-    max_pixels: int = 50_000_000  # of one decoded image
-    allow_remote: bool = False  # http(s) URLs: fetched by the caller only when allowed (the server's option)
+    max_pixels: int = 50_000_000  # of one decoded image (declared by its header)
+    allow_remote: bool = False  # http(s) URLs are fetched (with max_bytes and a timeout) only when allowed
+    allow_files: bool = True  # file paths and file:// URLs are read
+    file_root: Path | None = None  # ... and then only below this directory, when given
 
 
 DEFAULT_LIMITS = MediaLimits()
+_BASE64 = re.compile(r"[A-Za-z0-9+/=\s]+")
+REMOTE_TIMEOUT = 30.0  # seconds for one remote media download
 
 
 def media_bytes(source: MediaSource, limits: MediaLimits = DEFAULT_LIMITS) -> bytes:
-    """The encoded bytes of ``source``: a ``data:`` URI (base64), a file path or ``file://`` URL, or
-    bare base64 text. Remote URLs are refused (MediaError REMOTE_MEDIA_REFUSED): fetch them yourself."""
+    """The encoded bytes of ``source``: a ``data:`` URI (base64), a file path or ``file://`` URL, bare
+    base64 text, or an http(s) URL when ``limits.allow_remote`` (else MediaError REMOTE_MEDIA_REFUSED)."""
     url = source.url
     if url.startswith(("http://", "https://")):
-        raise MediaError(f"remote media URLs are not fetched ({url[:80]}); send the bytes as a data: URI "
-                         "(the server fetches them only with --allow-remote-media).", code="REMOTE_MEDIA_REFUSED")
+        return _fetch(url, limits)
     if url.startswith("data:"):
         header, comma, payload = url.partition(",")
         if not comma or not header.endswith(";base64"):
@@ -63,10 +68,30 @@ def media_bytes(source: MediaSource, limits: MediaLimits = DEFAULT_LIMITS) -> by
         if not header.startswith(("data:image/", "data:audio/")):
             raise MediaError(f"a media data URI must be of an image/ or audio/ type, not {header[5:60]!r}.")
         return _decode_base64(payload, limits)
-    is_path = url.startswith(("file://", "/", "~", "./", "../")) or (len(url) < 4096 and os.path.exists(url))
-    if is_path:
-        return _read_file(Path(url.removeprefix("file://")).expanduser(), limits)
+    if url.startswith("file://") or (len(url) < 4096 and (not _BASE64.fullmatch(url) or os.path.exists(url))):
+        return _read_file(url.removeprefix("file://"), limits)
     return _decode_base64(url, limits)  # bare base64, as llama-server takes it
+
+
+def _fetch(url: str, limits: MediaLimits) -> bytes:
+    if not limits.allow_remote:
+        raise MediaError(f"remote media URLs are not fetched ({url[:80]}); send the bytes as a data: URI "
+                         "(a server fetches them only when started with --allow-remote-media).",
+                         code="REMOTE_MEDIA_REFUSED")
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=REMOTE_TIMEOUT) as response:
+            data: bytes = response.read(limits.max_bytes + 1)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise MediaError(f"cannot fetch the media at {url[:80]}: {getattr(exc, 'reason', exc)}.") from None
+    if len(data) > limits.max_bytes:
+        raise MediaError(f"the media at {url[:80]} is larger than the limit of {limits.max_bytes} bytes.",
+                         code="MEDIA_TOO_LARGE")
+    if not data:
+        raise MediaError(f"the media at {url[:80]} is empty.")
+    return data
 
 
 def _decode_base64(payload: str, limits: MediaLimits) -> bytes:
@@ -81,7 +106,16 @@ def _decode_base64(payload: str, limits: MediaLimits) -> bytes:
     return data
 
 
-def _read_file(path: Path, limits: MediaLimits) -> bytes:
+def _read_file(name: str, limits: MediaLimits) -> bytes:
+    if not limits.allow_files:
+        raise MediaError("local media files are not read here; send the bytes as a data: URI (a server reads "
+                         "files only below the directory of its --media-path).")
+    path = Path(name).expanduser()
+    if limits.file_root is not None:
+        root = limits.file_root.resolve()
+        path = (root / path.relative_to("/") if path.is_absolute() else root / path).resolve()
+        if root not in path.parents:
+            raise MediaError(f"{name[:80]!r} is outside the media directory; name a file below it.")
     try:
         size = path.stat().st_size
         if not path.is_file():
@@ -91,7 +125,7 @@ def _read_file(path: Path, limits: MediaLimits) -> bytes:
                              code="MEDIA_TOO_LARGE")
         data = path.read_bytes()
     except OSError as exc:
-        raise MediaError(f"cannot read the media file {path}: {exc.strerror or exc}.") from None
+        raise MediaError(f"cannot read the media file {name[:200]}: {exc.strerror or exc}.") from None
     if not data:
         raise MediaError(f"{path} is empty.")
     return data
@@ -162,14 +196,18 @@ class Projector(Owned):
 
 
 def check_media_header(data: bytes, kind: str, limits: MediaLimits, number: int) -> None:
-    """Refuse an image whose header declares more pixels than ``limits.max_pixels`` before it is decoded
-    (a decompression bomb), from the PNG, GIF, BMP or JPEG header."""
+    """Refuse, before it is decoded, an image whose header declares more pixels than ``limits.max_pixels``
+    (a decompression bomb; PNG, GIF, BMP and JPEG headers are read), or a JPEG or PNG cut short."""
     if kind != "image":
         return
     size = _image_size(data)
     if size is not None and size[0] * size[1] > limits.max_pixels:
         raise MediaError(f"image {number} is {size[0]}x{size[1]} pixels, more than the limit of {limits.max_pixels}.",
                          code="MEDIA_TOO_LARGE")
+    # stb_image decodes what it can of a cut file (the rest grey): a truncated upload is refused instead.
+    if (data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-1024:]) or (
+            data[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in data[-64:]):
+        raise MediaError(f"image {number} is truncated (its JPEG or PNG end marker is missing); send the whole file.")
 
 
 def _image_size(data: bytes) -> tuple[int, int] | None:
