@@ -287,3 +287,49 @@ def _bmp(width: int, height: int, colour: tuple[int, int, int]) -> bytes:
               + (1).to_bytes(2, "little") + (24).to_bytes(2, "little") + bytes(4) + len(pixels).to_bytes(4, "little")
               + bytes(16))
     return header + pixels
+
+
+def test_mullama_run_with_an_image_prints_the_greedy_answer(vision_model, model_path, mmproj, images):
+    context = mullama.Context(vision_model, n_ctx=4096)
+    expected = "".join(t.text for t in context.chat_stream(image_messages(str(images["test-1"])), max_tokens=12,
+                                                           temperature=0))
+    context.close()
+    done = subprocess.run([sys.executable, "-m", "mullama", "run", "-m", str(model_path), "--mmproj", str(mmproj),
+                           "--image", str(images["test-1"]), "--temp", "0", "-n", "12", "--json", QUESTION],
+                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    import json
+
+    result = json.loads(done.stdout)
+    assert result["text"] == expected
+    assert result["prompt_tokens"] > 16
+    refused = subprocess.run([sys.executable, "-m", "mullama", "run", "-m", str(model_path), "--image",
+                              str(images["test-1"]), QUESTION], capture_output=True, text=True, timeout=300,
+                             stdin=subprocess.DEVNULL)
+    assert refused.returncode != 0 and "--mmproj" in refused.stderr
+
+
+def test_the_terminal_chat_attaches_an_image_with_slash_image(vision_model, model_path, mmproj, images):
+    import pexpect
+
+    context = mullama.Context(vision_model, n_ctx=4096)
+    expected = "".join(t.text for t in context.chat_stream(image_messages(str(images["test-1"])), max_tokens=8,
+                                                           temperature=0))
+    context.close()
+    child = pexpect.spawn(sys.executable, ["-m", "mullama", "chat", "-m", str(model_path), "--mmproj", str(mmproj),
+                                           "--temp", "0", "-n", "8"], encoding="utf-8", timeout=300,
+                          dimensions=(40, 200))
+    child.expect(">>> ")
+    child.sendline(f"/image {images['test-1']}")
+    child.expect("will go with your next message")
+    child.expect(">>> ")
+    child.sendline(QUESTION)
+    child.expect(r"prompt tokens cached")
+    transcript = child.before
+    child.expect(">>> ")
+    child.sendline("/image /nonexistent.jpg")
+    child.expect("usage: /image FILE")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    words = [word for word in expected.split() if word.isalpha()][:3]
+    assert words and all(word in transcript for word in words), (expected, transcript)

@@ -77,6 +77,11 @@ def _add_template(parser: argparse.ArgumentParser) -> None:
                         help="use this Jinja chat template instead of the model's (as llama-server's)")
 
 
+def _add_mmproj(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mmproj", metavar="FILE",
+                        help="the model's multimodal projector (an mmproj GGUF, llama.cpp's): images in")
+
+
 def _add_offload(parser: argparse.ArgumentParser) -> None:
     """llama.cpp's offloading flags (GPUs of the build's backends, RPC servers)."""
     parser.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", type=int, default=0, metavar="N",
@@ -144,6 +149,9 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--raw", action="store_true",
                      help="complete the prompt as is, without the chat template (always, for a model without one)")
     run.add_argument("--json", action="store_true", help="print the result and statistics as JSON")
+    _add_mmproj(run)
+    run.add_argument("--image", action="append", metavar="PATH",
+                     help="an image to ask about, after the prompt (repeatable; needs --mmproj)")
     _add_verbosity(run)
 
     chat = commands.add_parser("chat", help="chat in the terminal (Markdown, streaming, multi-turn)")
@@ -153,6 +161,7 @@ def make_parser() -> argparse.ArgumentParser:
     _add_context(chat)
     _add_offload(chat)
     chat.add_argument("--record", metavar="FILE.svg", help="save the session as an SVG picture on exit")
+    _add_mmproj(chat)
     _add_verbosity(chat)
 
     embed = commands.add_parser("embed", help="embedding vectors of texts, one JSON line per text")
