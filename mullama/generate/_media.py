@@ -189,6 +189,9 @@ class Projector(Owned):
                                  "the projector does not read (images: JPEG, PNG, BMP, GIF; audio: WAV, MP3, "
                                  "FLAC).")
             bitmaps.append(ffi.gc(wrapper.bitmap, lib.mtmd_bitmap_free))
+            if wrapper.video_ctx != ffi.NULL:  # a build with video input decoded it as one: not taken here
+                lib.mtmd_helper_video_free(wrapper.video_ctx)
+                raise MediaError(f"media {number} is a video; send images (JPEG, PNG, BMP, GIF) or audio.")
             if (source.kind == "image") != (not lib.mtmd_bitmap_is_audio(wrapper.bitmap)):
                 raise MediaError(f"media {number} was sent as {source.kind} but holds "
                                  f"{'audio' if source.kind == 'image' else 'an image'}.")
