@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Build the pinned upstream llama.cpp into shared libraries (libllama + ggml).
+"""Build the pinned upstream llama.cpp into shared libraries (libllama + ggml, and libmtmd for
+images and audio in).
 
 Run it as a script (``python build_llama.py --help``) or import it: the packaging
 hook in ``setup.py`` calls :func:`build`. The result is cached per user, keyed by
@@ -57,8 +58,13 @@ RPC_SERVER = "ggml-rpc-server"
 BACKEND_SHORTCUTS = {"cuda": "-DGGML_CUDA=ON", "vulkan": "-DGGML_VULKAN=ON"}
 
 #: Shared libraries that mullama itself loads (the wheel bundles exactly these).
-CORE_LIBRARY_PREFIXES = ("libllama.so", "libggml")
+CORE_LIBRARY_PREFIXES = ("libllama.so", "libggml", "libmtmd.so")
 LIBLLAMA = "libllama.so.0"
+#: libmtmd (the pinned tree's tools/mtmd: images and audio in) and the cmake target that builds it.
+#: Always built with libllama; the build key does not change for it (the cmake definitions are the
+#: same), so a cached entry made before it was built gets it added by an incremental build.
+LIBMTMD = "libmtmd.so.0"
+MTMD_TARGET = "mtmd"
 MANIFEST_NAME = "manifest.json"
 
 
@@ -147,6 +153,10 @@ class BuildResult:
     @property
     def libllama(self) -> Path:
         return self.lib_dir / LIBLLAMA
+
+    @property
+    def libmtmd(self) -> Path:
+        return self.lib_dir / LIBMTMD
 
     def tool(self, name: str) -> Path:
         return self.bin_dir / name
@@ -284,14 +294,14 @@ def build(
     source: str | os.PathLike | None = None,
     jobs: int | None = None,
 ) -> BuildResult:
-    """Build (or reuse) libllama + ggml for ``options``, plus any upstream ``tools``."""
+    """Build (or reuse) libllama + ggml + libmtmd for ``options``, plus any upstream ``tools``."""
     tools = [t for t in tools if t]
     existing = cached_build(options)
-    if existing is not None and all(existing.tool(t).is_file() for t in tools):
+    if existing is not None and existing.libmtmd.is_file() and all(existing.tool(t).is_file() for t in tools):
         return existing
     with _build_lock(llama_cache_dir(), options.key()):
         existing = cached_build(options)  # another builder may have made it while this one waited
-        if existing is not None and all(existing.tool(t).is_file() for t in tools):
+        if existing is not None and existing.libmtmd.is_file() and all(existing.tool(t).is_file() for t in tools):
             say(f"built meanwhile by another process: {existing.lib_dir}")
             return existing
         return _build_entry(options, existing, tools, source, jobs)
@@ -336,7 +346,7 @@ def _build_entry(options: BuildOptions, existing: BuildResult | None, tools: lis
             f"in {build_dir}")
         _run_logged(configure + options.cmake_definitions(), log, "cmake configure")
 
-    targets = ["llama", *tools]
+    targets = ["llama", MTMD_TARGET, *tools]
     say(f"building {', '.join(targets)} with {jobs} jobs (log: {log})")
     _run_logged([toolchain["cmake"], "--build", str(build_dir), "--config", options.build_type,
                  "-j", str(jobs), "--target", *targets], log, "compiling llama.cpp")
@@ -366,7 +376,7 @@ def _build_entry(options: BuildOptions, existing: BuildResult | None, tools: lis
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     else:
-        # Adding tools to a complete entry: each file lands atomically, the manifest last.
+        # Adding tools (or libmtmd) to a complete entry: each file lands atomically, the manifest last.
         _copy_outputs(build_dir / "bin", entry / "lib", entry / "bin", tools)
         manifest = dict(existing.manifest)
         manifest["tools"] = _file_hashes(entry / "bin")

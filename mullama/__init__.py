@@ -21,6 +21,7 @@ from ._exceptions import (
     EngineError,
     InvalidConfigError,
     LibraryError,
+    MediaError,
     ModelLoadError,
     ModelNotFoundError,
     MullamaError,
@@ -49,6 +50,7 @@ __all__ = [
     "EngineError",
     "InvalidConfigError",
     "LibraryError",
+    "MediaError",
     "Model",
     "ModelLoadError",
     "ModelNotFoundError",
@@ -114,7 +116,7 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
-for _name in ("ClosedError", "ContextError", "ContextOverflowError", "DownloadError", "EngineError",
+for _name in ("ClosedError", "ContextError", "ContextOverflowError", "DownloadError", "EngineError", "MediaError",
               "InvalidConfigError", "LibraryError", "ModelLoadError", "ModelNotFoundError", "MullamaError",
               "QueueFullError", "StreamTimeoutError", "StreamingError", "TemplateError", "TokenizeError",
               "NotAStateFileError", "StateCorruptError", "StateError", "StateModelMismatchError"):

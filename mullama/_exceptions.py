@@ -18,6 +18,9 @@
      │    ├── NotAStateFileError      NOT_A_STATE_FILE   the bytes are not a mullama state at all
      │    ├── StateCorruptError       STATE_CORRUPT      a state file truncated or damaged
      │    └── StateModelMismatchError STATE_MODEL_MISMATCH  saved by another model
+     ├── MediaError                   INVALID_MEDIA      an image or audio input that cannot be used (also
+     │                                                   ValueError; MEDIA_TOO_LARGE, MEDIA_NOT_SUPPORTED,
+     │                                                   REMOTE_MEDIA_REFUSED say more)
      └── ClosedError                  CLOSED             use of a model or context after close()
 
 Each message says what happened and what to do about it.
@@ -35,6 +38,7 @@ __all__ = [
     "EngineError",
     "InvalidConfigError",
     "LibraryError",
+    "MediaError",
     "ModelLoadError",
     "ModelNotFoundError",
     "MullamaError",
@@ -143,6 +147,14 @@ class StateCorruptError(StateError):
 
 class StateModelMismatchError(StateError):
     code = "STATE_MODEL_MISMATCH"
+
+
+class MediaError(MullamaError, ValueError):
+    """An image or audio input that cannot be used: unreadable, corrupt, of a kind the model's
+    projector does not take, or beyond a limit. ``code`` says which: INVALID_MEDIA, MEDIA_TOO_LARGE,
+    MEDIA_NOT_SUPPORTED (the model has no projector for it), REMOTE_MEDIA_REFUSED."""
+
+    code = "INVALID_MEDIA"
 
 
 class ClosedError(MullamaError):

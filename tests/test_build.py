@@ -48,6 +48,9 @@ def test_the_manifest_describes_the_build(build):
     for name, digest in manifest["libraries"].items():
         assert build_llama.sha256_file(build.lib_dir / name) == digest
     assert {"libllama.so.0", "libggml.so.0", "libggml-base.so.0", "libggml-cpu.so.0"} <= set(manifest["libraries"])
+    # libmtmd (images and audio in) is always built with libllama, and bundled with it in wheels.
+    assert "libmtmd.so.0" in manifest["libraries"]
+    assert build.libmtmd in build.core_libraries()
 
 
 def test_libraries_find_each_other_wherever_copied(build, tmp_path):

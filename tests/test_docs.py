@@ -110,6 +110,13 @@ def draft_path(tmp_path_factory, model_path) -> Path:
                          str(model_path))
 
 
+@pytest.fixture(scope="module")
+def mmproj_path(tmp_path_factory, model_path) -> Path:
+    """The projector docs/vision.md has its reader write with tools/make_test_mmproj.py."""
+    return _made_by_tool("make_test_mmproj.py", tmp_path_factory.mktemp("mmproj") / "mmproj.gguf", "--for",
+                         str(model_path))
+
+
 @pytest.mark.parametrize("name, index, code", blocks(), ids=[f"{n}#{i}" for n, i, _ in blocks()])
 def test_docs_block_runs(name, index, code, tmp_path, model_path, build, request):
     from upstream import free_port
@@ -122,6 +129,10 @@ def test_docs_block_runs(name, index, code, tmp_path, model_path, build, request
         (tmp_path / "adapter.gguf").symlink_to(request.getfixturevalue("adapter_path"))
     if "draft.gguf" in code:
         (tmp_path / "draft.gguf").symlink_to(request.getfixturevalue("draft_path"))
+    if "mmproj.gguf" in code:
+        (tmp_path / "mmproj.gguf").symlink_to(request.getfixturevalue("mmproj_path"))
+    if "photo.jpeg" in code:  # docs/vision.md's picture: the pinned tree's test image
+        (tmp_path / "photo.jpeg").symlink_to(Path(build.manifest["source"]) / "tools" / "mtmd" / "test-1.jpeg")
     if "127.0.0.1:8080" in code:
         server = request.getfixturevalue("docs_server")
         code = code.replace("127.0.0.1:8080", f"127.0.0.1:{server.port}")
@@ -140,6 +151,6 @@ def test_docs_block_runs(name, index, code, tmp_path, model_path, build, request
 
 def test_every_doc_page_has_runnable_python():
     pages = {name for name, _, _ in blocks()}
-    assert {"streaming.md", "server.md", "models.md", "troubleshooting.md", "README.md"} <= pages
+    assert {"streaming.md", "server.md", "models.md", "troubleshooting.md", "README.md", "vision.md"} <= pages
     assert len(blocks()) >= 15
     json.dumps(pages and sorted(pages))

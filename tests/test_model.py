@@ -195,7 +195,8 @@ CLOSED_CALLS = {
     "rerank": lambda m: m.rerank("query", ["document"]),
 }
 # Plain Python state, no C behind it: usable after close.
-OPEN_AFTER_CLOSE = {"close", "closed", "load", "path", "offloaded", "needs_checkpoints", "vocab_only", "lora"}
+OPEN_AFTER_CLOSE = {"close", "closed", "load", "path", "offloaded", "needs_checkpoints", "vocab_only", "lora",
+                    "projector", "supports_vision", "supports_audio"}  # Python state: None, False after close
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .._exceptions import InvalidConfigError, TemplateError
+from ._media_parts import MEDIA_MARKER_PART, MEDIA_PART_TYPES
 from ._sandbox import render
 
 __all__ = ["ROLES", "load_template", "normalize_messages", "render_chat_template"]
@@ -26,13 +27,21 @@ def _content_text(content: Any, index: int) -> str | None:
     if content is None or isinstance(content, str):
         return content
     if isinstance(content, Sequence):
-        texts = []
+        # As llama.cpp joins parts: text parts with a newline, none before or after a media marker
+        # (what an image or audio part became: see mullama.chat._media_parts).
+        text, after_marker = "", False
         for part in content:
-            if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, Mapping) else None
+            if kind not in ("text", MEDIA_MARKER_PART) or not isinstance(part.get("text"), str):
+                hint = (" (images and audio need a model loaded with a projector: Model.load(..., mmproj=...))"
+                        if kind in MEDIA_PART_TYPES else "")
                 raise TemplateError(f"messages[{index}].content: only text parts "
-                                    "({'type': 'text', 'text': ...}) are supported.")
-            texts.append(part["text"])
-        return "\n".join(texts)  # as llama.cpp joins text parts
+                                    f"({{'type': 'text', 'text': ...}}) are supported here{hint}.")
+            if kind == "text" and text and not after_marker:
+                text += "\n"
+            text += part["text"]
+            after_marker = kind == MEDIA_MARKER_PART
+        return text
     raise TemplateError(f"messages[{index}].content must be a string or a list of text parts.")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -53,8 +54,10 @@ def run_command(args: argparse.Namespace) -> int:
     config = stream_config(args, stop=args.stop)
     label = model_label(model_name)
     with contextlib.ExitStack() as resources:
+        if args.image and not args.mmproj:
+            raise InvalidConfigError("--image needs the model's projector: add --mmproj FILE (an mmproj GGUF).")
         model = resources.enter_context(Model.load(model_name, chat_template=args.chat_template_file,
-                                                   **placement(args)))
+                                                   mmproj=args.mmproj, **placement(args)))
         draft = resources.enter_context(Model.load(args.model_draft)) if args.model_draft else None
         context = resources.enter_context(Context(model, n_ctx=args.ctx_size, n_threads=args.threads,
                                                   draft_model=draft))
@@ -63,11 +66,15 @@ def run_command(args: argparse.Namespace) -> int:
         if raw and not args.raw:  # a base model: complete the text, as ollama does
             note(f"{label} has no chat template (a base model): completing the prompt as is, as --raw does"
                  + (", without the system message" if args.system else ""))
+        if raw and args.image:
+            raise InvalidConfigError("--image needs the chat template (not --raw, nor a base model).")
         if raw:
             stream = context.generate_stream(prompt, config=config)
         else:
             messages = ([{"role": "system", "content": args.system}] if args.system else [])
-            messages.append({"role": "user", "content": prompt})
+            images = [{"type": "image_url", "image_url": {"url": os.path.abspath(path)}} for path in args.image or []]
+            content = [{"type": "text", "text": prompt}, *images] if images else prompt
+            messages.append({"role": "user", "content": content})
             stream = context.chat_stream(messages, config=config)
         with stream:
             for token in stream:
@@ -104,7 +111,8 @@ def chat_command(args: argparse.Namespace, model_name: str | None = None) -> int
         check_writable(record, "--record")
     return chat_main(model_name or model_arg(args) or DEFAULT_MODEL, system=args.system,
                      config=stream_config(args), ctx_size=args.ctx_size, threads=args.threads, record=record,
-                     chat_template=args.chat_template_file, placement=placement(args))
+                     chat_template=args.chat_template_file, placement=placement(args),
+                     mmproj=getattr(args, "mmproj", None))
 
 
 def embed_command(args: argparse.Namespace) -> int:

@@ -6,8 +6,13 @@ import argparse
 import json
 import os
 import re
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .._exceptions import InvalidConfigError
+
+if TYPE_CHECKING:
+    from ..generate._media import MediaLimits
 from ._args import check_ctx_size, placement, speculative_options
 from ._format import duration, size, until
 
@@ -41,8 +46,22 @@ def serve_command(args: argparse.Namespace) -> int:
                  keep_alive=keep_alive, max_loaded=args.max_loaded, placement=placement(args),
                  drain_timeout=args.drain_timeout, lora=_lora_args(args),
                  lora_init_without_apply=args.lora_init_without_apply, speculative=speculative_options(args),
-                 draft_model=args.model_draft,
+                 draft_model=args.model_draft, mmproj=args.mmproj,
+                 max_body_bytes=(1 << 20) + (args.max_media_bytes * 4 // 3 if args.mmproj else 0),
+                 media=media_limits(args.media_path, args.allow_remote_media, args.max_media_bytes),
                  max_memory=_parse_size(args.max_memory) if args.max_memory else None)
+
+
+def media_limits(media_path: str | None, allow_remote: bool, max_bytes: int) -> MediaLimits:
+    """The server's bounds on media: files only below ``--media-path``, remote URLs only when allowed."""
+    from ..generate._media import MediaLimits
+
+    if media_path is not None and not Path(media_path).is_dir():
+        raise InvalidConfigError(f"--media-path: not a directory: {media_path}")
+    if max_bytes < 1:
+        raise InvalidConfigError(f"--max-media-bytes must be at least 1, not {max_bytes}.")
+    return MediaLimits(max_bytes=max_bytes, allow_remote=allow_remote, allow_files=media_path is not None,
+                       file_root=Path(media_path) if media_path is not None else None)
 
 
 def _lora_args(args: argparse.Namespace) -> list[tuple[str, float]]:

@@ -29,6 +29,7 @@ from rich.spinner import Spinner
 from rich.text import Text
 
 from .._exceptions import MullamaError, TemplateError
+from ..chat._media_parts import split_media
 from ..generate._config import StreamConfig
 from ..generate._context import Context
 from ..generate._model import Model, tokenize_prompt
@@ -39,6 +40,7 @@ HELP = """\
 /reset                 forget the conversation (the system message stays)
 /save FILE             save the conversation as JSON
 /load FILE             load a conversation saved with /save
+/image FILE            attach an image to your next message (a model loaded with --mmproj)
 /set PARAMETER VALUE   temperature, top_k, top_p, min_p, seed, num_predict or num_ctx
 /show                  the model and the parameters in use
 /stats                 statistics of the last reply and the session
@@ -111,6 +113,7 @@ class TerminalChat:
         self.console = console or terminal_console()
         self.system = system
         self.messages: list[dict[str, Any]] = []
+        self.images: list[str] = []  # attached with /image, sent with the next message
         self.model_name = model_name
         self.last: dict[str, Any] = {}
         self.totals = {"replies": 0, "tokens": 0}
@@ -200,7 +203,8 @@ class TerminalChat:
         room = min(self.config.max_tokens or 256, self.context.n_ctx // 4)
         dropped = 0
         while True:
-            prompt = self.model.apply_chat_template(self.conversation(), add_generation_prompt=True)
+            text_only, _media = split_media(self.conversation(), "")  # an image's positions are not counted here
+            prompt = self.model.apply_chat_template(text_only, add_generation_prompt=True)
             if len(tokenize_prompt(self.model, prompt)) + room <= self.context.n_ctx:
                 break
             if len(self.messages) <= 1:
@@ -216,7 +220,9 @@ class TerminalChat:
         self.console.print(f"[{style}]{escape(text)}[/]")
 
     def reply(self, text: str) -> str:
-        self.messages.append({"role": "user", "content": text})
+        images = [{"type": "image_url", "image_url": {"url": path}} for path in self.images]
+        self.images = []
+        self.messages.append({"role": "user", "content": [{"type": "text", "text": text}, *images] if images else text})
         self.transcript.append(Text.assemble((">>> ", "bold green"), text))
         try:
             fits = self._fit()
@@ -316,6 +322,8 @@ class TerminalChat:
             self._show()
         elif name == "/load":
             self._load(argument)
+        elif name == "/image":
+            self._attach(argument)
         elif name == "/stats":
             console.print_json(json.dumps({"last_reply": self.last, "session": self.totals,
                                            "messages": len(self.messages), "system": self.system,
@@ -323,6 +331,16 @@ class TerminalChat:
         else:
             console.print(f"[red]unknown command {name}[/]; /help lists them")
         return None
+
+    def _attach(self, argument: str) -> None:
+        path = Path(argument).expanduser()
+        if not self.model.supports_vision:
+            self._notice("this model takes no images: start the chat with --mmproj FILE (its projector)", "red")
+        elif not argument or not path.is_file():
+            self._notice(f"usage: /image FILE (an image file; {escape(argument) or 'none given'} is not one)", "red")
+        else:
+            self.images.append(str(path.resolve()))
+            self._notice(f"{path.name} will go with your next message")
 
     def _save(self, argument: str) -> None:
         if not argument:
@@ -393,11 +411,11 @@ class TerminalChat:
 
 def chat_main(model_ref: str, *, system: str | None, config: StreamConfig, ctx_size: int | None,
               threads: int | None = None, record: str | None = None, chat_template: str | None = None,
-              placement: dict[str, Any] | None = None) -> int:
+              placement: dict[str, Any] | None = None, mmproj: str | None = None) -> int:
     """The terminal chat on ``model_ref`` (``placement``: Model.load's offloading options)."""
     console = terminal_console()
     with console.status(f"loading {model_ref} ...", spinner="dots") if console.is_terminal else nullcontext():
-        model = Model.load(model_ref, chat_template=chat_template, **(placement or {}))
+        model = Model.load(model_ref, chat_template=chat_template, mmproj=mmproj, **(placement or {}))
         try:
             if model.chat_template is None:
                 raise TemplateError(f"{model_ref} has no chat template (a base model), so it cannot chat: "

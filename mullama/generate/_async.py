@@ -21,13 +21,14 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from .._exceptions import StreamingError
-from ._chat_turn import chat_prompt
+from ._chat_turn import chat_turn, turn_tokens
 from ._completion import Completion, greedy_unless_told
 from ._config import StreamConfig, resolve_config
 from ._context_params import check_n_ctx
 from ._engine import Engine, EngineRequest
 from ._infill import infill_prompt
-from ._model import Model, check_prompt, tokenize_prompt
+from ._media import MediaPrompt
+from ._model import Model, check_prompt
 from ._prompt_cache import DEFAULT_CACHE_RAM_MIB
 from ._rerank import Ranked
 from ._sequence import SequenceView, Token
@@ -183,15 +184,16 @@ class AsyncModel:
                 self._engine = Engine(self.model, **self._engine_options)
             return self._engine
 
-    def _stream(self, prepare: Callable[[], tuple[str | list[int], StreamConfig]]) -> AsyncTokenStream:
-        """A stream of the prompt ``prepare()`` makes in a worker thread: text, or token ids."""
+    def _stream(self, prepare: Callable[[], tuple[str | list[int] | MediaPrompt, StreamConfig]]) -> AsyncTokenStream:
+        """A stream of the prompt ``prepare()`` makes in a worker thread: text, token ids, or a prompt with
+        images or audio."""
         model = self.model
 
         def start() -> EngineRequest:
             engine = self._get_engine()
             prompt, config = prepare()
-            tokens = prompt if isinstance(prompt, list) else tokenize_prompt(model, prompt)
-            return engine.submit(tokens, config)
+            tokens, media = (prompt, None) if isinstance(prompt, list) else turn_tokens(model, prompt)
+            return engine.submit(tokens, config, media)
 
         return AsyncTokenStream(start)
 
@@ -210,7 +212,7 @@ class AsyncModel:
         """Stream the reply to ``messages`` with the model's chat template; tools and templates as
         :meth:`Context.chat_stream` (rendered in a worker thread)."""
         resolved = resolve_config(config, max_tokens, options)
-        return self._stream(lambda: chat_prompt(
+        return self._stream(lambda: chat_turn(
             self.model, messages, resolved, tools=tools, tool_choice=tool_choice,
             parallel_tool_calls=parallel_tool_calls, chat_template=chat_template,
             chat_template_kwargs=chat_template_kwargs, reasoning_format=reasoning_format))

@@ -7,13 +7,15 @@ from __future__ import annotations
 from typing import Any
 
 from .._exceptions import InvalidConfigError
+from ..chat._media_parts import MediaSource, has_media, split_media
 from ..chat._reasoning import reasoning_for
 from ..chat._template import load_template, normalize_messages
 from ..chat._tools import GENERIC, check_tools, tool_calling, with_tools_described
 from ._config import StreamConfig
-from ._model import Model
+from ._media import DEFAULT_LIMITS, MediaLimits, MediaPrompt, check_projector_model
+from ._model import Model, tokenize_prompt
 
-__all__ = ["chat_prompt"]
+__all__ = ["chat_media", "chat_prompt", "chat_turn", "turn_tokens"]
 
 
 def chat_prompt(model: Model, messages: list[dict[str, Any]], config: StreamConfig, *,
@@ -50,3 +52,29 @@ def chat_prompt(model: Model, messages: list[dict[str, Any]], config: StreamConf
     if reasoning is not None:
         config = config.with_options(reasoning=reasoning)
     return prompt, config
+
+
+def chat_media(model: Model, messages: Any) -> tuple[Any, list[MediaSource]]:
+    """``messages`` with their images and audio replaced by the projector's marker, and those media in
+    order (none, and the messages as they are, when they hold none)."""
+    if not has_media(messages):
+        return messages, []
+    return split_media(messages, check_projector_model(model).marker)
+
+
+def chat_turn(model: Model, messages: list[dict[str, Any]], config: StreamConfig, *,
+              limits: MediaLimits = DEFAULT_LIMITS, **options: Any) -> tuple[str | MediaPrompt, StreamConfig]:
+    """:func:`chat_prompt` for messages that may hold images and audio: the prompt text, or when they
+    hold media, the prompt tokenized with them (a MediaPrompt, checked against ``limits``)."""
+    messages, media = chat_media(model, messages)
+    prompt, config = chat_prompt(model, messages, config, **options)
+    if not media:
+        return prompt, config
+    return check_projector_model(model).tokenize(prompt, media, limits), config
+
+
+def turn_tokens(model: Model, prompt: str | MediaPrompt) -> tuple[list[int], MediaPrompt | None]:
+    """The tokens of what :func:`chat_turn` made, and the MediaPrompt that evaluates them (or None)."""
+    if isinstance(prompt, MediaPrompt):
+        return prompt.tokens, prompt
+    return tokenize_prompt(model, prompt), None

@@ -20,7 +20,7 @@ from .._exceptions import (
 from ..native._owned import Owned
 from . import _state
 from ._batch import TokenBatch
-from ._chat_turn import chat_prompt
+from ._chat_turn import chat_turn, turn_tokens
 from ._completion import Completion, greedy_unless_told
 from ._config import MAX_SEED, StreamConfig, resolve_config
 from ._context_params import (
@@ -37,6 +37,7 @@ from ._context_params import (
 from ._draft_model import DraftModelDrafter, check_draft_model, no_draft_model_error
 from ._infill import infill_prompt
 from ._lora import LoraSet, LoraSpec, apply_lora, describe, lora_set
+from ._media import MediaPrompt
 from ._model import Model, tokenize_prompt
 from ._sequence import Sequence, Token
 from ._stream import TokenStream
@@ -124,12 +125,6 @@ class Context(Owned):
             self._draft = Context(draft_model, n_ctx=self.n_ctx, n_batch=n_batch, n_threads=n_threads,
                                   n_threads_batch=n_threads_batch, flash_attn=flash_attn, warmup=warmup)
             self._draft.belongs_to_another()
-
-    def belongs_to_another(self) -> None:
-        """This context is a part of another object (a draft model's context, drafting for a Context or
-        an engine), closed by its owner's close(), never on its own at interpreter exit: the owner may
-        still be drafting with it in another thread then (freeing it under that thread crashed)."""
-        self._close_order = None
 
     # --- KV cache ---------------------------------------------------------------
     @property
@@ -250,11 +245,8 @@ class Context(Owned):
 
     def _prepare_prompt(self, prompt_tokens: list[int], deadline: float | None = None, *,
                         reuse: bool = True) -> int:
-        """Make the cache hold exactly ``prompt_tokens``, decoding only what differs (everything
-        unless ``reuse``).
-
-        Returns how many prompt tokens were reused from the cache.
-        """
+        """Make the cache hold exactly ``prompt_tokens``, decoding only what differs (everything unless
+        ``reuse``). Returns how many prompt tokens were reused from the cache."""
         if not prompt_tokens:
             raise InvalidConfigError("the prompt is empty; give at least one token of text.")
         if len(prompt_tokens) > self.n_ctx:
@@ -268,7 +260,7 @@ class Context(Owned):
         self._decode(prompt_tokens[common:], deadline, prompt_breaks(self.model, len(prompt_tokens), self.n_batch))
         return common
 
-    def _sequence(self, prompt_tokens: list[int], config: StreamConfig) -> Sequence:
+    def _sequence(self, prompt_tokens: list[int], config: StreamConfig, media: MediaPrompt | None = None) -> Sequence:
         """A new sequence for ``prompt_tokens`` on this context (its sampler seeded by ``seed``)."""
         if not prompt_tokens:
             raise InvalidConfigError("the prompt is empty; give at least one token of text.")
@@ -280,7 +272,7 @@ class Context(Owned):
                                      "draft_max or create the Context with a larger n_batch.")
         if config.speculative == "draft" and self._draft is None:
             raise no_draft_model_error()
-        sequence = Sequence(self.model, prompt_tokens, config, n_ctx=self.n_ctx, default_seed=self.seed)
+        sequence = Sequence(self.model, prompt_tokens, config, n_ctx=self.n_ctx, default_seed=self.seed, media=media)
         if config.speculative == "draft" and self._draft is not None:
             sequence.drafter = DraftModelDrafter(self._draft, config.draft_max)
         return sequence
@@ -299,8 +291,9 @@ class Context(Owned):
                     sequence.begin()
                     lora = sequence.config.lora
                     self._apply_lora(self._lora_default if lora is None else lora_set(self.model, lora))
-                    cached = self._prepare_prompt(sequence.prompt_tokens, sequence.deadline,
-                                                  reuse=sequence.config.cache_prompt)
+                    reuse = sequence.config.cache_prompt
+                    cached = (self._prepare_prompt(sequence.prompt_tokens, sequence.deadline, reuse=reuse)
+                              if sequence.media is None else sequence.media.evaluate(self, sequence.deadline, reuse))
                     sequence.prompt_decoded(cached)
                 if sequence.drafter is not None:
                     yield from self._speculative_steps(sequence, generation)
@@ -401,10 +394,11 @@ class Context(Owned):
         temperature=0)`` (keyword options override fields of ``config``).
         """
         config = resolve_config(config, max_tokens, options)
-        return self._stream(tokenize_prompt(self.model, prompt), config)
+        return self._stream(tokenize_prompt(self.model, prompt), config=config)
 
-    def _stream(self, prompt_tokens: list[int], config: StreamConfig) -> TokenStream:
-        sequence = self._sequence(prompt_tokens, config)
+    def _stream(self, prompt_tokens: list[int], media: MediaPrompt | None = None, *,
+                config: StreamConfig) -> TokenStream:
+        sequence = self._sequence(prompt_tokens, config, media)
         return TokenStream(self._steps(sequence), sequence)
 
     def generate_streaming(self, prompt: str, max_tokens: int | None = None,
@@ -438,13 +432,14 @@ class Context(Owned):
 
         With a thinking template (``<think>``), the thought is kept apart: its tokens have
         ``kind == "reasoning"`` and it is in ``stream.reasoning``, not ``stream.text``;
-        ``reasoning_format="none"`` leaves it in the text.
+        ``reasoning_format="none"`` leaves it in the text. Images and audio parts (``image_url``,
+        ``input_audio``) need a model loaded with a projector (``Model.load(..., mmproj=...)``).
         """
         config = resolve_config(config, max_tokens, options)
-        prompt, config = chat_prompt(self.model, messages, config, tools=tools, tool_choice=tool_choice,
-                                     parallel_tool_calls=parallel_tool_calls, chat_template=chat_template,
-                                     chat_template_kwargs=chat_template_kwargs, reasoning_format=reasoning_format)
-        return self._stream(tokenize_prompt(self.model, prompt), config)
+        prompt, config = chat_turn(self.model, messages, config, tools=tools, tool_choice=tool_choice,
+                                   parallel_tool_calls=parallel_tool_calls, chat_template=chat_template,
+                                   chat_template_kwargs=chat_template_kwargs, reasoning_format=reasoning_format)
+        return self._stream(*turn_tokens(self.model, prompt), config=config)
 
     def infill(self, prefix: str | list[str | int], suffix: str | list[str | int],
                config: StreamConfig | int | None = None, *,
@@ -458,7 +453,7 @@ class Context(Owned):
         config = resolve_config(config, max_tokens, options)
         tokens = infill_prompt(self.model, prefix, suffix, prompt=prompt, extra=extra, n_ctx=self.n_ctx,
                                n_batch=self.n_batch, spm=spm)
-        return self._stream(tokens, config)
+        return self._stream(tokens, config=config)
 
     def generate(self, prompt: str, max_tokens: int | None = None, *, config: StreamConfig | None = None,
                  **options: Any) -> Completion:
@@ -479,10 +474,9 @@ class Context(Owned):
             raise ContextError("this context is in use by another thread; stop its generation first.")
         try:
             super().close()
-            if self._verify is not None:
-                self._verify.close()
-            if self._draft is not None:
-                self._draft.close()
+            for owned in (self._verify, self._draft):
+                if owned is not None:
+                    owned.close()
         finally:
             self._guard.release()
 

@@ -1,16 +1,15 @@
 """Continuous batching: one thread, one llama context, many sequences decoding together.
 
-Each step decodes one batch that holds the next token of every active sequence and
-chunks of the prompts of new ones; then each sequence samples from its own row of
-logits. New requests join between steps; finished or cancelled ones leave, and a
-cancelled sequence's KV cells are freed at once. A request whose reader is slow pauses
-alone: its bounded channel is full, so it sits out the next steps while the others go
-on. Requests beyond the number of slots wait in a bounded queue.
+Each step decodes one batch that holds the next token of every active sequence and chunks of the prompts of new
+ones; then each sequence samples from its own row of logits. New requests join between steps; finished or cancelled
+ones leave, and a cancelled sequence's KV cells are freed at once. A request whose reader is slow pauses alone: its
+bounded channel is full, so it sits out the next steps while the others go on. Requests beyond the number of slots
+wait in a bounded queue. A prompt with images or audio has its chunks through the last media evaluated (by mtmd)
+when it is admitted; the text after them is batched as any prompt's.
 
-What a token means (sampling, text, stop sequences, limits, timeouts, statistics) is
-decided by each request's :class:`~mullama.generate._sequence.Sequence`, the same one a
-``Context`` steps: this module only schedules. If the engine's thread ever dies, every
-request it held fails with EngineError, ``submit`` refuses new ones, and ``alive`` says so.
+What a token means (sampling, text, stop sequences, limits, timeouts, statistics) is decided by each request's
+``Sequence`` (mullama.generate._sequence), the same one a ``Context`` steps: this module only schedules. If the
+thread ever dies, every request it held fails with EngineError, ``submit`` refuses new ones, and ``alive`` says so.
 """
 
 from __future__ import annotations
@@ -54,6 +53,7 @@ from ._context_params import (
 from ._draft_model import DraftModelDrafter, check_draft_model, no_draft_model_error
 from ._engine_request import EngineRequest, _Slot
 from ._lora import LoraSet, apply_lora, batch_lora, lora_set
+from ._media import MediaPrompt
 from ._model import Model
 from ._prompt_cache import DEFAULT_CACHE_RAM_MIB, MIB, SAVE_BELOW_KEEP, PromptCache
 from ._sequence import Sequence
@@ -144,20 +144,18 @@ class Engine(Owned):
         self._thread.start()
 
     # --- requests -------------------------------------------------------------------
-    def submit(self, prompt_tokens: list[int], config: StreamConfig, *, slot: int | None = None) -> EngineRequest:
-        """Queue a sequence. Raises QueueFullError when every slot is busy and the queue is full,
-        ContextOverflowError when the prompt cannot fit, EngineError when the engine has died.
-
-        ``slot`` pins it to one slot (as llama-server's ``id_slot``: taken modulo ``parallel``; a
-        negative one means any): it waits for that slot while others are busy, and runs on what that
-        slot's cache holds (a state restored into it with mullama.generate._slots, say)."""
+    def submit(self, prompt_tokens: list[int], config: StreamConfig, media: MediaPrompt | None = None, *,
+               slot: int | None = None) -> EngineRequest:
+        """Queue a sequence (``media``: its prompt's images or audio); ``slot`` pins it to one slot, waiting while
+        it is busy (llama-server's ``id_slot``: modulo ``parallel``, negative for any). Raises QueueFullError when
+        every slot is busy and the queue is full, ContextOverflowError when the prompt cannot fit, EngineError."""
         if slot is not None and (isinstance(slot, bool) or not isinstance(slot, int)):
             raise InvalidConfigError(f"slot must be an integer or None, not {slot!r}.")
         if not isinstance(config, StreamConfig):
             raise InvalidConfigError(f"config must be a StreamConfig, not {type(config).__name__}.")
         if not prompt_tokens:
             raise InvalidConfigError("the prompt is empty; give at least one token of text.")
-        self.model._check_tokens(prompt_tokens)
+        self.model._check_tokens(prompt_tokens if media is None else media.text_tokens)
         if len(prompt_tokens) >= self.n_ctx_per_slot:
             raise ContextOverflowError(
                 f"the prompt has {len(prompt_tokens)} tokens but each of the {self.parallel} sequences holds "
@@ -169,7 +167,7 @@ class Engine(Owned):
         if self.speculative and config.speculative is None:
             config = config.with_options(**self.speculative)
         sequence = Sequence(self.model, list(prompt_tokens), config, n_ctx=self.n_ctx_per_slot,
-                            default_seed=self.seed)
+                            default_seed=self.seed, media=media)
         request = EngineRequest(sequence, next(self._ids), self._wake)
         request.lora = lora
         if slot is not None and slot >= 0:
@@ -287,11 +285,8 @@ class Engine(Owned):
                 slot = None
                 if not request.cancelled:  # reserved under the lock, so submit() counts it as busy
                     prompt = request._sequence.prompt_tokens
-                    if request.pinned_slot is not None:
-                        slot = self._slots[request.pinned_slot]
-                    else:
-                        slot = max(free, key=lambda s: common_prefix(s.cached, prompt)
-                                   if s.lora == request.lora else -1)
+                    slot = self._slots[request.pinned_slot] if request.pinned_slot is not None else \
+                        max(free, key=lambda s: common_prefix(s.cached, prompt) if s.lora == request.lora else -1)
                     slot.request = request
                     request.slot_id = slot.seq_id
             if slot is None:
@@ -310,9 +305,15 @@ class Engine(Owned):
             slot.cached, slot.lora = [], request.lora
         if reuse and self.prompt_cache is not None and not request.lora:  # the cache holds base-model states
             self._swap_cached(slot, prompt)
-        common = trim_cache(self._lib, self._memory, slot.seq_id, slot.cached,
-                            reusable_prefix(slot.cached, prompt, reuse))
-        slot.pending_prompt = prompt[common:]
+        media = request._sequence.media  # chunks through its last image or audio are evaluated now, whole
+        keep = reusable_prefix(slot.cached, prompt, reuse) if media is None else media.reusable(slot.cached, reuse)
+        common = trim_cache(self._lib, self._memory, slot.seq_id, slot.cached, keep)
+        if media is not None:
+            try:
+                media.evaluate_head(self.ptr, slot.seq_id, slot.cached, self.n_batch, self._lock)
+            except MullamaError as exc:  # this request's failure alone
+                return self._fail(slot, exc)
+        slot.pending_prompt = prompt[len(slot.cached):]
         slot.breaks = prompt_breaks(self.model, len(prompt), self.n_batch)
         slot.next_token = None
         request._sequence.cached_tokens = common

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from .._exceptions import ClosedError, ContextError, InvalidConfigError, ModelLoadError, TemplateError, TokenizeError
-from ..gguf._preflight import preflight
+from ..gguf._preflight import check_model_file, preflight
 from ..native import _library
 from ..native._devices import DeviceOptions
 from ..native._heap import give_back_memory
@@ -19,38 +19,13 @@ from ..native._owned import Owned
 if TYPE_CHECKING:
     from ._embed import Embedder
     from ._lora import LoraAdapter, LoraSpec
+    from ._media import Projector
     from ._rerank import Ranked
 
 
 __all__ = ["Model", "TokenInfo", "check_prompt", "tokenize_prompt"]
 
 TokenInfo = tuple[bytes, "str | None", bool]  # a token's bytes, their text if whole characters, ends generation
-
-GGUF_MAGIC = b"GGUF"
-
-
-def _check_model_file(path: Path) -> None:
-    """Fail early, with a clear message, on files llama.cpp would only log about."""
-    try:
-        exists, is_file = path.exists(), path.is_file()
-    except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL in the path
-        raise ModelLoadError(f"{str(path)[:200]!r} cannot be a model file ({getattr(exc, 'strerror', None) or exc}); "
-                             "pass the path of a .gguf file, or a model name such as 'smollm2:135m'.") from None
-    if not exists:
-        raise ModelLoadError(f"model file not found: {path}. Check the path, or pass a model name "
-                             "such as 'smollm2:135m' to download one.")
-    if not is_file:
-        raise ModelLoadError(f"{path} is not a file; pass the path of a .gguf model file.")
-    try:
-        with open(path, "rb") as handle:
-            magic = handle.read(4)
-    except OSError as exc:
-        raise ModelLoadError(f"cannot read {path}: {exc.strerror}.") from exc
-    if magic != GGUF_MAGIC:
-        what = "is empty" if not magic else "is not a GGUF file (wrong magic bytes)"
-        raise ModelLoadError(f"{path} {what}. mullama loads GGUF models; convert others with "
-                             "llama.cpp's convert_hf_to_gguf.py, or download a .gguf file.")
-
 
 class Model(Owned):
     """A GGUF model loaded by llama.cpp. Share one Model between many Contexts.
@@ -85,13 +60,15 @@ class Model(Owned):
         self._embedders: dict[tuple[int, int], Embedder] = {}  # (pooling, batch size) -> embedding context
         self._embed_lock = threading.Lock()  # creating one (it registers itself, which takes _lock)
         self.lora: list[LoraAdapter] = []  # LoRA adapters, by id, each with its default scale (_lora.py)
+        self.projector: Projector | None = None  # images and audio in (Model.load's mmproj; _media.py)
 
     # --- loading --------------------------------------------------------------
     @classmethod
     def load(cls, model: str | os.PathLike[str], *, n_gpu_layers: int = 0, use_mmap: bool = True,
              vocab_only: bool = False, chat_template: str | os.PathLike[str] | None = None, main_gpu: int = 0,
              split_mode: str = "layer", tensor_split: Sequence[float] | None = None,
-             rpc_servers: Sequence[str] | None = None, lora: LoraSpec | None = None) -> Model:
+             rpc_servers: Sequence[str] | None = None, lora: LoraSpec | None = None,
+             mmproj: str | os.PathLike[str] | None = None) -> Model:
         """Load a model from a ``.gguf`` path, or by name (e.g. ``"smollm2:135m"``, downloaded once).
 
         ``chat_template`` (Jinja text, or the path of a ``.jinja`` file) replaces the GGUF's own
@@ -107,6 +84,9 @@ class Model(Owned):
         ``lora`` loads LoRA adapters: ``[(path, scale), ...]`` (a bare path: scale 1.0) or ``{path: scale}``;
         contexts apply them at these scales unless told otherwise (see :meth:`load_lora`).
 
+        ``mmproj`` loads the model's multimodal projector (an mmproj GGUF, llama-server's ``--mmproj``):
+        chat messages may then hold images and audio (``supports_vision``, ``supports_audio``).
+
         Raises ModelLoadError for a missing, empty, truncated or corrupt file, and
         ModelNotFoundError / DownloadError for a name that cannot be fetched. The file's header is
         checked first (mullama.gguf._preflight.preflight): values on which llama.cpp would abort the process
@@ -118,7 +98,7 @@ class Model(Owned):
 
         template = load_template(chat_template) if chat_template is not None else None
         path = resolve(model)
-        _check_model_file(path)
+        check_model_file(path)
         placement = DeviceOptions.of(n_gpu_layers=n_gpu_layers, main_gpu=main_gpu, split_mode=split_mode,
                                      tensor_split=tensor_split, rpc_servers=rpc_servers)
         library = _library.get()
@@ -137,15 +117,19 @@ class Model(Owned):
             )
         loaded = cls(library, ptr, path, offloaded=placement.offloads(library), vocab_only=bool(vocab_only),
                      chat_template=template)
-        if lora is not None:
-            from ._lora import _entries
+        try:
+            if lora is not None:
+                from ._lora import _entries
 
-            try:
                 for adapter, scale in _entries(lora):
                     loaded.load_lora(adapter, scale)
-            except BaseException:
-                loaded.close()
-                raise
+            if mmproj is not None:
+                from ._media import Projector
+
+                loaded.projector = Projector(loaded, mmproj)
+        except BaseException:
+            loaded.close()
+            raise
         return loaded
 
     def load_lora(self, path: str | os.PathLike[str], scale: float = 1.0) -> LoraAdapter:
@@ -167,6 +151,9 @@ class Model(Owned):
             open_contexts = [c for c in self._contexts if not c.closed and c is not self]
             if open_contexts:
                 raise ContextError(f"{len(open_contexts)} context(s) still use this model; close them first.")
+            if self.projector is not None:
+                self.projector.close()
+                self.projector = None
             if self.lora and self._ptr is not None:
                 from ._lora import free_adapters
 
@@ -211,6 +198,16 @@ class Model(Owned):
         """False for an embedding model (its GGUF names a pooling, as BERT-style encoders do): it has
         no language-model head to sample from, so only :meth:`embed` works."""
         return self.pooling is None
+
+    @property
+    def supports_vision(self) -> bool:
+        """Whether chat messages may hold images (the model was loaded with a vision projector)."""
+        return self.projector is not None and self.projector.supports_vision
+
+    @property
+    def supports_audio(self) -> bool:
+        """Whether chat messages may hold audio (the model was loaded with an audio projector)."""
+        return self.projector is not None and self.projector.supports_audio
 
     @property
     def n_params(self) -> int:

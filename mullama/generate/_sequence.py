@@ -30,6 +30,7 @@ from ._speculative import Drafter, NgramDrafter
 
 if TYPE_CHECKING:
     from ._config import StreamConfig
+    from ._media import MediaPrompt
     from ._model import Model
 
 __all__ = ["Sequence", "SequenceView", "Token"]
@@ -112,6 +113,7 @@ class Sequence:
         "ignore_eos",
         "last_token",
         "limit",
+        "media",
         "n_logprobs",
         "n_tokens",
         "prompt_done",
@@ -127,7 +129,7 @@ class Sequence:
     )
 
     def __init__(self, model: Model, prompt_tokens: list[int], config: StreamConfig, *, n_ctx: int,
-                 default_seed: int | None = None) -> None:
+                 default_seed: int | None = None, media: MediaPrompt | None = None) -> None:
         if config.top_k > model.vocab_size:
             raise InvalidConfigError(f"StreamConfig.top_k must be at most the vocabulary size "
                                      f"({model.vocab_size}), not {config.top_k}.")
@@ -135,11 +137,12 @@ class Sequence:
             raise InvalidConfigError(f"StreamConfig.repeat_last_n must be at most the context size ({n_ctx}), "
                                      f"not {config.repeat_last_n}.")
         self.prompt_tokens = prompt_tokens
+        self.media = media  # a prompt with images or audio: evaluated by it (_media.py), not decoded as tokens
         self.config = config
         self.limit = min(config.max_tokens, n_ctx - len(prompt_tokens))
         self.ignore_eos = config.ignore_eos
         self.sampler = SamplerChain.for_config(config, model, n_ctx=n_ctx, default_seed=default_seed)
-        self.sampler.accept_prompt(prompt_tokens)
+        self.sampler.accept_prompt(prompt_tokens if media is None else media.text_tokens)
         self.assembler = TextAssembler(config.stop_sequences)
         self.tools = ToolCallParser(config.tool_calls.format) if config.tool_calls is not None else None
         self.thinking = ReasoningParser(config.reasoning) if config.reasoning is not None else None

@@ -42,7 +42,32 @@ from ._reader import (
     _read,
 )
 
-__all__ = ["preflight"]
+__all__ = ["check_model_file", "preflight"]
+
+GGUF_MAGIC = b"GGUF"
+
+
+def check_model_file(path: Path) -> None:
+    """Fail early, with a clear message, on files llama.cpp would only log about."""
+    try:
+        exists, is_file = path.exists(), path.is_file()
+    except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL in the path
+        raise ModelLoadError(f"{str(path)[:200]!r} cannot be a model file ({getattr(exc, 'strerror', None) or exc}); "
+                             "pass the path of a .gguf file, or a model name such as 'smollm2:135m'.") from None
+    if not exists:
+        raise ModelLoadError(f"model file not found: {path}. Check the path, or pass a model name "
+                             "such as 'smollm2:135m' to download one.")
+    if not is_file:
+        raise ModelLoadError(f"{path} is not a file; pass the path of a .gguf model file.")
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc.strerror}.") from exc
+    if magic != GGUF_MAGIC:
+        what = "is empty" if not magic else "is not a GGUF file (wrong magic bytes)"
+        raise ModelLoadError(f"{path} {what}. mullama loads GGUF models; convert others with "
+                             "llama.cpp's convert_hf_to_gguf.py, or download a .gguf file.")
 
 
 def preflight(path: str | os.PathLike, *, vocab_only: bool = False) -> GGUFInfo:

@@ -32,9 +32,10 @@ from .._exceptions import LibraryError
 from .._paths import llama_cache_dir
 from ._compute import Compute
 
-__all__ = ["Library", "get", "system_info"]
+__all__ = ["Library", "MtmdLibrary", "get", "get_mtmd", "system_info"]
 
 LIBRARY_FILE = "libllama.so.0"  # the SONAME; a directory may also hold plain libllama.so
+MTMD_LIBRARY_FILE = "libmtmd.so.0"  # libmtmd (images and audio in), built beside libllama
 MANIFEST_FILE = "manifest.json"
 PACKAGE_LIB_DIR = Path(__file__).resolve().parent.parent / "lib"
 
@@ -54,10 +55,22 @@ class Library:
     compute: Compute
 
 
+@dataclass(frozen=True)
+class MtmdLibrary:
+    """libmtmd, loaded from the directory libllama came from: ``ffi`` (which includes the llama
+    bindings' types, so their pointers pass as they are) and ``lib`` for its C functions."""
+
+    ffi: Any
+    lib: Any
+    path: Path
+
+
 _lock = threading.Lock()
 _library: Library | None = None
+_mtmd_library: MtmdLibrary | None = None
 # ffi.callback objects must outlive every C call that may use them: kept here forever.
 _log_callback: Any = None
+_mtmd_log_callback: Any = None  # the same forwarder as a callback of the mtmd bindings (their own type)
 
 
 def _bindings() -> tuple[Any, str, str]:
@@ -302,6 +315,41 @@ def get() -> Library:
             if _library is None:
                 _library = _load()
     return _library
+
+
+def _load_mtmd(library: Library) -> MtmdLibrary:
+    from .._bindings._mtmd_ffi import ffi  # importable once _bindings() has run (get() ran it)
+
+    directory = library.path.parent
+    path = next((directory / name for name in (MTMD_LIBRARY_FILE, "libmtmd.so") if (directory / name).is_file()),
+                directory / MTMD_LIBRARY_FILE)
+    try:
+        lib = ffi.dlopen(str(path))
+    except OSError as exc:
+        raise LibraryError(
+            f"cannot load libmtmd (images and audio) beside {library.path}: {exc}. Rebuild with "
+            "`python build_llama.py` (it builds libmtmd with libllama), or point MULLAMA_LIBRARY_PATH at a "
+            "build that has it."
+        ) from exc
+    # mtmd and its CLIP encoder log through their own logger: send it where llama.cpp's log goes.
+    # cffi gives function-pointer types one identity per ffi, so the callback is made with this ffi.
+    global _mtmd_log_callback
+    _mtmd_log_callback = ffi.callback("ggml_log_callback", _log_forwarder(library.ffi))
+    lib.mtmd_helper_log_set(_mtmd_log_callback, ffi.NULL)
+    # Detached at exit (before libllama's exit hook, registered earlier, frees what is left open).
+    atexit.register(lib.mtmd_helper_log_set, ffi.NULL, ffi.NULL)
+    return MtmdLibrary(ffi, lib, path)
+
+
+def get_mtmd() -> MtmdLibrary:
+    """libmtmd (loaded on the first call, after libllama, thread-safely; opened once)."""
+    global _mtmd_library
+    if _mtmd_library is None:
+        library = get()
+        with _lock:
+            if _mtmd_library is None:
+                _mtmd_library = _load_mtmd(library)
+    return _mtmd_library
 
 
 def system_info() -> dict[str, Any]:

@@ -94,6 +94,12 @@ class Owned:
     def closed(self) -> bool:
         return self._ptr is None
 
+    def belongs_to_another(self) -> None:
+        """This object is a part of another (a draft model's context, drafting for a Context or an
+        engine): closed by its owner's close(), never on its own at interpreter exit, when the owner
+        may still be using it in another thread (freeing it under that thread crashed)."""
+        self._close_order = None
+
     def _detach(self) -> None:
         """Give up ownership without freeing (the process is ending and the object is in use)."""
         ptr = self._ptr

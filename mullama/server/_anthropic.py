@@ -80,11 +80,15 @@ def _messages(body: dict) -> list[dict]:
             continue
         if not isinstance(content, list) or not content:
             raise bad(f"{where}.content must be a string or a non-empty list of content blocks.")
-        texts, calls, results = [], [], []
+        texts, calls, results, parts = [], [], [], []  # parts: text and images in order, when there are images
         for number, block in enumerate(content):
             kind = block.get("type") if isinstance(block, dict) else None
             if kind == "text" and isinstance(block.get("text"), str):
                 texts.append(block["text"])
+                parts.append({"type": "text", "text": block["text"]})
+            elif kind == "image" and role == "user":
+                url = _image_url(block, f"{where}.content.{number}")
+                parts.append({"type": "image_url", "image_url": {"url": url}})
             elif kind == "tool_use" and role == "assistant" and isinstance(block.get("name"), str):
                 if not isinstance(block.get("input"), dict):
                     raise bad(f"{where}.content.{number}.tool_use.input: an object is required "
@@ -97,14 +101,31 @@ def _messages(body: dict) -> list[dict]:
                                 "content": _text_of(value, f"{where}.content.{number}.content")})
             else:
                 raise bad(f"{where}.content.{number}: unsupported content block "
-                           f"{kind!r} (text, tool_use in assistant turns, tool_result in user turns).")
+                           f"{kind!r} (text, image in user turns, tool_use in assistant turns, tool_result in "
+                           "user turns).")
         result.extend(results)
         if texts or calls or not results:
             entry: dict[str, Any] = {"role": role, "content": "\n".join(texts) if texts or not calls else None}
+            if len(parts) > len(texts):  # images: OpenAI's content parts, joined as llama.cpp joins them
+                entry["content"] = parts
             if calls:
                 entry["tool_calls"] = calls
             result.append(entry)
     return result
+
+
+def _image_url(block: dict, where: str) -> str:
+    """An Anthropic image block's source as a URL mullama reads: base64 data as a data: URI, a url as it is."""
+    source = block.get("source")
+    if isinstance(source, dict) and source.get("type") == "base64" and isinstance(source.get("data"), str):
+        media_type = source.get("media_type")
+        if not isinstance(media_type, str) or not media_type.startswith("image/"):
+            raise bad(f"{where}.source.media_type must be an image type such as 'image/png', not {media_type!r}.")
+        return f"data:{media_type};base64,{source['data']}"
+    if isinstance(source, dict) and source.get("type") == "url" and isinstance(source.get("url"), str):
+        return str(source["url"])
+    raise bad(f"{where}.source must be {{'type': 'base64', 'media_type': 'image/...', 'data': ...}} or "
+              "{'type': 'url', 'url': ...}.")
 
 
 THINKING_TYPES = ("enabled", "disabled", "adaptive", "between_tools")

@@ -11,14 +11,15 @@ from .._exceptions import (
     ContextOverflowError,
     EngineError,
     InvalidConfigError,
+    MediaError,
     QueueFullError,
     TemplateError,
     TokenizeError,
 )
-from ..generate._chat_turn import chat_prompt
+from ..generate._chat_turn import chat_turn, turn_tokens
 from ..generate._config import StreamConfig
 from ..generate._engine import EngineRequest
-from ..generate._model import tokenize_prompt
+from ..generate._media import MediaPrompt
 from ._http import ServerSettings, state, submit_in_all
 from ._keep_alive import UNSET
 from ._pool import Lease, Served
@@ -27,9 +28,10 @@ from ._request import APIError, ParsedRequest
 __all__ = ["count_prompt_tokens", "prepare", "prompt_tokens", "start"]
 
 
-def prompt_tokens(served: Served, parsed: ParsedRequest, settings: ServerSettings) -> tuple[list[int], StreamConfig]:
-    """The request's prompt, rendered (with its tools) and tokenised, and the config to generate it
-    with (CPU work: called in a worker thread)."""
+def prompt_tokens(served: Served, parsed: ParsedRequest,
+                  settings: ServerSettings) -> tuple[list[int], StreamConfig, MediaPrompt | None]:
+    """The request's prompt, rendered (with its tools) and tokenised, the config to generate it with, and
+    its images and audio when it has any (CPU work: called in a worker thread)."""
     model = served.model
     assert model is not None  # the caller holds a lease
     param = "messages" if parsed.kind == "chat" else "prompt"
@@ -39,17 +41,21 @@ def prompt_tokens(served: Served, parsed: ParsedRequest, settings: ServerSetting
             raise APIError(400, f"{served.spec.name} has no chat template (a base model): send a prompt to a "
                                 "completion route, or start the server with --chat-template-file.", param=param,
                            code="no_chat_template")
+        prompt: str | MediaPrompt
         if parsed.messages is not None:
-            text, config = chat_prompt(model, parsed.messages, config, tools=parsed.tools,
+            prompt, config = chat_turn(model, parsed.messages, config, tools=parsed.tools,
                                        tool_choice=parsed.tool_choice, parallel_tool_calls=parsed.parallel_tool_calls,
                                        chat_template=None, chat_template_kwargs=None,
-                                       reasoning_format=parsed.reasoning_format)
+                                       reasoning_format=parsed.reasoning_format, limits=settings.media)
         else:
-            text = parsed.prompt or ""
-        if len(text) > settings.max_prompt_chars:
-            raise APIError(413, f"the prompt is {len(text)} characters long once rendered; the limit is "
+            prompt = parsed.prompt or ""
+        if isinstance(prompt, str) and len(prompt) > settings.max_prompt_chars:
+            raise APIError(413, f"the prompt is {len(prompt)} characters long once rendered; the limit is "
                                 f"{settings.max_prompt_chars}.", param=param)
-        return tokenize_prompt(model, text), config
+        tokens, media = turn_tokens(model, prompt)
+        return tokens, config, media
+    except MediaError as exc:  # an image or clip that cannot be used: the client's to fix
+        raise APIError(413 if exc.code == "MEDIA_TOO_LARGE" else 400, str(exc), param=param, code=exc.code) from None
     except (TemplateError, TokenizeError, InvalidConfigError) as exc:
         tools_problem = parsed.tools and ("tool" in str(exc) or "grammar" in str(exc))
         raise APIError(400, str(exc), param="tools" if tools_problem else param) from None
@@ -59,7 +65,7 @@ async def count_prompt_tokens(request: Request, parsed: ParsedRequest) -> int:
     """How many tokens ``parsed``'s prompt has once rendered (a token-count route: nothing generated)."""
     server = state(request)
     async with await server.pool.lease(parsed.model) as served:
-        tokens, _ = await asyncio.to_thread(prompt_tokens, served, parsed, server.settings)
+        tokens, _config, _media = await asyncio.to_thread(prompt_tokens, served, parsed, server.settings)
     return len(tokens)
 
 
@@ -83,11 +89,11 @@ def prepare(served: Served, parsed: ParsedRequest, settings: ServerSettings) -> 
     if served.engine is None:
         raise APIError(400, f"{served.spec.name} is an embedding model: it answers embedding requests only.",
                        code="model_not_generative")
-    tokens, config = prompt_tokens(served, parsed, settings)
+    tokens, config, media = prompt_tokens(served, parsed, settings)
     jobs: list[EngineRequest] = []
     try:
         for choice_config in parsed.choice_configs(config):
-            jobs.append(_submit(served, tokens, choice_config, parsed.id_slot))
+            jobs.append(_submit(served, tokens, choice_config, media, parsed.id_slot))
     except BaseException:
         for job in jobs:
             job.cancel()
@@ -95,10 +101,11 @@ def prepare(served: Served, parsed: ParsedRequest, settings: ServerSettings) -> 
     return jobs
 
 
-def _submit(served: Served, tokens: list[int], config: StreamConfig, id_slot: int | None = None) -> EngineRequest:
+def _submit(served: Served, tokens: list[int], config: StreamConfig, media: MediaPrompt | None = None,
+            id_slot: int | None = None) -> EngineRequest:
     assert served.engine is not None
     try:
-        return served.engine.submit(tokens, config, slot=id_slot)
+        return served.engine.submit(tokens, config, media, slot=id_slot)
     except QueueFullError as exc:
         raise APIError(429, str(exc), type="rate_limit_error", code="queue_full") from None
     except ContextOverflowError as exc:

@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from .._exceptions import MullamaError
 from ..generate._async import submit_in_thread
 from ..generate._engine import EngineRequest
+from ..generate._media import MediaLimits
 from ..generate._sequence import Token
 from ._request import APIError, generation_error
 
@@ -47,6 +48,8 @@ class ServerSettings:
     embedding_batch: int | None = None  # tokens per embedding decode, and the longest input (default 512)
     max_embedding_inputs: int = MAX_EMBEDDING_INPUTS
     slot_save_path: Path | None = None  # the directory of /slots save and restore (None: refused)
+    # Images and audio in requests: no local files (unless --media-path), no remote URLs (unless allowed).
+    media: MediaLimits = field(default_factory=lambda: MediaLimits(allow_files=False))
 
 
 class Metrics:

@@ -158,7 +158,8 @@ def _prepare(served: Served, parsed: InfillRequest) -> tuple[str, EngineRequest]
                                n_ctx=engine.n_ctx_per_slot, n_batch=engine.n_batch)
     except (InvalidConfigError, TokenizeError) as exc:  # a token id out of range, text that is not Unicode
         raise APIError(400, str(exc)) from None
-    return model.detokenize(tokens, unparse_special=True), _submit(served, tokens, parsed.config, parsed.id_slot)
+    job = _submit(served, tokens, parsed.config, id_slot=parsed.id_slot)
+    return model.detokenize(tokens, unparse_special=True), job
 
 
 def _stop_type(job: EngineRequest) -> str:

@@ -93,6 +93,15 @@ def _stream(body: dict) -> bool:
     return stream
 
 
+def _with_images(text: Any, images: Any, where: str) -> list[dict]:
+    """A message's text and its ``images`` (base64, as ollama sends them) as OpenAI content parts: the
+    text, then each image."""
+    if not isinstance(images, list) or not all(isinstance(image, str) and image for image in images):
+        raise bad(f"{where}.images must be a list of base64-encoded images.")
+    parts: list[dict] = [{"type": "text", "text": text}] if isinstance(text, str) and text else []
+    return parts + [{"type": "image_url", "image_url": {"url": f"data:image/*;base64,{image}"}} for image in images]
+
+
 def _messages(messages: Any) -> list[dict]:
     """ollama messages as OpenAI-shaped ones (tool call arguments as JSON text)."""
     if not isinstance(messages, list) or not messages:
@@ -101,9 +110,9 @@ def _messages(messages: Any) -> list[dict]:
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise bad(f"messages[{index}] needs a role.")
-        if message.get("images"):
-            raise bad(f"messages[{index}]: images are not supported by this model.")
         entry: dict[str, Any] = {"role": message["role"], "content": message.get("content") or ""}
+        if message.get("images"):
+            entry["content"] = _with_images(entry["content"], message["images"], f"messages[{index}]")
         calls = message.get("tool_calls")
         if calls:
             entry["tool_calls"] = [{"id": f"call_{number}", "type": "function", "function": {
@@ -134,14 +143,17 @@ def parse_generate(body: Any, *, max_tokens_limit: int) -> ParsedRequest:
     if body.get("template"):
         raise bad("template overrides are Go templates, which mullama does not run; start the server with "
                    "--chat-template-file (Jinja), or send raw: true with a prompt you formatted.")
-    if body.get("images") or body.get("suffix"):
-        raise bad("images and suffix are not supported.")
+    if body.get("suffix"):
+        raise bad("suffix is not supported.")
     config, stream = _config(body, max_tokens_limit), _stream(body)
     if body.get("raw"):
+        if body.get("images"):
+            raise bad("images need the chat template (raw: false).")
         return ParsedRequest("completion", config, stream, False, prompt=prompt, model=requested_model(body))
     system = body.get("system")
     messages = ([{"role": "system", "content": system}] if isinstance(system, str) and system else [])
-    return ParsedRequest("chat", config, stream, False, messages=[*messages, {"role": "user", "content": prompt}],
+    content = _with_images(prompt, body["images"], "images") if body.get("images") else prompt
+    return ParsedRequest("chat", config, stream, False, messages=[*messages, {"role": "user", "content": content}],
                          model=requested_model(body))
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .._exceptions import InvalidConfigError
+from ..generate._media import MediaLimits
 from ..generate._prompt_cache import DEFAULT_CACHE_RAM_MIB
 from ._app import create_app
 from ._http import AccessLog, ServerSettings, is_loopback
@@ -46,7 +47,7 @@ def serve(model_ref: str | None = None, *, models: Sequence[str] = (), models_di
           placement: dict[str, Any] | None = None, drain_timeout: float = 30.0,
           slot_save_path: str | os.PathLike[str] | None = None, lora: Sequence[tuple[str, float]] = (),
           lora_init_without_apply: bool = False, speculative: dict[str, Any] | None = None,
-          draft_model: str | None = None) -> int:
+          draft_model: str | None = None, mmproj: str | None = None, media: MediaLimits | None = None) -> int:
     """Serve one model (``model_ref``: loaded now, answering every request), or several (``models``
     and/or ``models_dir``: each loaded when a request first names it, unloaded after ``keep_alive``
     idle seconds or to stay within ``max_loaded`` / ``max_memory``). On SIGINT/SIGTERM it stops
@@ -71,9 +72,11 @@ def serve(model_ref: str | None = None, *, models: Sequence[str] = (), models_di
                           cache_ram_mib=cache_ram_mib,
                           pooling=pooling, chat_template=chat_template, placement=placement or {},
                           lora=tuple(lora), lora_init_without_apply=lora_init_without_apply,
-                          speculative=speculative, draft_model=draft_model)
+                          speculative=speculative, draft_model=draft_model, mmproj=mmproj)
     settings = ServerSettings(api_key=api_key, max_body_bytes=max_body_bytes, max_tokens_limit=max_tokens_limit,
                               pooling=pooling, embedding_batch=embedding_batch)
+    if media is not None:
+        settings.media = media
     if slot_save_path is not None:  # llama-server's --slot-save-path: an existing directory
         if not Path(slot_save_path).is_dir():
             raise InvalidConfigError(f"--slot-save-path: not a directory: {os.fspath(slot_save_path)}")

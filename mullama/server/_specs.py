@@ -92,6 +92,7 @@ class LoadOptions:
     lora_init_without_apply: bool = False  # load them at scale 0 (POST /lora-adapters sets scales later)
     speculative: dict[str, Any] | None = None  # --spec-type and sizes: StreamConfig fields every request gets
     draft_model: str | None = None  # -md: a draft model's path (each engine loads its own)
+    mmproj: str | None = None  # --mmproj: the multimodal projector (images in)
 
 
 def load_model(spec: ModelSpec, options: LoadOptions) -> tuple[Model, Engine | None]:
@@ -99,7 +100,8 @@ def load_model(spec: ModelSpec, options: LoadOptions) -> tuple[Model, Engine | N
     from ..generate._embed import resolve_pooling
 
     lora = [(path, 0.0 if options.lora_init_without_apply else scale) for path, scale in options.lora]
-    model = Model.load(spec.ref, chat_template=options.chat_template, lora=lora or None, **options.placement)
+    model = Model.load(spec.ref, chat_template=options.chat_template, lora=lora or None, mmproj=options.mmproj,
+                       **options.placement)
     try:
         if options.ctx_size is not None and options.ctx_size > model.n_ctx_train:
             print(f"mullama: warning: --ctx-size {options.ctx_size} is beyond the {model.n_ctx_train} tokens "
