@@ -232,3 +232,100 @@ def test_an_unreachable_rpc_server_at_start_fails_serve_cleanly(model_path):
                str(upstream.free_port()), "--rpc", address, "-ngl", "99"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "MODEL_LOAD_ERROR" in done.stderr and address in done.stderr, done.stderr
+
+
+def _rss_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _wait_for_health(server, wanted, timeout: float = 300) -> dict:
+    """Wait until ``wanted(health)`` holds for the proxy's /health (the bound only ends a hung test)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = httpx.get(f"{server.url}/health", timeout=30)
+        health = {**answer.json(), "http_status": answer.status_code}
+        if wanted(health):
+            return health
+        assert time.monotonic() < deadline, f"/health never reached the wanted state: {health}"
+        time.sleep(0.05)
+
+
+def test_the_rpc_proxy_streams_bodies_and_forwards_a_client_that_leaves(build, model_path):
+    """The supervising proxy passes a body on as it comes: a 64 MB body is refused (413) by the child
+    after reading only its limit, and the proxy never holds it (its memory stays flat); a client of a
+    non-streamed answer that leaves closes the request to the child, which stops generating."""
+    import http.client
+
+    import httpx
+    from mullama_server import MullamaServer
+
+    rpc = RPCServer(build.tool("ggml-rpc-server"))
+    server = MullamaServer(model_path, parallel=1, ctx_size=1024, extra=("--rpc", rpc.address, "-ngl", "99"))
+    try:
+        assert "supervised" in server.ready_line
+        proxy_rss = _rss_mb(server.process.pid)
+
+        def chunks():
+            for _ in range(64):
+                yield b" " * (1 << 20)
+
+        for headers in ({"Content-Length": str(64 << 20)}, {}):  # with its length, and chunked
+            refused = httpx.post(f"{server.url}/v1/completions", content=chunks(),
+                                 headers={"Content-Type": "application/json", **headers}, timeout=120)
+            assert refused.status_code == 413, refused.text
+        assert _rss_mb(server.process.pid) < proxy_rss + 30, (proxy_rss, _rss_mb(server.process.pid))
+
+        long = json.dumps({"prompt": "Story:", "max_tokens": 2000, "ignore_eos": True, "temperature": 0})
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
+        connection.request("POST", "/v1/completions", body=long, headers={"Content-Type": "application/json"})
+        _wait_for_health(server, lambda health: health.get("active_streams") == 1)
+        connection.close()  # the client leaves before its answer
+        _wait_for_health(server, lambda health: health.get("active_streams") == 0)
+        metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+        assert "mullama_requests_cancelled_total 1" in metrics.splitlines()
+        after = httpx.post(f"{server.url}/v1/completions", timeout=120,
+                           json={"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0})
+        assert after.status_code == 200 and after.json()["choices"][0]["text"]
+    finally:
+        server.close()
+        rpc.close()
+
+
+def test_the_supervisor_backs_off_and_gives_up_after_its_restart_limit(build, model_path):
+    """With its RPC server gone for good, the serving process cannot start again: /health says
+    degraded with the failed starts and the wait before the next, then the supervisor gives up after
+    --restart-limit starts in a row and exits 1 saying why (not retrying for ever)."""
+    import httpx
+    from mullama_server import MullamaServer
+
+    rpc = RPCServer(build.tool("ggml-rpc-server"))
+    server = MullamaServer(model_path, parallel=1, ctx_size=1024,
+                           extra=("--rpc", rpc.address, "-ngl", "99", "--restart-limit", "2"))
+    try:
+        rpc.close()  # gone for good: the next computation ends the serving process
+        lost = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 4}, timeout=120)
+        assert lost.status_code in (500, 503), lost.text
+        seen = []  # /health answers after a failed start, until the supervisor exits
+        while server.process.poll() is None:
+            try:
+                health = httpx.get(f"{server.url}/health", timeout=30)
+            except httpx.TransportError:
+                break
+            if health.json().get("failed_starts", 0) >= 1:
+                seen.append(health)
+            time.sleep(0.05)
+        assert server.process.wait(timeout=300) == 1
+        assert seen, "/health never showed a failed start"
+        assert all(health.status_code == 503 and health.json()["status"] in ("degraded", "failed")
+                   and health.json()["restart_limit"] == 2 for health in seen)
+        assert any(rpc.address in health.json()["error"] for health in seen), seen[-1].json()
+        assert any("gave up after 2 failed starts in a row" in line for line in server.log), "\n".join(server.log)
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+        rpc.close()

@@ -224,6 +224,9 @@ def make_parser() -> argparse.ArgumentParser:
     serve.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
                        help="on SIGTERM/SIGINT, let streams in flight finish for this long (default 30)")
     serve.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    serve.add_argument("--restart-limit", type=int, default=10, metavar="N",
+                       help="with --rpc: give up (exit 1) after N failed starts in a row of the serving process "
+                            "(default 10; waits double from 0.5 s to 30 s between starts)")
     serve.add_argument("-np", "--parallel", type=int, default=4, help="streams decoded together (default 4)")
     _add_offload(serve)
     _add_template(serve)

@@ -28,7 +28,7 @@ def serve_command(args: argparse.Namespace) -> int:
     check_ctx_size(args.ctx_size)
     if args.rpc and os.environ.get(SUPERVISED_ENV) != "1":  # ggml ends a process whose RPC server is lost
         return supervise(args.argv, host=args.host, port=args.port, drain_timeout=args.drain_timeout,
-                         api_key=args.api_key or os.environ.get("MULLAMA_API_KEY"))
+                         api_key=args.api_key or os.environ.get("MULLAMA_API_KEY"), restart_limit=args.restart_limit)
     if args.rpc:  # the supervised serving process: when ggml ends it, one line says why
         from ..native._devices import one_line_aborts
         from ..native._library import get

@@ -17,7 +17,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from .._exceptions import StreamingError
@@ -112,11 +112,13 @@ class AsyncTokenStream(SequenceView):
         return f"<mullama.AsyncTokenStream tokens={self.tokens_generated()} finish_reason={self.finish_reason!r}>"
 
 
-async def submit_in_thread(start: Callable[[], T], undo: Callable[[T], object]) -> T:
-    """``start()`` (render, tokenise, submit: CPU work) in a worker thread, never on the event loop.
+async def submit_in_thread(start: Callable[[], T], undo: Callable[[T], object], *,
+                           run_in: Callable[[Callable[[], T]], Awaitable[T]] = asyncio.to_thread) -> T:
+    """``start()`` (render, tokenise, submit: CPU work) in a worker thread, never on the event loop
+    (``run_in`` picks the thread: the default executor's unless a server gives a pool of its own).
     If the awaiting task is cancelled meanwhile, ``undo`` is applied to what it still makes (the
     requests it submitted are cancelled)."""
-    started = asyncio.ensure_future(asyncio.to_thread(start))
+    started = asyncio.ensure_future(run_in(start))
     try:
         return await asyncio.shield(started)
     except asyncio.CancelledError:

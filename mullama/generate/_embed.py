@@ -23,7 +23,9 @@ computed in groups of four rows; there a shared decode can still move the last b
 Concurrent callers batch together: whoever gets to decode first also takes the texts that
 others queued meanwhile, so N threads (or N server requests) embedding at once share each
 decode, and nobody waits for a separate thread. Each caller normalises and converts its own
-vectors, outside the lock.
+vectors, outside the lock. A caller may pass a ``cancel`` event (a server, when its client leaves):
+its texts not decoded yet are left out of the decodes still to come, and it gets a CANCELLED error;
+texts stay packed as they were, so nothing else changes.
 """
 
 from __future__ import annotations
@@ -82,12 +84,20 @@ def kernel_sizes(model: Model) -> tuple[int, ...]:
 class _Job:
     """One caller's texts (as tokens) and, once decoded, their raw float32 vectors."""
 
-    __slots__ = ("error", "results", "texts")
+    __slots__ = ("cancel", "error", "results", "texts")
 
-    def __init__(self, texts: list[list[int]]) -> None:
+    def __init__(self, texts: list[list[int]], cancel: threading.Event | None) -> None:
         self.texts = texts
         self.results: list[list[bytes] | None] = [None] * len(texts)  # per text: one vector, or one per token
         self.error: BaseException | None = None
+        self.cancel = cancel
+
+    def wanted(self) -> bool:
+        """Whether its texts are still to be decoded: no error, and not cancelled (which becomes its error)."""
+        if self.error is None and self.cancel is not None and self.cancel.is_set():
+            self.error = MullamaError("the embedding was cancelled: its caller stopped waiting for it.",
+                                      code="CANCELLED")
+        return self.error is None
 
 
 class Embedder(Owned):
@@ -133,11 +143,12 @@ class Embedder(Owned):
             self._batch.close()
             super().close()
 
-    def run(self, texts: list[list[int]]) -> list[list[bytes]]:
+    def run(self, texts: list[list[int]], cancel: threading.Event | None = None) -> list[list[bytes]]:
         """Raw float32 vectors of each text (token lists checked by the caller): one per text, or
         one per token with pooling "none". Decodes this caller's texts together with those of
-        every caller waiting meanwhile."""
-        job = _Job(texts)
+        every caller waiting meanwhile. Once ``cancel`` is set, its texts are left out of the
+        decodes still to come and a MullamaError with code CANCELLED is raised."""
+        job = _Job(texts, cancel)
         with self._pending_lock:
             self._pending.append(job)
         with self._run_lock:
@@ -168,7 +179,7 @@ class Embedder(Owned):
             self._decode_batch(members)
 
     def _decode_batch(self, members: list[tuple[_Job, int]]) -> None:
-        members = [(job, index) for job, index in members if job.error is None]
+        members = [(job, index) for job, index in members if job.wanted()]
         if not members:
             return
         batch, n = self._batch, 0
@@ -287,8 +298,8 @@ def check_options(normalize: Any, batch_size: Any, truncate: Any) -> None:
 
 def embed(model: Model, texts: str | Sequence[str] | Sequence[Sequence[int]], *, pooling: str | None = None,
           normalize: bool = True, batch_size: int | None = None, truncate: bool = False,
-          as_numpy: bool = False) -> Any:
-    """What :meth:`mullama.Model.embed` returns (see there)."""
+          as_numpy: bool = False, cancel: threading.Event | None = None) -> Any:
+    """What :meth:`mullama.Model.embed` returns (see there); ``cancel`` as for Embedder.run."""
     check_options(normalize, batch_size, truncate)
     kind = resolve_pooling(model, pooling)
     token_lists: list[list[int]]
@@ -302,7 +313,7 @@ def embed(model: Model, texts: str | Sequence[str] | Sequence[Sequence[int]], *,
     size = batch_size or DEFAULT_BATCH_SIZE
     token_lists = [fit(tokens, index, size, truncate) for index, tokens in enumerate(token_lists)]
     embedder = model._embedder(kind, size)
-    raw = embedder.run(token_lists)
+    raw = embedder.run(token_lists, cancel)
     pooled = kind != POOLINGS["none"]
     if as_numpy:
         return to_numpy(raw, pooled, normalize, embedder.n_embd)

@@ -17,6 +17,7 @@ maps it through the logistic function to (0, 1), as a single-label cross-encoder
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -98,14 +99,15 @@ def check_inputs(query: Any, documents: Any, top_n: Any) -> list[str]:
 
 
 def scores(model: Model, token_lists: list[list[int]], *, batch_size: int | None = None,
-           truncate: bool = False) -> list[float]:
-    """The raw rank score of each pair's tokens, in order (the model is checked by the caller)."""
+           truncate: bool = False, cancel: threading.Event | None = None) -> list[float]:
+    """The raw rank score of each pair's tokens, in order (the model is checked by the caller);
+    ``cancel`` as for Embedder.run."""
     size = batch_size or DEFAULT_BATCH_SIZE
     try:
         fitted = [fit(tokens, index, size, truncate) for index, tokens in enumerate(token_lists)]
     except ContextOverflowError as exc:
         raise ContextOverflowError(str(exc).replace("text ", "the query with document ", 1)) from None
-    raw = model._embedder(POOLING_RANK, size).run(fitted)
+    raw = model._embedder(POOLING_RANK, size).run(fitted, cancel)
     return [float(memoryview(vectors[0]).cast("f")[0]) for vectors in raw]
 
 

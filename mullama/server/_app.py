@@ -103,6 +103,13 @@ async def prometheus(request: Request) -> Response:
         ("mullama_models_loaded", "gauge", "Models loaded now.", len(pool.loaded())),
         ("mullama_model_loads_total", "counter", "Models loaded on demand.", pool.loads),
         ("mullama_model_unloads_total", "counter", "Models unloaded (idle, or to make room).", pool.unloads),
+        ("mullama_embedding_requests", "gauge", "Embedding and rerank requests waiting for decodes or in them.",
+         server.metrics.embedding_requests),
+        ("mullama_embedding_requests_running", "gauge", "Embedding and rerank requests on a worker thread now.",
+         server.metrics.embedding_running),
+        ("mullama_embedding_requests_cancelled_total", "counter",
+         "Embedding and rerank requests stopped before their end (their client went away).",
+         server.metrics.embedding_cancelled),
     ]
     text = "".join(f"# HELP {name} {help_}\n# TYPE {name} {kind}\n{name} {value}\n"
                    for name, kind, help_, value in lines)

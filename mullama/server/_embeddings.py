@@ -5,25 +5,39 @@ decodes (see mullama.generate._embed)."""
 from __future__ import annotations
 
 import array
-import asyncio
 import sys
+import threading
 from base64 import b64encode
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from .._exceptions import ContextOverflowError, InvalidConfigError, MullamaError, TokenizeError
 from ..generate._embed import DEFAULT_BATCH_SIZE
+from ..generate._embed import embed as embed_tokens
 from ..generate._model import Model
-from ._http import MAX_EMBEDDING_INPUTS, ServerSettings, endpoint, read_json, requested_model, state
+from ._http import (
+    MAX_EMBEDDING_INPUTS,
+    ServerSettings,
+    endpoint,
+    json_answer,
+    read_json,
+    requested_model,
+    state,
+    until_disconnect,
+)
 from ._keep_alive import UNSET
 from ._openai_shapes import OPENAI
 from ._pool import Served
 from ._request import APIError, bad, generation_error, integer
+from ._workers import EMBEDDINGS
 
-__all__ = ["EmbeddingRequest", "embed", "embedding_body", "embeddings", "parse_embedding_request"]
+__all__ = ["EmbeddingRequest", "decode_for", "embed", "embedding_body", "embeddings", "parse_embedding_request"]
+
+T = TypeVar("T")
 
 EMBEDDING_FIELDS = {"input", "model", "encoding_format", "dimensions", "user"}
 
@@ -99,8 +113,10 @@ def embedding_body(vectors: list[list[float]], model: str, prompt_tokens: int, *
             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
 
 
-def embed(served: Served, parsed: EmbeddingRequest, settings: ServerSettings) -> tuple[list[list[float]], int]:
-    """The request's vectors and its token count (in a worker thread; concurrent requests share decodes)."""
+def embed(served: Served, parsed: EmbeddingRequest, settings: ServerSettings,
+          cancel: threading.Event | None = None) -> tuple[list[list[float]], int]:
+    """The request's vectors and its token count (on an embedding worker thread; concurrent requests
+    share decodes). Once ``cancel`` is set, the decodes still to come leave this request out."""
     model = served.model
     assert model is not None  # the caller holds a lease
     try:
@@ -112,8 +128,8 @@ def embed(served: Served, parsed: EmbeddingRequest, settings: ServerSettings) ->
         else:
             token_lists = parsed.token_lists or []
             _check_token_lists(model, token_lists)
-        vectors = model.embed(token_lists, pooling=settings.pooling, batch_size=settings.embedding_batch,
-                              normalize=parsed.normalize, truncate=parsed.truncate)
+        vectors = embed_tokens(model, token_lists, pooling=settings.pooling, batch_size=settings.embedding_batch,
+                               normalize=parsed.normalize, truncate=parsed.truncate, cancel=cancel)
         longest = settings.embedding_batch or DEFAULT_BATCH_SIZE  # what a truncated input keeps
         return vectors, sum(min(len(tokens), longest) for tokens in token_lists)
     except ContextOverflowError as exc:
@@ -140,13 +156,41 @@ def _check_token_lists(model: Model, token_lists: list[list[int]]) -> None:
                                 "check_embedding_ctx_length=False).", param="input") from None
 
 
+async def decode_for(request: Request, work: Callable[[threading.Event], T]) -> T:
+    """``work(cancel)``, a request's embedding (or rerank) decodes, on an embedding worker thread, so that
+    they never hold up other kinds of work (see _workers); counted in the metrics. ``cancel`` is set
+    when the client goes away, or the awaiting task is cancelled: the work stops at its next decode."""
+    metrics = state(request).metrics
+    cancel = threading.Event()
+
+    def counted() -> T:
+        with metrics.embedding_lock:
+            metrics.embedding_running += 1
+        try:
+            return work(cancel)
+        except BaseException:
+            if cancel.is_set():
+                with metrics.embedding_lock:
+                    metrics.embedding_cancelled += 1
+            raise
+        finally:
+            with metrics.embedding_lock:
+                metrics.embedding_running -= 1
+
+    metrics.embedding_requests += 1
+    try:
+        return await until_disconnect(request, EMBEDDINGS.run(counted), cancel.set)
+    finally:
+        metrics.embedding_requests -= 1
+
+
 async def embed_request(request: Request, parsed: EmbeddingRequest, *, keep_alive: float | None = UNSET
                         ) -> tuple[str, list[list[float]], int]:
     """Lease the model the request names and embed its input: (model name, vectors, tokens).
     ``keep_alive`` (ollama's, parsed) replaces the model's own from then on."""
     server = state(request)
     async with await server.pool.lease(parsed.model, keep_alive=keep_alive) as served:
-        vectors, n_tokens = await asyncio.to_thread(embed, served, parsed, server.settings)
+        vectors, n_tokens = await decode_for(request, lambda cancel: embed(served, parsed, server.settings, cancel))
     return served.spec.name, vectors, n_tokens
 
 
@@ -155,4 +199,4 @@ async def embeddings(request: Request) -> Response:
     server = state(request)
     parsed = parse_embedding_request(await read_json(request), max_inputs=server.settings.max_embedding_inputs)
     name, vectors, n_tokens = await embed_request(request, parsed)
-    return JSONResponse(embedding_body(vectors, name, n_tokens, base64=parsed.base64))
+    return await json_answer(lambda: embedding_body(vectors, name, n_tokens, base64=parsed.base64), workers=EMBEDDINGS)

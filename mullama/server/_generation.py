@@ -3,8 +3,6 @@ model, then queue one sequence per choice on its engine. Every wire format gener
 
 from __future__ import annotations
 
-import asyncio
-
 from starlette.requests import Request
 
 from .._exceptions import (
@@ -24,6 +22,7 @@ from ._http import ServerSettings, state, submit_in_all
 from ._keep_alive import UNSET
 from ._pool import Lease, Served
 from ._request import APIError, ParsedRequest
+from ._workers import ADMIN
 
 __all__ = ["count_prompt_tokens", "prepare", "prompt_tokens", "start"]
 
@@ -65,7 +64,7 @@ async def count_prompt_tokens(request: Request, parsed: ParsedRequest) -> int:
     """How many tokens ``parsed``'s prompt has once rendered (a token-count route: nothing generated)."""
     server = state(request)
     async with await server.pool.lease(parsed.model) as served:
-        tokens, _config, _media = await asyncio.to_thread(prompt_tokens, served, parsed, server.settings)
+        tokens, _config, _media = await ADMIN.run(prompt_tokens, served, parsed, server.settings)
     return len(tokens)
 
 

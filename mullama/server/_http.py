@@ -12,6 +12,7 @@ import hmac
 import ipaddress
 import json
 import sys
+import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from ..generate._engine import EngineRequest
 from ..generate._media import MediaLimits
 from ..generate._sequence import Token
 from ._request import APIError, generation_error
+from ._workers import GENERATION, Workers
 
 if TYPE_CHECKING:
     from ._pool import Lease, ModelPool
@@ -56,6 +58,10 @@ class Metrics:
     def __init__(self) -> None:
         self.http_requests: dict[int, int] = {}
         self.recent: list[tuple[float, int]] = []  # (time, tokens) of finished requests, for tokens/s
+        self.embedding_requests = 0  # embedding and rerank requests waiting for their decodes or in them
+        self.embedding_running = 0  # ... of which on a worker thread now
+        self.embedding_cancelled = 0  # ... stopped before their end: their client went away
+        self.embedding_lock = threading.Lock()  # worker threads count the last two
 
     def count(self, status: int) -> None:
         self.http_requests[status] = self.http_requests.get(status, 0) + 1
@@ -198,15 +204,15 @@ async def read_json(request: Request) -> Any:
 _ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
-async def json_answer(build: Callable[[], Any], status: int = 200) -> Response:
-    """The JSON answer ``build()`` returns, built and encoded in a worker thread, in pieces: a large one
-    (logprobs of many tokens and choices, thousands of embeddings) never holds up the event loop —
-    json's C encoder would hold the GIL for the whole text; its pure-Python one, which
+async def json_answer(build: Callable[[], Any], status: int = 200, *, workers: Workers = GENERATION) -> Response:
+    """The JSON answer ``build()`` returns, built and encoded on one of ``workers``' threads, in pieces: a
+    large one (logprobs of many tokens and choices, thousands of embeddings) never holds up the event
+    loop — json's C encoder would hold the GIL for the whole text; its pure-Python one, which
     ``iterencode`` uses, lets the loop run between pieces."""
     def work() -> bytes:
         return "".join(_ENCODER.iterencode(build())).encode("utf-8")
 
-    return Response(await asyncio.to_thread(work), status_code=status, media_type="application/json")
+    return Response(await workers.run(work), status_code=status, media_type="application/json")
 
 
 async def stream_or_collect(request: Request, fmt: WireFormat, lease: Lease, jobs: list[EngineRequest], *,
@@ -255,27 +261,35 @@ def requested_model(body: Any) -> str | None:
     return name or None
 
 
-async def _cancel_on_disconnect(request: Request, jobs: list[EngineRequest]) -> None:
-    """Cancel ``jobs`` when the HTTP client goes away (its body is read: the next message is that)."""
+async def _on_disconnect(request: Request, stop: Callable[[], object]) -> None:
+    """``stop()`` when the HTTP client goes away (its body is read: the next message is that)."""
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
-            for job in jobs:
-                job.cancel()
+            stop()
             return
 
 
-async def run_to_end(request: Request, jobs: list[EngineRequest], work: Awaitable[T]) -> T:
-    """Await ``work``, which reads ``jobs`` to their end: nobody reads a non-streamed answer once its
-    client is gone, so the jobs stop then too; afterwards every job is cancelled (a no-op once finished).
-    A job's MullamaError propagates."""
-    watcher = asyncio.create_task(_cancel_on_disconnect(request, jobs))
+async def until_disconnect(request: Request, work: Awaitable[T], stop: Callable[[], object]) -> T:
+    """Await ``work`` for a client that waits for a whole answer: when it goes away nobody will read
+    the answer, so ``stop()`` then; and afterwards in any case (a no-op once the work is done), so
+    that work abandoned by a cancelled task (a shutdown) stops too."""
+    watcher = asyncio.create_task(_on_disconnect(request, stop))
     try:
         return await work
     finally:
         watcher.cancel()
+        stop()
+
+
+async def run_to_end(request: Request, jobs: list[EngineRequest], work: Awaitable[T]) -> T:
+    """Await ``work``, which reads ``jobs`` to their end; the jobs are cancelled when the client goes
+    away (see until_disconnect). A job's MullamaError propagates."""
+    def cancel_all() -> None:
         for job in jobs:
             job.cancel()
+
+    return await until_disconnect(request, work, cancel_all)
 
 
 async def drain(job: EngineRequest) -> None:
@@ -285,12 +299,12 @@ async def drain(job: EngineRequest) -> None:
 
 
 async def submit_in_all(start: Callable[[], list[EngineRequest]]) -> list[EngineRequest]:
-    """``start()`` in a worker thread (see submit_in_thread), for several sequences at once."""
+    """``start()`` on a generation worker thread (see submit_in_thread), for several sequences at once."""
     def cancel_all(jobs: list[EngineRequest]) -> None:
         for job in jobs:
             job.cancel()
 
-    return await submit_in_thread(start, cancel_all)
+    return await submit_in_thread(start, cancel_all, run_in=GENERATION.run)
 
 
 async def merged(jobs: list[EngineRequest]) -> AsyncIterator[tuple[int, Token | MullamaError | None]]:

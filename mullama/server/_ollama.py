@@ -27,11 +27,22 @@ from ..generate._config import StreamConfig
 from ..generate._engine import EngineRequest
 from ._embeddings import embed_request, parse_embedding_request
 from ._generation import start
-from ._http import WireFormat, drain, endpoint, read_object, requested_model, speaks, state, stream_or_collect
+from ._http import (
+    WireFormat,
+    drain,
+    endpoint,
+    json_answer,
+    read_object,
+    requested_model,
+    speaks,
+    state,
+    stream_or_collect,
+)
 from ._keep_alive import parse_keep_alive
 from ._pool import Served
 from ._request import APIError, ParsedRequest, bad, integer
 from ._specs import ModelSpec
+from ._workers import ADMIN, DOWNLOADS, EMBEDDINGS
 
 __all__ = ["OLLAMA", "chat", "chat_line", "copy", "delete", "done_line", "embed", "embeddings", "error_body",
            "error_event", "generate", "parse_chat", "parse_generate", "ps", "pull", "shorten", "show", "tags",
@@ -284,11 +295,10 @@ async def embed(request: Request) -> Response:
     except InvalidConfigError as exc:
         raise bad(str(exc), "keep_alive") from None
     name, vectors, n_tokens = await embed_request(request, parsed, keep_alive=keep_alive)
-    if dimensions is not None:
-        vectors = await asyncio.to_thread(shorten, vectors, dimensions)
-    return JSONResponse({"model": parsed.model or name, "embeddings": vectors,
-                         "total_duration": int((time.perf_counter() - started) * 1e9), "load_duration": 0,
-                         "prompt_eval_count": n_tokens})
+    total_duration = int((time.perf_counter() - started) * 1e9)
+    return await json_answer(lambda: {"model": parsed.model or name, "embeddings": shorten(vectors, dimensions),
+                                      "total_duration": total_duration, "load_duration": 0,
+                                      "prompt_eval_count": n_tokens}, workers=EMBEDDINGS)
 
 
 @endpoint(OLLAMA)
@@ -376,7 +386,7 @@ async def tags(request: Request) -> Response:
     ollama lists them."""
     pool = state(request).pool
     entries = [(spec, None) for spec in pool.specs] + [(pool.find(name), name) for name in pool.copies]
-    return JSONResponse({"models": await asyncio.to_thread(lambda: [_listing(*entry) for entry in entries])})
+    return JSONResponse({"models": await ADMIN.run(lambda: [_listing(*entry) for entry in entries])})
 
 
 def _running(served: Served) -> dict:
@@ -394,14 +404,14 @@ def _running(served: Served) -> dict:
 async def ps(request: Request) -> Response:
     """The models loaded now: their memory (weights and KV cache), when they unload, how long idle."""
     loaded = state(request).pool.loaded()
-    return JSONResponse({"models": await asyncio.to_thread(lambda: [_running(served) for served in loaded])})
+    return JSONResponse({"models": await ADMIN.run(lambda: [_running(served) for served in loaded])})
 
 
 @endpoint(OLLAMA)
 async def show(request: Request) -> Response:
     body = await read_object(request)
     spec = state(request).pool.find(requested_model(body))
-    details = await asyncio.to_thread(_details, spec)
+    details = await ADMIN.run(_details, spec)
     return JSONResponse({"modelfile": f"FROM {spec.ref}\n", "parameters": "", "template": details["template"],
                          "details": details["details"], "model_info": details["model_info"],
                          "modified_at": details["modified_at"],
@@ -423,7 +433,7 @@ async def pull(request: Request) -> Response:
     name = requested_model(body)
     if not name:
         raise bad("pull needs a model name, such as smollm2:135m.", "model")
-    entry = await asyncio.to_thread(entry_for, name)  # MODEL_NOT_FOUND (404) for an unknown name
+    entry = await ADMIN.run(entry_for, name)  # MODEL_NOT_FOUND (404) for an unknown name
     stream = body.get("stream", True)
     if not isinstance(stream, bool):
         raise bad("stream must be true or false.")
@@ -461,7 +471,7 @@ async def _pull_lines(entry: Any) -> AsyncGenerator[str, None]:
             loop.call_soon_threadsafe(queue.put_nowait, None)
 
     yield json.dumps({"status": "pulling manifest"}) + "\n"
-    task = asyncio.create_task(asyncio.to_thread(work))
+    task = asyncio.create_task(DOWNLOADS.run(work))
     while (line := await queue.get()) is not None:
         yield json.dumps(line) + "\n"
     await task

@@ -13,6 +13,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import functools
 import re
 import time
 import weakref
@@ -27,6 +28,7 @@ from ..generate._model import Model
 from ._keep_alive import DEFAULT_KEEP_ALIVE, UNSET
 from ._request import APIError
 from ._specs import ModelSpec
+from ._workers import ADMIN
 
 __all__ = ["Lease", "ModelPool", "Served"]
 
@@ -263,7 +265,7 @@ class ModelPool:
     async def _load_into(self, served: Served) -> None:
         assert served.ready is not None
         try:
-            model, engine = await asyncio.to_thread(self._load, served.spec)
+            model, engine = await ADMIN.run(self._load, served.spec)
         except Exception as exc:  # noqa: BLE001 (every load failure goes to the requests waiting for it)
             self._served.pop(served.spec.name, None)
             served.waiting = 0
@@ -340,7 +342,7 @@ class ModelPool:
                 model.close()
 
         try:
-            await asyncio.to_thread(close)
+            await ADMIN.run(close)
         finally:
             self._served.pop(served.spec.name, None)
             self.unloads += 1
@@ -382,7 +384,7 @@ class ModelPool:
                 assert served.engine is None or served.model is not None
                 engine = served.engine
                 if engine is not None:
-                    await asyncio.to_thread(engine.stop, drain=True, timeout=30)
+                    await ADMIN.run(functools.partial(engine.stop, drain=True, timeout=30))
                 served.draining = True
                 model, engine = served.model, served.engine
                 served.model = served.engine = None

@@ -18,19 +18,21 @@ reranking GGUF is served for reranking without it, and embeddings stay on).
 
 from __future__ import annotations
 
-import asyncio
+import threading
 from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from .._exceptions import ContextOverflowError, InvalidConfigError, MullamaError, TokenizeError
 from ..generate._rerank import rank_tokens, scores
-from ._http import endpoint, read_object, requested_model, state
+from ._embeddings import decode_for
+from ._http import endpoint, json_answer, read_object, requested_model, state
 from ._llama_server_shapes import LLAMA_SERVER
 from ._pool import Served
 from ._request import APIError, bad, generation_error
+from ._workers import EMBEDDINGS
 
 __all__ = ["RerankRequest", "parse_rerank", "rerank", "rerank_body"]
 
@@ -83,8 +85,10 @@ def parse_rerank(body: dict, *, max_documents: int) -> RerankRequest:
     return RerankRequest(query, documents, top_n, return_documents, tei, requested_model(body))
 
 
-def score(served: Served, parsed: RerankRequest, batch_size: int | None) -> tuple[list[float], int]:
-    """Each document's score and the tokens evaluated (in a worker thread; requests share decodes)."""
+def score(served: Served, parsed: RerankRequest, batch_size: int | None,
+          cancel: threading.Event | None = None) -> tuple[list[float], int]:
+    """Each document's score and the tokens evaluated (on an embedding worker thread; requests share
+    decodes; ``cancel`` as for embeddings)."""
     model = served.model
     assert model is not None  # the caller holds a lease
     if model.pooling != "rank":
@@ -93,7 +97,7 @@ def score(served: Served, parsed: RerankRequest, batch_size: int | None) -> tupl
                        type="not_supported_error")
     try:
         token_lists = [rank_tokens(model, parsed.query, document) for document in parsed.documents]
-        values = scores(model, token_lists, batch_size=batch_size)
+        values = scores(model, token_lists, batch_size=batch_size, cancel=cancel)
     except (ContextOverflowError, InvalidConfigError, TokenizeError) as exc:
         raise APIError(400, str(exc).replace("document ", f"{'texts' if parsed.tei else 'documents'} item ", 1),
                        param="documents") from None
@@ -127,5 +131,6 @@ async def rerank(request: Request) -> Response:
     server = state(request)
     parsed = parse_rerank(await read_object(request), max_documents=server.settings.max_embedding_inputs)
     async with await server.pool.lease(parsed.model) as served:
-        values, n_tokens = await asyncio.to_thread(score, served, parsed, server.settings.embedding_batch)
-    return JSONResponse(rerank_body(parsed, values, served.spec.name, n_tokens))
+        values, n_tokens = await decode_for(
+            request, lambda cancel: score(served, parsed, server.settings.embedding_batch, cancel))
+    return await json_answer(lambda: rerank_body(parsed, values, served.spec.name, n_tokens), workers=EMBEDDINGS)

@@ -17,7 +17,6 @@ llama-server's router does.
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from ._http import endpoint, named_model, read_json, state
 from ._llama_server_shapes import LLAMA_SERVER
 from ._pool import Served
 from ._request import APIError, generation_error
+from ._workers import ADMIN
 
 __all__ = ["check_filename", "get_slots", "post_slot"]
 
@@ -103,13 +103,13 @@ async def post_slot(request: Request) -> Response:
         engine = _engine(served)
         try:
             if action == "save":
-                answer = await asyncio.to_thread(_slots.save_slot, engine, id_slot, path)
+                answer = await ADMIN.run(_slots.save_slot, engine, id_slot, path)
             elif action == "restore":
                 if not path.is_file():
                     raise APIError(400, "Unable to restore slot: no such file in the slot directory.")
-                answer = await asyncio.to_thread(_slots.restore_slot, engine, id_slot, path)
+                answer = await ADMIN.run(_slots.restore_slot, engine, id_slot, path)
             else:
-                answer = await asyncio.to_thread(_slots.erase_slot, engine, id_slot)
+                answer = await ADMIN.run(_slots.erase_slot, engine, id_slot)
         except _slots.SlotNotFoundError:
             raise APIError(400, "Invalid slot ID") from None
         except (StateError, ContextOverflowError) as exc:

@@ -5,9 +5,16 @@ way to recover the lost connection), and a process cannot reconnect to it afterw
 ``--rpc`` this process holds the port and proxies every request to a child ``mullama serve`` on a
 private loopback port. When the child dies, the streams that were under way end with an error event
 in their API's own shape (``generation_error``), requests meanwhile get a 503 to retry, ``/health``
-reports ``degraded``, and the child is started again as soon as the RPC servers answer. The shape of
+reports ``degraded``, and the child is started again as soon as the RPC servers answer: after a
+child that served, at once; after one that failed to start, later and later (doubling up to
+``MAX_RESTART_DELAY``); after ``restart_limit`` starts in a row that failed, the supervisor gives up
+and exits with an error (for a process manager to act on) instead of retrying for ever. The shape of
 each answer is the wire format the route declares (``_app.route_format``: the child serves the same
 route table), not a guess from the path.
+
+Request bodies stream through to the child as they come (the child's body limit answers a 413 after
+reading only that much), and a client that goes away before its answer starts closes the request to
+the child, which stops generating for it, as the plain server does.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from typing import Any
 
 import httpx
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
@@ -35,7 +42,9 @@ from ._request import APIError
 __all__ = ["SUPERVISED_ENV", "supervise"]
 
 SUPERVISED_ENV = "MULLAMA_SUPERVISED"  # set in the child: it serves, it does not supervise
-RESTART_DELAYS = (0.5, 1.0, 2.0, 4.0)  # seconds between attempts to start the child again (then the last)
+FIRST_RESTART_DELAY = 0.5  # seconds before starting the child again; doubled after each failed start
+MAX_RESTART_DELAY = 30.0
+DEFAULT_RESTART_LIMIT = 10  # failed starts in a row before the supervisor gives up
 HOP_HEADERS = {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "upgrade",
                "proxy-authorization", "proxy-connection"}
 
@@ -51,37 +60,59 @@ def _free_port() -> int:
 class Child:
     """The child ``mullama serve``: started, watched, restarted."""
 
-    def __init__(self, argv: Sequence[str]) -> None:
+    def __init__(self, argv: Sequence[str], restart_limit: int = DEFAULT_RESTART_LIMIT) -> None:
         self.argv = list(argv)
+        self.restart_limit = restart_limit
         self.port = 0
         self.process: asyncio.subprocess.Process | None = None
         self.ready = False
         self.reason = "starting"  # why it is not ready
         self.restarts = 0
+        self.failed_starts = 0  # starts in a row that ended before serving
+        self.retry_at: float | None = None  # loop time of the next start, while waiting for it
+        self.gave_up = False
         self.stopping = False
         self.first_start: asyncio.Future[str | None] | None = None  # the ready line, or None if it failed
 
     async def run(self) -> None:
-        """Start the child, and again whenever it ends, until ``stop()``."""
-        self.first_start = asyncio.get_running_loop().create_future()
-        attempt = 0
+        """Start the child, and again whenever it ends (see the module's docstring), until ``stop()``."""
+        loop = asyncio.get_running_loop()
+        self.first_start = loop.create_future()
         while not self.stopping:
-            code, tail = await self._run_once()
+            code, tail, served = await self._run_once()
             if self.stopping:
                 return
             if not self.first_start.done():  # never served: the command itself failed (bad model, ...)
                 self.first_start.set_result(None)
                 self.reason = tail
                 return
-            self.reason = f"the serving process ended ({_describe(code)}): {tail}"
-            delay = RESTART_DELAYS[min(attempt, len(RESTART_DELAYS) - 1)]
+            self.failed_starts = 0 if served else self.failed_starts + 1
+            ended = f"the serving process ended ({_describe(code)}): {tail}"
+            if self.failed_starts >= self.restart_limit:
+                self.gave_up = True
+                self.reason = f"gave up after {self.failed_starts} failed starts in a row; {ended}"
+                print(f"mullama: {self.reason}", file=sys.stderr, flush=True)
+                return
+            self.reason = ended
+            delay = min(FIRST_RESTART_DELAY * 2 ** self.failed_starts, MAX_RESTART_DELAY)
             print(f"mullama: the serving process ended ({_describe(code)}); starting it again in {delay:g} s",
                   file=sys.stderr, flush=True)
+            self.retry_at = loop.time() + delay
             await asyncio.sleep(delay)
-            attempt = 0 if self.ready else attempt + 1
+            self.retry_at = None
             self.restarts += 1
 
-    async def _run_once(self) -> tuple[int, str]:
+    def health(self) -> dict[str, Any]:
+        """What ``/health`` says while the child does not serve."""
+        status = "failed" if self.gave_up else "degraded"
+        answer: dict[str, Any] = {"status": status, "error": self.reason or "restarting", "restarts": self.restarts,
+                                  "failed_starts": self.failed_starts, "restart_limit": self.restart_limit}
+        if self.retry_at is not None:
+            answer["retry_in"] = round(max(0.0, self.retry_at - asyncio.get_running_loop().time()), 1)
+        return answer
+
+    async def _run_once(self) -> tuple[int, str, bool]:
+        """Run the child to its end: its exit code, its last line, and whether it served."""
         self.port = _free_port()
         command = [sys.executable, "-m", "mullama", *self.argv, "--host", "127.0.0.1", "--port", str(self.port)]
         self.process = await asyncio.create_subprocess_exec(
@@ -89,10 +120,11 @@ class Child:
             env={**os.environ, SUPERVISED_ENV: "1"})
         assert self.process.stdout is not None
         tail: list[str] = []
+        served = False
         async for raw in self.process.stdout:
             line = raw.decode("utf-8", "replace").rstrip("\n")
             if line.startswith("mullama serving") and not self.ready:
-                self.ready, self.reason = True, ""
+                self.ready, self.reason, served = True, "", True
                 assert self.first_start is not None
                 if not self.first_start.done():
                     self.first_start.set_result(line)
@@ -101,7 +133,7 @@ class Child:
             tail = [*tail[-4:], line]
         code = await self.process.wait()
         self.ready = False
-        return code, (tail[-1].strip() if tail else "") or "no message"
+        return code, (tail[-1].strip() if tail else "") or "no message", served
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         self.stopping = True
@@ -146,16 +178,41 @@ async def _proxy(request: Request) -> Response:
     if not child.ready:
         return _error_response(path, 503, f"the model is being restarted ({child.reason}); retry shortly.",
                                "worker_restarting")
+    # the body streams through as it comes, with its length when the client gave one (the child's
+    # limit then answers a 413 before reading it; the proxy never holds a whole body)
     headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_HEADERS]
+    if "content-length" in request.headers:
+        headers.append(("content-length", request.headers["content-length"]))
+    body_sent = asyncio.Event()
+
+    async def request_body() -> AsyncIterator[bytes]:
+        async for chunk in request.stream():
+            yield chunk
+        body_sent.set()
+
+    has_body = request.method not in ("GET", "HEAD") or "content-length" in request.headers
     outgoing = client.build_request(request.method, f"http://127.0.0.1:{child.port}{path}",
-                                    params=request.query_params, headers=headers, content=await request.body())
+                                    params=request.query_params, headers=headers,
+                                    content=request_body() if has_body else None)
+    if not has_body:
+        body_sent.set()
+    sending = asyncio.ensure_future(client.send(outgoing, stream=True))
+    watcher = asyncio.ensure_future(_cancel_on_disconnect(request, body_sent, sending))
     try:
-        answer = await client.send(outgoing, stream=True)
+        answer = await sending
     except httpx.ConnectError:
         return _error_response(path, 503, "the model is being restarted; retry shortly.", "worker_restarting")
     except httpx.TransportError:
         return _error_response(path, 500, "generation failed: the serving process ended (an RPC server was "
                                           "lost); retry shortly.", "generation_error")
+    except ClientDisconnect:  # the client left while sending its body
+        return Response(status_code=499)
+    except asyncio.CancelledError:
+        if not watcher.done():  # this task itself was cancelled (a shutdown)
+            raise
+        return Response(status_code=499)  # the client left: nobody reads this answer
+    finally:
+        watcher.cancel()
 
     async def body() -> AsyncIterator[bytes]:
         try:
@@ -170,14 +227,23 @@ async def _proxy(request: Request) -> Response:
     return StreamingResponse(body(), status_code=answer.status_code, headers=response_headers)
 
 
+async def _cancel_on_disconnect(request: Request, body_sent: asyncio.Event, sending: asyncio.Future) -> None:
+    """Close the request to the child (``sending``: until its answer starts) when the client goes
+    away: the child sees its client leave and stops generating for it. (A streamed answer's body is
+    closed the same way by StreamingResponse.)"""
+    await body_sent.wait()
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    sending.cancel()
+
+
 async def _health(request: Request) -> Response:
     child: Child = request.app.state.child
     if child.ready:
         with contextlib.suppress(httpx.TransportError):
             answer = await request.app.state.client.get(f"http://127.0.0.1:{child.port}{request.url.path}")
             return JSONResponse({**answer.json(), "restarts": child.restarts}, status_code=answer.status_code)
-    return JSONResponse({"status": "degraded", "error": child.reason or "restarting", "restarts": child.restarts},
-                        status_code=503)
+    return JSONResponse(child.health(), status_code=503)
 
 
 async def _live(request: Request) -> Response:
@@ -189,8 +255,10 @@ async def _no_websocket(ws: WebSocket) -> None:
     await ws.close(code=1013, reason="the WebSocket is not served with --rpc; stream over HTTP instead")
 
 
-def supervise(argv: Sequence[str], *, host: str, port: int, api_key: str | None, drain_timeout: float) -> int:
-    """Serve ``argv`` (a ``mullama serve`` command line) from a child process behind ``host:port``."""
+def supervise(argv: Sequence[str], *, host: str, port: int, api_key: str | None, drain_timeout: float,
+              restart_limit: int = DEFAULT_RESTART_LIMIT) -> int:
+    """Serve ``argv`` (a ``mullama serve`` command line) from a child process behind ``host:port``;
+    exit 1 if the child cannot be started again ``restart_limit`` times in a row."""
     import uvicorn
 
     from ._run import check_port_free
@@ -198,14 +266,17 @@ def supervise(argv: Sequence[str], *, host: str, port: int, api_key: str | None,
     if not is_loopback(host) and not api_key:
         raise InvalidConfigError(f"refusing to listen on {host} without an API key: anyone on the network could "
                                  "use it. Pass --api-key (or set MULLAMA_API_KEY), or bind 127.0.0.1.")
+    if isinstance(restart_limit, bool) or not isinstance(restart_limit, int) or restart_limit < 1:
+        raise InvalidConfigError(f"--restart-limit must be a positive integer, not {restart_limit!r}.")
     check_port_free(host, port)
-    child = Child(argv)
+    child = Child(argv, restart_limit)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0),
                                              limits=httpx.Limits(max_keepalive_connections=32))
         watcher = asyncio.create_task(child.run())
+        watcher.add_done_callback(lambda _: give_up() if child.gave_up else None)
         try:
             yield
         finally:
@@ -242,5 +313,10 @@ def supervise(argv: Sequence[str], *, host: str, port: int, api_key: str | None,
     server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                    timeout_graceful_shutdown=int(drain_timeout) + 5))
     server.failed = False  # type: ignore[attr-defined]
+
+    def give_up() -> None:  # the child could not be started again: exit 1
+        server.failed = True  # type: ignore[attr-defined]
+        server.should_exit = True
+
     server.run()
     return 1 if server.failed else 0  # type: ignore[attr-defined]

@@ -1,0 +1,82 @@
+"""Blocking work on pools of its own kind (mullama.server._workers): embedding requests never starve a
+chat request's setup, listings, token counts or a model load, and an embedding request whose client
+leaves stops at its next decode. A real ``mullama serve --models`` with both real models; the order
+of events is asserted, never times."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import signal
+import time
+
+import httpx
+import pytest
+from mullama_server import MullamaServer
+
+EMBEDDERS = 8
+INPUTS = 256  # per embedding request (the issue's were 256-512)
+TOPICS = ("rivers", "prime numbers", "bread", "volcanoes", "chess openings", "tides", "violins", "glaciers")
+
+
+def inputs(request: int, count: int) -> list[str]:
+    """Distinct short texts (they share decodes, as real batches of chunks do)."""
+    return [f"Note {request}-{i}: a short remark about {TOPICS[(request + i) % len(TOPICS)]} and item {i}."
+            for i in range(count)]
+
+
+def metric(server: MullamaServer, name: str) -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=60).text
+    found = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    assert found, f"{name} missing from /metrics"
+    return float(found.group(1))
+
+
+def wait_for_metric(server: MullamaServer, name: str, wanted, timeout: float = 300) -> float:
+    """Wait until ``wanted(value)`` holds for the metric (the bound only ends a hung test)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = metric(server, name)
+        if wanted(value):
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"{name} never reached the wanted value (last: {value})")
+
+
+@pytest.fixture(scope="module")
+def server():
+    running = MullamaServer(None, parallel=1, ctx_size=1024, extra=("--models", "smollm2:135m,gemma3:270m"))
+    yield running
+    assert running.close() == 0
+
+
+def test_a_client_that_leaves_mid_embedding_frees_the_server(server):
+    cancelled = metric(server, "mullama_embedding_requests_cancelled_total")
+    body = json.dumps({"model": "smollm2:135m", "input": inputs(99, 2048)})
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
+    connection.request("POST", "/v1/embeddings", body=body, headers={"Content-Type": "application/json"})
+    wait_for_metric(server, "mullama_embedding_requests_running", lambda value: value == 1)
+    connection.close()  # the client leaves
+    wait_for_metric(server, "mullama_embedding_requests", lambda value: value == 0)
+    assert metric(server, "mullama_embedding_requests_running") == 0
+    assert metric(server, "mullama_embedding_requests_cancelled_total") == cancelled + 1  # stopped before its end
+    answer = httpx.post(f"{server.url}/v1/embeddings", json={"model": "smollm2:135m", "input": "next"}, timeout=300)
+    assert answer.status_code == 200 and len(answer.json()["data"]) == 1
+
+
+def test_sigterm_does_not_wait_for_an_abandoned_embedding():
+    running = MullamaServer("smollm2:135m", parallel=1, ctx_size=512)
+    try:
+        body = json.dumps({"input": inputs(7, 2048)})
+        connection = http.client.HTTPConnection("127.0.0.1", running.port, timeout=600)
+        connection.request("POST", "/v1/embeddings", body=body, headers={"Content-Type": "application/json"})
+        wait_for_metric(running, "mullama_embedding_requests_running", lambda value: value == 1)
+        connection.close()
+        running.process.send_signal(signal.SIGTERM)
+        assert running.process.wait(timeout=600) == 0
+        # the process ended with the work stopped at its next decode, not run to its end
+        assert not any("Traceback" in line for line in running.log), "\n".join(running.log)
+    finally:
+        if running.process.poll() is None:
+            running.process.kill()
