@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def import_gguf() -> object:
@@ -19,3 +20,13 @@ def import_gguf() -> object:
     import gguf  # type: ignore[import-not-found]
 
     return gguf
+
+
+def write_tensors_and_close(writer: Any, tensors: dict) -> None:
+    """Add ``tensors`` (name -> array) to a GGUFWriter whose metadata is set, write the file, close it."""
+    for name, data in tensors.items():
+        writer.add_tensor(name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # not there under PYTHONSAFEPATH (the tests set it)
-from _pinned_gguf import import_gguf  # a sibling module of this script
+from _pinned_gguf import import_gguf, write_tensors_and_close  # a sibling module of this script
 
 DEFAULT_TARGETS = ("attn_q", "attn_v")
 
@@ -64,12 +64,7 @@ def make_lora(out: Path, source: Path | None = None, *, rank: int = 8, seed: int
     writer.add_string(g.Keys.Adapter.TYPE, "lora")
     writer.add_float32(g.Keys.Adapter.LORA_ALPHA, float(rank if alpha is None else alpha))
     writer.add_string(g.Keys.General.NAME, f"random LoRA r{rank} seed {seed} for {source.name}")
-    for name, data in pairs.items():
-        writer.add_tensor(name, data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_tensors_and_close(writer, pairs)
     return {name: tuple(data.shape) for name, data in pairs.items()}
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # not there under PYTHONSAFEPATH (the tests set it)
-from _pinned_gguf import import_gguf  # a sibling module of this script
+from _pinned_gguf import import_gguf, write_tensors_and_close  # a sibling module of this script
 from make_lora import default_source  # SmolLM2 in the model cache
 
 VISION_WIDTH = 64
@@ -110,12 +110,7 @@ def make_mmproj(out: Path, model: Path | None = None, *, seed: int = 0, image_si
     writer.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-5)
     writer.add_array("clip.vision.image_mean", list(IMAGE_MEAN))
     writer.add_array("clip.vision.image_std", list(IMAGE_STD))
-    for name, data in tensors.items():
-        writer.add_tensor(name, data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_tensors_and_close(writer, tensors)
     return {"n_embd": n_embd_text, "tokens_per_image": n_patches, "tensors": len(tensors)}
 
 

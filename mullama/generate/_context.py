@@ -124,7 +124,7 @@ class Context(Owned):
             check_draft_model(model, draft_model)
             self._draft = Context(draft_model, n_ctx=self.n_ctx, n_batch=n_batch, n_threads=n_threads,
                                   n_threads_batch=n_threads_batch, flash_attn=flash_attn, warmup=warmup)
-            self._draft.belongs_to_another()
+            self._draft._belong_to_another()
 
     # --- KV cache ---------------------------------------------------------------
     @property

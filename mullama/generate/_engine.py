@@ -136,7 +136,7 @@ class Engine(Owned):
             self._drafts = [Context(self._draft_owned, n_ctx=self.n_ctx_per_slot, n_batch=n_batch, n_threads=n_threads,
                                     flash_attn=flash_attn) for _ in range(parallel)]
             for context in self._drafts:
-                context.belongs_to_another()
+                context._belong_to_another()
             if self._draft_owned is draft_model:
                 self._draft_owned = None
         self._thread = threading.Thread(target=_serve, args=(weakref.ref(self), self._wake),

@@ -94,7 +94,7 @@ class Owned:
     def closed(self) -> bool:
         return self._ptr is None
 
-    def belongs_to_another(self) -> None:
+    def _belong_to_another(self) -> None:
         """This object is a part of another (a draft model's context, drafting for a Context or an
         engine): closed by its owner's close(), never on its own at interpreter exit, when the owner
         may still be using it in another thread (freeing it under that thread crashed)."""
