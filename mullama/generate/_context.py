@@ -19,6 +19,7 @@ from .._exceptions import (
 )
 from ..native._owned import Owned
 from . import _state
+from ._abort import PromptAbort
 from ._batch import TokenBatch
 from ._chat_turn import chat_turn, turn_tokens
 from ._completion import Completion, greedy_unless_told
@@ -43,31 +44,6 @@ from ._sequence import Sequence, Token
 from ._stream import TokenStream
 
 __all__ = ["Context", "default_threads"]
-
-
-class _AbortState:
-    """What the abort callback of one context looks at (never the Context itself)."""
-
-    __slots__ = ("deadline",)
-
-    def __init__(self) -> None:
-        self.deadline: float | None = None
-
-
-_abort_callback: Any = None  # one C callback for every context, made on first use
-
-
-def _abort_callback_for(ffi: Any) -> Any:
-    """The ``ggml_abort_callback`` all contexts share. Its user data is a handle to the context's
-    _AbortState, so no callback refers to a Context: a dropped Context is freed by refcount."""
-    global _abort_callback
-    if _abort_callback is None:
-        def should_abort(data: Any) -> bool:
-            deadline = ffi.from_handle(data).deadline
-            return deadline is not None and time.monotonic() > deadline
-
-        _abort_callback = ffi.callback("ggml_abort_callback", should_abort)
-    return _abort_callback
 
 
 class Context(Owned):
@@ -95,7 +71,7 @@ class Context(Owned):
         self.model = model  # keeps the model alive as long as this context
         self.seed = seed
         ptr = create_context(model, settings)
-        adopt_context(self, model, ptr, settings, warmup=warmup)
+        self._record_step = adopt_context(self, model, ptr, settings, warmup=warmup)
         library = model._library
         ffi, lib = library.ffi, library.lib
         self._compute = library.compute
@@ -111,8 +87,7 @@ class Context(Owned):
         self._token_buf = ffi.new("llama_token[1]")
         self._one_token_batch = lib.llama_batch_get_one(self._token_buf, 1)
         self._verify: TokenBatch | None = None  # for speculative decoding, made at its first use
-        self._abort_state = _AbortState()
-        self._abort_handle = ffi.new_handle(self._abort_state)
+        self._abort = PromptAbort(ffi, lib, ptr)
         self._generation = 0  # bumped by each generation; an older one then stops
         self._lora: LoraSet = ()  # the LoRA adapters applied, which the cache's tokens were decoded with
         self._lora_default = lora_set(model, None)  # the model's, until set_lora(); a config's lora overrides
@@ -217,11 +192,7 @@ class Context(Owned):
                 f"{self.n_ctx} tokens; shorten the prompt, clear() the context, or create it with a larger n_ctx."
             )
         ffi, lib, ptr = self._ffi, self._lib, self.ptr
-        use_abort = deadline is not None
-        if use_abort:  # only around prompt decodes: ggml polls it at every graph node
-            self._abort_state.deadline = deadline
-            lib.llama_set_abort_callback(ptr, _abort_callback_for(ffi), self._abort_handle)
-        try:
+        with self._abort.until(deadline):
             start, offset = 0, len(self._tokens)
             while start < len(tokens):
                 end = chunk_end(offset + start, self.n_batch, breaks) - offset
@@ -233,10 +204,6 @@ class Context(Owned):
                 if rc != 0:
                     self._decode_failed(rc, len(self._tokens), 0)
                 self._tokens.extend(chunk)
-        finally:
-            if use_abort:
-                lib.llama_set_abort_callback(ptr, ffi.NULL, ffi.NULL)
-                self._abort_state.deadline = None
 
     def _decode_failed(self, rc: int, keep: int, processed: int) -> None:
         # A failed or aborted decode may leave finished chunks in the cache: drop them.
@@ -299,8 +266,9 @@ class Context(Owned):
                     yield from self._speculative_steps(sequence, generation)
                     return
                 lib, ptr, lock, guard, enter_step = self._lib, self.ptr, self._lock, self._guard, self._enter_step
-                buf, batch, tokens = self._token_buf, self._one_token_batch, self._tokens
-                next_token, deadline, monotonic = sequence.next_token, sequence.deadline, time.monotonic
+                buf, batch, tokens, record = self._token_buf, self._one_token_batch, self._tokens, self._record_step
+                next_token, deadline, monotonic, clock = (sequence.next_token, sequence.deadline, time.monotonic,
+                                                          time.perf_counter)
                 token: Token | None = None
                 while True:
                     if not guard.acquire(False):
@@ -312,9 +280,12 @@ class Context(Owned):
                         with lock:
                             if token is not None:
                                 buf[0] = token.id
+                                started = clock()
                                 rc = lib.llama_decode(ptr, batch)
                                 if rc != 0:
                                     self._decode_failed(rc, len(tokens), sequence.n_tokens)
+                                if record is not None:
+                                    record(clock() - started, 1)
                                 tokens.append(token.id)
                             token = next_token(ptr, -1, None)
                     finally:

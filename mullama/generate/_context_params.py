@@ -11,12 +11,13 @@ also on models with sliding-window attention (Gemma 3), where ``swa_full`` chang
 
 from __future__ import annotations
 
-import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from .._exceptions import ContextError, InvalidConfigError
+from ..native._compute import default_threads
 
 if TYPE_CHECKING:
     from ..native._owned import Owned
@@ -46,15 +47,6 @@ MAX_UINT32 = 2**32 - 1
 # llama.cpp rounds a context (and each sequence's share of it) up to a multiple of 256 tokens
 # (GGML_PAD in llama_context's constructor): a smaller one would silently become 256.
 MIN_CTX = 256
-
-
-def default_threads() -> int:
-    """Threads for decoding: the CPUs this process may run on (at most 8)."""
-    try:
-        available = len(os.sched_getaffinity(0))
-    except AttributeError:
-        available = os.cpu_count() or 1
-    return max(1, min(available, 8))
 
 
 def default_n_ctx(model: Model) -> int:
@@ -270,22 +262,28 @@ def warm_up(model: Model, ptr: Any) -> None:
     lib.llama_set_warmup(ptr, False)
 
 
-def adopt_context(owner: Owned, model: Model, ptr: Any, settings: ContextSettings, *, warmup: bool) -> None:
+def adopt_context(owner: Owned, model: Model, ptr: Any, settings: ContextSettings, *,
+                  warmup: bool) -> Callable[[float, int], None] | None:
     """Make ``owner`` own the llama context ``ptr``: computing on the shared thread pools,
-    warmed up, freed before its model, registered with its model."""
+    warmed up, freed before its model, registered with its model. Returns where the times of its
+    token steps go (``Compute.record``) when its thread count is chosen by measuring, else None."""
     library = model._library
     lib = library.lib
     try:
-        library.compute.attach(ptr, settings.threads, settings.threads_batch)
+        adaptive = settings.n_threads is None and settings.n_threads_batch is None and not model.offloaded
+        library.compute.attach(ptr, settings.threads, settings.threads_batch, adaptive=adaptive)
         if warmup:
             warm_up(model, ptr)
     except BaseException:
+        library.compute.detach(ptr)
         lib.llama_free(ptr)
         raise
 
     def free(context_ptr: Any, _model: Any = model.ptr) -> None:
         # The default argument holds the model's pointer object, so the model is freed after us.
+        library.compute.detach(context_ptr)
         lib.llama_free(context_ptr)
 
     owner._own(library.ffi, ptr, free)
     model._register(owner)
+    return library.compute.record if adaptive else None

@@ -100,7 +100,7 @@ class Engine(Owned):
         self.parallel = parallel
         self.seed = seed
         ptr = create_context(model, settings)
-        adopt_context(self, model, ptr, settings, warmup=True)
+        self._record_step = adopt_context(self, model, ptr, settings, warmup=True)
         library = model._library
         self._compute = library.compute
         self._lock = library.compute.lock_for(model.offloaded)
@@ -226,8 +226,7 @@ class Engine(Owned):
             self._thread.join(timeout)
 
     def close(self) -> None:
-        """Cancel every request, end the thread, free the context. Refused while the thread
-        is still inside a decode after the wait (it never is for long)."""
+        """Cancel every request, end the thread, free the context (refused while it is still decoding)."""
         if self._thread.is_alive():
             self.stop(drain=False, timeout=30)
         if self._thread.is_alive() and self._thread is not threading.current_thread():
@@ -388,10 +387,13 @@ class Engine(Owned):
         if lora != self._lora:
             apply_lora(self.model, self.ptr, lora)
             self._lora = lora
-        started = time.perf_counter()
         with self._lock:
+            started = time.perf_counter()
             rc = batch.decode(self.ptr, n)
-        self.stats["decode_seconds"] += time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            if self._record_step is not None and rc == 0 and n == len(rows):  # token steps only
+                self._record_step(elapsed, n)
+        self.stats["decode_seconds"] += elapsed
         self.stats["decode_steps"] += 1
         if rc != 0:
             for slot in members:  # the batch is dropped: every sequence in it fails, the others go on
@@ -441,8 +443,7 @@ class Engine(Owned):
     def _fail(self, slot: _Slot, error: BaseException) -> None:
         request = slot.request
         assert request is not None
-        # Raised in this thread, its traceback holds the engine's frames (and so the engine): kept in the
-        # request, it would keep the engine (and its thread) alive as long as the request's stream.
+        # Raised here, its traceback holds the engine's frames: kept, it would keep the engine (and thread) alive.
         error = detached(error)
         request._sequence.fail(error)
         self.stats["requests_failed"] += 1
@@ -469,8 +470,7 @@ class Engine(Owned):
 def _serve(engine_ref: weakref.ref[Engine], wake: threading.Event) -> None:
     """The engine's thread. It holds the engine only while there is work, so an engine that
     nobody holds anymore is freed (and this thread ends)."""
-    computing = False  # inside a compute.begin()/end() stretch
-    compute = None
+    computing, compute = False, None  # computing: inside a compute.begin()/end() stretch
     try:
         while True:
             engine = engine_ref()

@@ -36,6 +36,7 @@ class Model(Owned):
 
     _kind = "model"
     _close_order = 2
+    _used_unguarded = True  # tokenising takes no guard
 
     def __init__(self, library: Any, ptr: Any, path: Path, *, offloaded: bool = False,
                  vocab_only: bool = False, chat_template: str | None = None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import threading
 import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -26,18 +27,27 @@ def close_all() -> int:
 
     An object that cannot be closed (a context another thread is still decoding with, the
     model under it) is left alone for good: its destructor is detached, so nothing frees
-    memory that a thread may still be using while the interpreter shuts down. Returns how
-    many were left so.
+    memory that a thread may still be using while the interpreter shuts down, and that thread
+    stops at its next step on it (see :meth:`Owned.ensure_open`). Returns how many were left so.
     """
-    left_open = 0
+    left_open = []
     closing = [obj for obj in _live if obj._close_order is not None]
     for obj in sorted(closing, key=lambda o: o._close_order or 0):
         try:
+            if obj._used_unguarded and _other_threads_alive():
+                raise ClosedError("another thread may be using it")  # tokenising, say: nothing marks that use
             obj.close()
         except MullamaError:  # still busy in another thread: never free it
             obj._detach()
-            left_open += 1
-    return left_open
+            left_open.append(obj)
+    for obj in left_open:  # only now: a model whose context looked closed would be freed under it
+        obj._ptr, obj._retired_at_exit = None, True
+    return len(left_open)
+
+
+def _other_threads_alive() -> bool:
+    current = threading.current_thread()
+    return any(thread is not current and thread.is_alive() for thread in threading.enumerate())
 
 
 def invalidate_after_fork() -> None:
@@ -60,9 +70,13 @@ class Owned:
     _kind = "object"
     _ptr: Any = None
     _inherited_by_fork = False
+    _retired_at_exit = False  # left to another thread at interpreter exit, never freed (close_all)
     # At exit: engines (0), then contexts (1), then models (2). None: never closed at exit (a sampler
     # chain may be in use by a stream in another thread; freeing it needs no log callback).
     _close_order: int | None = 1
+    # Other threads may call into it without taking any guard (a model they tokenise with): at exit it is
+    # freed only when no other thread is left.
+    _used_unguarded = False
 
     def _own(self, ffi: Any, ptr: Any, free: Callable[[Any], None]) -> None:
         def counted_free(p: Any, _free: Callable[..., Any] = free, _kind: str = self._kind,
@@ -83,8 +97,12 @@ class Owned:
         return self._ptr
 
     def ensure_open(self) -> None:
-        """Raise ClosedError after close()."""
+        """Raise ClosedError after close(). A thread that reaches an object retired at interpreter
+        exit waits for the end of the process instead: it must not go on decoding (the exit waits
+        for the lock its steps take, and it would take that lock again and again)."""
         if self._ptr is None:
+            if self._retired_at_exit and threading.current_thread() is not threading.main_thread():
+                threading.Event().wait()
             if self._inherited_by_fork:
                 raise ClosedError(f"this {self._kind} was inherited through fork(), where its compute threads do "
                                   f"not exist; create a new one in the child (models can be shared).")
