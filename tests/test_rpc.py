@@ -226,6 +226,149 @@ def test_a_lost_rpc_server_ends_its_stream_with_an_error_and_the_server_recovers
         other.close()
 
 
+# A lost RPC server under Model.load(rpc_servers=...): the caller gets RpcServerLostError, the process lives.
+CHILD_HELPERS = textwrap.dedent("""
+    def lost(exc):  # what the test reads: the code, whether the message names the server, and says what to do
+        print("lost", exc.code, {address!r} in str(exc), "restart" in str(exc) and "load the model again" in str(exc),
+              flush=True)
+
+    def local_run():  # afterwards the process goes on: a CPU-only model loads and generates
+        with mullama.Model.load({path!r}) as local, mullama.Context(local, n_ctx=256) as context:
+            print("local", json.dumps(context.generate("The capital of France is", max_tokens=4).text), flush=True)
+""")
+
+
+def run_losing_child(build, model_path, body: str) -> list[str]:
+    """Run ``body`` in a child Python with ``model`` loaded over one RPC server (``{address}``), which
+    the test kills when the child prints "kill" and starts again on the same port when it prints
+    "restart" (each time answering a line on its standard input). Returns the child's lines; it must
+    exit 0 (no signal). ``{path}`` and ``{address}`` in ``body`` are the model's and the server's."""
+    binary = build.tool("ggml-rpc-server")
+    rpc = RPCServer(binary)
+    header = "import asyncio, json, sys, mullama\n" + CHILD_HELPERS + \
+        "model = mullama.Model.load({path!r}, n_gpu_layers=99, rpc_servers=[{address!r}])\n"
+    script = (header + textwrap.dedent(body)).format(path=str(model_path), address=rpc.address)
+    child = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        assert child.stdout is not None and child.stdin is not None and child.stderr is not None
+        for line in child.stdout:
+            lines.append(line.strip())
+            if lines[-1] in ("kill", "restart"):
+                rpc.close()
+                if lines[-1] == "restart":
+                    rpc = RPCServer(binary, port=rpc.port)
+                child.stdin.write("go on\n")
+                child.stdin.flush()
+        stderr = child.stderr.read()
+        assert child.wait(timeout=300) == 0, (lines, stderr[-2000:])
+    finally:
+        if child.poll() is None:
+            child.kill()
+        rpc.close()
+    return lines
+
+
+def _check_lost_then_local(lines: list[str]) -> None:
+    assert "lost RPC_SERVER_LOST True True" in lines, lines
+    assert lines[-1].startswith("local ") and json.loads(lines[-1][6:]), lines
+
+
+def test_a_lost_rpc_server_under_a_streaming_context_raises_and_the_process_lives(build, model_path):
+    """The server is killed while a Context streams from it: the stream raises RpcServerLostError (no
+    garbage token after the loss is handed out as if nothing happened), every later generation raises
+    it at once, the model still closes, and a CPU-only model then runs in the same process."""
+    lines = run_losing_child(build, model_path, """
+            context = mullama.Context(model, n_ctx=4096)
+            try:
+                with context.generate_stream("Story:", max_tokens=3000, ignore_eos=True, temperature=0) as stream:
+                    for i, token in enumerate(stream):
+                        if i == 0:
+                            print("kill", flush=True)
+                            sys.stdin.readline()  # the server is gone now
+                print("no error", flush=True)
+            except mullama.MullamaError as exc:
+                lost(exc)
+            try:
+                context.generate("Again", max_tokens=4)
+            except mullama.RpcServerLostError as exc:
+                lost(exc)
+            context.close()
+            model.close()
+            local_run()
+        """)
+    assert lines.count("lost RPC_SERVER_LOST True True") == 2, lines
+    _check_lost_then_local(lines)
+
+
+def test_a_lost_rpc_server_under_async_model_streams_raises_and_the_process_lives(build, model_path):
+    """The same under the batching engine: two AsyncModel streams are under way when the server is
+    killed; both end with RpcServerLostError, a new stream raises it too, and the process goes on."""
+    lines = run_losing_child(build, model_path, """
+            async def consume(stream, first):
+                try:
+                    async for _ in stream:
+                        if first is not None:
+                            first.set()
+                except mullama.MullamaError as exc:
+                    lost(exc)
+
+            async def main():
+                async with mullama.AsyncModel(model, parallel=2, n_ctx=4096) as served:
+                    first = asyncio.Event()
+                    options = dict(max_tokens=3000, ignore_eos=True, temperature=0)
+                    streams = [served.generate_stream(prompt, **options) for prompt in ("Story:", "Poem:")]
+                    tasks = [asyncio.ensure_future(consume(stream, first)) for stream in streams]
+                    await first.wait()
+                    print("kill", flush=True)
+                    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+                    await asyncio.gather(*tasks)
+                    await consume(served.generate_stream("Again", max_tokens=4), None)
+
+            asyncio.run(main())
+            model.close()
+            local_run()
+        """)
+    assert lines.count("lost RPC_SERVER_LOST True True") == 3, lines
+    _check_lost_then_local(lines)
+
+
+def test_an_rpc_server_lost_between_two_generations_fails_the_next_at_once(build, model_path):
+    """Killed while nothing computes: the next generation raises (it does not answer garbage), and so
+    does creating a Context; the model still closes, and loading it again works once a server answers
+    at that address again (the same greedy tokens)."""
+    lines = run_losing_child(build, model_path, """
+            context = mullama.Context(model, n_ctx=1024)
+            before = context.generate("The capital of France is", max_tokens=8).token_ids
+            print("kill", flush=True)
+            sys.stdin.readline()
+            for attempt in range(2):
+                try:
+                    context.generate("The capital of France is", max_tokens=8)
+                    print("no error", flush=True)
+                except mullama.MullamaError as exc:
+                    lost(exc)
+            try:
+                mullama.Context(model, n_ctx=256)
+            except mullama.MullamaError as exc:
+                lost(exc)
+            context.close()
+            model.close()
+            print("restart", flush=True)
+            sys.stdin.readline()
+            again = mullama.Model.load({path!r}, n_gpu_layers=99, rpc_servers=[{address!r}])
+            with mullama.Context(again, n_ctx=1024) as context:
+                after = context.generate("The capital of France is", max_tokens=8).token_ids
+            print("same", after == before, flush=True)
+            again.close()
+            local_run()
+        """)
+    assert lines.count("lost RPC_SERVER_LOST True True") == 3, lines
+    assert "same True" in lines, lines
+    _check_lost_then_local(lines)
+
+
 def test_an_unreachable_rpc_server_at_start_fails_serve_cleanly(model_path):
     address = f"127.0.0.1:{upstream.free_port()}"
     command = [sys.executable, "-m", "mullama", "serve", "--model", str(model_path), "--port",

@@ -230,8 +230,7 @@ class Context(Owned):
                 array = ffi.new("llama_token[]", chunk)
                 with self._lock:
                     rc = lib.llama_decode(ptr, lib.llama_batch_get_one(array, len(chunk)))
-                if rc != 0:
-                    self._decode_failed(rc, len(self._tokens), 0)
+                self._decode_failed(rc, len(self._tokens), 0)
                 self._tokens.extend(chunk)
         finally:
             if use_abort:
@@ -239,9 +238,10 @@ class Context(Owned):
                 self._abort_state.deadline = None
 
     def _decode_failed(self, rc: int, keep: int, processed: int) -> None:
-        # A failed or aborted decode may leave finished chunks in the cache: drop them.
-        self._lib.llama_memory_seq_rm(self._memory, 0, keep, -1)
-        raise decode_error(rc, n_ctx=self.n_ctx, processed=processed)
+        self.model._relays.check()  # after any decode of a model with RPC servers: one may have been lost
+        if rc:  # a failed or aborted decode may leave finished chunks in the cache: drop them
+            self._lib.llama_memory_seq_rm(self._memory, 0, keep, -1)
+            raise decode_error(rc, n_ctx=self.n_ctx, processed=processed)
 
     def _prepare_prompt(self, prompt_tokens: list[int], deadline: float | None = None, *,
                         reuse: bool = True) -> int:
@@ -299,7 +299,7 @@ class Context(Owned):
                     yield from self._speculative_steps(sequence, generation)
                     return
                 lib, ptr, lock, guard, enter_step = self._lib, self.ptr, self._lock, self._guard, self._enter_step
-                buf, batch, tokens = self._token_buf, self._one_token_batch, self._tokens
+                buf, batch, tokens, relays = self._token_buf, self._one_token_batch, self._tokens, self.model._relays
                 next_token, deadline, monotonic = sequence.next_token, sequence.deadline, time.monotonic
                 token: Token | None = None
                 while True:
@@ -313,7 +313,7 @@ class Context(Owned):
                             if token is not None:
                                 buf[0] = token.id
                                 rc = lib.llama_decode(ptr, batch)
-                                if rc != 0:
+                                if rc != 0 or relays:
                                     self._decode_failed(rc, len(tokens), sequence.n_tokens)
                                 tokens.append(token.id)
                             token = next_token(ptr, -1, None)
@@ -354,8 +354,7 @@ class Context(Owned):
                     else:
                         proposed = draft(tokens, last.id, n_ctx)
                         rc = verify.decode(ptr, verify.put_run(0, (last.id, *proposed), len(tokens), 0))
-                        if rc != 0:
-                            self._decode_failed(rc, len(tokens), sequence.n_tokens)
+                        self._decode_failed(rc, len(tokens), sequence.n_tokens)
                         out = check(ptr, 0, proposed)
                         tokens.append(last.id)
                         tokens.extend(proposed[:len(out) - 1])
