@@ -8,8 +8,10 @@ process, so each RPC run here is a child process: when it exits, the servers are
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -278,7 +280,8 @@ def _check_lost_then_local(lines: list[str]) -> None:
 def test_a_lost_rpc_server_under_a_streaming_context_raises_and_the_process_lives(build, model_path):
     """The server is killed while a Context streams from it: the stream raises RpcServerLostError (no
     garbage token after the loss is handed out as if nothing happened), every later generation raises
-    it at once, the model still closes, and a CPU-only model then runs in the same process."""
+    it at once, the garbage collector still frees the context and the model, and a CPU-only model then
+    runs in the same process."""
     lines = run_losing_child(build, model_path, """
             context = mullama.Context(model, n_ctx=4096)
             try:
@@ -294,11 +297,15 @@ def test_a_lost_rpc_server_under_a_streaming_context_raises_and_the_process_live
                 context.generate("Again", max_tokens=4)
             except mullama.RpcServerLostError as exc:
                 lost(exc)
-            context.close()
-            model.close()
+            del stream, context, model  # freed by the garbage collector this time (the next test closes)
+            import gc
+            from mullama.native._owned import freed_count
+            gc.collect()
+            print("freed", freed_count["context"], freed_count["model"], flush=True)
             local_run()
         """)
     assert lines.count("lost RPC_SERVER_LOST True True") == 2, lines
+    assert "freed 1 1" in lines, lines
     _check_lost_then_local(lines)
 
 
@@ -367,6 +374,62 @@ def test_an_rpc_server_lost_between_two_generations_fails_the_next_at_once(build
     assert lines.count("lost RPC_SERVER_LOST True True") == 3, lines
     assert "same True" in lines, lines
     _check_lost_then_local(lines)
+
+
+def _rpc_server_that_dies_at_the_first_allocation() -> tuple[str, threading.Event]:
+    """A peer that speaks ggml's RPC protocol 7 (ggml-rpc.cpp's framing: a command byte, a uint64 size,
+    the request; an answer of a uint64 size and its bytes) as a server with one device does, until the
+    client allocates the first buffer for the weights: then it hangs up, as a server that dies while a
+    model loads. Returns its address and an event set when it hung up."""
+    hung_up = threading.Event()
+    answers = {14: bytes([7, 0, 0, 0]) + bytes(24), 15: struct.pack("<I", 1), 1: struct.pack("<Q", 32),
+               2: struct.pack("<Q", 1 << 40), 11: struct.pack("<QQ", 1 << 30, 1 << 30), 13: struct.pack("<Q", 0)}
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def receive(connection: socket.socket, size: int) -> bytes:
+        data = b""
+        while len(data) < size:
+            part = connection.recv(size - len(data))
+            if not part:
+                raise ConnectionResetError
+            data += part
+        return data
+
+    def serve() -> None:
+        while not hung_up.is_set():
+            connection, _ = listener.accept()
+            with connection, contextlib.suppress(OSError):
+                while True:
+                    command, size = struct.unpack("<BQ", receive(connection, 9))
+                    receive(connection, size)
+                    if command == 0:  # ALLOC_BUFFER
+                        hung_up.set()
+                        break
+                    if command in answers:
+                        connection.sendall(struct.pack("<Q", len(answers[command])) + answers[command])
+        listener.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return f"127.0.0.1:{listener.getsockname()[1]}", hung_up
+
+
+def test_an_rpc_server_lost_while_the_model_loads_is_an_rpc_server_lost_error(model_path):
+    """ggml would abort in the middle of loading; Model.load raises RpcServerLostError naming the server
+    instead, and the process goes on (in a child: the lost server stays registered in its ggml)."""
+    address, hung_up = _rpc_server_that_dies_at_the_first_allocation()
+    script = "import json, sys, mullama\n" + CHILD_HELPERS.format(address=address, path=str(model_path)) + \
+        textwrap.dedent(f"""
+            try:
+                mullama.Model.load({str(model_path)!r}, n_gpu_layers=99, rpc_servers=[{address!r}])
+                print("loaded", flush=True)
+            except mullama.MullamaError as exc:
+                lost(exc)
+            local_run()
+        """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert hung_up.is_set()
+    _check_lost_then_local(done.stdout.splitlines())
 
 
 def test_an_unreachable_rpc_server_at_start_fails_serve_cleanly(model_path):
