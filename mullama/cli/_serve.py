@@ -27,7 +27,7 @@ def serve_command(args: argparse.Namespace) -> int:
     from ..hub._catalog import DEFAULT_MODEL
 
     check_ctx_size(args.ctx_size)
-    if args.rpc and os.environ.get(SUPERVISED_ENV) != "1":  # ggml ends a process whose RPC server is lost
+    if args.rpc and os.environ.get(SUPERVISED_ENV) != "1":  # a lost RPC server ends the serving process
         return supervise(args.argv, host=args.host, port=args.port, drain_timeout=args.drain_timeout,
                          api_key=args.api_key or os.environ.get("MULLAMA_API_KEY"), restart_limit=args.restart_limit)
     if args.rpc:  # the supervised serving process: it ends when an RPC server is lost (see end_when_rpc_is_lost)

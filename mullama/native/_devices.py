@@ -228,8 +228,9 @@ class DeviceOptions:
 
 
 def one_line_aborts(library: Any) -> None:
-    """When ggml ends this process (a lost RPC server), say why in one line on standard error instead
-    of ggml's debugger backtrace (for `serve --rpc`'s serving process, which its supervisor restarts)."""
+    """When ggml ends this process (an abort the RPC relay does not prevent), say why in one line on standard
+    error instead of ggml's debugger backtrace (for `serve --rpc`'s serving process, which its supervisor
+    restarts)."""
     if _abort_callback:
         return
     ffi, lib = library.ffi, library.lib
