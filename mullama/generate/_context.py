@@ -238,7 +238,7 @@ class Context(Owned):
                 self._abort_state.deadline = None
 
     def _decode_failed(self, rc: int, keep: int, processed: int) -> None:
-        self.model._relays.check()  # after any decode of a model with RPC servers: one may have been lost
+        self.model._relays.check(self._lib, self.ptr)  # after any decode of a model on RPC servers: one may be lost
         if rc:  # a failed or aborted decode may leave finished chunks in the cache: drop them
             self._lib.llama_memory_seq_rm(self._memory, 0, keep, -1)
             raise decode_error(rc, n_ctx=self.n_ctx, processed=processed)

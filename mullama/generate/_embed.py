@@ -191,7 +191,7 @@ class Embedder(Owned):
         with self._lock:
             rc = batch.decode(self.ptr, n, encode=self._encode_only)
         self.decodes += 1
-        lost = self._relays.error()
+        lost = self._relays.error(self._lib, self.ptr)
         if rc != 0 or lost:
             error = lost or decode_error(rc, n_ctx=self.batch_size, processed=0)
             for job, _ in members:

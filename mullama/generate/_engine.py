@@ -392,7 +392,7 @@ class Engine(Owned):
             rc = batch.decode(self.ptr, n)
         self.stats["decode_seconds"] += time.perf_counter() - started
         self.stats["decode_steps"] += 1
-        lost = self.model._relays.error()
+        lost = self.model._relays.error(self._lib, self.ptr)
         if rc != 0 or lost:  # the batch is dropped: its sequences fail, the others go on (none: an RPC server lost)
             for slot in [slot for slot in self._slots if slot.request is not None] if lost else members:
                 assert slot.request is not None

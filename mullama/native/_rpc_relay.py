@@ -25,6 +25,7 @@ import socket
 import struct
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from .._exceptions import RpcServerLostError
 
@@ -39,8 +40,7 @@ PROTO_MAJOR = 7  # RPC_PROTO_MAJOR_VERSION of ggml-rpc.h
 # The size of each command's answer (rpc_msg_*_rsp, packed); commands not here have none.
 ANSWER_SIZES = {HELLO: 4 + CONN_CAPS_SIZE, DEVICE_COUNT: 4, ALLOC_BUFFER: 16, GET_ALIGNMENT: 8, GET_MAX_SIZE: 8,
                 BUFFER_GET_BASE: 8, SET_TENSOR_HASH: 1, GET_TENSOR: -1, COPY_TENSOR: 1, GET_DEVICE_MEMORY: 16,
-                GET_ALLOC_SIZE: 8}
-GET_TENSOR_REQUEST = 296 + 8 + 8  # rpc_msg_get_tensor_req: rpc_tensor (296 bytes), offset, size (the answer's)
+                GET_ALLOC_SIZE: 8}  # -1: rpc_msg_get_tensor_req's last field (rpc_tensor, offset, size)
 SMALL = 1 << 16  # requests up to this size are read whole; larger ones (SET_TENSOR, GRAPH_COMPUTE) stream
 CHUNK = 1 << 20
 FAKE_POINTER = 1 << 40  # a remote buffer (and its base) of a lost server: non-zero, aligned
@@ -67,10 +67,11 @@ class Relay:
         self._listener.listen(8)
         self.endpoint = f"127.0.0.1:{self._listener.getsockname()[1]}"
         _endpoints[self.endpoint] = self
-        # ggml keeps the endpoint for the life of the process, so the relay listens as long
+        # ggml keeps the endpoint for the life of the process (its devices, its dispatchers): so does the relay
         threading.Thread(target=self._accept, name=f"mullama-rpc-relay {address}", daemon=True).start()
 
     def error(self) -> RpcServerLostError:
+        """The error for a model that has layers on this (lost) server."""
         return RpcServerLostError(
             f"the RPC server at {self.address} was lost ({self.lost}); the models using it cannot compute any "
             f"more: restart ggml-rpc-server at {self.address}, then load the model again (and close this one).")
@@ -184,13 +185,19 @@ class Relays(tuple[Relay, ...]):
     """A model's relays, one per RPC server (empty, and false, without RPC): looked at after each
     decode, since a lost server makes ggml compute garbage instead of ending the process."""
 
-    def error(self) -> RpcServerLostError | None:
-        """The error to raise if a server of these was lost, else None."""
+    def error(self, lib: Any = None, ctx: Any = None) -> RpcServerLostError | None:
+        """The error to raise if a server of these was lost, else None. After a decode on the llama
+        context ``ctx``, its computation is waited for first: llama.cpp decodes asynchronously, so the
+        answers a lost server leaves to the relay may come after ``llama_decode`` returned."""
+        if not self:
+            return None
+        if ctx is not None:
+            lib.llama_synchronize(ctx)
         return next((relay.error() for relay in self if relay.lost is not None), None)
 
-    def check(self) -> None:
-        """Raise RpcServerLostError if a server of these was lost."""
-        error = self.error()
+    def check(self, lib: Any = None, ctx: Any = None) -> None:
+        """Raise RpcServerLostError if a server of these was lost (see :meth:`error`)."""
+        error = self.error(lib, ctx)
         if error is not None:
             raise error
 
