@@ -159,9 +159,11 @@ class Relay:
             (announced,) = struct.unpack("<Q", answers.exact(8))
             if announced != size:
                 raise _Lost(f"it answered {announced} bytes where {size} were due")
-            if command == HELLO:
-                hello = answers.exact(size)
-                client.sendall(struct.pack("<Q", size) + hello[:4] + bytes(CONN_CAPS_SIZE))
+            if size <= SMALL:  # whole, in one send
+                answer = answers.exact(size)
+                if command == HELLO:  # no transport upgrade past the relay
+                    answer = answer[:4] + bytes(CONN_CAPS_SIZE)
+                client.sendall(struct.pack("<Q", size) + answer)
                 return upstream
             client.sendall(struct.pack("<Q", size))
             sent = 0
