@@ -230,14 +230,14 @@ class Context(Owned):
                 array = ffi.new("llama_token[]", chunk)
                 with self._lock:
                     rc = lib.llama_decode(ptr, lib.llama_batch_get_one(array, len(chunk)))
-                self._decode_failed(rc, len(self._tokens), 0)
+                self._check_decode(rc, len(self._tokens), 0)
                 self._tokens.extend(chunk)
         finally:
             if use_abort:
                 lib.llama_set_abort_callback(ptr, ffi.NULL, ffi.NULL)
                 self._abort_state.deadline = None
 
-    def _decode_failed(self, rc: int, keep: int, processed: int) -> None:
+    def _check_decode(self, rc: int, keep: int, processed: int) -> None:
         self.model._relays.check(self._lib, self.ptr)  # after any decode of a model on RPC servers: one may be lost
         if rc:  # a failed or aborted decode may leave finished chunks in the cache: drop them
             self._lib.llama_memory_seq_rm(self._memory, 0, keep, -1)
@@ -314,7 +314,7 @@ class Context(Owned):
                                 buf[0] = token.id
                                 rc = lib.llama_decode(ptr, batch)
                                 if rc != 0 or relays:
-                                    self._decode_failed(rc, len(tokens), sequence.n_tokens)
+                                    self._check_decode(rc, len(tokens), sequence.n_tokens)
                                 tokens.append(token.id)
                             token = next_token(ptr, -1, None)
                     finally:
@@ -354,7 +354,7 @@ class Context(Owned):
                     else:
                         proposed = draft(tokens, last.id, n_ctx)
                         rc = verify.decode(ptr, verify.put_run(0, (last.id, *proposed), len(tokens), 0))
-                        self._decode_failed(rc, len(tokens), sequence.n_tokens)
+                        self._check_decode(rc, len(tokens), sequence.n_tokens)
                         out = check(ptr, 0, proposed)
                         tokens.append(last.id)
                         tokens.extend(proposed[:len(out) - 1])
