@@ -43,7 +43,7 @@ def ours(model: mullama.Model, n_threads: int | None, tokens: int) -> float:
     """Decode tokens/s of one greedy stream of ``tokens`` tokens on a fresh Context."""
     if n_threads is None:
         _library.get().compute.reset_threads()  # choose afresh, as a new process would
-    with mullama.Context(model, n_ctx=tokens + 64, n_threads=n_threads) as context:
+    with mullama.Context(model, n_ctx=max(512, tokens + 64), n_threads=n_threads) as context:
         stream = context.generate_stream(PROMPT, max_tokens=tokens, temperature=0, ignore_eos=True, timeout_ms=None)
         next(stream)  # the prompt is decoded: time the token steps only
         started = time.perf_counter()

@@ -27,6 +27,7 @@ from ._exceptions import (
     MullamaError,
     NotAStateFileError,
     QueueFullError,
+    RpcServerLostError,
     StateCorruptError,
     StateError,
     StateModelMismatchError,
@@ -57,6 +58,7 @@ __all__ = [
     "MullamaError",
     "NotAStateFileError",
     "QueueFullError",
+    "RpcServerLostError",
     "SamplerChain",
     "StateCorruptError",
     "StateError",
@@ -119,6 +121,6 @@ def __dir__() -> list[str]:
 for _name in ("ClosedError", "ContextError", "ContextOverflowError", "DownloadError", "EngineError", "MediaError",
               "InvalidConfigError", "LibraryError", "ModelLoadError", "ModelNotFoundError", "MullamaError",
               "QueueFullError", "StreamTimeoutError", "StreamingError", "TemplateError", "TokenizeError",
-              "NotAStateFileError", "StateCorruptError", "StateError", "StateModelMismatchError"):
+              "NotAStateFileError", "RpcServerLostError", "StateCorruptError", "StateError", "StateModelMismatchError"):
     globals()[_name].__module__ = "mullama"
 del _name

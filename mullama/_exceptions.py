@@ -18,6 +18,7 @@
      │    ├── NotAStateFileError      NOT_A_STATE_FILE   the bytes are not a mullama state at all
      │    ├── StateCorruptError       STATE_CORRUPT      a state file truncated or damaged
      │    └── StateModelMismatchError STATE_MODEL_MISMATCH  saved by another model
+     ├── RpcServerLostError           RPC_SERVER_LOST    an RPC server of the model went away; load it again
      ├── MediaError                   INVALID_MEDIA      an image or audio input that cannot be used (also
      │                                                   ValueError; MEDIA_TOO_LARGE, MEDIA_NOT_SUPPORTED,
      │                                                   REMOTE_MEDIA_REFUSED say more)
@@ -44,6 +45,7 @@ __all__ = [
     "MullamaError",
     "NotAStateFileError",
     "QueueFullError",
+    "RpcServerLostError",
     "StateCorruptError",
     "StateError",
     "StateModelMismatchError",
@@ -147,6 +149,14 @@ class StateCorruptError(StateError):
 
 class StateModelMismatchError(StateError):
     code = "STATE_MODEL_MISMATCH"
+
+
+class RpcServerLostError(MullamaError):
+    """An RPC server holding layers of the model went away (killed, restarted, the network lost). The
+    model cannot compute any more: restart the server, then load the model again. Raised by the decode
+    that noticed, by every later one, and by a ``Model.load`` during which the server went away."""
+
+    code = "RPC_SERVER_LOST"
 
 
 class MediaError(MullamaError, ValueError):

@@ -174,8 +174,8 @@ def test_info_lists_the_devices():
 
 
 def test_a_lost_rpc_server_ends_its_stream_with_an_error_and_the_server_recovers(build, model_path):
-    """ggml ends the process whose RPC server goes away mid-computation: `mullama serve --rpc` keeps
-    its port in a supervising process, so the stream under way ends with a generation_error event,
+    """A lost RPC server ends `mullama serve --rpc`'s serving process (its models are of no use any
+    more); the supervising process keeps the port, so the stream under way ends with a generation_error event,
     requests meanwhile get a 503 in their API's shape, /health says degraded, and once the RPC
     server is back the next request is served (the same greedy answer as before)."""
     import httpx
@@ -220,6 +220,9 @@ def test_a_lost_rpc_server_ends_its_stream_with_an_error_and_the_server_recovers
         after = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120)
         assert after.status_code == 200 and after.json()["choices"][0]["text"] == before
         assert httpx.get(f"{server.url}/health", timeout=30).json()["restarts"] >= 1
+        # the serving process ended on purpose, saying why (RpcServerLostError, not an abort in ggml)
+        assert any(f"lost the RPC server at {rpc.address}; the serving process ends" in line for line in server.log)
+        assert not any("llama.cpp ended the process" in line for line in server.log)
     finally:
         server.close()
         rpc.close()

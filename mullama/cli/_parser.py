@@ -69,7 +69,8 @@ def _add_model(parser: argparse.ArgumentParser, *, word: bool = False) -> None:
 def _add_context(parser: argparse.ArgumentParser,
                  ctx_help: str = "context size in tokens (default: the model's, at most 4096)") -> None:
     parser.add_argument("-c", "--ctx-size", type=int, help=ctx_help)
-    parser.add_argument("-t", "--threads", type=int, help="CPU threads (default: measured, from 1 to all available, at most 8)")
+    parser.add_argument("-t", "--threads", type=int,
+                        help="CPU threads (default: measured, from 1 to all available, at most 8)")
 
 
 def _add_template(parser: argparse.ArgumentParser) -> None:

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,14 +27,16 @@ def serve_command(args: argparse.Namespace) -> int:
     from ..hub._catalog import DEFAULT_MODEL
 
     check_ctx_size(args.ctx_size)
-    if args.rpc and os.environ.get(SUPERVISED_ENV) != "1":  # ggml ends a process whose RPC server is lost
+    if args.rpc and os.environ.get(SUPERVISED_ENV) != "1":  # a lost RPC server ends the serving process
         return supervise(args.argv, host=args.host, port=args.port, drain_timeout=args.drain_timeout,
                          api_key=args.api_key or os.environ.get("MULLAMA_API_KEY"), restart_limit=args.restart_limit)
-    if args.rpc:  # the supervised serving process: when ggml ends it, one line says why
+    if args.rpc:  # the supervised serving process: it ends when an RPC server is lost (see end_when_rpc_is_lost)
         from ..native._devices import one_line_aborts
         from ..native._library import get
+        from ..native._rpc_relay import on_lost
 
         one_line_aborts(get())
+        on_lost(end_when_rpc_is_lost)
     models = [name.strip() for name in (args.models or "").split(",") if name.strip()]
     several = bool(models or args.models_dir)
     keep_alive = parse_keep_alive(args.keep_alive)
@@ -50,6 +53,17 @@ def serve_command(args: argparse.Namespace) -> int:
                  max_body_bytes=(1 << 20) + (args.max_media_bytes * 4 // 3 if args.mmproj else 0),
                  media=media_limits(args.media_path, args.allow_remote_media, args.max_media_bytes),
                  max_memory=_parse_size(args.max_memory) if args.max_memory else None)
+
+
+def end_when_rpc_is_lost(address: str) -> None:
+    """In ``serve --rpc``'s serving process, a lost RPC server ends the process (its supervisor starts it
+    again once the server answers), rather than unloading the model and serving on: every model
+    offloaded there is garbage now, the supervisor already reports the outage (``/health`` degraded,
+    503s to retry, backoff and --restart-limit) and reloads in a fresh process, and the streams under
+    way end with the error event they got when ggml ended the process."""
+    sys.stderr.write(f"mullama: lost the RPC server at {address}; the serving process ends, to be started again\n")
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def media_limits(media_path: str | None, allow_remote: bool, max_bytes: int) -> MediaLimits:

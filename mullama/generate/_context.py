@@ -201,14 +201,14 @@ class Context(Owned):
                 array = ffi.new("llama_token[]", chunk)
                 with self._lock:
                     rc = lib.llama_decode(ptr, lib.llama_batch_get_one(array, len(chunk)))
-                if rc != 0:
-                    self._decode_failed(rc, len(self._tokens), 0)
+                self._check_decode(rc, len(self._tokens), 0)
                 self._tokens.extend(chunk)
 
-    def _decode_failed(self, rc: int, keep: int, processed: int) -> None:
-        # A failed or aborted decode may leave finished chunks in the cache: drop them.
-        self._lib.llama_memory_seq_rm(self._memory, 0, keep, -1)
-        raise decode_error(rc, n_ctx=self.n_ctx, processed=processed)
+    def _check_decode(self, rc: int, keep: int, processed: int) -> None:
+        self.model._relays.check(self._lib, self.ptr)  # after any decode of a model on RPC servers: one may be lost
+        if rc:  # a failed or aborted decode may leave finished chunks in the cache: drop them
+            self._lib.llama_memory_seq_rm(self._memory, 0, keep, -1)
+            raise decode_error(rc, n_ctx=self.n_ctx, processed=processed)
 
     def _prepare_prompt(self, prompt_tokens: list[int], deadline: float | None = None, *,
                         reuse: bool = True) -> int:
@@ -266,9 +266,9 @@ class Context(Owned):
                     yield from self._speculative_steps(sequence, generation)
                     return
                 lib, ptr, lock, guard, enter_step = self._lib, self.ptr, self._lock, self._guard, self._enter_step
-                buf, batch, tokens, record = self._token_buf, self._one_token_batch, self._tokens, self._record_step
-                next_token, deadline, monotonic, clock = (sequence.next_token, sequence.deadline, time.monotonic,
-                                                          time.perf_counter)
+                buf, batch, tokens, relays = self._token_buf, self._one_token_batch, self._tokens, self.model._relays
+                next_token, deadline, monotonic = sequence.next_token, sequence.deadline, time.monotonic
+                record, clock = self._record_step, time.perf_counter
                 token: Token | None = None
                 while True:
                     if not guard.acquire(False):
@@ -282,8 +282,8 @@ class Context(Owned):
                                 buf[0] = token.id
                                 started = clock()
                                 rc = lib.llama_decode(ptr, batch)
-                                if rc != 0:
-                                    self._decode_failed(rc, len(tokens), sequence.n_tokens)
+                                if rc != 0 or relays:
+                                    self._check_decode(rc, len(tokens), sequence.n_tokens)
                                 if record is not None:
                                     record(clock() - started, 1)
                                 tokens.append(token.id)
@@ -325,8 +325,7 @@ class Context(Owned):
                     else:
                         proposed = draft(tokens, last.id, n_ctx)
                         rc = verify.decode(ptr, verify.put_run(0, (last.id, *proposed), len(tokens), 0))
-                        if rc != 0:
-                            self._decode_failed(rc, len(tokens), sequence.n_tokens)
+                        self._check_decode(rc, len(tokens), sequence.n_tokens)
                         out = check(ptr, 0, proposed)
                         tokens.append(last.id)
                         tokens.extend(proposed[:len(out) - 1])

@@ -274,6 +274,7 @@ def adopt_context(owner: Owned, model: Model, ptr: Any, settings: ContextSetting
         library.compute.attach(ptr, settings.threads, settings.threads_batch, adaptive=adaptive)
         if warmup:
             warm_up(model, ptr)
+        model._relays.check(lib, ptr)  # its KV cache (and warm-up) on an RPC server that was lost: RpcServerLostError
     except BaseException:
         library.compute.detach(ptr)
         lib.llama_free(ptr)

@@ -129,6 +129,7 @@ class Embedder(Owned):
         self._memory = lib.llama_get_memory(ptr)
         self._compute = library.compute
         self._lock = library.compute.lock_for(model.offloaded)
+        self._relays = model._relays  # checked after each decode (an RPC server may be lost)
         self._batch = TokenBatch(lib, self.batch_size)
         self._vector_bytes = 4 * self.n_embd
         self._ffi = ffi
@@ -190,8 +191,9 @@ class Embedder(Owned):
         with self._lock:
             rc = batch.decode(self.ptr, n, encode=self._encode_only)
         self.decodes += 1
-        if rc != 0:
-            error = decode_error(rc, n_ctx=self.batch_size, processed=0)
+        lost = self._relays.error(self._lib, self.ptr)
+        if rc != 0 or lost:
+            error = lost or decode_error(rc, n_ctx=self.batch_size, processed=0)
             for job, _ in members:
                 job.error = error
             return

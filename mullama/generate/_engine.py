@@ -195,6 +195,7 @@ class Engine(Owned):
         self._wake.set()
 
     def _check_alive(self) -> None:
+        self.model._relays.check()  # a lost RPC server: RpcServerLostError at once
         if self.failure is not None:
             raise EngineError(f"the engine stopped after an internal error ({self.failure!r}); "
                               "restart it (or the server).")
@@ -226,7 +227,7 @@ class Engine(Owned):
             self._thread.join(timeout)
 
     def close(self) -> None:
-        """Cancel every request, end the thread, free the context (refused while it is still decoding)."""
+        """Cancel every request, end the thread, free the context (refused if a decode outlasts the wait)."""
         if self._thread.is_alive():
             self.stop(drain=False, timeout=30)
         if self._thread.is_alive() and self._thread is not threading.current_thread():
@@ -321,9 +322,8 @@ class Engine(Owned):
         self.stats["prompt_tokens_total"] += len(prompt)
 
     def _swap_cached(self, slot: _Slot, prompt: list[int]) -> None:
-        """Before ``slot`` loses most of its cells to ``prompt``, keep them in the host prompt
-        cache; then restore from it, or copy from another slot, whatever serves ``prompt`` better
-        than the slot does."""
+        """Before ``slot`` loses most of its cells to ``prompt``, keep them in the host prompt cache; then
+        restore from it, or copy from another slot, whatever serves ``prompt`` better than the slot does."""
         cache = self.prompt_cache
         assert cache is not None
         if common_prefix(slot.cached, prompt) < SAVE_BELOW_KEEP * len(slot.cached):
@@ -395,11 +395,11 @@ class Engine(Owned):
                 self._record_step(elapsed, n)
         self.stats["decode_seconds"] += elapsed
         self.stats["decode_steps"] += 1
-        if rc != 0:
-            for slot in members:  # the batch is dropped: every sequence in it fails, the others go on
+        if (lost := self.model._relays.error(self._lib, self.ptr)) or rc != 0:  # its sequences fail (lost server: all)
+            for slot in [slot for slot in self._slots if slot.request is not None] if lost else members:
                 assert slot.request is not None
                 processed = slot.request._sequence.n_tokens
-                self._fail(slot, decode_error(rc, n_ctx=self.n_ctx_per_slot, processed=processed))
+                self._fail(slot, lost or decode_error(rc, n_ctx=self.n_ctx_per_slot, processed=processed))
             return True
         for slot in rows:
             try:

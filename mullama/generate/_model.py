@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from .._exceptions import ClosedError, ContextError, InvalidConfigError, ModelLoadError, TemplateError, TokenizeError
 from ..gguf._preflight import check_model_file, preflight
-from ..native import _library
+from ..native import _library, _rpc_relay
 from ..native._devices import DeviceOptions
 from ..native._heap import give_back_memory
 from ..native._owned import Owned
@@ -62,6 +62,7 @@ class Model(Owned):
         self._embed_lock = threading.Lock()  # creating one (it registers itself, which takes _lock)
         self.lora: list[LoraAdapter] = []  # LoRA adapters, by id, each with its default scale (_lora.py)
         self.projector: Projector | None = None  # images and audio in (Model.load's mmproj; _media.py)
+        self._relays = _rpc_relay.Relays()  # of its RPC servers, checked after each decode
 
     # --- loading --------------------------------------------------------------
     @classmethod
@@ -79,8 +80,8 @@ class Model(Owned):
         ``--rpc``: ``n_gpu_layers`` layers (-1: all) go to the GPUs the library was built for and to
         ``rpc_servers`` (``["host:port", ...]``, upstream's ``ggml-rpc-server`` on other machines),
         split by layer (``split_mode="layer"``), by rows (``"row"``) or kept on ``main_gpu``
-        (``"none"``), in ``tensor_split`` proportions. An unreachable RPC server is a ModelLoadError
-        naming it. (RPC is unauthenticated: use servers on a private network only.)
+        (``"none"``), in ``tensor_split`` proportions. An unreachable RPC server is a ModelLoadError naming
+        it, one lost later an RpcServerLostError (docs/scaling.md). (RPC is unauthenticated: private networks only.)
 
         ``lora`` loads LoRA adapters: ``[(path, scale), ...]`` (a bare path: scale 1.0) or ``{path: scale}``;
         contexts apply them at these scales unless told otherwise (see :meth:`load_lora`).
@@ -110,6 +111,7 @@ class Model(Owned):
         params.load_mode = lib.LLAMA_LOAD_MODE_MMAP if use_mmap else lib.LLAMA_LOAD_MODE_NONE
         params.vocab_only = vocab_only
         ptr = lib.llama_model_load_from_file(os.fsencode(path), params)
+        relays = placement.relays_after_load(library, ptr)  # RpcServerLostError if a server went away
         if ptr == ffi.NULL:
             raise ModelLoadError(
                 f"llama.cpp could not load {path}: the file is truncated, corrupt, or uses an architecture "
@@ -118,6 +120,7 @@ class Model(Owned):
             )
         loaded = cls(library, ptr, path, offloaded=placement.offloads(library), vocab_only=bool(vocab_only),
                      chat_template=template)
+        loaded._relays = relays
         try:
             if lora is not None:
                 from ._lora import _entries

@@ -6,7 +6,10 @@ RPC servers are reached through ggml's backend registry, as llama-server's ``--r
 backend's ``ggml_backend_rpc_add_server`` (found with ``ggml_backend_reg_get_proc_address``) makes a
 registry of the server's devices, which is registered once per address. ggml aborts the process
 when it cannot reach a server, so each address is first checked here, in Python: a TCP connection
-and the RPC protocol's hello (``MODEL_LOAD_ERROR`` naming the address when either fails).
+and the RPC protocol's hello (``MODEL_LOAD_ERROR`` naming the address when either fails). ggml is
+then given not the server's address but its relay's (mullama.native._rpc_relay): a server lost
+later is an RpcServerLostError, not the end of the process. A lost address gets a new relay (and a
+new registration) when a model is loaded with it again.
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._exceptions import InvalidConfigError, ModelLoadError
+from ._rpc_relay import CONN_CAPS_SIZE as RPC_CONN_CAPS_SIZE
+from ._rpc_relay import HELLO as RPC_HELLO
+from ._rpc_relay import PROTO_MAJOR as RPC_PROTO_MAJOR
+from ._rpc_relay import Relay, Relays, real_address
 
 __all__ = ["Device", "DeviceOptions", "check_rpc_server", "list_devices"]
 
@@ -28,12 +35,9 @@ SPLIT_MODES = {"none": "LLAMA_SPLIT_MODE_NONE", "layer": "LLAMA_SPLIT_MODE_LAYER
 DEVICE_TYPES = {"GGML_BACKEND_DEVICE_TYPE_CPU": "cpu", "GGML_BACKEND_DEVICE_TYPE_GPU": "gpu",
                 "GGML_BACKEND_DEVICE_TYPE_IGPU": "igpu", "GGML_BACKEND_DEVICE_TYPE_ACCEL": "accel",
                 "GGML_BACKEND_DEVICE_TYPE_META": "meta"}
-RPC_HELLO = 14  # the protocol's command number, fixed across its versions
-RPC_CONN_CAPS_SIZE = 24
-RPC_PROTO_MAJOR = 7  # ggml-rpc.h of the pinned llama.cpp
 CONNECT_TIMEOUT = 5.0
 
-_registered: dict[str, list[Any]] = {}  # RPC address -> its devices, registered once per process
+_registered: dict[str, tuple[Relay, list[Any]]] = {}  # RPC address -> its relay and devices (again once lost)
 _register_lock = threading.Lock()
 _abort_callback: list[Any] = []  # the C callback of one_line_aborts, alive for the process
 
@@ -60,10 +64,13 @@ def list_devices(library: Any) -> list[Device]:
         free, total = ffi.new("size_t *"), ffi.new("size_t *")
         lib.ggml_backend_dev_memory(device, free, total)
         registry = lib.ggml_backend_dev_backend_reg(device)
+        description = ffi.string(lib.ggml_backend_dev_description(device)).decode("utf-8", "replace")
+        backend = ffi.string(lib.ggml_backend_reg_name(registry)).decode("utf-8", "replace")
+        if backend.startswith("RPC"):  # ggml knows the relay's address: show the server's
+            description = real_address(description)
+            backend = f"RPC[{description}]"
         devices.append(Device(ffi.string(lib.ggml_backend_dev_name(device)).decode("utf-8", "replace"),
-                              ffi.string(lib.ggml_backend_dev_description(device)).decode("utf-8", "replace"),
-                              types.get(int(lib.ggml_backend_dev_type(device)), "other"),
-                              ffi.string(lib.ggml_backend_reg_name(registry)).decode("utf-8", "replace"),
+                              description, types.get(int(lib.ggml_backend_dev_type(device)), "other"), backend,
                               int(free[0]), int(total[0])))
     return devices
 
@@ -109,10 +116,12 @@ def _receive(connection: socket.socket, size: int) -> bytes:
 
 
 def rpc_devices(library: Any, address: str) -> list[Any]:
-    """The devices of the RPC server at ``address``, registered with ggml the first time."""
+    """The devices of the RPC server at ``address``, registered with ggml (through a relay) the first
+    time, and again after the server was lost."""
     with _register_lock:
-        if address in _registered:
-            return _registered[address]
+        if address in _registered and _registered[address][0].lost is None:
+            return _registered[address][1]
+        host, port = _parse_address(address)
         check_rpc_server(address)
         ffi, lib = library.ffi, library.lib
         registry = lib.ggml_backend_reg_by_name(b"RPC")
@@ -123,12 +132,15 @@ def rpc_devices(library: Any, address: str) -> list[Any]:
         if address_proc == ffi.NULL:
             raise ModelLoadError("this llama.cpp build's RPC backend has no ggml_backend_rpc_add_server.")
         add_server = ffi.cast("ggml_backend_reg_t (*)(const char *)", address_proc)
-        server = add_server(address.encode())
+        relay = Relay(address, host, port)
+        server = add_server(relay.endpoint.encode())
+        if relay.lost is not None:
+            raise relay.error()
         if server == ffi.NULL:
             raise ModelLoadError(f"the RPC server at {address} has no device.")
         lib.ggml_backend_register(server)
         devices = [lib.ggml_backend_reg_dev_get(server, i) for i in range(lib.ggml_backend_reg_dev_count(server))]
-        _registered[address] = devices
+        _registered[address] = (relay, devices)
         return devices
 
 
@@ -193,6 +205,18 @@ class DeviceOptions:
             keep.append(devices)
         return keep
 
+    def relays_after_load(self, library: Any, ptr: Any) -> Relays:
+        """The relays of this placement's RPC servers, after ``llama_model_load_from_file`` returned
+        ``ptr``: RpcServerLostError (``ptr`` freed) if a server went away while the weights were sent."""
+        with _register_lock:
+            relays = Relays(_registered[address][0] for address in self.rpc_servers)
+        error = relays.error()
+        if error is not None:
+            if ptr != library.ffi.NULL:
+                library.lib.llama_model_free(ptr)
+            raise error
+        return relays
+
     def offloads(self, library: Any) -> bool:
         """Whether layers leave this machine's CPU: then its contexts need not take turns on it."""
         if self.n_gpu_layers == 0:
@@ -204,8 +228,9 @@ class DeviceOptions:
 
 
 def one_line_aborts(library: Any) -> None:
-    """When ggml ends this process (a lost RPC server), say why in one line on standard error instead
-    of ggml's debugger backtrace (for `serve --rpc`'s serving process, which its supervisor restarts)."""
+    """When ggml ends this process (an abort the RPC relay does not prevent), say why in one line on standard
+    error instead of ggml's debugger backtrace (for `serve --rpc`'s serving process, which its supervisor
+    restarts)."""
     if _abort_callback:
         return
     ffi, lib = library.ffi, library.lib

@@ -1,16 +1,17 @@
 """``mullama serve --rpc``: the serving process runs as a child, behind this one.
 
-ggml ends the process that uses an RPC server when that server goes away mid-computation (it has no
-way to recover the lost connection), and a process cannot reconnect to it afterwards. So with
-``--rpc`` this process holds the port and proxies every request to a child ``mullama serve`` on a
-private loopback port. When the child dies, the streams that were under way end with an error event
-in their API's own shape (``generation_error``), requests meanwhile get a 503 to retry, ``/health``
-reports ``degraded``, and the child is started again as soon as the RPC servers answer: after a
-child that served, at once; after one that failed to start, later and later (doubling up to
-``MAX_RESTART_DELAY``); after ``restart_limit`` starts in a row that failed, the supervisor gives up
-and exits with an error (for a process manager to act on) instead of retrying for ever. The shape of
-each answer is the wire format the route declares (``_app.route_format``: the child serves the same
-route table), not a guess from the path.
+A lost RPC server leaves every model offloaded to it useless (the library raises RpcServerLostError
+for them), and the serving process then ends (``cli._serve.end_when_rpc_is_lost``), to be started
+afresh, reloading its models once the servers answer. So with ``--rpc`` this process holds the port
+and proxies every request to a child ``mullama serve`` on a private loopback port. When the child
+dies, the streams that were under way end with an error event in their API's own shape
+(``generation_error``), requests meanwhile get a 503 to retry, ``/health`` reports ``degraded``, and
+the child is started again as soon as the RPC servers answer: after a child that served, at once;
+after one that failed to start, later and later (doubling up to ``MAX_RESTART_DELAY``); after
+``restart_limit`` starts in a row that failed, the supervisor gives up and exits with an error (for
+a process manager to act on) instead of retrying for ever. The shape of each answer is the wire
+format the route declares (``_app.route_format``: the child serves the same route table), not a
+guess from the path.
 
 Request bodies stream through to the child as they come (the child's body limit answers a 413 after
 reading only that much), and a client that goes away before its answer starts closes the request to
