@@ -2,8 +2,8 @@
 """Decoding beside other work: our measured thread count vs fixed counts and upstream's llama-bench.
 
 On a machine whose cores other processes also want, llama.cpp's threads wait for each other at
-every graph step, and all cores can be many times slower than one. A context made without
-``n_threads`` chooses by timing its steps (mullama.native._compute.ThreadChoice). This runs, in one
+every graph step, and all cores can be many times slower than one. A context made with
+``n_threads="auto"`` chooses by timing its steps (mullama.native._compute.ThreadChoice). This runs, in one
 process run, for each number of busy neighbours (processes spinning on a core): our stream with the
 measured count, with all cores and with one, and ``llama-bench -n N`` with all cores and one, and
 prints tokens/s and the ratio of ours (measured) to the best fixed one.
@@ -39,9 +39,9 @@ def spin() -> None:
         pass
 
 
-def ours(model: mullama.Model, n_threads: int | None, tokens: int) -> float:
+def ours(model: mullama.Model, n_threads: int | str, tokens: int) -> float:
     """Decode tokens/s of one greedy stream of ``tokens`` tokens on a fresh Context."""
-    if n_threads is None:
+    if n_threads == "auto":
         _library.get().compute.reset_threads()  # choose afresh, as a new process would
     with mullama.Context(model, n_ctx=max(512, tokens + 64), n_threads=n_threads) as context:
         stream = context.generate_stream(PROMPT, max_tokens=tokens, temperature=0, ignore_eos=True, timeout_ms=None)
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             process.start()
         try:
             row = {"neighbours": neighbours,
-                   "ours_measured": ours(model, None, args.tokens),
+                   "ours_measured": ours(model, "auto", args.tokens),
                    "ours_all": ours(model, most, args.tokens),
                    "ours_one": ours(model, 1, args.tokens),
                    "chosen": _library.get().compute.threads.current}

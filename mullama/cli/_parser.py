@@ -66,11 +66,16 @@ def _add_model(parser: argparse.ArgumentParser, *, word: bool = False) -> None:
     parser.add_argument("-m", "--model", help=MODEL_HELP)
 
 
+def _threads(text: str) -> int | str:
+    """``--threads``: a count, or ``auto``."""
+    return "auto" if text == "auto" else int(text)
+
+
 def _add_context(parser: argparse.ArgumentParser,
                  ctx_help: str = "context size in tokens (default: the model's, at most 4096)") -> None:
     parser.add_argument("-c", "--ctx-size", type=int, help=ctx_help)
-    parser.add_argument("-t", "--threads", type=int,
-                        help="CPU threads (default: measured, from 1 to all available, at most 8)")
+    parser.add_argument("-t", "--threads", type=_threads,
+                        help="CPU threads (default: all available, at most 8; 'auto': chosen by timing the steps)")
 
 
 def _add_template(parser: argparse.ArgumentParser) -> None:

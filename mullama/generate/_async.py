@@ -147,7 +147,7 @@ class AsyncModel:
     """
 
     def __init__(self, model: Model, *, parallel: int = 4, n_ctx: int | None = None, n_batch: int = 2048,
-                 n_threads: int | None = None, seed: int | None = None, flash_attn: bool | None = None,
+                 n_threads: int | str | None = None, seed: int | None = None, flash_attn: bool | None = None,
                  max_queue: int = 256, cache_ram_mib: int = DEFAULT_CACHE_RAM_MIB,
                  draft_model: Model | str | os.PathLike[str] | None = None) -> None:
         check_n_ctx(n_ctx)  # now, not when the first stream starts the engine

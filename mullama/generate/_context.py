@@ -58,7 +58,7 @@ class Context(Owned):
     _kind = "context"
 
     def __init__(self, model: Model, *, n_ctx: int | None = None, n_batch: int = 2048,
-                 n_threads: int | None = None, n_threads_batch: int | None = None,
+                 n_threads: int | str | None = None, n_threads_batch: int | None = None,
                  seed: int | None = None, flash_attn: bool | None = None, warmup: bool = True,
                  draft_model: Model | None = None) -> None:
         if not isinstance(model, Model):

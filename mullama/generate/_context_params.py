@@ -127,7 +127,7 @@ class ContextSettings:
 
     n_ctx: int | None = None  # the whole context (all sequences together)
     n_batch: int = DEFAULT_BATCH
-    n_threads: int | None = None
+    n_threads: int | str | None = None  # "auto": chosen by measuring (mullama.native._compute.ThreadChoice)
     n_threads_batch: int | None = None
     n_seq_max: int = 1
     flash_attn: bool | None = None  # None: upstream's "auto"
@@ -137,7 +137,8 @@ class ContextSettings:
     def __post_init__(self) -> None:
         check_count("n_ctx", self.n_ctx, MAX_UINT32)
         check_count("n_batch", self.n_batch, MAX_UINT32, allow_none=False)
-        check_count("n_threads", self.n_threads, MAX_THREADS)
+        if self.n_threads != "auto":
+            check_count("n_threads", self.n_threads, MAX_THREADS)
         check_count("n_threads_batch", self.n_threads_batch, MAX_THREADS)
         check_count("parallel", self.n_seq_max, MAX_SEQUENCES, allow_none=False)
         if self.flash_attn is not None and not isinstance(self.flash_attn, bool):
@@ -145,7 +146,7 @@ class ContextSettings:
 
     @property
     def threads(self) -> int:
-        return self.n_threads or default_threads()
+        return self.n_threads if isinstance(self.n_threads, int) else default_threads()
 
     @property
     def threads_batch(self) -> int:
@@ -270,7 +271,7 @@ def adopt_context(owner: Owned, model: Model, ptr: Any, settings: ContextSetting
     library = model._library
     lib = library.lib
     try:
-        adaptive = settings.n_threads is None and settings.n_threads_batch is None and not model.offloaded
+        adaptive = settings.n_threads == "auto" and settings.n_threads_batch is None and not model.offloaded
         library.compute.attach(ptr, settings.threads, settings.threads_batch, adaptive=adaptive)
         if warmup:
             warm_up(model, ptr)

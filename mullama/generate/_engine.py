@@ -75,7 +75,7 @@ class Engine(Owned):
     _close_order = 0
 
     def __init__(self, model: Model, *, parallel: int = 4, n_ctx: int | None = None, n_batch: int = 2048,
-                 n_threads: int | None = None, max_queue: int = 64, seed: int | None = None,
+                 n_threads: int | str | None = None, max_queue: int = 64, seed: int | None = None,
                  flash_attn: bool | None = None, cache_ram_mib: int = DEFAULT_CACHE_RAM_MIB,
                  speculative: Mapping[str, Any] | None = None,
                  draft_model: Model | str | os.PathLike[str] | None = None) -> None:

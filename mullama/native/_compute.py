@@ -12,7 +12,7 @@ This is a policy, decided in one place (:meth:`Compute.lock_for`): contexts whos
 runs on the CPU take turns; a model whose layers are offloaded to a GPU computes there,
 so its contexts do not wait for the CPU's turn (they get a lock that never blocks).
 
-How many threads a context made without a thread count uses is measured, not guessed
+How many threads a context made with ``n_threads="auto"`` uses is measured, not guessed
 (:class:`ThreadChoice`): all cores on an idle machine, one when other work wants the same cores.
 
 (A build with OpenMP uses OpenMP's threads instead; the pools then stay idle.)
@@ -41,8 +41,8 @@ def _load_average() -> float:
 
 
 def default_threads() -> int:
-    """Threads for decoding: the CPUs this process may run on (at most 8); contexts made
-    without a thread count start with it, then follow :class:`ThreadChoice`."""
+    """Threads for decoding: the CPUs this process may run on (at most 8), as
+    llama-server's default; "auto" contexts follow :class:`ThreadChoice` instead."""
     try:
         available = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -51,8 +51,9 @@ def default_threads() -> int:
 
 
 class ThreadChoice:
-    """How many threads the contexts made without a thread count compute with, chosen by timing
-    their token steps.
+    """How many threads the contexts made with ``n_threads="auto"`` compute with, chosen by timing
+    their token steps. (Not the default: llama.cpp's sums depend on the thread count, so greedy
+    output can change with it.)
 
     On an idle machine every core makes a step fastest. When other processes want the same cores,
     ggml's threads wait at each of a step's barriers for one that is not running, and fewer threads
@@ -157,7 +158,7 @@ class Compute:
 
     def attach(self, ptr: Any, n_threads: int, n_threads_batch: int, *, adaptive: bool = False) -> None:
         """Make the context ``ptr`` compute on the shared pools for its thread counts; an
-        ``adaptive`` one (made with the default counts, which must be ``threads``' largest) then
+        ``adaptive`` one (made with ``n_threads="auto"``: all cores, ``threads``' largest count) then
         runs with as many as ``threads`` chooses, until :meth:`detach`."""
         pool = self._pool(n_threads)
         if pool == self._ffi.NULL:

@@ -97,12 +97,12 @@ class Owned:
         return self._ptr
 
     def ensure_open(self) -> None:
-        """Raise ClosedError after close(). A thread that reaches an object retired at interpreter
-        exit waits for the end of the process instead: it must not go on decoding (the exit waits
-        for the lock its steps take, and it would take that lock again and again)."""
+        """Raise ClosedError after close(), and in a thread that reaches an object retired at
+        interpreter exit: that thread must stop decoding (the exit waits for the lock its steps take)."""
         if self._ptr is None:
-            if self._retired_at_exit and threading.current_thread() is not threading.main_thread():
-                threading.Event().wait()
+            if self._retired_at_exit:
+                raise ClosedError(f"the interpreter is exiting: this {self._kind} was left to the thread using it, "
+                                  "and its stream ends here.")
             if self._inherited_by_fork:
                 raise ClosedError(f"this {self._kind} was inherited through fork(), where its compute threads do "
                                   f"not exist; create a new one in the child (models can be shared).")

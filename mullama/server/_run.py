@@ -39,7 +39,8 @@ def check_port_free(host: str, port: int) -> None:
 
 def serve(model_ref: str | None = None, *, models: Sequence[str] = (), models_dir: str | None = None,
           host: str = "127.0.0.1", port: int = 8080, parallel: int = 4, ctx_size: int | None = None,
-          api_key: str | None = None, max_tokens_limit: int = 4096, threads: int | None = None, max_queue: int = 64,
+          api_key: str | None = None, max_tokens_limit: int = 4096, threads: int | str | None = None,
+          max_queue: int = 64,
           cache_ram_mib: int = DEFAULT_CACHE_RAM_MIB,
           max_body_bytes: int = 1 << 20, pooling: str | None = None, embedding_batch: int | None = None,
           chat_template: str | None = None, keep_alive: float | None = DEFAULT_KEEP_ALIVE,

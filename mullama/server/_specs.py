@@ -82,7 +82,7 @@ class LoadOptions:
 
     parallel: int = 4
     ctx_size: int | None = None
-    threads: int | None = None
+    threads: int | str | None = None  # "auto": measured (see ContextSettings)
     max_queue: int = 64
     cache_ram_mib: int = DEFAULT_CACHE_RAM_MIB
     pooling: str | None = None
