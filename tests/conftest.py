@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -18,6 +19,18 @@ import upstream
 # Child Pythons (`python -m mullama`, `python -c`) started from the repository must import the
 # installed mullama too, not the source tree in their working directory (Python >= 3.11).
 os.environ["PYTHONSAFEPATH"] = "1"
+
+# One compute thread for every context of the suite, ours and upstream's references alike (they
+# take default_threads()), unless the runner chose a count. On a 2-core machine that another job
+# keeps busy, two threads wait on each other at every graph step: a token took seconds and the
+# docs' 30 s stream timeouts ran out (docs/troubleshooting.md). Greedy output equals upstream's
+# for the same count; tests of other counts (test_threads) name them.
+os.environ.setdefault("MULLAMA_THREADS", "1")
+
+# A runner started in the background by a shell without job control (`.ci/run &`) ignores SIGINT, and
+# so would every child: the Ctrl-C tests (a chat reply, an interrupted build) need it delivered.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import mullama
 from mullama.generate._context import default_threads

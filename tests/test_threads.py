@@ -13,7 +13,7 @@ import mullama
 from mullama import StreamConfig
 from mullama.generate._engine import Engine
 from mullama.native import _library
-from mullama.native._compute import ThreadChoice, default_threads
+from mullama.native._compute import ThreadChoice, available_threads
 
 MS = 0.001
 
@@ -95,9 +95,9 @@ def test_larger_machines_also_try_half_the_cores():
 @pytest.fixture()
 def compute():
     compute = _library.get().compute
-    if default_threads() < 2:
+    if available_threads() < 2:
         pytest.skip("this machine gives the process one CPU: there is no thread count to choose")
-    compute.reset_threads(ThreadChoice(default_threads(), idle))  # a busy machine would not try more threads
+    compute.reset_threads(ThreadChoice(available_threads(), idle))  # a busy machine would not try more threads
     yield compute
     compute.reset_threads()
 
@@ -115,7 +115,7 @@ def record_steps(compute, seconds_for: dict[int, float], steps: int) -> None:
 
 
 def test_contexts_without_a_thread_count_follow_the_choice_and_others_keep_theirs(model, compute):
-    most = default_threads()
+    most = available_threads()
     with mullama.Context(model, n_ctx=256, n_threads="auto") as adaptive, \
             mullama.Context(model, n_ctx=256, n_threads=1) as fixed:
         assert threads_of(adaptive) == threads_of(fixed) == (1, 1)
@@ -136,8 +136,8 @@ def test_greedy_output_of_a_short_prompt_is_the_same_while_the_thread_count_chan
     config = dict(max_tokens=48, temperature=0, ignore_eos=True, timeout_ms=None)
     with mullama.Context(model, n_ctx=256, n_threads="auto") as ctx:
         adaptive = ctx.generate(prompt, **config).token_ids
-    assert compute.threads.probes >= 1 and set(compute.threads.estimates) == {default_threads(), 1}
-    for n in (1, default_threads()):
+    assert compute.threads.probes >= 1 and set(compute.threads.estimates) == {available_threads(), 1}
+    for n in (1, available_threads()):
         with mullama.Context(model, n_ctx=256, n_threads=n) as fixed:
             assert fixed.generate(prompt, **config).token_ids == adaptive
 
@@ -147,15 +147,29 @@ def test_the_engine_reports_its_token_steps(model, compute):
         request = engine.submit(model.tokenize("Once upon a time"),
                                 StreamConfig(max_tokens=40, temperature=0, ignore_eos=True, timeout_ms=None))
         assert len(read_all(request)) == 40
-    assert compute.threads.probes >= 1 and set(compute.threads.estimates) == {default_threads(), 1}
+    assert compute.threads.probes >= 1 and set(compute.threads.estimates) == {available_threads(), 1}
 
 
-def test_the_default_is_all_cores_and_auto_is_asked_for(model, compute):
+def test_the_default_is_all_cores_and_auto_is_asked_for(model, compute, monkeypatch):
     """Greedy output depends on the thread count (llama.cpp splits some sums across threads: a restored
     prompt cache gave other tokens on one thread than llama-server -t 2 at the 11th token), so the
     default is fixed, like llama-server's, and measuring is asked for with "auto"."""
+    monkeypatch.delenv("MULLAMA_THREADS", raising=False)  # (the suite runs on one thread: conftest.py)
     with mullama.Context(model, n_ctx=256) as default:
-        record_steps(compute, {default_threads(): 40 * MS, 1: 10 * MS}, 60)
-        assert threads_of(default) == (default_threads(), default_threads())
+        record_steps(compute, {available_threads(): 40 * MS, 1: 10 * MS}, 60)
+        assert threads_of(default) == (available_threads(), available_threads())
     with pytest.raises(mullama.InvalidConfigError, match="n_threads"):
         mullama.Context(model, n_ctx=256, n_threads="fast")
+
+
+def test_mullama_threads_sets_the_default_count(model, compute, monkeypatch):
+    """MULLAMA_THREADS puts a whole process (and the servers and scripts it starts) on one count."""
+    monkeypatch.setenv("MULLAMA_THREADS", "1")
+    with mullama.Context(model, n_ctx=256) as ctx:
+        assert threads_of(ctx) == (1, 1)
+    with mullama.Context(model, n_ctx=256, n_threads=available_threads()) as asked:
+        assert threads_of(asked) == (available_threads(), available_threads())  # a count asked for wins
+    for wrong in ("0", "two", "-1", "100000"):
+        monkeypatch.setenv("MULLAMA_THREADS", wrong)
+        with pytest.raises(mullama.InvalidConfigError, match="MULLAMA_THREADS must be a whole number"):
+            mullama.Context(model, n_ctx=256)

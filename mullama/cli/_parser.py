@@ -75,7 +75,8 @@ def _add_context(parser: argparse.ArgumentParser,
                  ctx_help: str = "context size in tokens (default: the model's, at most 4096)") -> None:
     parser.add_argument("-c", "--ctx-size", type=int, help=ctx_help)
     parser.add_argument("-t", "--threads", type=_threads,
-                        help="CPU threads (default: all available, at most 8; 'auto': chosen by timing the steps)")
+                        help="CPU threads (default: $MULLAMA_THREADS, else all available, at most 8; "
+                             "'auto': chosen by timing the steps)")
 
 
 def _add_template(parser: argparse.ArgumentParser) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from .._exceptions import ContextError, InvalidConfigError
-from ..native._compute import default_threads
+from ..native._compute import MAX_THREADS, default_threads
 
 if TYPE_CHECKING:
     from ..native._owned import Owned
@@ -41,7 +41,6 @@ __all__ = [
 DEFAULT_MAX_CTX = 4096  # a new context holds at most this many tokens unless asked for more
 DEFAULT_BATCH = 2048  # common_params.n_batch
 DEFAULT_UBATCH = 512  # common_params.n_ubatch
-MAX_THREADS = 512  # GGML_MAX_N_THREADS
 MAX_SEQUENCES = 256  # LLAMA_MAX_SEQ
 MAX_UINT32 = 2**32 - 1
 # llama.cpp rounds a context (and each sequence's share of it) up to a multiple of 256 tokens

@@ -29,7 +29,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["Compute", "ThreadChoice", "default_threads"]
+from .._exceptions import InvalidConfigError
+
+__all__ = ["MAX_THREADS", "THREADS_VARIABLE", "Compute", "ThreadChoice", "available_threads", "default_threads"]
 
 
 def _load_average() -> float:
@@ -40,9 +42,26 @@ def _load_average() -> float:
         return 0.0
 
 
+THREADS_VARIABLE = "MULLAMA_THREADS"
+MAX_THREADS = 512  # GGML_MAX_N_THREADS
+
+
 def default_threads() -> int:
-    """Threads for decoding: the CPUs this process may run on (at most 8), as
-    llama-server's default; "auto" contexts follow :class:`ThreadChoice` instead."""
+    """Threads for decoding when none are asked for: ``MULLAMA_THREADS`` when it is set (a whole
+    process, its servers and scripts, on one count: e.g. 1 on a machine shared with other work),
+    else the CPUs this process may run on (at most 8), as llama-server's default. "auto" contexts
+    follow :class:`ThreadChoice` instead."""
+    setting = os.environ.get(THREADS_VARIABLE, "").strip()
+    if setting:
+        if not setting.isdigit() or not 1 <= int(setting) <= MAX_THREADS:
+            raise InvalidConfigError(f"{THREADS_VARIABLE} must be a whole number of threads from 1 to {MAX_THREADS}, "
+                                     f"not {setting!r}: set it to a count or unset it for all CPUs (at most 8).")
+        return int(setting)
+    return available_threads()
+
+
+def available_threads() -> int:
+    """The CPUs this process may run on, at most 8: the most threads worth using."""
     try:
         available = len(os.sched_getaffinity(0))
     except AttributeError:

@@ -30,7 +30,7 @@ from typing import Any, cast
 
 from .._exceptions import LibraryError
 from .._paths import llama_cache_dir
-from ._compute import Compute, default_threads
+from ._compute import Compute, available_threads
 
 __all__ = ["Library", "MtmdLibrary", "get", "get_mtmd", "system_info"]
 
@@ -268,7 +268,7 @@ def _load() -> Library:
         _log_callback = ffi.callback("ggml_log_callback", _log_forwarder(ffi))
         lib.llama_log_set(_log_callback, ffi.NULL)
         lib.llama_backend_init()
-        compute = Compute(ffi, lib, default_threads())
+        compute = Compute(ffi, lib, available_threads())
         atexit.register(_at_exit, ffi, lib, compute)
         if hasattr(os, "register_at_fork"):
             os.register_at_fork(after_in_child=functools.partial(_after_fork_in_child, compute))
