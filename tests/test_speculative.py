@@ -1,8 +1,10 @@
 """Speculative decoding (StreamConfig(speculative="ngram")): exact, against upstream llama-server.
 
 The reference is llama-server run with the same speculative settings (``--spec-type ngram-simple``
-with the same n-gram sizes, ``cache_prompt: false``): the same drafts, the same verify batches,
-so the same bits; its draft counts (``timings.draft_n``, ``draft_n_accepted``) must equal ours.
+with the same n-gram sizes, ``cache_prompt: false``): with ``speculative="ngram-simple"`` the same
+drafts, the same verify batches, so the same bits; its draft counts (``timings.draft_n``,
+``draft_n_accepted``) must equal ours. ``"ngram"`` pauses drafting after rejected drafts (a back-off
+upstream does not have): fewer drafts, the same tokens.
 
 Speculation on versus off is a different claim. A token's logits computed in a batch of several
 tokens may differ in the last bits from a one-token decode (on CPU, ggml sums a batched matrix
@@ -54,6 +56,7 @@ OPEN = [
 N_PREDICT = 64
 REPO = Path(__file__).resolve().parent.parent
 SPEC = {"speculative": "ngram", "draft_min": 4, "draft_max": 16}
+UPSTREAM_SPEC = {**SPEC, "speculative": "ngram-simple"}  # no back-off: llama-server's drafts exactly
 SERVER_SPEC = ("--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "4", "--spec-ngram-simple-size-m", "16")
 
 
@@ -79,23 +82,23 @@ def generate(model, prompt, **options):
 
 @pytest.mark.parametrize("prompt", GROUNDED + OPEN)
 def test_speculative_greedy_equals_llama_server_speculative(prompt, setup):
-    """Same tokens, same text, and the same drafts proposed and accepted as upstream's ngram-simple."""
-    if prompt == GROUNDED[2] and setup.model.path.name.startswith("SmolLM2"):
-        pytest.xfail("failed in the last run before the deadline (tokens or draft counts; not yet diagnosed: "
-                     "mullama's back-off is the first suspect)")
+    """With "ngram-simple", the same tokens, text, and drafts proposed and accepted as upstream's ngram-simple.
+    "ngram" (with the back-off): the same tokens and text, and no more drafts. (Measured at the pin: on
+    the code prompt SmolLM2 rejects two drafts in a row, "ngram" pauses once, and upstream's next draft,
+    16 tokens all accepted, comes one token later: 67/25 drafted tokens proposed/accepted against 69/27.)"""
     reference = setup.server.greedy(prompt, N_PREDICT)
-    ours = generate(setup.model, prompt, **SPEC)
-    assert ours.token_ids == reference["tokens"]
-    assert ours.text == reference["content"]
-    assert ours.timings["draft_proposed"] == reference["timings"].get("draft_n", 0)
-    assert ours.timings["draft_accepted"] == reference["timings"].get("draft_n_accepted", 0)
+    exact = generate(setup.model, prompt, **UPSTREAM_SPEC)
+    assert exact.token_ids == reference["tokens"]
+    assert exact.text == reference["content"]
+    assert exact.timings["draft_proposed"] == reference["timings"].get("draft_n", 0)
+    assert exact.timings["draft_accepted"] == reference["timings"].get("draft_n_accepted", 0)
+    backing_off = generate(setup.model, prompt, **SPEC)
+    assert backing_off.token_ids == reference["tokens"]
+    assert backing_off.timings["draft_proposed"] <= exact.timings["draft_proposed"]
 
 
 @pytest.mark.parametrize("prompt", OPEN)
 def test_speculation_on_equals_off(prompt, setup):
-    if prompt == OPEN[2] and not setup.model.path.name.startswith("SmolLM2"):
-        pytest.xfail("measured: Gemma's batched verify flips a near-tie on this prompt (llama-server's speculation "
-                     "is the reference there, test_speculative_greedy_equals_llama_server_speculative)")
     plain = generate(setup.model, prompt)
     fast = generate(setup.model, prompt, **SPEC)
     assert fast.token_ids == plain.token_ids
@@ -205,6 +208,10 @@ def test_the_drafter_is_upstreams_ngram_simple_and_backs_off():
     assert pauses[:4] == [2, 4, 8, 16] and max(pauses) == BACKOFF_MAX
     drafter.verified(4, 1)
     assert drafter.draft(history, 3, room=16)
+    upstreams = NgramDrafter(3, 4, backoff=False)  # speculative="ngram-simple": never pauses
+    for _ in range(5):
+        upstreams.verified(4, 0)
+        assert upstreams.draft(history, 3, room=16) == [8, 8, 8, 5]
 
 
 def test_async_streams_speculate_in_the_engine(setup):
@@ -252,8 +259,8 @@ def test_the_server_speculates_as_llama_server(setup):
     import openai
     from inprocess_server import serving
 
-    with serving(setup.model, parallel=1, n_ctx=4096, speculative=SPEC) as (ours, engine):
-        assert engine.speculative == SPEC
+    with serving(setup.model, parallel=1, n_ctx=4096, speculative=UPSTREAM_SPEC) as (ours, engine):
+        assert engine.speculative == UPSTREAM_SPEC
         for prompt in (GROUNDED[0], GROUNDED[2], OPEN[1]):
             answers = []
             for url in (ours.url, setup.server.url):
@@ -272,7 +279,8 @@ def test_serve_flags():
     parser = make_parser()
     args = parser.parse_args(["serve", "--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "3",
                               "--draft-max", "8"])
-    assert speculative_options(args) == {"speculative": "ngram", "draft_min": 3, "draft_max": 8}
+    assert speculative_options(args) == {"speculative": "ngram-simple", "draft_min": 3, "draft_max": 8}
+    assert speculative_options(parser.parse_args(["serve", "--spec-type", "ngram"])) == {"speculative": "ngram"}
     assert speculative_options(parser.parse_args(["serve"])) is None
     with pytest.raises(mullama.InvalidConfigError, match="needs --spec-type"):
         speculative_options(parser.parse_args(["run", "--draft-min", "3", "hi"]))

@@ -80,7 +80,7 @@ def speculative_options(args: argparse.Namespace) -> dict[str, Any] | None:
 
     kind = getattr(args, "spec_type", "none")
     if getattr(args, "model_draft", None):
-        if kind == "ngram-simple":
+        if kind in ("ngram", "ngram-simple"):
             raise InvalidConfigError("-md/--model-draft drafts with a model: give --spec-type draft-simple (or none).")
         kind = "draft-simple"
     elif kind == "draft-simple":
@@ -89,9 +89,9 @@ def speculative_options(args: argparse.Namespace) -> dict[str, Any] | None:
         for flag, value in (("--spec-ngram-simple-size-n", getattr(args, "draft_min", None)),
                             ("--spec-ngram-simple-size-m", getattr(args, "draft_max", None))):
             if value is not None:
-                raise InvalidConfigError(f"{flag} needs --spec-type ngram-simple.")
+                raise InvalidConfigError(f"{flag} needs --spec-type ngram or ngram-simple.")
         return None
-    options: dict[str, Any] = {"speculative": "ngram" if kind == "ngram-simple" else "draft"}
+    options: dict[str, Any] = {"speculative": "draft" if kind == "draft-simple" else kind}
     if args.draft_min is not None:
         options["draft_min"] = args.draft_min
     elif kind == "draft-simple":

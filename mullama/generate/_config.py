@@ -19,7 +19,7 @@ MAX_TIMEOUT_MS = 7 * 24 * 3600 * 1000  # a week
 MAX_STOP_CHARS = 1000  # per stop sequence
 MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit
 MAX_DRAFT = 1024  # tokens a speculative draft may have (upstream's limit for its n-gram sizes)
-SPECULATIVE = (None, "ngram", "draft")  # StreamConfig.speculative's values
+SPECULATIVE = (None, "ngram", "ngram-simple", "draft")  # StreamConfig.speculative's values
 
 
 def _fail(name: str, value: Any, expected: str) -> None:
@@ -98,7 +98,8 @@ class StreamConfig:
     lora: Any = None
     # Speculative decoding (docs/speculative.md): "ngram" drafts from the context itself (upstream's
     # ngram-simple: the last draft_min tokens looked up earlier in the prompt and output, the tokens that
-    # followed them proposed, draft_min to draft_max of them) and verifies each draft in one decode.
+    # followed them proposed, draft_min to draft_max of them) and verifies each draft in one decode, and
+    # pauses drafting after drafts that were rejected; "ngram-simple" is upstream's exactly, never pausing.
     # "draft": a Context's draft model proposes draft_max tokens. The tokens are the ones decoding one at a
     # time gives; only the speed changes. None: off.
     speculative: str | None = None

@@ -167,9 +167,11 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_sequence: str | None = None
         self.error: BaseException | None = None
-        # Speculative decoding: who drafts, and how many drafted tokens were proposed and accepted.
-        self.drafter: Drafter | None = (NgramDrafter(config.draft_min, config.draft_max)
-                                        if config.speculative == "ngram" else None)  # a draft model: set by Context
+        # Speculative decoding: who drafts (a draft model's drafter is set by Context and Engine), and how
+        # many drafted tokens were proposed and accepted.
+        self.drafter: Drafter | None = None
+        if config.speculative in ("ngram", "ngram-simple"):
+            self.drafter = NgramDrafter(config.draft_min, config.draft_max, backoff=config.speculative == "ngram")
         self.draft_proposed = 0
         self.draft_accepted = 0
 

@@ -15,10 +15,11 @@ The drafter here is upstream's ``ngram-simple`` (``common/ngram-map.cpp``,
 sampled token last, are looked up backwards in the context (prompt and output); the tokens
 that followed the most recent earlier occurrence are the draft, at most ``m`` of them and at
 least ``n``. ``StreamConfig.draft_min`` is its ``n`` (``--spec-ngram-simple-size-n``) and
-``draft_max`` its ``m`` (``--spec-ngram-simple-size-m``). On top of it, a back-off that
-upstream does not have: after two drafts in a row of which nothing was accepted, drafting
-pauses for 2, 4, ... up to 64 tokens, so text that never repeats itself pays for no verify
-batches.
+``draft_max`` its ``m`` (``--spec-ngram-simple-size-m``). ``speculative="ngram"`` adds a
+back-off that upstream does not have: after two drafts in a row of which nothing was accepted,
+drafting pauses for 2, 4, ... up to 64 tokens, so text that never repeats itself pays for no
+verify batches. ``speculative="ngram-simple"`` drafts at every match, as upstream does (the same
+drafts proposed and accepted as llama-server's).
 """
 
 from __future__ import annotations
@@ -41,13 +42,15 @@ class Drafter(Protocol):
 
 
 class NgramDrafter:
-    """Drafts from the sequence's own context, as upstream's ngram-simple does."""
+    """Drafts from the sequence's own context, as upstream's ngram-simple does (pausing after
+    rejected drafts when ``backoff``)."""
 
-    __slots__ = ("_ends", "_history", "_indexed", "failures", "size_m", "size_n", "wait")
+    __slots__ = ("_ends", "_history", "_indexed", "backoff", "failures", "size_m", "size_n", "wait")
 
-    def __init__(self, size_n: int, size_m: int) -> None:
+    def __init__(self, size_n: int, size_m: int, *, backoff: bool = True) -> None:
         self.size_n = size_n  # the n-gram looked up, and the shortest draft
         self.size_m = size_m  # the longest draft
+        self.backoff = backoff
         self._history: list[int] | None = None
         self._indexed = 0
         self._ends: dict[int, list[int]] = {}  # token -> positions where it stands, ascending
@@ -102,7 +105,7 @@ class NgramDrafter:
 
     def verified(self, proposed: int, accepted: int) -> None:
         """Back off after drafts that keep being rejected; an accepted token ends the back-off."""
-        if not proposed:
+        if not proposed or not self.backoff:
             return
         if accepted:
             self.failures = 0
