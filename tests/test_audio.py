@@ -29,6 +29,7 @@ from mullama.generate._context import default_threads
 
 QUESTION = "What do you hear?"
 WINDOW_EMBEDDINGS = 750  # one 30-second window (test-2.mp3 is shorter: padded with silence)
+MAX_AUDIO_SECONDS = 20  # the server's --max-audio-seconds: test-2.mp3 lasts 17.5 s
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +202,8 @@ def test_bad_audio_gives_media_errors_and_the_context_goes_on(audio_model, clip)
 
 @pytest.fixture(scope="module")
 def mullama_server(model_path, mmproj):
-    running = MullamaServer(model_path, parallel=2, ctx_size=4096, extra=("--mmproj", str(mmproj)))
+    running = MullamaServer(model_path, parallel=2, ctx_size=4096,
+                            extra=("--mmproj", str(mmproj), "--max-audio-seconds", str(MAX_AUDIO_SECONDS)))
     yield running
     assert running.process.poll() is None, "the server died"
     running.close()
@@ -225,6 +227,10 @@ def test_bad_audio_gives_4xx_and_the_server_goes_on(mullama_server, clip):
         assert status in (400, 413), (status, body)
         assert body["error"]["code"] in ("INVALID_MEDIA", "MEDIA_TOO_LARGE"), body
         assert body["error"]["message"]
+    long_tone = audio_messages(encoded(tone_wav(MAX_AUDIO_SECONDS + 5)), "wav")
+    status, body = mullama_server.post("/v1/chat/completions", {"messages": long_tone, "max_tokens": 2})
+    assert (status, body["error"]["code"]) == (413, "MEDIA_TOO_LARGE"), body
+    assert f"limit of {MAX_AUDIO_SECONDS} s" in body["error"]["message"]
     assert mullama_server.process.poll() is None
     status, body = mullama_server.post("/v1/chat/completions", {
         "messages": audio_messages(encoded(tone_wav(0.5)), "wav"), "max_tokens": 2, "temperature": 0})
