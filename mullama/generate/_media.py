@@ -46,7 +46,7 @@ class MediaLimits:
     max_bytes: int = 20 << 20  # of one image or clip, encoded
     max_items: int = 8  # per request
     max_pixels: int = 50_000_000  # of one decoded image (declared by its header)
-    max_audio_seconds: float = 900.0  # of one clip (declared by its headers): its samples and spectrogram
+    max_audio_seconds: float = 900.0  # of one clip, declared by its headers (decoded whole into memory)
     allow_remote: bool = False  # http(s) URLs are fetched (with max_bytes and a timeout) only when allowed
     allow_files: bool = True  # file paths and file:// URLs are read
     file_root: Path | None = None  # ... and then only below this directory, when given
