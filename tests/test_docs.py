@@ -117,6 +117,13 @@ def mmproj_path(tmp_path_factory, model_path) -> Path:
                          str(model_path))
 
 
+@pytest.fixture(scope="module")
+def audio_mmproj_path(tmp_path_factory, model_path) -> Path:
+    """The audio projector docs/vision.md has its reader write with tools/make_test_mmproj.py --audio."""
+    return _made_by_tool("make_test_mmproj.py", tmp_path_factory.mktemp("mmproj") / "audio-mmproj.gguf", "--audio",
+                         "--for", str(model_path))
+
+
 @pytest.mark.parametrize("name, index, code", blocks(), ids=[f"{n}#{i}" for n, i, _ in blocks()])
 def test_docs_block_runs(name, index, code, tmp_path, model_path, build, request):
     from upstream import free_port
@@ -129,8 +136,12 @@ def test_docs_block_runs(name, index, code, tmp_path, model_path, build, request
         (tmp_path / "adapter.gguf").symlink_to(request.getfixturevalue("adapter_path"))
     if "draft.gguf" in code:
         (tmp_path / "draft.gguf").symlink_to(request.getfixturevalue("draft_path"))
-    if "mmproj.gguf" in code:
+    if re.search(r"(?<![\w-])mmproj\.gguf", code):  # not audio-mmproj.gguf
         (tmp_path / "mmproj.gguf").symlink_to(request.getfixturevalue("mmproj_path"))
+    if "audio-mmproj.gguf" in code:
+        (tmp_path / "audio-mmproj.gguf").symlink_to(request.getfixturevalue("audio_mmproj_path"))
+    if "speech.mp3" in code:  # docs/vision.md's clip: the pinned tree's test clip
+        (tmp_path / "speech.mp3").symlink_to(Path(build.manifest["source"]) / "tools" / "mtmd" / "test-2.mp3")
     if "photo.jpeg" in code:  # docs/vision.md's picture: the pinned tree's test image
         (tmp_path / "photo.jpeg").symlink_to(Path(build.manifest["source"]) / "tools" / "mtmd" / "test-1.jpeg")
     if "127.0.0.1:8080" in code:

@@ -1,17 +1,30 @@
-"""Write a tiny random CLIP vision projector (an mmproj GGUF) that fits a text model (SmolLM2 by default).
+"""Write a tiny random multimodal projector (an mmproj GGUF) that fits a text model (SmolLM2 by default):
+a CLIP vision projector, or with ``--audio`` a Whisper-style audio projector.
 
     python tools/make_test_mmproj.py OUT.gguf [--for MODEL.gguf] [--seed 0] [--image-size 32] [--patch-size 8]
+    python tools/make_test_mmproj.py OUT.gguf --audio [--for MODEL.gguf] [--seed 0]
 
-Why: images in (``Model.load(..., mmproj=...)``, llama-server's ``--mmproj``) need a vision projector
-for a model in the cache, and no package ships a small one; upstream's own tests make tiny ones
-the same way. This writes what upstream's converter writes for a LLaVA-style model
+Why: images and audio in (``Model.load(..., mmproj=...)``, llama-server's ``--mmproj``) need a projector
+for a model in the cache, and no package ships a small one; upstream's own tests make tiny ones the
+same way.
+
+The vision projector is what upstream's converter writes for a LLaVA-style model
 (``clip.projector_type = mlp``): a ViT (``v.patch_embd``, ``v.position_embd``, ``v.blk.N.*``) over a
 square image of ``--image-size`` pixels cut into ``--patch-size`` patches, then the two-layer MLP
 ``mm.0`` / ``mm.2`` whose output width is the text model's embedding size, so one image becomes
 ``(image_size / patch_size) ** 2`` embeddings the text model decodes (16 with the defaults).
-The weights are random (seeded, F32) and scaled so that image embeddings are of the size of the text
-model's token embeddings: the model's answers then depend on the image. The file is written with the
-pinned llama.cpp tree's gguf-py (it needs numpy).
+
+The audio projector is what the converter writes for Qwen2-Audio (``clip.projector_type = qwen2a``),
+the simplest audio projector of the pinned libmtmd: a Whisper encoder (two 1-D convolutions over a
+128-bin log-mel spectrogram, the second of stride 2, ``a.conv1d.N``; ``a.position_embd``;
+``a.blk.N.*`` with no key bias; ``a.post_ln``), an average pool of 2, then one linear layer
+``mm.a.fc`` to the text model's width. libmtmd cuts audio into 30-second windows (silence-padded)
+of 3000 mel frames, so each window becomes 750 embeddings.
+
+The weights are random (seeded; F32, the convolution kernels F16 as the converter writes them) and
+scaled so that the embeddings are of the size of the text model's token embeddings: the model's
+answers then depend on the image or the sound. The file is written with the pinned llama.cpp tree's
+gguf-py (it needs numpy).
 """
 
 from __future__ import annotations
@@ -25,13 +38,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # not there under PYTH
 from _pinned_gguf import import_gguf, write_tensors_and_close  # a sibling module of this script
 from make_lora import default_source  # SmolLM2 in the model cache
 
-VISION_WIDTH = 64
-VISION_HEADS = 4
-VISION_FF = 128
-VISION_BLOCKS = 2  # the MLP projector reads the last but one block's output: one block runs
+ENCODER_WIDTH = 64
+ENCODER_HEADS = 4
+ENCODER_FF = 128
+ENCODER_BLOCKS = 2  # the MLP projector reads the last but one block's output: one block runs
 # CLIP's normalisation (what LLaVA's converter records).
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+# Whisper's front end as Qwen2-Audio has it: 128 mel bins; 3000 frames (30 s) per window, halved by
+# the stride-2 convolution (1500 positions), halved again by the pool after the blocks.
+MEL_BINS = 128
+AUDIO_POSITIONS = 1500
+AUDIO_WINDOW_EMBEDDINGS = AUDIO_POSITIONS // 2
 
 
 def text_embedding_size(model: Path) -> int:
@@ -42,76 +60,142 @@ def text_embedding_size(model: Path) -> int:
     return int(reader.fields[f"{arch}.embedding_length"].contents())
 
 
-def make_mmproj(out: Path, model: Path | None = None, *, seed: int = 0, image_size: int = 32,
-                patch_size: int = 8) -> dict[str, Any]:
-    """Write a random LLaVA-style vision projector for ``model`` to ``out``; return what it is
-    (its output width and the number of embeddings per image)."""
-    import numpy as np
+class _Weights:
+    """Seeded random tensors, scaled so that each layer keeps its input's size."""
 
+    def __init__(self, seed: int) -> None:
+        import numpy as np
+
+        self.np = np
+        self.rng = np.random.default_rng(seed)
+
+    def dense(self, n_out: int, n_in: int, gain: float = 1.0) -> Any:
+        return (self.rng.standard_normal((n_out, n_in)) * gain / self.np.sqrt(n_in)).astype(self.np.float32)
+
+    def kernel(self, *shape: int, dtype: str = "float32") -> Any:
+        """A convolution kernel in numpy order (out, in, ...): ggml's order reversed."""
+        fan_in = int(self.np.prod(shape[1:]))
+        return (self.rng.standard_normal(shape) / self.np.sqrt(fan_in)).astype(dtype)
+
+    def normal(self, *shape: int, scale: float) -> Any:
+        return (self.rng.standard_normal(shape) * scale).astype(self.np.float32)
+
+    def zeros(self, *shape: int) -> Any:
+        return self.np.zeros(shape, dtype=self.np.float32)
+
+    def ones(self, *shape: int) -> Any:
+        return self.np.ones(shape, dtype=self.np.float32)
+
+    def encoder_blocks(self, prefix: str, key_bias: bool) -> dict[str, Any]:
+        """The transformer blocks ``<prefix>.blk.N.*`` that clip.cpp's ``build_vit`` runs (Whisper's
+        attention has no key bias, which its graph asserts)."""
+        width, tensors = ENCODER_WIDTH, {}
+        for block in range(ENCODER_BLOCKS):
+            at = f"{prefix}.blk.{block}"
+            for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
+                tensors[f"{at}.{name}.weight"] = self.dense(width, width)
+                if key_bias or name != "attn_k":
+                    tensors[f"{at}.{name}.bias"] = self.zeros(width)
+            for norm in ("ln1", "ln2"):
+                tensors[f"{at}.{norm}.weight"] = self.ones(width)
+                tensors[f"{at}.{norm}.bias"] = self.zeros(width)
+            tensors[f"{at}.ffn_up.weight"] = self.dense(ENCODER_FF, width)
+            tensors[f"{at}.ffn_up.bias"] = self.zeros(ENCODER_FF)
+            tensors[f"{at}.ffn_down.weight"] = self.dense(width, ENCODER_FF)
+            tensors[f"{at}.ffn_down.bias"] = self.zeros(width)
+        return tensors
+
+
+def _encoder_keys(writer: Any, modality: str, n_embd_text: int) -> None:
+    """The ``clip.<modality>.*`` sizes of the encoder both projectors share."""
+    writer.add_uint32(f"clip.{modality}.embedding_length", ENCODER_WIDTH)
+    writer.add_uint32(f"clip.{modality}.feed_forward_length", ENCODER_FF)
+    writer.add_uint32(f"clip.{modality}.block_count", ENCODER_BLOCKS)
+    writer.add_uint32(f"clip.{modality}.projection_dim", n_embd_text)
+    writer.add_uint32(f"clip.{modality}.attention.head_count", ENCODER_HEADS)
+    writer.add_float32(f"clip.{modality}.attention.layer_norm_epsilon", 1e-5)
+
+
+def _vision(writer: Any, weights: _Weights, n_embd_text: int, image_size: int, patch_size: int) -> dict[str, Any]:
+    """A LLaVA-style vision projector's keys (written) and tensors (returned)."""
     if image_size % patch_size:
         raise SystemExit(f"--image-size {image_size} is not a multiple of --patch-size {patch_size}")
-    g: Any = import_gguf()
-    model = model or default_source()
-    n_embd_text = text_embedding_size(model)
+    width = ENCODER_WIDTH
     n_patches = (image_size // patch_size) ** 2
-    rng = np.random.default_rng(seed)
-
-    def dense(n_out: int, n_in: int, gain: float = 1.0) -> Any:
-        return (rng.standard_normal((n_out, n_in)) * gain / np.sqrt(n_in)).astype(np.float32)
-
-    def zeros(*shape: int) -> Any:
-        return np.zeros(shape, dtype=np.float32)
-
-    def ones(*shape: int) -> Any:
-        return np.ones(shape, dtype=np.float32)
-
-    width = VISION_WIDTH
     tensors: dict[str, Any] = {
         # ggml's conv2d kernel [patch, patch, 3, width]: numpy order reversed
-        "v.patch_embd.weight": (rng.standard_normal((width, 3, patch_size, patch_size))
-                                / np.sqrt(3 * patch_size * patch_size)).astype(np.float32),
-        "v.patch_embd.bias": zeros(width),
-        "v.position_embd.weight": (rng.standard_normal((n_patches, width)) * 0.1).astype(np.float32),
-        "v.pre_ln.weight": ones(width),
-        "v.pre_ln.bias": zeros(width),
+        "v.patch_embd.weight": weights.kernel(width, 3, patch_size, patch_size),
+        "v.patch_embd.bias": weights.zeros(width),
+        "v.position_embd.weight": weights.normal(n_patches, width, scale=0.1),
+        "v.pre_ln.weight": weights.ones(width),
+        "v.pre_ln.bias": weights.zeros(width),
+        **weights.encoder_blocks("v", key_bias=True),
+        # The projector: the text model's token embeddings have a standard deviation of a few hundredths.
+        "mm.0.weight": weights.dense(n_embd_text, width),
+        "mm.0.bias": weights.zeros(n_embd_text),
+        "mm.2.weight": weights.dense(n_embd_text, n_embd_text, gain=0.1),
+        "mm.2.bias": weights.zeros(n_embd_text),
     }
-    for block in range(VISION_BLOCKS):
-        prefix = f"v.blk.{block}"
-        for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
-            tensors[f"{prefix}.{name}.weight"] = dense(width, width)
-            tensors[f"{prefix}.{name}.bias"] = zeros(width)
-        for norm in ("ln1", "ln2"):
-            tensors[f"{prefix}.{norm}.weight"] = ones(width)
-            tensors[f"{prefix}.{norm}.bias"] = zeros(width)
-        tensors[f"{prefix}.ffn_up.weight"] = dense(VISION_FF, width)
-        tensors[f"{prefix}.ffn_up.bias"] = zeros(VISION_FF)
-        tensors[f"{prefix}.ffn_down.weight"] = dense(width, VISION_FF)
-        tensors[f"{prefix}.ffn_down.bias"] = zeros(width)
-    # The projector: the text model's token embeddings have a standard deviation of a few hundredths.
-    tensors["mm.0.weight"] = dense(n_embd_text, width)
-    tensors["mm.0.bias"] = zeros(n_embd_text)
-    tensors["mm.2.weight"] = dense(n_embd_text, n_embd_text, gain=0.1)
-    tensors["mm.2.bias"] = zeros(n_embd_text)
-
-    writer = g.GGUFWriter(str(out), arch="clip")
-    writer.add_string("general.name", f"random LLaVA-style projector seed {seed} for {model.name}")
-    writer.add_uint32("general.file_type", 0)  # all F32
     writer.add_bool("clip.has_vision_encoder", True)
     writer.add_bool("clip.has_audio_encoder", False)
     writer.add_string("clip.projector_type", "mlp")
     writer.add_bool("clip.use_gelu", True)
     writer.add_uint32("clip.vision.image_size", image_size)
     writer.add_uint32("clip.vision.patch_size", patch_size)
-    writer.add_uint32("clip.vision.embedding_length", width)
-    writer.add_uint32("clip.vision.feed_forward_length", VISION_FF)
-    writer.add_uint32("clip.vision.block_count", VISION_BLOCKS)
-    writer.add_uint32("clip.vision.projection_dim", n_embd_text)
-    writer.add_uint32("clip.vision.attention.head_count", VISION_HEADS)
-    writer.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-5)
+    _encoder_keys(writer, "vision", n_embd_text)
     writer.add_array("clip.vision.image_mean", list(IMAGE_MEAN))
     writer.add_array("clip.vision.image_std", list(IMAGE_STD))
+    return tensors
+
+
+def _audio(writer: Any, weights: _Weights, n_embd_text: int) -> dict[str, Any]:
+    """A Qwen2-Audio-style (Whisper encoder) audio projector's keys (written) and tensors (returned)."""
+    width = ENCODER_WIDTH
+    tensors: dict[str, Any] = {
+        # ggml's conv1d kernels [3, in, out], F16 as the converter writes them; biases [1, out]
+        "a.conv1d.1.weight": weights.kernel(width, MEL_BINS, 3, dtype="float16"),
+        "a.conv1d.1.bias": weights.zeros(width, 1),
+        "a.conv1d.2.weight": weights.kernel(width, width, 3, dtype="float16"),
+        "a.conv1d.2.bias": weights.zeros(width, 1),
+        # Small beside the convolutions' output, so that what differs between clips is the sound.
+        "a.position_embd.weight": weights.normal(AUDIO_POSITIONS, width, scale=0.1),
+        **weights.encoder_blocks("a", key_bias=False),
+        "a.post_ln.weight": weights.ones(width),
+        "a.post_ln.bias": weights.zeros(width),
+        # The projector's input is layer-normed: a gain of a few hundredths gives embeddings of the
+        # text model's token embeddings' size.
+        "mm.a.fc.weight": weights.dense(n_embd_text, width, gain=0.05),
+        "mm.a.fc.bias": weights.zeros(n_embd_text),
+    }
+    writer.add_bool("clip.has_vision_encoder", False)
+    writer.add_bool("clip.has_audio_encoder", True)
+    writer.add_string("clip.projector_type", "qwen2a")
+    _encoder_keys(writer, "audio", n_embd_text)
+    writer.add_uint32("clip.audio.num_mel_bins", MEL_BINS)
+    return tensors
+
+
+def make_mmproj(out: Path, model: Path | None = None, *, seed: int = 0, image_size: int = 32,
+                patch_size: int = 8, audio: bool = False) -> dict[str, Any]:
+    """Write a random projector for ``model`` to ``out``: a LLaVA-style vision one, or a Qwen2-Audio-style
+    audio one when ``audio``; return what it is (its output width, the embeddings per image or per
+    30-second audio window, its tensor count)."""
+    g: Any = import_gguf()
+    model = model or default_source()
+    n_embd_text = text_embedding_size(model)
+    weights = _Weights(seed)
+    kind = "Qwen2-Audio-style audio" if audio else "LLaVA-style"
+    writer = g.GGUFWriter(str(out), arch="clip")
+    writer.add_string("general.name", f"random {kind} projector seed {seed} for {model.name}")
+    writer.add_uint32("general.file_type", 1 if audio else 0)  # F32, the audio one's kernels F16
+    if audio:
+        tensors = _audio(writer, weights, n_embd_text)
+        per_item = AUDIO_WINDOW_EMBEDDINGS
+    else:
+        tensors = _vision(writer, weights, n_embd_text, image_size, patch_size)
+        per_item = (image_size // patch_size) ** 2
     write_tensors_and_close(writer, tensors)
-    return {"n_embd": n_embd_text, "tokens_per_image": n_patches, "tensors": len(tensors)}
+    return {"n_embd": n_embd_text, "tokens_per_item": per_item, "tensors": len(tensors), "kind": kind}
 
 
 def main(argv: list[str]) -> int:
@@ -119,12 +203,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("--for", dest="model", type=Path, default=None, help="the text model's GGUF")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--audio", action="store_true", help="an audio projector (Whisper encoder, qwen2a) "
+                        "instead of a vision one")
     parser.add_argument("--image-size", type=int, default=32, help="the square the image is resized to (pixels)")
     parser.add_argument("--patch-size", type=int, default=8, help="pixels per patch side (one embedding each)")
     args = parser.parse_args(argv)
-    made = make_mmproj(args.out, args.model, seed=args.seed, image_size=args.image_size, patch_size=args.patch_size)
-    print(f"wrote {args.out}: {made['tensors']} tensors, {made['tokens_per_image']} embeddings of "
-          f"{made['n_embd']} per image")
+    made = make_mmproj(args.out, args.model, seed=args.seed, image_size=args.image_size, patch_size=args.patch_size,
+                       audio=args.audio)
+    item = "30-second audio window" if args.audio else "image"
+    print(f"wrote {args.out}: a {made['kind']} projector, {made['tensors']} tensors, {made['tokens_per_item']} "
+          f"embeddings of {made['n_embd']} per {item}")
     return 0
 
 

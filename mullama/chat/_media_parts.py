@@ -10,12 +10,14 @@ from typing import Any
 
 from .._exceptions import MediaError
 
-__all__ = ["MEDIA_MARKER_PART", "MEDIA_PART_TYPES", "MediaSource", "has_media", "split_media"]
+__all__ = ["AUDIO_FORMATS", "MEDIA_MARKER_PART", "MEDIA_PART_TYPES", "MediaSource", "has_media", "split_media"]
 
 #: The part type a media part becomes: its text is the marker (llama.cpp's "media_marker").
 MEDIA_MARKER_PART = "media_marker"
 #: OpenAI's content part types that carry media.
 MEDIA_PART_TYPES = frozenset({"image_url", "input_audio"})
+#: The ``input_audio.format`` values taken: the containers libmtmd's decoder (miniaudio) reads.
+AUDIO_FORMATS = ("wav", "mp3", "flac")
 
 
 @dataclass(frozen=True)
@@ -48,10 +50,17 @@ def _source(part: Mapping[str, Any], where: str) -> MediaSource:
                              "}} (a data URI or a file path).")
         return MediaSource("image", url)
     audio = part.get("input_audio")
-    data = (audio.get("data") or audio.get("url")) if isinstance(audio, Mapping) else None
+    audio = audio if isinstance(audio, Mapping) else {}
+    data = audio.get("data") or audio.get("url")
     if not isinstance(data, str) or not data:
         raise MediaError(f"{where}: an input_audio part needs {{'input_audio': {{'data': '<base64>', "
                          "'format': 'wav' or 'mp3'}}.")
+    # The decoder reads the container from the bytes (as llama-server, which ignores the field), but a
+    # format it cannot read is refused here with a clear message instead of as undecodable data.
+    declared = audio.get("format")
+    if declared is not None and (not isinstance(declared, str) or declared.lower() not in AUDIO_FORMATS):
+        raise MediaError(f"{where}: input_audio.format {declared!r} is not one of {', '.join(AUDIO_FORMATS)} "
+                         "(the audio formats that can be decoded); convert the clip to one of them.")
     return MediaSource("audio", data)
 
 

@@ -257,7 +257,8 @@ def make_parser() -> argparse.ArgumentParser:
                        help="load the LoRA adapters at scale 0; POST /lora-adapters sets scales")
     serve.add_argument("--mmproj", metavar="FILE",
                        help="the model's multimodal projector (an mmproj GGUF, llama-server's): requests may hold "
-                            "images (OpenAI image_url, Anthropic image blocks, ollama images)")
+                            "images (OpenAI image_url, Anthropic image blocks, ollama images) or audio "
+                            "(OpenAI input_audio), as the projector takes")
     serve.add_argument("--media-path", metavar="DIR",
                        help="read image_url file paths below this directory (llama-server's; default: no files)")
     serve.add_argument("--allow-remote-media", action="store_true",
@@ -265,6 +266,8 @@ def make_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-media-bytes", type=int, default=20 << 20, metavar="N",
                        help="the largest image or clip, encoded (default 20 MiB; with --mmproj a request body "
                             "may hold one such image in base64 beside 1 MiB of text)")
+    serve.add_argument("--max-audio-seconds", type=float, default=900.0, metavar="S",
+                       help="the longest audio clip, by its headers, refused before it is decoded (default 900)")
     serve.add_argument("--pooling", choices=["mean", "cls", "last"],
                        help="pooling for /v1/embeddings (default: the model's own, else mean)")
     serve.add_argument("--embedding-batch", type=int,

@@ -51,7 +51,8 @@ def serve_command(args: argparse.Namespace) -> int:
                  lora_init_without_apply=args.lora_init_without_apply, speculative=speculative_options(args),
                  draft_model=args.model_draft, mmproj=args.mmproj,
                  max_body_bytes=(1 << 20) + (args.max_media_bytes * 4 // 3 if args.mmproj else 0),
-                 media=media_limits(args.media_path, args.allow_remote_media, args.max_media_bytes),
+                 media=media_limits(args.media_path, args.allow_remote_media, args.max_media_bytes,
+                                    args.max_audio_seconds),
                  max_memory=_parse_size(args.max_memory) if args.max_memory else None)
 
 
@@ -66,16 +67,21 @@ def end_when_rpc_is_lost(address: str) -> None:
     os._exit(1)
 
 
-def media_limits(media_path: str | None, allow_remote: bool, max_bytes: int) -> MediaLimits:
-    """The server's bounds on media: files only below ``--media-path``, remote URLs only when allowed."""
+def media_limits(media_path: str | None, allow_remote: bool, max_bytes: int,
+                 max_audio_seconds: float = 900.0) -> MediaLimits:
+    """The server's bounds on media: files only below ``--media-path``, remote URLs only when allowed,
+    sizes and clip lengths."""
     from ..generate._media import MediaLimits
 
     if media_path is not None and not Path(media_path).is_dir():
         raise InvalidConfigError(f"--media-path: not a directory: {media_path}")
     if max_bytes < 1:
         raise InvalidConfigError(f"--max-media-bytes must be at least 1, not {max_bytes}.")
+    if not max_audio_seconds > 0:
+        raise InvalidConfigError(f"--max-audio-seconds must be more than 0, not {max_audio_seconds}.")
     return MediaLimits(max_bytes=max_bytes, allow_remote=allow_remote, allow_files=media_path is not None,
-                       file_root=Path(media_path) if media_path is not None else None)
+                       file_root=Path(media_path) if media_path is not None else None,
+                       max_audio_seconds=max_audio_seconds)
 
 
 def _lora_args(args: argparse.Namespace) -> list[tuple[str, float]]:

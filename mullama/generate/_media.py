@@ -27,6 +27,7 @@ from ..chat._media_parts import MediaSource
 from ..native import _library
 from ..native._owned import Owned
 from ._context_params import default_threads, reusable_prefix, trim_cache
+from ._media_check import check_media_header
 
 if TYPE_CHECKING:
     from ._model import Model
@@ -45,6 +46,7 @@ class MediaLimits:
     max_bytes: int = 20 << 20  # of one image or clip, encoded
     max_items: int = 8  # per request
     max_pixels: int = 50_000_000  # of one decoded image (declared by its header)
+    max_audio_seconds: float = 900.0  # of one clip, declared by its headers (decoded whole into memory)
     allow_remote: bool = False  # http(s) URLs are fetched (with max_bytes and a timeout) only when allowed
     allow_files: bool = True  # file paths and file:// URLs are read
     file_root: Path | None = None  # ... and then only below this directory, when given
@@ -196,44 +198,6 @@ class Projector(Owned):
                 raise MediaError(f"media {number} was sent as {source.kind} but holds "
                                  f"{'audio' if source.kind == 'image' else 'an image'}.")
         return MediaPrompt(self, prompt, bitmaps)
-
-
-def check_media_header(data: bytes, kind: str, limits: MediaLimits, number: int) -> None:
-    """Refuse, before it is decoded, an image whose header declares more pixels than ``limits.max_pixels``
-    (a decompression bomb; PNG, GIF, BMP and JPEG headers are read), or a JPEG or PNG cut short."""
-    if kind != "image":
-        return
-    size = _image_size(data)
-    if size is not None and size[0] * size[1] > limits.max_pixels:
-        raise MediaError(f"image {number} is {size[0]}x{size[1]} pixels, more than the limit of {limits.max_pixels}.",
-                         code="MEDIA_TOO_LARGE")
-    # stb_image decodes what it can of a cut file (the rest grey): a truncated upload is refused instead.
-    if (data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-1024:]) or (
-            data[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in data[-64:]):
-        raise MediaError(f"image {number} is truncated (its JPEG or PNG end marker is missing); send the whole file.")
-
-
-def _image_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from an image header, or None when the format is not one of these."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
-        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
-        return int.from_bytes(data[6:8], "little"), int.from_bytes(data[8:10], "little")
-    if data[:2] == b"BM" and len(data) >= 26:
-        return abs(int.from_bytes(data[18:22], "little", signed=True)), abs(
-            int.from_bytes(data[22:26], "little", signed=True))
-    if data[:2] == b"\xff\xd8":
-        index = 2
-        while index + 9 < len(data):
-            if data[index] != 0xFF:
-                return None
-            marker = data[index + 1]
-            length = int.from_bytes(data[index + 2:index + 4], "big")
-            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-                height, width = data[index + 5:index + 7], data[index + 7:index + 9]
-                return int.from_bytes(width, "big"), int.from_bytes(height, "big")
-            index += 2 + length
-    return None
 
 
 class MediaPrompt:
