@@ -17,6 +17,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import ollama
 import pytest
 from hf_server import HFServer
 from mullama_server import MullamaServer
@@ -206,6 +207,17 @@ def test_an_interrupted_projector_download_leaves_the_model_usable_and_resumes(h
     assert len(hub.gets(FILE)) == 1
 
 
+def test_a_projector_that_fails_its_digest_leaves_nothing_of_it(hub, tmp_path, capsys):
+    hub.files[f"{VISION_REPO}/{PROJECTOR}"].wrong_digest = True
+    path = _pull.pull(NAME, quiet=True)
+    assert "sha256" in capsys.readouterr().err
+    assert files_in(tmp_path) == sorted([FILE, "index.json"])  # no projector, no .part: only the model
+    (cached,) = _cache.list_models()
+    assert cached.path == path and not cached.projector.complete
+    with mullama.Model.load(NAME) as model:
+        assert model.projector is None and model.vocab_size == 49152
+
+
 def test_the_server_says_vision_and_answers_images_with_the_pulled_projector(hub, model_path, projectors, image):
     _pull.pull(NAME, quiet=True)
     with mullama.Model.load(model_path, mmproj=projectors[PROJECTOR]) as by_path:
@@ -217,6 +229,7 @@ def test_the_server_says_vision_and_answers_images_with_the_pulled_projector(hub
         status, shown = server.post("/api/show", {"model": NAME})
         assert status == 200 and shown["capabilities"] == ["completion", "vision"]
         assert shown["projector_info"]["clip.has_vision_encoder"] is True
+        assert ollama.Client(host=server.url).show(NAME).capabilities == ["completion", "vision"]  # the client reads it
         encoded = base64.b64encode(image.read_bytes()).decode()
         status, answer = server.post("/api/chat", {
             "model": NAME, "stream": False, "options": {"temperature": 0, "num_predict": 12},
