@@ -4,7 +4,8 @@ A name is one of the REGISTRY's (like ollama's tags: ``smollm2:135m``; a family 
 first tag), or ``hf:owner/repo[@revision][:path/to/file.gguf]`` for any GGUF on Hugging Face, or the path of a
 local file (``is_local_path``). Hugging Face names are validated before any request (conservative characters
 and lengths, no ``..``, no absolute path, no percent-encoding); one without a file asks Hugging Face for the
-repository's files and picks a sensible quantisation (``choose_gguf``). An unknown name is refused with the
+repository's files and picks a sensible quantisation (``choose_gguf``); a repository's multimodal
+projector is picked as llama.cpp's ``-hf`` picks it (``choose_projector``). An unknown name is refused with the
 names it probably means (``close_names``). Also here: where Hugging Face and the package index are, and what
 their HTTP answers mean -- shared with the downloads (``_pull``), which build on this module.
 """
