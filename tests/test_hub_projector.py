@@ -172,6 +172,15 @@ def test_cli_pull_list_show_run_and_rm_remove_both(hub, tmp_path, model_path, pr
     assert (result["text"], result["prompt_tokens"]) == (text, prompt_tokens)
     refused = mullama_cli("run", NAME, "--no-mmproj", "--image", str(image), QUESTION)
     assert refused.returncode != 0 and "--no-mmproj" in refused.stderr
+    import pexpect
+
+    child = pexpect.spawn(sys.executable, ["-m", "mullama", "chat", NAME], env=child_env(), encoding="utf-8",
+                          timeout=300, dimensions=(40, 200))
+    child.expect(">>> ")
+    child.sendline(f"/image {image}")
+    child.expect("will go with your next message")  # (a model without a projector says it takes no images)
+    child.sendeof()
+    child.expect(pexpect.EOF)
 
     removed = mullama_cli("rm", NAME)
     assert removed.returncode == 0, removed.stderr
