@@ -7,7 +7,7 @@ import argparse
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .._exceptions import InvalidConfigError, ModelNotFoundError
 
@@ -129,6 +129,14 @@ def placement(args: argparse.Namespace) -> dict[str, Any]:
     servers = [part.strip() for part in args.rpc.split(",") if part.strip()] if args.rpc else None
     return {"n_gpu_layers": args.n_gpu_layers, "main_gpu": args.main_gpu, "split_mode": args.split_mode,
             "tensor_split": split, "rpc_servers": servers}
+
+
+def mmproj_option(args: argparse.Namespace) -> str | Literal[False] | None:
+    """Model.load's ``mmproj`` from --mmproj FILE and --no-mmproj (None: the projector pulled with the model)."""
+    mmproj, off = getattr(args, "mmproj", None), getattr(args, "no_mmproj", False)
+    if mmproj and off:
+        raise InvalidConfigError("give --mmproj FILE or --no-mmproj, not both.")
+    return False if off else mmproj
 
 
 def check_writable(path: str, flag: str) -> None:

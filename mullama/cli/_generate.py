@@ -13,6 +13,7 @@ from .._exceptions import InvalidConfigError
 from ._args import (
     check_ctx_size,
     check_writable,
+    mmproj_option,
     model_and_words,
     model_arg,
     model_label,
@@ -54,10 +55,13 @@ def run_command(args: argparse.Namespace) -> int:
     config = stream_config(args, stop=args.stop)
     label = model_label(model_name)
     with contextlib.ExitStack() as resources:
-        if args.image and not args.mmproj:
-            raise InvalidConfigError("--image needs the model's projector: add --mmproj FILE (an mmproj GGUF).")
+        mmproj = mmproj_option(args)
         model = resources.enter_context(Model.load(model_name, chat_template=args.chat_template_file,
-                                                   mmproj=args.mmproj, **placement(args)))
+                                                   mmproj=mmproj, **placement(args)))
+        if args.image and not model.supports_vision:
+            raise InvalidConfigError(f"--image needs the model's projector: {label} has none loaded; add --mmproj "
+                                     "FILE (an mmproj GGUF)" + (" and leave out --no-mmproj." if mmproj is False
+                                                                else "."))
         draft = resources.enter_context(Model.load(args.model_draft)) if args.model_draft else None
         context = resources.enter_context(Context(model, n_ctx=args.ctx_size, n_threads=args.threads,
                                                   draft_model=draft))
@@ -112,7 +116,7 @@ def chat_command(args: argparse.Namespace, model_name: str | None = None) -> int
     return chat_main(model_name or model_arg(args) or DEFAULT_MODEL, system=args.system,
                      config=stream_config(args), ctx_size=args.ctx_size, threads=args.threads, record=record,
                      chat_template=args.chat_template_file, placement=placement(args),
-                     mmproj=getattr(args, "mmproj", None))
+                     mmproj=mmproj_option(args))
 
 
 def embed_command(args: argparse.Namespace) -> int:

@@ -84,9 +84,11 @@ def _add_template(parser: argparse.ArgumentParser) -> None:
                         help="use this Jinja chat template instead of the model's (as llama-server's)")
 
 
-def _add_mmproj(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mmproj", metavar="FILE",
-                        help="the model's multimodal projector (an mmproj GGUF, llama.cpp's): images in")
+def _add_mmproj(parser: argparse.ArgumentParser, help: str = "the model's multimodal projector (an mmproj GGUF, "
+                "llama.cpp's): images in (default: the one pulled with a Hugging Face model, if any)") -> None:
+    parser.add_argument("--mmproj", metavar="FILE", help=help)
+    parser.add_argument("--no-mmproj", action="store_true",
+                        help="do not load the projector pulled with the model (llama-server's --no-mmproj)")
 
 
 def _add_offload(parser: argparse.ArgumentParser) -> None:
@@ -159,7 +161,7 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print the result and statistics as JSON")
     _add_mmproj(run)
     run.add_argument("--image", action="append", metavar="PATH",
-                     help="an image to ask about, after the prompt (repeatable; needs --mmproj)")
+                     help="an image to ask about, after the prompt (repeatable; needs a projector)")
     _add_verbosity(run)
 
     chat = commands.add_parser("chat", help="chat in the terminal (Markdown, streaming, multi-turn)")
@@ -255,16 +257,16 @@ def make_parser() -> argparse.ArgumentParser:
                        help="a LoRA adapter with its scale (comma-separated, repeatable; llama-server's)")
     serve.add_argument("--lora-init-without-apply", action="store_true",
                        help="load the LoRA adapters at scale 0; POST /lora-adapters sets scales")
-    serve.add_argument("--mmproj", metavar="FILE",
-                       help="the model's multimodal projector (an mmproj GGUF, llama-server's): requests may hold "
-                            "images (OpenAI image_url, Anthropic image blocks, ollama images) or audio "
-                            "(OpenAI input_audio), as the projector takes")
+    _add_mmproj(serve, "the model's multimodal projector (an mmproj GGUF, llama-server's): requests may hold "
+                       "images (OpenAI image_url, Anthropic image blocks, ollama images) or audio (OpenAI "
+                       "input_audio), as the projector takes; default: the one pulled "
+                       "with each Hugging Face model, if any")
     serve.add_argument("--media-path", metavar="DIR",
                        help="read image_url file paths below this directory (llama-server's; default: no files)")
     serve.add_argument("--allow-remote-media", action="store_true",
                        help="fetch image_url http(s) URLs (at most --max-media-bytes each; default: refused)")
     serve.add_argument("--max-media-bytes", type=int, default=20 << 20, metavar="N",
-                       help="the largest image or clip, encoded (default 20 MiB; with --mmproj a request body "
+                       help="the largest image or clip, encoded (default 20 MiB; with a projector a request body "
                             "may hold one such image in base64 beside 1 MiB of text)")
     serve.add_argument("--max-audio-seconds", type=float, default=900.0, metavar="S",
                        help="the longest audio clip, by its headers, refused before it is decoded (default 900)")

@@ -14,7 +14,7 @@ from .._exceptions import InvalidConfigError
 
 if TYPE_CHECKING:
     from ..generate._media import MediaLimits
-from ._args import check_ctx_size, placement, speculative_options
+from ._args import check_ctx_size, mmproj_option, placement, speculative_options
 from ._format import duration, size, until
 
 
@@ -49,8 +49,8 @@ def serve_command(args: argparse.Namespace) -> int:
                  keep_alive=keep_alive, max_loaded=args.max_loaded, placement=placement(args),
                  drain_timeout=args.drain_timeout, lora=_lora_args(args),
                  lora_init_without_apply=args.lora_init_without_apply, speculative=speculative_options(args),
-                 draft_model=args.model_draft, mmproj=args.mmproj,
-                 max_body_bytes=(1 << 20) + (args.max_media_bytes * 4 // 3 if args.mmproj else 0),
+                 draft_model=args.model_draft, mmproj=mmproj_option(args),
+                 max_body_bytes=1 << 20, media_body_bytes=args.max_media_bytes * 4 // 3,
                  media=media_limits(args.media_path, args.allow_remote_media, args.max_media_bytes,
                                     args.max_audio_seconds),
                  max_memory=_parse_size(args.max_memory) if args.max_memory else None)

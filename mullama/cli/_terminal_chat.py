@@ -18,7 +18,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.live import Live
@@ -411,7 +411,7 @@ class TerminalChat:
 
 def chat_main(model_ref: str, *, system: str | None, config: StreamConfig, ctx_size: int | None,
               threads: int | None = None, record: str | None = None, chat_template: str | None = None,
-              placement: dict[str, Any] | None = None, mmproj: str | None = None) -> int:
+              placement: dict[str, Any] | None = None, mmproj: str | Literal[False] | None = None) -> int:
     """The terminal chat on ``model_ref`` (``placement``: Model.load's offloading options)."""
     console = terminal_console()
     with console.status(f"loading {model_ref} ...", spinner="dots") if console.is_terminal else nullcontext():

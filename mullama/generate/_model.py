@@ -7,7 +7,7 @@ import threading
 import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from .._exceptions import ClosedError, ContextError, InvalidConfigError, ModelLoadError, TemplateError, TokenizeError
 from ..gguf._preflight import check_model_file, preflight
@@ -70,7 +70,7 @@ class Model(Owned):
              vocab_only: bool = False, chat_template: str | os.PathLike[str] | None = None, main_gpu: int = 0,
              split_mode: str = "layer", tensor_split: Sequence[float] | None = None,
              rpc_servers: Sequence[str] | None = None, lora: LoraSpec | None = None,
-             mmproj: str | os.PathLike[str] | None = None) -> Model:
+             mmproj: str | os.PathLike[str] | Literal[False] | None = None) -> Model:
         """Load a model from a ``.gguf`` path, or by name (e.g. ``"smollm2:135m"``, downloaded once).
 
         ``chat_template`` (Jinja text, or the path of a ``.jinja`` file) replaces the GGUF's own
@@ -87,7 +87,8 @@ class Model(Owned):
         contexts apply them at these scales unless told otherwise (see :meth:`load_lora`).
 
         ``mmproj`` loads the model's multimodal projector (an mmproj GGUF, llama-server's ``--mmproj``):
-        chat messages may then hold images and audio (``supports_vision``, ``supports_audio``).
+        chat messages may then hold images and audio (``supports_vision``, ``supports_audio``). By default
+        a model name gets the projector pulled with it (as llama-server's ``-hf``); False loads none.
 
         Raises ModelLoadError for a missing, empty, truncated or corrupt file, and
         ModelNotFoundError / DownloadError for a name that cannot be fetched. The file's header is
@@ -96,10 +97,11 @@ class Model(Owned):
         with ModelLoadError naming the key.
         """
         from ..chat._template import load_template
-        from ..hub._pull import resolve
+        from ..hub._pull import projector_for, resolve
 
         template = load_template(chat_template) if chat_template is not None else None
         path = resolve(model)
+        projector = projector_for(model, path) if mmproj is None else None if mmproj is False else mmproj
         check_model_file(path)
         placement = DeviceOptions.of(n_gpu_layers=n_gpu_layers, main_gpu=main_gpu, split_mode=split_mode,
                                      tensor_split=tensor_split, rpc_servers=rpc_servers)
@@ -127,10 +129,10 @@ class Model(Owned):
 
                 for adapter, scale in _entries(lora):
                     loaded.load_lora(adapter, scale)
-            if mmproj is not None:
+            if projector is not None:
                 from ._media import Projector
 
-                loaded.projector = Projector(loaded, mmproj)
+                loaded.projector = Projector(loaded, projector)
         except BaseException:
             loaded.close()
             raise

@@ -1,8 +1,10 @@
 """The cache of downloaded models: where a verified file lives, and the index of what is there.
 
 Each model has a directory under ``models_dir()`` (``model_path``); ``index.json`` beside them records,
-per name, the file, its size, its sha256, where it came from and when (``list_models``; ``remove``
-deletes a model and its partial downloads). The index is rewritten whole, under a file lock, and
+per name, the file, its size, its sha256, where it came from and when, and for a Hugging Face model
+its multimodal projector (``"projector"``: None when the repository has none; a projector whose file
+is missing did not finish downloading) (``list_models``; ``remove`` deletes a model, its projector and
+their partial downloads: they share the directory). The index is rewritten whole, under a file lock, and
 replaced atomically; ``_locked`` is the same lock the downloads (``_pull``) take per file. Nothing
 here downloads: ``cached`` answers whether a name has been pulled.
 """
@@ -24,7 +26,7 @@ from .._exceptions import ModelNotFoundError
 from .._paths import models_dir
 from ._catalog import HFFile, RegistryEntry, entry_for
 
-__all__ = ["CachedModel", "cached", "list_models", "model_path", "remove"]
+__all__ = ["CachedModel", "CachedProjector", "cached", "list_models", "model_path", "projector_of", "remove"]
 
 INDEX_FILE = "index.json"
 
@@ -55,6 +57,30 @@ def cached(name: str) -> Path | None:
 
 
 @dataclass(frozen=True)
+class CachedProjector:
+    """A model's multimodal projector (an mmproj GGUF from the model's repository), beside the model."""
+
+    file: str  # its path in the repository
+    path: Path
+    source: str
+    size: int | None = None  # None until it is downloaded and verified
+    sha256: str | None = None
+
+    @property
+    def complete(self) -> bool:
+        """Whether the verified file is there (it is not while a download is unfinished)."""
+        return self.sha256 is not None and self.path.is_file()
+
+    @classmethod
+    def of(cls, item: dict) -> CachedProjector | None:
+        """The projector an index item records, or None."""
+        record = item.get("projector")
+        if not isinstance(record, dict):
+            return None
+        return cls(record["file"], Path(record["path"]), record["source"], record.get("size"), record.get("sha256"))
+
+
+@dataclass(frozen=True)
 class CachedModel:
     name: str
     path: Path
@@ -62,6 +88,7 @@ class CachedModel:
     sha256: str
     source: str
     pulled_at: str
+    projector: CachedProjector | None = None
 
 
 def _index_path() -> Path:
@@ -101,12 +128,18 @@ def list_models() -> list[CachedModel]:
     for name, item in sorted(_read_index().items()):
         path = Path(item["path"])
         if path.is_file():
-            result.append(CachedModel(name, path, item["size"], item["sha256"], item["source"], item["pulled_at"]))
+            result.append(CachedModel(name, path, item["size"], item["sha256"], item["source"], item["pulled_at"],
+                                      CachedProjector.of(item)))
     return result
 
 
+def projector_of(path: Path) -> CachedProjector | None:
+    """The projector recorded with the cached model whose file is ``path``, or None."""
+    return next((CachedProjector.of(item) for item in _read_index().values() if item.get("path") == str(path)), None)
+
+
 def remove(name: str) -> Path:
-    """Delete a cached model and its partial downloads; returns the directory removed."""
+    """Delete a cached model, its projector and their partial downloads; returns the directory removed."""
     index = _read_index()
     key = name if name in index else name.lower()
     if key not in index:
@@ -122,3 +155,16 @@ def _record(entry: RegistryEntry, final: Path, digest: str, origin: str) -> None
     item = {"path": str(final), "size": final.stat().st_size, "sha256": digest, "source": origin,
             "pulled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(final.stat().st_mtime))}
     _update_index(lambda index: index.__setitem__(entry.name, item))
+
+
+def _record_projector(name: str, projector: CachedProjector | None) -> None:
+    """Record ``name``'s projector (None: its repository has none) beside the model's own record."""
+    record = None if projector is None else {
+        "file": projector.file, "path": str(projector.path), "source": projector.source, "size": projector.size,
+        "sha256": projector.sha256}
+
+    def change(index: dict) -> None:
+        if name in index:  # (removed meanwhile: nothing to record)
+            index[name]["projector"] = record
+
+    _update_index(change)

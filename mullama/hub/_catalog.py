@@ -4,7 +4,8 @@ A name is one of the REGISTRY's (like ollama's tags: ``smollm2:135m``; a family 
 first tag), or ``hf:owner/repo[@revision][:path/to/file.gguf]`` for any GGUF on Hugging Face, or the path of a
 local file (``is_local_path``). Hugging Face names are validated before any request (conservative characters
 and lengths, no ``..``, no absolute path, no percent-encoding); one without a file asks Hugging Face for the
-repository's files and picks a sensible quantisation (``choose_gguf``). An unknown name is refused with the
+repository's files and picks a sensible quantisation (``choose_gguf``); a repository's multimodal
+projector is picked as llama.cpp's ``-hf`` picks it (``choose_projector``). An unknown name is refused with the
 names it probably means (``close_names``). Also here: where Hugging Face and the package index are, and what
 their HTTP answers mean -- shared with the downloads (``_pull``), which build on this module.
 """
@@ -66,6 +67,9 @@ class RegistryEntry:
     sha256: str | None = None
     size: int | None = None
     description: str = ""
+    # A Hugging Face repository's file list, when it was fetched to make this entry (the projector is
+    # chosen from it without asking again); None: not fetched.
+    listing: tuple[str, ...] | None = None
 
 
 REGISTRY: dict[str, RegistryEntry] = {entry.name: entry for entry in (
@@ -295,16 +299,18 @@ def _hf_entry(name: str) -> RegistryEntry:
     """The entry of a Hugging Face name. Its name (the cache's key) includes the revision unless it is
     main: ``hf:o/r@v1:f.gguf`` and ``hf:o/r@v2:f.gguf`` are different files."""
     repo, revision, filename = _parse_hf(name)
+    listing = None
     if filename is None:
-        filename = choose_gguf(repo, revision)
+        listing = hf_files(repo, revision)
+        filename = choose_gguf(repo, revision, listing)
         _check_hf_file(f"hf:{repo}:{filename}", filename)  # a name the server listed: validated like any
     at = "" if revision == "main" else f"@{revision}"
     return RegistryEntry(f"hf:{repo}{at}:{filename}", filename.rsplit("/", 1)[-1],
-                         (HFFile(repo, filename, revision),))
+                         (HFFile(repo, filename, revision),), listing=listing)
 
 
-def choose_gguf(repo: str, revision: str = "main") -> str:
-    """Pick a sensible quantisation among the repository's GGUF files, and say which."""
+def hf_files(repo: str, revision: str = "main") -> tuple[str, ...]:
+    """The paths of the files in a Hugging Face repository at ``revision`` (one request to its API)."""
     import requests
 
     url = f"{hf_endpoint()}/api/models/{repo}/tree/{quote(revision, safe='')}"
@@ -313,17 +319,62 @@ def choose_gguf(repo: str, revision: str = "main") -> str:
     except requests.RequestException as exc:
         raise DownloadError(f"cannot list {repo} on {hf_endpoint()}: {exc}") from exc
     _raise_for_hf_status(response, repo)
-    files = [item["path"] for item in response.json() if item.get("type") == "file"
-             and item["path"].endswith(".gguf") and "mmproj" not in item["path"].lower()]
-    if not files:
+    try:
+        return tuple(item["path"] for item in response.json() if item.get("type") == "file")
+    except (ValueError, TypeError, KeyError) as exc:
+        raise DownloadError(f"{hf_endpoint()} answered the file list of {repo} with something else than "
+                            f"Hugging Face's JSON ({exc}); check HF_ENDPOINT.") from exc
+
+
+def is_projector(path: str) -> bool:
+    """Whether a repository's file is a multimodal projector (llama.cpp's ``mmproj`` GGUFs)."""
+    return path.endswith(".gguf") and "mmproj" in path.rsplit("/", 1)[-1].lower()
+
+
+def choose_gguf(repo: str, revision: str = "main", files: tuple[str, ...] | None = None) -> str:
+    """Pick a sensible quantisation among the repository's GGUF files (``files``: its listing, fetched
+    when not given), and say which."""
+    listed = hf_files(repo, revision) if files is None else files
+    models = [f for f in listed if f.endswith(".gguf") and not is_projector(f)]
+    if not models:
         raise ModelNotFoundError(f"{repo} has no .gguf file; pick a GGUF repository (most end in -GGUF).")
     for quant in PREFERRED_QUANTS:
-        matches = sorted(f for f in files if quant.lower() in Path(f).name.lower())
+        matches = sorted(f for f in models if quant.lower() in Path(f).name.lower())
         if matches:
             chosen = matches[0]
             break
     else:
-        chosen = min(files)
-    print(f"mullama: {repo} has {len(files)} GGUF files; using {chosen} "
+        chosen = min(models)
+    print(f"mullama: {repo} has {len(models)} GGUF files; using {chosen} "
           f"(name one with hf:{repo}:FILE)", file=sys.stderr)
+    return chosen
+
+
+def _quant_bits(path: str) -> int:
+    """The bits of a GGUF's quantisation tag, from its name: ``-Q4_K_M`` 4, ``-f16`` 16, ``.BF16`` 16,
+    none 0 (llama.cpp's ``extract_quant_bits``; a split file's ``-00001-of-00003`` is not a tag)."""
+    stem = re.sub(r"-\d{5}-of-\d{5}$", "", path.removesuffix(".gguf"), flags=re.IGNORECASE)
+    tag = re.search(r"[-.]([A-Za-z0-9_]+)$", stem)
+    digits = re.search(r"\d+", tag.group(1)) if tag else None
+    return int(digits.group()) if digits else 0
+
+
+def choose_projector(files: tuple[str, ...], model: str) -> str | None:
+    """The multimodal projector that goes with ``model`` among a repository's ``files``, or None.
+
+    llama.cpp's rule (``find_best_mmproj`` in the pinned tree's common/download.cpp, what ``-hf``
+    downloads): a projector in the model's directory or one above it, the deepest such, then the one
+    whose quantisation's bits are closest to the model's (a Q4 or Q8 model gets a Q8_0 projector over
+    an F16 one; an F16 model the F16), then the first listed."""
+    model_dirs = model.split("/")[:-1]
+    model_bits = _quant_bits(model)
+    best: tuple[int, int] | None = None  # (-depth, bits difference): the smallest wins
+    chosen = None
+    for path in files:
+        dirs = path.split("/")[:-1]
+        if not is_projector(path) or dirs != model_dirs[:len(dirs)]:
+            continue
+        rank = (-len(dirs), abs(_quant_bits(path) - model_bits))
+        if best is None or rank < best:
+            best, chosen = rank, path
     return chosen

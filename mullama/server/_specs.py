@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .._exceptions import InvalidConfigError, ModelNotFoundError
 from ..generate._engine import Engine
@@ -38,6 +38,15 @@ class ModelSpec:
             return cached(self.ref)
         except ModelNotFoundError:
             return None
+
+    def projector(self) -> Path | None:
+        """The multimodal projector pulled with it (a Hugging Face model already downloaded), if any."""
+        from ..hub._cache import projector_of
+        from ..hub._catalog import is_local_path
+
+        path = None if is_local_path(self.ref) else self.path()
+        projector = projector_of(path) if path is not None else None
+        return projector.path if projector is not None and projector.complete else None
 
 
 def model_specs(refs: Sequence[str], models_dir: str | os.PathLike | None = None) -> list[ModelSpec]:
@@ -92,7 +101,8 @@ class LoadOptions:
     lora_init_without_apply: bool = False  # load them at scale 0 (POST /lora-adapters sets scales later)
     speculative: dict[str, Any] | None = None  # --spec-type and sizes: StreamConfig fields every request gets
     draft_model: str | None = None  # -md: a draft model's path (each engine loads its own)
-    mmproj: str | None = None  # --mmproj: the multimodal projector (images in)
+    # --mmproj: the multimodal projector (images in); None: the one pulled with each model; False: none
+    mmproj: str | Literal[False] | None = None
 
 
 def load_model(spec: ModelSpec, options: LoadOptions) -> tuple[Model, Engine | None]:
