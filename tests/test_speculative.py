@@ -317,6 +317,10 @@ def test_a_draft_model_must_share_the_vocabulary(model):
     with mullama.Model.load(_pull.resolve("gemma3:270m")) as other:
         with pytest.raises(mullama.InvalidConfigError, match="cannot draft for") as caught:
             mullama.Context(model, draft_model=other)
+        with pytest.raises(mullama.InvalidConfigError, match="cannot draft for"):
+            mullama.Context(other, draft_model=model)
+        # the refused Contexts left nothing open on either model, though `caught` holds a traceback
+        # (closing `other` here raised ContextError: a context still used it)
     assert caught.value.code == "INVALID_CONFIG"
 
 

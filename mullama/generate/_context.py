@@ -68,10 +68,23 @@ class Context(Owned):
                                    n_threads_batch=n_threads_batch, flash_attn=flash_attn)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
             raise InvalidConfigError(f"seed must be an integer from 0 to {MAX_SEED}, not {seed!r}.")
+        if draft_model is not None:  # checked before anything is made: a refused one leaves nothing open
+            if not isinstance(draft_model, Model):
+                raise InvalidConfigError(f"draft_model must be a mullama.Model, not {type(draft_model).__name__}.")
+            check_draft_model(model, draft_model)
         self.model = model  # keeps the model alive as long as this context
         self.seed = seed
         ptr = create_context(model, settings)
         self._record_step = adopt_context(self, model, ptr, settings, warmup=warmup)
+        try:
+            self._set_up(model, ptr, settings, n_batch, warmup, draft_model)
+        except BaseException:
+            super().close()  # the llama context (a traceback held by the caller would keep it, and its model, in use)
+            raise
+
+    def _set_up(self, model: Model, ptr: Any, settings: ContextSettings, n_batch: int, warmup: bool,
+                draft_model: Model | None) -> None:
+        """The rest of ``__init__``, once the llama context is ours."""
         library = model._library
         ffi, lib = library.ffi, library.lib
         self._compute = library.compute
@@ -94,11 +107,9 @@ class Context(Owned):
         self._apply_lora(self._lora_default)
         self._draft: Context | None = None  # the draft model's context, for StreamConfig(speculative="draft")
         if draft_model is not None:
-            if not isinstance(draft_model, Model):
-                raise InvalidConfigError(f"draft_model must be a mullama.Model, not {type(draft_model).__name__}.")
-            check_draft_model(model, draft_model)
-            self._draft = Context(draft_model, n_ctx=self.n_ctx, n_batch=n_batch, n_threads=n_threads,
-                                  n_threads_batch=n_threads_batch, flash_attn=flash_attn, warmup=warmup)
+            self._draft = Context(draft_model, n_ctx=self.n_ctx, n_batch=n_batch, n_threads=settings.n_threads,
+                                  n_threads_batch=settings.n_threads_batch, flash_attn=settings.flash_attn,
+                                  warmup=warmup)
             self._draft._belong_to_another()
 
     # --- KV cache ---------------------------------------------------------------
