@@ -134,5 +134,15 @@ class HFServer:
         self.server.shutdown()
         self.server.server_close()
 
+    def serve_as_hub(self, monkeypatch, home: Path) -> None:
+        """Start, and make this the Hugging Face that mullama's hub reaches (``HF_ENDPOINT``), with an
+        empty cache at ``home`` (``MULLAMA_HOME``; the library is loaded first, from the real cache)."""
+        from mullama.native import _library
+
+        _library.get()
+        monkeypatch.setenv("HF_ENDPOINT", self.start())
+        monkeypatch.setenv("MULLAMA_HOME", str(home))
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+
     def gets(self, filename: str) -> list[Request]:
         return [r for r in self.requests if r.method == "GET" and r.path.endswith("/" + filename)]

@@ -19,13 +19,11 @@ from pathlib import Path
 
 import openai
 import pytest
-import upstream
 from mullama_server import MullamaServer
-from test_vision import N_PREDICT, SERVER_MARKER, make_projector, upstream_greedy
+from test_vision import N_PREDICT, make_projector, projector_server, upstream_greedy
 
 import mullama
 from mullama import MediaError
-from mullama.generate._context import default_threads
 
 QUESTION = "What do you hear?"
 WINDOW_EMBEDDINGS = 750  # one 30-second window (test-2.mp3 is shorter: padded with silence)
@@ -52,14 +50,8 @@ def audio_model(model_path, mmproj):
 
 @pytest.fixture(scope="module")
 def server(build, model_path, mmproj):
-    """llama-server --mmproj on the same model and audio projector (its media marker pinned)."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LLAMA_MEDIA_MARKER", SERVER_MARKER)
-    try:
-        running = upstream.LlamaServer(build.tool("llama-server"), model_path, threads=default_threads(),
-                                       n_ctx=4096, extra=("--mmproj", str(mmproj)))
-    finally:
-        mp.undo()
+    """llama-server --mmproj on the same model and audio projector."""
+    running = projector_server(build, model_path, mmproj)
     yield running
     running.close()
 

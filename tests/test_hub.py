@@ -24,14 +24,10 @@ FILE = "SmolLM2-135M-Instruct-Q4_K_M.gguf"  # the real model's bytes under a Q4_
 
 @pytest.fixture()
 def hub(tmp_path, monkeypatch, model_path):
-    _library.get()  # loaded from the real cache before MULLAMA_HOME points elsewhere
     server = HFServer()
     server.add(REPO, FILE, model_path)
     server.add(REPO, "SmolLM2-135M-Instruct-Q8_0.gguf", model_path)
-    endpoint = server.start()
-    monkeypatch.setenv("HF_ENDPOINT", endpoint)
-    monkeypatch.setenv("MULLAMA_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("HF_TOKEN", raising=False)
+    server.serve_as_hub(monkeypatch, tmp_path / "home")
     yield server
     server.stop()
 

@@ -57,16 +57,12 @@ def image(build) -> Path:
 
 @pytest.fixture()
 def hub(tmp_path, monkeypatch, model_path, projectors):
-    _library.get()  # loaded from the real cache before MULLAMA_HOME points elsewhere
     server = HFServer()
     server.add(VISION_REPO, FILE, model_path)
     server.add(VISION_REPO, OTHER_PROJECTOR, projectors[OTHER_PROJECTOR])
     server.add(VISION_REPO, PROJECTOR, projectors[PROJECTOR])
     server.add(TEXT_REPO, FILE, model_path)
-    endpoint = server.start()
-    monkeypatch.setenv("HF_ENDPOINT", endpoint)
-    monkeypatch.setenv("MULLAMA_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("HF_TOKEN", raising=False)
+    server.serve_as_hub(monkeypatch, tmp_path / "home")
     yield server
     server.stop()
 

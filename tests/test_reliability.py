@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 import mullama
 from mullama import StreamConfig
 from mullama.hub import _download
-from mullama.native import _library, _owned
+from mullama.native import _owned
 from mullama.server._workers import ADMIN, DOWNLOADS, EMBEDDINGS, GENERATION
 
 REPO = Path(__file__).resolve().parent.parent
@@ -185,12 +185,9 @@ def test_server_soak_short_form(model_path):
 # --- download faults ------------------------------------------------------------------
 @pytest.fixture()
 def slow_hub(tmp_path, monkeypatch, model_path):
-    _library.get()
     server = HFServer()
     served = server.add("faults/Model-GGUF", "model-Q4_K_M.gguf", model_path)
-    endpoint = server.start()
-    monkeypatch.setenv("HF_ENDPOINT", endpoint)
-    monkeypatch.setenv("MULLAMA_HOME", str(tmp_path / "home"))
+    server.serve_as_hub(monkeypatch, tmp_path / "home")
     yield server, served
     server.stop()
 

@@ -55,16 +55,20 @@ def vision_model(model_path, mmproj):
 
 @pytest.fixture(scope="module")
 def server(build, model_path, mmproj):
+    running = projector_server(build, model_path, mmproj)
+    yield running
+    running.close()
+
+
+def projector_server(build, model_path: Path, mmproj: Path) -> upstream.LlamaServer:
     """llama-server --mmproj on the same model and projector (its media marker pinned)."""
     mp = pytest.MonkeyPatch()
     mp.setenv("LLAMA_MEDIA_MARKER", SERVER_MARKER)
     try:
-        running = upstream.LlamaServer(build.tool("llama-server"), model_path, threads=default_threads(),
-                                       n_ctx=4096, extra=("--mmproj", str(mmproj)))
+        return upstream.LlamaServer(build.tool("llama-server"), model_path, threads=default_threads(),
+                                    n_ctx=4096, extra=("--mmproj", str(mmproj)))
     finally:
         mp.undo()
-    yield running
-    running.close()
 
 
 def data_uri(path: Path, mime: str = "image/jpeg") -> str:
