@@ -22,7 +22,9 @@ from pydantic_ai.providers.openai import OpenAIProvider
 from upstream import template_path
 
 import mullama
+from mullama.generate._chat_turn import chat_turn
 from mullama.server import ServerSettings
+from mullama.server._responses import to_chat_request
 
 GREEDY = {"temperature": 0}
 INSTRUCTIONS = "Answer in one short sentence."
@@ -386,11 +388,12 @@ class Weather(BaseModel):
     summary: str
 
 
-# Measured: the request is served as asked (a tool and a json_schema text format together, the forced
-# first call comes back as a call, its output goes back as a function_call_output), but at temperature 0
+# The request is served as asked (a tool and a json_schema text format together, the forced first call
+# comes back as a call, its output goes back as a function_call_output), but at temperature 0
 # SmolLM2-135M under tool_choice "auto" (which the SDK restores after the first call) calls get_weather
-# again every turn instead of answering the JSON, so the run ends in MaxTurnsExceeded. strict: once the
-# model answers, this fails as XPASS and the marker goes.
+# again every turn instead of answering the JSON, so the run ends in MaxTurnsExceeded: the model's own
+# greedy choice, which llama.cpp makes too (the test after this one). strict: once the model answers,
+# this fails as XPASS and the marker goes.
 @pytest.mark.xfail(raises=agents.MaxTurnsExceeded, strict=True,
                    reason="the default model calls the tool again every turn instead of answering JSON")
 def test_openai_agents_tool_then_structured_output(served):
@@ -415,3 +418,42 @@ def test_openai_agents_tool_then_structured_output(served):
     finally:
         assert asked and asked[0] == "Paris"  # the forced first turn called the tool, whatever came next
     assert isinstance(result.final_output, Weather) and result.final_output.city
+
+
+def test_the_agents_second_turn_call_is_llama_cpps_greedy_choice_too(client, model, llama_server):
+    """The second turn of the run above, as openai-agents sends it (tool_choice left to "auto", the
+    call and its output in the input, the output type as a json_schema text format). OpenAI's meaning
+    of auto with a text format is "call a tool or answer the JSON", and that is the grammar the request
+    gets; llama-server's /completion, given the same prompt and grammar, answers the same call token for
+    token: calling again is the model's greedy choice, not our server's."""
+    schema = Weather.model_json_schema() | {"additionalProperties": False}
+    body = {
+        "model": "m", "temperature": 0, "max_output_tokens": 80, "parallel_tool_calls": False,
+        "instructions": "Call get_weather once. When the weather is in the conversation, do not call any tool: "
+                        "answer with the JSON.",
+        "input": [{"role": "user", "content": "What is the weather in Paris?"},
+                  {"type": "function_call", "call_id": "call_1", "name": "get_weather",
+                   "arguments": json.dumps({"city": "Paris"})},
+                  {"type": "function_call_output", "call_id": "call_1", "output": "18 degrees celsius, sunny"}],
+        "tools": [{"type": "function", "name": "get_weather", "description": "The weather in a city.", "strict": True,
+                   "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                  "required": ["city"], "additionalProperties": False}}],
+        "text": {"format": {"type": "json_schema", "name": "final_output", "schema": schema, "strict": True}},
+    }
+    ours = client.responses.create(**body)
+    assert [item.type for item in ours.output] == ["function_call"] and ours.output[0].name == "get_weather"
+
+    request = to_chat_request(body, max_tokens_limit=4096)
+    prompt, config = chat_turn(model, request.messages, request.config, tools=request.tools,
+                               tool_choice=request.tool_choice, parallel_tool_calls=request.parallel_tool_calls,
+                               chat_template=None, chat_template_kwargs=None,
+                               reasoning_format=request.reasoning_format)
+    grammar = config.grammar_text()
+    assert grammar.startswith("root ::= ( tool-call ) | response-format")  # a call or the JSON, from the start
+    reference = llama_server.greedy(prompt, 80, grammar=grammar)
+    with mullama.Context(model, n_ctx=2048) as context:
+        mine = context.generate(prompt, 80, grammar=grammar, cache_prompt=False)
+    assert mine.token_ids == reference["tokens"]
+    called = json.loads(reference["content"])
+    assert called["name"] == "get_weather"
+    assert called["arguments"] == json.loads(ours.output[0].arguments)
