@@ -215,8 +215,10 @@ class Context(Owned):
                 end = chunk_end(offset + start, self.n_batch, breaks) - offset
                 chunk = tokens[start:end]
                 array = ffi.new("llama_token[]", chunk)
-                # NULL: llama.cpp numbers them after the last cell, which an M-RoPE image leaves behind
-                pos = ffi.new("llama_pos[]", list(range(offset + start + shift, offset + end + shift))) if shift else ffi.NULL
+                # NULL: llama.cpp numbers them after the last cell's position, which after an M-RoPE image is
+                # its first one: the shift names where they go (llama-server's pos_next)
+                first = offset + start + shift
+                pos = ffi.new("llama_pos[]", list(range(first, first + len(chunk)))) if shift else ffi.NULL
                 batch = lib.llama_batch_get_one(array, len(chunk))
                 batch.pos = pos
                 start = end
