@@ -233,10 +233,11 @@ def _gemma3(writer: Any, weights: _Weights, n_embd_text: int, image_size: int, p
         **weights.encoder_blocks("v", key_bias=True),
         "v.post_ln.weight": weights.ones(width),
         "v.post_ln.bias": weights.zeros(width),
-        # RMS-normed pooled patches (entries of about 1) times this: about 1, the size of Gemma's scaled
-        # token embeddings. In numpy order [width, n_embd_text]: ggml transposes it before the product.
+        # RMS-normed pooled patches (entries of about 1) times this: entries of about 16, large enough beside
+        # Gemma's scaled token embeddings that its answers depend on the image (at 1 they do not).
+        # In numpy order [width, n_embd_text]: ggml transposes it before the product.
         "mm.soft_emb_norm.weight": weights.ones(width),
-        "mm.input_projection.weight": weights.normal(width, n_embd_text, scale=1.0 / width ** 0.5),
+        "mm.input_projection.weight": weights.normal(width, n_embd_text, scale=16.0 / width ** 0.5),
     }
     writer.add_bool("clip.has_vision_encoder", True)
     writer.add_bool("clip.has_audio_encoder", False)

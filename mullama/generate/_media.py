@@ -33,7 +33,7 @@ from .._exceptions import ContextOverflowError, InvalidConfigError, MediaError, 
 from ..chat._media_parts import MediaSource
 from ..native import _library
 from ..native._owned import Owned
-from ._context_params import default_threads, reusable_prefix, trim_cache
+from ._context_params import default_threads, prompt_breaks, reusable_prefix, trim_cache
 from ._media_check import check_media_header
 from ._positions import CachePositions
 
@@ -300,7 +300,8 @@ class MediaPrompt:
         except MediaError:
             context._lib.llama_memory_seq_rm(context._memory, 0, len(cached) + positions.shift, -1)
             raise
-        context._decode(self.tokens[len(cached):], deadline)
+        breaks = prompt_breaks(context.model, len(self.tokens), context.n_batch)  # as the engine's (and upstream's)
+        context._decode(self.tokens[len(cached):], deadline, breaks)
         return common
 
 
