@@ -241,3 +241,17 @@ def test_the_openai_client_gets_llama_servers_answer_from_mullama_serve(mrope_fi
     finally:
         assert running.process.poll() is None, "the server died"
         running.close()
+
+
+def test_a_cut_never_lands_inside_an_m_rope_image():
+    """CachePositions alone: where each cut drops cells from, and a cut inside an image going back to its start
+    (its cells all sit at its first position: a cut inside would keep them all)."""
+    from mullama.generate._positions import CachePositions
+
+    positions = CachePositions()
+    positions.add(5, 85, IMAGE_POSITIONS)  # text 0-4, an image 5-84 (positions 5-14), text from 85 at 15
+    positions.add(90, 92, 2)  # an ordinary chunk: no shift
+    assert positions and positions.shift == -70
+    assert positions.cut(100) == (100, 30)  # nothing past the end: the position after it
+    assert positions.cut(86) == (86, 16) and positions.shift == -70
+    assert positions.cut(40) == (5, 5) and not positions and positions.shift == 0

@@ -219,8 +219,10 @@ class Context(Owned):
                 # its first one: the shift names where they go (llama-server's pos_next)
                 first = offset + start + shift
                 pos = ffi.new("llama_pos[]", list(range(first, first + len(chunk)))) if shift else ffi.NULL
+                # logits of the last token only, not of each chunk's last (a 262k-word vocabulary's cost them)
+                outputs = ffi.NULL if end >= len(tokens) else ffi.new("int8_t[]", len(chunk))
                 batch = lib.llama_batch_get_one(array, len(chunk))
-                batch.pos = pos
+                batch.pos, batch.logits = pos, outputs
                 start = end
                 with self._lock:
                     rc = lib.llama_decode(ptr, batch)

@@ -38,15 +38,6 @@ class CachePositions:
             self.shift += n_pos - (end - start)
             self._spans.append((start, end, self.shift))
 
-    def position(self, index: int) -> int:
-        """The position of the cached token at ``index`` (or of the next one, at the end), outside the chunks."""
-        shift = 0
-        for _start, end, after in self._spans:
-            if end > index:
-                break
-            shift = after
-        return index + shift
-
     def cut(self, keep: int) -> tuple[int, int]:
         """Forget what follows the first ``keep`` tokens, cut back to the start of a chunk ``keep``
         falls inside: ``(tokens kept, the position to drop the sequence's cells from)``."""
