@@ -124,6 +124,16 @@ def audio_mmproj_path(tmp_path_factory, model_path) -> Path:
                          "--for", str(model_path))
 
 
+@pytest.fixture(scope="module")
+def qwen2vl_paths(tmp_path_factory, model_path) -> tuple[Path, Path]:
+    """The M-RoPE model and projector docs/vision.md has its reader write with tools/make_mrope_model.py and
+    tools/make_test_mmproj.py --kind qwen2vl."""
+    directory = tmp_path_factory.mktemp("qwen2vl")
+    model = _made_by_tool("make_mrope_model.py", directory / "qwen2vl.gguf", "--for", str(model_path))
+    return model, _made_by_tool("make_test_mmproj.py", directory / "qwen2vl-mmproj.gguf", "--kind", "qwen2vl",
+                                "--for", str(model))
+
+
 @pytest.mark.parametrize("name, index, code", blocks(), ids=[f"{n}#{i}" for n, i, _ in blocks()])
 def test_docs_block_runs(name, index, code, tmp_path, model_path, build, request):
     from upstream import free_port
@@ -138,6 +148,9 @@ def test_docs_block_runs(name, index, code, tmp_path, model_path, build, request
         (tmp_path / "draft.gguf").symlink_to(request.getfixturevalue("draft_path"))
     if re.search(r"(?<![\w-])mmproj\.gguf", code):  # not audio-mmproj.gguf
         (tmp_path / "mmproj.gguf").symlink_to(request.getfixturevalue("mmproj_path"))
+    if "qwen2vl.gguf" in code:
+        for made in request.getfixturevalue("qwen2vl_paths"):
+            (tmp_path / made.name).symlink_to(made)
     if "audio-mmproj.gguf" in code:
         (tmp_path / "audio-mmproj.gguf").symlink_to(request.getfixturevalue("audio_mmproj_path"))
     if "speech.mp3" in code:  # docs/vision.md's clip: the pinned tree's test clip

@@ -1,8 +1,11 @@
 """Write a tiny random multimodal projector (an mmproj GGUF) that fits a text model (SmolLM2 by default):
-a CLIP vision projector, or with ``--audio`` a Whisper-style audio projector.
+a CLIP vision projector, with ``--audio`` a Whisper-style audio projector, with ``--kind qwen2vl`` a
+Qwen2-VL one (M-RoPE positions), with ``--kind gemma3`` a Gemma 3 one (non-causal attention over the image).
 
     python tools/make_test_mmproj.py OUT.gguf [--for MODEL.gguf] [--seed 0] [--image-size 32] [--patch-size 8]
     python tools/make_test_mmproj.py OUT.gguf --audio [--for MODEL.gguf] [--seed 0]
+    python tools/make_test_mmproj.py OUT.gguf --kind qwen2vl --for QWEN2VL.gguf [--patch-size 32]
+    python tools/make_test_mmproj.py OUT.gguf --kind gemma3 --for GEMMA3.gguf [--image-size 64] [--patch-size 8]
 
 Why: images and audio in (``Model.load(..., mmproj=...)``, llama-server's ``--mmproj``) need a projector
 for a model in the cache, and no package ships a small one; upstream's own tests make tiny ones the
@@ -20,6 +23,21 @@ the simplest audio projector of the pinned libmtmd: a Whisper encoder (two 1-D c
 ``a.blk.N.*`` with no key bias; ``a.post_ln``), an average pool of 2, then one linear layer
 ``mm.a.fc`` to the text model's width. libmtmd cuts audio into 30-second windows (silence-padded)
 of 3000 mel frames, so each window becomes 750 embeddings.
+
+The Qwen2-VL projector (``clip.projector_type = qwen2vl_merger``) is what the converter writes for
+Qwen2-VL: two patch convolutions (``v.patch_embd.weight`` and ``.weight.1``, the two frames of a
+still image), ViT blocks with 2-D M-RoPE and no learned positions, ``v.post_ln``, then the merger
+``mm.0`` / ``mm.2`` over each 2 x 2 group of patches. The image keeps its aspect ratio (libmtmd
+resizes it to multiples of two patches), so an image of nx x ny embeddings (nx * ny tokens) is
+decoded by the text model at M-RoPE positions and takes max(nx, ny) positions: the text model must
+be of an M-RoPE architecture (tools/make_mrope_model.py writes SmolLM2 as one). With the default
+``--patch-size 32`` the pinned tree's 640 x 488 test image becomes 10 x 8 embeddings.
+
+The Gemma 3 projector (``clip.projector_type = gemma3``) is a SigLIP ViT over a square image, an
+average pool of ``clip.vision.projector.scale_factor`` (2 here: Gemma 3's own is 4) and the RMS-normed
+projection ``mm.input_projection`` / ``mm.soft_emb_norm``; libmtmd asks for the image's embeddings
+to be decoded with non-causal attention (``mtmd_decode_use_non_causal``). With the defaults of
+``--image-size 64 --patch-size 8`` an image is 16 embeddings for Gemma 3 270M.
 
 The weights are random (seeded; F32, the convolution kernels F16 as the converter writes them) and
 scaled so that the embeddings are of the size of the text model's token embeddings: the model's
@@ -50,6 +68,7 @@ IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 MEL_BINS = 128
 AUDIO_POSITIONS = 1500
 AUDIO_WINDOW_EMBEDDINGS = AUDIO_POSITIONS // 2
+GEMMA3_POOL = 2  # patches per side averaged into one embedding (Gemma 3's own projector: 4)
 
 
 def text_embedding_size(model: Path) -> int:
@@ -175,27 +194,100 @@ def _audio(writer: Any, weights: _Weights, n_embd_text: int) -> dict[str, Any]:
     return tensors
 
 
-def make_mmproj(out: Path, model: Path | None = None, *, seed: int = 0, image_size: int = 32,
-                patch_size: int = 8, audio: bool = False) -> dict[str, Any]:
-    """Write a random projector for ``model`` to ``out``: a LLaVA-style vision one, or a Qwen2-Audio-style
-    audio one when ``audio``; return what it is (its output width, the embeddings per image or per
-    30-second audio window, its tensor count)."""
+def _qwen2vl(writer: Any, weights: _Weights, n_embd_text: int, image_size: int, patch_size: int) -> dict[str, Any]:
+    """A Qwen2-VL projector's keys (written) and tensors (returned)."""
+    width, merged = ENCODER_WIDTH, 4 * ENCODER_WIDTH  # the merger reads 2 x 2 patches at once
+    tensors: dict[str, Any] = {
+        # Qwen2-VL's 3-D patch convolution as the converter splits it: one 2-D kernel per frame, no bias.
+        "v.patch_embd.weight": weights.kernel(width, 3, patch_size, patch_size),
+        "v.patch_embd.weight.1": weights.kernel(width, 3, patch_size, patch_size),
+        **weights.encoder_blocks("v", key_bias=True),
+        "v.post_ln.weight": weights.ones(width),
+        "v.post_ln.bias": weights.zeros(width),
+        "mm.0.weight": weights.dense(merged, merged),
+        "mm.0.bias": weights.zeros(merged),
+        "mm.2.weight": weights.dense(n_embd_text, merged, gain=0.1),
+        "mm.2.bias": weights.zeros(n_embd_text),
+    }
+    writer.add_bool("clip.has_vision_encoder", True)
+    writer.add_bool("clip.has_audio_encoder", False)
+    writer.add_string("clip.projector_type", "qwen2vl_merger")
+    writer.add_uint32("clip.vision.image_size", image_size)
+    writer.add_uint32("clip.vision.patch_size", patch_size)
+    _encoder_keys(writer, "vision", n_embd_text)
+    writer.add_array("clip.vision.image_mean", list(IMAGE_MEAN))
+    writer.add_array("clip.vision.image_std", list(IMAGE_STD))
+    return tensors
+
+
+def _gemma3(writer: Any, weights: _Weights, n_embd_text: int, image_size: int, patch_size: int) -> dict[str, Any]:
+    """A Gemma 3 (SigLIP) projector's keys (written) and tensors (returned)."""
+    if image_size % (patch_size * GEMMA3_POOL):
+        raise SystemExit(f"--image-size {image_size} is not a multiple of {GEMMA3_POOL} patches of {patch_size}")
+    width = ENCODER_WIDTH
+    n_patches = (image_size // patch_size) ** 2
+    tensors: dict[str, Any] = {
+        "v.patch_embd.weight": weights.kernel(width, 3, patch_size, patch_size),
+        "v.patch_embd.bias": weights.zeros(width),
+        "v.position_embd.weight": weights.normal(n_patches, width, scale=0.1),
+        **weights.encoder_blocks("v", key_bias=True),
+        "v.post_ln.weight": weights.ones(width),
+        "v.post_ln.bias": weights.zeros(width),
+        # RMS-normed pooled patches (entries of about 1) times this: entries of about 16, large enough beside
+        # Gemma's scaled token embeddings that its answers depend on the image (at 1 they do not).
+        # In numpy order [width, n_embd_text]: ggml transposes it before the product.
+        "mm.soft_emb_norm.weight": weights.ones(width),
+        "mm.input_projection.weight": weights.normal(width, n_embd_text, scale=16.0 / width ** 0.5),
+    }
+    writer.add_bool("clip.has_vision_encoder", True)
+    writer.add_bool("clip.has_audio_encoder", False)
+    writer.add_string("clip.projector_type", "gemma3")
+    writer.add_bool("clip.use_gelu", True)
+    writer.add_uint32("clip.vision.image_size", image_size)
+    writer.add_uint32("clip.vision.patch_size", patch_size)
+    writer.add_uint32("clip.vision.projector.scale_factor", GEMMA3_POOL)
+    _encoder_keys(writer, "vision", n_embd_text)
+    writer.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
+    writer.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+    return tensors
+
+
+KINDS = {"mlp": "LLaVA-style", "audio": "Qwen2-Audio-style audio", "qwen2vl": "Qwen2-VL (M-RoPE)",
+         "gemma3": "Gemma 3 (non-causal)"}
+
+
+def make_mmproj(out: Path, model: Path | None = None, *, seed: int = 0, image_size: int | None = None,
+                patch_size: int | None = None, audio: bool = False, kind: str = "mlp") -> dict[str, Any]:
+    """Write a random projector for ``model`` to ``out``: a LLaVA-style vision one, a Qwen2-Audio-style
+    audio one when ``audio`` (or ``kind="audio"``), a Qwen2-VL or Gemma 3 one by ``kind``; return what
+    it is (its output width, the embeddings per image or per 30-second audio window (for Qwen2-VL,
+    per 64 x 64 patch square: it depends on the image), its tensor count)."""
     g: Any = import_gguf()
+    kind = "audio" if audio else kind
+    if kind not in KINDS:
+        raise SystemExit(f"--kind must be one of {', '.join(KINDS)}, not {kind!r}")
     model = model or default_source()
     n_embd_text = text_embedding_size(model)
     weights = _Weights(seed)
-    kind = "Qwen2-Audio-style audio" if audio else "LLaVA-style"
+    sizes = {"qwen2vl": (448, 32), "gemma3": (64, 8)}.get(kind, (32, 8))
+    image_size, patch_size = image_size or sizes[0], patch_size or sizes[1]
     writer = g.GGUFWriter(str(out), arch="clip")
-    writer.add_string("general.name", f"random {kind} projector seed {seed} for {model.name}")
-    writer.add_uint32("general.file_type", 1 if audio else 0)  # F32, the audio one's kernels F16
-    if audio:
+    writer.add_string("general.name", f"random {KINDS[kind]} projector seed {seed} for {model.name}")
+    writer.add_uint32("general.file_type", 1 if kind == "audio" else 0)  # F32, the audio one's kernels F16
+    if kind == "audio":
         tensors = _audio(writer, weights, n_embd_text)
         per_item = AUDIO_WINDOW_EMBEDDINGS
+    elif kind == "qwen2vl":
+        tensors = _qwen2vl(writer, weights, n_embd_text, image_size, patch_size)
+        per_item = (64 // patch_size // 2) ** 2
+    elif kind == "gemma3":
+        tensors = _gemma3(writer, weights, n_embd_text, image_size, patch_size)
+        per_item = (image_size // patch_size // GEMMA3_POOL) ** 2
     else:
         tensors = _vision(writer, weights, n_embd_text, image_size, patch_size)
         per_item = (image_size // patch_size) ** 2
     write_tensors_and_close(writer, tensors)
-    return {"n_embd": n_embd_text, "tokens_per_item": per_item, "tensors": len(tensors), "kind": kind}
+    return {"n_embd": n_embd_text, "tokens_per_item": per_item, "tensors": len(tensors), "kind": KINDS[kind]}
 
 
 def main(argv: list[str]) -> int:
@@ -205,12 +297,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--audio", action="store_true", help="an audio projector (Whisper encoder, qwen2a) "
                         "instead of a vision one")
-    parser.add_argument("--image-size", type=int, default=32, help="the square the image is resized to (pixels)")
-    parser.add_argument("--patch-size", type=int, default=8, help="pixels per patch side (one embedding each)")
+    parser.add_argument("--kind", choices=sorted(KINDS), default="mlp", help="the projector's type (default mlp: "
+                        "LLaVA-style; qwen2vl: M-RoPE; gemma3: non-causal)")
+    parser.add_argument("--image-size", type=int, default=None, help="the square the image is resized to (pixels; "
+                        "default 32, gemma3 64; qwen2vl keeps the image's own size)")
+    parser.add_argument("--patch-size", type=int, default=None, help="pixels per patch side (default 8, qwen2vl 32)")
     args = parser.parse_args(argv)
     made = make_mmproj(args.out, args.model, seed=args.seed, image_size=args.image_size, patch_size=args.patch_size,
-                       audio=args.audio)
-    item = "30-second audio window" if args.audio else "image"
+                       audio=args.audio, kind=args.kind)
+    item = "30-second audio window" if args.audio or args.kind == "audio" else \
+        "64 x 64 pixels" if args.kind == "qwen2vl" else "image"
     print(f"wrote {args.out}: a {made['kind']} projector, {made['tensors']} tensors, {made['tokens_per_item']} "
           f"embeddings of {made['n_embd']} per {item}")
     return 0

@@ -40,6 +40,7 @@ from ._infill import infill_prompt
 from ._lora import LoraSet, LoraSpec, apply_lora, describe, lora_set
 from ._media import MediaPrompt
 from ._model import Model, tokenize_prompt
+from ._positions import CachePositions
 from ._sequence import Sequence, Token
 from ._stream import TokenStream
 
@@ -95,6 +96,7 @@ class Context(Owned):
         self.n_batch = lib.llama_n_batch(ptr)
         self.n_threads = settings.threads
         self._tokens: list[int] = []  # what the KV cache holds, in order
+        self._positions = CachePositions()  # where they sit, when an M-RoPE image moved them (see _positions)
         self._guard = threading.Lock()
         # One-token batch, built once: the loop rewrites _token_buf[0] and decodes (no allocation).
         self._token_buf = ffi.new("llama_token[1]")
@@ -123,6 +125,7 @@ class Context(Owned):
         with self._use():
             self._lib.llama_memory_clear(self._memory, True)
             self._tokens = []
+            self._positions.clear()
 
     def save_state(self, path: str | os.PathLike[str]) -> int:
         """Write the KV cache and its tokens to ``path`` (atomically: a temporary file renamed over
@@ -133,7 +136,7 @@ class Context(Owned):
     def state_bytes(self) -> bytes:
         """The KV cache and its tokens as bytes, in ``save_state``'s format."""
         with self._use():
-            return _state.sequence_state(self.model, self.ptr, 0, list(self._tokens), self._lora)
+            return _state.sequence_state(self.model, self.ptr, 0, list(self._tokens), self._lora, self._positions)
 
     def load_state(self, path: str | os.PathLike[str]) -> list[int]:
         """Replace the KV cache by the state ``save_state`` wrote to ``path``; a prompt that starts with
@@ -154,6 +157,7 @@ class Context(Owned):
                     f"{describe(self._lora_default)}; call set_lora() with the state's adapters first.")
             self._generation += 1  # a stream still open on this context ends: its cache is gone
             self._tokens = []
+            self._positions.clear()
             self._apply_lora(lora)
             with self._lock:
                 _state.set_sequence(self.model, self.ptr, 0, tokens, state, source=source)
@@ -180,6 +184,7 @@ class Context(Owned):
             apply_lora(self.model, self.ptr, adapters)
             self._lib.llama_memory_clear(self._memory, True)
             self._tokens = []
+            self._positions.clear()
             self._lora = adapters
 
     def _use(self) -> _Exclusive:
@@ -194,7 +199,8 @@ class Context(Owned):
 
     def _decode(self, tokens: list[int], deadline: float | None = None, breaks: tuple[int, ...] = ()) -> None:
         """Decode ``tokens`` after the cached ones, in batches of at most n_batch that also end at the
-        absolute positions ``breaks`` (as llama-server's do)."""
+        absolute positions ``breaks`` (as llama-server's do); after an M-RoPE image, at the positions
+        it leaves (llama.cpp would number them from the image's first position)."""
         if not tokens:
             return
         if len(self._tokens) + len(tokens) > self.n_ctx:
@@ -202,23 +208,31 @@ class Context(Owned):
                 f"{len(tokens)} new tokens + {len(self._tokens)} cached do not fit in the context of "
                 f"{self.n_ctx} tokens; shorten the prompt, clear() the context, or create it with a larger n_ctx."
             )
-        ffi, lib, ptr = self._ffi, self._lib, self.ptr
+        ffi, lib, ptr, shift = self._ffi, self._lib, self.ptr, self._positions.shift
         with self._abort.until(deadline):
             start, offset = 0, len(self._tokens)
             while start < len(tokens):
                 end = chunk_end(offset + start, self.n_batch, breaks) - offset
                 chunk = tokens[start:end]
-                start = end
                 array = ffi.new("llama_token[]", chunk)
+                # NULL: llama.cpp numbers them after the last cell's position, which after an M-RoPE image is
+                # its first one: the shift names where they go (llama-server's pos_next)
+                first = offset + start + shift
+                pos = ffi.new("llama_pos[]", list(range(first, first + len(chunk)))) if shift else ffi.NULL
+                # logits of the last token only, not of each chunk's last (a 262k-word vocabulary's cost them)
+                outputs = ffi.NULL if end >= len(tokens) else ffi.new("int8_t[]", len(chunk))
+                batch = lib.llama_batch_get_one(array, len(chunk))
+                batch.pos, batch.logits = pos, outputs
+                start = end
                 with self._lock:
-                    rc = lib.llama_decode(ptr, lib.llama_batch_get_one(array, len(chunk)))
+                    rc = lib.llama_decode(ptr, batch)
                 self._check_decode(rc, len(self._tokens), 0)
                 self._tokens.extend(chunk)
 
     def _check_decode(self, rc: int, keep: int, processed: int) -> None:
         self.model._relays.check(self._lib, self.ptr)  # after any decode of a model on RPC servers: one may be lost
         if rc:  # a failed or aborted decode may leave finished chunks in the cache: drop them
-            self._lib.llama_memory_seq_rm(self._memory, 0, keep, -1)
+            self._lib.llama_memory_seq_rm(self._memory, 0, keep + self._positions.shift, -1)
             raise decode_error(rc, n_ctx=self.n_ctx, processed=processed)
 
     def _prepare_prompt(self, prompt_tokens: list[int], deadline: float | None = None, *,
@@ -234,7 +248,7 @@ class Context(Owned):
             )
         # Logits are only there for the last decoded token: re-decode at least one.
         common = trim_cache(self._lib, self._memory, 0, self._tokens,
-                            reusable_prefix(self._tokens, prompt_tokens, reuse))
+                            reusable_prefix(self._tokens, prompt_tokens, reuse), self._positions)
         self._decode(prompt_tokens[common:], deadline, prompt_breaks(self.model, len(prompt_tokens), self.n_batch))
         return common
 
@@ -321,7 +335,7 @@ class Context(Owned):
         prefix, and drops the rejected cells from the cache; the tokens accepted are then handed out
         one by one (all sampled before the first is yielded, so the logits are read while they are ours)."""
         lib, ptr, lock, guard, enter_step = self._lib, self.ptr, self._lock, self._guard, self._enter_step
-        tokens, memory, n_ctx = self._tokens, self._memory, self.n_ctx
+        tokens, memory, n_ctx, shift = self._tokens, self._memory, self.n_ctx, self._positions.shift
         capacity = sequence.config.draft_max + 1
         if self._verify is None or self._verify.capacity < capacity:
             self._verify = TokenBatch(lib, capacity)
@@ -335,13 +349,13 @@ class Context(Owned):
                         out = [sequence.next_token(ptr, -1, None)]
                     else:
                         proposed = draft(tokens, last.id, n_ctx)
-                        rc = verify.decode(ptr, verify.put_run(0, (last.id, *proposed), len(tokens), 0))
+                        rc = verify.decode(ptr, verify.put_run(0, (last.id, *proposed), len(tokens) + shift, 0))
                         self._check_decode(rc, len(tokens), sequence.n_tokens)
                         out = check(ptr, 0, proposed)
                         tokens.append(last.id)
                         tokens.extend(proposed[:len(out) - 1])
                         if len(out) <= len(proposed):  # rejected cells: out of the cache
-                            lib.llama_memory_seq_rm(memory, 0, len(tokens), -1)
+                            lib.llama_memory_seq_rm(memory, 0, len(tokens) + shift, -1)
             finally:
                 guard.release()
             for last in out:

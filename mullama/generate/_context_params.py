@@ -22,6 +22,7 @@ from ..native._compute import MAX_THREADS, default_threads
 if TYPE_CHECKING:
     from ..native._owned import Owned
     from ._model import Model
+    from ._positions import CachePositions
 
 __all__ = [
     "MIN_CTX",
@@ -89,14 +90,18 @@ def reusable_prefix(cached: list[int], prompt: list[int], reuse: bool) -> int:
     return min(common_prefix(cached, prompt), len(prompt) - 1) if reuse else 0
 
 
-def trim_cache(lib: Any, memory: Any, seq_id: int, cached: list[int], keep: int) -> int:
+def trim_cache(lib: Any, memory: Any, seq_id: int, cached: list[int], keep: int,
+               positions: CachePositions) -> int:
     """Keep the first ``keep`` tokens of sequence ``seq_id``'s cache and drop the rest (``cached``, the
-    list of what it holds, is cut to match). A cache that cannot drop a tail (a recurrent state) is
-    emptied instead. Returns how many tokens were kept."""
+    list of what it holds, and ``positions``, where they sit, are cut to match; never inside an M-RoPE
+    media chunk). A cache that cannot drop a tail (a recurrent state) is emptied instead. Returns how
+    many tokens were kept."""
     if keep < len(cached):
-        if not lib.llama_memory_seq_rm(memory, seq_id, keep, -1):
+        keep, position = positions.cut(keep)
+        if not lib.llama_memory_seq_rm(memory, seq_id, position, -1):
             lib.llama_memory_seq_rm(memory, seq_id, -1, -1)
             keep = 0
+            positions.clear()
         del cached[keep:]
     return keep
 

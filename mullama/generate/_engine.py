@@ -55,7 +55,7 @@ from ._engine_request import EngineRequest, _Slot
 from ._lora import LoraSet, apply_lora, batch_lora, lora_set
 from ._media import MediaPrompt
 from ._model import Model
-from ._prompt_cache import DEFAULT_CACHE_RAM_MIB, MIB, SAVE_BELOW_KEEP, PromptCache
+from ._prompt_cache import DEFAULT_CACHE_RAM_MIB, MIB, PromptCache
 from ._sequence import Sequence
 
 __all__ = ["Engine", "EngineRequest", "QueueFullError"]
@@ -303,14 +303,15 @@ class Engine(Owned):
         if slot.lora != request.lora:  # cells computed with other adapters: of no use
             self._lib.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
             slot.cached, slot.lora = [], request.lora
+            slot.positions.clear()
         if reuse and self.prompt_cache is not None and not request.lora:  # the cache holds base-model states
-            self._swap_cached(slot, prompt)
+            self.prompt_cache.swap(self.ptr, slot, self._slots, prompt)
         media = request._sequence.media  # chunks through its last image or audio are evaluated now, whole
         keep = reusable_prefix(slot.cached, prompt, reuse) if media is None else media.reusable(slot.cached, reuse)
-        common = trim_cache(self._lib, self._memory, slot.seq_id, slot.cached, keep)
+        common = trim_cache(self._lib, self._memory, slot.seq_id, slot.cached, keep, slot.positions)
         if media is not None:
             try:
-                media.evaluate_head(self.ptr, slot.seq_id, slot.cached, self.n_batch, self._lock)
+                media.evaluate_head(self.ptr, slot.seq_id, slot.cached, slot.positions, self.n_batch, self._lock)
             except MullamaError as exc:  # this request's failure alone
                 return self._fail(slot, exc)
         slot.pending_prompt = prompt[len(slot.cached):]
@@ -320,19 +321,6 @@ class Engine(Owned):
         if request.config.speculative == "draft":  # the slot's own context of the draft model
             request._sequence.drafter = DraftModelDrafter(self._drafts[slot.seq_id], request.config.draft_max)
         self.stats["prompt_tokens_total"] += len(prompt)
-
-    def _swap_cached(self, slot: _Slot, prompt: list[int]) -> None:
-        """Before ``slot`` loses most of its cells to ``prompt``, keep them in the host prompt cache; then
-        restore from it, or copy from another slot, whatever serves ``prompt`` better than the slot does."""
-        cache = self.prompt_cache
-        assert cache is not None
-        if common_prefix(slot.cached, prompt) < SAVE_BELOW_KEEP * len(slot.cached):
-            cache.save(self.ptr, slot.seq_id, slot.cached)
-        live = [(other.seq_id, other.cached) for other in self._slots
-                if other is not slot and other.cached and not other.lora]
-        restored = cache.restore(self.ptr, slot.seq_id, slot.cached, prompt, live)
-        if restored is not None:
-            slot.cached = restored
 
     def _step(self) -> bool:
         """Decode one batch; False when there was nothing to do."""
@@ -355,15 +343,15 @@ class Engine(Owned):
                 continue
             token = slot.next_token
             if token is not None and request.channel.has_room() and slot.lora == lora and n < self.n_batch:
-                sequence = request._sequence
+                sequence, shift = request._sequence, slot.positions.shift  # shift: after an M-RoPE image
                 if sequence.drafter is not None:  # speculative decoding: a draft verified in the same batch
                     room = min(request.channel.free(), self.n_batch - n) - 1  # after the token
                     slot.draft = sequence.draft(slot.cached, token, self.n_ctx_per_slot)[:room] if room else []
                 slot.batch_row = n
-                n = batch.put(n, token, len(slot.cached), slot.seq_id, True)
+                n = batch.put(n, token, len(slot.cached) + shift, slot.seq_id, True)
                 slot.cached.append(token)
                 for drafted in slot.draft:  # empty without speculation
-                    n = batch.put(n, drafted, len(slot.cached), slot.seq_id, True)
+                    n = batch.put(n, drafted, len(slot.cached) + shift, slot.seq_id, True)
                     slot.cached.append(drafted)
                 slot.next_token = None
                 rows.append(slot)
@@ -371,12 +359,12 @@ class Engine(Owned):
         for slot in self._slots:  # then prompt chunks, as much as the batch has room for
             if slot.request is None or not slot.pending_prompt or n >= self.n_batch or slot.lora != lora:
                 continue
-            position = len(slot.cached)
+            position, shift = len(slot.cached), slot.positions.shift
             take = slot.pending_prompt[: chunk_end(position, self.n_batch - n, slot.breaks) - position]
             del slot.pending_prompt[: len(take)]
             last = not slot.pending_prompt
             for i, token in enumerate(take):
-                n = batch.put(n, token, len(slot.cached), slot.seq_id, last and i == len(take) - 1)
+                n = batch.put(n, token, len(slot.cached) + shift, slot.seq_id, last and i == len(take) - 1)
                 slot.cached.append(token)
             members.append(slot)
             if last:
@@ -423,7 +411,7 @@ class Engine(Owned):
             rejected = len(slot.draft) + 1 - len(out)
             if rejected:  # their cells leave the cache
                 del slot.cached[-rejected:]
-                self._lib.llama_memory_seq_rm(self._memory, slot.seq_id, len(slot.cached), -1)
+                self._lib.llama_memory_seq_rm(self._memory, slot.seq_id, len(slot.cached) + slot.positions.shift, -1)
             slot.draft = []
             for token in out:
                 request.channel.offer(token)  # there is room: the draft was cut to it
@@ -458,6 +446,7 @@ class Engine(Owned):
             self.stats["requests_cancelled"] += 1
         self._lib.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
         slot.cached = []
+        slot.positions.clear()
         self._clear(slot)
 
     def _clear(self, slot: _Slot) -> None:

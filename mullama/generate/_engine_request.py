@@ -6,6 +6,7 @@ import threading
 
 from ._channel import Channel
 from ._lora import LoraSet
+from ._positions import CachePositions
 from ._sequence import Sequence, SequenceView, Token
 
 __all__ = ["EngineRequest"]
@@ -54,11 +55,13 @@ class EngineRequest(SequenceView):
 class _Slot:
     """A sequence of the shared context, and the request it is serving."""
 
-    __slots__ = ("batch_row", "breaks", "cached", "draft", "lora", "next_token", "pending_prompt", "request", "seq_id")
+    __slots__ = ("batch_row", "breaks", "cached", "draft", "lora", "next_token", "pending_prompt", "positions",
+                 "request", "seq_id")
 
     def __init__(self, seq_id: int) -> None:
         self.seq_id = seq_id
         self.cached: list[int] = []  # tokens whose KV cells this sequence holds
+        self.positions = CachePositions()  # where they sit, when an M-RoPE image moved them (see _positions)
         self.request: EngineRequest | None = None
         self.pending_prompt: list[int] = []
         self.breaks: tuple[int, ...] = ()  # positions where a prompt batch must end (prompt_breaks)

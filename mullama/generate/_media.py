@@ -3,10 +3,17 @@ chat read and checked, and a prompt of text and media chunks evaluated into a co
 
 The prompt is tokenized by ``mtmd_tokenize`` into chunks: text chunks are decoded by the context as
 any prompt is; a media chunk is encoded by the projector and its embeddings decoded at their
-positions by ``mtmd_helper_eval_chunk_single`` (which sets non-causal attention around them when the
-projector asks for it), as llama-server evaluates them. In the context's list of cached tokens a
+positions by ``mtmd_helper_eval_chunk_single``, as llama-server evaluates them: with M-RoPE positions
+(2-D for an image, ``mtmd_decode_use_mrope``: Qwen2-VL and kin) and with non-causal attention over the
+chunk (``mtmd_decode_use_non_causal``: Gemma 3) where the projector asks for them. An M-RoPE chunk takes
+fewer positions than tokens: the cache's CachePositions (mullama.generate._positions) records it, and
+everything decoded after it sits at the position it names. In the context's list of cached tokens a
 media chunk's positions hold a placeholder derived from the media's id (the SHA-256 of its bytes), so
 the prompt cache reuses a cached image only for the same image at the same place.
+
+Both a Context (one sequence) and the engine's slots (many) evaluate a prompt through
+``MediaPrompt.reusable`` / ``evaluate_head``; the text after the last media is then decoded as any
+prompt's, at ``len(cached) + positions.shift``.
 """
 
 from __future__ import annotations
@@ -26,8 +33,9 @@ from .._exceptions import ContextOverflowError, InvalidConfigError, MediaError, 
 from ..chat._media_parts import MediaSource
 from ..native import _library
 from ..native._owned import Owned
-from ._context_params import default_threads, reusable_prefix, trim_cache
+from ._context_params import default_threads, prompt_breaks, reusable_prefix, trim_cache
 from ._media_check import check_media_header
+from ._positions import CachePositions
 
 if TYPE_CHECKING:
     from ._model import Model
@@ -163,16 +171,13 @@ class Projector(Owned):
         self._own(ffi, ptr, lib.mtmd_free)
         self.supports_vision = bool(lib.mtmd_support_vision(ptr))
         self.supports_audio = bool(lib.mtmd_support_audio(ptr))
-        self.uses_mrope = bool(lib.mtmd_decode_use_mrope(ptr))
+        self.uses_mrope = bool(lib.mtmd_decode_use_mrope(ptr))  # decoded at M-RoPE positions (see _positions)
         self.lock = threading.Lock()  # mtmd's encoder is not thread-safe
         self._options = lib.mtmd_helper_init_opt_default()
 
     def tokenize(self, prompt: str, sources: Sequence[MediaSource],
                  limits: MediaLimits = DEFAULT_LIMITS) -> MediaPrompt:
         """The chunks of ``prompt`` (which holds one marker per source) with the media read and checked."""
-        if self.uses_mrope:
-            raise MediaError("this projector uses M-RoPE positions, which mullama does not evaluate yet.",
-                             code="MEDIA_NOT_SUPPORTED")
         if len(sources) > limits.max_items:
             raise MediaError(f"{len(sources)} media in one request, more than the limit of {limits.max_items}.",
                              code="MEDIA_TOO_LARGE")
@@ -221,7 +226,7 @@ class MediaPrompt:
         if rc != 0:
             raise MediaError("the projector could not preprocess the media (a corrupt or unusable image or clip).")
         self.tokens: list[int] = []
-        self.pieces: list[tuple[int, int, Any, bool]] = []  # (start, end, chunk, whether media)
+        self.pieces: list[tuple[int, int, Any, int]] = []  # (start, end, chunk, positions if media else 0)
         self.media_count = 0
         self.head_end = 0
         for index in range(lib.mtmd_input_chunks_size(chunks)):
@@ -231,12 +236,12 @@ class MediaPrompt:
                 count = ffi.new("size_t *")
                 ids = lib.mtmd_input_chunk_get_tokens_text(chunk, count)
                 self.tokens.extend(ffi.unpack(ids, count[0]))
-                self.pieces.append((start, len(self.tokens), chunk, False))
+                self.pieces.append((start, len(self.tokens), chunk, 0))
             else:
                 media_id = ffi.string(lib.mtmd_input_chunk_get_id(chunk)).decode("ascii", "replace")
                 placeholder = -1 - int(media_id[:12] or "0", 16) % _PLACEHOLDER_SPAN
                 self.tokens.extend([placeholder] * lib.mtmd_input_chunk_get_n_tokens(chunk))
-                self.pieces.append((start, len(self.tokens), chunk, True))
+                self.pieces.append((start, len(self.tokens), chunk, lib.mtmd_input_chunk_get_n_pos(chunk)))
                 self.media_count += 1
                 self.head_end = len(self.tokens)  # where the last media chunk ends
         if self.pieces and self.pieces[-1][3]:
@@ -257,24 +262,30 @@ class MediaPrompt:
                 return start
         return common
 
-    def evaluate_head(self, ptr: Any, seq_id: int, cached: list[int], n_batch: int, lock: Any) -> None:
+    def evaluate_head(self, ptr: Any, seq_id: int, cached: list[int], positions: CachePositions, n_batch: int,
+                      lock: Any) -> None:
         """Evaluate the chunks from the end of ``cached`` (a chunk boundary) through the last media
         chunk into sequence ``seq_id`` of the llama context ``ptr``, as llama-server does: a text chunk
-        decoded, a media chunk encoded and its embeddings decoded at their positions (non-causal where
-        the projector says). ``cached`` grows with them; the text after the last media is the caller's
-        to decode, as any prompt's. On failure (MediaError) the caller drops the cells past ``cached``."""
+        decoded, a media chunk encoded and its embeddings decoded at their positions (M-RoPE and
+        non-causal where the projector says; mtmd's helper sets and resets the causal attention around
+        the chunk, under ``lock``, so no other sequence's batch runs in between). ``cached`` and
+        ``positions`` grow with them; the text after the last media is the caller's to decode, as any
+        prompt's, from position ``len(cached) + positions.shift``. On failure (MediaError) the caller
+        drops the cells past ``cached``."""
         projector = self._projector
         ffi, lib = projector._mtmd.ffi, projector._mtmd.lib
         new_n_past = ffi.new("llama_pos *")
-        for start, end, chunk, _media in self.pieces:
+        for start, end, chunk, n_pos in self.pieces:
             if end <= len(cached) or start >= self.head_end:
                 continue
             with projector.lock, lock:
-                rc = lib.mtmd_helper_eval_chunk_single(projector.ptr, ptr, chunk, start, seq_id, n_batch, False,
-                                                       new_n_past)
+                rc = lib.mtmd_helper_eval_chunk_single(projector.ptr, ptr, chunk, start + positions.shift, seq_id,
+                                                       n_batch, False, new_n_past)
             if rc != 0:
                 raise MediaError(f"the projector failed to encode or decode a chunk of the prompt (code {rc}).")
             cached.extend(self.tokens[start:end])
+            if n_pos:
+                positions.add(start, end, n_pos)
 
     def evaluate(self, context: Any, deadline: float | None, reuse: bool) -> int:
         """Make ``context``'s cache (sequence 0) hold this prompt, evaluating what differs; returns
@@ -282,14 +293,15 @@ class MediaPrompt:
         if len(self.tokens) > context.n_ctx:
             raise ContextOverflowError(f"the prompt has {len(self.tokens)} positions (text and media) but the "
                                        f"context holds {context.n_ctx}; shorten it or use a larger n_ctx.")
-        cached = context._tokens
-        common = trim_cache(context._lib, context._memory, 0, cached, self.reusable(cached, reuse))
+        cached, positions = context._tokens, context._positions
+        common = trim_cache(context._lib, context._memory, 0, cached, self.reusable(cached, reuse), positions)
         try:
-            self.evaluate_head(context.ptr, 0, cached, context.n_batch, context._lock)
+            self.evaluate_head(context.ptr, 0, cached, positions, context.n_batch, context._lock)
         except MediaError:
-            context._lib.llama_memory_seq_rm(context._memory, 0, len(cached), -1)
+            context._lib.llama_memory_seq_rm(context._memory, 0, len(cached) + positions.shift, -1)
             raise
-        context._decode(self.tokens[len(cached):], deadline)
+        breaks = prompt_breaks(context.model, len(self.tokens), context.n_batch)  # as the engine's (and upstream's)
+        context._decode(self.tokens[len(cached):], deadline, breaks)
         return common
 
 

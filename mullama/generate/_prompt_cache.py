@@ -132,6 +132,20 @@ class PromptCache:
         self.stats["restored_tokens"] += common_prefix(tokens, prompt)
         return tokens
 
+    def swap(self, ctx: Any, slot: Any, slots: Sequence[Any], prompt: list[int]) -> None:
+        """Before ``slot`` (an engine slot: ``seq_id``, ``cached``, ``positions``) loses most of its cells to
+        ``prompt``, keep them here; then restore from here, or copy from another of ``slots``, whatever
+        serves ``prompt`` better than the slot does. A sequence holding an image at M-RoPE positions is
+        neither kept nor copied: its tokens alone do not say where its cells sit."""
+        if not slot.positions and common_prefix(slot.cached, prompt) < SAVE_BELOW_KEEP * len(slot.cached):
+            self.save(ctx, slot.seq_id, slot.cached)
+        live = [(other.seq_id, other.cached) for other in slots
+                if other is not slot and other.cached and not other.lora and not other.positions]
+        restored = self.restore(ctx, slot.seq_id, slot.cached, prompt, live)
+        if restored is not None:
+            slot.cached = restored
+            slot.positions.clear()
+
     def clear(self) -> None:
         self._entries = []
 

@@ -102,7 +102,7 @@ def save_slot(engine: Engine, id_slot: int, path: str | Path, *, timeout: float 
     started = time.perf_counter()
     future = _between_steps(engine, id_slot, lambda slot: (
         len(slot.cached), _state.sequence_state(engine.model, engine.ptr, slot.seq_id, list(slot.cached),
-                                                slot.lora)))
+                                                slot.lora, slot.positions)))
     n_tokens, data = _wait(engine, future, timeout)
     written = _state.write_atomically(path, data)
     return {"id_slot": id_slot, "filename": Path(path).name, "n_saved": n_tokens, "n_written": written,
@@ -122,6 +122,7 @@ def restore_slot(engine: Engine, id_slot: int, path: str | Path, *, timeout: flo
 
     def restore(slot: Any) -> int:
         slot.cached = []
+        slot.positions.clear()
         _state.set_sequence(engine.model, engine.ptr, slot.seq_id, tokens, state, source=source)
         slot.cached, slot.lora = list(tokens), lora  # requests with these adapters reuse it
         return len(tokens)
@@ -138,6 +139,7 @@ def erase_slot(engine: Engine, id_slot: int, *, timeout: float | None = None) ->
         erased = len(slot.cached)
         engine._lib.llama_memory_seq_rm(engine._memory, slot.seq_id, -1, -1)
         slot.cached = []
+        slot.positions.clear()
         return erased
 
     return {"id_slot": id_slot, "n_erased": _wait(engine, _between_steps(engine, id_slot, erase), timeout)}

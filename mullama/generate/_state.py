@@ -226,9 +226,14 @@ def write_atomically(path: str | os.PathLike[str], data: bytes) -> int:
 
 
 # --- one sequence of a llama context ---------------------------------------------------------------
-def sequence_state(model: Model, ctx: Any, seq_id: int, tokens: list[int], lora: LoraSet = ()) -> bytes:
+def sequence_state(model: Model, ctx: Any, seq_id: int, tokens: list[int], lora: LoraSet = (),
+                   positions: object = None) -> bytes:
     """The state file bytes of sequence ``seq_id`` of the llama context ``ctx`` (which holds ``tokens``,
-    computed with the adapters ``lora``)."""
+    computed with the adapters ``lora``). Refused (StateError) for a cache holding an image at M-RoPE
+    positions (``positions`` not empty, see mullama.generate._positions): the file keeps tokens, not where they sit."""
+    if positions:
+        raise StateError("this cache holds an image decoded at M-RoPE positions, which a state file does not "
+                         "record; save the state before the image, or clear() and save a text-only one.")
     library = model._library
     ffi, lib = library.ffi, library.lib
     size = lib.llama_state_seq_get_size(ctx, seq_id)
