@@ -6,6 +6,7 @@ Qwen2-VL one (M-RoPE positions), with ``--kind gemma3`` a Gemma 3 one (non-causa
     python tools/make_test_mmproj.py OUT.gguf --audio [--for MODEL.gguf] [--seed 0]
     python tools/make_test_mmproj.py OUT.gguf --kind qwen2vl --for QWEN2VL.gguf [--patch-size 32]
     python tools/make_test_mmproj.py OUT.gguf --kind gemma3 --for GEMMA3.gguf [--image-size 64] [--patch-size 8]
+    (any kind) [--encoder-width 64] [--encoder-heads 4] [--encoder-ff 128] [--encoder-blocks 2]
 
 Why: images and audio in (``Model.load(..., mmproj=...)``, llama-server's ``--mmproj``) need a projector
 for a model in the cache, and no package ships a small one; upstream's own tests make tiny ones the
@@ -49,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +58,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # not there under PYTH
 from _pinned_gguf import import_gguf, write_tensors_and_close  # a sibling module of this script
 from make_lora import default_source  # SmolLM2 in the model cache
 
-ENCODER_WIDTH = 64
-ENCODER_HEADS = 4
-ENCODER_FF = 128
-ENCODER_BLOCKS = 2  # the MLP projector reads the last but one block's output: one block runs
+
+@dataclass(frozen=True)
+class Encoder:
+    """The transformer encoder's size: tiny by default (fast tests); a benchmark asks for a real one
+    (CLIP ViT-B: ``Encoder(768, 12, 3072, 12)``)."""
+
+    width: int = 64
+    heads: int = 4
+    ff: int = 128
+    blocks: int = 2  # the MLP projector reads the last but one block's output: one block runs
+
+
 # CLIP's normalisation (what LLaVA's converter records).
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -82,11 +92,12 @@ def text_embedding_size(model: Path) -> int:
 class _Weights:
     """Seeded random tensors, scaled so that each layer keeps its input's size."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, encoder: Encoder) -> None:
         import numpy as np
 
         self.np = np
         self.rng = np.random.default_rng(seed)
+        self.encoder = encoder
 
     def dense(self, n_out: int, n_in: int, gain: float = 1.0) -> Any:
         return (self.rng.standard_normal((n_out, n_in)) * gain / self.np.sqrt(n_in)).astype(self.np.float32)
@@ -108,8 +119,8 @@ class _Weights:
     def encoder_blocks(self, prefix: str, key_bias: bool) -> dict[str, Any]:
         """The transformer blocks ``<prefix>.blk.N.*`` that clip.cpp's ``build_vit`` runs (Whisper's
         attention has no key bias, which its graph asserts)."""
-        width, tensors = ENCODER_WIDTH, {}
-        for block in range(ENCODER_BLOCKS):
+        width, ff, tensors = self.encoder.width, self.encoder.ff, {}
+        for block in range(self.encoder.blocks):
             at = f"{prefix}.blk.{block}"
             for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
                 tensors[f"{at}.{name}.weight"] = self.dense(width, width)
@@ -118,20 +129,20 @@ class _Weights:
             for norm in ("ln1", "ln2"):
                 tensors[f"{at}.{norm}.weight"] = self.ones(width)
                 tensors[f"{at}.{norm}.bias"] = self.zeros(width)
-            tensors[f"{at}.ffn_up.weight"] = self.dense(ENCODER_FF, width)
-            tensors[f"{at}.ffn_up.bias"] = self.zeros(ENCODER_FF)
-            tensors[f"{at}.ffn_down.weight"] = self.dense(width, ENCODER_FF)
+            tensors[f"{at}.ffn_up.weight"] = self.dense(ff, width)
+            tensors[f"{at}.ffn_up.bias"] = self.zeros(ff)
+            tensors[f"{at}.ffn_down.weight"] = self.dense(width, ff)
             tensors[f"{at}.ffn_down.bias"] = self.zeros(width)
         return tensors
 
 
-def _encoder_keys(writer: Any, modality: str, n_embd_text: int) -> None:
-    """The ``clip.<modality>.*`` sizes of the encoder both projectors share."""
-    writer.add_uint32(f"clip.{modality}.embedding_length", ENCODER_WIDTH)
-    writer.add_uint32(f"clip.{modality}.feed_forward_length", ENCODER_FF)
-    writer.add_uint32(f"clip.{modality}.block_count", ENCODER_BLOCKS)
+def _encoder_keys(writer: Any, modality: str, n_embd_text: int, encoder: Encoder) -> None:
+    """The ``clip.<modality>.*`` sizes of the encoder every projector here has."""
+    writer.add_uint32(f"clip.{modality}.embedding_length", encoder.width)
+    writer.add_uint32(f"clip.{modality}.feed_forward_length", encoder.ff)
+    writer.add_uint32(f"clip.{modality}.block_count", encoder.blocks)
     writer.add_uint32(f"clip.{modality}.projection_dim", n_embd_text)
-    writer.add_uint32(f"clip.{modality}.attention.head_count", ENCODER_HEADS)
+    writer.add_uint32(f"clip.{modality}.attention.head_count", encoder.heads)
     writer.add_float32(f"clip.{modality}.attention.layer_norm_epsilon", 1e-5)
 
 
@@ -139,7 +150,7 @@ def _vision(writer: Any, weights: _Weights, n_embd_text: int, image_size: int, p
     """A LLaVA-style vision projector's keys (written) and tensors (returned)."""
     if image_size % patch_size:
         raise SystemExit(f"--image-size {image_size} is not a multiple of --patch-size {patch_size}")
-    width = ENCODER_WIDTH
+    width = weights.encoder.width
     n_patches = (image_size // patch_size) ** 2
     tensors: dict[str, Any] = {
         # ggml's conv2d kernel [patch, patch, 3, width]: numpy order reversed
@@ -161,7 +172,7 @@ def _vision(writer: Any, weights: _Weights, n_embd_text: int, image_size: int, p
     writer.add_bool("clip.use_gelu", True)
     writer.add_uint32("clip.vision.image_size", image_size)
     writer.add_uint32("clip.vision.patch_size", patch_size)
-    _encoder_keys(writer, "vision", n_embd_text)
+    _encoder_keys(writer, "vision", n_embd_text, weights.encoder)
     writer.add_array("clip.vision.image_mean", list(IMAGE_MEAN))
     writer.add_array("clip.vision.image_std", list(IMAGE_STD))
     return tensors
@@ -169,7 +180,7 @@ def _vision(writer: Any, weights: _Weights, n_embd_text: int, image_size: int, p
 
 def _audio(writer: Any, weights: _Weights, n_embd_text: int) -> dict[str, Any]:
     """A Qwen2-Audio-style (Whisper encoder) audio projector's keys (written) and tensors (returned)."""
-    width = ENCODER_WIDTH
+    width = weights.encoder.width
     tensors: dict[str, Any] = {
         # ggml's conv1d kernels [3, in, out], F16 as the converter writes them; biases [1, out]
         "a.conv1d.1.weight": weights.kernel(width, MEL_BINS, 3, dtype="float16"),
@@ -189,14 +200,14 @@ def _audio(writer: Any, weights: _Weights, n_embd_text: int) -> dict[str, Any]:
     writer.add_bool("clip.has_vision_encoder", False)
     writer.add_bool("clip.has_audio_encoder", True)
     writer.add_string("clip.projector_type", "qwen2a")
-    _encoder_keys(writer, "audio", n_embd_text)
+    _encoder_keys(writer, "audio", n_embd_text, weights.encoder)
     writer.add_uint32("clip.audio.num_mel_bins", MEL_BINS)
     return tensors
 
 
 def _qwen2vl(writer: Any, weights: _Weights, n_embd_text: int, image_size: int, patch_size: int) -> dict[str, Any]:
     """A Qwen2-VL projector's keys (written) and tensors (returned)."""
-    width, merged = ENCODER_WIDTH, 4 * ENCODER_WIDTH  # the merger reads 2 x 2 patches at once
+    width, merged = weights.encoder.width, 4 * weights.encoder.width  # the merger reads 2 x 2 patches at once
     tensors: dict[str, Any] = {
         # Qwen2-VL's 3-D patch convolution as the converter splits it: one 2-D kernel per frame, no bias.
         "v.patch_embd.weight": weights.kernel(width, 3, patch_size, patch_size),
@@ -214,7 +225,7 @@ def _qwen2vl(writer: Any, weights: _Weights, n_embd_text: int, image_size: int, 
     writer.add_string("clip.projector_type", "qwen2vl_merger")
     writer.add_uint32("clip.vision.image_size", image_size)
     writer.add_uint32("clip.vision.patch_size", patch_size)
-    _encoder_keys(writer, "vision", n_embd_text)
+    _encoder_keys(writer, "vision", n_embd_text, weights.encoder)
     writer.add_array("clip.vision.image_mean", list(IMAGE_MEAN))
     writer.add_array("clip.vision.image_std", list(IMAGE_STD))
     return tensors
@@ -224,7 +235,7 @@ def _gemma3(writer: Any, weights: _Weights, n_embd_text: int, image_size: int, p
     """A Gemma 3 (SigLIP) projector's keys (written) and tensors (returned)."""
     if image_size % (patch_size * GEMMA3_POOL):
         raise SystemExit(f"--image-size {image_size} is not a multiple of {GEMMA3_POOL} patches of {patch_size}")
-    width = ENCODER_WIDTH
+    width = weights.encoder.width
     n_patches = (image_size // patch_size) ** 2
     tensors: dict[str, Any] = {
         "v.patch_embd.weight": weights.kernel(width, 3, patch_size, patch_size),
@@ -246,7 +257,7 @@ def _gemma3(writer: Any, weights: _Weights, n_embd_text: int, image_size: int, p
     writer.add_uint32("clip.vision.image_size", image_size)
     writer.add_uint32("clip.vision.patch_size", patch_size)
     writer.add_uint32("clip.vision.projector.scale_factor", GEMMA3_POOL)
-    _encoder_keys(writer, "vision", n_embd_text)
+    _encoder_keys(writer, "vision", n_embd_text, weights.encoder)
     writer.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
     writer.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
     return tensors
@@ -257,7 +268,8 @@ KINDS = {"mlp": "LLaVA-style", "audio": "Qwen2-Audio-style audio", "qwen2vl": "Q
 
 
 def make_mmproj(out: Path, model: Path | None = None, *, seed: int = 0, image_size: int | None = None,
-                patch_size: int | None = None, audio: bool = False, kind: str = "mlp") -> dict[str, Any]:
+                patch_size: int | None = None, audio: bool = False, kind: str = "mlp",
+                encoder: Encoder = Encoder()) -> dict[str, Any]:
     """Write a random projector for ``model`` to ``out``: a LLaVA-style vision one, a Qwen2-Audio-style
     audio one when ``audio`` (or ``kind="audio"``), a Qwen2-VL or Gemma 3 one by ``kind``; return what
     it is (its output width, the embeddings per image or per 30-second audio window (for Qwen2-VL,
@@ -268,7 +280,7 @@ def make_mmproj(out: Path, model: Path | None = None, *, seed: int = 0, image_si
         raise SystemExit(f"--kind must be one of {', '.join(KINDS)}, not {kind!r}")
     model = model or default_source()
     n_embd_text = text_embedding_size(model)
-    weights = _Weights(seed)
+    weights = _Weights(seed, encoder)
     sizes = {"qwen2vl": (448, 32), "gemma3": (64, 8)}.get(kind, (32, 8))
     image_size, patch_size = image_size or sizes[0], patch_size or sizes[1]
     writer = g.GGUFWriter(str(out), arch="clip")
@@ -302,9 +314,20 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--image-size", type=int, default=None, help="the square the image is resized to (pixels; "
                         "default 32, gemma3 64; qwen2vl keeps the image's own size)")
     parser.add_argument("--patch-size", type=int, default=None, help="pixels per patch side (default 8, qwen2vl 32)")
+    default = Encoder()
+    parser.add_argument("--encoder-width", type=int, default=default.width, help="the encoder's width "
+                        f"(default {default.width}; a real CLIP ViT-B: 768)")
+    parser.add_argument("--encoder-heads", type=int, default=default.heads, help=f"(default {default.heads}; 12)")
+    parser.add_argument("--encoder-ff", type=int, default=default.ff, help=f"its feed-forward width (default "
+                        f"{default.ff}; 3072)")
+    parser.add_argument("--encoder-blocks", type=int, default=default.blocks, help=f"(default {default.blocks}; 12)")
     args = parser.parse_args(argv)
+    if args.encoder_width % args.encoder_heads:
+        raise SystemExit(f"--encoder-width {args.encoder_width} is not a multiple of --encoder-heads "
+                         f"{args.encoder_heads}")
+    encoder = Encoder(args.encoder_width, args.encoder_heads, args.encoder_ff, args.encoder_blocks)
     made = make_mmproj(args.out, args.model, seed=args.seed, image_size=args.image_size, patch_size=args.patch_size,
-                       audio=args.audio, kind=args.kind)
+                       audio=args.audio, kind=args.kind, encoder=encoder)
     item = "30-second audio window" if args.audio or args.kind == "audio" else \
         "64 x 64 pixels" if args.kind == "qwen2vl" else "image"
     print(f"wrote {args.out}: a {made['kind']} projector, {made['tensors']} tensors, {made['tokens_per_item']} "
