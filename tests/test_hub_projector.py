@@ -136,6 +136,27 @@ def test_a_pulled_projector_answers_an_image_like_the_file(hub, tmp_path, model_
     assert len(hub.gets(PROJECTOR)) == 1 and len(hub.gets(FILE)) == 1
 
 
+def test_a_repository_name_finds_its_pulled_file_without_asking_hugging_face(hub, image):
+    """`mullama pull hf:owner/repo`, then `run`/`show`/`Model.load` of the same name (as docs/vision.md
+    shows them) use the pulled file and its projector with Hugging Face out of reach: which file the
+    name means is asked only when nothing of the repository is in the cache."""
+    repo_name = f"hf:{VISION_REPO}"
+    path = _pull.pull(repo_name, quiet=True)
+    hub.stop()  # no Hugging Face from here on
+    assert _cache.cached(repo_name) == path == _pull.resolve(repo_name)
+    assert _cache.cached(f"hf:{VISION_REPO}@main") == path  # the default revision, named
+    assert _cache.cached(f"hf:{TEXT_REPO}") is None and _cache.cached(f"hf:{VISION_REPO}@v2") is None
+    with mullama.Model.load(repo_name) as model:
+        assert model.supports_vision and model.projector.path.name == PROJECTOR
+        assert greedy(model, image)[2] > 16
+    shown = mullama_cli("show", repo_name, "--json")
+    assert shown.returncode == 0, shown.stderr
+    summary = json.loads(shown.stdout)
+    assert summary["path"] == str(path) and summary["projector"].endswith(PROJECTOR)
+    with pytest.raises(mullama.DownloadError):  # not pulled: asking is the only way, and it fails clearly
+        _pull.resolve(f"hf:{TEXT_REPO}")
+
+
 def test_a_repository_without_a_projector_is_unchanged(hub, tmp_path):
     path = _pull.pull(f"hf:{TEXT_REPO}", quiet=True)
     (cached,) = _cache.list_models()

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .._exceptions import ModelNotFoundError
 from .._paths import models_dir
-from ._catalog import HFFile, RegistryEntry, entry_for
+from ._catalog import HFFile, RegistryEntry, entry_for, hf_prefix, parse_hf, pick_gguf
 
 __all__ = ["CachedModel", "CachedProjector", "cached", "list_models", "model_path", "projector_of", "remove"]
 
@@ -45,15 +45,25 @@ def model_path(entry: RegistryEntry) -> Path:
 
 
 def cached(name: str) -> Path | None:
-    """The cached file of a model name, or None when it has not been pulled (never downloads)."""
+    """The cached file of a model name, or None when it has not been pulled (never downloads). A
+    Hugging Face name without its file (``hf:owner/repo``) finds a file pulled from that repository:
+    the quantisation ``choose_gguf`` prefers among those pulled."""
     try:
-        entry = entry_for(name) if not name.startswith("hf:") else None
+        if name.startswith("hf:"):
+            return _cached_hf(name)
+        entry = entry_for(name)
     except ModelNotFoundError:
         return None
-    if entry is None:
-        return next((m.path for m in list_models() if m.name == name), None)
     path = model_path(entry)
     return path if path.is_file() else None
+
+
+def _cached_hf(name: str) -> Path | None:
+    repo, revision, filename = parse_hf(name)
+    prefix = hf_prefix(repo, revision)
+    pulled = {m.name[len(prefix):]: m.path for m in list_models() if m.name.startswith(prefix)}
+    chosen = filename if filename is not None else pick_gguf(pulled)[0]
+    return pulled.get(chosen) if chosen is not None else None
 
 
 @dataclass(frozen=True)

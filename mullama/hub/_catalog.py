@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -194,7 +195,7 @@ def _check_hf_file(name: str, filename: str) -> None:
         raise _bad_hf_name(name, problem)
 
 
-def _parse_hf(name: str) -> tuple[str, str, str | None]:
+def parse_hf(name: str) -> tuple[str, str, str | None]:
     """``hf:owner/repo[@revision][:file]`` -> (owner/repo, revision, file or None), validated: nothing
     outside these character sets and lengths ever reaches a URL or a cache path."""
     spec = name[3:]
@@ -298,15 +299,19 @@ def entry_for(name: str) -> RegistryEntry:
 def _hf_entry(name: str) -> RegistryEntry:
     """The entry of a Hugging Face name. Its name (the cache's key) includes the revision unless it is
     main: ``hf:o/r@v1:f.gguf`` and ``hf:o/r@v2:f.gguf`` are different files."""
-    repo, revision, filename = _parse_hf(name)
+    repo, revision, filename = parse_hf(name)
     listing = None
     if filename is None:
         listing = hf_files(repo, revision)
         filename = choose_gguf(repo, revision, listing)
         _check_hf_file(f"hf:{repo}:{filename}", filename)  # a name the server listed: validated like any
-    at = "" if revision == "main" else f"@{revision}"
-    return RegistryEntry(f"hf:{repo}{at}:{filename}", filename.rsplit("/", 1)[-1],
+    return RegistryEntry(f"{hf_prefix(repo, revision)}{filename}", filename.rsplit("/", 1)[-1],
                          (HFFile(repo, filename, revision),), listing=listing)
+
+
+def hf_prefix(repo: str, revision: str) -> str:
+    """How the cache's names of files from ``repo`` at ``revision`` begin (``hf:o/r:``, ``hf:o/r@v1:``)."""
+    return f"hf:{repo}:" if revision == "main" else f"hf:{repo}@{revision}:"
 
 
 def hf_files(repo: str, revision: str = "main") -> tuple[str, ...]:
@@ -335,19 +340,23 @@ def choose_gguf(repo: str, revision: str = "main", files: tuple[str, ...] | None
     """Pick a sensible quantisation among the repository's GGUF files (``files``: its listing, fetched
     when not given), and say which."""
     listed = hf_files(repo, revision) if files is None else files
-    models = [f for f in listed if f.endswith(".gguf") and not is_projector(f)]
-    if not models:
+    chosen, count = pick_gguf(listed)
+    if chosen is None:
         raise ModelNotFoundError(f"{repo} has no .gguf file; pick a GGUF repository (most end in -GGUF).")
+    print(f"mullama: {repo} has {count} GGUF files; using {chosen} "
+          f"(name one with hf:{repo}:FILE)", file=sys.stderr)
+    return chosen
+
+
+def pick_gguf(files: Iterable[str]) -> tuple[str | None, int]:
+    """The model file (not a projector) of the most preferred quantisation among ``files``, and how
+    many model files there are: (None, 0) when there is none."""
+    models = [f for f in files if f.endswith(".gguf") and not is_projector(f)]
     for quant in PREFERRED_QUANTS:
         matches = sorted(f for f in models if quant.lower() in Path(f).name.lower())
         if matches:
-            chosen = matches[0]
-            break
-    else:
-        chosen = min(models)
-    print(f"mullama: {repo} has {len(models)} GGUF files; using {chosen} "
-          f"(name one with hf:{repo}:FILE)", file=sys.stderr)
-    return chosen
+            return matches[0], len(models)
+    return (min(models) if models else None), len(models)
 
 
 def _quant_bits(path: str) -> int:

@@ -29,7 +29,16 @@ from typing import Any, BinaryIO
 from urllib.parse import quote, unquote, urlsplit
 
 from .._exceptions import DownloadError, ModelNotFoundError, MullamaError
-from ._cache import CachedProjector, _locked, _read_index, _record, _record_projector, model_path, projector_of
+from ._cache import (
+    CachedProjector,
+    _locked,
+    _read_index,
+    _record,
+    _record_projector,
+    cached,
+    model_path,
+    projector_of,
+)
 from ._catalog import (
     DEFAULT_MODEL,
     HF_FORM,
@@ -62,6 +71,10 @@ def resolve(model: str | os.PathLike, *, quiet: bool = False) -> Path:
         raise ModelNotFoundError(f"a model is a .gguf path or a name such as {DEFAULT_MODEL!r}, not {model!r}.")
     if is_local_path(model):
         return Path(model).expanduser()
+    if model.startswith("hf:"):  # pulled: loading it never asks Hugging Face (which file a repository's name means)
+        path = cached(model)
+        if path is not None:
+            return path
     return pull(model, quiet=quiet, resume_projector=False)
 
 
