@@ -55,6 +55,18 @@ def model(model_path):
         yield loaded
 
 
+@pytest.fixture(scope="session")
+def draft_model(tmp_path_factory, model_path):
+    """SmolLM2 requantised to Q2_K by tools/make_draft_model.py: the same vocabulary, smaller weights."""
+    import subprocess
+
+    out = tmp_path_factory.mktemp("draft") / "draft.gguf"
+    subprocess.run([sys.executable, str(REPO / "tools" / "make_draft_model.py"), str(out), "--for", str(model_path)],
+                   check=True, capture_output=True, timeout=300)
+    with mullama.Model.load(out) as loaded:
+        yield loaded
+
+
 @pytest.fixture()
 def context(model):
     ctx = mullama.Context(model, n_ctx=4096)

@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import upstream
@@ -54,7 +51,6 @@ OPEN = [
     "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
 ]
 N_PREDICT = 64
-REPO = Path(__file__).resolve().parent.parent
 SPEC = {"speculative": "ngram", "draft_min": 4, "draft_max": 16}
 UPSTREAM_SPEC = {**SPEC, "speculative": "ngram-simple"}  # no back-off: llama-server's drafts exactly
 SERVER_SPEC = ("--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "4", "--spec-ngram-simple-size-m", "16")
@@ -291,16 +287,6 @@ def test_serve_flags():
     with pytest.raises(mullama.InvalidConfigError, match="draft_min"):
         speculative_options(parser.parse_args(["serve", "--spec-type", "ngram-simple", "--draft-min", "9",
                                                "--draft-max", "8"]))
-
-
-@pytest.fixture(scope="module")
-def draft_model(tmp_path_factory, model_path):
-    """SmolLM2 requantised to Q2_K by tools/make_draft_model.py: the same vocabulary, smaller weights."""
-    out = tmp_path_factory.mktemp("draft") / "draft.gguf"
-    subprocess.run([sys.executable, str(REPO / "tools" / "make_draft_model.py"), str(out), "--for", str(model_path)],
-                   check=True, capture_output=True, timeout=300)
-    with mullama.Model.load(out) as loaded:
-        yield loaded
 
 
 @pytest.mark.parametrize("prompt", OPEN)

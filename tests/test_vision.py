@@ -60,13 +60,13 @@ def server(build, model_path, mmproj):
     running.close()
 
 
-def projector_server(build, model_path: Path, mmproj: Path) -> upstream.LlamaServer:
-    """llama-server --mmproj on the same model and projector (its media marker pinned)."""
+def projector_server(build, model_path: Path, mmproj: Path, *extra: str) -> upstream.LlamaServer:
+    """llama-server --mmproj on the same model and projector (its media marker pinned), with ``extra`` options."""
     mp = pytest.MonkeyPatch()
     mp.setenv("LLAMA_MEDIA_MARKER", SERVER_MARKER)
     try:
         return upstream.LlamaServer(build.tool("llama-server"), model_path, threads=default_threads(),
-                                    n_ctx=4096, extra=("--mmproj", str(mmproj)))
+                                    n_ctx=4096, extra=("--mmproj", str(mmproj), *extra))
     finally:
         mp.undo()
 
@@ -337,3 +337,74 @@ def test_the_terminal_chat_attaches_an_image_with_slash_image(vision_model, mode
     child.expect(pexpect.EOF)
     words = [word for word in expected.split() if word.isalpha()][:3]
     assert words and all(word in transcript for word in words), (expected, transcript)
+
+
+PASSAGE = ("The lighthouse keeper wrote in his log every evening: the wind, the ships that passed, the oil "
+           "burned, and the state of the lamp. In forty years the light failed twice.")
+
+
+def test_ngram_drafts_over_an_image_prompt_search_its_text_as_llama_servers(vision_model, build, model_path, mmproj,
+                                                                            images):
+    """A passage, then an image, and the answer repeats the passage: the n-gram drafts search the
+    prompt's text with the image's positions left out (llama-server's get_text_tokens), so at the end
+    of the passage a draft copies the text that followed it past the image, never an image position.
+    Tokens and draft counts equal llama-server --mmproj --spec-type ngram-simple's."""
+    spec = {"speculative": "ngram-simple", "draft_min": 4, "draft_max": 16}
+    reference_server = projector_server(build, model_path, mmproj, "--spec-type", "ngram-simple",
+                                        "--spec-ngram-simple-size-n", "4", "--spec-ngram-simple-size-m", "16")
+    messages = [{"role": "user", "content": [
+        {"type": "text", "text": f"Repeat this text exactly: {PASSAGE}"},
+        {"type": "image_url", "image_url": {"url": str(images["test-1"])}}, {"type": "text", "text": "Repeat it."}]}]
+    try:
+        marked, _sources = split_media(messages, SERVER_MARKER)
+        prompt = vision_model.apply_chat_template(marked, add_generation_prompt=True)
+        reference = reference_server.post("/completion", {
+            "prompt": {"prompt_string": prompt,
+                       "multimodal_data": [base64.b64encode(images["test-1"].read_bytes()).decode()]},
+            "n_predict": 64, "temperature": 0.0, "top_k": 1, "samplers": ["top_k", "temperature"],
+            "cache_prompt": False, "return_tokens": True})
+    finally:
+        reference_server.close()
+    context = mullama.Context(vision_model, n_ctx=4096)
+    try:
+        plain = context.chat_stream(messages, max_tokens=64, temperature=0, cache_prompt=False)
+        plain_ids = [token.id for token in plain]
+        drafted = context.chat_stream(messages, max_tokens=64, temperature=0, cache_prompt=False, **spec)
+        drafted_ids = [token.id for token in drafted]
+    finally:
+        context.close()
+    assert drafted_ids == plain_ids == reference["tokens"]
+    assert drafted.draft_accepted > 0
+    assert (drafted.draft_proposed, drafted.draft_accepted) == (
+        reference["timings"].get("draft_n", 0), reference["timings"].get("draft_n_accepted", 0))
+
+
+def test_a_draft_model_leaves_image_prompts_to_the_target(vision_model, draft_model, images):
+    """Its drafts would need the projector's embeddings at the image's positions: an image prompt is
+    decoded without them (the same tokens, nothing drafted) in a Context and in the engine, and text
+    prompts still draft."""
+    messages = image_messages(str(images["test-1"]))
+    options = {"max_tokens": N_PREDICT, "temperature": 0, "cache_prompt": False}
+    with mullama.Context(vision_model, n_ctx=4096) as context:
+        plain = [token.id for token in context.chat_stream(messages, **options)]
+    with mullama.Context(vision_model, n_ctx=4096, draft_model=draft_model) as context:
+        stream = context.chat_stream(messages, speculative="draft", **options)
+        assert [token.id for token in stream] == plain
+        assert stream.draft_proposed == 0
+        text = context.chat_stream([{"role": "user", "content": "Count from one to twenty."}], speculative="draft",
+                                   **options)
+        assert list(text) and text.draft_proposed > 0
+
+    async def in_the_engine() -> tuple[list[int], int]:
+        engine = mullama.AsyncModel(vision_model, parallel=2, n_ctx=4096, draft_model=draft_model)
+        try:
+            stream = engine.chat_stream(messages, speculative="draft", **options)
+            ids = [token.id async for token in stream]
+            return ids, stream.draft_proposed
+        finally:
+            engine_object = engine.engine
+            if engine_object is not None:
+                await asyncio.to_thread(engine_object.close)
+
+    ids, proposed = asyncio.run(in_the_engine())
+    assert ids == plain and proposed == 0

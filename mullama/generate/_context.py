@@ -265,7 +265,7 @@ class Context(Owned):
         if config.speculative == "draft" and self._draft is None:
             raise no_draft_model_error()
         sequence = Sequence(self.model, prompt_tokens, config, n_ctx=self.n_ctx, default_seed=self.seed, media=media)
-        if config.speculative == "draft" and self._draft is not None:
+        if config.speculative == "draft" and self._draft is not None and media is None:  # see _draft_model
             sequence.drafter = DraftModelDrafter(self._draft, config.draft_max)
         return sequence
 

@@ -7,6 +7,11 @@ decode per drafted token, ``draft_max`` of them (upstream's draft-simple with ``
 the most likely token each time). The target verifies the draft like any other (mullama.generate.
 _speculative), so the output never depends on the draft model, only the speed does.
 
+A prompt with images or audio is decoded without the draft model's drafts (n-gram drafts still apply):
+its media positions hold the target projector's embeddings, which a draft model of another width
+cannot read (upstream feeds it zero rows there, and its drafts after the media are poor). The answer is
+the same; only that request is not sped up.
+
 The vocabularies must agree as upstream's ``common_speculative_are_compatible`` requires: the same
 vocabulary type, the same BOS/EOS use and ids, sizes within 128 tokens, the same text for every token
 from id 5 on.

@@ -318,7 +318,7 @@ class Engine(Owned):
         slot.breaks = prompt_breaks(self.model, len(prompt), self.n_batch)
         slot.next_token = None
         request._sequence.cached_tokens = common
-        if request.config.speculative == "draft":  # the slot's own context of the draft model
+        if request.config.speculative == "draft" and media is None:  # the slot's own context of the draft model
             request._sequence.drafter = DraftModelDrafter(self._drafts[slot.seq_id], request.config.draft_max)
         self.stats["prompt_tokens_total"] += len(prompt)
 

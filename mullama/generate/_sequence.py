@@ -221,7 +221,10 @@ class Sequence:
                 accepted = i
                 break
             if token.finish_reason is not None:
-                accepted = i + 1
+                # upstream takes a drafted end-of-generation token before the draft's last as sampled, not
+                # accepted (its count; the tokens handed out are the same)
+                eog = (self._infos.get(token.id) or self._info(token.id))[2]
+                accepted = i if eog and i + 1 < proposed else i + 1
                 break
         else:
             out.append(next_token(ctx, first_row + proposed, None))

@@ -19,7 +19,9 @@ least ``n``. ``StreamConfig.draft_min`` is its ``n`` (``--spec-ngram-simple-size
 back-off that upstream does not have: after two drafts in a row of which nothing was accepted,
 drafting pauses for 2, 4, ... up to 64 tokens, so text that never repeats itself pays for no
 verify batches. ``speculative="ngram-simple"`` drafts at every match, as upstream does (the same
-drafts proposed and accepted as llama-server's).
+drafts proposed and accepted as llama-server's). The context searched is its text: the positions of an
+image or audio clip (negative placeholders in the cache's list) are left out, as llama-server's
+``server_tokens::get_text_tokens`` leaves them out, so a draft never holds one.
 """
 
 from __future__ import annotations
@@ -45,15 +47,16 @@ class NgramDrafter:
     """Drafts from the sequence's own context, as upstream's ngram-simple does (pausing after
     rejected drafts when ``backoff``)."""
 
-    __slots__ = ("_ends", "_history", "_indexed", "backoff", "failures", "size_m", "size_n", "wait")
+    __slots__ = ("_ends", "_history", "_indexed", "_text", "backoff", "failures", "size_m", "size_n", "wait")
 
     def __init__(self, size_n: int, size_m: int, *, backoff: bool = True) -> None:
         self.size_n = size_n  # the n-gram looked up, and the shortest draft
         self.size_m = size_m  # the longest draft
         self.backoff = backoff
         self._history: list[int] | None = None
-        self._indexed = 0
-        self._ends: dict[int, list[int]] = {}  # token -> positions where it stands, ascending
+        self._indexed = 0  # how much of the history _text holds
+        self._text: list[int] = []  # the history's tokens, media placeholders (negative) left out
+        self._ends: dict[int, list[int]] = {}  # token -> positions in _text where it stands, ascending
         self.failures = 0  # drafts in a row of which nothing was accepted
         self.wait = 0  # drafting opportunities still to skip
 
@@ -67,10 +70,13 @@ class NgramDrafter:
             self.wait -= 1
             return []
         n, m = self.size_n, self.size_m
+        if len(history) <= n + m + 1:
+            return []
+        self._index(history)
+        history = self._text
         cur_len = len(history)
         if cur_len <= n + m + 1:
             return []
-        self._index(history)
         positions = self._ends.get(sampled)
         if not positions:
             return []
@@ -90,17 +96,21 @@ class NgramDrafter:
         return []
 
     def _index(self, history: list[int]) -> None:
-        """Where each token of ``history`` stands (built once, extended as the cache grows)."""
+        """The text of ``history`` and where each of its tokens stands (built once, extended as the
+        cache grows)."""
         if history is not self._history or len(history) < self._indexed:
-            self._history, self._indexed, self._ends = history, 0, {}
-        ends = self._ends
+            self._history, self._indexed, self._text, self._ends = history, 0, [], {}
+        text, ends = self._text, self._ends
         for position in range(self._indexed, len(history)):
             token = history[position]
+            if token < 0:  # an image's or a clip's position
+                continue
             found = ends.get(token)
             if found is None:
-                ends[token] = [position]
+                ends[token] = [len(text)]
             else:
-                found.append(position)
+                found.append(len(text))
+            text.append(token)
         self._indexed = len(history)
 
     def verified(self, proposed: int, accepted: int) -> None:
