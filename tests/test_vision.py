@@ -120,15 +120,17 @@ def test_greedy_answer_about_an_image_equals_llama_server(vision_model, server, 
 
 
 def test_the_chat_endpoint_of_llama_server_gives_the_same_answer_and_usage(vision_model, server, images):
-    messages = image_messages(data_uri(images["test-1"]))
+    assert_chat_endpoint_agrees(vision_model, server, image_messages(data_uri(images["test-1"])))
+
+
+def assert_chat_endpoint_agrees(model, server, messages: list[dict]) -> None:
+    """llama-server's /v1/chat/completions answers ``messages`` with our text and prompt token count."""
     answer = server.post("/v1/chat/completions", {"messages": messages, "max_tokens": N_PREDICT,
                                                   "temperature": 0, "cache_prompt": False})
-    context = mullama.Context(vision_model, n_ctx=4096)
-    stream = context.chat_stream(messages, max_tokens=N_PREDICT, temperature=0)
-    text = "".join(token.text for token in stream)
-    assert text == answer["choices"][0]["message"]["content"]
-    assert stream.prompt_tokens == answer["usage"]["prompt_tokens"]
-    context.close()
+    with mullama.Context(model, n_ctx=4096) as context:
+        stream = context.chat_stream(messages, max_tokens=N_PREDICT, temperature=0)
+        assert "".join(token.text for token in stream) == answer["choices"][0]["message"]["content"]
+        assert stream.prompt_tokens == answer["usage"]["prompt_tokens"]
 
 
 def test_the_answer_depends_on_the_image(vision_model, images, tmp_path):

@@ -20,7 +20,16 @@ import openai
 import pytest
 import upstream
 from mullama_server import MullamaServer
-from test_vision import N_PREDICT, REPO, SERVER_MARKER, _bmp, data_uri, image_messages, make_projector
+from test_vision import (
+    N_PREDICT,
+    REPO,
+    SERVER_MARKER,
+    _bmp,
+    assert_chat_endpoint_agrees,
+    data_uri,
+    image_messages,
+    make_projector,
+)
 
 import mullama
 from mullama import StateError
@@ -113,14 +122,7 @@ def test_greedy_answer_about_an_image_equals_llama_server(mrope_model, server, i
 
 
 def test_the_chat_endpoint_of_llama_server_gives_the_same_answer_and_usage(mrope_model, server, images):
-    messages = image_messages(data_uri(images["test-1"]))
-    answer = server.post("/v1/chat/completions", {"messages": messages, "max_tokens": N_PREDICT,
-                                                  "temperature": 0, "cache_prompt": False})
-    context = mullama.Context(mrope_model, n_ctx=4096)
-    stream = context.chat_stream(messages, max_tokens=N_PREDICT, temperature=0)
-    assert "".join(token.text for token in stream) == answer["choices"][0]["message"]["content"]
-    assert stream.prompt_tokens == answer["usage"]["prompt_tokens"]
-    context.close()
+    assert_chat_endpoint_agrees(mrope_model, server, image_messages(data_uri(images["test-1"])))
 
 
 def test_two_images_with_text_between_them_equal_llama_server(mrope_model, server, images):

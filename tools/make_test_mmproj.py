@@ -146,6 +146,24 @@ def _encoder_keys(writer: Any, modality: str, n_embd_text: int, encoder: Encoder
     writer.add_float32(f"clip.{modality}.attention.layer_norm_epsilon", 1e-5)
 
 
+def _vision_keys(writer: Any, weights: _Weights, n_embd_text: int, projector_type: str, image_size: int,
+                 patch_size: int, *, gelu: bool, scale_factor: int | None = None,
+                 mean_std: tuple[tuple[float, ...], tuple[float, ...]] = (IMAGE_MEAN, IMAGE_STD)) -> None:
+    """The keys every vision projector here writes, in the converter's order."""
+    writer.add_bool("clip.has_vision_encoder", True)
+    writer.add_bool("clip.has_audio_encoder", False)
+    writer.add_string("clip.projector_type", projector_type)
+    if gelu:
+        writer.add_bool("clip.use_gelu", True)
+    writer.add_uint32("clip.vision.image_size", image_size)
+    writer.add_uint32("clip.vision.patch_size", patch_size)
+    if scale_factor is not None:
+        writer.add_uint32("clip.vision.projector.scale_factor", scale_factor)
+    _encoder_keys(writer, "vision", n_embd_text, weights.encoder)
+    writer.add_array("clip.vision.image_mean", list(mean_std[0]))
+    writer.add_array("clip.vision.image_std", list(mean_std[1]))
+
+
 def _vision(writer: Any, weights: _Weights, n_embd_text: int, image_size: int, patch_size: int) -> dict[str, Any]:
     """A LLaVA-style vision projector's keys (written) and tensors (returned)."""
     if image_size % patch_size:
@@ -166,15 +184,7 @@ def _vision(writer: Any, weights: _Weights, n_embd_text: int, image_size: int, p
         "mm.2.weight": weights.dense(n_embd_text, n_embd_text, gain=0.1),
         "mm.2.bias": weights.zeros(n_embd_text),
     }
-    writer.add_bool("clip.has_vision_encoder", True)
-    writer.add_bool("clip.has_audio_encoder", False)
-    writer.add_string("clip.projector_type", "mlp")
-    writer.add_bool("clip.use_gelu", True)
-    writer.add_uint32("clip.vision.image_size", image_size)
-    writer.add_uint32("clip.vision.patch_size", patch_size)
-    _encoder_keys(writer, "vision", n_embd_text, weights.encoder)
-    writer.add_array("clip.vision.image_mean", list(IMAGE_MEAN))
-    writer.add_array("clip.vision.image_std", list(IMAGE_STD))
+    _vision_keys(writer, weights, n_embd_text, "mlp", image_size, patch_size, gelu=True)
     return tensors
 
 
@@ -220,14 +230,7 @@ def _qwen2vl(writer: Any, weights: _Weights, n_embd_text: int, image_size: int, 
         "mm.2.weight": weights.dense(n_embd_text, merged, gain=0.1),
         "mm.2.bias": weights.zeros(n_embd_text),
     }
-    writer.add_bool("clip.has_vision_encoder", True)
-    writer.add_bool("clip.has_audio_encoder", False)
-    writer.add_string("clip.projector_type", "qwen2vl_merger")
-    writer.add_uint32("clip.vision.image_size", image_size)
-    writer.add_uint32("clip.vision.patch_size", patch_size)
-    _encoder_keys(writer, "vision", n_embd_text, weights.encoder)
-    writer.add_array("clip.vision.image_mean", list(IMAGE_MEAN))
-    writer.add_array("clip.vision.image_std", list(IMAGE_STD))
+    _vision_keys(writer, weights, n_embd_text, "qwen2vl_merger", image_size, patch_size, gelu=False)
     return tensors
 
 
@@ -250,16 +253,8 @@ def _gemma3(writer: Any, weights: _Weights, n_embd_text: int, image_size: int, p
         "mm.soft_emb_norm.weight": weights.ones(width),
         "mm.input_projection.weight": weights.normal(width, n_embd_text, scale=16.0 / width ** 0.5),
     }
-    writer.add_bool("clip.has_vision_encoder", True)
-    writer.add_bool("clip.has_audio_encoder", False)
-    writer.add_string("clip.projector_type", "gemma3")
-    writer.add_bool("clip.use_gelu", True)
-    writer.add_uint32("clip.vision.image_size", image_size)
-    writer.add_uint32("clip.vision.patch_size", patch_size)
-    writer.add_uint32("clip.vision.projector.scale_factor", GEMMA3_POOL)
-    _encoder_keys(writer, "vision", n_embd_text, weights.encoder)
-    writer.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
-    writer.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+    _vision_keys(writer, weights, n_embd_text, "gemma3", image_size, patch_size, gelu=True,
+                 scale_factor=GEMMA3_POOL, mean_std=((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
     return tensors
 
 
