@@ -185,11 +185,11 @@ def test_a_dead_engine_fails_its_requests_and_health_says_503(served, model):
 def test_a_disconnected_sse_client_frees_its_sequence(served):
     server, engine = served
     body = {"prompt": "Write a long story:", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    cancelled = engine.stats["requests_cancelled"]  # before: the engine may see the client leave at once
     with httpx.stream("POST", server.url + "/v1/completions", json=body) as response:
         for line in response.iter_lines():
             if line.startswith("data: "):
                 json.loads(line[6:])
                 break
-    cancelled = engine.stats["requests_cancelled"]
     wait_for(lambda: engine.active_streams == 0, timeout=300)
     assert engine.stats["requests_cancelled"] == cancelled + 1  # it stopped because the client left
