@@ -1,6 +1,7 @@
 """Early stopping: break out of the loop, or return False from a callback.
 
-Either way decoding stops at once and the context is ready for the next prompt.
+Either way decoding stops at once and the context is ready for the next prompt. Greedy decoding
+(temperature 0) makes the list the same every run.
 
     python examples/early_stopping.py [MODEL]
 """
@@ -15,7 +16,7 @@ context = Context(model)
 # 1. Break out of the loop after 5 list items.
 output = ""
 token_count = 0
-for token in context.generate_stream("Generate a list:\n-", 1000):
+for token in context.generate_stream("Generate a list of fruits:\n-", 1000, temperature=0):
     output += token.text
     token_count += 1
     print(token.text, end="", flush=True)
@@ -36,5 +37,5 @@ def on_text(text: str) -> bool:
     return True
 
 
-stream = context.generate_streaming("Generate a list:\n-", 1000, on_text)
+stream = context.generate_streaming("Generate a list of fruits:\n-", 1000, on_text, temperature=0)
 print(f"\n[stopped after {stream.tokens_generated()} tokens]")
