@@ -124,8 +124,7 @@ class Context(Owned):
         """Forget everything: the next prompt is decoded from scratch."""
         with self._use():
             self._lib.llama_memory_clear(self._memory, True)
-            self._tokens = []
-            self._positions.clear()
+            self._forget_cache()
 
     def save_state(self, path: str | os.PathLike[str]) -> int:
         """Write the KV cache and its tokens to ``path`` (atomically: a temporary file renamed over
@@ -156,8 +155,7 @@ class Context(Owned):
                     f"{source} was computed with the LoRA adapters {describe(lora)}, but this context applies "
                     f"{describe(self._lora_default)}; call set_lora() with the state's adapters first.")
             self._generation += 1  # a stream still open on this context ends: its cache is gone
-            self._tokens = []
-            self._positions.clear()
+            self._forget_cache()
             self._apply_lora(lora)
             with self._lock:
                 _state.set_sequence(self.model, self.ptr, 0, tokens, state, source=source)
@@ -183,9 +181,13 @@ class Context(Owned):
         if adapters != self._lora:
             apply_lora(self.model, self.ptr, adapters)
             self._lib.llama_memory_clear(self._memory, True)
-            self._tokens = []
-            self._positions.clear()
+            self._forget_cache()
             self._lora = adapters
+
+    def _forget_cache(self) -> None:
+        """The KV cache was emptied: no tokens, no positions."""
+        self._tokens = []
+        self._positions.clear()
 
     def _use(self) -> _Exclusive:
         return _Exclusive(self)

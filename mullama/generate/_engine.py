@@ -302,8 +302,8 @@ class Engine(Owned):
         reuse = request._sequence.config.cache_prompt
         if slot.lora != request.lora:  # cells computed with other adapters: of no use
             self._lib.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
-            slot.cached, slot.lora = [], request.lora
-            slot.positions.clear()
+            slot.forget_cache()
+            slot.lora = request.lora
         if reuse and self.prompt_cache is not None and not request.lora:  # the cache holds base-model states
             self.prompt_cache.swap(self.ptr, slot, self._slots, prompt)
         media = request._sequence.media  # chunks through its last image or audio are evaluated now, whole
@@ -445,8 +445,7 @@ class Engine(Owned):
             slot.request._sequence.cancel()
             self.stats["requests_cancelled"] += 1
         self._lib.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
-        slot.cached = []
-        slot.positions.clear()
+        slot.forget_cache()
         self._clear(slot)
 
     def _clear(self, slot: _Slot) -> None:

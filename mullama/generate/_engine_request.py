@@ -69,3 +69,8 @@ class _Slot:
         self.batch_row = -1
         self.draft: list[int] = []  # tokens drafted after next_token, decoded with it (speculative decoding)
         self.lora: LoraSet = ()  # the LoRA adapters its cached cells were computed with
+
+    def forget_cache(self) -> None:
+        """The sequence's cells are gone (the caller removed them): nothing cached, no positions."""
+        self.cached = []
+        self.positions.clear()

@@ -121,8 +121,7 @@ def restore_slot(engine: Engine, id_slot: int, path: str | Path, *, timeout: flo
     tokens, state, lora = _state.unpack_state(data, engine.model, n_ctx=engine.n_ctx_per_slot, source=source)
 
     def restore(slot: Any) -> int:
-        slot.cached = []
-        slot.positions.clear()
+        slot.forget_cache()
         _state.set_sequence(engine.model, engine.ptr, slot.seq_id, tokens, state, source=source)
         slot.cached, slot.lora = list(tokens), lora  # requests with these adapters reuse it
         return len(tokens)
@@ -138,8 +137,7 @@ def erase_slot(engine: Engine, id_slot: int, *, timeout: float | None = None) ->
     def erase(slot: Any) -> int:
         erased = len(slot.cached)
         engine._lib.llama_memory_seq_rm(engine._memory, slot.seq_id, -1, -1)
-        slot.cached = []
-        slot.positions.clear()
+        slot.forget_cache()
         return erased
 
     return {"id_slot": id_slot, "n_erased": _wait(engine, _between_steps(engine, id_slot, erase), timeout)}

@@ -46,6 +46,7 @@ from .._exceptions import (
 )
 from ._lora import LoraSet
 from ._model import Model
+from ._positions import CachePositions
 
 __all__ = ["MAGIC", "model_fingerprint", "pack_state", "read_state_file", "restore_sequence", "sequence_state",
            "set_sequence", "unpack_state", "write_atomically"]
@@ -227,7 +228,7 @@ def write_atomically(path: str | os.PathLike[str], data: bytes) -> int:
 
 # --- one sequence of a llama context ---------------------------------------------------------------
 def sequence_state(model: Model, ctx: Any, seq_id: int, tokens: list[int], lora: LoraSet = (),
-                   positions: object = None) -> bytes:
+                   positions: CachePositions | None = None) -> bytes:
     """The state file bytes of sequence ``seq_id`` of the llama context ``ctx`` (which holds ``tokens``,
     computed with the adapters ``lora``). Refused (StateError) for a cache holding an image at M-RoPE
     positions (``positions`` not empty, see mullama.generate._positions): the file keeps tokens, not where they sit."""
