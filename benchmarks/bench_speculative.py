@@ -2,12 +2,15 @@
 """Speculative decoding: our plain decode, ours with n-gram speculation, and llama-server's with the same settings.
 
 Greedy decode speed (generated tokens over the time after the prompt) on grounded prompts (a ~400-token
-passage to repeat or quote from, a code file to edit: the answer copies the prompt) and on open prompts
-(nothing to copy: speculation must cost nothing there). llama-server runs with ``--spec-type
-ngram-simple`` and the same n-gram sizes, ``cache_prompt: false``. Rounds are interleaved so drift in the
-machine's speed hits all three alike; each figure is the median over ``--reps`` rounds. Prints tokens/s,
-the ratio to our plain decode, and the ratio to llama-server's speculative decode, and checks that each
-speculative answer equals llama-server's.
+passage to repeat, quote or summarise, a code file to edit: the answer copies the prompt) and on open
+prompts (nothing to copy: speculation must cost nothing there), each a user's message through the model's
+chat template. Ours runs ``speculative="ngram"`` (upstream's ngram-simple drafts, sized by how drafts
+fare); llama-server runs ``--spec-type ngram-simple`` with the same n-gram sizes, ``cache_prompt: false``.
+The ceiling column is ours with ngram-simple's drafts cut to exactly the part that will be accepted (the
+drafter is told the answer): no sizing of these drafts can beat it, so it shows what the prompt allows on
+this machine. Rounds are interleaved so drift in the machine's speed hits all alike; each figure is the
+median over ``--reps`` rounds. Prints tokens/s, the ratios to our plain decode and to llama-server's
+speculative decode, drafted tokens accepted/proposed, and whether ours gave llama-server's tokens.
 
     python benchmarks/bench_speculative.py [--model smollm2:135m] [--tokens 128] [--reps 3] [--json FILE]
 """
@@ -19,6 +22,7 @@ import json
 import statistics
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -27,7 +31,10 @@ import bench_server  # noqa: F401  (puts tests/ on sys.path for upstream)
 import upstream
 
 import mullama
+from mullama.generate import _sequence
 from mullama.generate._context import default_threads
+from mullama.generate._model import tokenize_prompt
+from mullama.generate._speculative import NgramDrafter
 from mullama.hub import _pull
 
 PASSAGE = """The harbour town of Kessel grew up around a single stone pier, built in 1742 by the merchants who \
@@ -79,15 +86,41 @@ def print_report(path):
         print(f"{customer:20} {total:10.2f}")
 '''
 
+# Each a user's message, sent through the model's chat template as an application would send it (with the
+# raw text as a prompt, SmolLM2-Instruct wrote its own sentences where asked to quote).
 PROMPTS = {
-    "repeat": ("grounded", f"Here is a text:\n\n{PASSAGE}\n\nRepeat the text above exactly, word for word:\n\n"),
-    "extract": ("grounded", f"{PASSAGE}\n\nQuote, word for word, every sentence of the text above that "
-                            "mentions a year:\n\n"),
-    "code edit": ("grounded", f"```python\n{CODE}```\n\nThe same file with the class `Order` renamed to "
-                              "`Purchase` everywhere:\n\n```python\n"),
-    "story": ("open", "Write a short story about a girl who finds a map in her grandfather's attic:"),
-    "explain": ("open", "Explain, in a few paragraphs, why the sky is blue and sunsets are red:"),
+    "repeat": ("grounded", f"Here is a text:\n\n{PASSAGE}\n\nRepeat the text above exactly, word for word."),
+    "extract": ("grounded", f"{PASSAGE}\n\nCopy the sentences of this text that mention the pier, word for "
+                            "word, one per line."),
+    "extract years": ("grounded", f"{PASSAGE}\n\nQuote, word for word, every sentence of the text above "
+                                  "that mentions a year."),
+    "summarise": ("grounded", f"{PASSAGE}\n\nSummarise the text above."),
+    "code edit": ("grounded", f"```python\n{CODE}```\n\nRename the class `Order` to `Purchase` everywhere in "
+                              "this file and show the whole file."),
+    "code hints": ("grounded", f"```python\n{CODE}```\n\nAdd type hints to every function in this file. Show "
+                               "the whole file."),
+    "story": ("open", "Write a short story about a girl who finds a map in her grandfather's attic."),
+    "explain": ("open", "Explain, in a few paragraphs, why the sky is blue and sunsets are red."),
 }
+
+
+class CutToTheAnswer(NgramDrafter):
+    """ngram-simple's drafts cut to the part that will be accepted (it is told the answer): the fastest
+    any sizing of these drafts could decode, measured, as the ceiling beside "ngram"'s own sizing."""
+
+    answer: ClassVar[list[int]] = []
+    prompt_tokens: ClassVar[int] = 0
+
+    def __init__(self, size_n: int, size_m: int, *, sized: bool = True) -> None:
+        super().__init__(size_n, size_m, sized=False)
+
+    def draft(self, history: list[int], sampled: int, room: int) -> list[int]:
+        proposed = super().draft(history, sampled, room)
+        at = len(history) - self.prompt_tokens + 1  # where the first drafted token stands in the answer
+        kept = 0
+        while kept < len(proposed) and at + kept < len(self.answer) and proposed[kept] == self.answer[at + kept]:
+            kept += 1
+        return proposed[:kept]
 
 
 def ours(context: mullama.Context, prompt: str, tokens: int, spec: dict) -> tuple[float, list[int], int, int]:
@@ -122,39 +155,50 @@ def main(argv: list[str] | None = None) -> int:
         "--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", str(args.draft_min),
         "--spec-ngram-simple-size-m", str(args.draft_max)))
     model = mullama.Model.load(path)
-    speeds: dict[str, dict[str, list[float]]] = {name: {"plain": [], "spec": [], "server": []} for name in PROMPTS}
-    drafts: dict[str, tuple[int, int, int, int]] = {}
+    texts = {name: model.apply_chat_template([{"role": "user", "content": ask}]) for name, (_, ask) in PROMPTS.items()}
+    columns = ("plain", "spec", "ceiling", "server")
+    speeds: dict[str, dict[str, list[float]]] = {name: {column: [] for column in columns} for name in PROMPTS}
+    drafts: dict[str, dict[str, tuple[int, int]]] = {}
     same: dict[str, bool] = {}
     try:
         with mullama.Context(model, n_ctx=4096, n_threads=args.threads) as context:
             ours(context, "Warm up:", 8, {})
             for _ in range(args.reps):
-                for name, (_, prompt) in PROMPTS.items():
+                for name, prompt in texts.items():
                     plain = ours(context, prompt, args.tokens, {})
                     fast = ours(context, prompt, args.tokens, spec)
+                    CutToTheAnswer.answer, CutToTheAnswer.prompt_tokens = plain[1], len(tokenize_prompt(model, prompt))
+                    _sequence.NgramDrafter = CutToTheAnswer  # type: ignore[misc]
+                    try:
+                        ceiling = ours(context, prompt, args.tokens, {**spec, "speculative": "ngram-simple"})
+                    finally:
+                        _sequence.NgramDrafter = NgramDrafter  # type: ignore[misc]
                     reference = theirs(server, prompt, args.tokens)
-                    speeds[name]["plain"].append(plain[0])
-                    speeds[name]["spec"].append(fast[0])
-                    speeds[name]["server"].append(reference[0])
+                    for column, run in zip(columns, (plain, fast, ceiling, reference)):
+                        speeds[name][column].append(run[0])
                     same[name] = same.get(name, True) and fast[1] == reference[1]
-                    drafts[name] = (fast[2], fast[3], reference[2], reference[3])
+                    drafts[name] = {column: (run[2], run[3]) for column, run in zip(columns, (plain, fast, ceiling,
+                                                                                             reference))}
     finally:
         server.close()
         model.close()
-    print(f"{args.model}, {args.threads} threads, {args.tokens} tokens, greedy, ngram-simple "
-          f"n={args.draft_min} m={args.draft_max}, median of {args.reps}")
-    print(f"{'prompt':10} {'kind':8} {'plain':>7} {'spec':>7} {'server':>7} {'spec/plain':>10} {'spec/server':>11}"
-          f" {'drafts ours':>12} {'server':>9} same")
+    print(f"{args.model}, {args.threads} threads, {args.tokens} tokens, greedy, chat template; ours \"ngram\" "
+          f"n={args.draft_min} m={args.draft_max}, llama-server ngram-simple with the same sizes; "
+          f"ceiling: ngram-simple's drafts cut to what is accepted; tok/s, median of {args.reps}")
+    print(f"{'prompt':14} {'kind':8} {'plain':>6} {'spec':>6} {'ceil':>6} {'server':>6} {'spec/plain':>10} "
+          f"{'ceil/plain':>10} {'spec/server':>11} {'accepted/drafted: ours':>22} {'ceiling':>9} {'server':>9} same")
     figures = {}
     for name, (kind, _) in PROMPTS.items():
-        plain, fast, reference = (statistics.median(speeds[name][k]) for k in ("plain", "spec", "server"))
-        proposed, accepted, s_proposed, s_accepted = drafts[name]
-        print(f"{name:10} {kind:8} {plain:7.1f} {fast:7.1f} {reference:7.1f} {fast / plain:10.2f} "
-              f"{fast / reference:11.2f} {accepted:>5}/{proposed:<6} {s_accepted:>4}/{s_proposed:<4} {same[name]}")
-        figures[name] = {"kind": kind, "plain": plain, "speculative": fast, "llama_server_speculative": reference,
-                         "speculative_over_plain": fast / plain, "speculative_over_llama_server": fast / reference,
-                         "drafts": {"proposed": proposed, "accepted": accepted},
-                         "llama_server_drafts": {"proposed": s_proposed, "accepted": s_accepted},
+        plain, fast, ceiling, reference = (statistics.median(speeds[name][column]) for column in columns)
+        counts = {column: f"{accepted}/{proposed}" for column, (proposed, accepted) in drafts[name].items()}
+        print(f"{name:14} {kind:8} {plain:6.1f} {fast:6.1f} {ceiling:6.1f} {reference:6.1f} {fast / plain:10.2f} "
+              f"{ceiling / plain:10.2f} {fast / reference:11.2f} {counts['spec']:>22} {counts['ceiling']:>9} "
+              f"{counts['server']:>9} {same[name]}")
+        figures[name] = {"kind": kind, "plain": plain, "speculative": fast, "ceiling": ceiling,
+                         "llama_server_speculative": reference, "speculative_over_plain": fast / plain,
+                         "ceiling_over_plain": ceiling / plain, "speculative_over_llama_server": fast / reference,
+                         "drafts": {column: {"proposed": proposed, "accepted": accepted}
+                                    for column, (proposed, accepted) in drafts[name].items() if column != "plain"},
                          "same_tokens_as_llama_server": same[name]}
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "threads": args.threads, "tokens": args.tokens,

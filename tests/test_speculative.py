@@ -3,8 +3,9 @@
 The reference is llama-server run with the same speculative settings (``--spec-type ngram-simple``
 with the same n-gram sizes, ``cache_prompt: false``): with ``speculative="ngram-simple"`` the same
 drafts, the same verify batches, so the same bits; its draft counts (``timings.draft_n``,
-``draft_n_accepted``) must equal ours. ``"ngram"`` pauses drafting after rejected drafts (a back-off
-upstream does not have): fewer drafts, the same tokens.
+``draft_n_accepted``) must equal ours. ``"ngram"`` cuts the same drafts to the length that pays and
+pauses after rejected drafts (upstream does neither): other batch shapes, so the same tokens but at a
+near-tie (assert_same_but_near_ties).
 
 Speculation on versus off is a different claim. A token's logits computed in a batch of several
 tokens may differ in the last bits from a one-token decode (on CPU, ggml sums a batched matrix
@@ -12,8 +13,8 @@ product and the attention over a differently padded cache in another order), so 
 flip. Measured at the pin on this machine: both models keep every token on the open prompts below;
 on the grounded prompt (a passage to repeat, where nearly every step verifies a draft), SmolLM2
 diverged at token 7 of 96 and llama-server's speculation diverges from its own plain decode at
-the very same token. So on/off identity is tested on the prompts where it holds, and exactness in
-general against llama-server's speculation.
+the very same token. So on/off identity is tested on the open prompts (up to a near-tie), and exactness
+in general against llama-server's speculation.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import mullama
 from mullama.generate._context import default_threads
 from mullama.generate._engine import Engine
 from mullama.generate._model import tokenize_prompt
-from mullama.generate._speculative import BACKOFF_MAX, NgramDrafter
+from mullama.generate._speculative import BACKOFF_MAX, DraftLength, NgramDrafter
 from mullama.hub import _pull
 
 PASSAGE = (
@@ -52,6 +53,7 @@ OPEN = [
 ]
 N_PREDICT = 64
 SPEC = {"speculative": "ngram", "draft_min": 4, "draft_max": 16}
+NEAR_TIE = 0.05  # log-probability: two tokens this close are a near-tie (measured: Gemma 3, 0.013 apart, flipped)
 UPSTREAM_SPEC = {**SPEC, "speculative": "ngram-simple"}  # no back-off: llama-server's drafts exactly
 SERVER_SPEC = ("--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "4", "--spec-ngram-simple-size-m", "16")
 
@@ -76,35 +78,68 @@ def generate(model, prompt, **options):
         return context.generate(prompt, max_tokens=N_PREDICT, cache_prompt=False, timeout_ms=None, **options)
 
 
+def stream(model, prompt, **options):
+    """The greedy tokens, each with its two most likely candidates, and the stream (for its draft counts)."""
+    with mullama.Context(model, n_ctx=4096) as context:
+        with context.generate_stream(prompt, max_tokens=N_PREDICT, temperature=0, cache_prompt=False,
+                                     timeout_ms=None, logprobs=2, **options) as tokens:
+            return list(tokens), tokens
+
+
+def assert_same_but_near_ties(ids, reference, *others):
+    """``ids`` are the ``reference`` tokens, or part from them once, at a near-tie: where, in the reference or
+    in another decode of the same tokens (``others``: other batch shapes), the two most likely tokens were
+    within NEAR_TIE of each other, and ``ids`` took the other one. A batch of another shape rounds the
+    logits differently (docs/speculative.md), and that is the only way the tokens may part."""
+    expected = [token.id for token in reference]
+    if ids == expected:
+        return
+    at = next(i for i, (ours, theirs) in enumerate(zip([*ids, None], [*expected, None])) if ours != theirs)
+    assert at < min(len(ids), len(expected)), (at, ids, expected)
+    margins = []
+    for run in (reference, *others):
+        if len(run) > at and [token.id for token in run[:at]] == ids[:at]:
+            first, second = run[at].top_logprobs[:2]
+            if {first.id, second.id} == {ids[at], expected[at]}:
+                margins.append(first.logprob - second.logprob)
+    assert margins and min(margins) < NEAR_TIE, (at, ids[at], expected[at], margins)
+
+
 @pytest.mark.parametrize("prompt", GROUNDED + OPEN)
 def test_speculative_greedy_equals_llama_server_speculative(prompt, setup):
     """With "ngram-simple", the same tokens, text, and drafts proposed and accepted as upstream's ngram-simple.
-    "ngram" (with the back-off): the same tokens and text, and no more drafts. (Measured at the pin: on
-    the code prompt SmolLM2 rejects two drafts in a row, "ngram" pauses once, and upstream's next draft,
-    16 tokens all accepted, comes one token later: 67/25 drafted tokens proposed/accepted against 69/27.)"""
+    "ngram" cuts the same drafts to other lengths (and pauses), so its batches have other shapes: the same
+    tokens but at a near-tie (measured at the pin: Gemma 3 on the Fibonacci prompt parts at token 45,
+    `else` or `elif`, 0.013 apart decoding one token at a time, 0.29 apart in upstream's batches)."""
     reference = setup.server.greedy(prompt, N_PREDICT)
-    exact = generate(setup.model, prompt, **UPSTREAM_SPEC)
-    assert exact.token_ids == reference["tokens"]
-    assert exact.text == reference["content"]
-    assert exact.timings["draft_proposed"] == reference["timings"].get("draft_n", 0)
-    assert exact.timings["draft_accepted"] == reference["timings"].get("draft_n_accepted", 0)
-    backing_off = generate(setup.model, prompt, **SPEC)
-    assert backing_off.token_ids == reference["tokens"]
-    assert backing_off.timings["draft_proposed"] <= exact.timings["draft_proposed"]
+    tokens, exact = stream(setup.model, prompt, **UPSTREAM_SPEC)
+    assert [token.id for token in tokens] == reference["tokens"]
+    assert "".join(token.text for token in tokens) == reference["content"]
+    assert exact.draft_proposed == reference["timings"].get("draft_n", 0)
+    assert exact.draft_accepted == reference["timings"].get("draft_n_accepted", 0)
+    sized = generate(setup.model, prompt, **SPEC)
+    if sized.token_ids == reference["tokens"]:
+        assert sized.text == reference["content"]
+    else:
+        assert_same_but_near_ties(sized.token_ids, tokens, stream(setup.model, prompt)[0])
 
 
 @pytest.mark.parametrize("prompt", OPEN)
 def test_speculation_on_equals_off(prompt, setup):
-    plain = generate(setup.model, prompt)
+    plain, _ = stream(setup.model, prompt)
     fast = generate(setup.model, prompt, **SPEC)
-    assert fast.token_ids == plain.token_ids
-    assert fast.text == plain.text
-    assert fast.finish_reason == plain.finish_reason
+    assert_same_but_near_ties(fast.token_ids, plain)
+    if fast.token_ids == [token.id for token in plain]:
+        assert fast.text == "".join(token.text for token in plain)
+        assert fast.finish_reason == plain[-1].finish_reason
 
 
 def test_grounded_prompts_are_drafted_and_mostly_accepted(model):
+    """A third of the tokens or more come from drafts, and most drafted tokens are accepted (measured at the
+    pin: 32 of 43; upstream's full-length drafts, 34 of 65)."""
     completion = generate(model, GROUNDED[0], **SPEC)
-    assert completion.timings["draft_proposed"] >= completion.timings["draft_accepted"] > N_PREDICT // 2
+    assert completion.timings["draft_accepted"] > N_PREDICT // 3
+    assert completion.timings["draft_accepted"] * 2 > completion.timings["draft_proposed"]
     plain = generate(model, GROUNDED[0])
     assert plain.timings["draft_proposed"] == plain.timings["draft_accepted"] == 0
 
@@ -183,31 +218,53 @@ def test_a_draft_larger_than_the_batch_is_refused(model):
             context.generate("Hi", max_tokens=4, speculative="ngram", draft_max=16)
 
 
-def test_the_drafter_is_upstreams_ngram_simple_and_backs_off():
+def test_the_drafter_is_upstreams_ngram_simple():
     """common_ngram_simple_draft: the most recent earlier occurrence of the last n tokens, position 0
-    excluded, at least n and at most m tokens copied; then the back-off after rejected drafts."""
+    excluded, at least n and at most m tokens copied, at every match (speculative="ngram-simple")."""
     history = [7, 1, 2, 3, 9, 9, 1, 2, 3, 8, 8, 8, 5, 6, 1, 2]
-    drafter = NgramDrafter(3, 4)
+    drafter = NgramDrafter(3, 4, sized=False)
     assert drafter.draft(history, 3, room=16) == [8, 8, 8, 5]  # the match at 6, not the one at 1
     assert drafter.draft(history, 3, room=2) == [8, 8]
     assert drafter.draft(history, 4, room=16) == []
     assert drafter.draft(history[:8], 3, room=16) == []  # too short: n + m + 1 tokens at least
-    drafter.verified(4, 0)
-    assert drafter.draft(history, 3, room=16)  # one rejected draft: no pause
+    for _ in range(5):
+        drafter.verified(4, 0)
+        assert drafter.draft(history, 3, room=16) == [8, 8, 8, 5]
+
+
+def test_ngram_sizes_its_drafts_by_how_they_fare():
+    """speculative="ngram": the same lookup, each draft cut to the length with the most tokens per unit
+    of decode time at the acceptance seen so far; two drafts in a row with nothing accepted pause
+    drafting for 2, 4, ... BACKOFF_MAX opportunities, and an accepted token ends the pauses."""
+    history = [7, 1, 2, 3, 9, 9, 1, 2, 3, 8, 8, 8, 5, 6, 1, 2]
+    drafter = NgramDrafter(3, 4)
+    first = drafter.draft(history, 3, room=16)
+    assert 1 <= len(first) < 4 and first == [8, 8, 8, 5][:len(first)]  # no draft verified yet: a short one
+    for _ in range(4):
+        drafter.verified(len(first), len(first))
+    assert drafter.draft(history, 3, room=16) == [8, 8, 8, 5]  # drafts accepted whole: as long as the match
+    assert drafter.draft(history, 3, room=2) == [8, 8]
+
+    length = DraftLength()
+    lengths = []
+    for _ in range(16):  # drafts accepted whole: longer and longer, up to all the room there is
+        lengths.append(length.best(16))
+        length.verified(lengths[-1], lengths[-1])
+    assert lengths == sorted(lengths) and lengths[0] < 4 and lengths[-1] == 16
+    length.verified(16, 3)  # a draft that stopped early: shorter ones again
+    assert length.best(16) < 16
+    length.verified(4, 0)
+    assert length.best(16) >= 1 and not length.pausing()  # one rejected draft: no pause
     pauses = []
     for _ in range(10):
-        drafter.verified(4, 0)
+        length.verified(1, 0)
         skipped = 0
-        while not drafter.draft(history, 3, room=16):
+        while length.pausing():
             skipped += 1
         pauses.append(skipped)
     assert pauses[:4] == [2, 4, 8, 16] and max(pauses) == BACKOFF_MAX
-    drafter.verified(4, 1)
-    assert drafter.draft(history, 3, room=16)
-    upstreams = NgramDrafter(3, 4, backoff=False)  # speculative="ngram-simple": never pauses
-    for _ in range(5):
-        upstreams.verified(4, 0)
-        assert upstreams.draft(history, 3, room=16) == [8, 8, 8, 5]
+    length.verified(1, 1)
+    assert not length.pausing()
 
 
 def test_async_streams_speculate_in_the_engine(setup):

@@ -122,8 +122,8 @@ def _add_sampling(parser: argparse.ArgumentParser, max_tokens: int) -> None:
 def _add_speculative(parser: argparse.ArgumentParser) -> None:
     """llama-server's speculative decoding flags, for the kind mullama has (docs/speculative.md)."""
     parser.add_argument("--spec-type", choices=["none", "ngram", "ngram-simple", "draft-simple"], default="none",
-                        help="speculative decoding: ngram drafts from the prompt and output and pauses after "
-                             "rejected drafts, ngram-simple drafts at every match (llama-server's), draft-simple "
+                        help="speculative decoding: ngram drafts from the prompt and output, each cut to the "
+                             "length that pays, ngram-simple drafts at every match (llama-server's), draft-simple "
                              "with -md; each draft is checked in one decode (the same tokens, faster when the "
                              "drafts are right)")
     parser.add_argument("-md", "--model-draft", "--spec-draft-model", dest="model_draft", metavar="FNAME",

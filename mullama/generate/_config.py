@@ -98,8 +98,9 @@ class StreamConfig:
     lora: Any = None
     # Speculative decoding (docs/speculative.md): "ngram" drafts from the context itself (upstream's
     # ngram-simple: the last draft_min tokens looked up earlier in the prompt and output, the tokens that
-    # followed them proposed, draft_min to draft_max of them) and verifies each draft in one decode, and
-    # pauses drafting after drafts that were rejected; "ngram-simple" is upstream's exactly, never pausing.
+    # followed them proposed, up to draft_max of them, each draft cut to the length that pays at the
+    # acceptance seen so far) and verifies each draft in one decode, pausing after rejected drafts;
+    # "ngram-simple" is upstream's exactly (draft_min to draft_max tokens at every match).
     # "draft": a Context's draft model proposes draft_max tokens. The tokens are the ones decoding one at a
     # time gives; only the speed changes. None: off.
     speculative: str | None = None

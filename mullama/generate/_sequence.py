@@ -171,7 +171,7 @@ class Sequence:
         # many drafted tokens were proposed and accepted.
         self.drafter: Drafter | None = None
         if config.speculative in ("ngram", "ngram-simple"):
-            self.drafter = NgramDrafter(config.draft_min, config.draft_max, backoff=config.speculative == "ngram")
+            self.drafter = NgramDrafter(config.draft_min, config.draft_max, sized=config.speculative == "ngram")
         self.draft_proposed = 0
         self.draft_accepted = 0
 

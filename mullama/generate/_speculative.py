@@ -15,11 +15,14 @@ The drafter here is upstream's ``ngram-simple`` (``common/ngram-map.cpp``,
 sampled token last, are looked up backwards in the context (prompt and output); the tokens
 that followed the most recent earlier occurrence are the draft, at most ``m`` of them and at
 least ``n``. ``StreamConfig.draft_min`` is its ``n`` (``--spec-ngram-simple-size-n``) and
-``draft_max`` its ``m`` (``--spec-ngram-simple-size-m``). ``speculative="ngram"`` adds a
-back-off that upstream does not have: after two drafts in a row of which nothing was accepted,
-drafting pauses for 2, 4, ... up to 64 tokens, so text that never repeats itself pays for no
-verify batches. ``speculative="ngram-simple"`` drafts at every match, as upstream does (the same
-drafts proposed and accepted as llama-server's). The context searched is its text: the positions of an
+``draft_max`` its ``m`` (``--spec-ngram-simple-size-m``). ``speculative="ngram-simple"`` drafts
+that at every match, as upstream does (the same drafts proposed and accepted as llama-server's).
+``speculative="ngram"`` finds the same drafts and sizes them (:class:`DraftLength`): each drafted
+token makes the verify batch dearer, by about half a one-token step on a CPU, so a draft is cut to
+the length that gives the most tokens per unit of decode time at the acceptance seen so far, and
+after two drafts in a row of which nothing was accepted drafting pauses for 2, 4, ... up to 64
+tokens. Text that repeats what came before gets long drafts; text that never repeats itself pays
+for almost no verify batches. The context searched is its text: the positions of an
 image or audio clip (negative placeholders in the cache's list) are left out, as llama-server's
 ``server_tokens::get_text_tokens`` leaves them out, so a draft never holds one.
 """
@@ -28,9 +31,17 @@ from __future__ import annotations
 
 from typing import Protocol
 
-__all__ = ["BACKOFF_MAX", "Drafter", "NgramDrafter"]
+__all__ = ["BACKOFF_MAX", "DraftLength", "Drafter", "NgramDrafter"]
 
 BACKOFF_MAX = 64  # tokens: the longest pause in drafting after rejected drafts
+# What one more drafted token adds to a verify batch, as a share of a one-token decode. Measured with
+# llama-bench on 2 CPU cores, SmolLM2: a 17-token batch costs 6 one-token steps in an empty context
+# and 9 after 500 tokens (one token reads the weights once; a batch multiplies them by a matrix and
+# attends from every row), so about half a step a token where drafts are verified.
+DRAFT_TOKEN_COST = 0.5
+ACCEPT_PRIOR = 0.9  # the chance a drafted token is accepted, believed before any draft was verified
+PRIOR_WEIGHT = 2.0  # ... as strongly as this many drafted tokens verified
+MEMORY = 0.8  # each verified draft keeps this share of what the ones before it taught
 
 
 class Drafter(Protocol):
@@ -43,31 +54,81 @@ class Drafter(Protocol):
     def close(self) -> None: ...
 
 
+class DraftLength:
+    """How long a draft to verify, from how drafts have fared: ``speculative="ngram"``'s sizing.
+
+    Each drafted token is taken to be accepted with one chance ``q`` once the tokens before it were
+    (estimated from the drafts verified so far, recent ones counting most), so a draft of ``k``
+    tokens yields ``1 + q + ... + q**k`` tokens for a decode costing ``1 + DRAFT_TOKEN_COST * k``
+    one-token steps; the length with the most tokens per step is chosen, at least one token (a draft
+    is how ``q`` is learnt). After two drafts in a row of which nothing was accepted, drafting pauses
+    for 2, 4, 8, ... up to ``BACKOFF_MAX`` opportunities; an accepted token ends the pauses. The
+    choice depends only on the tokens, never on a clock, so the same prompt gives the same batches."""
+
+    __slots__ = ("accepted", "failures", "tried", "wait")
+
+    def __init__(self) -> None:
+        self.accepted = 0.0  # drafted tokens accepted, recent drafts weighing most
+        self.tried = 0.0  # drafted tokens whose acceptance was decided (accepted, and the first rejected)
+        self.failures = 0  # drafts in a row of which nothing was accepted
+        self.wait = 0  # drafting opportunities still to skip
+
+    def pausing(self) -> bool:
+        """Whether to skip this opportunity to draft (counting it off the pause)."""
+        if self.wait:
+            self.wait -= 1
+            return True
+        return False
+
+    def best(self, longest: int) -> int:
+        """The draft length, 1 to ``longest``, with the most tokens per unit of decode time."""
+        q = (self.accepted + ACCEPT_PRIOR * PRIOR_WEIGHT) / (self.tried + PRIOR_WEIGHT)
+        best, best_rate, tokens, term = 1, 0.0, 1.0, 1.0
+        for length in range(1, longest + 1):
+            term *= q
+            tokens += term
+            rate = tokens / (1.0 + DRAFT_TOKEN_COST * length)
+            if rate > best_rate:
+                best, best_rate = length, rate
+        return best
+
+    def verified(self, proposed: int, accepted: int) -> None:
+        """Learn from a verified draft of ``proposed`` tokens, ``accepted`` of them kept."""
+        if not proposed:
+            return
+        self.accepted = self.accepted * MEMORY + accepted
+        self.tried = self.tried * MEMORY + accepted + (accepted < proposed)
+        if accepted:
+            self.failures = 0
+            return
+        self.failures += 1
+        if self.failures >= 2:
+            self.wait = min(2 ** (self.failures - 1), BACKOFF_MAX)
+
+
 class NgramDrafter:
-    """Drafts from the sequence's own context, as upstream's ngram-simple does (pausing after
-    rejected drafts when ``backoff``)."""
+    """Drafts from the sequence's own context, as upstream's ngram-simple does; ``sized``: cut to a
+    :class:`DraftLength` (``speculative="ngram"``)."""
 
-    __slots__ = ("_ends", "_history", "_indexed", "_text", "backoff", "failures", "size_m", "size_n", "wait")
+    __slots__ = ("_ends", "_history", "_indexed", "_text", "length", "size_m", "size_n")
 
-    def __init__(self, size_n: int, size_m: int, *, backoff: bool = True) -> None:
-        self.size_n = size_n  # the n-gram looked up, and the shortest draft
+    def __init__(self, size_n: int, size_m: int, *, sized: bool = True) -> None:
+        self.size_n = size_n  # the n-gram looked up, and the shortest draft upstream proposes
         self.size_m = size_m  # the longest draft
-        self.backoff = backoff
+        self.length = DraftLength() if sized else None
         self._history: list[int] | None = None
         self._indexed = 0  # how much of the history _text holds
         self._text: list[int] = []  # the history's tokens, media placeholders (negative) left out
         self._ends: dict[int, list[int]] = {}  # token -> positions in _text where it stands, ascending
-        self.failures = 0  # drafts in a row of which nothing was accepted
-        self.wait = 0  # drafting opportunities still to skip
 
     def draft(self, history: list[int], sampled: int, room: int) -> list[int]:
         """The draft to verify after ``history`` (the tokens in the cache) and ``sampled`` (the token
         to decode next): at most ``room`` tokens; empty when there is no match, no room, or while
-        backing off."""
+        pausing."""
         if room <= 0:
             return []
-        if self.wait:
-            self.wait -= 1
+        length = self.length
+        if length is not None and length.pausing():
             return []
         n, m = self.size_n, self.size_m
         if len(history) <= n + m + 1:
@@ -92,6 +153,8 @@ class NgramDrafter:
                 copy = min(m, cur_len - (start + n))
                 if copy < n:
                     return []
+                if length is not None:
+                    copy = min(copy, length.best(min(copy, room)))
                 return history[start + n:start + n + min(copy, room)]
         return []
 
@@ -114,15 +177,9 @@ class NgramDrafter:
         self._indexed = len(history)
 
     def verified(self, proposed: int, accepted: int) -> None:
-        """Back off after drafts that keep being rejected; an accepted token ends the back-off."""
-        if not proposed or not self.backoff:
-            return
-        if accepted:
-            self.failures = 0
-            return
-        self.failures += 1
-        if self.failures >= 2:
-            self.wait = min(2 ** (self.failures - 1), BACKOFF_MAX)
+        """How the last draft fared: what sizes the next ones."""
+        if self.length is not None:
+            self.length.verified(proposed, accepted)
 
     def close(self) -> None:
         """Nothing to free."""
