@@ -183,22 +183,30 @@ def test_concurrent_first_requests_share_one_load(references):
 
 
 def test_an_idle_model_is_unloaded_and_its_memory_freed(references):
+    """Idle past --keep-alive, a model is unloaded and its memory given back; asked for again, it loads
+    again. The memory is measured on the second load, from a server that has served and unloaded it once
+    (what a first request leaves for good, such as imported modules and a busy heap's fragments, is in
+    the baseline then; measured beside two other test suites it was 74 MB)."""
     server = start("--models", ",".join(MODELS), "--keep-alive", "2s")
-    try:
-        before = server.rss_mb()
-        assert complete(server.url, "gemma3", PROMPTS[0]) == references["gemma3:270m"][PROMPTS[0]]
-        with_model = server.rss_mb()
-        assert loaded(server) == ["gemma3:270m"]
-        deadline = time.monotonic() + 30
+
+    def unloaded() -> None:
+        deadline = time.monotonic() + 120  # a generous bound: the unload comes ~2 s after the request
         while loaded(server) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert loaded(server) == []
+
+    try:
+        assert complete(server.url, "gemma3", PROMPTS[0]) == references["gemma3:270m"][PROMPTS[0]]
+        unloaded()
+        before = server.rss_mb()
+        assert complete(server.url, "gemma3", PROMPTS[0]) == references["gemma3:270m"][PROMPTS[0]]
+        with_model = server.rss_mb()
+        unloaded()
         after = server.rss_mb()
         assert with_model - before > 200  # the weights (272 MB) and the KV cache were loaded...
         assert with_model - after > 0.8 * (with_model - before)  # ...and are given back
-        assert complete(server.url, "gemma3", PROMPTS[0]) == references["gemma3:270m"][PROMPTS[0]]
         assert metric(server, "mullama_model_loads_total") == 2
-        assert metric(server, "mullama_model_unloads_total") == 1
+        assert metric(server, "mullama_model_unloads_total") == 2
     finally:
         server.close()
 
