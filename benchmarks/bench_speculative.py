@@ -7,10 +7,12 @@ prompts (nothing to copy: speculation must cost nothing there), each a user's me
 chat template. Ours runs ``speculative="ngram"`` (upstream's ngram-simple drafts, sized by how drafts
 fare); llama-server runs ``--spec-type ngram-simple`` with the same n-gram sizes, ``cache_prompt: false``.
 The ceiling column is ours with ngram-simple's drafts cut to exactly the part that will be accepted (the
-drafter is told the answer): no sizing of these drafts can beat it, so it shows what the prompt allows on
-this machine. Rounds are interleaved so drift in the machine's speed hits all alike; each figure is the
-median over ``--reps`` rounds. Prints tokens/s, the ratios to our plain decode and to llama-server's
-speculative decode, drafted tokens accepted/proposed, and whether ours gave llama-server's tokens.
+drafter is told the speculative answer): no sizing of these drafts can beat it, so it shows what the
+prompt allows on this machine. (Told the plain answer instead, it would stop at the first near-tie where
+one-token decoding and batches part.) Rounds are interleaved so drift in the machine's speed hits all
+alike; each figure is the median over ``--reps`` rounds. Prints tokens/s, the ratios to our plain
+decode and to llama-server's speculative decode, drafted tokens accepted/proposed, and whether ours
+gave llama-server's tokens.
 
     python benchmarks/bench_speculative.py [--model smollm2:135m] [--tokens 128] [--reps 3] [--json FILE]
 """
@@ -167,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                 for name, prompt in texts.items():
                     plain = ours(context, prompt, args.tokens, {})
                     fast = ours(context, prompt, args.tokens, spec)
-                    CutToTheAnswer.answer, CutToTheAnswer.prompt_tokens = plain[1], len(tokenize_prompt(model, prompt))
+                    CutToTheAnswer.answer, CutToTheAnswer.prompt_tokens = fast[1], len(tokenize_prompt(model, prompt))
                     _sequence.NgramDrafter = CutToTheAnswer  # type: ignore[misc]
                     try:
                         ceiling = ours(context, prompt, args.tokens, {**spec, "speculative": "ngram-simple"})
