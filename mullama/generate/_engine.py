@@ -57,6 +57,7 @@ from ._media import MediaPrompt
 from ._model import Model
 from ._prompt_cache import DEFAULT_CACHE_RAM_MIB, MIB, PromptCache
 from ._sequence import Sequence
+from ._speculative import draft_token_cost
 
 __all__ = ["Engine", "EngineRequest", "QueueFullError"]
 
@@ -99,6 +100,7 @@ class Engine(Owned):
         self.model = model
         self.parallel = parallel
         self.seed = seed
+        self._draft_token_cost = draft_token_cost(flash_attn)  # sizes speculative="ngram"'s drafts
         ptr = create_context(model, settings)
         self._record_step = adopt_context(self, model, ptr, settings, warmup=True)
         library = model._library
@@ -167,7 +169,7 @@ class Engine(Owned):
         if self.speculative and config.speculative is None:
             config = config.with_options(**self.speculative)
         sequence = Sequence(self.model, list(prompt_tokens), config, n_ctx=self.n_ctx_per_slot,
-                            default_seed=self.seed, media=media)
+                            default_seed=self.seed, media=media, draft_token_cost=self._draft_token_cost)
         request = EngineRequest(sequence, next(self._ids), self._wake)
         request.lora = lora
         if slot is not None and slot >= 0:

@@ -26,7 +26,7 @@ from ..chat._tools import ToolCall, ToolCallParser
 from ..structured._response_format import JsonFence
 from ._logprobs import TopLogprob, token_logprobs
 from ._sampler import SamplerChain
-from ._speculative import Drafter, NgramDrafter
+from ._speculative import FLASH_DRAFT_TOKEN_COST, Drafter, NgramDrafter
 
 if TYPE_CHECKING:
     from ._config import StreamConfig
@@ -129,7 +129,8 @@ class Sequence:
     )
 
     def __init__(self, model: Model, prompt_tokens: list[int], config: StreamConfig, *, n_ctx: int,
-                 default_seed: int | None = None, media: MediaPrompt | None = None) -> None:
+                 default_seed: int | None = None, media: MediaPrompt | None = None,
+                 draft_token_cost: float = FLASH_DRAFT_TOKEN_COST) -> None:
         if config.top_k > model.vocab_size:
             raise InvalidConfigError(f"StreamConfig.top_k must be at most the vocabulary size "
                                      f"({model.vocab_size}), not {config.top_k}.")
@@ -171,7 +172,8 @@ class Sequence:
         # many drafted tokens were proposed and accepted.
         self.drafter: Drafter | None = None
         if config.speculative in ("ngram", "ngram-simple"):
-            self.drafter = NgramDrafter(config.draft_min, config.draft_max, sized=config.speculative == "ngram")
+            self.drafter = NgramDrafter(config.draft_min, config.draft_max, sized=config.speculative == "ngram",
+                                        token_cost=draft_token_cost)
         self.draft_proposed = 0
         self.draft_accepted = 0
 

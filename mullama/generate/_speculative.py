@@ -18,8 +18,9 @@ least ``n``. ``StreamConfig.draft_min`` is its ``n`` (``--spec-ngram-simple-size
 ``draft_max`` its ``m`` (``--spec-ngram-simple-size-m``). ``speculative="ngram-simple"`` drafts
 that at every match, as upstream does (the same drafts proposed and accepted as llama-server's).
 ``speculative="ngram"`` finds the same drafts and sizes them (:class:`DraftLength`): each drafted
-token makes the verify batch dearer, by about half a one-token step on a CPU, so a draft is cut to
-the length that gives the most tokens per unit of decode time at the acceptance seen so far, and
+token makes the verify batch dearer (on a CPU by about half a one-token step with flash attention,
+a quarter without: :func:`draft_token_cost`), so a draft is cut to the length that gives the most
+tokens per unit of decode time at the acceptance seen so far, and
 after two drafts in a row of which nothing was accepted drafting pauses for 2, 4, ... up to 64
 tokens. Text that repeats what came before gets long drafts; text that never repeats itself pays
 for almost no verify batches. The context searched is its text: the positions of an
@@ -31,17 +32,27 @@ from __future__ import annotations
 
 from typing import Protocol
 
-__all__ = ["BACKOFF_MAX", "DraftLength", "Drafter", "NgramDrafter"]
+__all__ = ["BACKOFF_MAX", "DraftLength", "Drafter", "NgramDrafter", "draft_token_cost"]
 
 BACKOFF_MAX = 64  # tokens: the longest pause in drafting after rejected drafts
-# What one more drafted token adds to a verify batch, as a share of a one-token decode. Measured with
-# llama-bench on 2 CPU cores, SmolLM2: a 17-token batch costs 6 one-token steps in an empty context
-# and 9 after 500 tokens (one token reads the weights once; a batch multiplies them by a matrix and
-# attends from every row), so about half a step a token where drafts are verified.
-DRAFT_TOKEN_COST = 0.5
+# What one more drafted token adds to a verify batch, as a share of a one-token decode, by attention
+# path. Measured with llama-bench (pp2 ... pp17 against tg) on 2 CPU cores, SmolLM2 Q4_1: with flash
+# attention every row of the batch reads the whole cache on its own, so a drafted token costs a third
+# of a step in an empty context and half a step after 500 tokens (a 17-token batch: 6 and 9 steps);
+# without it the batch attends as one matrix product and a drafted token costs 0.26-0.30 of a step at
+# either depth (a 17-token batch: 5.2 and 5.4 steps).
+FLASH_DRAFT_TOKEN_COST = 0.5
+PLAIN_DRAFT_TOKEN_COST = 0.28
 ACCEPT_PRIOR = 0.9  # the chance a drafted token is accepted, believed before any draft was verified
 PRIOR_WEIGHT = 2.0  # ... as strongly as this many drafted tokens verified
 MEMORY = 0.8  # each verified draft keeps this share of what the ones before it taught
+
+
+def draft_token_cost(flash_attn: bool | None) -> float:
+    """The cost of one more drafted token in a verify batch, in one-token steps, for a context made
+    with ``flash_attn`` (None is upstream's "auto", which turns flash attention on wherever the device
+    runs it, as a CPU does)."""
+    return PLAIN_DRAFT_TOKEN_COST if flash_attn is False else FLASH_DRAFT_TOKEN_COST
 
 
 class Drafter(Protocol):
@@ -59,15 +70,17 @@ class DraftLength:
 
     Each drafted token is taken to be accepted with one chance ``q`` once the tokens before it were
     (estimated from the drafts verified so far, recent ones counting most), so a draft of ``k``
-    tokens yields ``1 + q + ... + q**k`` tokens for a decode costing ``1 + DRAFT_TOKEN_COST * k``
-    one-token steps; the length with the most tokens per step is chosen, at least one token (a draft
-    is how ``q`` is learnt). After two drafts in a row of which nothing was accepted, drafting pauses
-    for 2, 4, 8, ... up to ``BACKOFF_MAX`` opportunities; an accepted token ends the pauses. The
-    choice depends only on the tokens, never on a clock, so the same prompt gives the same batches."""
+    tokens yields ``1 + q + ... + q**k`` tokens for a decode costing ``1 + token_cost * k``
+    one-token steps (:func:`draft_token_cost`); the length with the most tokens per step is chosen,
+    at least one token (a draft is how ``q`` is learnt). After two drafts in a row of which nothing
+    was accepted, drafting pauses for 2, 4, 8, ... up to ``BACKOFF_MAX`` opportunities; an accepted
+    token ends the pauses. The choice depends only on the tokens and the context's settings, never
+    on a clock, so the same prompt gives the same batches."""
 
-    __slots__ = ("accepted", "failures", "tried", "wait")
+    __slots__ = ("accepted", "failures", "token_cost", "tried", "wait")
 
-    def __init__(self) -> None:
+    def __init__(self, token_cost: float = FLASH_DRAFT_TOKEN_COST) -> None:
+        self.token_cost = token_cost  # what a drafted token adds to the verify batch, in one-token steps
         self.accepted = 0.0  # drafted tokens accepted, recent drafts weighing most
         self.tried = 0.0  # drafted tokens whose acceptance was decided (accepted, and the first rejected)
         self.failures = 0  # drafts in a row of which nothing was accepted
@@ -83,11 +96,11 @@ class DraftLength:
     def best(self, longest: int) -> int:
         """The draft length, 1 to ``longest``, with the most tokens per unit of decode time."""
         q = (self.accepted + ACCEPT_PRIOR * PRIOR_WEIGHT) / (self.tried + PRIOR_WEIGHT)
-        best, best_rate, tokens, term = 1, 0.0, 1.0, 1.0
+        best, best_rate, tokens, term, cost = 1, 0.0, 1.0, 1.0, self.token_cost
         for length in range(1, longest + 1):
             term *= q
             tokens += term
-            rate = tokens / (1.0 + DRAFT_TOKEN_COST * length)
+            rate = tokens / (1.0 + cost * length)
             if rate > best_rate:
                 best, best_rate = length, rate
         return best
@@ -112,10 +125,11 @@ class NgramDrafter:
 
     __slots__ = ("_ends", "_history", "_indexed", "_text", "length", "size_m", "size_n")
 
-    def __init__(self, size_n: int, size_m: int, *, sized: bool = True) -> None:
+    def __init__(self, size_n: int, size_m: int, *, sized: bool = True,
+                 token_cost: float = FLASH_DRAFT_TOKEN_COST) -> None:
         self.size_n = size_n  # the n-gram looked up, and the shortest draft upstream proposes
         self.size_m = size_m  # the longest draft
-        self.length = DraftLength() if sized else None
+        self.length = DraftLength(token_cost) if sized else None
         self._history: list[int] | None = None
         self._indexed = 0  # how much of the history _text holds
         self._text: list[int] = []  # the history's tokens, media placeholders (negative) left out
