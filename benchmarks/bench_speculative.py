@@ -116,7 +116,7 @@ class CutToTheAnswer(NgramDrafter):
     answer: ClassVar[list[int]] = []
     prompt_tokens: ClassVar[int] = 0
 
-    def __init__(self, size_n: int, size_m: int, *, sized: bool = True) -> None:
+    def __init__(self, size_n: int, size_m: int, **_: object) -> None:
         super().__init__(size_n, size_m, sized=False)
 
     def draft(self, history: list[int], sampled: int, room: int) -> list[int]:
@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     speeds: dict[str, dict[str, list[float]]] = {name: {column: [] for column in columns} for name in PROMPTS}
     drafts: dict[str, dict[str, tuple[int, int]]] = {}
     same: dict[str, bool] = {}
+    ceiling_parted: dict[str, bool] = {}  # the ceiling's batches parted from the speculative answer at a near-tie
     try:
         with mullama.Context(model, n_ctx=4096, n_threads=args.threads, flash_attn=flash_attn) as context:
             ours(context, "Warm up:", 8, {})
@@ -198,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                     for column, run in zip(columns, (plain, fast, ceiling, reference)):
                         speeds[name][column].append(run[0])
                     same[name] = same.get(name, True) and fast[1] == reference[1]
+                    ceiling_parted[name] = ceiling_parted.get(name, False) or ceiling[1] != fast[1]
                     drafts[name] = {column: (run[2], run[3]) for column, run in zip(columns, (plain, fast, ceiling,
                                                                                              reference))}
     finally:
@@ -213,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, (kind, _) in PROMPTS.items():
         plain, fast, ceiling, reference = (statistics.median(speeds[name][column]) for column in columns)
         counts = {column: f"{accepted}/{proposed}" for column, (proposed, accepted) in drafts[name].items()}
-        print(f"{name:14} {kind:8} {plain:6.1f} {fast:6.1f} {ceiling:6.1f} {reference:6.1f} {fast / plain:10.2f} "
+        mark = "*" if ceiling_parted[name] else " "
+        print(f"{name:14} {kind:8} {plain:6.1f} {fast:6.1f} {ceiling:5.1f}{mark} {reference:6.1f} {fast / plain:10.2f} "
               f"{ceiling / plain:10.2f} {fast / reference:11.2f} {counts['spec']:>22} {counts['ceiling']:>9} "
               f"{counts['server']:>9} {same[name]}")
         figures[name] = {"kind": kind, "plain": plain, "speculative": fast, "ceiling": ceiling,
@@ -221,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
                          "ceiling_over_plain": ceiling / plain, "speculative_over_llama_server": fast / reference,
                          "drafts": {column: {"proposed": proposed, "accepted": accepted}
                                     for column, (proposed, accepted) in drafts[name].items() if column != "plain"},
-                         "same_tokens_as_llama_server": same[name]}
+                         "same_tokens_as_llama_server": same[name], "ceiling_parted": ceiling_parted[name]}
+    if any(ceiling_parted.values()):
+        print("* the ceiling's batches parted from the speculative answer at a near-tie: it decoded another answer")
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "threads": args.threads, "tokens": args.tokens,
                                                "draft_min": args.draft_min, "draft_max": args.draft_max,

@@ -281,6 +281,25 @@ def test_without_flash_attention_drafts_are_longer(model):
     assert fast.draft_accepted * 2 > fast.draft_proposed
 
 
+def test_without_flash_attention_the_output_is_llama_servers_with_fa_off(model, model_path, build):
+    """flash_attn=False against llama-server -fa off with the same speculative flags: "ngram-simple" gives its
+    tokens, text and draft counts exactly; "ngram" its tokens but at a near-tie."""
+    server = upstream.LlamaServer(build.tool("llama-server"), model_path, threads=default_threads(),
+                                  extra=(*SERVER_SPEC, "-fa", "off"))
+    try:
+        for prompt in (GROUNDED[0], GROUNDED[1], OPEN[1]):
+            reference = server.greedy(prompt, N_PREDICT)
+            tokens, exact = stream(model, prompt, flash_attn=False, **UPSTREAM_SPEC)
+            assert [token.id for token in tokens] == reference["tokens"]
+            assert "".join(token.text for token in tokens) == reference["content"]
+            assert exact.draft_proposed == reference["timings"].get("draft_n", 0)
+            assert exact.draft_accepted == reference["timings"].get("draft_n_accepted", 0)
+            sized, _ = stream(model, prompt, flash_attn=False, **SPEC)
+            assert_same_but_near_ties([token.id for token in sized], tokens, sized)
+    finally:
+        server.close()
+
+
 def test_async_streams_speculate_in_the_engine(setup):
     """AsyncModel's engine verifies drafts too: a stream alone gives what a Context gives (same batches,
     same drafts); streams together verify their drafts in shared decodes. Together, a sequence's rows
@@ -358,6 +377,32 @@ def test_serve_flags():
     with pytest.raises(mullama.InvalidConfigError, match="draft_min"):
         speculative_options(parser.parse_args(["serve", "--spec-type", "ngram-simple", "--draft-min", "9",
                                                "--draft-max", "8"]))
+
+
+def test_the_flash_attention_flag_reaches_the_contexts(model_path):
+    """-fa/--flash-attn on|off|auto (llama-server's) on run, chat, bench and serve: a served model's engine and
+    the CLI's contexts are made with it (off: the cheaper verify batches on a CPU, docs/speculative.md)."""
+    from mullama.cli._args import flash_attn_option
+    from mullama.cli._parser import make_parser
+    from mullama.server._specs import LoadOptions, ModelSpec, load_model
+
+    parser = make_parser()
+    for command in (["run", "hi"], ["chat"], ["bench"], ["serve"]):
+        assert flash_attn_option(parser.parse_args(command)) is None
+        assert flash_attn_option(parser.parse_args([*command, "-fa", "off"])) is False
+        assert flash_attn_option(parser.parse_args([*command, "--flash-attn", "on"])) is True
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "-fa", "maybe"])
+    model, engine = load_model(ModelSpec("smollm2:135m", str(model_path)), LoadOptions(parallel=1, flash_attn=False))
+    try:
+        assert engine is not None and engine.flash_attn is False
+        with mullama.Context(model, n_ctx=512, flash_attn=False) as context:
+            assert context.flash_attn is False
+            with mullama.Context(model, n_ctx=512) as default:
+                assert default.flash_attn is None
+    finally:
+        engine.close()
+        model.close()
 
 
 @pytest.mark.parametrize("prompt", OPEN)

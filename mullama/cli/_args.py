@@ -106,6 +106,11 @@ def speculative_options(args: argparse.Namespace) -> dict[str, Any] | None:
     return options
 
 
+def flash_attn_option(args: argparse.Namespace) -> bool | None:
+    """Context's ``flash_attn`` from -fa/--flash-attn on|off|auto (None: upstream's auto)."""
+    return {"on": True, "off": False, "auto": None}[getattr(args, "flash_attn", "auto")]
+
+
 def check_ctx_size(value: int | None) -> None:
     """-c/--ctx-size: the rule and message of Context(n_ctx=...), checked before any model is loaded."""
     from ..generate._context_params import check_n_ctx

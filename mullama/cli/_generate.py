@@ -13,6 +13,7 @@ from .._exceptions import InvalidConfigError
 from ._args import (
     check_ctx_size,
     check_writable,
+    flash_attn_option,
     mmproj_option,
     model_and_words,
     model_arg,
@@ -64,7 +65,7 @@ def run_command(args: argparse.Namespace) -> int:
                                                                 else "."))
         draft = resources.enter_context(Model.load(args.model_draft)) if args.model_draft else None
         context = resources.enter_context(Context(model, n_ctx=args.ctx_size, n_threads=args.threads,
-                                                  draft_model=draft))
+                                                  flash_attn=flash_attn_option(args), draft_model=draft))
         warn_ctx_size(args.ctx_size, model)
         raw = args.raw or model.chat_template is None
         if raw and not args.raw:  # a base model: complete the text, as ollama does
@@ -116,7 +117,7 @@ def chat_command(args: argparse.Namespace, model_name: str | None = None) -> int
     return chat_main(model_name or model_arg(args) or DEFAULT_MODEL, system=args.system,
                      config=stream_config(args), ctx_size=args.ctx_size, threads=args.threads, record=record,
                      chat_template=args.chat_template_file, placement=placement(args),
-                     mmproj=mmproj_option(args))
+                     mmproj=mmproj_option(args), flash_attn=flash_attn_option(args))
 
 
 def embed_command(args: argparse.Namespace) -> int:
@@ -145,7 +146,7 @@ def bench_command(args: argparse.Namespace) -> int:
     check_ctx_size(args.ctx_size)
     model_name = model_arg(args) or DEFAULT_MODEL
     with Model.load(model_name, **placement(args)) as model, \
-            Context(model, n_ctx=args.ctx_size, n_threads=args.threads) as context:
+            Context(model, n_ctx=args.ctx_size, n_threads=args.threads, flash_attn=flash_attn_option(args)) as context:
         warn_ctx_size(args.ctx_size, model)
         context.generate("Hello", max_tokens=8)  # warm up
         first = []

@@ -77,6 +77,9 @@ def _add_context(parser: argparse.ArgumentParser,
     parser.add_argument("-t", "--threads", type=_threads,
                         help="CPU threads (default: $MULLAMA_THREADS, else all available, at most 8; "
                              "'auto': chosen by timing the steps)")
+    parser.add_argument("-fa", "--flash-attn", choices=["on", "off", "auto"], default="auto",
+                        help="flash attention (llama-server's; default auto: on where the device runs it). On a "
+                             "CPU, off decodes faster deep into a context and makes speculation pay more")
 
 
 def _add_template(parser: argparse.ArgumentParser) -> None:

@@ -375,7 +375,8 @@ class TerminalChat:
         """A new context of ``value`` tokens (the conversation is kept; its cache is rebuilt)."""
         try:
             n_ctx = int(value)
-            context = Context(self.model, n_ctx=n_ctx, n_threads=self.context.n_threads)
+            context = Context(self.model, n_ctx=n_ctx, n_threads=self.context.n_threads,
+                              flash_attn=self.context.flash_attn)
         except (ValueError, MullamaError) as exc:
             self._notice(f"cannot set num_ctx to {value}: {exc}", "red")
             return
@@ -411,7 +412,8 @@ class TerminalChat:
 
 def chat_main(model_ref: str, *, system: str | None, config: StreamConfig, ctx_size: int | None,
               threads: int | None = None, record: str | None = None, chat_template: str | None = None,
-              placement: dict[str, Any] | None = None, mmproj: str | Literal[False] | None = None) -> int:
+              placement: dict[str, Any] | None = None, mmproj: str | Literal[False] | None = None,
+              flash_attn: bool | None = None) -> int:
     """The terminal chat on ``model_ref`` (``placement``: Model.load's offloading options)."""
     console = terminal_console()
     with console.status(f"loading {model_ref} ...", spinner="dots") if console.is_terminal else nullcontext():
@@ -421,7 +423,7 @@ def chat_main(model_ref: str, *, system: str | None, config: StreamConfig, ctx_s
                 raise TemplateError(f"{model_ref} has no chat template (a base model), so it cannot chat: "
                                     f"`mullama run {model_ref} PROMPT` completes text, or give a template with "
                                     "--chat-template-file.")
-            context = Context(model, n_ctx=ctx_size, n_threads=threads)
+            context = Context(model, n_ctx=ctx_size, n_threads=threads, flash_attn=flash_attn)
         except BaseException:
             model.close()
             raise

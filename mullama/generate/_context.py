@@ -96,6 +96,7 @@ class Context(Owned):
         self.n_ctx = lib.llama_n_ctx(ptr)
         self.n_batch = lib.llama_n_batch(ptr)
         self.n_threads = settings.threads
+        self.flash_attn = settings.flash_attn  # as asked: None is upstream's "auto"
         self._tokens: list[int] = []  # what the KV cache holds, in order
         self._positions = CachePositions()  # where they sit, when an M-RoPE image moved them (see _positions)
         self._guard = threading.Lock()

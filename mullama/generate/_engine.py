@@ -100,6 +100,7 @@ class Engine(Owned):
         self.model = model
         self.parallel = parallel
         self.seed = seed
+        self.flash_attn = flash_attn  # as asked: None is upstream's "auto"
         self._draft_token_cost = draft_token_cost(flash_attn)  # sizes speculative="ngram"'s drafts
         ptr = create_context(model, settings)
         self._record_step = adopt_context(self, model, ptr, settings, warmup=True)

@@ -38,9 +38,9 @@ BACKOFF_MAX = 64  # tokens: the longest pause in drafting after rejected drafts
 # What one more drafted token adds to a verify batch, as a share of a one-token decode, by attention
 # path. Measured with llama-bench (pp2 ... pp17 against tg) on 2 CPU cores, SmolLM2 Q4_1: with flash
 # attention every row of the batch reads the whole cache on its own, so a drafted token costs a third
-# of a step in an empty context and half a step after 500 tokens (a 17-token batch: 6 and 9 steps);
-# without it the batch attends as one matrix product and a drafted token costs 0.26-0.30 of a step at
-# either depth (a 17-token batch: 5.2 and 5.4 steps).
+# of a step in an empty context and half a step after 500 tokens (a 17-token batch: 6.0 and 8.6
+# steps); without it the batch attends as one matrix product and a drafted token costs 0.28 of a
+# step at either depth (a 17-token batch: 5.5 steps at both).
 FLASH_DRAFT_TOKEN_COST = 0.5
 PLAIN_DRAFT_TOKEN_COST = 0.28
 ACCEPT_PRIOR = 0.9  # the chance a drafted token is accepted, believed before any draft was verified

@@ -39,6 +39,7 @@ def check_port_free(host: str, port: int) -> None:
 
 def serve(model_ref: str | None = None, *, models: Sequence[str] = (), models_dir: str | None = None,
           host: str = "127.0.0.1", port: int = 8080, parallel: int = 4, ctx_size: int | None = None,
+          flash_attn: bool | None = None,
           api_key: str | None = None, max_tokens_limit: int = 4096, threads: int | str | None = None,
           max_queue: int = 64,
           cache_ram_mib: int = DEFAULT_CACHE_RAM_MIB,
@@ -71,9 +72,11 @@ def serve(model_ref: str | None = None, *, models: Sequence[str] = (), models_di
         raise InvalidConfigError(f"--drain-timeout must be 0 to 86400 seconds, not {drain_timeout!r}.")
     if model_ref is not None and (models or models_dir):
         raise InvalidConfigError("give one model, or --models / --models-dir, not both.")
-    ContextSettings(n_ctx=ctx_size, n_threads=threads, n_seq_max=parallel)  # bad values fail before any load
+    ContextSettings(n_ctx=ctx_size, n_threads=threads, n_seq_max=parallel,
+                    flash_attn=flash_attn)  # bad values fail before any load
     check_options(True, embedding_batch, False)
-    options = LoadOptions(parallel=parallel, ctx_size=ctx_size, threads=threads, max_queue=max_queue,
+    options = LoadOptions(parallel=parallel, ctx_size=ctx_size, threads=threads, flash_attn=flash_attn,
+                          max_queue=max_queue,
                           cache_ram_mib=cache_ram_mib,
                           pooling=pooling, chat_template=chat_template, placement=placement or {},
                           lora=tuple(lora), lora_init_without_apply=lora_init_without_apply,

@@ -92,6 +92,7 @@ class LoadOptions:
     parallel: int = 4
     ctx_size: int | None = None
     threads: int | str | None = None  # "auto": measured (see ContextSettings)
+    flash_attn: bool | None = None  # -fa on|off|auto (None)
     max_queue: int = 64
     cache_ram_mib: int = DEFAULT_CACHE_RAM_MIB
     pooling: str | None = None
@@ -120,8 +121,9 @@ def load_model(spec: ModelSpec, options: LoadOptions) -> tuple[Model, Engine | N
         engine = None
         if model.generative:
             engine = Engine(model, parallel=options.parallel, n_ctx=options.ctx_size, n_threads=options.threads,
-                            max_queue=options.max_queue, cache_ram_mib=options.cache_ram_mib,
-                            speculative=options.speculative, draft_model=options.draft_model)
+                            flash_attn=options.flash_attn, max_queue=options.max_queue,
+                            cache_ram_mib=options.cache_ram_mib, speculative=options.speculative,
+                            draft_model=options.draft_model)
     except BaseException:
         model.close()
         raise
