@@ -168,7 +168,7 @@ class NgramDrafter:
                 if copy < n:
                     return []
                 if length is not None:
-                    copy = min(copy, length.best(min(copy, room)))
+                    copy = length.best(min(copy, room))
                 return history[start + n:start + n + min(copy, room)]
         return []
 
