@@ -36,6 +36,7 @@ import bench_server  # noqa: F401  (puts tests/ on sys.path for upstream)
 import upstream
 
 import mullama
+from mullama.cli._args import flash_attn_option
 from mullama.generate import _sequence
 from mullama.generate._context import default_threads
 from mullama.generate._model import tokenize_prompt
@@ -173,7 +174,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="flash attention for all three (upstream's -fa); on CPU, off makes verify batches cheaper")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
-    flash_attn = {"auto": None, "on": True, "off": False}[args.flash_attn]
     spec = {"speculative": "ngram", "draft_min": args.draft_min, "draft_max": args.draft_max}
     path = _pull.resolve(args.model)
     build = upstream.build_with_tools()
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     same: dict[str, bool] = {}
     ceiling_parted: dict[str, bool] = {}  # the ceiling's batches parted from the speculative answer at a near-tie
     try:
-        with mullama.Context(model, n_ctx=4096, n_threads=args.threads, flash_attn=flash_attn) as context:
+        with mullama.Context(model, n_ctx=4096, n_threads=args.threads, flash_attn=flash_attn_option(args)) as context:
             ours(context, "Warm up:", 8, {})
             for _ in range(args.reps):
                 for name, prompt in texts.items():

@@ -109,7 +109,6 @@ class Context(Owned):
         self._lora: LoraSet = ()  # the LoRA adapters applied, which the cache's tokens were decoded with
         self._lora_default = lora_set(model, None)  # the model's, until set_lora(); a config's lora overrides
         self._apply_lora(self._lora_default)
-        self._draft_token_cost = draft_token_cost(settings.flash_attn)  # sizes speculative="ngram"'s drafts
         self._draft: Context | None = None  # the draft model's context, for StreamConfig(speculative="draft")
         if draft_model is not None:
             self._draft = Context(draft_model, n_ctx=self.n_ctx, n_batch=n_batch, n_threads=settings.n_threads,
@@ -270,7 +269,7 @@ class Context(Owned):
         if config.speculative == "draft" and self._draft is None:
             raise no_draft_model_error()
         sequence = Sequence(self.model, prompt_tokens, config, n_ctx=self.n_ctx, default_seed=self.seed, media=media,
-                            draft_token_cost=self._draft_token_cost)
+                            draft_token_cost=draft_token_cost(self.flash_attn))
         if config.speculative == "draft" and self._draft is not None and media is None:  # see _draft_model
             sequence.drafter = DraftModelDrafter(self._draft, config.draft_max)
         return sequence

@@ -101,7 +101,6 @@ class Engine(Owned):
         self.parallel = parallel
         self.seed = seed
         self.flash_attn = flash_attn  # as asked: None is upstream's "auto"
-        self._draft_token_cost = draft_token_cost(flash_attn)  # sizes speculative="ngram"'s drafts
         ptr = create_context(model, settings)
         self._record_step = adopt_context(self, model, ptr, settings, warmup=True)
         library = model._library
@@ -170,7 +169,7 @@ class Engine(Owned):
         if self.speculative and config.speculative is None:
             config = config.with_options(**self.speculative)
         sequence = Sequence(self.model, list(prompt_tokens), config, n_ctx=self.n_ctx_per_slot,
-                            default_seed=self.seed, media=media, draft_token_cost=self._draft_token_cost)
+                            default_seed=self.seed, media=media, draft_token_cost=draft_token_cost(self.flash_attn))
         request = EngineRequest(sequence, next(self._ids), self._wake)
         request.lora = lora
         if slot is not None and slot >= 0:
