@@ -281,23 +281,44 @@ def test_without_flash_attention_drafts_are_longer(model):
     assert fast.draft_accepted * 2 > fast.draft_proposed
 
 
-def test_without_flash_attention_the_output_is_llama_servers_with_fa_off(model, model_path, build):
-    """flash_attn=False against llama-server -fa off with the same speculative flags: "ngram-simple" gives its
-    tokens, text and draft counts exactly; "ngram" its tokens but at a near-tie."""
-    server = upstream.LlamaServer(build.tool("llama-server"), model_path, threads=default_threads(),
+@pytest.mark.parametrize("name", ["smollm2:135m", "gemma3:270m"])
+def test_without_flash_attention_the_output_is_llama_servers_with_fa_off(name, build):
+    """flash_attn=False against llama-server -fa off with the same speculative flags, through a Context and
+    through the engine (AsyncModel): "ngram-simple" gives its tokens, text and draft counts exactly; "ngram"
+    its tokens but at a near-tie, and the engine's "ngram" stream the Context's tokens and drafts (both size
+    drafts at the cost without flash attention)."""
+    path = _pull.resolve(name)
+    server = upstream.LlamaServer(build.tool("llama-server"), path, threads=default_threads(),
                                   extra=(*SERVER_SPEC, "-fa", "off"))
+    model = mullama.Model.load(path)
+    loaded = None
     try:
+        loaded = asyncio.run(mullama.AsyncModel.load(path, n_ctx=4096, parallel=1, flash_attn=False))
+
+        async def through_the_engine(prompt, options):
+            engine_stream = loaded.generate_stream(prompt, max_tokens=N_PREDICT, temperature=0, timeout_ms=None,
+                                                   cache_prompt=False, **options)
+            ids = [token.id async for token in engine_stream]
+            return ids, engine_stream.draft_proposed, engine_stream.draft_accepted
+
         for prompt in (GROUNDED[0], GROUNDED[1], OPEN[1]):
             reference = server.greedy(prompt, N_PREDICT)
+            expected = (reference["tokens"], reference["timings"].get("draft_n", 0),
+                        reference["timings"].get("draft_n_accepted", 0))
             tokens, exact = stream(model, prompt, flash_attn=False, **UPSTREAM_SPEC)
-            assert [token.id for token in tokens] == reference["tokens"]
+            assert ([token.id for token in tokens], exact.draft_proposed, exact.draft_accepted) == expected
             assert "".join(token.text for token in tokens) == reference["content"]
-            assert exact.draft_proposed == reference["timings"].get("draft_n", 0)
-            assert exact.draft_accepted == reference["timings"].get("draft_n_accepted", 0)
-            sized, _ = stream(model, prompt, flash_attn=False, **SPEC)
-            assert_same_but_near_ties([token.id for token in sized], tokens, sized)
+            assert asyncio.run(through_the_engine(prompt, UPSTREAM_SPEC)) == expected
+            sized, sized_stream = stream(model, prompt, flash_attn=False, **SPEC)
+            sized_ids = [token.id for token in sized]
+            assert_same_but_near_ties(sized_ids, tokens, sized)
+            assert asyncio.run(through_the_engine(prompt, SPEC)) == (sized_ids, sized_stream.draft_proposed,
+                                                                     sized_stream.draft_accepted)
     finally:
+        if loaded is not None:
+            asyncio.run(loaded.aclose())
         server.close()
+        model.close()
 
 
 def test_async_streams_speculate_in_the_engine(setup):
