@@ -63,11 +63,25 @@ class MullamaServer:
             time.sleep(0.02)
         raise AssertionError("streams still active")
 
-    def rss_mb(self) -> float:
+    def rss_mb(self, kind: str = "VmRSS") -> float:
+        """Resident MB of the server process: ``VmRSS`` (all), ``RssAnon`` (heap and buffers: without swap
+        never evicted, so steady beside other busy processes) or ``RssFile`` (mapped files, which the kernel
+        may drop and read back at any time)."""
         for line in open(f"/proc/{self.process.pid}/status"):
-            if line.startswith("VmRSS:"):
+            if line.startswith(kind + ":"):
                 return int(line.split()[1]) / 1024
-        return 0.0
+        raise KeyError(kind)
+
+    def mapped_mb(self, path: Path) -> float | None:
+        """Resident MB of the server's mappings of ``path`` (a model file it mmaps), None when none is left."""
+        resident, mapped, current, name = 0, False, False, str(path.resolve())
+        for line in open(f"/proc/{self.process.pid}/smaps"):
+            if line[0] in "0123456789abcdef" and "-" in line.split()[0]:  # a mapping's header line
+                current = line.rstrip("\n").endswith(name)
+                mapped |= current
+            elif current and line.startswith("Rss:"):
+                resident += int(line.split()[1])
+        return resident / 1024 if mapped else None
 
     def close(self) -> int:
         self.process.terminate()
