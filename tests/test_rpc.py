@@ -237,13 +237,6 @@ def test_an_unreachable_rpc_server_at_start_fails_serve_cleanly(model_path):
     assert done.returncode == 1 and "MODEL_LOAD_ERROR" in done.stderr and address in done.stderr, done.stderr
 
 
-def _rss_mb(pid: int) -> float:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def _wait_for_health(server, wanted, timeout: float = 300) -> dict:
     """Wait until ``wanted(health)`` holds for the proxy's /health (the bound only ends a hung test)."""
     import httpx
@@ -271,7 +264,7 @@ def test_the_rpc_proxy_streams_bodies_and_forwards_a_client_that_leaves(build, m
     server = MullamaServer(model_path, parallel=1, ctx_size=1024, extra=("--rpc", rpc.address, "-ngl", "99"))
     try:
         assert "supervised" in server.ready_line
-        proxy_rss = _rss_mb(server.process.pid)
+        proxy_heap = server.rss_mb("RssAnon")
 
         def chunks():
             for _ in range(64):
@@ -281,7 +274,7 @@ def test_the_rpc_proxy_streams_bodies_and_forwards_a_client_that_leaves(build, m
             refused = httpx.post(f"{server.url}/v1/completions", content=chunks(),
                                  headers={"Content-Type": "application/json", **headers}, timeout=120)
             assert refused.status_code == 413, refused.text
-        assert _rss_mb(server.process.pid) < proxy_rss + 30, (proxy_rss, _rss_mb(server.process.pid))
+        assert server.rss_mb("RssAnon") < proxy_heap + 30, (proxy_heap, server.rss_mb("RssAnon"))
 
         long = json.dumps({"prompt": "Story:", "max_tokens": 2000, "ignore_eos": True, "temperature": 0})
         connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
