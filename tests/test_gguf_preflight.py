@@ -206,7 +206,6 @@ def tiny_gguf(path: Path, body: bytes, n_tensors: int = 0, n_kv: int = 1) -> Pat
 def test_absurd_counts_are_refused_before_anything_is_allocated(tmp_path, what, body, n_tensors, n_kv, expected):
     path = tiny_gguf(tmp_path / "absurd.gguf", body, n_tensors, n_kv)
     tracemalloc.start()
-    started = time.perf_counter()
     try:
         with pytest.raises(ModelLoadError) as info:
             _reader.read_gguf_info(path)
@@ -214,7 +213,7 @@ def test_absurd_counts_are_refused_before_anything_is_allocated(tmp_path, what, 
     finally:
         tracemalloc.stop()
     assert expected in str(info.value), (what, str(info.value))
-    assert time.perf_counter() - started < 1.0 and peak < 16 << 20, what
+    assert peak < 16 << 20, what
     with pytest.raises(ModelLoadError):
         mullama.Model.load(path)
 
@@ -233,8 +232,8 @@ def test_read_gguf_info_reads_what_it_did(model_path):
     assert info.metadata["llama.block_count"] == 30 and info.chat_template.startswith("{% for message")
 
 
-@pytest.mark.parametrize("name", ["smollm2:135m", "gemma3:270m"])
-def test_real_models_pass_the_preflight_quickly(name, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("name", "vocabulary"), [("smollm2:135m", 49_152), ("gemma3:270m", 262_144)])
+def test_real_models_pass_the_preflight_quickly(name, vocabulary, tmp_path, monkeypatch):
     """Both real vocabularies (49,152 and 262,144 tokens) pass the full check; once a vocabulary is known
     to be unique (a marker in the cache, by content digest) the pre-flight reads metadata only."""
     path = _pull.resolve(name)
@@ -243,9 +242,14 @@ def test_real_models_pass_the_preflight_quickly(name, tmp_path, monkeypatch):
     monkeypatch.setattr(_preflight, "_unique_vocabularies", set())
     _reader._skip_pattern()  # compiled once per process
     _preflight._split_patterns()
+    token_texts = _preflight._token_texts
+    read = []  # the vocabularies whose every token text the check read
+    monkeypatch.setattr(_preflight, "_token_texts", lambda data, tokens: read.append(tokens.count)
+                        or token_texts(data, tokens))
     started = time.perf_counter()
     _preflight.preflight(path)
     first = time.perf_counter() - started
+    assert read == [vocabulary]
     assert len(list((tmp_path / "checked").iterdir())) == 1
     monkeypatch.setattr(_preflight, "_unique_vocabularies", set())  # a new process: only the marker is left
     times = []
@@ -253,8 +257,9 @@ def test_real_models_pass_the_preflight_quickly(name, tmp_path, monkeypatch):
         started = time.perf_counter()
         _preflight.preflight(path)
         times.append(time.perf_counter() - started)
+    assert len(read) == 1  # the marker stood for the check: the token texts were not read again
+    # (about 15 and 40 ms on a quiet 2-core machine: printed, not asserted)
     print(f"\n{name}: pre-flight {first * 1e3:.0f} ms the first time, then {min(times) * 1e3:.0f} ms")
-    assert min(times) < 0.5  # about 15 and 40 ms on a quiet 2-core machine; generous for a busy one
 
 
 # --- seeded byte mutations, each loaded in a subprocess -------------------------------------------------

