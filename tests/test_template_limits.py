@@ -1,4 +1,5 @@
-"""Chat templates have resource limits: hostile ones stop at a count (of loop turns, items, characters, depth) while small, real ones never notice.
+"""Chat templates have resource limits: hostile ones stop at a count (loop turns, items, characters,
+depth) while still small, real ones never notice.
 
 Hostile templates run in a child process (under RLIMIT_AS, so that a regression cannot take the
 machine down) which reports each one's outcome, its time and the child's peak RSS (VmHWM). Real
