@@ -11,7 +11,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 
 import httpx
 import pytest
@@ -151,28 +150,33 @@ def test_websocket_messages_over_the_body_limit_close_with_1009(served, frame):
 
 # --- 3. rendering and tokenising never block the event loop ----------------------------------
 def test_health_answers_while_a_huge_prompt_is_prepared(served):
+    """Tokenising 80,000 special tokens takes llama.cpp tens of seconds (its partition of the text is
+    quadratic in them, upstream's server alike); meanwhile the event loop answers /health all along
+    (before templating and tokenising ran on a worker thread, no answer came for 12 s)."""
     server, _engine = served
     prompt = "<|im_start|>" * 80_000  # ~1 MiB of special-token text (the body limit is 1 MiB)
-    worst = []
+    posting = threading.Event()
     done = threading.Event()
+    answered = []  # /health answers received while the request was open
 
     def poll():
         while not done.is_set():
-            started = time.monotonic()
-            httpx.get(server.url + "/health", timeout=30)
-            worst.append(time.monotonic() - started)
-            time.sleep(0.01)
+            httpx.get(server.url + "/health", timeout=30).raise_for_status()
+            if posting.is_set() and not done.is_set():
+                answered.append(1)
 
     poller = threading.Thread(target=poll)
     poller.start()
     try:
-        response = httpx.post(server.url + "/v1/chat/completions", timeout=120, json={
+        posting.set()
+        response = httpx.post(server.url + "/v1/chat/completions", timeout=600, json={
             "messages": [{"role": "user", "content": prompt}], "max_tokens": 1})
     finally:
         done.set()
         poller.join()
     assert response.status_code == 400  # far beyond the context, refused after tokenising
-    assert len(worst) > 3 and max(worst) < 0.5, max(worst)  # upstream: 0.06 s; before: 12 s
+    # a blocked loop answers the poll sent before it blocked and the next one after: never ten
+    assert len(answered) >= 10, len(answered)
 
 
 def test_a_rendered_prompt_beyond_the_limit_is_a_413(model):
