@@ -79,12 +79,6 @@ def interleaved(url: str, clients: int = 6, rounds: int = 4) -> list[tuple[str, 
         return [answer for answers in pool.map(client, range(clients)) for answer in answers]
 
 
-def metric(server: MullamaServer, name: str) -> float:
-    text = httpx.get(f"{server.url}/metrics", timeout=30).text
-    (line,) = [line for line in text.splitlines() if line.startswith(name + " ")]
-    return float(line.split()[1])
-
-
 def loaded(server: MullamaServer) -> list[str]:
     return [model["name"] for model in server.get_json("/api/ps")["models"]]
 
@@ -98,8 +92,8 @@ def test_interleaved_requests_to_two_models_equal_each_alone_and_llama_server(tw
     for model, prompt, text in answers:
         assert text == references[model][prompt], (model, prompt)
     assert sorted(loaded(two_models)) == sorted(MODELS)
-    assert metric(two_models, "mullama_model_loads_total") == 2  # loaded once each, kept warm
-    assert metric(two_models, "mullama_model_unloads_total") == 0
+    assert two_models.metric("mullama_model_loads_total") == 2  # loaded once each, kept warm
+    assert two_models.metric("mullama_model_unloads_total") == 0
 
 
 def test_models_are_listed_with_their_state_in_each_format(two_models):
@@ -177,7 +171,7 @@ def test_concurrent_first_requests_share_one_load(references):
         with ThreadPoolExecutor(4) as pool:
             answers = list(pool.map(lambda p: complete(server.url, "gemma3:270m", p), [*PROMPTS, PROMPTS[0]]))
         assert answers == [references["gemma3:270m"][p] for p in [*PROMPTS, PROMPTS[0]]]
-        assert metric(server, "mullama_model_loads_total") == 1
+        assert server.metric("mullama_model_loads_total") == 1
     finally:
         server.close()
 
@@ -211,8 +205,8 @@ def test_an_idle_model_is_unloaded_and_its_memory_freed(references):
         assert server.mapped_mb(weights) is None  # ...and unmapped
         assert with_model - before > 150, (before, with_model)  # the KV cache was allocated...
         assert after - before < 50, (before, with_model, after)  # ...and given back
-        assert metric(server, "mullama_model_loads_total") == 2
-        assert metric(server, "mullama_model_unloads_total") == 2
+        assert server.metric("mullama_model_loads_total") == 2
+        assert server.metric("mullama_model_unloads_total") == 2
     finally:
         server.close()
 
@@ -262,9 +256,9 @@ def test_max_loaded_one_swaps_under_load_without_losing_a_request(references):
         for model, prompt, text in answers:
             assert text == references[model][prompt], (model, prompt)
         assert most[0] == 1
-        assert metric(server, "mullama_model_loads_total") >= 2
-        assert metric(server, "mullama_model_unloads_total") >= 1
-        assert metric(server, "mullama_requests_failed_total") == 0
+        assert server.metric("mullama_model_loads_total") >= 2
+        assert server.metric("mullama_model_unloads_total") >= 1
+        assert server.metric("mullama_requests_failed_total") == 0
     finally:
         stop.set()
         server.close()
@@ -371,11 +365,11 @@ def test_dropped_requests_release_their_model(references):
             httpx.post(f"{server.url}/v1/completions", json={"model": "smollm2", "prompt": "Hi", "max_tokens": 2},
                        timeout=httpx.Timeout(60, read=0.001))
         assert complete(server.url, "smollm2", PROMPTS[0]) == references["smollm2:135m"][PROMPTS[0]]
-        assert metric(server, "mullama_model_loads_total") == 3  # smollm2, gemma3, smollm2: none wasted
+        assert server.metric("mullama_model_loads_total") == 3  # smollm2, gemma3, smollm2: none wasted
         # The request that gave up holds no lease once its model is there (it used to wait for tokens
         # of its cancelled sequence for ever, and keep smollm2 from being swapped out):
         assert complete(server.url, "gemma3", PROMPTS[1]) == references["gemma3:270m"][PROMPTS[1]]
-        assert metric(server, "mullama_requests_failed_total") == 0
+        assert server.metric("mullama_requests_failed_total") == 0
     finally:
         server.close()
 
@@ -394,7 +388,7 @@ def test_swapping_models_gives_their_memory_back():
             if i == 1:
                 sizes.append(server.rss_mb("RssAnon"))  # both models have been loaded once
         sizes.append(server.rss_mb("RssAnon"))
-        assert metric(server, "mullama_model_unloads_total") >= 99
+        assert server.metric("mullama_model_unloads_total") >= 99
         assert sizes[1] - sizes[0] < 50, sizes
     finally:
         server.close()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import re
 import signal
 import threading
 import time
@@ -27,18 +26,11 @@ def inputs(request: int, count: int) -> list[str]:
             for i in range(count)]
 
 
-def metric(server: MullamaServer, name: str) -> float:
-    text = httpx.get(f"{server.url}/metrics", timeout=60).text
-    found = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
-    assert found, f"{name} missing from /metrics"
-    return float(found.group(1))
-
-
 def wait_for_metric(server: MullamaServer, name: str, wanted, timeout: float = 300) -> float:
     """Wait until ``wanted(value)`` holds for the metric (the bound only ends a hung test)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        value = metric(server, name)
+        value = server.metric(name)
         if wanted(value):
             return value
         time.sleep(0.05)
@@ -57,7 +49,7 @@ def test_embeddings_never_starve_chat_listings_counts_or_loads(server):
     token count are all answered while they are (on Python's default executor, which every kind shared,
     these came only after 6 of the 8 embedding requests: its threads were all taken by them). Then the
     embedding clients leave, and their work stops."""
-    cancelled = metric(server, "mullama_embedding_requests_cancelled_total")
+    cancelled = server.metric("mullama_embedding_requests_cancelled_total")
     connections = []
     for index in range(EMBEDDERS):
         connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
@@ -86,7 +78,7 @@ def test_embeddings_never_starve_chat_listings_counts_or_loads(server):
             thread.start()
         for thread in others:
             thread.join()
-        in_flight = metric(server, "mullama_embedding_requests")
+        in_flight = server.metric("mullama_embedding_requests")
         assert {name: answer.status_code for name, answer in answers.items()} == dict.fromkeys(answers, 200)
         assert answers["chat"].json()["choices"][0]["message"]["content"]
         assert answers["load"].json()["model"] == "gemma3:270m" and answers["load"].json()["choices"][0]["text"]
@@ -99,19 +91,19 @@ def test_embeddings_never_starve_chat_listings_counts_or_loads(server):
         for connection in connections:
             connection.close()  # the embedding clients leave
     wait_for_metric(server, "mullama_embedding_requests", lambda value: value == 0)
-    assert metric(server, "mullama_embedding_requests_cancelled_total") >= cancelled + 1
+    assert server.metric("mullama_embedding_requests_cancelled_total") >= cancelled + 1
 
 
 def test_a_client_that_leaves_mid_embedding_frees_the_server(server):
-    cancelled = metric(server, "mullama_embedding_requests_cancelled_total")
+    cancelled = server.metric("mullama_embedding_requests_cancelled_total")
     body = json.dumps({"model": "smollm2:135m", "input": inputs(99, 2048)})
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
     connection.request("POST", "/v1/embeddings", body=body, headers={"Content-Type": "application/json"})
     wait_for_metric(server, "mullama_embedding_requests_running", lambda value: value == 1)
     connection.close()  # the client leaves
     wait_for_metric(server, "mullama_embedding_requests", lambda value: value == 0)
-    assert metric(server, "mullama_embedding_requests_running") == 0
-    assert metric(server, "mullama_embedding_requests_cancelled_total") == cancelled + 1  # stopped before its end
+    assert server.metric("mullama_embedding_requests_running") == 0
+    assert server.metric("mullama_embedding_requests_cancelled_total") == cancelled + 1  # stopped before its end
     answer = httpx.post(f"{server.url}/v1/embeddings", json={"model": "smollm2:135m", "input": "next"}, timeout=300)
     assert answer.status_code == 200 and len(answer.json()["data"]) == 1
 
