@@ -125,10 +125,10 @@ def test_a_stream_on_a_dying_replica_ends_with_an_error_its_client_sees(deployme
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
     for thread in threads:
         thread.start()
-    time.sleep(0.2)
-    deadline = time.monotonic() + 30
-    while first.get_json("/health")["active_streams"] == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)  # until a stream is under way on the first replica
+    deadline = time.monotonic() + 300  # (only against a hang)
+    while first.get_json("/health")["active_streams"] == 0:  # until a stream is under way on the first replica
+        assert time.monotonic() < deadline, "no stream started on the first replica"
+        time.sleep(0.05)
     first.process.send_signal(signal.SIGKILL)
     for thread in threads:
         thread.join(120)
