@@ -15,13 +15,12 @@ from mullama.generate._engine import Engine
 from mullama.server import ServerSettings, create_app
 
 
-def wait_for(condition, timeout: float = 10.0) -> float:
-    """Seconds until ``condition()`` is true; fails the test after ``timeout``."""
-    started = time.monotonic()
+def wait_for(condition, timeout: float = 120.0) -> None:
+    """Until ``condition()`` is true (the bound only ends a hung test)."""
+    deadline = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() - started < timeout, "condition not reached"
+        assert time.monotonic() < deadline, "condition not reached"
         time.sleep(0.005)
-    return time.monotonic() - started
 
 
 class InProcessServer:
