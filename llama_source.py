@@ -27,6 +27,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+from collections.abc import Callable
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -299,7 +300,7 @@ def ensure_source(source: str | os.PathLike | None = None) -> Path:
     source = source or os.environ.get("MULLAMA_LLAMA_CPP_SOURCE")
     cached = llama_cache_dir() / "src" / LLAMA_CPP_COMMIT
     cached.parent.mkdir(parents=True, exist_ok=True)
-    attempts: list[tuple[str, object, bool]] = []  # (label, fetch(staging) -> tree, keep a copy in the cache)
+    attempts: list[tuple[str, Callable[[Path], Path], bool]] = []  # (label, fetch(staging) -> tree, keep a copy)
     if source:
         attempts.append((f"--source {source}", lambda staging: _source_from_path(Path(source), staging), False))
     attempts.append(("cached download", _cached_source, False))
