@@ -176,7 +176,7 @@ def _require_toolchain() -> dict[str, str]:
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if not cc or not cxx:
         missing.append("a C and C++ compiler (apt-get install build-essential)")
-    if missing:
+    if missing or not cmake:
         raise BuildError("cannot build llama.cpp, missing: " + "; ".join(missing))
     return {"cmake": cmake, "ninja": shutil.which("ninja") or ""}
 
@@ -197,7 +197,7 @@ def _run_logged(command: list[str], log: Path, label: str) -> None:
             status.start()
         last_report = 0.0
         try:
-            for line in proc.stdout:
+            for line in proc.stdout or ():  # (a pipe: never None)
                 log_file.write(line)
                 match = _PROGRESS.match(line)
                 if not match:
