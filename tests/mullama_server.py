@@ -79,16 +79,11 @@ class MullamaServer:
                 return int(line.split()[1]) / 1024
         raise KeyError(kind)
 
-    def mapped_mb(self, path: Path) -> float | None:
-        """Resident MB of the server's mappings of ``path`` (a model file it mmaps), None when none is left."""
-        resident, mapped, current, name = 0, False, False, str(path.resolve())
-        for line in open(f"/proc/{self.process.pid}/smaps"):
-            if line[0] in "0123456789abcdef" and "-" in line.split()[0]:  # a mapping's header line
-                current = line.rstrip("\n").endswith(name)
-                mapped |= current
-            elif current and line.startswith("Rss:"):
-                resident += int(line.split()[1])
-        return resident / 1024 if mapped else None
+    def maps(self, path: Path) -> bool:
+        """Whether the server has ``path`` (a model file it mmaps) mapped now."""
+        name = str(path.resolve())
+        with open(f"/proc/{self.process.pid}/maps") as maps:
+            return any(line.rstrip("\n").endswith(name) for line in maps)
 
     def close(self) -> int:
         self.process.terminate()
