@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Leak hunt: load/close models, create/close contexts, and break off streams in every way.
 
-Measures RSS after warm-up (least-squares slope per iteration; sampled after glibc's
+Measures the heap (anonymous RSS: what a leak grows, while a mapped file's pages come and go with
+the machine's other work) after warm-up (least-squares slope per iteration; sampled after glibc's
 malloc_trim, so that memory the allocator merely keeps does not count), threads and file
 descriptors before and after, and that every C object taken was freed exactly once.
 
@@ -25,28 +26,14 @@ sys.path.append(str(REPO))  # build_llama, tests helpers; an installed mullama w
 import mullama
 from mullama.hub import _catalog, _pull
 from mullama.native import _owned
+from mullama.native._heap import give_back_memory
 
 
-def _malloc_trim():
-    """glibc's malloc_trim: gives freed heap memory back to the system, so that RSS shows what is
-    really held rather than what the allocator keeps around (threads' arenas, fragmentation)."""
-    try:
-        import cffi
-
-        ffi = cffi.FFI()
-        ffi.cdef("int malloc_trim(size_t pad);")
-        return ffi.dlopen(None).malloc_trim
-    except (OSError, AttributeError, ImportError):
-        return lambda pad: 0
-
-
-_TRIM = _malloc_trim()
-
-
-def rss_kb() -> int:
-    _TRIM(0)
+def heap_kb() -> int:
+    """This process's anonymous resident memory (KB), after giving freed heap pages back."""
+    give_back_memory()  # so that what the allocator merely keeps does not count
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
+        if line.startswith("RssAnon:"):
             return int(line.split()[1])
     return 0
 
@@ -70,9 +57,9 @@ def phase(name: str, iterations: int, step) -> dict:
         step(i)
         if i % 10 == 0:
             gc.collect()
-        samples.append(rss_kb())
-    return {"name": name, "iterations": iterations, "rss_start_mb": samples[0] / 1024,
-            "rss_end_mb": samples[-1] / 1024, "slope_kb_per_iter": slope(samples)}
+        samples.append(heap_kb())
+    return {"name": name, "iterations": iterations, "heap_start_mb": samples[0] / 1024,
+            "heap_end_mb": samples[-1] / 1024, "slope_kb_per_iter": slope(samples)}
 
 
 def run(model_path: Path, *, models: int, contexts: int, streams: int, seed: int = 0) -> dict:
@@ -152,7 +139,7 @@ def run(model_path: Path, *, models: int, contexts: int, streams: int, seed: int
 
 
 def describe(report: dict) -> str:
-    lines = [f"{p['name']}: {p['iterations']} times, RSS {p['rss_start_mb']:.1f} -> {p['rss_end_mb']:.1f} MB, "
+    lines = [f"{p['name']}: {p['iterations']} times, heap {p['heap_start_mb']:.1f} -> {p['heap_end_mb']:.1f} MB, "
              f"slope {p['slope_kb_per_iter']:+.2f} KB/iteration after warm-up" for p in report["phases"]]
     lines.append(f"threads {report['threads_before']} -> {report['threads_after']}, file descriptors "
                  f"{report['fds_before']} -> {report['fds_after']}, C objects taken {report['owned']}, "

@@ -36,7 +36,7 @@ def test_models_contexts_and_streams_do_not_leak(model_path):
     report = leaks.run(model_path, models=40, contexts=200, streams=300, seed=1)
     print("\n" + leaks.describe(report))
     for phase in report["phases"]:
-        assert phase["slope_kb_per_iter"] < 20, phase  # RSS flat after warm-up
+        assert phase["slope_kb_per_iter"] < 20, phase  # the heap flat after warm-up
     # (other tests' helper threads may end meanwhile: never more than before, and none of ours)
     assert report["threads_after"] <= report["threads_before"]
     # the server's worker pools (mullama.server._workers) are process-wide and bounded: idle threads, not a leak
@@ -179,7 +179,7 @@ def test_server_soak_short_form(model_path):
     assert report["status_5xx"] == 0
     assert report["lost_or_truncated"] == 0
     assert report["exit_code"] == 0 and report["drained"]
-    assert report["rss_end_mb"] - report["rss_warm_mb"] < 30
+    assert report["heap_end_mb"] - report["heap_warm_mb"] < 30
 
 
 # --- download faults ------------------------------------------------------------------
