@@ -29,7 +29,7 @@ from mullama.hub import _catalog, _pull
 
 MALFORMED = [b"{", b"[]", b'{"messages": 5}', b'{"prompt": ""}', b'{"max_tokens": -1, "prompt": "x"}',
              b'{"prompt": "x", "stop": [1]}', b'{"prompt": "x", "temperature": "hot"}', b"\xff\xfe\x00",
-             b'{"prompt": "x", "n": 3}', b'{"messages": [{"role": "user"}]}']
+             b'{"prompt": "x", "n": 9}', b'{"messages": [{"role": "user"}]}']
 
 
 async def stream_request(http, url, rng, disconnect: bool) -> dict:

@@ -178,6 +178,7 @@ def test_server_soak_short_form(model_path):
     print("\n" + soak_server.describe(report))
     assert report["status_5xx"] == 0
     assert report["lost_or_truncated"] == 0
+    assert report["malformed_not_4xx"] == 0  # every malformed body is refused as the client's error
     assert report["exit_code"] == 0 and report["drained"]
     assert report["heap_end_mb"] - report["heap_warm_mb"] < 30
 
