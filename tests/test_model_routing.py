@@ -5,6 +5,7 @@ clients. Greedy answers equal llama-server's for that model, whatever the other 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -187,13 +188,13 @@ def test_an_idle_model_is_unloaded_and_its_memory_freed(references):
     weights = _pull.resolve("smollm2:135m")
 
     def unloaded(times: int) -> None:
-        """Until the model's ``times``-th unload has ended: the listing drops a model as its unload
-        begins, the count rises once the model is closed (on a worker thread, a moment later)."""
+        """Until the model's ``times``-th unload has ended: /api/ps lists a model until it is closed (on a
+        worker thread, a moment after its unload begins), as ollama's does, and the count has risen then."""
         deadline = time.monotonic() + 120  # only against a hang: the unload comes ~2 s after the request
-        while server.metric("mullama_model_unloads_total") < times:
+        while loaded(server):
             assert time.monotonic() < deadline, "the model was not unloaded"
             time.sleep(0.2)
-        assert loaded(server) == []
+        assert server.metric("mullama_model_unloads_total") == times
 
     try:
         assert complete(server.url, "smollm2", PROMPTS[0]) == references["smollm2:135m"][PROMPTS[0]]
@@ -393,3 +394,42 @@ def test_swapping_models_gives_their_memory_back():
         assert sizes[1] - sizes[0] < 50, sizes
     finally:
         server.close()
+
+
+def test_a_model_is_listed_until_its_unload_has_closed_it():
+    """ollama's /api/ps lists what is in memory: a model being unloaded stays listed (expiring now) until
+    its close has ended on a worker thread, then goes, with the unload counted. The pool runs in this
+    process on the real model; its engine's close waits for the test to let it go, so the moment in
+    between is held, not raced."""
+    from mullama import Model
+    from mullama.generate._engine import Engine
+    from mullama.server._pool import ModelPool
+    from mullama.server._specs import ModelSpec
+
+    closing, let_go = threading.Event(), threading.Event()
+
+    class HeldEngine(Engine):
+        def close(self) -> None:
+            closing.set()
+            assert let_go.wait(120)  # (only against a hang)
+            super().close()
+
+    def load(spec: ModelSpec) -> tuple[Model, Engine]:
+        model = Model.load(spec.ref)
+        return model, HeldEngine(model, parallel=1, n_ctx=512)
+
+    async def run() -> None:
+        pool = ModelPool([ModelSpec("smollm2:135m", "smollm2:135m")], load=load, keep_alive=0)
+        async with await pool.lease("smollm2:135m"):
+            (served,) = pool.in_memory()
+            assert pool.loaded() == [served] and served.expires_in == 0 and served.context_length == 512
+        # the lease's end starts the unload (keep_alive 0): it no longer serves, and is still in memory
+        assert pool.loaded() == [] and pool.in_memory() == [served] and served.unloading
+        assert await asyncio.to_thread(closing.wait, 120)
+        assert pool.in_memory() == [served] and served.expires_in == 0.0 and pool.unloads == 0
+        let_go.set()
+        assert served.gone is not None
+        await asyncio.wait_for(served.gone, 120)  # (only against a hang)
+        assert pool.in_memory() == [] and pool.unloads == 1
+
+    asyncio.run(run())

@@ -357,9 +357,10 @@ async def tags(request: Request) -> Response:
 
 @endpoint(OLLAMA)
 async def ps(request: Request) -> Response:
-    """The models loaded now: their memory (weights and KV cache), when they unload, how long idle."""
+    """The models in memory now (one being unloaded until its memory is given back): their memory
+    (weights and KV cache), when they unload, how long idle."""
     pool = state(request).pool
-    loaded = pool.loaded()
+    loaded = pool.in_memory()
     return JSONResponse({"models": await ADMIN.run(lambda: [running(pool, served) for served in loaded])})
 
 

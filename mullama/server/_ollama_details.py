@@ -81,6 +81,6 @@ def running(pool: ModelPool, served: Served) -> dict:
         "%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + expires_in))
     engine = served.engine
     return {**listing(pool, served.spec), "size": served.memory, "size_vram": 0, "expires_at": expires_at,
-            "context_length": engine.n_ctx_per_slot if engine is not None else 0,
+            "context_length": served.context_length,
             "idle_seconds": round(served.idle_seconds, 1),
             "active_streams": engine.active_streams if engine is not None else 0}

@@ -51,15 +51,23 @@ class Served:
     leases: int = 0
     waiting: int = 0  # requests waiting for its load; each gets a lease when it ends
     draining: bool = False  # chosen to be unloaded: new requests wait for that, then load it again
+    unloading: bool = False  # being closed: still in memory (listed by /api/ps) until the close ends
     keep_alive: float | None = DEFAULT_KEEP_ALIVE  # idle seconds before it is unloaded; None: never
     last_used: float = field(default_factory=time.monotonic)
     memory: int = 0  # bytes: the weights' file and the KV cache
+    context_length: int = 0  # cells per slot
     ready: asyncio.Future | None = None  # done when loaded (or failed to)
     gone: asyncio.Future | None = None  # done when unloaded
 
     @property
     def loaded(self) -> bool:
         return self.model is not None
+
+    def measure(self) -> None:
+        """Note the loaded model's memory and context size (listed while it is being unloaded too)."""
+        assert self.model is not None
+        self.memory = _measured_memory(self.model, self.engine)
+        self.context_length = self.engine.n_ctx_per_slot if self.engine is not None else 0
 
     @property
     def busy(self) -> bool:
@@ -73,6 +81,8 @@ class Served:
     @property
     def expires_in(self) -> float | None:
         """Seconds until it is unloaded if nobody uses it (None: never)."""
+        if self.unloading:
+            return 0.0
         if self.pinned or self.keep_alive is None:
             return None
         return max(0.0, self.keep_alive - self.idle_seconds)
@@ -124,8 +134,8 @@ class ModelPool:
             raise AssertionError("a pinned model is never loaded by the pool")
 
         pool = cls([spec], load=refuse, keep_alive=None, any_name=True)
-        pool._served[spec.name] = Served(spec, model, engine, pinned=True, keep_alive=None,
-                                         memory=_measured_memory(model, engine))
+        pool._served[spec.name] = served = Served(spec, model, engine, pinned=True, keep_alive=None)
+        served.measure()
         return pool
 
     # --- which model ------------------------------------------------------------------------
@@ -204,7 +214,13 @@ class ModelPool:
         return spec
 
     def loaded(self) -> list[Served]:
+        """The models serving now."""
         return [served for served in self._served.values() if served.loaded]
+
+    def in_memory(self) -> list[Served]:
+        """The models serving now and those being closed (ollama's /api/ps lists a model until its
+        memory is given back)."""
+        return [served for served in self._served.values() if served.loaded or served.unloading]
 
     def served(self, spec: ModelSpec) -> Served | None:
         return self._served.get(spec.name)
@@ -274,7 +290,7 @@ class ModelPool:
             self._notify()
             return
         served.model, served.engine = model, engine
-        served.memory = _measured_memory(model, engine)
+        served.measure()
         served.leases += served.waiting
         served.waiting = 0
         served.last_used = time.monotonic()
@@ -329,9 +345,15 @@ class ModelPool:
         if served.keep_alive is not None and served.idle_seconds >= served.keep_alive:
             served.draining = True
         if served.draining:
-            model, engine = served.model, served.engine
-            served.model = served.engine = None
-            self._spawn(self._unload(served, model, engine))
+            self._spawn(self._unload(served, *self._take(served)))
+
+    @staticmethod
+    def _take(served: Served) -> tuple[Model | None, Engine | None]:
+        """The model and engine of ``served``, which stops serving them: they are to be closed."""
+        model, engine = served.model, served.engine
+        served.model = served.engine = None
+        served.unloading = True
+        return model, engine
 
     async def _unload(self, served: Served, model: Model | None, engine: Engine | None) -> None:
         def close() -> None:
@@ -386,9 +408,7 @@ class ModelPool:
                 if engine is not None:
                     await ADMIN.run(functools.partial(engine.stop, drain=True, timeout=30))
                 served.draining = True
-                model, engine = served.model, served.engine
-                served.model = served.engine = None
-                await self._unload(served, model, engine)
+                await self._unload(served, *self._take(served))
 
 
 class Lease:
