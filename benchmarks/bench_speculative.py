@@ -14,10 +14,13 @@ its own.) ``--flash-attn`` sets attention for all three alike: on a CPU, upstrea
 makes every row of a verify batch read the whole cache, so speculation gains far more with it off.
 Rounds are interleaved so drift in the machine's speed hits all alike; each figure is the median over
 ``--reps`` rounds. Prints tokens/s, the ratios to our plain decode and to llama-server's speculative
-decode, drafted tokens accepted/proposed, and whether ours gave llama-server's tokens.
+decode, drafted tokens accepted/proposed, and whether ours gave llama-server's tokens. Given an interpreter
+with llama-cpp-python (``--llama-cpp-python PYTHON``), a second table puts its plain greedy decode and its
+prompt lookup (``LlamaPromptLookupDecoding`` with its defaults, its answer to speculative decoding) beside
+ours, each round in a process of its own (benchmarks/llama_cpp_python_peer.py).
 
     python benchmarks/bench_speculative.py [--model smollm2:135m] [--tokens 128] [--reps 3]
-                                           [--flash-attn auto|on|off] [--json FILE]
+                                           [--flash-attn auto|on|off] [--llama-cpp-python PYTHON] [--json FILE]
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ sys.path.insert(0, str(HERE))
 
 import bench_server  # noqa: F401  (puts tests/ on sys.path for upstream)
 import upstream
+from llama_cpp_python_peer import run_peer
 
 import mullama
 from mullama.cli._args import flash_attn_option
@@ -172,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--draft-max", type=int, default=16)
     parser.add_argument("--flash-attn", choices=("auto", "on", "off"), default="auto",
                         help="flash attention for all three (upstream's -fa); on CPU, off makes verify batches cheaper")
+    parser.add_argument("--llama-cpp-python", metavar="PYTHON",
+                        help="an interpreter with llama-cpp-python installed: adds its plain greedy decode and its "
+                             "prompt lookup (LlamaPromptLookupDecoding, its defaults) as columns")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
     spec = {"speculative": "ngram", "draft_min": args.draft_min, "draft_max": args.draft_max}
@@ -182,6 +189,14 @@ def main(argv: list[str] | None = None) -> int:
         "--spec-ngram-simple-size-m", str(args.draft_max), "-fa", args.flash_attn))
     model = mullama.Model.load(path)
     texts = {name: model.apply_chat_template([{"role": "user", "content": ask}]) for name, (_, ask) in PROMPTS.items()}
+    # llama-cpp-python's flash_attn is a bool: upstream's "auto" turns flash attention on on a CPU
+    peer_job = {"model": str(path), "threads": args.threads, "n_ctx": 4096, "flash_attn": args.flash_attn != "off",
+                "reps": 1, "tokens": args.tokens,
+                "decode": {name: tokenize_prompt(model, text) for name, text in texts.items()}}
+    peer: dict[str, dict[str, list[float]]] = {name: {"plain": [], "lookup": []} for name in PROMPTS}
+    peer_same: dict[str, dict[str, bool]] = {name: {"plain": True, "lookup": True} for name in PROMPTS}
+    peer_version = None
+    answers: dict[str, str] = {}  # our plain answers, as text (llama-cpp-python gives text)
     columns = ("plain", "spec", "ceiling", "server")
     speeds: dict[str, dict[str, list[float]]] = {name: {column: [] for column in columns} for name in PROMPTS}
     drafts: dict[str, dict[str, tuple[int, int]]] = {}
@@ -199,9 +214,17 @@ def main(argv: list[str] | None = None) -> int:
                     for column, run in zip(columns, (plain, fast, ceiling, reference)):
                         speeds[name][column].append(run[0])
                     same[name] = same.get(name, True) and fast[1] == reference[1]
+                    answers[name] = model.detokenize(plain[1])
                     ceiling_parted[name] = ceiling_parted.get(name, False) or ceiling[1] != fast[1]
                     drafts[name] = {column: (run[2], run[3]) for column, run in zip(columns, (plain, fast, ceiling,
                                                                                              reference))}
+                if args.llama_cpp_python:  # a round of theirs, plain and with prompt lookup, in its own process
+                    for kind, lookup in (("plain", None), ("lookup", {"max_ngram_size": 2, "num_pred_tokens": 10})):
+                        round_ = run_peer(args.llama_cpp_python, {**peer_job, "prompt_lookup": lookup})
+                        peer_version = round_["version"]
+                        for name, run in round_["decode"].items():
+                            peer[name][kind].append(run["tokens_per_second"])
+                            peer_same[name][kind] = peer_same[name][kind] and run["text"] == answers[name]
     finally:
         server.close()
         model.close()
@@ -227,6 +250,21 @@ def main(argv: list[str] | None = None) -> int:
                          "same_tokens_as_llama_server": same[name], "ceiling_parted": ceiling_parted[name]}
     if any(ceiling_parted.values()):
         print("* the ceiling's batches parted from the speculative answer at a near-tie: it decoded another answer")
+    if args.llama_cpp_python:
+        print(f"\nllama-cpp-python {peer_version} (its own llama.cpp), same threads and attention: plain greedy and "
+              f"prompt lookup (max_ngram_size 2, num_pred_tokens 10, its defaults); tok/s, median of {args.reps}")
+        print(f"{'prompt':14} {'theirs':>7} {'lookup':>7} {'lookup/theirs':>13} {'plain/theirs':>12} "
+              f"{'spec/lookup':>11} our plain text: theirs, lookup")
+        for name in PROMPTS:
+            theirs_plain, lookup = (statistics.median(peer[name][kind]) for kind in ("plain", "lookup"))
+            ours_plain, ours_fast = figures[name]["plain"], figures[name]["speculative"]
+            print(f"{name:14} {theirs_plain:7.1f} {lookup:7.1f} {lookup / theirs_plain:13.2f} "
+                  f"{ours_plain / theirs_plain:12.2f} {ours_fast / lookup:11.2f} {peer_same[name]['plain']!s:>6}, "
+                  f"{peer_same[name]['lookup']}")
+            figures[name]["llama_cpp_python"] = {
+                "version": peer_version, "plain": theirs_plain, "prompt_lookup": lookup,
+                "plain_over_theirs": ours_plain / theirs_plain, "speculative_over_prompt_lookup": ours_fast / lookup,
+                "same_text_plain": peer_same[name]["plain"], "same_text_lookup": peer_same[name]["lookup"]}
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "threads": args.threads, "tokens": args.tokens,
                                                "draft_min": args.draft_min, "draft_max": args.draft_max,

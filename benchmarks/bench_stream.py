@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Streaming speed: mullama beside upstream llama-bench (and llama-cpp-python when installed).
+"""Streaming speed: mullama beside upstream llama-bench (and llama-cpp-python, given an interpreter with it).
 
 Everything runs in this one process run, on the same model, threads and build, and the
 table prints ratios, because machines of this kind differ from day to day:
@@ -11,7 +11,7 @@ table prints ratios, because machines of this kind differ from day to day:
 - per-token Python time beside the C calls (llama_decode, llama_sampler_sample);
 - RSS growth over 1000 tokens with a slow async consumer.
 
-    python benchmarks/bench_stream.py [--threads N] [--reps N] [--json FILE]
+    python benchmarks/bench_stream.py [--threads N] [--reps N] [--llama-cpp-python PYTHON] [--json FILE]
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.append(str(REPO))  # build_llama, tests helpers; an installed mullama wins over the source tree
+
+from llama_cpp_python_peer import run_peer
 
 import build_llama
 import mullama
@@ -186,30 +188,16 @@ def slow_consumer_rss(amodel: AsyncModel, n: int) -> tuple[float, float, int]:
     return before, rss_mb(), max_queued
 
 
-def llama_cpp_python(model_path: Path, threads: int, n: int, reps: int) -> dict | None:
-    try:
-        import llama_cpp  # noqa: F401
-        from llama_cpp import Llama
-    except ImportError:
+def llama_cpp_python(python: str | None, model: Model, threads: int, n: int, reps: int) -> dict | None:
+    """llama-cpp-python's decode speed and time to first token on the same prompts, in its own interpreter
+    (``python``; None: not measured), with flash attention on as upstream's auto turns it on here."""
+    if python is None:
         return None
-    llm = Llama(str(model_path), n_threads=threads, n_ctx=2048, flash_attn=True, verbose=False)
-    speeds, ttfts = [], []
-    for _ in range(reps):
-        llm.reset()
-        start = time.perf_counter()
-        first = last = None
-        count = 0
-        for _chunk in llm.create_completion(DECODE_PROMPT, max_tokens=n, temperature=0, stream=True):
-            now = time.perf_counter()
-            first = first or now
-            last = now
-            count += 1
-        speeds.append((count - 1) / (last - first))
-        llm.reset()
-        start = time.perf_counter()
-        next(iter(llm.create_completion(PROMPT_5, max_tokens=1, temperature=0, stream=True)))
-        ttfts.append(time.perf_counter() - start)
-    return {"tg": statistics.median(speeds), "ttft": statistics.median(ttfts)}
+    figures = run_peer(python, {"model": str(model.path), "threads": threads, "n_ctx": 2048, "flash_attn": True,
+                                "reps": reps, "tokens": n, "decode": {"decode": model.tokenize(DECODE_PROMPT)},
+                                "first_token": model.tokenize(PROMPT_5)})
+    return {"tg": figures["decode"]["decode"]["tokens_per_second"], "ttft": figures["first_token_seconds"],
+            "version": figures["version"]}
 
 
 def table_rows(s: dict) -> list[tuple[str, str, str, str, str]]:
@@ -252,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=default_threads())
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--llama-cpp-python", metavar="PYTHON",
+                        help="an interpreter with llama-cpp-python installed, to measure it beside us")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
 
@@ -282,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     fresh = ttft_fresh(model, args.threads, max(args.reps, 10))
     again = ttft_again(context, max(args.reps, 10))
     rss_before, rss_after, max_queued = slow_consumer_rss(amodel, 1000)
-    peer = llama_cpp_python(model_path, args.threads, args.tokens, args.reps)
+    peer = llama_cpp_python(args.llama_cpp_python, model, args.threads, args.tokens, args.reps)
 
     figures = {
         "threads": args.threads, "tokens": args.tokens, "upstream_tg": up_tg, "upstream_pp5_ms": up_pp5_s * 1e3,
@@ -296,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in table_rows(figures):
         print("| " + " | ".join(row) + " |")
     if peer is None:
-        print("\nllama-cpp-python: not installed, not measured")
+        print("\nllama-cpp-python: not measured (--llama-cpp-python PYTHON names an interpreter that has it)")
     print(f"\nslow consumer: at most {max_queued} tokens waited in the buffer of 64")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))

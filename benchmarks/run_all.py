@@ -2,11 +2,13 @@
 """Run every benchmark on this machine and write a dated report with a plot.
 
 Each comparison is side by side in the same run (upstream llama-bench and llama-server from the
-same build; llama-cpp-python when it is installed, and its absence reported otherwise). Writes
+same build; llama-cpp-python when ``--llama-cpp-python PYTHON`` names an interpreter that has it, and its
+absence reported otherwise). Writes
 ``benchmarks/results/<date>.md`` (our figure, the peer's, the ratio) and ``<date>.png``
 (tokens/s against concurrent streams; time-to-first-token bars). Needs the ``bench`` extra.
 
-    python benchmarks/run_all.py [--quick]     (--quick: fewer repetitions, finishes in minutes)
+    python benchmarks/run_all.py [--quick] [--llama-cpp-python PYTHON]
+                                               (--quick: fewer repetitions, finishes in minutes)
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def write_report(stream: dict, server: dict, quick: bool) -> tuple[Path, Path]:
              "| measure | mullama | upstream / reference | ratio | goal |", "| --- | ---: | ---: | ---: | --- |"]
     lines += [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in bench_stream.table_rows(stream)]
     if not stream.get("llama_cpp_python"):
-        lines += ["", "llama-cpp-python was not installed: not measured."]
+        lines += ["", "llama-cpp-python was not measured (no --llama-cpp-python interpreter given)."]
     lines += ["", (f"## Server (benchmarks/bench_server.py): {server['parallel']} slots, {server['tokens']} tokens "
                    "per stream, streaming clients"), "",
               ("| clients | aggregate tok/s mullama | llama-server | ratio | per-stream tok/s mullama | llama-server |"
@@ -119,8 +121,11 @@ def redraw(stamp: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions: a few minutes")
+    parser.add_argument("--llama-cpp-python", metavar="PYTHON", help="an interpreter with llama-cpp-python installed")
     args = parser.parse_args(argv)
     stream_args = ["--reps", "3"] if args.quick else ["--reps", "7"]
+    if args.llama_cpp_python:
+        stream_args += ["--llama-cpp-python", args.llama_cpp_python]
     server_args = ["--clients", "1,4,8", "--tokens", "128", "--reps", "1" if args.quick else "5"]
     stream = run("bench_stream.py", *stream_args)
     server = run("bench_server.py", *server_args)
