@@ -10,8 +10,8 @@ near-tie (assert_same_but_near_ties).
 Speculation on versus off is a different claim. A token's logits computed in a batch of several
 tokens differ from a one-token decode's (on CPU, ggml computes a batch with other kernels: measured on
 SmolLM2 Q4_1 without flash attention, a 2-token batch moves a logit by up to ~0.6, in a range of -16 to
-21), so a near-tie can flip. Measured at the pin on this machine: both models keep every token on the open prompts below;
-on the grounded prompt (a passage to repeat, where nearly every step verifies a draft), SmolLM2
+21), so a near-tie can flip. Measured at the pin on this machine: both models keep every token on the
+open prompts below; on the grounded prompt (a passage to repeat, where nearly every step verifies a draft), SmolLM2
 diverged at token 7 of 96 and llama-server's speculation diverges from its own plain decode at
 the very same token. So on/off identity is tested on the open prompts (up to a near-tie), and exactness
 in general against llama-server's speculation.
