@@ -108,8 +108,12 @@ def test_killing_a_replica_loses_no_non_streamed_request(deployment):
 
 
 def test_a_stream_on_a_dying_replica_ends_with_an_error_its_client_sees(deployment):
+    """Killed once every stream has sent its client a token: nginx retries a request elsewhere only until
+    the replica's response has begun (non_idempotent), so a stream killed before its first token (its
+    prompt still decoding, though counted active) would just be answered by the other replica."""
     balancer, (first, _) = deployment
     outcomes: list[str] = []
+    under_way = [threading.Event() for _ in range(4)]
 
     def stream(i: int) -> None:
         body = {"prompt": f"Story {i}:", "max_tokens": 400, "ignore_eos": True, "temperature": 0, "stream": True}
@@ -118,17 +122,19 @@ def test_a_stream_on_a_dying_replica_ends_with_an_error_its_client_sees(deployme
             with httpx.stream("POST", f"{balancer.url}/v1/completions", json=body, timeout=120) as response:
                 for line in response.iter_lines():
                     lines.append(line)
+                    if line.startswith("data: {"):
+                        under_way[i].set()
             outcomes.append("complete" if "data: [DONE]" in lines else "cut short")
         except httpx.TransportError:
             outcomes.append("error")
+        finally:
+            under_way[i].set()  # (a stream that failed at once does not keep the test waiting)
 
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
     for thread in threads:
         thread.start()
-    deadline = time.monotonic() + 300  # (only against a hang)
-    while first.get_json("/health")["active_streams"] == 0:  # until a stream is under way on the first replica
-        assert time.monotonic() < deadline, "no stream started on the first replica"
-        time.sleep(0.05)
+    assert all(event.wait(300) for event in under_way)  # (the bound only against a hang)
+    assert first.get_json("/health")["active_streams"] > 0  # some of them stream from the first replica
     first.process.send_signal(signal.SIGKILL)
     for thread in threads:
         thread.join(120)
@@ -148,8 +154,9 @@ def test_sigterm_drains_a_replica_while_the_other_takes_new_work(deployment):
 
     worker = threading.Thread(target=in_flight)
     worker.start()
-    deadline = time.monotonic() + 30
-    while first.get_json("/health")["active_streams"] == 0 and time.monotonic() < deadline:
+    deadline = time.monotonic() + 300  # (only against a hang)
+    while first.get_json("/health")["active_streams"] == 0:  # until the request is in the first replica's engine
+        assert time.monotonic() < deadline, "the request never reached the first replica's engine"
         time.sleep(0.02)
     first.process.send_signal(signal.SIGTERM)
     # New work through the balancer is answered (by the other replica) while the first drains.
