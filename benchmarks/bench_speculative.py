@@ -251,8 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     if any(ceiling_parted.values()):
         print("* the ceiling's batches parted from the speculative answer at a near-tie: it decoded another answer")
     if args.llama_cpp_python:
-        print(f"\nllama-cpp-python {peer_version} (its own llama.cpp), same threads and attention: plain greedy and "
-              f"prompt lookup (max_ngram_size 2, num_pred_tokens 10, its defaults); tok/s, median of {args.reps}")
+        print(f"\nllama-cpp-python {peer_version} (its own build of the same pin), same threads and attention: "
+              f"plain greedy and prompt lookup (max_ngram_size 2, num_pred_tokens 10, its defaults); "
+              f"tok/s, median of {args.reps}")
         print(f"{'prompt':14} {'theirs':>7} {'lookup':>7} {'lookup/theirs':>13} {'plain/theirs':>12} "
               f"{'spec/lookup':>11} our plain text: theirs, lookup")
         for name in PROMPTS:

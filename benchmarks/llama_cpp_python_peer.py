@@ -1,15 +1,15 @@
 #!/usr/bin/env python3
 """llama-cpp-python as a peer in the benchmarks, run in an interpreter of its own.
 
-llama-cpp-python ships its own libllama and libggml (another llama.cpp than our pin), whose sonames are
-ours too: loaded into the benchmark's process, one library's calls could land in the other's ggml. So
+llama-cpp-python ships its own build of libllama and libggml (0.3.36 vendors our pinned llama.cpp), whose
+sonames are ours too: loaded into the benchmark's process, one library's calls could land in the other's ggml. So
 the benchmarks start this file under the Python that has llama-cpp-python installed (``--llama-cpp-python
 PYTHON``), send it one job as JSON on stdin and read the figures back as JSON on stdout:
 
     {"model": PATH, "threads": 2, "n_ctx": 4096, "flash_attn": true | false | null, "reps": 3,
      "prompt_lookup": null | {"max_ngram_size": 2, "num_pred_tokens": 10},
      "decode": {NAME: [TOKEN, ...], ...}, "tokens": 128,       # greedy decode speed per prompt
-     "first_token": [TOKEN, ...]}                             # optional: time to first token, fresh
+     "first_token": [TOKEN, ...]}                             # optional: time to first token, after reset()
 
 Decode speed is the tokens after the first over the time they took: a whole completion's time less that
 of a one-token completion of the same prompt (the prompt and the first token), the median of ``reps``;
