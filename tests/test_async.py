@@ -216,3 +216,31 @@ def test_async_chat_stream(async_model):
         return "".join([t.text async for t in async_model.chat_stream(messages, max_tokens=16, temperature=0)])
 
     assert asyncio.run(scenario()).strip()
+
+
+def test_breaking_out_of_a_stream_still_held_by_a_name_ends_it():
+    """The README's pattern (`stream = ...generate_stream(...)`, `async for ... in stream`, `break`) ends
+    the sequence though the stream lives on: on one slot, the next stream gets it and completes."""
+    async def scenario(model):
+        held = model.generate_stream("Count:", max_tokens=64, ignore_eos=True, buffer_size=4)
+        async for _token in held:
+            break
+        after = model.generate_stream("Hello", max_tokens=4, temperature=0)
+        # bounded only against a hang: before the fix the held stream kept the slot for good
+        text = await asyncio.wait_for(_joined(after), timeout=300)
+        return held, after, text
+
+    async def run():
+        model = await AsyncModel.load("smollm2:135m", parallel=1, n_ctx=512)
+        try:
+            return await scenario(model)
+        finally:
+            await model.aclose()
+
+    held, after, text = asyncio.run(run())
+    assert held.finish_reason == "cancelled" and held.tokens_generated() < 64
+    assert after.finish_reason == "length" and after.tokens_generated() == 4 and text
+
+
+async def _joined(stream) -> str:
+    return "".join([token.text async for token in stream])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import threading
 
 import pytest
 from test_greedy_upstream import PROMPTS
@@ -261,3 +262,50 @@ def test_context_overflow_raised_before_decoding(model):
             list(ctx.generate_stream("word " * 400, max_tokens=4))
         assert info.value.code == "CONTEXT_OVERFLOW"
         assert ctx.cached_tokens == []
+
+
+def test_close_from_another_thread_ends_the_stream_after_the_token_being_made(context, monkeypatch):
+    """A UI thread may cancel a stream another thread iterates: close() while that thread is inside a
+    step asks it to stop, and the stream ends after the token that step hands out ("cancelled")."""
+    from mullama.generate import _context
+
+    errors: list[BaseException] = []
+    streams: list[mullama.TokenStream] = []
+
+    class ClosedDuringItsSecondStep(_context.Sequence):
+        steps = 0
+
+        def next_token(self, *args):
+            type(self).steps += 1
+            if self.steps == 2:  # inside the step: close() from another thread finds it executing
+                closer = threading.Thread(target=lambda: _record(errors, streams[0].close))
+                closer.start()
+                closer.join()
+            return super().next_token(*args)
+
+    monkeypatch.setattr(_context, "Sequence", ClosedDuringItsSecondStep)
+    stream = context.generate_stream("Count to fifty:", max_tokens=64, temperature=0, ignore_eos=True)
+    streams.append(stream)
+    next(stream)
+    rest = list(stream)
+    assert not errors
+    assert len(rest) == 1 and stream.finish_reason == "cancelled" and stream.tokens_generated() == 2
+    stream.close()  # from its own thread: the rest of the cleanup, once
+    monkeypatch.undo()
+    assert context.generate("Hello", max_tokens=4).token_ids
+
+
+def test_close_from_another_thread_between_tokens_ends_the_stream(context):
+    stream = context.generate_stream("Count to fifty:", max_tokens=64, temperature=0, ignore_eos=True)
+    next(stream)
+    closer = threading.Thread(target=stream.close)
+    closer.start()
+    closer.join()
+    assert list(stream) == [] and stream.finish_reason == "cancelled"
+
+
+def _record(errors: list[BaseException], call) -> None:
+    try:
+        call()
+    except BaseException as error:  # noqa: BLE001 - the test asserts there was none
+        errors.append(error)

@@ -17,7 +17,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from .._exceptions import StreamingError
@@ -57,8 +57,24 @@ class AsyncTokenStream(SequenceView):
         """The most tokens ever waiting in the buffer (never more than ``buffer_size``)."""
         return self._request.channel.max_queued if self._request else 0
 
-    def __aiter__(self) -> AsyncTokenStream:
-        return self
+    def __aiter__(self) -> AsyncIterator[Token]:
+        # A generator of our own rather than the stream itself: when an ``async for`` breaks, the loop
+        # drops it and asyncio closes it, which ends the sequence even while the stream is still held
+        # by a name (the stream itself gets no signal from a ``break``).
+        return self._until_the_loop_ends()
+
+    async def _until_the_loop_ends(self) -> AsyncIterator[Token]:
+        try:
+            while True:
+                try:
+                    token = await self.__anext__()
+                except StopAsyncIteration:
+                    return
+                yield token
+        finally:
+            if not self._done:  # the loop left before the end: a break, or an exception in its body
+                self._closed = True
+                self._end()
 
     async def _begin(self) -> EngineRequest:
         # Once started, the stream no longer needs ``start`` (which holds the AsyncModel): a stream

@@ -321,8 +321,8 @@ class Context(Owned):
                     finally:
                         guard.release()
                     yield token
-                    if token.finish_reason is not None:
-                        return
+                    if token.finish_reason is not None or sequence.finish_reason is not None:
+                        return  # the end, or closed from another thread meanwhile (TokenStream.close)
                     if deadline is not None and monotonic() > deadline:
                         sequence.check_deadline()
         except GeneratorExit:
@@ -365,7 +365,7 @@ class Context(Owned):
                 guard.release()
             for last in out:
                 yield last
-                if last.finish_reason is not None:
+                if last.finish_reason is not None or sequence.finish_reason is not None:
                     return
             if deadline is not None and time.monotonic() > deadline:
                 sequence.check_deadline()

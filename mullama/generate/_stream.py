@@ -35,12 +35,18 @@ class TokenStream(SequenceView):
         return next(self._steps)
 
     def close(self) -> None:
-        """Stop generating now. Idempotent."""
-        if not self._closed:
-            self._closed = True
+        """Stop generating now. Idempotent. From another thread while the stream's own thread is
+        waiting for a token, the stream ends after that token (its thread frees what it uses)."""
+        if self._closed:
+            return
+        try:
             self._steps.close()
-            self._sequence.cancel()  # in case the generator never started
-            self._sequence.close()
+        except ValueError:  # "generator already executing": another thread is stepping it right now
+            self._sequence.cancel()
+            return
+        self._closed = True
+        self._sequence.cancel()  # in case the generator never started
+        self._sequence.close()
 
     def __enter__(self) -> TokenStream:
         return self
