@@ -7,6 +7,7 @@ from model files, which may be hostile.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -129,6 +130,34 @@ def takes_object_arguments(source: str) -> bool:
 _OBJECT_ARGUMENTS: dict[str, bool] = {}
 
 
+def takes_system_role(source: str) -> bool:
+    """Whether the template renders a system message (Gemma 2's raises "System role not supported"):
+    probed as llama.cpp probes it, with a system and a user message."""
+    if source in _SYSTEM_ROLE:
+        return _SYSTEM_ROLE[source]
+    probe = [{"role": "system", "content": "System message needle"}, {"role": "user", "content": "User message"}]
+    try:
+        answer = "System message needle" in render(source, {"messages": probe, "bos_token": "", "eos_token": "",
+                                                            "add_generation_prompt": False}, len(probe))
+    except TemplateError:
+        answer = False
+    if len(_SYSTEM_ROLE) < 64:
+        _SYSTEM_ROLE[source] = answer
+    return answer
+
+
+_SYSTEM_ROLE: dict[str, bool] = {}
+
+
+def _without_system_role(messages: list[dict]) -> list[dict]:
+    """For a template without a system role, as llama.cpp does it: the system message's text goes before
+    the next message's, on a line of its own (alone, it is dropped)."""
+    system, rest = messages[0], messages[1:]
+    if rest:
+        rest[0] = {**rest[0], "content": f"{system['content']}\n{rest[0]['content'] or ''}"}
+    return rest
+
+
 def load_template(template: str | os.PathLike) -> str:
     """A chat template's text: ``template`` itself, or the file it names (``.jinja`` or a path)."""
     if isinstance(template, os.PathLike) or (isinstance(template, str) and "{" not in template
@@ -156,9 +185,15 @@ def render_chat_template(source: str, messages: Any, *, add_generation_prompt: b
         isinstance(m, Mapping) and m.get("tool_calls") for m in messages)
     # The probe renders the template once more: only when there are tool calls whose arguments it affects.
     object_arguments = has_calls and takes_object_arguments(source)
+    normalized = normalize_messages(messages, object_arguments=object_arguments)
+    if normalized and normalized[0]["role"] == "system" and not takes_system_role(source):
+        normalized = _without_system_role(normalized)
+    now = datetime.datetime.now()
     variables: dict[str, Any] = {
-        "messages": normalize_messages(messages, object_arguments=object_arguments),
-        "bos_token": bos_token, "eos_token": eos_token, "enable_thinking": True}
+        "messages": normalized,
+        "bos_token": bos_token, "eos_token": eos_token, "enable_thinking": True,
+        # llama.cpp's extra context (common_chat_extra_context): Llama 3.1's template prints the date
+        "date_string": now.strftime("%d %b %Y"), "datetime": now.strftime("%b %d %Y")}
     if add_generation_prompt:
         variables["add_generation_prompt"] = True
     variables.update(extra)

@@ -8,6 +8,7 @@ from typing import Any
 
 from .._exceptions import InvalidConfigError
 from ..chat._media_parts import MediaSource, has_media, split_media
+from ..chat._prefill import continued_prompt, split_prefill
 from ..chat._reasoning import reasoning_for
 from ..chat._template import load_template, normalize_messages
 from ..chat._tools import GENERIC, check_tools, tool_calling, with_tools_described
@@ -44,10 +45,20 @@ def chat_prompt(model: Model, messages: list[dict[str, Any]], config: StreamConf
     calling = config.tool_calls
     if calling is None and config.json_schema is not None:
         config = config.with_options(fenced_json=True)
+    before, prefill = split_prefill(messages)
+    if prefill is not None and (calling is not None or config.json_schema is not None or config.grammar is not None):
+        raise InvalidConfigError("a trailing assistant message (the start of the answer, a prefill) cannot be combined "
+                                 "with tools, a JSON schema or a grammar, which constrain the answer from its start: "
+                                 "drop one of them.")
     if calling is not None and calling.format is GENERIC:
         messages = with_tools_described(normalize_messages(messages), tools or [], forced=calling.forced)
-    prompt = model.apply_chat_template(messages, add_generation_prompt=True, template=template,
-                                       tools=tools or None, **kwargs)
+
+    def render(some: Any, add_generation_prompt: bool) -> str:
+        return model.apply_chat_template(some, add_generation_prompt=add_generation_prompt, template=template,
+                                         tools=tools or None, **kwargs)
+
+    prompt = (render(messages, True) if prefill is None
+              else continued_prompt(render, before, prefill, template or ""))
     reasoning = reasoning_for(template or "", prompt, reasoning_format)
     if reasoning is not None:
         config = config.with_options(reasoning=reasoning)
