@@ -273,6 +273,9 @@ def _load() -> Library:
         if hasattr(os, "register_at_fork"):
             os.register_at_fork(after_in_child=functools.partial(_after_fork_in_child, compute))
         return Library(ffi, lib, path, manifest, compute)
+    if os.environ.get("MULLAMA_HOME") and not _cache_candidates(commit):
+        errors.append(f"build cache: none in {llama_cache_dir()} (MULLAMA_HOME moves the build cache with the "
+                      "models: build again with it set, or unset it)")
     raise LibraryError(
         "cannot find libllama:\n  " + "\n  ".join(errors)
         + "\nBuild it with `python build_llama.py` (from a mullama source checkout), install a mullama "
