@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from . import _exceptions
 from ._exceptions import (
     ClosedError,
     ContextError,
@@ -21,12 +22,17 @@ from ._exceptions import (
     EngineError,
     InvalidConfigError,
     LibraryError,
+    LoraLoadError,
     MediaError,
+    MediaNotSupportedError,
+    MediaTooLargeError,
     ModelLoadError,
     ModelNotFoundError,
     MullamaError,
     NotAStateFileError,
     QueueFullError,
+    RemoteMediaRefusedError,
+    RequestCancelledError,
     RpcServerLostError,
     StateCorruptError,
     StateError,
@@ -51,13 +57,18 @@ __all__ = [
     "EngineError",
     "InvalidConfigError",
     "LibraryError",
+    "LoraLoadError",
     "MediaError",
+    "MediaNotSupportedError",
+    "MediaTooLargeError",
     "Model",
     "ModelLoadError",
     "ModelNotFoundError",
     "MullamaError",
     "NotAStateFileError",
     "QueueFullError",
+    "RemoteMediaRefusedError",
+    "RequestCancelledError",
     "RpcServerLostError",
     "SamplerChain",
     "StateCorruptError",
@@ -118,9 +129,7 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
-for _name in ("ClosedError", "ContextError", "ContextOverflowError", "DownloadError", "EngineError", "MediaError",
-              "InvalidConfigError", "LibraryError", "ModelLoadError", "ModelNotFoundError", "MullamaError",
-              "QueueFullError", "StreamTimeoutError", "StreamingError", "TemplateError", "TokenizeError",
-              "NotAStateFileError", "RpcServerLostError", "StateCorruptError", "StateError", "StateModelMismatchError"):
-    globals()[_name].__module__ = "mullama"
+for _name in _exceptions.__all__:  # every error class is mullama.Name, as it is imported
+    if isinstance(globals().get(_name), type):
+        globals()[_name].__module__ = "mullama"
 del _name

@@ -3,6 +3,7 @@
     MullamaError                      .code, a stable string for programs
      ├── LibraryError                 LIBRARY_ERROR      libllama missing or not the pinned build
      ├── ModelLoadError               MODEL_LOAD_ERROR   a model file that cannot be loaded
+     │    └── LoraLoadError           LORA_LOAD_ERROR    a LoRA adapter file llama.cpp refuses
      ├── ModelNotFoundError           MODEL_NOT_FOUND    a model name the registry does not know
      ├── DownloadError                DOWNLOAD_ERROR     a download that failed or did not verify
      ├── InvalidConfigError           INVALID_CONFIG     a parameter out of range (also ValueError)
@@ -20,9 +21,15 @@
      │    └── StateModelMismatchError STATE_MODEL_MISMATCH  saved by another model
      ├── RpcServerLostError           RPC_SERVER_LOST    an RPC server of the model went away; load it again
      ├── MediaError                   INVALID_MEDIA      an image or audio input that cannot be used (also
-     │                                                   ValueError; MEDIA_TOO_LARGE, MEDIA_NOT_SUPPORTED,
-     │                                                   REMOTE_MEDIA_REFUSED say more)
+     │    │                                              ValueError): unreadable, corrupt, of an unknown kind
+     │    ├── MediaTooLargeError      MEDIA_TOO_LARGE    beyond a limit (bytes, pixels, seconds of audio)
+     │    ├── MediaNotSupportedError  MEDIA_NOT_SUPPORTED  the model has no projector for it
+     │    └── RemoteMediaRefusedError REMOTE_MEDIA_REFUSED  an http(s) URL, not allowed here
+     ├── RequestCancelledError        CANCELLED          work whose caller stopped waiting for it
      └── ClosedError                  CLOSED             use of a model or context after close()
+
+Each class has its own code, fixed (no instance changes it): catching a class catches its subclasses'
+codes too (``except MediaError`` catches MEDIA_TOO_LARGE).
 
 Each message says what happened and what to do about it.
 """
@@ -39,12 +46,17 @@ __all__ = [
     "EngineError",
     "InvalidConfigError",
     "LibraryError",
+    "LoraLoadError",
     "MediaError",
+    "MediaNotSupportedError",
+    "MediaTooLargeError",
     "ModelLoadError",
     "ModelNotFoundError",
     "MullamaError",
     "NotAStateFileError",
     "QueueFullError",
+    "RemoteMediaRefusedError",
+    "RequestCancelledError",
     "RpcServerLostError",
     "StateCorruptError",
     "StateError",
@@ -63,11 +75,6 @@ class MullamaError(Exception):
 
     code: str = "MULLAMA_ERROR"
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
-        super().__init__(message)
-        if code is not None:
-            self.code = code
-
     @property
     def message(self) -> str:
         return str(self)
@@ -81,6 +88,12 @@ class ModelLoadError(MullamaError):
     code = "MODEL_LOAD_ERROR"
 
 
+class LoraLoadError(ModelLoadError):
+    """A LoRA adapter GGUF that llama.cpp refuses (missing, not an adapter, made for another model)."""
+
+    code = "LORA_LOAD_ERROR"
+
+
 class ModelNotFoundError(MullamaError):
     code = "MODEL_NOT_FOUND"
 
@@ -90,7 +103,14 @@ class DownloadError(MullamaError):
 
 
 class InvalidConfigError(MullamaError, ValueError):
+    """A setting out of its range or of the wrong type. ``field`` names the StreamConfig field at
+    fault when there is one (None otherwise), so that a server can name its request's own field."""
+
     code = "INVALID_CONFIG"
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class ContextError(MullamaError):
@@ -160,11 +180,35 @@ class RpcServerLostError(MullamaError):
 
 
 class MediaError(MullamaError, ValueError):
-    """An image or audio input that cannot be used: unreadable, corrupt, of a kind the model's
-    projector does not take, or beyond a limit. ``code`` says which: INVALID_MEDIA, MEDIA_TOO_LARGE,
-    MEDIA_NOT_SUPPORTED (the model has no projector for it), REMOTE_MEDIA_REFUSED."""
+    """An image or audio input that cannot be used (INVALID_MEDIA: unreadable, corrupt, of an unknown
+    kind); its subclasses say more: MediaTooLargeError, MediaNotSupportedError, RemoteMediaRefusedError."""
 
     code = "INVALID_MEDIA"
+
+
+class MediaTooLargeError(MediaError):
+    """An image or clip beyond a limit: its encoded bytes, its pixels, or its seconds of audio."""
+
+    code = "MEDIA_TOO_LARGE"
+
+
+class MediaNotSupportedError(MediaError):
+    """An image or audio part for a model without a projector that takes it."""
+
+    code = "MEDIA_NOT_SUPPORTED"
+
+
+class RemoteMediaRefusedError(MediaError):
+    """An http(s) URL where only inline data (or allowed files) may be given."""
+
+    code = "REMOTE_MEDIA_REFUSED"
+
+
+class RequestCancelledError(MullamaError):
+    """Work (an embedding) given up because its caller stopped waiting for it; rarely seen, since the
+    caller has gone."""
+
+    code = "CANCELLED"
 
 
 class ClosedError(MullamaError):

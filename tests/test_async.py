@@ -244,3 +244,43 @@ def test_breaking_out_of_a_stream_still_held_by_a_name_ends_it():
 
 async def _joined(stream) -> str:
     return "".join([token.text async for token in stream])
+
+
+def test_a_model_passed_in_stays_the_callers_and_can_be_shared(model_path):
+    """AsyncModel(model) does not take the Model: aclose() leaves it open while a sync Context still
+    uses it (it used to refuse with CONTEXT_ERROR, after stopping its engine), and its C objects are
+    freed once each: the engine's context by aclose(), the model by its owner."""
+    from mullama.native import _owned
+
+    model = mullama.Model.load(model_path)
+    context = mullama.Context(model, n_ctx=512, warmup=False)
+    freed_before = dict(_owned.freed_count)
+
+    async def scenario():
+        shared = AsyncModel(model, n_ctx=512, parallel=1)
+        text = await _joined(shared.generate_stream("Hello", max_tokens=4, temperature=0))
+        await shared.aclose()
+        await shared.aclose()  # twice: nothing more to free
+        return text
+
+    assert asyncio.run(scenario())
+    freed = {kind: _owned.freed_count[kind] - freed_before.get(kind, 0) for kind in ("engine", "context", "model")}
+    assert freed == {"engine": 1, "context": 0, "model": 0}  # the engine's context only
+    assert not model.closed and not context.closed
+    assert context.generate("Hello", max_tokens=4, temperature=0).text  # both still work
+    context.close()
+    model.close()
+    assert model.closed and _owned.freed_count["model"] == freed_before.get("model", 0) + 1
+
+
+def test_a_model_that_load_loaded_is_closed_by_aclose(model_path):
+    async def scenario():
+        own = await AsyncModel.load(model_path, n_ctx=512, parallel=1)
+        await _joined(own.generate_stream("Hello", max_tokens=2, temperature=0))
+        await own.aclose()
+        return own.model
+
+    model = asyncio.run(scenario())
+    assert model.closed
+    with pytest.raises(mullama.ClosedError):
+        model.tokenize("Hello")

@@ -145,7 +145,7 @@ def test_async_model_answers_about_a_clip_beside_a_text_chat(model_path, mmproj,
     messages = audio_messages(f"data:audio/mpeg;base64,{encoded(clip.read_bytes())}")
 
     async def together():
-        async_model = mullama.AsyncModel(mullama.Model.load(model_path, mmproj=mmproj), parallel=2, n_ctx=4096)
+        async_model = await mullama.AsyncModel.load(model_path, mmproj=mmproj, parallel=2, n_ctx=4096)
         try:
             async def read(chat):
                 stream = async_model.chat_stream(chat, max_tokens=N_PREDICT, temperature=0)

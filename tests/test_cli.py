@@ -63,12 +63,13 @@ def test_run_prompt_words_around_options(model_path):
     assert split_data["prompt_tokens"] == whole_data["prompt_tokens"]
     assert split_data["text"] == whole_data["text"] and split_data["text"]
     unknown = run("run", "hi", "--no-such-option", "there")
-    assert unknown.returncode == 2 and "--no-such-option" in unknown.stderr
+    assert unknown.returncode == 1 and "--no-such-option" in unknown.stderr
 
 
 def test_one_line_errors_and_exit_codes():
-    bad_arg = run("run", "--max-tokens", "many", "hi")
-    assert bad_arg.returncode == 2 and len(bad_arg.stderr.strip().splitlines()) == 1
+    bad_arg = run("run", "--max-tokens", "many", "hi")  # a usage error: the same one line as any error
+    assert bad_arg.returncode == 1 and len(bad_arg.stderr.strip().splitlines()) == 1
+    assert bad_arg.stderr.startswith("mullama: error [INVALID_CONFIG]: ")
     unknown = run("run", "nosuch:7b", "hi")
     assert unknown.returncode == 1 and "MODEL_NOT_FOUND" in unknown.stderr
     assert len(unknown.stderr.strip().splitlines()) == 1 and "Traceback" not in unknown.stderr

@@ -192,8 +192,8 @@ def test_image_requests_batch_with_text_ones_in_the_engine(vision_model, server,
     assert alone[0] == reference["tokens"]
 
     async def together():
-        # Its own model: aclose() closes the model it holds.
-        async_model = mullama.AsyncModel(mullama.Model.load(model_path, mmproj=mmproj), parallel=4, n_ctx=4096)
+        # Its own model (load() loaded it): aclose() closes it.
+        async_model = await mullama.AsyncModel.load(model_path, mmproj=mmproj, parallel=4, n_ctx=4096)
         try:
             streams = [async_model.chat_stream(messages, max_tokens=N_PREDICT, temperature=0) for messages in chats]
 

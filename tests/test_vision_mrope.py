@@ -203,7 +203,7 @@ def test_image_requests_batch_with_text_ones_in_the_engine(mrope_files, mrope_mo
                   server.greedy(mrope_model.apply_chat_template(chats[3]), N_PREDICT)["tokens"]]
 
     async def together():
-        async_model = mullama.AsyncModel(model, parallel=4, n_ctx=2048)  # aclose() closes the model
+        async_model = mullama.AsyncModel(model, parallel=4, n_ctx=2048)  # the model stays ours: closed below
         try:
             streams = [async_model.chat_stream(messages, max_tokens=N_PREDICT, temperature=0) for messages in chats]
 
@@ -218,6 +218,7 @@ def test_image_requests_batch_with_text_ones_in_the_engine(mrope_files, mrope_mo
             return answers, repeated, again, await read(turn), turn, follow_up
         finally:
             await async_model.aclose()
+            model.close()
 
     answers, repeated, again, turn_tokens, turn, follow_up = asyncio.run(together())
     assert answers == references

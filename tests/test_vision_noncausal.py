@@ -140,7 +140,7 @@ def test_image_requests_in_the_engine_equal_llama_server_and_leave_attention_cau
                   upstream_greedy(server, gemma, template, chats[2])["tokens"]]
 
     async def run():
-        async_model = mullama.AsyncModel(mullama.Model.load(gemma_path, mmproj=mmproj), parallel=2, n_ctx=1024)
+        async_model = await mullama.AsyncModel.load(gemma_path, mmproj=mmproj, parallel=2, n_ctx=1024)
 
         async def read(messages, **options):
             stream = async_model.chat_stream(messages, max_tokens=N_PREDICT, temperature=0, chat_template=template,

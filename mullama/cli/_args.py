@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .._exceptions import InvalidConfigError, ModelNotFoundError
+from ._errors import SAMPLING_FLAGS, checked_config, not_generative
 
 _HF_NAME = re.compile(r"^hf:[\w.\-]+/[\w.@\-]+(:[\w./\-]+)?$")
 _TAGGED_NAME = re.compile(r"^[A-Za-z][\w.\-]*:[\w.\-]+$")  # name:tag, as ollama's
@@ -65,13 +66,12 @@ def model_label(model_ref: str) -> str:
 
 
 def stream_config(args: argparse.Namespace, *, stop: list[str] | None = None) -> Any:
-    """The StreamConfig the sampling flags ask for (unset flags keep StreamConfig's defaults)."""
-    from ..generate._config import StreamConfig
-
+    """The StreamConfig the sampling flags ask for (unset flags keep StreamConfig's defaults); a value it
+    refuses names the flag."""
     chosen = {name: getattr(args, name) for name in ("temperature", "seed", "top_k", "top_p", "min_p",
                                                       "repeat_penalty") if getattr(args, name, None) is not None}
-    return StreamConfig(max_tokens=args.max_tokens, stop_sequences=stop or [], timeout_ms=None, **chosen,
-                        **(speculative_options(args) or {}))
+    return checked_config(SAMPLING_FLAGS, max_tokens=args.max_tokens, stop_sequences=stop or [], timeout_ms=None,
+                          **chosen, **(speculative_options(args) or {}))
 
 
 def speculative_options(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -116,6 +116,12 @@ def check_ctx_size(value: int | None) -> None:
     from ..generate._context_params import check_n_ctx
 
     check_n_ctx(value, "--ctx-size")
+
+
+def check_generates(model: Any, label: str) -> None:
+    """``run``, ``chat`` and ``bench`` need a model that generates text, not an embedding model."""
+    if not model.generative:
+        raise not_generative(label, model.pooling)
 
 
 def warn_ctx_size(value: int | None, model: Any) -> None:

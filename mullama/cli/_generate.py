@@ -12,6 +12,7 @@ from pathlib import Path
 from .._exceptions import InvalidConfigError
 from ._args import (
     check_ctx_size,
+    check_generates,
     check_writable,
     flash_attn_option,
     mmproj_option,
@@ -22,6 +23,7 @@ from ._args import (
     stream_config,
     warn_ctx_size,
 )
+from ._errors import checked_config
 from ._format import note
 
 
@@ -59,6 +61,7 @@ def run_command(args: argparse.Namespace) -> int:
         mmproj = mmproj_option(args)
         model = resources.enter_context(Model.load(model_name, chat_template=args.chat_template_file,
                                                    mmproj=mmproj, **placement(args)))
+        check_generates(model, label)
         if args.image and not model.supports_vision:
             raise InvalidConfigError(f"--image needs the model's projector: {label} has none loaded; add --mmproj "
                                      "FILE (an mmproj GGUF)" + (" and leave out --no-mmproj." if mmproj is False
@@ -95,8 +98,9 @@ def run_command(args: argparse.Namespace) -> int:
                        "draft_accepted": stream.draft_accepted}, sys.stdout, ensure_ascii=False)
         sys.stdout.write("\n")
         sys.stdout.flush()
-        if stream.finish_reason == "length" and not args.json:  # cut short: say so, off standard output
-            note("… (max tokens)")
+        if stream.finish_reason == "length" and not args.json:  # cut short: say why, off standard output
+            note("… (max tokens)" if stream.tokens_generated() >= config.max_tokens else
+                 f"… (context full: {context.n_ctx} tokens; a larger -c/--ctx-size leaves more room)")
         if args.verbose:
             ttft = stream.time_to_first_token()
             print(f"[{stream.tokens_generated()} tokens, {stream.tokens_per_second():.1f} tokens/s, "
@@ -144,9 +148,13 @@ def bench_command(args: argparse.Namespace) -> int:
     from ..hub._catalog import DEFAULT_MODEL
 
     check_ctx_size(args.ctx_size)
+    checked_config({"max_tokens": "-n/--tokens"}, max_tokens=args.tokens)
     model_name = model_arg(args) or DEFAULT_MODEL
-    with Model.load(model_name, **placement(args)) as model, \
-            Context(model, n_ctx=args.ctx_size, n_threads=args.threads, flash_attn=flash_attn_option(args)) as context:
+    with contextlib.ExitStack() as resources:
+        model = resources.enter_context(Model.load(model_name, **placement(args)))
+        check_generates(model, model_label(model_name))
+        context = resources.enter_context(Context(model, n_ctx=args.ctx_size, n_threads=args.threads,
+                                                  flash_attn=flash_attn_option(args)))
         warn_ctx_size(args.ctx_size, model)
         context.generate("Hello", max_tokens=8)  # warm up
         first = []

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 
 from .._exceptions import MullamaError
+from ._errors import command_line_error
 from ._generate import bench_command, chat_command, embed_command, run_command
 from ._info import info_command
 from ._models import list_command, pull_command, rm_command, show_command
@@ -26,16 +27,20 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line ``argv``; its exit code. Every error, a usage error included, is one line
+    on standard error, ``mullama: error [CODE]: message``, and exit code 1."""
     parser = make_parser()
-    args = parse(parser, list(argv) if argv is not None else sys.argv[1:])
-    if args.command is None:
-        parser.print_help()
-        return 2
-    if args.log_llama:
-        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    args = None
     try:
+        args = parse(parser, list(argv) if argv is not None else sys.argv[1:])
+        if args.command is None:
+            parser.print_help()
+            return 2
+        if args.log_llama:
+            logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
         return COMMANDS[args.command](args)
     except MullamaError as error:
+        error = command_line_error(error, args.command if args is not None else None)
         print(f"mullama: error [{error.code}]: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -73,12 +73,14 @@ def rm_command(args: argparse.Namespace) -> int:
 def show_command(args: argparse.Namespace) -> int:
     from ..gguf._reader import read_gguf_info
     from ..hub._cache import cached, projector_of
-    from ..hub._catalog import is_local_path
+    from ..hub._catalog import entry_for, is_local_path
 
     name = args.name
     path = Path(name).expanduser() if is_local_path(name) else cached(name)
     if path is None:  # show never downloads
-        raise ModelNotFoundError(f"{args.name} is not in the cache; `mullama pull {args.name}` downloads it "
+        if not name.startswith("hf:"):
+            entry_for(name)  # a name the catalog does not know: MODEL_NOT_FOUND with the names and forms it knows
+        raise ModelNotFoundError(f"{name} is not in the cache; `mullama pull {name}` downloads it "
                                  "(`mullama list` shows what is there).")
     info = read_gguf_info(path)
     summary = {"path": str(info.path), **info.summary()}

@@ -7,6 +7,7 @@ import argparse
 from typing import NoReturn
 
 from .. import __version__
+from .._exceptions import InvalidConfigError
 from ..generate._prompt_cache import DEFAULT_CACHE_RAM_MIB
 
 EXAMPLES = """examples:
@@ -32,10 +33,11 @@ EXAMPLES = """examples:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (and exit code 2)."""
+    """argparse, but a usage error (an unknown flag, a value of the wrong type) is an InvalidConfigError,
+    which ``main`` prints as every other error: one line, ``mullama: error [INVALID_CONFIG]: ...``, exit 1."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        raise InvalidConfigError(f"{message} (see {self.prog} --help)")
 
 
 MODEL_HELP = "a .gguf path or a model name, with or without its tag (default: smollm2:135m)"
@@ -316,7 +318,8 @@ def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
         args.words += extra  # `mullama run Why -n 20 is the sky blue`: words after an option are still the prompt
         extra = []
     if extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        prog = f"{parser.prog} {args.command}" if args.command else parser.prog
+        raise InvalidConfigError(f"unrecognized arguments: {' '.join(extra)} (see {prog} --help)")
     if hasattr(args, "words"):
         args.words_before_dashes = bool(args.words)
         args.words += tail

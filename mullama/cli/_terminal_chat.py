@@ -33,6 +33,7 @@ from ..chat._media_parts import split_media
 from ..generate._config import StreamConfig
 from ..generate._context import Context
 from ..generate._model import Model, tokenize_prompt
+from ._args import check_generates
 
 HELP = """\
 /help, /?              this help
@@ -419,6 +420,7 @@ def chat_main(model_ref: str, *, system: str | None, config: StreamConfig, ctx_s
     with console.status(f"loading {model_ref} ...", spinner="dots") if console.is_terminal else nullcontext():
         model = Model.load(model_ref, chat_template=chat_template, mmproj=mmproj, **(placement or {}))
         try:
+            check_generates(model, model_ref)
             if model.chat_template is None:
                 raise TemplateError(f"{model_ref} has no chat template (a base model), so it cannot chat: "
                                     f"`mullama run {model_ref} PROMPT` completes text, or give a template with "

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from typing import Any, TypeVar
 
 from .._exceptions import StreamingError
+from ._arguments import check_kwargs
 from ._chat_turn import chat_turn, turn_tokens
 from ._completion import Completion, greedy_unless_told
 from ._config import StreamConfig, resolve_config
@@ -160,6 +161,10 @@ class AsyncModel:
     MiB (0: off, -1: no bound), and restored when they serve a new prompt. ``seed`` seeds every
     stream whose StreamConfig sets none. ``draft_model`` (a Model, or a path the engine loads) drafts
     for streams with ``speculative="draft"`` (docs/speculative.md).
+
+    A Model passed in stays the caller's: it may be shared (with Contexts, other AsyncModels), and
+    :meth:`aclose` leaves it open; close it yourself (or let garbage collection free it). A model that
+    :meth:`load` loaded belongs to the AsyncModel, and :meth:`aclose` closes it.
     """
 
     def __init__(self, model: Model, *, parallel: int = 4, n_ctx: int | None = None, n_batch: int = 2048,
@@ -168,6 +173,7 @@ class AsyncModel:
                  draft_model: Model | str | os.PathLike[str] | None = None) -> None:
         check_n_ctx(n_ctx)  # now, not when the first stream starts the engine
         self.model = model
+        self._owns_model = False  # True once load() made the model: then aclose() closes it
         self._engine_options: dict[str, Any] = {
             "parallel": parallel, "n_ctx": n_ctx, "n_batch": n_batch, "n_threads": n_threads, "seed": seed,
             "flash_attn": flash_attn, "max_queue": max_queue, "cache_ram_mib": cache_ram_mib,
@@ -179,11 +185,12 @@ class AsyncModel:
     async def load(cls, model: str | os.PathLike[str], **options: Any) -> AsyncModel:
         """Load ``model`` (a path or a name) and start its engine, in a worker thread. Engine
         options (``parallel``, ``n_ctx``, ``n_threads``, ``seed``, ...) go to the engine; the rest
-        to :meth:`Model.load`."""
+        to :meth:`Model.load`. The model is the AsyncModel's own: :meth:`aclose` closes it."""
         engine_options = {k: options.pop(k) for k in list(options) if k in ENGINE_OPTIONS}
         loaded = await asyncio.to_thread(Model.load, model, **options)
         try:
             async_model = cls(loaded, **engine_options)
+            async_model._owns_model = True
             await asyncio.to_thread(async_model._get_engine)
         except BaseException:
             loaded.close()
@@ -230,10 +237,11 @@ class AsyncModel:
         """Stream the reply to ``messages`` with the model's chat template; tools and templates as
         :meth:`Context.chat_stream` (rendered in a worker thread)."""
         resolved = resolve_config(config, max_tokens, options)
+        template_kwargs = check_kwargs("chat_template_kwargs", chat_template_kwargs)  # now, not in the worker
         return self._stream(lambda: chat_turn(
             self.model, messages, resolved, tools=tools, tool_choice=tool_choice,
             parallel_tool_calls=parallel_tool_calls, chat_template=chat_template,
-            chat_template_kwargs=chat_template_kwargs, reasoning_format=reasoning_format))
+            chat_template_kwargs=template_kwargs, reasoning_format=reasoning_format))
 
     def infill(self, prefix: str | list[str | int], suffix: str | list[str | int],
                config: StreamConfig | int | None = None, *,
@@ -274,11 +282,14 @@ class AsyncModel:
         return await asyncio.to_thread(self.model.rerank, query, documents, **options)
 
     async def aclose(self) -> None:
-        """Stop every stream, end the engine's thread, free the engine and the model."""
+        """Stop every stream, end the engine's thread and free the engine; then close the model if it is
+        this AsyncModel's own (:meth:`load` loaded it). A Model passed to ``AsyncModel(model)`` stays open:
+        it is its caller's, who may still use it (with a Context, say)."""
         engine, self._engine = self._engine, None
         if engine is not None:
             await asyncio.to_thread(engine.close)
-        self.model.close()
+        if self._owns_model:
+            self.model.close()
 
     async def __aenter__(self) -> AsyncModel:
         return self

@@ -4,6 +4,7 @@ Context, AsyncModel and the server."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from .._exceptions import InvalidConfigError
@@ -25,6 +26,9 @@ def chat_prompt(model: Model, messages: list[dict[str, Any]], config: StreamConf
                 reasoning_format: str = "auto") -> tuple[str, StreamConfig]:
     """The prompt text for a chat turn and the StreamConfig to generate it with (tool calling set up
     when ``tools`` are given): one place for Context, AsyncModel and the server."""
+    if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, Mapping):
+        raise InvalidConfigError(f"chat_template_kwargs must be a dict with str keys, not "
+                                 f"{type(chat_template_kwargs).__name__}.")
     kwargs = dict(chat_template_kwargs or {})
     if not all(isinstance(key, str) for key in kwargs):
         raise InvalidConfigError("chat_template_kwargs must be a dict with str keys.")

@@ -18,7 +18,7 @@ from .._exceptions import (
     detached,
 )
 from ..native._owned import Owned
-from . import _state
+from . import _arguments, _state
 from ._abort import PromptAbort
 from ._batch import TokenBatch
 from ._chat_turn import chat_turn, turn_tokens
@@ -132,7 +132,7 @@ class Context(Owned):
         """Write the KV cache and its tokens to ``path`` (atomically: a temporary file renamed over
         it), with the model's fingerprint; ``load_state`` on a Context of the same model takes it
         back. Returns the bytes written."""
-        return _state.write_atomically(path, self.state_bytes())
+        return _state.write_atomically(_arguments.check_path("path", path), self.state_bytes())
 
     def state_bytes(self) -> bytes:
         """The KV cache and its tokens as bytes, in ``save_state``'s format."""
@@ -197,9 +197,9 @@ class Context(Owned):
     # --- decoding ---------------------------------------------------------------
     def decode(self, tokens: list[int]) -> None:
         """Append ``tokens`` to the cache (logits of the last one are kept for sampling)."""
-        self.model._check_tokens(list(tokens))
+        tokens = self.model._check_tokens(tokens)
         with self._compute.busy(), self._use():
-            self._decode(list(tokens))
+            self._decode(tokens)
 
     def _decode(self, tokens: list[int], deadline: float | None = None, breaks: tuple[int, ...] = ()) -> None:
         """Decode ``tokens`` after the cached ones, in batches of at most n_batch that also end at the
@@ -435,10 +435,11 @@ class Context(Owned):
         ``reasoning_format="none"`` leaves it in the text. Images and audio parts (``image_url``,
         ``input_audio``) need a model loaded with a projector (``Model.load(..., mmproj=...)``).
         """
-        config = resolve_config(config, max_tokens, options)
+        config, template_kwargs = resolve_config(config, max_tokens, options), _arguments.check_kwargs(
+            "chat_template_kwargs", chat_template_kwargs)
         prompt, config = chat_turn(self.model, messages, config, tools=tools, tool_choice=tool_choice,
                                    parallel_tool_calls=parallel_tool_calls, chat_template=chat_template,
-                                   chat_template_kwargs=chat_template_kwargs, reasoning_format=reasoning_format)
+                                   chat_template_kwargs=template_kwargs, reasoning_format=reasoning_format)
         return self._stream(*turn_tokens(self.model, prompt), config=config)
 
     def infill(self, prefix: str | list[str | int], suffix: str | list[str | int],

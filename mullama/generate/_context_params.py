@@ -106,23 +106,23 @@ def trim_cache(lib: Any, memory: Any, seq_id: int, cached: list[int], keep: int,
     return keep
 
 
-def check_count(name: str, value: Any, high: int, *, allow_none: bool = True) -> None:
-    """``value`` must be an integer from 1 to ``high`` (or None when allowed)."""
+def check_count(name: str, value: Any, high: int, *, allow_none: bool = True, low: int = 1) -> None:
+    """``value`` must be an integer from ``low`` to ``high`` (or None when allowed)."""
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
-        raise InvalidConfigError(f"{name} must be an integer from 1 to {high}, not {value!r}.")
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidConfigError(f"{name} must be an integer from {low} to {high}, not {value!r}.")
 
 
 def check_n_ctx(value: Any, option: str = "n_ctx") -> None:
     """The one rule for a context size asked for (tokens per sequence; None: the default), with one
     message: ``Context(n_ctx=...)``, ``AsyncModel``/``Engine`` and the commands' ``-c/--ctx-size``
     (``option`` names it) all refuse, with InvalidConfigError, what llama.cpp would change: less than
-    MIN_CTX."""
-    check_count(option, value, MAX_UINT32)
-    if value is not None and value < MIN_CTX:
+    MIN_CTX (0 and negative numbers included: the message gives the real minimum, not 1)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value < MIN_CTX:
         raise InvalidConfigError(f"{option} must be at least {MIN_CTX} tokens, not {value}: llama.cpp makes no "
                                  f"smaller context (it rounds a context up to a multiple of {MIN_CTX}).")
+    check_count(option, value, MAX_UINT32, low=MIN_CTX)
 
 
 @dataclass(frozen=True)

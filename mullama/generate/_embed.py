@@ -36,7 +36,13 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-from .._exceptions import ContextOverflowError, InvalidConfigError, MullamaError, decode_error
+from .._exceptions import (
+    ContextOverflowError,
+    InvalidConfigError,
+    RequestCancelledError,
+    StreamingError,
+    decode_error,
+)
 from ..native._owned import Owned
 from ._batch import TokenBatch
 from ._context_params import ContextSettings, adopt_context, check_count, create_context
@@ -95,8 +101,7 @@ class _Job:
     def wanted(self) -> bool:
         """Whether its texts are still to be decoded: no error, and not cancelled (which becomes its error)."""
         if self.error is None and self.cancel is not None and self.cancel.is_set():
-            self.error = MullamaError("the embedding was cancelled: its caller stopped waiting for it.",
-                                      code="CANCELLED")
+            self.error = RequestCancelledError("the embedding was cancelled: its caller stopped waiting for it.")
         return self.error is None
 
 
@@ -148,7 +153,7 @@ class Embedder(Owned):
         """Raw float32 vectors of each text (token lists checked by the caller): one per text, or
         one per token with pooling "none". Decodes this caller's texts together with those of
         every caller waiting meanwhile. Once ``cancel`` is set, its texts are left out of the
-        decodes still to come and a MullamaError with code CANCELLED is raised."""
+        decodes still to come and a RequestCancelledError (CANCELLED) is raised."""
         job = _Job(texts, cancel)
         with self._pending_lock:
             self._pending.append(job)
@@ -209,7 +214,8 @@ class Embedder(Owned):
             else:
                 pooled = lib.llama_get_embeddings_seq(ptr, seq_id)
                 if pooled == ffi.NULL:
-                    job.error = MullamaError(f"llama.cpp returned no embedding for text {index}.")
+                    job.error = StreamingError(f"llama.cpp returned no embedding for text {index}; enable logging for "
+                                               "'mullama.llama_cpp' to see why.")
                     continue
                 vectors = [ffi.buffer(pooled, size)[:]]
             row += n_tokens

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from .._exceptions import ClosedError, InvalidConfigError, ModelLoadError
+from .._exceptions import ClosedError, InvalidConfigError, LoraLoadError
 from ..native import _library
 from ..native._owned import freed_count, owned_count
 
@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 __all__ = ["LoraAdapter", "LoraSet", "LoraSpec", "apply_lora", "batch_lora", "free_adapters", "load_adapter",
            "lora_set"]
 
-LORA_LOAD_ERROR = "LORA_LOAD_ERROR"
 GGUF_MAGIC = b"GGUF"
 
 # {path | adapter | id: scale}, or [(path | adapter | id, scale) | path | adapter, ...] (a bare one: scale 1.0)
@@ -92,7 +91,7 @@ def _check_scale(scale: Any, what: str) -> float:
 
 def load_adapter(model: Model, path: str | os.PathLike[str], scale: float = 1.0) -> LoraAdapter:
     """Load ``path`` for ``model`` (once: a path loaded before gives the same adapter, its scale kept).
-    Raises ModelLoadError (code ``LORA_LOAD_ERROR``) with llama.cpp's reason for a missing, corrupt or
+    Raises LoraLoadError (LORA_LOAD_ERROR, a ModelLoadError) with llama.cpp's reason for a missing, corrupt or
     mismatched adapter file, InvalidConfigError for a bad scale."""
     scale = _check_scale(scale, os.fspath(path))
     resolved = Path(os.fspath(path)).expanduser()
@@ -101,11 +100,11 @@ def load_adapter(model: Model, path: str | os.PathLike[str], scale: float = 1.0)
         with open(resolved, "rb") as handle:
             magic = handle.read(4)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read the LoRA adapter {os.fspath(path)!r}: "
-                             f"{getattr(exc, 'strerror', None) or exc}.", code=LORA_LOAD_ERROR) from None
+        raise LoraLoadError(f"cannot read the LoRA adapter {os.fspath(path)!r}: "
+                             f"{getattr(exc, 'strerror', None) or exc}.") from None
     if magic != GGUF_MAGIC:
-        raise ModelLoadError(f"{resolved} is not a GGUF file: a LoRA adapter is a GGUF written by llama.cpp's "
-                             "convert_lora_to_gguf.py.", code=LORA_LOAD_ERROR)
+        raise LoraLoadError(f"{resolved} is not a GGUF file: a LoRA adapter is a GGUF written by llama.cpp's "
+                             "convert_lora_to_gguf.py.")
     with model._lock:
         model.ensure_open()
         for adapter in model.lora:
@@ -118,9 +117,9 @@ def load_adapter(model: Model, path: str | os.PathLike[str], scale: float = 1.0)
         if ptr == ffi.NULL:
             reason = next((line.split(": ", 1)[-1] for line in reversed(said.log) if "lora" in line.lower()),
                           "see the 'mullama.llama_cpp' log")
-            raise ModelLoadError(f"llama.cpp could not load the LoRA adapter {resolved} for {model.path.name}: "
+            raise LoraLoadError(f"llama.cpp could not load the LoRA adapter {resolved} for {model.path.name}: "
                                  f"{reason}. The adapter must be made for this model (same architecture "
-                                 "and tensor shapes).", code=LORA_LOAD_ERROR)
+                                 "and tensor shapes).")
         adapter = LoraAdapter(model, ptr, resolved, len(model.lora), scale)
         model.lora.append(adapter)
         return adapter

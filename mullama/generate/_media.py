@@ -29,7 +29,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._exceptions import ContextOverflowError, InvalidConfigError, MediaError, ModelLoadError
+from .._exceptions import (
+    ContextOverflowError,
+    InvalidConfigError,
+    MediaError,
+    MediaNotSupportedError,
+    MediaTooLargeError,
+    ModelLoadError,
+    RemoteMediaRefusedError,
+)
 from ..chat._media_parts import MediaSource
 from ..native import _library
 from ..native._owned import Owned
@@ -67,7 +75,7 @@ REMOTE_TIMEOUT = 30.0  # seconds for one remote media download
 
 def media_bytes(source: MediaSource, limits: MediaLimits = DEFAULT_LIMITS) -> bytes:
     """The encoded bytes of ``source``: a ``data:`` URI (base64), a file path or ``file://`` URL, bare
-    base64 text, or an http(s) URL when ``limits.allow_remote`` (else MediaError REMOTE_MEDIA_REFUSED)."""
+    base64 text, or an http(s) URL when ``limits.allow_remote`` (else RemoteMediaRefusedError)."""
     url = source.url
     if url.startswith(("http://", "https://")):
         return _fetch(url, limits)
@@ -85,9 +93,8 @@ def media_bytes(source: MediaSource, limits: MediaLimits = DEFAULT_LIMITS) -> by
 
 def _fetch(url: str, limits: MediaLimits) -> bytes:
     if not limits.allow_remote:
-        raise MediaError(f"remote media URLs are not fetched ({url[:80]}); send the bytes as a data: URI "
-                         "(a server fetches them only when started with --allow-remote-media).",
-                         code="REMOTE_MEDIA_REFUSED")
+        raise RemoteMediaRefusedError(f"remote media URLs are not fetched ({url[:80]}); send the bytes as a data: "
+                                      "URI (a server fetches them only when started with --allow-remote-media).")
     import urllib.error
     import urllib.request
 
@@ -97,8 +104,7 @@ def _fetch(url: str, limits: MediaLimits) -> bytes:
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise MediaError(f"cannot fetch the media at {url[:80]}: {getattr(exc, 'reason', exc)}.") from None
     if len(data) > limits.max_bytes:
-        raise MediaError(f"the media at {url[:80]} is larger than the limit of {limits.max_bytes} bytes.",
-                         code="MEDIA_TOO_LARGE")
+        raise MediaTooLargeError(f"the media at {url[:80]} is larger than the limit of {limits.max_bytes} bytes.")
     if not data:
         raise MediaError(f"the media at {url[:80]} is empty.")
     return data
@@ -106,7 +112,7 @@ def _fetch(url: str, limits: MediaLimits) -> bytes:
 
 def _decode_base64(payload: str, limits: MediaLimits) -> bytes:
     if len(payload) * 3 // 4 > limits.max_bytes:
-        raise MediaError(f"the media is larger than the limit of {limits.max_bytes} bytes.", code="MEDIA_TOO_LARGE")
+        raise MediaTooLargeError(f"the media is larger than the limit of {limits.max_bytes} bytes.")
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
@@ -131,8 +137,7 @@ def _read_file(name: str, limits: MediaLimits) -> bytes:
         if not path.is_file():
             raise MediaError(f"{path} is not a file; give an image or audio file, or a data: URI.")
         if size > limits.max_bytes:
-            raise MediaError(f"{path} has {size} bytes, more than the limit of {limits.max_bytes}.",
-                             code="MEDIA_TOO_LARGE")
+            raise MediaTooLargeError(f"{path} has {size} bytes, more than the limit of {limits.max_bytes}.")
         data = path.read_bytes()
     except OSError as exc:
         raise MediaError(f"cannot read the media file {name[:200]}: {exc.strerror or exc}.") from None
@@ -179,15 +184,14 @@ class Projector(Owned):
                  limits: MediaLimits = DEFAULT_LIMITS) -> MediaPrompt:
         """The chunks of ``prompt`` (which holds one marker per source) with the media read and checked."""
         if len(sources) > limits.max_items:
-            raise MediaError(f"{len(sources)} media in one request, more than the limit of {limits.max_items}.",
-                             code="MEDIA_TOO_LARGE")
+            raise MediaTooLargeError(f"{len(sources)} media in one request, more than the limit of "
+                                     f"{limits.max_items}.")
         ffi, lib = self._mtmd.ffi, self._mtmd.lib
         bitmaps = []
         for number, source in enumerate(sources):
             wanted = self.supports_vision if source.kind == "image" else self.supports_audio
             if not wanted:
-                raise MediaError(f"this model's projector does not take {source.kind} input.",
-                                 code="MEDIA_NOT_SUPPORTED")
+                raise MediaNotSupportedError(f"this model's projector does not take {source.kind} input.")
             data = media_bytes(source, limits)
             check_media_header(data, source.kind, limits, number)
             wrapper = lib.mtmd_helper_bitmap_init_from_buf(self.ptr, data, len(data), False, self._options)
@@ -306,11 +310,11 @@ class MediaPrompt:
 
 
 def check_projector_model(model: Model) -> Projector:
-    """The model's projector, or MediaError MEDIA_NOT_SUPPORTED when it was loaded without one."""
+    """The model's projector, or MediaNotSupportedError when it was loaded without one."""
     projector = getattr(model, "projector", None)
     if projector is None:
-        raise MediaError("this model takes text only: load it with a projector, Model.load(path, mmproj=...), "
-                         "to send images or audio.", code="MEDIA_NOT_SUPPORTED")
+        raise MediaNotSupportedError("this model takes text only: load it with a projector, "
+                                     "Model.load(path, mmproj=...), to send images or audio.")
     if not isinstance(projector, Projector):
         raise InvalidConfigError("model.projector is not a mullama projector.")
     return projector

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .._exceptions import MediaError
+from .._exceptions import MediaError, MediaTooLargeError
 
 if TYPE_CHECKING:
     from ._media import MediaLimits
@@ -21,13 +21,13 @@ def check_media_header(data: bytes, kind: str, limits: MediaLimits, number: int)
     if kind == "audio":
         seconds = audio_seconds(data, number)
         if seconds is not None and seconds > limits.max_audio_seconds:
-            raise MediaError(f"audio {number} lasts {seconds:.0f} s, more than the limit of "
-                             f"{limits.max_audio_seconds:.0f} s; send a shorter clip.", code="MEDIA_TOO_LARGE")
+            raise MediaTooLargeError(f"audio {number} lasts {seconds:.0f} s, more than the limit of "
+                                     f"{limits.max_audio_seconds:.0f} s; send a shorter clip.")
         return
     size = image_size(data)
     if size is not None and size[0] * size[1] > limits.max_pixels:
-        raise MediaError(f"image {number} is {size[0]}x{size[1]} pixels, more than the limit of {limits.max_pixels}.",
-                         code="MEDIA_TOO_LARGE")
+        raise MediaTooLargeError(f"image {number} is {size[0]}x{size[1]} pixels, more than the limit of "
+                                 f"{limits.max_pixels}.")
     if (data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-1024:]) or (
             data[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in data[-64:]):
         raise MediaError(f"image {number} is truncated (its JPEG or PNG end marker is missing); send the whole file.")

@@ -15,6 +15,7 @@ from ..native import _library, _rpc_relay
 from ..native._devices import DeviceOptions
 from ..native._heap import give_back_memory
 from ..native._owned import Owned
+from ._arguments import check_token_id, check_token_ids
 
 if TYPE_CHECKING:
     from ._embed import Embedder
@@ -140,7 +141,7 @@ class Model(Owned):
 
     def load_lora(self, path: str | os.PathLike[str], scale: float = 1.0) -> LoraAdapter:
         """Load the LoRA adapter GGUF at ``path`` (once per path) with default ``scale``; it joins
-        ``model.lora``. ModelLoadError (code ``LORA_LOAD_ERROR``) when llama.cpp refuses the file."""
+        ``model.lora``. LoraLoadError (``LORA_LOAD_ERROR``, a ModelLoadError) when llama.cpp refuses the file."""
         from ._lora import load_adapter
 
         self.ensure_open()
@@ -440,8 +441,7 @@ class Model(Owned):
     def detokenize(self, tokens: Iterable[int], *, remove_special: bool = False,
                    unparse_special: bool = False) -> str:
         """Token ids to text, exactly as llama.cpp joins them."""
-        tokens = list(tokens)
-        self._check_tokens(tokens)
+        tokens = self._check_tokens(tokens)
         lib, ffi = self._library.lib, self._ffi
         vocab = self._vocab_ptr()
         array = ffi.new("llama_token[]", tokens) if tokens else ffi.NULL
@@ -468,18 +468,16 @@ class Model(Owned):
         return bool(self._library.lib.llama_vocab_is_eog(self._vocab, token))
 
     def _check_token(self, token: int) -> None:
-        """ClosedError after close(); TokenizeError for an id that is not one of the vocabulary's."""
+        """ClosedError after close(); InvalidConfigError for a token id that is not an int, TokenizeError
+        for one that is not one of the vocabulary's."""
         if self._ptr is None:
             raise ClosedError(f"this {self._kind} is closed; create a new one to go on.")
-        if not isinstance(token, int) or not 0 <= token < self._n_vocab:
-            raise TokenizeError(f"token id {token!r} is out of range for this model (0..{self._n_vocab - 1}).")
+        check_token_id(token, self._n_vocab)
 
-    def _check_tokens(self, tokens: list[int]) -> None:
+    def _check_tokens(self, tokens: Iterable[int]) -> list[int]:
+        """``tokens`` as a list, each checked as ``_check_token`` checks one."""
         self.ensure_open()
-        n_vocab = self._n_vocab
-        for token in tokens:
-            if not isinstance(token, int) or not 0 <= token < n_vocab:
-                raise TokenizeError(f"token id {token!r} is out of range for this model (0..{n_vocab - 1}).")
+        return check_token_ids(tokens, self._n_vocab)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else self.description

@@ -44,6 +44,7 @@ from .._exceptions import (
     StateModelMismatchError,
     TokenizeError,
 )
+from ._arguments import check_bytes, check_path
 from ._lora import LoraSet
 from ._model import Model
 from ._positions import CachePositions
@@ -129,6 +130,7 @@ def unpack_state(data: bytes | bytearray | memoryview, model: Model, *, n_ctx: i
     """The tokens, the KV state bytes and the LoRA adapters (of ``model``) of a state file's ``data``,
     checked for ``model`` and a sequence of ``n_ctx`` cells (see the module's docstring for what each
     failure raises)."""
+    check_bytes("data", data)
     view = memoryview(data).cast("B")
     if len(view) < len(MAGIC) or view[: len(MAGIC)] != MAGIC:
         raise NotAStateFileError(f"{source} is not a mullama state (it does not start with its magic bytes); "
@@ -174,7 +176,7 @@ def unpack_state(data: bytes | bytearray | memoryview, model: Model, *, n_ctx: i
 
 def read_state_file(path: str | os.PathLike[str], *, limit: int | None = None) -> bytes:
     """A state file's bytes (``limit``: refuse a larger file, as StateCorruptError, before reading it)."""
-    path = Path(path)
+    path = check_path("path", path)
     try:
         with open(path, "rb") as file:
             size = os.fstat(file.fileno()).st_size
@@ -203,7 +205,7 @@ def _umask() -> int:
 def write_atomically(path: str | os.PathLike[str], data: bytes) -> int:
     """Write ``data`` to ``path`` through a temporary file beside it, renamed over it once complete
     and flushed to disk; nothing is left behind on failure (StateError). Returns the bytes written."""
-    path = Path(path)
+    path = check_path("path", path)
     try:
         fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:

@@ -26,7 +26,8 @@ from .._exceptions import ModelNotFoundError
 from .._paths import models_dir
 from ._catalog import HFFile, RegistryEntry, entry_for, hf_prefix, parse_hf, pick_gguf
 
-__all__ = ["CachedModel", "CachedProjector", "cached", "list_models", "model_path", "projector_of", "remove"]
+__all__ = ["CachedModel", "CachedProjector", "cache_name", "cached", "list_models", "model_path", "projector_of",
+           "remove"]
 
 INDEX_FILE = "index.json"
 
@@ -45,25 +46,32 @@ def model_path(entry: RegistryEntry) -> Path:
 
 
 def cached(name: str) -> Path | None:
-    """The cached file of a model name, or None when it has not been pulled (never downloads). A
-    Hugging Face name without its file (``hf:owner/repo``) finds a file pulled from that repository:
-    the quantisation ``choose_gguf`` prefers among those pulled."""
-    try:
-        if name.startswith("hf:"):
-            return _cached_hf(name)
-        entry = entry_for(name)
-    except ModelNotFoundError:
+    """The cached file of a model name, or None when it has not been pulled (never downloads)."""
+    key = cache_name(name)
+    if key is None:
         return None
-    path = model_path(entry)
+    if key.startswith("hf:"):
+        return next((m.path for m in list_models() if m.name == key), None)
+    path = model_path(entry_for(key))
     return path if path.is_file() else None
 
 
-def _cached_hf(name: str) -> Path | None:
-    repo, revision, filename = parse_hf(name)
+def cache_name(name: str) -> str | None:
+    """The name the cache knows a model by, for a name as every command takes it: a name with or
+    without its tag (``all-minilm`` is ``all-minilm:l6-v2``), in any case; a Hugging Face name, where
+    one without its file (``hf:owner/repo``) means a file pulled from that repository: the
+    quantisation ``choose_gguf`` prefers among those pulled. None for a name that means no model
+    (never asks the network). The one resolution of ``cached``, ``remove`` and so ``show`` and ``rm``."""
+    try:
+        if not name.startswith("hf:"):
+            return entry_for(name).name
+        repo, revision, filename = parse_hf(name)
+    except ModelNotFoundError:
+        return None
     prefix = hf_prefix(repo, revision)
-    pulled = {m.name[len(prefix):]: m.path for m in list_models() if m.name.startswith(prefix)}
-    chosen = filename if filename is not None else pick_gguf(pulled)[0]
-    return pulled.get(chosen) if chosen is not None else None
+    if filename is None:
+        filename = pick_gguf(m.name[len(prefix):] for m in list_models() if m.name.startswith(prefix))[0]
+    return None if filename is None else prefix + filename
 
 
 @dataclass(frozen=True)
@@ -149,10 +157,11 @@ def projector_of(path: Path) -> CachedProjector | None:
 
 
 def remove(name: str) -> Path:
-    """Delete a cached model, its projector and their partial downloads; returns the directory removed."""
+    """Delete a cached model, its projector and their partial downloads; returns the directory removed.
+    ``name`` is resolved as ``cached`` resolves it (``cache_name``), or is a name the index holds."""
     index = _read_index()
-    key = name if name in index else name.lower()
-    if key not in index:
+    key = name if name in index else cache_name(name)
+    if key is None or key not in index:
         cached = ", ".join(sorted(index)) or "none"
         raise ModelNotFoundError(f"{name!r} is not in the cache (cached: {cached}).")
     directory = Path(index[key]["path"]).parent
