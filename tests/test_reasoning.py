@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import httpx
+import ollama
 import pytest
 import upstream
 from inprocess_server import serving
@@ -93,3 +94,21 @@ def test_the_server_sends_reasoning_content_streamed_and_not(build, model_path):
         assert "".join(thought) == message["reasoning_content"] and "".join(content) == ""
         bad = httpx.post(f"{server.url}/v1/chat/completions", json={**body, "reasoning_format": "x"}, timeout=60)
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "reasoning_format"
+
+
+def test_ollama_think_needs_a_model_that_thinks(build, model_path, served):
+    """ollama's ``think: true`` (or a level) on a model whose template has no thought is ollama's 400;
+    ``think: false`` is accepted; a thinking template takes ``think: true``."""
+    plain = ollama.Client(host=served.url)
+    for think in (True, "low"):
+        with pytest.raises(ollama.ResponseError) as refused:
+            plain.chat(model="smollm2:135m", messages=QUESTION, think=think, options={"num_predict": 4})
+        assert refused.value.status_code == 400 and refused.value.error == '"smollm2:135m" does not support thinking'
+    with pytest.raises(ollama.ResponseError, match="does not support thinking"):
+        plain.generate(model="smollm2:135m", prompt="Why?", think=True, options={"num_predict": 4})
+    assert plain.chat(model="smollm2:135m", messages=QUESTION, think=False, options={"num_predict": 4}).done
+    with mullama.Model.load(model_path, chat_template=template_path(build, TEMPLATES[0])) as model, \
+            serving(model, settings=ServerSettings(model_name="r1-template"), parallel=1, n_ctx=2048) as (server, _):
+        answer = ollama.Client(host=server.url).chat(model="r1-template", messages=QUESTION, think=True,
+                                                     options={"num_predict": 4})
+        assert answer.done and answer.eval_count == 4

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from .._text import held_suffix
 
-__all__ = ["Reasoning", "ReasoningParser", "reasoning_for"]
+__all__ = ["Reasoning", "ReasoningParser", "reasoning_for", "thinks"]
 
 THINK_START, THINK_END = "<think>", "</think>"
 
@@ -27,9 +27,15 @@ class Reasoning:
     begun: str = ""
 
 
+def thinks(template: str | None) -> bool:
+    """Whether a model with this chat template can think: the template writes a ``<think>`` thought
+    (None, no template, cannot). What ollama's ``think: true`` asks of a model."""
+    return template is not None and THINK_START in template
+
+
 def reasoning_for(template: str, prompt: str, reasoning_format: str) -> Reasoning | None:
     """The Reasoning of a chat turn: None when the template knows no thinking or the format is "none"."""
-    if reasoning_format == "none" or THINK_START not in template:
+    if reasoning_format == "none" or not thinks(template):
         return None
     if not prompt.rstrip().endswith(THINK_START):
         return Reasoning(opened=False)

@@ -23,7 +23,7 @@ SPECULATIVE = (None, "ngram", "ngram-simple", "draft")  # StreamConfig.speculati
 
 
 def _fail(name: str, value: Any, expected: str) -> None:
-    raise InvalidConfigError(f"StreamConfig.{name} must be {expected}, not {value!r}.")
+    raise InvalidConfigError(f"StreamConfig.{name} must be {expected}, not {value!r}.", field=name)
 
 
 def _check_int(name: str, value: Any, low: int, high: int | None = None, *, optional: bool = False) -> None:

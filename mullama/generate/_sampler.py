@@ -129,7 +129,7 @@ class SamplerChain(Owned):
         for token in user:
             if token >= n_vocab:
                 raise InvalidConfigError(f"StreamConfig.logit_bias names token {token}, but the vocabulary has "
-                                         f"{n_vocab} tokens (0..{n_vocab - 1}).")
+                                         f"{n_vocab} tokens (0..{n_vocab - 1}).", field="logit_bias")
         count = ffi.new("int32_t *")
         suppressed = lib.llama_vocab_get_suppress_tokens(model._vocab_ptr(), count)
         merged = [(token, float(bias)) for token, bias in user.items()]

@@ -133,10 +133,10 @@ class Sequence:
                  draft_token_cost: float = FLASH_DRAFT_TOKEN_COST) -> None:
         if config.top_k > model.vocab_size:
             raise InvalidConfigError(f"StreamConfig.top_k must be at most the vocabulary size "
-                                     f"({model.vocab_size}), not {config.top_k}.")
+                                     f"({model.vocab_size}), not {config.top_k}.", field="top_k")
         if config.repeat_last_n > n_ctx:
             raise InvalidConfigError(f"StreamConfig.repeat_last_n must be at most the context size ({n_ctx}), "
-                                     f"not {config.repeat_last_n}.")
+                                     f"not {config.repeat_last_n}.", field="repeat_last_n")
         self.prompt_tokens = prompt_tokens
         self.media = media  # a prompt with images or audio: evaluated by it (_media.py), not decoded as tokens
         self.config = config

@@ -22,14 +22,14 @@ from ..generate._config import StreamConfig
 from ..generate._engine import EngineRequest
 from ._generation import count_prompt_tokens, start
 from ._http import SSE, WireFormat, drain, endpoint, read_json, requested_model, state, stream_or_collect
-from ._request import APIError, ParsedRequest, bad
+from ._request import APIError, ParsedRequest, bad, boolean, capped_max_tokens, config_error, json_schema_constraint
 from ._tool_calls import CallStart, ToolCallProgress
 
 __all__ = ["ANTHROPIC", "count_tokens", "error_body", "error_event", "event", "message_body", "messages",
            "parse_request", "stop_reason", "to_count_request"]
 
 FIELDS = {"model", "messages", "system", "max_tokens", "stop_sequences", "temperature", "top_p", "top_k", "stream",
-          "tools", "tool_choice",
+          "tools", "tool_choice", "output_config",
           # accepted and ignored (what the SDK may send that has no meaning for a local model)
           "metadata", "service_tier", "thinking", "cache_control", "container", "diagnostics", "inference_geo",
           "speed", "user_profile_id", "workspace_id"}
@@ -154,6 +154,28 @@ def _check_thinking(thinking: Any, max_tokens: int) -> None:
         raise bad("`max_tokens` must be greater than `thinking.budget_tokens`.")
 
 
+EFFORTS = ("low", "medium", "high", "xhigh", "max")
+
+
+def _output_config(value: Any) -> dict[str, Any]:
+    """``output_config`` as StreamConfig fields: a ``json_schema`` format constrains the answer to the
+    schema (through the same rule as every route's json_schema), which comes back as one text block of
+    JSON (what the SDK's ``messages.parse`` reads); ``effort`` is checked and has no effect: a local
+    model's effort is its ``max_tokens`` and its chat template."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or set(value) - {"effort", "format"}:
+        raise bad("output_config: an object with 'format' and/or 'effort' is required.")
+    if value.get("effort") not in (None, *EFFORTS):
+        raise bad("output_config.effort: must be one of " + ", ".join(map(repr, EFFORTS)) + ".")
+    fmt = value.get("format")
+    if fmt is None:
+        return {}
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
+        raise bad("output_config.format: must be {\"type\": \"json_schema\", \"schema\": {...}}.")
+    return json_schema_constraint(fmt["schema"], "output_config.format.schema")
+
+
 def _tools(body: dict) -> tuple[list[dict] | None, Any, bool]:
     """Anthropic tools and tool_choice as OpenAI's (tools, tool_choice, parallel_tool_calls)."""
     tools = body.get("tools")
@@ -188,17 +210,16 @@ def parse_request(body: Any, *, max_tokens_limit: int) -> ParsedRequest:
     if unknown:
         raise bad(f"{unknown[0]}: Extra inputs are not permitted")
     max_tokens = body.get("max_tokens")
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= max_tokens_limit:
-        raise bad(f"max_tokens: an integer from 1 to {max_tokens_limit} is required.")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise bad("max_tokens: an integer of at least 1 is required.")
     _check_thinking(body.get("thinking"), max_tokens)
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise bad("stream must be true or false.")
+    stream = boolean(body, "stream", False)
     stops = body.get("stop_sequences") or []
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 16:
         raise bad("stop_sequences must be a list of at most 16 non-empty strings.")
-    fields: dict[str, Any] = {"max_tokens": max_tokens, "stop_sequences": stops, "timeout_ms": None,
-                              "temperature": 1.0}  # Anthropic's default temperature
+    fields: dict[str, Any] = {"max_tokens": capped_max_tokens(max_tokens, max_tokens_limit), "stop_sequences": stops,
+                              "timeout_ms": None, "temperature": 1.0,  # Anthropic's default temperature
+                              **_output_config(body.get("output_config"))}
     for name, low, high in (("temperature", 0.0, 1.0), ("top_p", 0.0, 1.0)):
         value = body.get(name)
         if value is not None:
@@ -213,7 +234,7 @@ def parse_request(body: Any, *, max_tokens_limit: int) -> ParsedRequest:
     try:
         config = StreamConfig(**fields)
     except InvalidConfigError as exc:
-        raise bad(str(exc)) from None
+        raise config_error(exc) from None
     tools, tool_choice, parallel = _tools(body)
     return ParsedRequest("chat", config, stream, False, messages=_messages(body), tools=tools,
                          tool_choice=tool_choice, parallel_tool_calls=parallel, model=requested_model(body))

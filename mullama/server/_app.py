@@ -133,6 +133,7 @@ ROUTES = [
     Route("/v1/completions", _openai.completions, methods=["POST"]),
     Route("/v1/embeddings", _embeddings.embeddings, methods=["POST"]),
     Route("/v1/models", _openai.list_models, methods=["GET"]),
+    Route("/v1/models/{model:path}", _openai.retrieve_model, methods=["GET"]),
     Route("/v1/responses", _responses.responses, methods=["POST"]),
     Route("/v1/responses/input_tokens", _responses.input_tokens, methods=["POST"]),
     Route("/v1/messages", _anthropic.messages, methods=["POST"]),

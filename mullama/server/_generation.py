@@ -3,6 +3,9 @@ model, then queue one sequence per choice on its engine. Every wire format gener
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
+
 from starlette.requests import Request
 
 from .._exceptions import (
@@ -14,6 +17,7 @@ from .._exceptions import (
     TemplateError,
     TokenizeError,
 )
+from ..chat._reasoning import thinks
 from ..generate._chat_turn import chat_turn, turn_tokens
 from ..generate._config import StreamConfig
 from ..generate._engine import EngineRequest
@@ -21,7 +25,7 @@ from ..generate._media import MediaPrompt
 from ._http import ServerSettings, state, submit_in_all
 from ._keep_alive import UNSET
 from ._pool import Lease, Served
-from ._request import APIError, ParsedRequest
+from ._request import APIError, ParsedRequest, config_error
 from ._workers import ADMIN
 
 __all__ = ["count_prompt_tokens", "prepare", "prompt_tokens", "start"]
@@ -34,6 +38,9 @@ def prompt_tokens(served: Served, parsed: ParsedRequest,
     model = served.model
     assert model is not None  # the caller holds a lease
     param = "messages" if parsed.kind == "chat" else "prompt"
+    if parsed.think and not thinks(model.chat_template):  # ollama's words for it
+        raise APIError(400, f"{json.dumps(parsed.model or served.spec.name)} does not support thinking",
+                       param="think")
     try:
         config = parsed.config
         if parsed.messages is not None and model.chat_template is None:
@@ -56,6 +63,8 @@ def prompt_tokens(served: Served, parsed: ParsedRequest,
     except MediaError as exc:  # an image or clip that cannot be used: the client's to fix
         raise APIError(413 if exc.code == "MEDIA_TOO_LARGE" else 400, str(exc), param=param, code=exc.code) from None
     except (TemplateError, TokenizeError, InvalidConfigError) as exc:
+        if isinstance(exc, InvalidConfigError) and exc.field is not None:  # a setting the request gave
+            raise config_error(exc, parsed.field_names) from None
         tools_problem = parsed.tools and ("tool" in str(exc) or "grammar" in str(exc))
         raise APIError(400, str(exc), param="tools" if tools_problem else param) from None
 
@@ -92,7 +101,7 @@ def prepare(served: Served, parsed: ParsedRequest, settings: ServerSettings) -> 
     jobs: list[EngineRequest] = []
     try:
         for choice_config in parsed.choice_configs(config):
-            jobs.append(_submit(served, tokens, choice_config, media, parsed.id_slot))
+            jobs.append(_submit(served, tokens, choice_config, media, parsed.id_slot, parsed.field_names))
     except BaseException:
         for job in jobs:
             job.cancel()
@@ -101,7 +110,9 @@ def prepare(served: Served, parsed: ParsedRequest, settings: ServerSettings) -> 
 
 
 def _submit(served: Served, tokens: list[int], config: StreamConfig, media: MediaPrompt | None = None,
-            id_slot: int | None = None) -> EngineRequest:
+            id_slot: int | None = None, field_names: Mapping[str, str] | None = None) -> EngineRequest:
+    """Queue one sequence; a refusal is an APIError (a setting the engine refuses names the request's
+    field, ``field_names``: see config_error)."""
     assert served.engine is not None
     try:
         return served.engine.submit(tokens, config, media, slot=id_slot)
@@ -112,4 +123,4 @@ def _submit(served: Served, tokens: list[int], config: StreamConfig, media: Medi
     except EngineError as exc:
         raise APIError(503, str(exc), type="server_error", code="engine_failed") from None
     except InvalidConfigError as exc:
-        raise APIError(400, str(exc)) from None
+        raise config_error(exc, field_names) from None

@@ -30,11 +30,13 @@ from ._http import endpoint, read_object, requested_model, state, stream_or_coll
 from ._llama_server_shapes import LLAMA_SERVER
 from ._lora import parse_lora
 from ._pool import Served
-from ._request import APIError, bad, integer, number, requested_slot
+from ._request import APIError, bad, capped_max_tokens, config_error, integer, number, requested_slot
 
 __all__ = ["infill", "parse_infill"]
 
 MAX_STOPS = 16
+# StreamConfig field -> llama-server's request field that set it, as errors name it (see config_error)
+FIELD_NAMES = {"max_tokens": "n_predict", "stop_sequences": "stop"}
 
 
 @dataclass
@@ -82,7 +84,7 @@ def parse_infill(body: dict, *, max_tokens_limit: int) -> InfillRequest:
     n_predict = integer(body, "n_predict", -1)
     if n_predict is None:
         n_predict = integer(body, "max_tokens", -1)
-    max_tokens = max_tokens_limit if n_predict is None or n_predict < 0 else min(n_predict, max_tokens_limit)
+    max_tokens = capped_max_tokens(n_predict, max_tokens_limit)
     if max_tokens == 0:
         raise bad("\"n_predict\" must be at least 1 (or -1: as many as fit)", "n_predict")
     stop = body.get("stop", [])
@@ -114,7 +116,7 @@ def parse_infill(body: dict, *, max_tokens_limit: int) -> InfillRequest:
     try:
         config = StreamConfig(**fields)
     except InvalidConfigError as exc:
-        raise bad(str(exc)) from None
+        raise config_error(exc, FIELD_NAMES) from None
     return InfillRequest(prefix, suffix, list(extra), prompt, config, body.get("stream", False),
                          body.get("return_tokens", False), requested_model(body), requested_slot(body))
 
@@ -158,7 +160,7 @@ def _prepare(served: Served, parsed: InfillRequest) -> tuple[str, EngineRequest]
                                n_ctx=engine.n_ctx_per_slot, n_batch=engine.n_batch)
     except (InvalidConfigError, TokenizeError) as exc:  # a token id out of range, text that is not Unicode
         raise APIError(400, str(exc)) from None
-    job = _submit(served, tokens, parsed.config, id_slot=parsed.id_slot)
+    job = _submit(served, tokens, parsed.config, id_slot=parsed.id_slot, field_names=FIELD_NAMES)
     return model.detokenize(tokens, unparse_special=True), job
 
 

@@ -38,7 +38,7 @@ from ._http import (
 )
 from ._keep_alive import parse_keep_alive
 from ._ollama_details import capabilities, describe, listing, model_projector, running
-from ._request import APIError, ParsedRequest, bad, integer
+from ._request import APIError, ParsedRequest, bad, boolean, capped_max_tokens, config_error, integer
 from ._workers import ADMIN, DOWNLOADS, EMBEDDINGS
 
 __all__ = ["OLLAMA", "chat", "chat_line", "copy", "delete", "done_line", "embed", "embeddings", "error_body",
@@ -52,6 +52,10 @@ OPTIONS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "mi
            "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty", "typical_p": "typical_p",
            "mirostat": "mirostat", "mirostat_tau": "mirostat_tau", "mirostat_eta": "mirostat_eta"}
 DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9}  # ollama's own
+# StreamConfig field -> the request's field that set it, as errors name it (see config_error)
+FIELD_NAMES = {field: f"options.{option}" for option, field in OPTIONS.items()} | {
+    "max_tokens": "options.num_predict", "json_schema": "format"}
+THINK_LEVELS = ("high", "medium", "low")  # ollama's think: true, false, or one of these (thinking too)
 
 
 def error_body(exc: APIError) -> dict:
@@ -77,8 +81,8 @@ def _config(body: dict, max_tokens_limit: int) -> StreamConfig:
     predict = options.get("num_predict")
     if predict is not None and (isinstance(predict, bool) or not isinstance(predict, int)):
         raise bad("options.num_predict must be an integer (-1: as many as fit).")
-    fields["max_tokens"] = max_tokens_limit if predict is None or predict < 0 else min(max(predict, 1),
-                                                                                        max_tokens_limit)
+    fields["max_tokens"] = capped_max_tokens(None if predict is None or predict < 0 else max(predict, 1),
+                                             max_tokens_limit)
     fmt = body.get("format")
     if fmt == "json":
         fields["json_schema"] = {"type": "object"}
@@ -89,16 +93,26 @@ def _config(body: dict, max_tokens_limit: int) -> StreamConfig:
     try:
         return StreamConfig(**fields)
     except InvalidConfigError as exc:
-        raise bad(str(exc)) from None
+        raise config_error(exc, FIELD_NAMES) from None
     except TypeError as exc:
         raise bad(f"an option has the wrong type: {exc}") from None
 
 
 def _stream(body: dict) -> bool:
-    stream = body.get("stream", True)
-    if not isinstance(stream, bool):
-        raise bad("stream must be true or false.")
-    return stream
+    """ollama streams unless told ``"stream": false`` (null, as absent: streamed)."""
+    return boolean(body, "stream", True)
+
+
+def _think(body: dict) -> bool:
+    """Whether the request asks the model to think (``think``: true or a level): a model whose chat
+    template has no thought is then refused, as ollama refuses it (see prompt_tokens). ``false`` and
+    absent ask nothing."""
+    think = body.get("think")
+    if think is None or isinstance(think, bool):
+        return bool(think)
+    if think not in THINK_LEVELS:
+        raise bad(f"invalid think value: {think!r} (true, false, or one of {', '.join(THINK_LEVELS)}).", "think")
+    return True
 
 
 def _with_images(text: Any, images: Any, where: str) -> list[dict]:
@@ -138,7 +152,8 @@ def parse_chat(body: Any, *, max_tokens_limit: int) -> ParsedRequest:
     if tools is not None and not isinstance(tools, list):
         raise bad("tools must be a list.")
     return ParsedRequest("chat", _config(body, max_tokens_limit), _stream(body), False,
-                         messages=_messages(body.get("messages")), tools=tools, model=requested_model(body))
+                         messages=_messages(body.get("messages")), tools=tools, model=requested_model(body),
+                         think=_think(body), field_names=FIELD_NAMES)
 
 
 def parse_generate(body: Any, *, max_tokens_limit: int) -> ParsedRequest:
@@ -157,12 +172,13 @@ def parse_generate(body: Any, *, max_tokens_limit: int) -> ParsedRequest:
     if body.get("raw"):
         if body.get("images"):
             raise bad("images need the chat template (raw: false).")
-        return ParsedRequest("completion", config, stream, False, prompt=prompt, model=requested_model(body))
+        return ParsedRequest("completion", config, stream, False, prompt=prompt, model=requested_model(body),
+                             think=_think(body), field_names=FIELD_NAMES)
     system = body.get("system")
     messages = ([{"role": "system", "content": system}] if isinstance(system, str) and system else [])
     content = _with_images(prompt, body["images"], "images") if body.get("images") else prompt
     return ParsedRequest("chat", config, stream, False, messages=[*messages, {"role": "user", "content": content}],
-                         model=requested_model(body))
+                         model=requested_model(body), think=_think(body), field_names=FIELD_NAMES)
 
 
 def timestamp() -> str:
@@ -394,9 +410,7 @@ async def pull(request: Request) -> Response:
     if not name:
         raise bad("pull needs a model name, such as smollm2:135m.", "model")
     entry = await ADMIN.run(entry_for, name)  # MODEL_NOT_FOUND (404) for an unknown name
-    stream = body.get("stream", True)
-    if not isinstance(stream, bool):
-        raise bad("stream must be true or false.")
+    stream = _stream(body)
     lines = _pull_lines(entry)
     if stream:
         return StreamingResponse(lines, media_type="application/x-ndjson")

@@ -19,11 +19,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .._exceptions import InvalidConfigError, MullamaError
+from ..chat._prefill import prefill_text
 from ..generate._config import StreamConfig
 from ..generate._engine import EngineRequest
 from ..generate._sequence import Token
 from ._generation import start
-from ._http import endpoint, merged, read_json, requested_model, state, stream_or_collect
+from ._http import ServerState, endpoint, merged, read_json, requested_model, state, stream_or_collect
 from ._lora import parse_lora
 from ._openai_shapes import (
     OPENAI,
@@ -31,16 +32,29 @@ from ._openai_shapes import (
     Piece,
     chunk,
     completion_body,
+    described_tokens,
     error_event,
     logprobs_body,
     new_id,
     tool_call_delta,
     usage_chunk,
 )
-from ._request import APIError, ParsedRequest, bad, integer, number, requested_slot
+from ._request import (
+    APIError,
+    ParsedRequest,
+    bad,
+    boolean,
+    capped_max_tokens,
+    config_error,
+    integer,
+    json_schema_constraint,
+    number,
+    requested_slot,
+)
+from ._specs import ModelSpec
 from ._tool_calls import ToolCallProgress
 
-__all__ = ["LLAMA_FIELDS", "chat_completions", "completions", "list_models", "parse_request"]
+__all__ = ["LLAMA_FIELDS", "chat_completions", "completions", "list_models", "parse_request", "retrieve_model"]
 
 # llama-server's extensions to OpenAI's fields (sampling, output constraints, the prompt cache): every
 # generating route of OpenAI's format takes them, as llama-server's do.
@@ -82,18 +96,14 @@ def parse_request(body: Any, kind: str, *, max_tokens_limit: int) -> ParsedReque
                    "tool_choice")
     if tools is None and tool_choice not in ("auto", "none"):
         raise bad("'tool_choice' needs 'tools'.", "tool_choice")
-    parallel = body.get("parallel_tool_calls", True)
-    if not isinstance(parallel, bool):
-        raise bad("'parallel_tool_calls' must be true or false.", "parallel_tool_calls")
+    parallel = boolean(body, "parallel_tool_calls", True)
     reasoning_format = body.get("reasoning_format", "auto")
     if reasoning_format not in ("auto", "none", "deepseek"):
         raise bad("'reasoning_format' must be 'auto', 'deepseek' (the same) or 'none'.", "reasoning_format")
     if kind == "completion" and (body.get("echo") or body.get("suffix") or body.get("best_of") not in (None, 1)):
         raise bad("echo, suffix and best_of are not supported by this server.")
 
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise bad("'stream' must be true or false.", "stream")
+    stream = boolean(body, "stream", False)
     options = body.get("stream_options")
     include_usage = False
     if options is not None:
@@ -106,7 +116,7 @@ def parse_request(body: Any, kind: str, *, max_tokens_limit: int) -> ParsedReque
     max_tokens = integer(body, "max_completion_tokens", 1)
     if max_tokens is None:
         max_tokens = integer(body, "max_tokens", 1)
-    max_tokens = min(max_tokens or max_tokens_limit, max_tokens_limit)
+    max_tokens = capped_max_tokens(max_tokens, max_tokens_limit)
 
     stop = body.get("stop")
     if stop is None:
@@ -150,10 +160,11 @@ def parse_request(body: Any, kind: str, *, max_tokens_limit: int) -> ParsedReque
     bias = _logit_bias(body.get("logit_bias"))
     if bias:
         fields["logit_bias"] = bias
+    names = _field_names(kind)
     try:
         config = StreamConfig(**fields)
     except InvalidConfigError as exc:
-        raise bad(str(exc)) from None
+        raise config_error(exc, names) from None
 
     if kind == "chat":
         messages = body.get("messages")
@@ -162,14 +173,19 @@ def parse_request(body: Any, kind: str, *, max_tokens_limit: int) -> ParsedReque
         return ParsedRequest("chat", config, stream, include_usage, messages=messages, n=n, tools=tools,
                              tool_choice=tool_choice, parallel_tool_calls=parallel,
                              reasoning_format="none" if reasoning_format == "none" else "auto", model=model,
-                             id_slot=requested_slot(body))
+                             id_slot=requested_slot(body), field_names=names)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt:
         raise bad("'prompt' must be a non-empty string.", "prompt")
     return ParsedRequest("completion", config, stream, include_usage, prompt=prompt, n=n, model=model,
-                         id_slot=requested_slot(body))
+                         id_slot=requested_slot(body), field_names=names)
+
+
+def _field_names(kind: str) -> dict[str, str]:
+    """The request's field for each StreamConfig field whose name differs (see config_error)."""
+    return {"stop_sequences": "stop", "logprobs": "top_logprobs" if kind == "chat" else "logprobs"}
 
 
 def _requested_logprobs(body: dict, kind: str) -> int | None:
@@ -213,10 +229,7 @@ def _output_constraint(body: dict) -> dict[str, Any]:
             raise bad("'grammar' must be GBNF text with a root rule.", "grammar")
         return {"grammar": grammar}
     if schema is not None:
-        if not isinstance(schema, (dict, bool)):
-            raise bad("'json_schema' must be a JSON Schema object.", "json_schema")
-        # As llama-server: an empty schema asks for a JSON object (the converter would allow any value).
-        return {"json_schema": {"type": "object"} if schema == {} else schema}
+        return json_schema_constraint(schema, "json_schema")
     return {}
 
 
@@ -253,15 +266,30 @@ async def completions(request: Request) -> Response:
 async def list_models(request: Request) -> Response:
     """Every model this server answers for, and whether it is loaded now."""
     server = state(request)
-    pool = server.pool
-    data = []
-    for spec in pool.specs:
-        served = pool.served(spec)
-        status = "unloaded" if served is None else "loaded" if served.loaded else \
-            "unloading" if served.draining else "loading"
-        data.append({"id": spec.name, "object": "model", "created": server.created, "owned_by": "mullama",
-                     "aliases": list(spec.aliases), "loaded": status == "loaded", "status": {"value": status}})
-    return JSONResponse({"object": "list", "data": data})
+    return JSONResponse({"object": "list", "data": [_model_object(server, spec) for spec in server.pool.specs]})
+
+
+@endpoint(OPENAI)
+async def retrieve_model(request: Request) -> Response:
+    """``GET /v1/models/{model}`` (the openai client's ``models.retrieve``): the model's entry of the
+    list, for its name or one of its aliases; any other name is OpenAI's 404 ``model_not_found`` (even on
+    a one-model server, whose generating routes take any name)."""
+    server = state(request)
+    name = request.path_params["model"]
+    spec = server.pool.named_exactly(name)
+    if spec is None:
+        raise APIError(404, f"The model '{name[:200]}' does not exist; GET /v1/models lists the models served "
+                            "here.", param="model", code="model_not_found")
+    return JSONResponse(_model_object(server, spec))
+
+
+def _model_object(server: ServerState, spec: ModelSpec) -> dict:
+    """A served model as OpenAI's model object, with its aliases and whether it is loaded now."""
+    served = server.pool.served(spec)
+    status = "unloaded" if served is None else "loaded" if served.loaded else \
+        "unloading" if served.draining else "loading"
+    return {"id": spec.name, "object": "model", "created": server.created, "owned_by": "mullama",
+            "aliases": list(spec.aliases), "loaded": status == "loaded", "status": {"value": status}}
 
 
 async def _generate(request: Request, kind: str) -> Response:
@@ -273,15 +301,17 @@ async def _generate(request: Request, kind: str) -> Response:
     n_prompt = jobs[0].prompt_tokens
     assert lease.served.model is not None
     piece = lease.served.model._cached_piece
+    # A trailing assistant message is continued; as llama-server, the answer's content starts with it.
+    prefill = prefill_text(parsed.messages) if kind == "chat" else ""
 
     def answer(generated: list[list[Token]]) -> dict:  # n choices with logprobs can be megabytes
-        choices = [_choice(job, tokens, kind, piece) for job, tokens in zip(jobs, generated)]
+        choices = [_choice(job, tokens, kind, piece, prefill) for job, tokens in zip(jobs, generated)]
         return completion_body(kind, request_id, name, choices, n_prompt, sum(job.completion_tokens for job in jobs),
                                jobs[0].cached_tokens)
 
     return await stream_or_collect(
         request, OPENAI, lease, jobs, stream=parsed.stream,
-        events=lambda: _events(jobs, parsed, kind, request_id, n_prompt, name, piece, request),
+        events=lambda: _events(jobs, parsed, kind, request_id, n_prompt, name, piece, request, prefill),
         collect=lambda: asyncio.gather(*(_collect(job) for job in jobs)), answer=answer)
 
 
@@ -292,26 +322,32 @@ async def _collect(job: EngineRequest) -> list[Token]:
     return tokens
 
 
-def _choice(job: EngineRequest, tokens: list[Token], kind: str, piece: Piece) -> Choice:
+def _choice(job: EngineRequest, tokens: list[Token], kind: str, piece: Piece, prefill: str = "") -> Choice:
     calls = [call.to_openai() for call in job.tool_calls] or None
-    return Choice(job.text, job.finish_reason or "stop", logprobs_body(kind, tokens, piece), calls,
-                  job.reasoning or None)
+    return Choice(prefill + job.text, job.finish_reason or "stop", logprobs_body(kind, described_tokens(tokens), piece),
+                  calls, job.reasoning or None)
 
 
 async def _events(jobs: list[EngineRequest], parsed: ParsedRequest, kind: str, request_id: str, n_prompt: int,
-                  model_name: str, piece: Piece, request: Request) -> AsyncGenerator[str, None]:
+                  model_name: str, piece: Piece, request: Request, prefill: str = "") -> AsyncGenerator[str, None]:
     """The SSE body of a streamed answer: the role, then text, thought and tool-call deltas per choice as
-    they come, each choice's finish_reason, usage when asked for, and ``[DONE]``."""
+    they come, each choice's finish_reason, usage when asked for, and ``[DONE]``. With usage asked for,
+    every chunk before the usage chunk says ``"usage": null``, as OpenAI's spec has it."""
     stamp = int(time.time())
 
     def event(payload: dict) -> str:
+        if parsed.include_usage:
+            payload.setdefault("usage", None)
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
     try:
         if kind == "chat":
             for index in range(len(jobs)):
                 yield event(chunk(kind, request_id, model_name, stamp, role=True, index=index))
+                if prefill:  # the continued assistant message first, as llama-server's first delta has it
+                    yield event(chunk(kind, request_id, model_name, stamp, text=prefill, index=index))
         pending: list[list[Token]] = [[] for _ in jobs]  # tokens whose text is not out yet, per choice
+        described = [0] * len(jobs)  # characters of each choice's tokens described so far (text_offset)
         calls = [ToolCallProgress() for _ in jobs]
         async for index, token in merged(jobs):
             if isinstance(token, MullamaError):
@@ -331,7 +367,9 @@ async def _events(jobs: list[EngineRequest], parsed: ParsedRequest, kind: str, r
                 continue
             pending[index].append(token)
             if token.text:
-                logprobs = logprobs_body(kind, pending[index], piece)
+                logprobs = logprobs_body(kind, pending[index], piece, described[index])
+                if logprobs is not None and kind != "chat":  # the next piece's tokens start after these
+                    described[index] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
                 yield event(chunk(kind, request_id, model_name, stamp, text=token.text, logprobs=logprobs,
                                   index=index))
                 pending[index] = []

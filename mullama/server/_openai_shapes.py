@@ -16,8 +16,8 @@ from ._http import SSE, WireFormat
 from ._request import APIError
 from ._tool_calls import CallArguments, CallStart
 
-__all__ = ["OPENAI", "Choice", "Piece", "chunk", "completion_body", "error_body", "error_event", "logprobs_body",
-           "new_id", "tool_call_delta", "usage", "usage_chunk"]
+__all__ = ["OPENAI", "Choice", "Piece", "chunk", "completion_body", "described_tokens", "error_body", "error_event",
+           "logprobs_body", "new_id", "tool_call_delta", "usage", "usage_chunk"]
 
 
 def error_body(exc: APIError) -> dict:
@@ -45,9 +45,20 @@ def tool_call_delta(event: CallStart | CallArguments) -> dict:
 Piece = Callable[[int], bytes]  # a token id's bytes (Model._cached_piece)
 
 
-def logprobs_body(kind: str, tokens: list[Token] | None, piece: Piece) -> dict | None:
+def described_tokens(tokens: list[Token]) -> list[Token]:
+    """The tokens whose logprobs a whole choice carries: those of its content (not its thought), up to
+    the last one that released text. The tokens of a matched stop sequence, held back and then dropped
+    with it, are left out (as llama-server trims them), so the logprobs describe exactly the text
+    returned. A stream sends the same tokens, each with the piece of text that releases it."""
+    content = [token for token in tokens if token.kind != "reasoning"]
+    end = next((i + 1 for i in range(len(content) - 1, -1, -1) if content[i].text), 0)
+    return content[:end]
+
+
+def logprobs_body(kind: str, tokens: list[Token] | None, piece: Piece, offset: int = 0) -> dict | None:
     """The ``logprobs`` of a choice for ``tokens`` (those that carry logprobs; end-of-generation tokens,
-    which have no text, are left out as OpenAI does), or None when they carry none."""
+    which have no text, are left out as OpenAI does), or None when they carry none. ``offset``: where the
+    text of ``tokens`` starts in the choice's (a completion's ``text_offset``, for a stream's pieces)."""
     kept = [t for t in tokens or () if t.logprob is not None and (t.text or piece(t.id))]
     if not kept:
         return None
@@ -57,11 +68,12 @@ def logprobs_body(kind: str, tokens: list[Token] | None, piece: Piece) -> dict |
                              "top_logprobs": [{"token": top.text, "logprob": top.logprob, "bytes": list(top.bytes)}
                                               for top in t.top_logprobs]} for t in kept],
                 "refusal": None}
-    offsets, offset = [], 0
-    for t in kept:
+    texts = [piece(t.id).decode("utf-8", "replace") for t in kept]
+    offsets = []  # where each token's text starts (a token held back with a later one has its own place)
+    for text in texts:
         offsets.append(offset)
-        offset += len(t.text)
-    return {"tokens": [piece(t.id).decode("utf-8", "replace") for t in kept],
+        offset += len(text)
+    return {"tokens": texts,
             "token_logprobs": [t.logprob for t in kept],
             "top_logprobs": [{top.text: top.logprob for top in t.top_logprobs} for t in kept],
             "text_offset": offsets}

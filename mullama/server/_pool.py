@@ -155,9 +155,10 @@ class ModelPool:
     def names(self) -> str:
         return ", ".join([*(spec.name for spec in self.specs), *self.copies])
 
-    def _named_exactly(self, name: str) -> ModelSpec | None:
+    def named_exactly(self, name: str) -> ModelSpec | None:
         """The spec whose name or alias ``name`` is (``:latest`` ignored), even on a one-model server,
-        where ``find`` takes any name: what ``copy`` and ``delete`` must not confuse."""
+        where ``find`` takes any name: what ``copy``, ``delete`` and ``GET /v1/models/{model}`` must not
+        confuse."""
         for candidate in dict.fromkeys((name, name.removesuffix(":latest"))):
             for spec in self.specs:
                 if candidate == spec.name or candidate in spec.aliases:
@@ -174,7 +175,7 @@ class ModelPool:
         if len(destination) > 200 or not _COPY_NAME.fullmatch(destination):
             raise APIError(400, f"destination {destination[:200]!r} is not a model name: use letters, digits, "
                                 "'_', '.', '-', a ':tag' and at most two '/'.", param="destination")
-        owner = self._named_exactly(destination)
+        owner = self.named_exactly(destination)
         if owner is not None and destination not in self.copies:
             if owner.name == spec.name:
                 return spec  # already a name of that model: nothing to do
@@ -193,7 +194,7 @@ class ModelPool:
         if name in self.copies:
             self._rename(self.copies.pop(name), remove=name)
             return
-        spec = self._named_exactly(name)
+        spec = self.named_exactly(name)
         if spec is not None:
             raise APIError(400, f"{spec.name} is a model this server was started with, which it does not delete "
                                 "while serving; only names given by /api/copy can be deleted. Stop the server, "

@@ -9,13 +9,15 @@ never as a 5xx. Nothing here is any one format's shape.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from .._exceptions import MullamaError
+from .._exceptions import InvalidConfigError, MullamaError
 from ..generate._config import StreamConfig
 
-__all__ = ["APIError", "ParsedRequest", "bad", "generation_error", "integer", "number"]
+__all__ = ["APIError", "ParsedRequest", "bad", "boolean", "capped_max_tokens", "config_error", "generation_error",
+           "integer", "json_schema_constraint", "number"]
 
 
 class APIError(Exception):
@@ -56,6 +58,9 @@ class ParsedRequest:
     reasoning_format: str = "auto"
     model: str | None = None  # the request's ``model`` field: which served model answers it
     id_slot: int | None = None  # llama-server's id_slot: the engine slot to run in (None: any)
+    think: bool = False  # ollama's ``think``: the model must be able to think (its template has a thought)
+    # StreamConfig field -> the request's field that set it (see config_error); a field not named is its own
+    field_names: Mapping[str, str] = field(default_factory=dict)
 
     def choice_configs(self, config: StreamConfig | None = None) -> list[StreamConfig]:
         """One config per choice (from ``config``, else the request's): with a seed, choice i samples
@@ -69,6 +74,43 @@ class ParsedRequest:
 
 def bad(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param=param)
+
+
+def config_error(exc: InvalidConfigError, field_names: Mapping[str, str] | None = None) -> APIError:
+    """The 400 for a setting the library refused (a StreamConfig built from a request, or a sampler set up
+    for it): a message that names the request's own field (``field_names``: StreamConfig field -> the
+    wire's name, such as ``options.temperature``), never the library's class, and that field as
+    ``param``. Every wire format translates the library's refusals here."""
+    if exc.field is None:
+        return APIError(400, str(exc))
+    name = (field_names or {}).get(exc.field, exc.field)
+    return APIError(400, str(exc).replace(f"StreamConfig.{exc.field}", name), param=name)
+
+
+def capped_max_tokens(requested: int | None, limit: int) -> int:
+    """Every route's rule for how many tokens to generate: what the request asks, capped silently at the
+    server's ``--max-tokens-limit``; that limit when it asks for none (None, or a negative count: as
+    many as fit)."""
+    return limit if requested is None or requested < 0 else min(requested, limit)
+
+
+def boolean(body: dict, name: str, default: bool) -> bool:
+    """A true/false field of a request; absent or null, ``default``: OpenAI's spec marks such fields
+    nullable, and ollama's server reads a null as unset."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise bad(f"'{name}' must be true or false.", name)
+    return value
+
+
+def json_schema_constraint(schema: Any, param: str) -> dict[str, Any]:
+    """A JSON Schema a request constrains its answer with, as the StreamConfig field that does it. As
+    llama-server: an empty schema asks for a JSON object (the converter would allow any value)."""
+    if not isinstance(schema, (dict, bool)):
+        raise bad(f"'{param}' must be a JSON Schema object.", param)
+    return {"json_schema": {"type": "object"} if schema == {} else schema}
 
 
 def number(body: dict, name: str, low: float, high: float) -> float | None:
