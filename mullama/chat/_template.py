@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -111,42 +111,37 @@ def normalize_messages(messages: Any, *, object_arguments: bool = False) -> list
 def takes_object_arguments(source: str) -> bool:
     """Whether the template renders a tool call's arguments as a JSON object (most tool templates:
     ``arguments | tojson``) rather than as the string OpenAI sends; probed as llama.cpp probes it."""
-    if source in _OBJECT_ARGUMENTS:
-        return _OBJECT_ARGUMENTS[source]
     probe = [{"role": "user", "content": "Hey"},
              {"role": "assistant", "content": "", "tool_calls": [{"id": "call_1", "type": "function", "function": {
                  "name": "ipython", "arguments": {"argument_needle": "print('Hello, World!')"}}}]}]
-    try:
-        rendered = render(source, {"messages": probe, "bos_token": "", "eos_token": "",
-                                   "add_generation_prompt": False, "tools": None}, len(probe))
-        answer = '"argument_needle":' in rendered or "'argument_needle':" in rendered
-    except TemplateError:
-        answer = False
-    if len(_OBJECT_ARGUMENTS) < 64:
-        _OBJECT_ARGUMENTS[source] = answer
-    return answer
-
-
-_OBJECT_ARGUMENTS: dict[str, bool] = {}
+    return _probed(_OBJECT_ARGUMENTS, source, probe,
+                   lambda text: '"argument_needle":' in text or "'argument_needle':" in text)
 
 
 def takes_system_role(source: str) -> bool:
     """Whether the template renders a system message (Gemma 2's raises "System role not supported"):
     probed as llama.cpp probes it, with a system and a user message."""
-    if source in _SYSTEM_ROLE:
-        return _SYSTEM_ROLE[source]
     probe = [{"role": "system", "content": "System message needle"}, {"role": "user", "content": "User message"}]
+    return _probed(_SYSTEM_ROLE, source, probe, lambda text: "System message needle" in text)
+
+
+_OBJECT_ARGUMENTS: dict[str, bool] = {}
+_SYSTEM_ROLE: dict[str, bool] = {}
+
+
+def _probed(known: dict[str, bool], source: str, probe: list[dict], shows: Callable[[str], bool]) -> bool:
+    """Whether the template's rendering of ``probe`` ``shows`` a capability (False where it refuses the
+    probe), remembered in ``known`` (for up to 64 templates)."""
+    if source in known:
+        return known[source]
     try:
-        answer = "System message needle" in render(source, {"messages": probe, "bos_token": "", "eos_token": "",
-                                                            "add_generation_prompt": False}, len(probe))
+        answer = shows(render(source, {"messages": probe, "bos_token": "", "eos_token": "",
+                                       "add_generation_prompt": False, "tools": None}, len(probe)))
     except TemplateError:
         answer = False
-    if len(_SYSTEM_ROLE) < 64:
-        _SYSTEM_ROLE[source] = answer
+    if len(known) < 64:
+        known[source] = answer
     return answer
-
-
-_SYSTEM_ROLE: dict[str, bool] = {}
 
 
 def _without_system_role(messages: list[dict]) -> list[dict]:

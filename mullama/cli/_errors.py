@@ -23,15 +23,12 @@ SAMPLING_FLAGS = {"max_tokens": "-n/--max-tokens", "temperature": "--temp", "see
 def checked_config(flags: Mapping[str, str], **fields: Any) -> Any:
     """``StreamConfig(**fields)``, made from the command's ``flags`` (a field's name -> its flag): a value
     StreamConfig refuses is an InvalidConfigError that names the flag (``-n/--max-tokens must be ...``)."""
-    from ..generate._config import StreamConfig
+    from ..generate._config import StreamConfig, named_for_the_caller
 
     try:
         return StreamConfig(**fields)
     except InvalidConfigError as error:
-        message = str(error)
-        for field, flag in flags.items():
-            message = message.replace(f"StreamConfig.{field} ", f"{flag} ")
-        raise InvalidConfigError(message) from None
+        raise InvalidConfigError(named_for_the_caller(error, flags)[0], field=error.field) from None
 
 
 def command_line_error(error: MullamaError, command: str | None) -> MullamaError:

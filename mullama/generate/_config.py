@@ -10,7 +10,7 @@ from typing import Any, cast
 from .._exceptions import InvalidConfigError
 from ..structured._schema import schema_of
 
-__all__ = ["StreamConfig", "resolve_config"]
+__all__ = ["StreamConfig", "named_for_the_caller", "resolve_config"]
 
 MAX_SEED = 2**32 - 2  # 2**32 - 1 is llama.cpp's "random seed"
 INT32_MAX = 2**31 - 1  # llama.cpp takes counts as int32_t
@@ -24,6 +24,16 @@ SPECULATIVE = (None, "ngram", "ngram-simple", "draft")  # StreamConfig.speculati
 
 def _fail(name: str, value: Any, expected: str) -> None:
     raise InvalidConfigError(f"StreamConfig.{name} must be {expected}, not {value!r}.", field=name)
+
+
+def named_for_the_caller(error: InvalidConfigError, names: Mapping[str, str]) -> tuple[str, str | None]:
+    """``error``'s message with the StreamConfig field at fault called what the caller calls it (``names``:
+    field -> a request's field such as ``options.temperature``, or a command's flag such as ``--temp``),
+    and that name (None when the error names no field)."""
+    if error.field is None:
+        return str(error), None
+    name = names.get(error.field, error.field)
+    return str(error).replace(f"StreamConfig.{error.field}", name), name
 
 
 def _check_int(name: str, value: Any, low: int, high: int | None = None, *, optional: bool = False) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._exceptions import InvalidConfigError, MullamaError
-from ..generate._config import StreamConfig
+from ..generate._config import StreamConfig, named_for_the_caller
 
 __all__ = ["APIError", "ParsedRequest", "bad", "boolean", "capped_max_tokens", "config_error", "generation_error",
            "integer", "json_schema_constraint", "number"]
@@ -81,10 +81,8 @@ def config_error(exc: InvalidConfigError, field_names: Mapping[str, str] | None 
     for it): a message that names the request's own field (``field_names``: StreamConfig field -> the
     wire's name, such as ``options.temperature``), never the library's class, and that field as
     ``param``. Every wire format translates the library's refusals here."""
-    if exc.field is None:
-        return APIError(400, str(exc))
-    name = (field_names or {}).get(exc.field, exc.field)
-    return APIError(400, str(exc).replace(f"StreamConfig.{exc.field}", name), param=name)
+    message, name = named_for_the_caller(exc, field_names or {})
+    return APIError(400, message, param=name)
 
 
 def capped_max_tokens(requested: int | None, limit: int) -> int:
