@@ -111,9 +111,9 @@ def normalize_messages(messages: Any, *, object_arguments: bool = False) -> list
 def takes_object_arguments(source: str) -> bool:
     """Whether the template renders a tool call's arguments as a JSON object (most tool templates:
     ``arguments | tojson``) rather than as the string OpenAI sends; probed as llama.cpp probes it."""
-    probe = [{"role": "user", "content": "Hey"},
-             {"role": "assistant", "content": "", "tool_calls": [{"id": "call_1", "type": "function", "function": {
-                 "name": "ipython", "arguments": {"argument_needle": "print('Hello, World!')"}}}]}]
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "ipython", "arguments": {"argument_needle": "print('Hello, World!')"}}}
+    probe: list[dict] = [{"role": "user", "content": "Hey"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
     return _probed(_OBJECT_ARGUMENTS, source, probe,
                    lambda text: '"argument_needle":' in text or "'argument_needle':" in text)
 
