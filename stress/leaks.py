@@ -127,7 +127,8 @@ def run(model_path: Path, *, models: int, contexts: int, streams: int, seed: int
     phases.append(phase("break off a stream (break, close, gc, asyncio cancel, callback)", streams, broken_stream))
 
     context.close()
-    asyncio.run(amodel.aclose())  # ends the engine thread, frees its context and the model
+    asyncio.run(amodel.aclose())  # ends the engine thread and frees its context
+    model.close()  # ours: an AsyncModel closes only a model it loaded itself
     gc.collect()
     return {
         "phases": phases,

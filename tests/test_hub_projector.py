@@ -196,6 +196,7 @@ def test_cli_pull_list_show_run_and_rm_remove_both(hub, tmp_path, model_path, pr
     child.expect(">>> ")
     child.sendline(f"/image {image}")
     child.expect("will go with your next message")  # (a model without a projector says it takes no images)
+    child.expect(">>> ")  # reading again: a Ctrl-D sent before readline is set up can be lost
     child.sendeof()
     child.expect(pexpect.EOF)
 

@@ -441,7 +441,7 @@ def test_the_flash_attention_flag_reaches_the_contexts(model_path):
         assert flash_attn_option(parser.parse_args(command)) is None
         assert flash_attn_option(parser.parse_args([*command, "-fa", "off"])) is False
         assert flash_attn_option(parser.parse_args([*command, "--flash-attn", "on"])) is True
-    with pytest.raises(SystemExit):
+    with pytest.raises(mullama.InvalidConfigError, match="-fa/--flash-attn: invalid choice"):  # a usage error
         parser.parse_args(["serve", "-fa", "maybe"])
     model, engine = load_model(ModelSpec("smollm2:135m", str(model_path)), LoadOptions(parallel=1, flash_attn=False))
     try:

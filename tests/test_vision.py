@@ -335,6 +335,7 @@ def test_the_terminal_chat_attaches_an_image_with_slash_image(vision_model, mode
     child.expect(">>> ")
     child.sendline("/image /nonexistent.jpg")
     child.expect("usage: /image FILE")
+    child.expect(">>> ")  # reading again: a Ctrl-D sent before readline is set up can be lost
     child.sendeof()
     child.expect(pexpect.EOF)
     words = [word for word in expected.split() if word.isalpha()][:3]

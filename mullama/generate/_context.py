@@ -321,7 +321,7 @@ class Context(Owned):
                     finally:
                         guard.release()
                     yield token
-                    if token.finish_reason is not None or sequence.finish_reason is not None:
+                    if token.finish_reason is not None or sequence.finish_reason == "cancelled":
                         return  # the end, or closed from another thread meanwhile (TokenStream.close)
                     if deadline is not None and monotonic() > deadline:
                         sequence.check_deadline()
@@ -363,9 +363,9 @@ class Context(Owned):
                             lib.llama_memory_seq_rm(memory, 0, len(tokens) + shift, -1)
             finally:
                 guard.release()
-            for last in out:
+            for last in out:  # (a finish among them is the sequence's already: only a cancel ends them early)
                 yield last
-                if last.finish_reason is not None or sequence.finish_reason is not None:
+                if last.finish_reason is not None or sequence.finish_reason == "cancelled":
                     return
             if deadline is not None and time.monotonic() > deadline:
                 sequence.check_deadline()
