@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._exceptions import InvalidConfigError, MullamaError
-from ._reasoning import THINK_END, THINK_START
+from ._reasoning import THINK_END, THINK_START, thinks
 from ._template import normalize_messages
 
 __all__ = ["Prefill", "continued_prompt", "prefill_text", "split_prefill"]
@@ -69,7 +69,7 @@ def continued_prompt(render: Callable[[Any, bool], str], before: Any, prefill: P
     opened = render(before, True)
     shared = next((i for i, (a, b) in enumerate(zip(closed, opened)) if a != b), min(len(closed), len(opened)))
     opening = opened[shared:]
-    if THINK_START in template:
+    if thinks(template):
         cut = opening.find(THINK_START)
         if cut >= 0:
             opening = opening[:cut]

@@ -4,7 +4,6 @@ Context, AsyncModel and the server."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from .._exceptions import InvalidConfigError
@@ -13,6 +12,7 @@ from ..chat._prefill import continued_prompt, split_prefill
 from ..chat._reasoning import reasoning_for
 from ..chat._template import load_template, normalize_messages
 from ..chat._tools import GENERIC, check_tools, tool_calling, with_tools_described
+from ._arguments import check_kwargs
 from ._config import StreamConfig
 from ._media import DEFAULT_LIMITS, MediaLimits, MediaPrompt, check_projector_model
 from ._model import Model, tokenize_prompt
@@ -26,12 +26,7 @@ def chat_prompt(model: Model, messages: list[dict[str, Any]], config: StreamConf
                 reasoning_format: str = "auto") -> tuple[str, StreamConfig]:
     """The prompt text for a chat turn and the StreamConfig to generate it with (tool calling set up
     when ``tools`` are given): one place for Context, AsyncModel and the server."""
-    if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, Mapping):
-        raise InvalidConfigError(f"chat_template_kwargs must be a dict with str keys, not "
-                                 f"{type(chat_template_kwargs).__name__}.")
-    kwargs = dict(chat_template_kwargs or {})
-    if not all(isinstance(key, str) for key in kwargs):
-        raise InvalidConfigError("chat_template_kwargs must be a dict with str keys.")
+    kwargs = check_kwargs("chat_template_kwargs", chat_template_kwargs)
     template = load_template(chat_template) if chat_template is not None else model.chat_template
     if tools:
         check_tools(tools)

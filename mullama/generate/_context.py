@@ -435,11 +435,10 @@ class Context(Owned):
         ``reasoning_format="none"`` leaves it in the text. Images and audio parts (``image_url``,
         ``input_audio``) need a model loaded with a projector (``Model.load(..., mmproj=...)``).
         """
-        config, template_kwargs = resolve_config(config, max_tokens, options), _arguments.check_kwargs(
-            "chat_template_kwargs", chat_template_kwargs)
+        config = resolve_config(config, max_tokens, options)
         prompt, config = chat_turn(self.model, messages, config, tools=tools, tool_choice=tool_choice,
                                    parallel_tool_calls=parallel_tool_calls, chat_template=chat_template,
-                                   chat_template_kwargs=template_kwargs, reasoning_format=reasoning_format)
+                                   chat_template_kwargs=chat_template_kwargs, reasoning_format=reasoning_format)
         return self._stream(*turn_tokens(self.model, prompt), config=config)
 
     def infill(self, prefix: str | list[str | int], suffix: str | list[str | int],
