@@ -246,7 +246,7 @@ def _malformed_requests():
             requests.append(("chat", {**base, field: value}, None))
     for body in ("{", "[1,2]", '"text"', "null", "{\"messages\": }", "\xff\xfe", ""):
         requests.append(("chat", body, None))
-    for prompt in (None, 5, "", [], ["a", "b"], {"p": 1}):
+    for prompt in (None, 5, "", [], ["a", 5], [[]], [1, 10**9], {"p": 1}):
         requests.append(("completion", {"prompt": prompt} if prompt is not None else {}, None))
     requests.append(("chat", {**base, "messages": [{"role": "user", "content": "x" * 2_000_000}]}, None))
     requests.append(("chat", {**base, "messages": [{"role": "user", "content": "word " * 3000}]}, None))

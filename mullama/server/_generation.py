@@ -31,10 +31,11 @@ from ._workers import ADMIN
 __all__ = ["count_prompt_tokens", "prepare", "prompt_tokens", "start"]
 
 
-def prompt_tokens(served: Served, parsed: ParsedRequest,
-                  settings: ServerSettings) -> tuple[list[int], StreamConfig, MediaPrompt | None]:
-    """The request's prompt, rendered (with its tools) and tokenised, the config to generate it with, and
-    its images and audio when it has any (CPU work: called in a worker thread)."""
+def prompt_tokens(served: Served, parsed: ParsedRequest, settings: ServerSettings,
+                  which: int = 0) -> tuple[list[int], StreamConfig, MediaPrompt | None]:
+    """The request's prompt (of a completion with several, the one at index ``which``), rendered (with its
+    tools) and tokenised, the config to generate it with, and its images and audio when it has any (CPU
+    work: called in a worker thread). A prompt of token ids is taken as it is, as llama-server takes it."""
     model = served.model
     assert model is not None  # the caller holds a lease
     param = "messages" if parsed.kind == "chat" else "prompt"
@@ -54,7 +55,10 @@ def prompt_tokens(served: Served, parsed: ParsedRequest,
                                        chat_template=None, chat_template_kwargs=None,
                                        reasoning_format=parsed.reasoning_format, limits=settings.media)
         else:
-            prompt = parsed.prompt or ""
+            text_or_ids = parsed.prompts[which]
+            if isinstance(text_or_ids, list):
+                return model._check_tokens(text_or_ids), config, None
+            prompt = text_or_ids
         if isinstance(prompt, str) and len(prompt) > settings.max_prompt_chars:
             raise APIError(413, f"the prompt is {len(prompt)} characters long once rendered; the limit is "
                                 f"{settings.max_prompt_chars}.", param=param)
@@ -97,11 +101,12 @@ def prepare(served: Served, parsed: ParsedRequest, settings: ServerSettings) -> 
     if served.engine is None:
         raise APIError(400, f"{served.spec.name} is an embedding model: it answers embedding requests only.",
                        code="model_not_generative")
-    tokens, config, media = prompt_tokens(served, parsed, settings)
     jobs: list[EngineRequest] = []
     try:
-        for choice_config in parsed.choice_configs(config):
-            jobs.append(_submit(served, tokens, choice_config, media, parsed.id_slot, parsed.field_names))
+        for which in range(max(1, len(parsed.prompts))):  # a chat has its messages, no prompts
+            tokens, config, media = prompt_tokens(served, parsed, settings, which)
+            for choice_config in parsed.choice_configs(config):
+                jobs.append(_submit(served, tokens, choice_config, media, parsed.id_slot, parsed.field_names))
     except BaseException:
         for job in jobs:
             job.cancel()

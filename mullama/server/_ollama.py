@@ -172,7 +172,7 @@ def parse_generate(body: Any, *, max_tokens_limit: int) -> ParsedRequest:
     if body.get("raw"):
         if body.get("images"):
             raise bad("images need the chat template (raw: false).")
-        return ParsedRequest("completion", config, stream, False, prompt=prompt, model=requested_model(body),
+        return ParsedRequest("completion", config, stream, False, prompts=[prompt], model=requested_model(body),
                              think=_think(body), field_names=FIELD_NAMES)
     system = body.get("system")
     messages = ([{"role": "system", "content": system}] if isinstance(system, str) and system else [])

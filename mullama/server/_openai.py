@@ -71,6 +71,7 @@ CHAT_FIELDS = _COMMON | {"messages"}
 COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "suffix", "best_of"}
 MAX_STOPS = 16
 MAX_CHOICES = 8
+MAX_SEQUENCES = 64  # prompts times choices in one completion request (the engine's default queue)
 
 
 def parse_request(body: Any, kind: str, *, max_tokens_limit: int) -> ParsedRequest:
@@ -174,13 +175,28 @@ def parse_request(body: Any, kind: str, *, max_tokens_limit: int) -> ParsedReque
                              tool_choice=tool_choice, parallel_tool_calls=parallel,
                              reasoning_format="none" if reasoning_format == "none" else "auto", model=model,
                              id_slot=requested_slot(body), field_names=names)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str) or not prompt:
-        raise bad("'prompt' must be a non-empty string.", "prompt")
-    return ParsedRequest("completion", config, stream, include_usage, prompt=prompt, n=n, model=model,
-                         id_slot=requested_slot(body), field_names=names)
+    return ParsedRequest("completion", config, stream, include_usage, prompts=_prompts(body.get("prompt"), n),
+                         n=n, model=model, id_slot=requested_slot(body), field_names=names)
+
+
+def _prompts(value: Any, n: int) -> list[str | list[int]]:
+    """OpenAI's ``prompt``: a string, a list of token ids, or a list of several of either; each prompt is
+    answered with ``n`` choices (choice ``i * n + j`` is prompt i's j-th)."""
+    if _is_prompt(value):
+        return [value]
+    if not isinstance(value, list) or not value or not all(_is_prompt(each) for each in value):
+        raise bad("'prompt' must be a non-empty string, a list of token ids, or a list of such prompts.", "prompt")
+    if len(value) * n > MAX_SEQUENCES:
+        raise bad(f"{len(value)} prompts with n={n} make {len(value) * n} sequences; one request may start at "
+                  f"most {MAX_SEQUENCES}: send the prompts in several requests.", "prompt")
+    return value
+
+
+def _is_prompt(value: Any) -> bool:
+    if isinstance(value, str):
+        return bool(value)
+    return isinstance(value, list) and bool(value) and \
+        all(isinstance(token, int) and not isinstance(token, bool) for token in value)
 
 
 def _field_names(kind: str) -> dict[str, str]:
@@ -298,7 +314,9 @@ async def _generate(request: Request, kind: str) -> Response:
     parsed = parse_request(body, kind, max_tokens_limit=server.settings.max_tokens_limit)
     lease, jobs = await start(request, parsed)
     request_id, name = new_id(kind), lease.name
-    n_prompt = jobs[0].prompt_tokens
+    first_choices = jobs[::parsed.n]  # one per prompt: its prompt tokens count once in the usage
+    n_prompt = sum(job.prompt_tokens for job in first_choices)
+    n_cached = sum(job.cached_tokens for job in first_choices)
     assert lease.served.model is not None
     piece = lease.served.model._cached_piece
     # A trailing assistant message is continued; as llama-server, the answer's content starts with it.
@@ -307,11 +325,11 @@ async def _generate(request: Request, kind: str) -> Response:
     def answer(generated: list[list[Token]]) -> dict:  # n choices with logprobs can be megabytes
         choices = [_choice(job, tokens, kind, piece, prefill) for job, tokens in zip(jobs, generated)]
         return completion_body(kind, request_id, name, choices, n_prompt, sum(job.completion_tokens for job in jobs),
-                               jobs[0].cached_tokens)
+                               n_cached)
 
     return await stream_or_collect(
         request, OPENAI, lease, jobs, stream=parsed.stream,
-        events=lambda: _events(jobs, parsed, kind, request_id, n_prompt, name, piece, request, prefill),
+        events=lambda: _events(jobs, parsed, kind, request_id, (n_prompt, n_cached), name, piece, request, prefill),
         collect=lambda: asyncio.gather(*(_collect(job) for job in jobs)), answer=answer)
 
 
@@ -328,7 +346,8 @@ def _choice(job: EngineRequest, tokens: list[Token], kind: str, piece: Piece, pr
                   calls, job.reasoning or None)
 
 
-async def _events(jobs: list[EngineRequest], parsed: ParsedRequest, kind: str, request_id: str, n_prompt: int,
+async def _events(jobs: list[EngineRequest], parsed: ParsedRequest, kind: str, request_id: str,
+                  prompt_usage: tuple[int, int],
                   model_name: str, piece: Piece, request: Request, prefill: str = "") -> AsyncGenerator[str, None]:
     """The SSE body of a streamed answer: the role, then text, thought and tool-call deltas per choice as
     they come, each choice's finish_reason, usage when asked for, and ``[DONE]``. With usage asked for,
@@ -375,8 +394,8 @@ async def _events(jobs: list[EngineRequest], parsed: ParsedRequest, kind: str, r
                 pending[index] = []
         completion_tokens = sum(job.completion_tokens for job in jobs)
         if parsed.include_usage:
-            yield event(usage_chunk(kind, request_id, model_name, stamp, n_prompt, completion_tokens,
-                                    jobs[0].cached_tokens))
+            yield event(usage_chunk(kind, request_id, model_name, stamp, prompt_usage[0], completion_tokens,
+                                    prompt_usage[1]))
         yield "data: [DONE]\n\n"
         state(request).finished(request.scope, completion_tokens)
     finally:  # the client went away, or we are done: either way the sequences stop now

@@ -50,7 +50,7 @@ class ParsedRequest:
     stream: bool
     include_usage: bool
     messages: list | None = None
-    prompt: str | None = None
+    prompts: list[str | list[int]] = field(default_factory=list)  # a completion's prompts: text or token ids
     n: int = 1  # choices, each its own sequence
     tools: list | None = None
     tool_choice: Any = "auto"
