@@ -415,6 +415,10 @@ def test_mullama_embed_prints_one_json_line_per_text(model, model_path):
     assert [line["text"] for line in lines] == ["first text", "second"]
     expected = model.embed(["first text", "second"])
     assert all(max_difference(line["embedding"], e) < EXACT for line, e in zip(lines, expected))
+    after_options = subprocess.run([sys.executable, "-m", "mullama", "embed", str(model_path), "--batch-size", "64",
+                                    "first text", "second"], capture_output=True, text=True, timeout=300, check=False)
+    assert after_options.returncode == 0, after_options.stderr  # texts after an option are texts still, as run's
+    assert [json.loads(line)["text"] for line in after_options.stdout.splitlines()] == ["first text", "second"]
     piped = subprocess.run([sys.executable, "-m", "mullama", "embed", "-m", str(model_path), "--pooling", "last"],
                            input="one\n\ntwo\n", capture_output=True, text=True, timeout=300, check=False)
     assert piped.returncode == 0 and len(piped.stdout.splitlines()) == 2

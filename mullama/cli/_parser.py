@@ -314,7 +314,7 @@ def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
     if tail and not hasattr(args, "words"):  # another command: argparse's own meaning of --
         args, extra = parser.parse_known_args(argv)
         tail = []
-    if extra and args.command == "run" and not any(word.startswith("-") for word in extra):
+    if extra and hasattr(args, "words") and not any(word.startswith("-") for word in extra):
         args.words += extra  # `mullama run Why -n 20 is the sky blue`: words after an option are still the prompt
         extra = []
     if extra:
