@@ -20,6 +20,11 @@ from ._model import Model, tokenize_prompt
 __all__ = ["chat_media", "chat_prompt", "chat_turn", "turn_tokens"]
 
 
+# What the template gets from the chat itself (Model.apply_chat_template's own arguments).
+RESERVED_VARIABLES = frozenset({"messages", "add_generation_prompt", "tools", "template", "bos_token", "eos_token",
+                                "strip_bos", "strip_eos"})
+
+
 def chat_prompt(model: Model, messages: list[dict[str, Any]], config: StreamConfig, *,
                 tools: list[dict[str, Any]] | None, tool_choice: Any, parallel_tool_calls: bool, chat_template: Any,
                 chat_template_kwargs: dict[str, Any] | None,
@@ -27,6 +32,11 @@ def chat_prompt(model: Model, messages: list[dict[str, Any]], config: StreamConf
     """The prompt text for a chat turn and the StreamConfig to generate it with (tool calling set up
     when ``tools`` are given): one place for Context, AsyncModel and the server."""
     kwargs = check_kwargs("chat_template_kwargs", chat_template_kwargs)
+    taken = sorted(set(kwargs) & RESERVED_VARIABLES)
+    if taken:
+        raise InvalidConfigError(f"chat_template_kwargs cannot set {', '.join(taken)}: the chat itself gives the "
+                                 "template those; give other variables (such as enable_thinking).",
+                                 field="chat_template_kwargs")
     template = load_template(chat_template) if chat_template is not None else model.chat_template
     if tools:
         check_tools(tools)

@@ -17,7 +17,7 @@ from starlette.routing import Route, WebSocketRoute
 
 from ..generate._engine import Engine
 from ..generate._model import Model
-from . import _anthropic, _embeddings, _infill, _lora, _ollama, _openai, _rerank, _responses, _slots
+from . import _anthropic, _embeddings, _infill, _lora, _ollama, _openai, _rerank, _responses, _slots, _tokenizer
 from ._http import ServerSettings, ServerState, WireFormat, declared_format, endpoint, state
 from ._openai_shapes import OPENAI, error_body
 from ._pool import ModelPool
@@ -154,6 +154,11 @@ ROUTES = [
     Route("/api/copy", _ollama.copy, methods=["POST"]),
     Route("/api/delete", _ollama.delete, methods=["DELETE", "POST"]),  # ollama's is DELETE
     Route("/api/version", _ollama.version, methods=["GET"]),
+    Route("/tokenize", _tokenizer.tokenize, methods=["POST"]),
+    Route("/detokenize", _tokenizer.detokenize, methods=["POST"]),
+    Route("/apply-template", _tokenizer.apply_template, methods=["POST"]),
+    Route("/props", _tokenizer.props, methods=["GET"]),
+    Route("/tokenizer_info", _tokenizer.tokenizer_info, methods=["GET"]),
     Route("/slots", _slots.get_slots, methods=["GET"]),
     Route("/lora-adapters", _lora.get_lora_adapters, methods=["GET"]),
     Route("/lora-adapters", _lora.post_lora_adapters, methods=["POST"]),

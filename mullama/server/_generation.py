@@ -4,7 +4,8 @@ model, then queue one sequence per choice on its engine. Every wire format gener
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 from starlette.requests import Request
 
@@ -18,7 +19,7 @@ from .._exceptions import (
     TokenizeError,
 )
 from ..chat._reasoning import thinks
-from ..generate._chat_turn import chat_turn, turn_tokens
+from ..generate._chat_turn import chat_media, chat_prompt, chat_turn, turn_tokens
 from ..generate._config import StreamConfig
 from ..generate._engine import EngineRequest
 from ..generate._media import MediaPrompt
@@ -28,7 +29,7 @@ from ._pool import Lease, Served
 from ._request import APIError, ParsedRequest, config_error
 from ._workers import ADMIN
 
-__all__ = ["count_prompt_tokens", "prepare", "prompt_tokens", "start"]
+__all__ = ["count_prompt_tokens", "prepare", "prompt_tokens", "rendered_prompt", "start"]
 
 
 def prompt_tokens(served: Served, parsed: ParsedRequest, settings: ServerSettings,
@@ -38,32 +39,52 @@ def prompt_tokens(served: Served, parsed: ParsedRequest, settings: ServerSetting
     work: called in a worker thread). A prompt of token ids is taken as it is, as llama-server takes it."""
     model = served.model
     assert model is not None  # the caller holds a lease
+    prompt, config = rendered_prompt(served, parsed, settings, which)
+    with _refusals(parsed):
+        if isinstance(prompt, list):
+            return model._check_tokens(prompt), config, None
+        tokens, media = turn_tokens(model, prompt)
+    return tokens, config, media
+
+
+def rendered_prompt(served: Served, parsed: ParsedRequest, settings: ServerSettings, which: int = 0, *,
+                    media: bool = True) -> tuple[str | MediaPrompt | list[int], StreamConfig]:
+    """The request's prompt before tokenising: a chat's messages through the template (with ``media``,
+    tokenised with their images and audio when they hold any; without, the text with the projector's
+    markers, as llama-server's /apply-template shows it), or the completion prompt ``which``."""
+    model = served.model
+    assert model is not None  # the caller holds a lease
     param = "messages" if parsed.kind == "chat" else "prompt"
     if parsed.think and not thinks(model.chat_template):  # ollama's words for it
         raise APIError(400, f"{json.dumps(parsed.model or served.spec.name)} does not support thinking",
                        param="think")
-    try:
-        config = parsed.config
-        if parsed.messages is not None and model.chat_template is None:
-            raise APIError(400, f"{served.spec.name} has no chat template (a base model): send a prompt to a "
-                                "completion route, or start the server with --chat-template-file.", param=param,
-                           code="no_chat_template")
+    if parsed.messages is None:
+        return parsed.prompts[which], parsed.config
+    if model.chat_template is None:
+        raise APIError(400, f"{served.spec.name} has no chat template (a base model): send a prompt to a "
+                            "completion route, or start the server with --chat-template-file.", param=param,
+                       code="no_chat_template")
+    options = {"tools": parsed.tools, "tool_choice": parsed.tool_choice,
+               "parallel_tool_calls": parsed.parallel_tool_calls, "chat_template": None,
+               "chat_template_kwargs": parsed.chat_template_kwargs, "reasoning_format": parsed.reasoning_format}
+    with _refusals(parsed):
         prompt: str | MediaPrompt
-        if parsed.messages is not None:
-            prompt, config = chat_turn(model, parsed.messages, config, tools=parsed.tools,
-                                       tool_choice=parsed.tool_choice, parallel_tool_calls=parsed.parallel_tool_calls,
-                                       chat_template=None, chat_template_kwargs=None,
-                                       reasoning_format=parsed.reasoning_format, limits=settings.media)
+        if media:
+            prompt, config = chat_turn(model, parsed.messages, parsed.config, limits=settings.media, **options)
         else:
-            text_or_ids = parsed.prompts[which]
-            if isinstance(text_or_ids, list):
-                return model._check_tokens(text_or_ids), config, None
-            prompt = text_or_ids
-        if isinstance(prompt, str) and len(prompt) > settings.max_prompt_chars:
-            raise APIError(413, f"the prompt is {len(prompt)} characters long once rendered; the limit is "
-                                f"{settings.max_prompt_chars}.", param=param)
-        tokens, media = turn_tokens(model, prompt)
-        return tokens, config, media
+            prompt, config = chat_prompt(model, chat_media(model, parsed.messages)[0], parsed.config, **options)
+    if isinstance(prompt, str) and len(prompt) > settings.max_prompt_chars:
+        raise APIError(413, f"the prompt is {len(prompt)} characters long once rendered; the limit is "
+                            f"{settings.max_prompt_chars}.", param=param)
+    return prompt, config
+
+
+@contextmanager
+def _refusals(parsed: ParsedRequest) -> Iterator[None]:
+    """The library's refusals of a request's prompt as the client's errors (400, or 413 for media too large)."""
+    param = "messages" if parsed.kind == "chat" else "prompt"
+    try:
+        yield
     except MediaError as exc:  # an image or clip that cannot be used: the client's to fix
         raise APIError(413 if exc.code == "MEDIA_TOO_LARGE" else 400, str(exc), param=param, code=exc.code) from None
     except (TemplateError, TokenizeError, InvalidConfigError) as exc:

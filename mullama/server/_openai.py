@@ -67,7 +67,7 @@ _COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p
            "stream_options", "n", "frequency_penalty", "presence_penalty", "user", "store", "metadata",
            "service_tier", "logprobs", "top_logprobs", "logit_bias", "response_format", "parallel_tool_calls",
            "tools", "tool_choice"} | LLAMA_FIELDS
-CHAT_FIELDS = _COMMON | {"messages"}
+CHAT_FIELDS = _COMMON | {"messages", "chat_template_kwargs"}  # the latter llama-server's (enable_thinking, ...)
 COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "suffix", "best_of"}
 MAX_STOPS = 16
 MAX_CHOICES = 8
@@ -171,7 +171,11 @@ def parse_request(body: Any, kind: str, *, max_tokens_limit: int) -> ParsedReque
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise bad("'messages' must be a non-empty list of {role, content} objects.", "messages")
+        kwargs = body.get("chat_template_kwargs")
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise bad("'chat_template_kwargs' must be an object of the template's variables.", "chat_template_kwargs")
         return ParsedRequest("chat", config, stream, include_usage, messages=messages, n=n, tools=tools,
+                             chat_template_kwargs=kwargs,
                              tool_choice=tool_choice, parallel_tool_calls=parallel,
                              reasoning_format="none" if reasoning_format == "none" else "auto", model=model,
                              id_slot=requested_slot(body), field_names=names)
