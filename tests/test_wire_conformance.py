@@ -106,6 +106,34 @@ def test_with_include_usage_every_chunk_but_the_last_says_usage_null(served, pat
     assert not any("usage" in chunk for chunk in _sse(served.url + path, request))  # not asked: not there
 
 
+def test_stream_options_take_openais_include_obfuscation(client):
+    chunks = list(client.chat.completions.create(model="m", messages=COUNT, max_tokens=4, stream=True,
+                                                 stream_options={"include_usage": True, "include_obfuscation": False}))
+    assert chunks[-1].usage.completion_tokens == 4
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="m", messages=COUNT, max_tokens=4, stream=True,
+                                       stream_options={"include_usage": True, "bogus": 1})
+    assert "has no field 'bogus'" in caught.value.message and caught.value.body["param"] == "stream_options"
+
+
+def test_anthropics_message_delta_carries_the_whole_usage(served):
+    """Anthropic's message_delta usage is cumulative, input tokens included: LangChain's ChatAnthropic
+    reads a stream's usage from that event alone."""
+    from langchain_anthropic import ChatAnthropic
+
+    client = anthropic.Anthropic(base_url=served.url, api_key="unused")
+    with client.messages.stream(model="m", max_tokens=6, messages=COUNT) as stream:
+        deltas = [event for event in stream if event.type == "message_delta"]
+        final = stream.get_final_message()
+    assert len(deltas) == 1 and deltas[0].usage.input_tokens == final.usage.input_tokens > 0
+    assert deltas[0].usage.output_tokens == final.usage.output_tokens
+    chat = ChatAnthropic(base_url=served.url, api_key="unused", model="m", max_tokens=6)
+    whole = None
+    for chunk in chat.stream(COUNT[0]["content"]):
+        whole = chunk if whole is None else whole + chunk
+    assert whole is not None and whole.usage_metadata["input_tokens"] == final.usage.input_tokens
+
+
 def test_models_retrieve_answers_the_listed_object_and_404_for_another_name(client):
     listed = {model.id: model for model in client.models.list()}
     retrieved = client.models.retrieve("smollm2:135m")

@@ -345,5 +345,6 @@ async def _events(job: EngineRequest, message_id: str, model_name: str, request:
     state(request).finished(request.scope, job.completion_tokens)
     yield event("message_delta", {
         "delta": {"stop_reason": stop_reason(job.finish_reason, job.stop_sequence), "stop_sequence": job.stop_sequence},
-        "usage": {"output_tokens": job.completion_tokens}})
+        # cumulative, as Anthropic's are (LangChain reads the stream's usage from this event alone)
+        "usage": {"input_tokens": job.prompt_tokens, "output_tokens": job.completion_tokens}})
     yield event("message_stop", {})

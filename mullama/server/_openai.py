@@ -108,8 +108,13 @@ def parse_request(body: Any, kind: str, *, max_tokens_limit: int) -> ParsedReque
     options = body.get("stream_options")
     include_usage = False
     if options is not None:
-        if not isinstance(options, dict) or set(options) - {"include_usage", "continuous_usage_stats"}:
+        unknown = sorted(set(options) - {"include_usage", "include_obfuscation", "continuous_usage_stats"}) \
+            if isinstance(options, dict) else None
+        if unknown is None:
             raise bad("'stream_options' must be an object like {\"include_usage\": true}.", "stream_options")
+        if unknown:
+            raise bad(f"'stream_options' has no field {unknown[0]!r}; it takes include_usage and include_obfuscation.",
+                      "stream_options")
         include_usage = options.get("include_usage", False)
         if not isinstance(include_usage, bool):
             raise bad("'stream_options.include_usage' must be true or false.", "stream_options")
