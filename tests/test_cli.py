@@ -393,15 +393,18 @@ def test_a_reply_cut_by_max_tokens_says_so_off_standard_output(model_path):
     assert json.loads(as_json.stdout)["finish_reason"] == "length"
 
 
-def test_serve_accepts_llama_servers_embeddings_flag(model_path):
+def test_serve_takes_its_model_as_a_word_and_llama_servers_embeddings_flag(model_path):
+    """`mullama serve MODEL` (docs/vision.md's form, as run and chat take it) and `-m MODEL` alike."""
     from mullama_server import MullamaServer
 
-    server = MullamaServer(model_path, parallel=1, ctx_size=512, extra=("--embeddings",))
+    server = MullamaServer(None, parallel=1, ctx_size=512, extra=(str(model_path), "--embeddings"))
     try:
         status, body = server.post("/v1/embeddings", {"input": "a cat"})
         assert status == 200 and len(body["data"][0]["embedding"]) == 576  # SmolLM2-135M's width
     finally:
         server.close()
+    two = run("serve", "smollm2", "-m", str(model_path))
+    assert two.returncode == 1 and "two models" in two.stderr
 
 
 def test_bench_takes_the_model_and_context_flags_of_run(model_path):

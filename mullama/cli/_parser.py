@@ -62,7 +62,8 @@ def _add_verbosity(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_model(parser: argparse.ArgumentParser, *, word: bool = False) -> None:
-    """``-m/--model``; with ``word``, also an optional first word naming the model (``chat``, ``bench``)."""
+    """``-m/--model``; with ``word``, also an optional first word naming the model (``chat``, ``bench``,
+    ``serve``)."""
     if word:
         parser.add_argument("model_word", nargs="?", metavar="MODEL", help=MODEL_HELP)
     parser.add_argument("-m", "--model", help=MODEL_HELP)
@@ -223,7 +224,7 @@ def make_parser() -> argparse.ArgumentParser:
                                        "application/json' \\\n    -d '{\"messages\": [{\"role\": \"user\", "
                                        "\"content\": \"Hello!\"}], \"stream\": true}'",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_model(serve)
+    _add_model(serve, word=True)
     serve.add_argument("--models", metavar="LIST",
                        help="serve several models, comma-separated (names, families, .gguf paths): a request's "
                             "'model' picks one, loaded on first use")

@@ -14,7 +14,7 @@ from .._exceptions import InvalidConfigError
 
 if TYPE_CHECKING:
     from ..generate._media import MediaLimits
-from ._args import check_ctx_size, flash_attn_option, mmproj_option, placement, speculative_options
+from ._args import check_ctx_size, flash_attn_option, mmproj_option, model_arg, placement, speculative_options
 from ._format import duration, size, until
 
 
@@ -40,7 +40,7 @@ def serve_command(args: argparse.Namespace) -> int:
     models = [name.strip() for name in (args.models or "").split(",") if name.strip()]
     several = bool(models or args.models_dir)
     keep_alive = parse_keep_alive(args.keep_alive)
-    return serve(args.model or (None if several else DEFAULT_MODEL), models=models, models_dir=args.models_dir,
+    return serve(model_arg(args) or (None if several else DEFAULT_MODEL), models=models, models_dir=args.models_dir,
                  host=args.host, port=args.port, parallel=args.parallel, flash_attn=flash_attn_option(args),
                  ctx_size=args.ctx_size, api_key=args.api_key or os.environ.get("MULLAMA_API_KEY"),
                  max_tokens_limit=args.max_tokens_limit, threads=args.threads, max_queue=args.max_queue,
