@@ -45,6 +45,7 @@ def test_every_route_declares_its_wire_format():
 
 def test_a_path_no_route_has_is_answered_as_the_app_answers_it():
     assert route_format("/v1/nothing") is OPENAI
+    assert route_format("/api/create") is OLLAMA  # ollama's clients read {"error": ...}
 
 
 @pytest.mark.parametrize(("path", "event", "body"), [

@@ -19,7 +19,7 @@ from ..generate._engine import Engine
 from ..generate._model import Model
 from . import _anthropic, _embeddings, _infill, _lora, _ollama, _openai, _rerank, _responses, _slots, _tokenizer
 from ._http import ServerSettings, ServerState, WireFormat, declared_format, endpoint, state
-from ._openai_shapes import OPENAI, error_body
+from ._openai_shapes import OPENAI
 from ._pool import ModelPool
 from ._request import APIError
 from ._websocket import websocket
@@ -121,11 +121,13 @@ async def prometheus(request: Request) -> Response:
 
 
 async def _no_route(request: Request, exc: Exception) -> Response:
+    """A path no route serves (404), or a method its route does not take (405), answered in the error
+    shape of the API the path belongs to (``route_format``): ollama's clients read ``{"error": ...}``."""
     status = getattr(exc, "status_code", 404)
     state(request).metrics.count(status)
-    return JSONResponse(error_body(APIError(status, f"{request.method} {request.url.path}: "
-                                                    f"{'no such route' if status == 404 else 'method not allowed'}.")),
-                        status_code=status)
+    problem = APIError(status, f"{request.method} {request.url.path}: "
+                               f"{'no such route' if status == 404 else 'method not allowed'}.")
+    return JSONResponse(route_format(request.url.path).error_body(problem), status_code=status)
 
 
 ROUTES = [
@@ -171,11 +173,16 @@ ROUTES = [
 ]
 
 
+# The format of a path no route serves, by the prefix of the API it would belong to (else OpenAI's).
+UNROUTED_FORMATS = (("/api/", _ollama.OLLAMA),)
+
+
 def route_format(path: str) -> WireFormat:
     """The wire format of the route ``path`` names, as its handler declared it (``endpoint``, ``speaks``):
-    what the supervisor answers a proxied request's errors in. OpenAI's for a path no route declares a
-    format for, as the app answers such a path itself (``_no_route``)."""
+    what the supervisor answers a proxied request's errors in, and the app a wrong method's (``_no_route``).
+    For a path no route serves, the format of the API its prefix belongs to (``/api/...``: ollama's, whose
+    clients read ``{"error": ...}``), else OpenAI's."""
     for route in ROUTES:
         if isinstance(route, Route) and route.path_regex.match(path):
             return declared_format(route.endpoint) or OPENAI
-    return OPENAI
+    return next((fmt for prefix, fmt in UNROUTED_FORMATS if path.startswith(prefix)), OPENAI)
