@@ -254,9 +254,9 @@ def test_the_server_says_vision_and_answers_images_with_the_pulled_projector(hub
         tags = {m["name"]: m for m in server.get_json("/api/tags")["models"]}
         assert tags[NAME]["details"]["families"] == ["llama", "clip"]
         status, shown = server.post("/api/show", {"model": NAME})
-        assert status == 200 and shown["capabilities"] == ["completion", "vision"]
+        assert status == 200 and shown["capabilities"] == ["completion", "tools", "vision"]
         assert shown["projector_info"]["clip.has_vision_encoder"] is True
-        assert ollama.Client(host=server.url).show(NAME).capabilities == ["completion", "vision"]  # the client reads it
+        assert ollama.Client(host=server.url).show(NAME).capabilities == shown["capabilities"]  # the client reads it
         encoded = base64.b64encode(image.read_bytes()).decode()
         status, answer = server.post("/api/chat", {
             "model": NAME, "stream": False, "options": {"temperature": 0, "num_predict": 12},

@@ -28,7 +28,8 @@ from typing import Any
 from .._exceptions import InvalidConfigError
 from .._text import held_suffix
 
-__all__ = ["ToolCall", "ToolCallParser", "ToolCalling", "check_tools", "tool_calling", "with_tools_described"]
+__all__ = ["ToolCall", "ToolCallParser", "ToolCalling", "calls_tools", "check_tools", "tool_calling",
+           "with_tools_described"]
 
 CALL_START, CALL_END = "<tool_call>", "</tool_call>"
 _WRAPPER_END = re.compile(r"\s*\}?\s*$")  # may close the {"name": ..., "arguments": ...} object
@@ -76,6 +77,14 @@ def call_format(template: str) -> CallFormat | None:
     if '"parameters": ' in template and "tool_call" in template and '{"name": "' in template:
         return LLAMA3
     return None
+
+
+def calls_tools(template: str | None) -> bool:
+    """Whether a model with this chat template can be given tools and call them: with any template it
+    can, in the template's own call format (``call_format``) or else in the generic one (the tools
+    described in a system message); without one (None: a base model, which has no chat) it cannot.
+    What ollama's ``tools`` capability says of a model."""
+    return bool(template)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from ._http import (
     stream_or_collect,
 )
 from ._keep_alive import parse_keep_alive
-from ._ollama_details import capabilities, describe, listing, model_projector, running
+from ._ollama_details import capabilities, chat_template, describe, listing, model_projector, running
 from ._request import APIError, ParsedRequest, bad, boolean, capped_max_tokens, config_error, integer
 from ._workers import ADMIN, DOWNLOADS, EMBEDDINGS
 
@@ -386,9 +386,10 @@ async def show(request: Request) -> Response:
     pool = state(request).pool
     spec = pool.find(requested_model(body))
     described = await ADMIN.run(lambda: describe(spec, model_projector(pool, spec)))
-    shown = {"modelfile": f"FROM {spec.ref}\n", "parameters": "", "template": described["template"],
+    template = chat_template(pool, spec, described)
+    shown = {"modelfile": f"FROM {spec.ref}\n", "parameters": "", "template": template,
              "details": described["details"], "model_info": described["model_info"],
-             "modified_at": described["modified_at"], "capabilities": capabilities(described)}
+             "modified_at": described["modified_at"], "capabilities": capabilities(described, template)}
     if "projector_info" in described:  # as ollama shows a model with a projector
         shown["projector_info"] = described["projector_info"]
     return JSONResponse(shown)

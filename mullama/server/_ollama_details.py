@@ -7,10 +7,12 @@ import functools
 import time
 from pathlib import Path
 
+from ..chat._reasoning import thinks
+from ..chat._tools import calls_tools
 from ._pool import ModelPool, Served
 from ._specs import ModelSpec
 
-__all__ = ["capabilities", "describe", "listing", "model_projector", "running"]
+__all__ = ["capabilities", "chat_template", "describe", "listing", "model_projector", "running"]
 
 @functools.lru_cache(maxsize=64)
 def _file_details(path: str, mtime: float) -> dict:
@@ -60,12 +62,26 @@ def describe(spec: ModelSpec, projector: Path | None = None) -> dict:
     return {**found, **extra, "details": {**found["details"], "families": [*found["details"]["families"], "clip"]}}
 
 
-def capabilities(described: dict) -> list[str]:
-    """ollama's capabilities of a model (``describe``'s): ``embedding``, or ``completion`` with ``vision``
-    (and ``audio``) when a projector goes with it."""
+def chat_template(pool: ModelPool, spec: ModelSpec, described: dict) -> str:
+    """The chat template ``spec`` is served with: the loaded model's (``--chat-template-file`` replaces
+    the GGUF's), else the one its GGUF header holds (``describe``'s)."""
+    served = pool.served(spec)
+    model = served.model if served is not None else None
+    if model is not None:
+        return model.chat_template or ""
+    return described["template"]
+
+
+def capabilities(described: dict, template: str) -> list[str]:
+    """ollama's capabilities of a model (``describe``'s, served with the chat ``template``): ``embedding``,
+    or ``completion``, with ``tools`` when the template lets it call tools and ``thinking`` when it
+    writes a thought (the library's own rules, which the chat routes follow: clients switch tool calling
+    and thinking on by these), and ``vision`` (and ``audio``) when a projector goes with it."""
     if described["embedding"]:
         return ["embedding"]
-    return ["completion", *(kind for kind in ("vision", "audio") if described.get(kind))]
+    found = {"completion": True, "tools": calls_tools(template), "vision": bool(described.get("vision")),
+             "audio": bool(described.get("audio")), "thinking": thinks(template)}  # in ollama's order
+    return [name for name, has in found.items() if has]
 
 
 def listing(pool: ModelPool, spec: ModelSpec, name: str | None = None) -> dict:
