@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import httpx
 import ollama  # the test extra installs it: a missing package fails, never skips
+import openai
 import pytest
 from inprocess_server import serving
 from upstream import template_path
@@ -13,10 +14,82 @@ from upstream import template_path
 import mullama
 from mullama.server import ServerSettings
 
+GREEDY = {"temperature": 0, "num_predict": 24}
+MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a planet."}]
+
 
 @pytest.fixture(scope="module")
 def client(served):
     return ollama.Client(host=served.url)
+
+
+def spelled(logprobs) -> str:
+    return "".join(entry.token for entry in logprobs or ())
+
+
+# --- logprobs --------------------------------------------------------------------------------------
+def test_chat_logprobs_streamed_and_not_equal_the_openai_route_s(client, served):
+    """``logprobs: true`` with ``top_logprobs``: the whole answer's logprobs spell its content, each with
+    that many alternatives (greedy: the likeliest is the token chosen); a stream's chunks each carry
+    those of the tokens whose text they bring; the tokens and values are the OpenAI route's."""
+    whole = client.chat(model="m", messages=MESSAGES, options=GREEDY, logprobs=True, top_logprobs=3)
+    assert whole.logprobs and spelled(whole.logprobs) == whole.message.content
+    for entry in whole.logprobs:
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].token == entry.token
+        assert entry.logprob <= 0
+        assert [top.logprob for top in entry.top_logprobs] == sorted((top.logprob for top in entry.top_logprobs),
+                                                                     reverse=True)
+    gpt = openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused")
+    reference = gpt.chat.completions.create(model="m", messages=MESSAGES, max_tokens=24, temperature=0,
+                                            logprobs=True, top_logprobs=3).choices[0].logprobs.content
+    assert [entry.token for entry in whole.logprobs] == [entry.token for entry in reference]
+    assert [entry.logprob for entry in whole.logprobs] == pytest.approx([entry.logprob for entry in reference],
+                                                                        abs=1e-3)
+    raw = httpx.post(f"{served.url}/api/chat", json={"model": "m", "messages": MESSAGES, "options": GREEDY,
+                                                     "logprobs": True, "top_logprobs": 3, "stream": False},
+                     timeout=60).json()["logprobs"]  # each with its bytes too (which the client does not keep)
+    assert [entry["token"] for entry in raw] == [entry.token for entry in whole.logprobs]
+    for entry in raw:
+        assert entry["bytes"] == list(entry["token"].encode())
+        assert all(top["bytes"] == list(top["token"].encode()) for top in entry["top_logprobs"])
+    chunks = list(client.chat(model="m", messages=MESSAGES, options=GREEDY, logprobs=True, top_logprobs=3,
+                              stream=True))
+    for chunk in chunks[:-1]:
+        assert spelled(chunk.logprobs) == chunk.message.content and chunk.message.content
+    streamed = [entry for chunk in chunks for entry in chunk.logprobs or ()]
+    assert [entry.token for entry in streamed] == [entry.token for entry in whole.logprobs]
+    assert all(len(entry.top_logprobs) == 3 for entry in streamed)
+
+
+def test_generate_logprobs_and_none_unless_asked(client):
+    """/api/generate's too (raw and templated); ``top_logprobs`` 0 (or absent) lists no alternatives, and a
+    request without ``logprobs`` gets none (``top_logprobs`` alone asks nothing, as ollama reads it)."""
+    raw = client.generate(model="m", prompt="The capital of France is", raw=True, options=GREEDY, logprobs=True)
+    assert raw.logprobs and spelled(raw.logprobs) == raw.response
+    assert all(not entry.top_logprobs for entry in raw.logprobs)
+    templated = client.generate(model="m", prompt="Name a planet.", options=GREEDY, logprobs=True, top_logprobs=0)
+    assert spelled(templated.logprobs) == templated.response
+    streamed = list(client.generate(model="m", prompt="Name a planet.", options=GREEDY, logprobs=True, stream=True))
+    assert spelled(entry for part in streamed for entry in part.logprobs or ()) == templated.response
+    assert client.chat(model="m", messages=MESSAGES, options=GREEDY, top_logprobs=5).logprobs is None
+    assert client.generate(model="m", prompt="Name a planet.", options=GREEDY).logprobs is None
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs must be between 0 and 20"),
+    ({"logprobs": True, "top_logprobs": -1}, "top_logprobs must be between 0 and 20"),
+    ({"top_logprobs": 30}, "top_logprobs must be between 0 and 20"),  # checked without logprobs too, as ollama
+    ({"logprobs": True, "top_logprobs": "3"}, "top_logprobs must be an integer between 0 and 20"),
+    ({"logprobs": "yes"}, "'logprobs' must be true or false."),
+])
+def test_refused_logprobs_are_ollama_400s(client, served, fields, message):
+    for path, body in (("/api/chat", {"messages": MESSAGES}), ("/api/generate", {"prompt": "Hi"})):
+        refused = httpx.post(f"{served.url}{path}", json={"model": "m", **body, **fields}, timeout=60)
+        assert refused.status_code == 400 and refused.json() == {"error": message}
+    if isinstance(fields.get("top_logprobs"), int):
+        with pytest.raises(ollama.ResponseError) as caught:
+            client.chat(model="m", messages=MESSAGES, options=GREEDY, **fields)
+        assert caught.value.status_code == 400 and caught.value.error == message
 
 
 # --- a route mullama does not serve ----------------------------------------------------------------

@@ -292,10 +292,12 @@ async def run_to_end(request: Request, jobs: list[EngineRequest], work: Awaitabl
     return await until_disconnect(request, work, cancel_all)
 
 
-async def drain(job: EngineRequest) -> None:
-    """Read ``job`` to its end (its text and statistics stay on it)."""
-    while await job.next_token() is not None:
-        pass
+async def drain(job: EngineRequest) -> list[Token]:
+    """Read ``job`` to its end: its tokens (its text and statistics stay on it too)."""
+    tokens = []
+    while (token := await job.next_token()) is not None:
+        tokens.append(token)
+    return tokens
 
 
 async def submit_in_all(start: Callable[[], list[EngineRequest]]) -> list[EngineRequest]:

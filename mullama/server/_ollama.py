@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from .._exceptions import InvalidConfigError, MullamaError
 from ..generate._config import StreamConfig
 from ..generate._engine import EngineRequest
+from ..generate._sequence import Token
 from ._embeddings import embed_request, parse_embedding_request
 from ._generation import start
 from ._http import (
@@ -38,6 +39,7 @@ from ._http import (
 )
 from ._keep_alive import parse_keep_alive
 from ._ollama_details import capabilities, chat_template, describe, listing, model_projector, running
+from ._openai_shapes import Piece, described_tokens, logprob_entries
 from ._request import APIError, ParsedRequest, bad, boolean, capped_max_tokens, config_error, integer
 from ._workers import ADMIN, DOWNLOADS, EMBEDDINGS
 
@@ -54,7 +56,7 @@ OPTIONS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "mi
 DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9}  # ollama's own
 # StreamConfig field -> the request's field that set it, as errors name it (see config_error)
 FIELD_NAMES = {field: f"options.{option}" for option, field in OPTIONS.items()} | {
-    "max_tokens": "options.num_predict", "json_schema": "format"}
+    "max_tokens": "options.num_predict", "json_schema": "format", "logprobs": "top_logprobs"}
 THINK_LEVELS = ("high", "medium", "low")  # ollama's think: true, false, or one of these (thinking too)
 
 
@@ -90,12 +92,27 @@ def _config(body: dict, max_tokens_limit: int) -> StreamConfig:
         fields["json_schema"] = fmt
     elif fmt not in (None, ""):
         raise bad("format must be \"json\" or a JSON schema object.")
+    logprobs = _logprobs(body)
+    if logprobs is not None:
+        fields["logprobs"] = logprobs
     try:
         return StreamConfig(**fields)
     except InvalidConfigError as exc:
         raise config_error(exc, FIELD_NAMES) from None
     except TypeError as exc:
         raise bad(f"an option has the wrong type: {exc}") from None
+
+
+def _logprobs(body: dict) -> int | None:
+    """How many alternatives per token the answer's logprobs list (None: no logprobs). As ollama reads
+    them: ``logprobs: true`` asks for each generated token's logprob, ``top_logprobs`` (0-20, checked
+    even without it) for that many likeliest tokens at each position besides."""
+    top = body.get("top_logprobs")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int)):
+        raise bad("top_logprobs must be an integer between 0 and 20", "top_logprobs")
+    if top is not None and not 0 <= top <= 20:
+        raise bad("top_logprobs must be between 0 and 20", "top_logprobs")  # ollama's words
+    return (top or 0) if boolean(body, "logprobs", False) else None
 
 
 def _stream(body: dict) -> bool:
@@ -185,21 +202,28 @@ def timestamp() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1e6) % 1_000_000:06d}Z"
 
 
-def chat_line(kind: str, model: str, text: str = "", tool_calls: list[Any] | None = None) -> dict:
-    """One streamed piece: ``message`` for /api/chat, ``response`` for /api/generate."""
+def chat_line(kind: str, model: str, text: str = "", tool_calls: list[Any] | None = None,
+              logprobs: list[dict] | None = None) -> dict:
+    """One streamed piece: ``message`` for /api/chat, ``response`` for /api/generate; with ``logprobs``,
+    those of the tokens whose text it carries (ollama leaves the field out when there are none)."""
     if kind == "chat":
         message: dict[str, Any] = {"role": "assistant", "content": text}
         if tool_calls:
             message["tool_calls"] = [{"function": {"name": call.name, "arguments": json.loads(call.arguments)}}
                                      for call in tool_calls]
-        return {"model": model, "created_at": timestamp(), "message": message, "done": False}
-    return {"model": model, "created_at": timestamp(), "response": text, "done": False}
+        line = {"model": model, "created_at": timestamp(), "message": message, "done": False}
+    else:
+        line = {"model": model, "created_at": timestamp(), "response": text, "done": False}
+    if logprobs:
+        line["logprobs"] = logprobs
+    return line
 
 
-def done_line(kind: str, model: str, job: Any, started: float, text: str = "", tool_calls: list[Any] | None = None
-              ) -> dict:
-    """The last line (or the whole non-streamed body): the reason and ollama's statistics."""
-    line = chat_line(kind, model, text, tool_calls)
+def done_line(kind: str, model: str, job: Any, started: float, text: str = "", tool_calls: list[Any] | None = None,
+              logprobs: list[dict] | None = None) -> dict:
+    """The last line (or the whole non-streamed body, with the logprobs of all its tokens): the reason
+    and ollama's statistics."""
+    line = chat_line(kind, model, text, tool_calls, logprobs)
     sequence = job._sequence
     prompt_seconds = job.prompt_seconds() or 0.0
     first, last = sequence.first_token, sequence.last_token
@@ -236,9 +260,16 @@ async def _generation(request: Request, kind: str) -> Response:
     parsed = parse(body, max_tokens_limit=server.settings.max_tokens_limit)
     lease, (job,) = await start(request, parsed, keep_alive=keep_alive)
     name = parsed.model or lease.name
+    assert lease.served.model is not None
+    piece = lease.served.model._cached_piece
+
+    def answer(tokens: list[Token]) -> dict:
+        logprobs = logprob_entries(described_tokens(tokens), piece)
+        return done_line(kind, name, job, started, job.text, job.tool_calls, logprobs)
+
     return await stream_or_collect(request, OLLAMA, lease, [job], stream=parsed.stream,
-                                   events=lambda: _lines(job, kind, name, started, request), collect=lambda: drain(job),
-                                   answer=lambda _: done_line(kind, name, job, started, job.text, job.tool_calls))
+                                   events=lambda: _lines(job, kind, name, started, request, piece),
+                                   collect=lambda: drain(job), answer=answer)
 
 
 async def _load_or_unload(request: Request, kind: str, body: dict, keep_alive: float | None) -> Response:
@@ -258,12 +289,21 @@ async def _load_or_unload(request: Request, kind: str, body: dict, keep_alive: f
     return JSONResponse(line)
 
 
-async def _lines(job: EngineRequest, kind: str, name: str, started: float, request: Request
+async def _lines(job: EngineRequest, kind: str, name: str, started: float, request: Request, piece: Piece
                  ) -> AsyncGenerator[str, None]:
+    """The NDJSON lines of a streamed answer: one per piece of content, with the logprobs (when asked
+    for) of the tokens that released it (a token whose text is held back, part of a character or of a
+    possible stop sequence, is described with the piece that releases it), then the done line."""
+    pending: list[Token] = []
     try:
         while (token := await job.next_token()) is not None:
+            if token.kind == "reasoning":
+                continue
+            pending.append(token)
             if token.text and token.kind == "content":
-                yield json.dumps(chat_line(kind, name, token.text), ensure_ascii=False) + "\n"
+                line = chat_line(kind, name, token.text, logprobs=logprob_entries(pending, piece))
+                pending = []
+                yield json.dumps(line, ensure_ascii=False) + "\n"
     except MullamaError as exc:
         yield error_event(APIError(500, str(exc)))
         return

@@ -24,7 +24,7 @@ from ..generate._config import StreamConfig
 from ..generate._engine import EngineRequest
 from ..generate._sequence import Token
 from ._generation import start
-from ._http import ServerState, endpoint, merged, read_json, requested_model, state, stream_or_collect
+from ._http import ServerState, drain, endpoint, merged, read_json, requested_model, state, stream_or_collect
 from ._lora import parse_lora
 from ._openai_shapes import (
     OPENAI,
@@ -339,14 +339,7 @@ async def _generate(request: Request, kind: str) -> Response:
     return await stream_or_collect(
         request, OPENAI, lease, jobs, stream=parsed.stream,
         events=lambda: _events(jobs, parsed, kind, request_id, (n_prompt, n_cached), name, piece, request, prefill),
-        collect=lambda: asyncio.gather(*(_collect(job) for job in jobs)), answer=answer)
-
-
-async def _collect(job: EngineRequest) -> list[Token]:
-    tokens = []
-    while (token := await job.next_token()) is not None:
-        tokens.append(token)
-    return tokens
+        collect=lambda: asyncio.gather(*(drain(job) for job in jobs)), answer=answer)
 
 
 def _choice(job: EngineRequest, tokens: list[Token], kind: str, piece: Piece, prefill: str = "") -> Choice:

@@ -17,7 +17,7 @@ from ._request import APIError
 from ._tool_calls import CallArguments, CallStart
 
 __all__ = ["OPENAI", "Choice", "Piece", "chunk", "completion_body", "described_tokens", "error_body", "error_event",
-           "logprobs_body", "new_id", "tool_call_delta", "usage", "usage_chunk"]
+           "logprob_entries", "logprobs_body", "new_id", "tool_call_delta", "usage", "usage_chunk"]
 
 
 def error_body(exc: APIError) -> dict:
@@ -55,19 +55,30 @@ def described_tokens(tokens: list[Token]) -> list[Token]:
     return content[:end]
 
 
+def _carrying(tokens: list[Token] | None, piece: Piece) -> list[Token]:
+    """The tokens that carry logprobs and have text (end-of-generation tokens, which have none, are left
+    out as OpenAI does)."""
+    return [t for t in tokens or () if t.logprob is not None and (t.text or piece(t.id))]
+
+
+def logprob_entries(tokens: list[Token] | None, piece: Piece) -> list[dict]:
+    """A chat's logprobs of ``tokens``, one entry per token that carries them: its text, logprob, bytes
+    and ``top_logprobs`` (each with its text, logprob and bytes). OpenAI's ``logprobs.content`` and
+    ollama's ``logprobs`` are both lists of these."""
+    return [{"token": piece(t.id).decode("utf-8", "replace"), "logprob": t.logprob, "bytes": list(piece(t.id)),
+             "top_logprobs": [{"token": top.text, "logprob": top.logprob, "bytes": list(top.bytes)}
+                              for top in t.top_logprobs]} for t in _carrying(tokens, piece)]
+
+
 def logprobs_body(kind: str, tokens: list[Token] | None, piece: Piece, offset: int = 0) -> dict | None:
-    """The ``logprobs`` of a choice for ``tokens`` (those that carry logprobs; end-of-generation tokens,
-    which have no text, are left out as OpenAI does), or None when they carry none. ``offset``: where the
-    text of ``tokens`` starts in the choice's (a completion's ``text_offset``, for a stream's pieces)."""
-    kept = [t for t in tokens or () if t.logprob is not None and (t.text or piece(t.id))]
+    """The ``logprobs`` of a choice for ``tokens`` (those that carry logprobs and have text: see
+    ``_carrying``), or None when they carry none. ``offset``: where the text of ``tokens`` starts in the
+    choice's (a completion's ``text_offset``, for a stream's pieces)."""
+    kept = _carrying(tokens, piece)
     if not kept:
         return None
     if kind == "chat":
-        return {"content": [{"token": piece(t.id).decode("utf-8", "replace"), "logprob": t.logprob,
-                             "bytes": list(piece(t.id)),
-                             "top_logprobs": [{"token": top.text, "logprob": top.logprob, "bytes": list(top.bytes)}
-                                              for top in t.top_logprobs]} for t in kept],
-                "refusal": None}
+        return {"content": logprob_entries(kept, piece), "refusal": None}
     texts = [piece(t.id).decode("utf-8", "replace") for t in kept]
     offsets = []  # where each token's text starts (a token held back with a later one has its own place)
     for text in texts:
