@@ -122,3 +122,85 @@ def test_show_lists_thinking_for_a_thinking_template(build, model_path):
         shown = ollama.Client(host=server.url).show("m")
         assert shown.capabilities == ["completion", "tools", "thinking"]
         assert "<think>" in shown.template and shown.template == qwen.chat_template
+
+
+# --- truncate: a chat longer than the context ------------------------------------------------------
+TURNS = ["Tell me about the oceans of the world and the animals that live in their deepest parts.",
+         "Oceans cover most of the planet; whales, squid and many strange fish live far below the surface.",
+         "And what about the mountains, the rivers and the forests that cover the continents of the world?",
+         "Mountains rise where plates meet, rivers carve valleys, and forests hold most of the land's life.",
+         "Which of the planets of the solar system is the largest one, and how many moons does it have?",
+         "Jupiter is the largest planet of the solar system, and it has dozens of moons, Ganymede first."]
+LONG_CHAT = [{"role": "system", "content": "Answer briefly."},
+             *({"role": "user" if i % 2 == 0 else "assistant", "content": text} for i, text in enumerate(TURNS * 2)),
+             {"role": "user", "content": "Name a planet."}]
+SMALL_CTX = 256
+
+
+@pytest.fixture(scope="module")
+def small(model):
+    """A server whose one stream holds 256 tokens: LONG_CHAT does not fit it."""
+    with serving(model, settings=ServerSettings(model_name="m"), parallel=1, n_ctx=SMALL_CTX) as (server, _engine):
+        yield server
+
+
+def _chat(server, messages, **fields) -> httpx.Response:
+    return httpx.post(f"{server.url}/api/chat", json={"model": "m", "messages": messages, "options": GREEDY,
+                                                      "stream": False, **fields}, timeout=120)
+
+
+def test_a_chat_too_long_loses_its_oldest_messages(small):
+    """By default (ollama's truncate: true) the oldest turns are dropped, the system message kept, until the
+    prompt fits with room for the answer; the answer is that of the shortened chat sent whole."""
+    client = ollama.Client(host=small.url)
+    assert _chat(small, LONG_CHAT, truncate=False).status_code == 400  # the whole chat does not fit
+    answer = client.chat(model="m", messages=LONG_CHAT, options=GREEDY)
+    room = GREEDY["num_predict"]
+    assert answer.message.content and answer.prompt_eval_count + room <= SMALL_CTX
+    for start in range(1, len(LONG_CHAT)):  # the fewest oldest messages dropped for it to fit with that room
+        if LONG_CHAT[start]["role"] != "user":
+            continue
+        shortened = _chat(small, [LONG_CHAT[0], *LONG_CHAT[start:]], truncate=False)
+        if shortened.status_code == 200 and shortened.json()["prompt_eval_count"] + room <= SMALL_CTX:
+            break
+    assert 1 < start < len(LONG_CHAT) - 1
+    expected = shortened.json()
+    assert (answer.prompt_eval_count, answer.message.content) == (expected["prompt_eval_count"],
+                                                                 expected["message"]["content"])
+    streamed = list(client.chat(model="m", messages=LONG_CHAT, options=GREEDY, stream=True))
+    assert "".join(chunk.message.content for chunk in streamed) == answer.message.content
+
+
+def test_truncate_false_or_a_last_message_too_long_is_refused(small):
+    """``truncate: false`` (which the Python client's chat does not send: posted here) keeps every message:
+    too long, ollama's 400; so is a last message that does not fit alone, whatever ``truncate`` says (it
+    is never dropped), which the client raises."""
+    refused = _chat(small, LONG_CHAT, truncate=False)
+    assert refused.status_code == 400 and set(refused.json()) == {"error"} and "tokens" in refused.json()["error"]
+    too_long = [LONG_CHAT[0], {"role": "user", "content": " ".join(TURNS * 3)}]
+    assert _chat(small, too_long, truncate=True).status_code == 400
+    with pytest.raises(ollama.ResponseError) as caught:
+        ollama.Client(host=small.url).chat(model="m", messages=too_long, options=GREEDY)
+    assert caught.value.status_code == 400 and "tokens" in caught.value.error
+    assert _chat(small, LONG_CHAT, truncate="yes").json() == {"error": "'truncate' must be true or false."}
+
+
+def test_a_shortened_history_starts_at_a_user_message_and_keeps_every_system_message():
+    """Which messages survive (the prompt measured here as the messages kept): the fewest oldest dropped,
+    the history restarting at a user message, so a tool result keeps its call; system messages stay."""
+    from mullama.server._truncation import truncated
+
+    history = [{"role": "system", "content": "s1"}, {"role": "user", "content": "u1"},
+               {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f"}}]},
+               {"role": "tool", "content": "t1"}, {"role": "system", "content": "s2"},
+               {"role": "user", "content": "u2"}, {"role": "assistant", "content": "a2"},
+               {"role": "user", "content": "u3"}, {"role": "assistant", "content": "", "tool_calls": []},
+               {"role": "tool", "content": "t3"}]
+
+    def contents(most: int) -> list[str]:
+        return [m["content"] for m in truncated(history, lambda kept: kept, lambda kept: len(kept) <= most)]
+
+    assert contents(10) == ["s1", "u1", "", "t1", "s2", "u2", "a2", "u3", "", "t3"]  # fits: nothing dropped
+    assert contents(9) == contents(7) == ["s1", "s2", "u2", "a2", "u3", "", "t3"]
+    assert contents(6) == contents(5) == ["s1", "s2", "u3", "", "t3"]
+    assert contents(2) == ["s1", "s2", "u3", "", "t3"]  # the last turn stays, fitting or not

@@ -3,6 +3,7 @@ model, then queue one sequence per choice on its engine. Every wire format gener
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -27,6 +28,7 @@ from ._http import ServerSettings, state, submit_in_all
 from ._keep_alive import UNSET
 from ._pool import Lease, Served
 from ._request import APIError, ParsedRequest, config_error
+from ._truncation import answer_room, truncated
 from ._workers import ADMIN
 
 __all__ = ["count_prompt_tokens", "prepare", "prompt_tokens", "rendered_prompt", "start"]
@@ -36,7 +38,8 @@ def prompt_tokens(served: Served, parsed: ParsedRequest, settings: ServerSetting
                   which: int = 0) -> tuple[list[int], StreamConfig, MediaPrompt | None]:
     """The request's prompt (of a completion with several, the one at index ``which``), rendered (with its
     tools) and tokenised, the config to generate it with, and its images and audio when it has any (CPU
-    work: called in a worker thread). A prompt of token ids is taken as it is, as llama-server takes it."""
+    work: called in a worker thread). A prompt of token ids is taken as it is, as llama-server takes it. A
+    chat that ``truncate``s and does not fit its context loses its oldest messages (see _truncation)."""
     model = served.model
     assert model is not None  # the caller holds a lease
     prompt, config = rendered_prompt(served, parsed, settings, which)
@@ -44,6 +47,15 @@ def prompt_tokens(served: Served, parsed: ParsedRequest, settings: ServerSetting
         if isinstance(prompt, list):
             return model._check_tokens(prompt), config, None
         tokens, media = turn_tokens(model, prompt)
+    engine = served.engine
+    if parsed.truncate and parsed.messages and engine is not None and len(tokens) >= engine.n_ctx_per_slot:
+        n_ctx = engine.n_ctx_per_slot  # the engine refuses this prompt: shorten the chat
+        whole = dataclasses.replace(parsed, truncate=False)
+
+        def measure(kept: list[dict]) -> tuple[list[int], StreamConfig, MediaPrompt | None]:
+            return prompt_tokens(served, dataclasses.replace(whole, messages=kept), settings)
+
+        return truncated(parsed.messages, measure, lambda made: len(made[0]) + answer_room(made[1], n_ctx) <= n_ctx)
     return tokens, config, media
 
 

@@ -163,6 +163,8 @@ def _messages(messages: Any) -> list[dict]:
 
 
 def parse_chat(body: Any, *, max_tokens_limit: int) -> ParsedRequest:
+    """``/api/chat``: the messages through the chat template; unless ``truncate: false``, a history too
+    long for the context loses its oldest messages (ollama's default since 0.12.6)."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object.")
     tools = body.get("tools") or None
@@ -170,7 +172,7 @@ def parse_chat(body: Any, *, max_tokens_limit: int) -> ParsedRequest:
         raise bad("tools must be a list.")
     return ParsedRequest("chat", _config(body, max_tokens_limit), _stream(body), False,
                          messages=_messages(body.get("messages")), tools=tools, model=requested_model(body),
-                         think=_think(body), field_names=FIELD_NAMES)
+                         think=_think(body), truncate=boolean(body, "truncate", True), field_names=FIELD_NAMES)
 
 
 def parse_generate(body: Any, *, max_tokens_limit: int) -> ParsedRequest:

@@ -60,6 +60,7 @@ class ParsedRequest:
     id_slot: int | None = None  # llama-server's id_slot: the engine slot to run in (None: any)
     chat_template_kwargs: dict | None = None  # the template's extra variables (llama-server's field)
     think: bool = False  # ollama's ``think``: the model must be able to think (its template has a thought)
+    truncate: bool = False  # ollama's: a chat too long for the context loses its oldest messages (_truncation)
     # StreamConfig field -> the request's field that set it (see config_error); a field not named is its own
     field_names: Mapping[str, str] = field(default_factory=dict)
 
