@@ -25,8 +25,8 @@ from ._http import SSE, WireFormat, drain, endpoint, read_json, requested_model,
 from ._request import APIError, ParsedRequest, bad, boolean, capped_max_tokens, config_error, json_schema_constraint
 from ._tool_calls import CallStart, ToolCallProgress
 
-__all__ = ["ANTHROPIC", "count_tokens", "error_body", "error_event", "event", "message_body", "messages",
-           "parse_request", "stop_reason", "to_count_request"]
+__all__ = ["ANTHROPIC", "ThreadRefused", "count_tokens", "error_body", "error_event", "event", "message_body",
+           "messages", "parse_request", "stop_reason", "to_count_request"]
 
 FIELDS = {"model", "messages", "system", "max_tokens", "stop_sequences", "temperature", "top_p", "top_k", "stream",
           "tools", "tool_choice", "output_config",
@@ -38,9 +38,25 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
                503: "overloaded_error"}
 
 
+class ThreadRefused(APIError):
+    """A request with ``thread`` (Anthropic's message threads, which keep the conversation on the
+    server): refused, this server keeps none. Its error carries Anthropic's ``details`` for it
+    (``error_code`` ``thread_unsupported_request``), on which the SDK's threads and tool runner
+    send the turn again, whole and without ``thread``."""
+
+    def __init__(self) -> None:
+        super().__init__(400, "thread: message threads are not supported: this server keeps no conversations. "
+                              "Send the whole conversation in 'messages', without 'thread'.", param="thread",
+                         code="thread_unsupported_request")
+        self.details = {"error_code": "thread_unsupported_request", "unsupported": ["thread"]}
+
+
 def error_body(exc: APIError) -> dict:
-    """Anthropic's error shape for a refused request."""
-    return {"type": "error", "error": {"type": ERROR_TYPES.get(exc.status, "api_error"), "message": exc.message}}
+    """Anthropic's error shape for a refused request (with its ``details``, when it has them)."""
+    error: dict[str, Any] = {"type": ERROR_TYPES.get(exc.status, "api_error"), "message": exc.message}
+    if isinstance(exc, ThreadRefused):
+        error["details"] = exc.details
+    return {"type": "error", "error": error}
 
 
 def error_event(exc: APIError) -> str:
@@ -206,6 +222,8 @@ def parse_request(body: Any, *, max_tokens_limit: int) -> ParsedRequest:
     """Check a Messages request and turn it into the chat request the engine serves."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object.")
+    if "thread" in body:
+        raise ThreadRefused()
     unknown = sorted(set(body) - FIELDS)
     if unknown:
         raise bad(f"{unknown[0]}: Extra inputs are not permitted")

@@ -1,0 +1,61 @@
+"""What the `anthropic` SDK's helpers need from the Messages route, on the real server and model:
+the beta tool runner (which asks for a message thread first, and goes on without one when the
+server answers Anthropic's ``thread_unsupported_request``)."""
+
+from __future__ import annotations
+
+import json
+
+import anthropic  # the test extra installs it: a missing package fails, never skips
+import httpx
+from anthropic import beta_tool
+
+GREEDY = {"temperature": 0}  # the SDK has no temperature argument any more; the API field still exists
+WEATHER = "18 degrees celsius, sunny"
+
+
+def test_the_beta_tool_runner_goes_on_without_a_thread_and_calls_the_tool(served):
+    """The runner's first request carries ``thread`` (message threads, kept by the server): refused with
+    the error details the SDK recovers from; it sends the turn again without ``thread``, the forced
+    tool choice makes the model call the tool, the runner runs it and sends its result back."""
+    exchanges: list[tuple[dict, int, dict]] = []
+
+    def record(response) -> None:
+        response.read()
+        exchanges.append((json.loads(response.request.content), response.status_code, response.json()))
+
+    http = anthropic.DefaultHttpxClient(event_hooks={"response": [record]})
+    claude = anthropic.Anthropic(base_url=served.url, api_key="unused", http_client=http)
+    asked: list[str] = []
+
+    @beta_tool
+    def get_weather(city: str) -> str:
+        """Current weather in a city."""
+        asked.append(city)
+        return WEATHER
+
+    runner = claude.beta.messages.tool_runner(
+        model="m", max_tokens=48, tools=[get_weather], tool_choice={"type": "any"}, max_iterations=2,
+        extra_body=GREEDY, messages=[{"role": "user", "content": "What is the weather in Paris?"}])
+    replies = list(runner)
+    (first_body, status, refusal), *answered = exchanges
+    assert first_body["thread"] == {"type": "create"} and status == 400
+    assert refusal["error"]["type"] == "invalid_request_error" and "thread" in refusal["error"]["message"]
+    assert refusal["error"]["details"] == {"error_code": "thread_unsupported_request", "unsupported": ["thread"]}
+    assert [status for _body, status, _answer in answered] == [200, 200]
+    assert all("thread" not in body for body, _status, _answer in answered)
+    assert [reply.stop_reason for reply in replies] == ["tool_use", "tool_use"]
+    assert asked and asked[0] == "Paris"
+    results = [block for message in answered[1][0]["messages"] if isinstance(message["content"], list)
+               for block in message["content"] if block["type"] == "tool_result"]
+    assert results and results[0]["content"] == WEATHER
+
+
+def test_a_thread_is_refused_on_every_request(served):
+    """``thread`` in any shape (continuing one too) is the same 400, streamed requests included."""
+    for thread, stream in (({"type": "create"}, True), ({"type": "continue", "previous_message_id": "msg_1"}, False)):
+        response = httpx.post(f"{served.url}/v1/messages", timeout=60, json={
+            "model": "m", "max_tokens": 4, "stream": stream, "thread": thread,
+            "messages": [{"role": "user", "content": "Hi"}]})
+        assert response.status_code == 400
+        assert response.json()["error"]["details"]["error_code"] == "thread_unsupported_request"
