@@ -1,6 +1,7 @@
 """What the `anthropic` SDK's helpers need from the Messages route, on the real server and model:
 the beta tool runner (which asks for a message thread first, and goes on without one when the
-server answers Anthropic's ``thread_unsupported_request``)."""
+server answers Anthropic's ``thread_unsupported_request``), and the usage of a prompt read from the
+cache (``cache_read_input_tokens``, as llama-server reports it), streamed and not."""
 
 from __future__ import annotations
 
@@ -59,3 +60,35 @@ def test_a_thread_is_refused_on_every_request(served):
             "messages": [{"role": "user", "content": "Hi"}]})
         assert response.status_code == 400
         assert response.json()["error"]["details"]["error_code"] == "thread_unsupported_request"
+
+
+def stream_usage(claude: anthropic.Anthropic, **request) -> tuple[dict, dict]:
+    """The usage of a streamed message's message_start and message_delta events."""
+    with claude.messages.stream(**request) as stream:
+        events = list(stream)
+    start = next(event for event in events if event.type == "message_start").message.usage
+    delta = next(event for event in events if event.type == "message_delta").usage
+    return start.model_dump(exclude_none=True), delta.model_dump(exclude_none=True)
+
+
+def test_a_repeated_prompt_is_read_from_the_cache_as_llama_server_reports_it(served, llama_server):
+    """The same request twice: the second reads all of its prompt but the last token from the cache
+    (``cache_read_input_tokens``), and ``input_tokens`` counts the rest, as llama-server's /v1/messages
+    answers; streamed, message_start and message_delta carry the same (message_delta cumulative)."""
+    claude = anthropic.Anthropic(base_url=served.url, api_key="unused")
+    system = "You are a careful assistant. Answer briefly."
+    request = {"model": "m", "max_tokens": 8, "system": system, "extra_body": GREEDY,
+               "messages": [{"role": "user", "content": "Name a red fruit."}]}
+    prompt = claude.messages.count_tokens(model="m", system=system, messages=request["messages"]).input_tokens
+    first = claude.messages.create(**request)
+    assert first.usage.input_tokens + first.usage.cache_read_input_tokens == prompt
+    again = claude.messages.create(**request)
+    assert (again.usage.cache_read_input_tokens, again.usage.input_tokens) == (prompt - 1, 1)
+    assert again.content[0].text == first.content[0].text
+    body = {key: value for key, value in request.items() if key != "extra_body"} | GREEDY
+    llama_server.post("/v1/messages", body)
+    theirs = llama_server.post("/v1/messages", body)
+    assert again.usage.model_dump(exclude_none=True) == theirs["usage"]
+    start, delta = stream_usage(claude, **request)
+    assert start == {**theirs["usage"], "output_tokens": 0}
+    assert delta == theirs["usage"]  # llama-server's message_delta has output_tokens alone; Anthropic's all

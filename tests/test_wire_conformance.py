@@ -117,8 +117,9 @@ def test_stream_options_take_openais_include_obfuscation(client):
 
 
 def test_anthropics_message_delta_carries_the_whole_usage(served):
-    """Anthropic's message_delta usage is cumulative, input tokens included: LangChain's ChatAnthropic
-    reads a stream's usage from that event alone."""
+    """Anthropic's message_delta usage is cumulative, input tokens (and those read from the cache)
+    included: LangChain's ChatAnthropic reads a stream's usage from that event alone, its input tokens
+    the whole prompt's (the two summed)."""
     from langchain_anthropic import ChatAnthropic
 
     client = anthropic.Anthropic(base_url=served.url, api_key="unused")
@@ -131,7 +132,8 @@ def test_anthropics_message_delta_carries_the_whole_usage(served):
     whole = None
     for chunk in chat.stream(COUNT[0]["content"]):
         whole = chunk if whole is None else whole + chunk
-    assert whole is not None and whole.usage_metadata["input_tokens"] == final.usage.input_tokens
+    prompt = final.usage.input_tokens + final.usage.cache_read_input_tokens
+    assert whole is not None and whole.usage_metadata["input_tokens"] == prompt
 
 
 def test_models_retrieve_answers_the_listed_object_and_404_for_another_name(client):

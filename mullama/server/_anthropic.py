@@ -280,15 +280,23 @@ def new_id() -> str:
     return f"msg_{secrets.token_hex(12)}"
 
 
-def message_body(message_id: str, model: str, text: str, calls: list[Any], finish_reason: str | None,
-                 stop_sequence: str | None, input_tokens: int, output_tokens: int) -> dict:
-    """A whole (non-streamed) Messages response."""
+def usage(job: EngineRequest, output_tokens: int) -> dict:
+    """A message's usage as llama-server gives it: the prompt tokens read from the cache (a slot's kept
+    prefix) as ``cache_read_input_tokens``, the rest as ``input_tokens`` (Anthropic's meaning: the
+    total is their sum)."""
+    return {"cache_read_input_tokens": job.cached_tokens, "input_tokens": job.prompt_tokens - job.cached_tokens,
+            "output_tokens": output_tokens}
+
+
+def message_body(message_id: str, model: str, job: EngineRequest) -> dict:
+    """A whole (non-streamed) Messages response for a finished ``job``."""
+    text, calls, stop = job.text, job.tool_calls, job.stop_sequence
     content: list[dict] = [{"type": "text", "text": text}] if text or not calls else []
     content += [{"type": "tool_use", "id": call.id, "name": call.name, "input": json.loads(call.arguments)}
                 for call in calls]
     return {"id": message_id, "type": "message", "role": "assistant", "model": model, "content": content,
-            "stop_reason": stop_reason(finish_reason, stop_sequence), "stop_sequence": stop_sequence,
-            "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens}}
+            "stop_reason": stop_reason(job.finish_reason, stop), "stop_sequence": stop,
+            "usage": usage(job, job.completion_tokens)}
 
 
 def event(kind: str, payload: dict) -> str:
@@ -306,8 +314,7 @@ async def messages(request: Request) -> Response:
     return await stream_or_collect(
         request, ANTHROPIC, lease, [job], stream=parsed.stream,
         events=lambda: _events(job, message_id, name, request), collect=lambda: drain(job),
-        answer=lambda _: message_body(message_id, name, job.text, job.tool_calls, job.finish_reason,
-                                      job.stop_sequence, job.prompt_tokens, job.completion_tokens))
+        answer=lambda _: message_body(message_id, name, job))
 
 
 @endpoint(ANTHROPIC)
@@ -319,11 +326,9 @@ async def count_tokens(request: Request) -> Response:
 
 async def _events(job: EngineRequest, message_id: str, model_name: str, request: Request) -> AsyncGenerator[str, None]:
     """message_start, then a content block per kind of output (text, thinking, tool_use) with its
-    deltas, then message_delta (stop_reason, usage) and message_stop."""
-    yield event("message_start", {"message": {
-        "id": message_id, "type": "message", "role": "assistant", "model": model_name, "content": [],
-        "stop_reason": None, "stop_sequence": None,
-        "usage": {"input_tokens": job.prompt_tokens, "output_tokens": 0}}})
+    deltas, then message_delta (stop_reason, usage) and message_stop. message_start comes with the
+    first token, as llama-server's: the prompt is then in a slot, and how much of it came from the
+    cache is known."""
     index, open_kind = -1, None
     calls = ToolCallProgress()
 
@@ -334,7 +339,11 @@ async def _events(job: EngineRequest, message_id: str, model_name: str, request:
         return [*events, event("content_block_start", {"index": index, "content_block": block})]
 
     try:
-        while (token := await job.next_token()) is not None:
+        token = await job.next_token()
+        yield event("message_start", {"message": {
+            "id": message_id, "type": "message", "role": "assistant", "model": model_name, "content": [],
+            "stop_reason": None, "stop_sequence": None, "usage": usage(job, 0)}})
+        while token is not None:
             parser = job._sequence.tools
             for call in calls.after(parser) if parser is not None else []:
                 if isinstance(call, CallStart):
@@ -344,13 +353,14 @@ async def _events(job: EngineRequest, message_id: str, model_name: str, request:
                 else:
                     yield event("content_block_delta", {"index": index, "delta": {
                         "type": "input_json_delta", "partial_json": call.text}})
-            if not token.text:
-                continue
-            kind = "thinking" if token.kind == "reasoning" else "text"
-            if open_kind != kind:
-                for item in begin(kind, {"type": kind, kind: ""}):
-                    yield item
-            yield event("content_block_delta", {"index": index, "delta": {"type": f"{kind}_delta", kind: token.text}})
+            if token.text:
+                kind = "thinking" if token.kind == "reasoning" else "text"
+                if open_kind != kind:
+                    for item in begin(kind, {"type": kind, kind: ""}):
+                        yield item
+                yield event("content_block_delta", {"index": index, "delta": {"type": f"{kind}_delta",
+                                                                              kind: token.text}})
+            token = await job.next_token()
     except MullamaError as exc:
         yield error_event(APIError(500, str(exc)))
         return
@@ -364,5 +374,5 @@ async def _events(job: EngineRequest, message_id: str, model_name: str, request:
     yield event("message_delta", {
         "delta": {"stop_reason": stop_reason(job.finish_reason, job.stop_sequence), "stop_sequence": job.stop_sequence},
         # cumulative, as Anthropic's are (LangChain reads the stream's usage from this event alone)
-        "usage": {"input_tokens": job.prompt_tokens, "output_tokens": job.completion_tokens}})
+        "usage": usage(job, job.completion_tokens)})
     yield event("message_stop", {})
