@@ -48,9 +48,26 @@ def server(model_path, mmproj, media_dir):
     running.close()
 
 
+def responses_inputs(url: str) -> dict[str, list[dict]]:
+    """Responses inputs with an image: in a user message (the chat's text_first messages), and in a
+    function_call_output after the call."""
+    return {"message": [{"role": "user", "content": [{"type": "input_text", "text": QUESTION},
+                                                     {"type": "input_image", "image_url": url}]}],
+            "tool_output": [{"role": "user", "content": "Take a photo and describe it."},
+                            {"type": "function_call", "call_id": "call_1", "name": "camera", "arguments": "{}"},
+                            {"type": "function_call_output", "call_id": "call_1", "output": [
+                                {"type": "input_text", "text": "The photo:"},
+                                {"type": "input_image", "image_url": url}]}]}
+
+
+def responses_body(items: list[dict]) -> dict:
+    return {"input": items, "max_output_tokens": N_PREDICT, "temperature": 0, "cache_prompt": False}
+
+
 @pytest.fixture(scope="module")
 def reference(build, model_path, mmproj, media_dir) -> dict:
-    """llama-server --mmproj's greedy answers (OpenAI chat and Anthropic messages) for test-1.jpeg."""
+    """llama-server --mmproj's greedy answers (OpenAI chat, Anthropic messages and OpenAI Responses) for
+    test-1.jpeg."""
     running = upstream.LlamaServer(build.tool("llama-server"), model_path, threads=default_threads(), n_ctx=4096,
                                    extra=("--mmproj", str(mmproj)))
     try:
@@ -61,7 +78,9 @@ def reference(build, model_path, mmproj, media_dir) -> dict:
             "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri(image)}},
                                                       {"type": "text", "text": QUESTION}]}],
             "max_tokens": N_PREDICT, "temperature": 0, "cache_prompt": False})
-        return {"text_first": chat, "image_first": after}
+        responses = {name: running.post("/v1/responses", responses_body(items))
+                     for name, items in responses_inputs(data_uri(image)).items()}
+        return {"text_first": chat, "image_first": after, "responses": responses}
     finally:
         running.close()
 
@@ -97,6 +116,26 @@ def test_the_anthropic_client_sends_an_image_block(server, reference, media_dir)
     expected = reference["image_first"]
     assert message.content[0].text == expected["choices"][0]["message"]["content"]
     assert message.usage.input_tokens + message.usage.cache_read_input_tokens == expected["usage"]["prompt_tokens"]
+
+
+def message_texts(response: dict) -> list[str]:
+    return [part["text"] for item in response["output"] if item["type"] == "message" for part in item["content"]]
+
+
+def test_a_responses_input_image_is_llama_servers_answer(server, reference, media_dir):
+    """An input_image part (in a message, or in a function_call_output) is the image llama-server's
+    /v1/responses sees: the same prompt tokens and greedy answer; the message's equals the chat route's."""
+    for name, items in responses_inputs(data_uri(media_dir / "test-1.jpeg")).items():
+        status, body = server.post("/v1/responses", responses_body(items))
+        assert status == 200, body
+        expected = reference["responses"][name]
+        assert message_texts(body) == message_texts(expected) != [], name
+        for field in ("input_tokens", "output_tokens"):
+            assert body["usage"][field] == expected["usage"][field], (name, field)
+        if name == "message":
+            chat = reference["text_first"]
+            assert message_texts(body) == [chat["choices"][0]["message"]["content"]]
+            assert body["usage"]["input_tokens"] == chat["usage"]["prompt_tokens"]
 
 
 def test_the_ollama_client_sends_images(server, reference, media_dir):
