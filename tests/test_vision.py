@@ -411,3 +411,13 @@ def test_a_draft_model_leaves_image_prompts_to_the_target(vision_model, draft_mo
 
     ids, proposed = asyncio.run(in_the_engine())
     assert ids == plain and proposed == 0
+
+
+def test_prompt_logprobs_are_refused_for_a_prompt_with_an_image(vision_model, images):
+    context = mullama.Context(vision_model, n_ctx=4096)
+    try:
+        with pytest.raises(mullama.InvalidConfigError) as refused:
+            context.chat_stream(image_messages(data_uri(images["test-1"])), max_tokens=2, prompt_logprobs=1)
+        assert refused.value.field == "prompt_logprobs" and "holds images or audio" in str(refused.value)
+    finally:
+        context.close()

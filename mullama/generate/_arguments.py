@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from .._exceptions import InvalidConfigError, TokenizeError
+from ._config import MAX_SEED
 
-__all__ = ["check_bytes", "check_kwargs", "check_path", "check_token_id", "check_token_ids", "wrong_type"]
+__all__ = ["check_bytes", "check_kwargs", "check_path", "check_seed", "check_token_id", "check_token_ids", "wrong_type"]
 
 
 def wrong_type(name: str, value: Any, expected: str) -> InvalidConfigError:
@@ -59,3 +60,9 @@ def check_token_ids(tokens: Any, n_vocab: int, name: str = "tokens") -> list[int
     for token in ids:
         check_token_id(token, n_vocab)
     return ids
+
+
+def check_seed(seed: Any) -> None:
+    """A sampling seed: None (a random one) or an integer from 0 to MAX_SEED."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+        raise InvalidConfigError(f"seed must be an integer from 0 to {MAX_SEED}, not {seed!r}.")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._sequence import SequenceView
+from ._sequence import SequenceView, Token
 
 __all__ = ["Completion", "greedy_unless_told"]
 
@@ -21,6 +21,7 @@ class Completion:
     prompt_tokens: int
     cached_tokens: int = 0  # prompt tokens reused from the KV cache
     timings: dict[str, Any] = field(default_factory=dict)
+    prompt_logprobs: list[Token] = field(default_factory=list)  # with StreamConfig(prompt_logprobs=K)
 
     def __str__(self) -> str:
         return self.text
@@ -38,6 +39,7 @@ class Completion:
                      "time_to_first_token": stream.time_to_first_token(),
                      "tokens_per_second": stream.tokens_per_second(),
                      "draft_proposed": stream.draft_proposed, "draft_accepted": stream.draft_accepted},
+            prompt_logprobs=stream.prompt_logprobs,
         )
 
 

@@ -91,6 +91,9 @@ class StreamConfig:
     mirostat_eta: float = 0.1
     logit_bias: Mapping[int, float] | None = None  # token id -> added to its logit (-inf bans it)
     logprobs: int | None = None  # K: every token gets its logprob and the K most likely alternatives
+    # K: every prompt token after the first gets its logprob given those before it, and the K most likely
+    # there (scoring, as evals ask with OpenAI's echo); the prompt is then decoded whole, not taken from the cache
+    prompt_logprobs: int | None = None
     grammar: str | None = None  # GBNF, with a `root` rule
     json_schema: Any = None  # a JSON Schema (dict, or True for any JSON value) the output must follow
     tool_calls: Any = None  # set by chat_stream(tools=...): how calls are constrained and parsed (_tools.ToolCalling)
@@ -165,6 +168,7 @@ class StreamConfig:
         _check_int("draft_max", self.draft_max, 1, MAX_DRAFT)
         _check_int("draft_min", self.draft_min, 1, self.draft_max)
         _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS, optional=True)
+        _check_int("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS, optional=True)
         if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar.strip()):
             _fail("grammar", self.grammar, "GBNF text (a str with a root rule) or None")
         if self.json_schema is not None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from collections.abc import Sequence as Seq
+from contextlib import contextmanager
 from typing import Any
 
 from .._exceptions import (
@@ -23,7 +24,7 @@ from ._abort import PromptAbort
 from ._batch import TokenBatch
 from ._chat_turn import chat_turn, turn_tokens
 from ._completion import Completion, greedy_unless_told
-from ._config import MAX_SEED, StreamConfig, resolve_config
+from ._config import StreamConfig, resolve_config
 from ._context_params import (
     ContextSettings,
     adopt_context,
@@ -68,11 +69,8 @@ class Context(Owned):
         check_n_ctx(n_ctx)
         settings = ContextSettings(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
                                    n_threads_batch=n_threads_batch, flash_attn=flash_attn)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
-            raise InvalidConfigError(f"seed must be an integer from 0 to {MAX_SEED}, not {seed!r}.")
+        _arguments.check_seed(seed)
         if draft_model is not None:  # checked before anything is made: a refused one leaves nothing open
-            if not isinstance(draft_model, Model):
-                raise InvalidConfigError(f"draft_model must be a mullama.Model, not {type(draft_model).__name__}.")
             check_draft_model(model, draft_model)
         self.model = model  # keeps the model alive as long as this context
         self.seed = seed
@@ -191,8 +189,14 @@ class Context(Owned):
         self._tokens = []
         self._positions.clear()
 
-    def _use(self) -> _Exclusive:
-        return _Exclusive(self)
+    @contextmanager
+    def _use(self) -> Iterator[None]:
+        """The Context busy for one step: a second thread gets a clear error, not corrupted state."""
+        self._enter_step()
+        try:
+            yield
+        finally:
+            self._guard.release()
 
     # --- decoding ---------------------------------------------------------------
     def decode(self, tokens: list[int]) -> None:
@@ -201,10 +205,12 @@ class Context(Owned):
         with self._compute.busy(), self._use():
             self._decode(tokens)
 
-    def _decode(self, tokens: list[int], deadline: float | None = None, breaks: tuple[int, ...] = ()) -> None:
+    def _decode(self, tokens: list[int], deadline: float | None = None, breaks: tuple[int, ...] = (),
+                score: Callable[[Any, int, int, int], None] | None = None) -> None:
         """Decode ``tokens`` after the cached ones, in batches of at most n_batch that also end at the
         absolute positions ``breaks`` (as llama-server's do); after an M-RoPE image, at the positions
-        it leaves (llama.cpp would number them from the image's first position)."""
+        it leaves (llama.cpp would number them from the image's first position). ``score``: every row's
+        logits are kept and given to it after each batch (Sequence.score_prompt)."""
         if not tokens:
             return
         if len(self._tokens) + len(tokens) > self.n_ctx:
@@ -225,12 +231,17 @@ class Context(Owned):
                 pos = ffi.new("llama_pos[]", list(range(first, first + len(chunk)))) if shift else ffi.NULL
                 # logits of the last token only, not of each chunk's last (a 262k-word vocabulary's cost them)
                 outputs = ffi.NULL if end >= len(tokens) else ffi.new("int8_t[]", len(chunk))
+                if score is not None:
+                    outputs = ffi.new("int8_t[]", [1] * len(chunk))
                 batch = lib.llama_batch_get_one(array, len(chunk))
                 batch.pos, batch.logits = pos, outputs
                 start = end
                 with self._lock:
                     rc = lib.llama_decode(ptr, batch)
                 self._check_decode(rc, len(self._tokens), 0)
+                if score is not None:
+                    with self._lock:
+                        score(ptr, 0, len(self._tokens), len(chunk))
                 self._tokens.extend(chunk)
 
     def _check_decode(self, rc: int, keep: int, processed: int) -> None:
@@ -240,9 +251,9 @@ class Context(Owned):
             raise decode_error(rc, n_ctx=self.n_ctx, processed=processed)
 
     def _prepare_prompt(self, prompt_tokens: list[int], deadline: float | None = None, *,
-                        reuse: bool = True) -> int:
+                        reuse: bool = True, score: Callable[[Any, int, int, int], None] | None = None) -> int:
         """Make the cache hold exactly ``prompt_tokens``, decoding only what differs (everything unless
-        ``reuse``). Returns how many prompt tokens were reused from the cache."""
+        ``reuse``; ``score`` as for _decode). Returns how many prompt tokens were reused from the cache."""
         if not prompt_tokens:
             raise InvalidConfigError("the prompt is empty; give at least one token of text.")
         if len(prompt_tokens) > self.n_ctx:
@@ -253,7 +264,8 @@ class Context(Owned):
         # Logits are only there for the last decoded token: re-decode at least one.
         common = trim_cache(self._lib, self._memory, 0, self._tokens,
                             reusable_prefix(self._tokens, prompt_tokens, reuse), self._positions)
-        self._decode(prompt_tokens[common:], deadline, prompt_breaks(self.model, len(prompt_tokens), self.n_batch))
+        self._decode(prompt_tokens[common:], deadline, prompt_breaks(self.model, len(prompt_tokens), self.n_batch),
+                     score)
         return common
 
     def _sequence(self, prompt_tokens: list[int], config: StreamConfig, media: MediaPrompt | None = None) -> Sequence:
@@ -288,8 +300,9 @@ class Context(Owned):
                     sequence.begin()
                     lora = sequence.config.lora
                     self._apply_lora(self._lora_default if lora is None else lora_set(self.model, lora))
-                    reuse = sequence.config.cache_prompt
-                    cached = (self._prepare_prompt(sequence.prompt_tokens, sequence.deadline, reuse=reuse)
+                    reuse, scores = sequence.reuses_cache, sequence.config.prompt_logprobs is not None
+                    cached = (self._prepare_prompt(sequence.prompt_tokens, sequence.deadline, reuse=reuse,
+                                                   score=sequence.score_prompt if scores else None)
                               if sequence.media is None else sequence.media.evaluate(self, sequence.deadline, reuse))
                     sequence.prompt_decoded(cached)
                 if sequence.drafter is not None:
@@ -410,8 +423,7 @@ class Context(Owned):
         """
         if callback is None or not callable(callback):
             raise InvalidConfigError("generate_streaming needs a callback(text) -> bool.")
-        stream = self.generate_stream(prompt, config, max_tokens=max_tokens, **options)
-        with stream:
+        with self.generate_stream(prompt, config, max_tokens=max_tokens, **options) as stream:
             for token in stream:
                 if callback(token.text) is False:
                     break
@@ -482,18 +494,3 @@ class Context(Owned):
 
     def __repr__(self) -> str:
         return f"<mullama.Context n_ctx={self.n_ctx} cached={len(self._tokens)}{' closed' if self.closed else ''}>"
-
-
-class _Exclusive:
-    """Marks a Context busy for one step; a second thread gets a clear error, not corrupted state."""
-
-    __slots__ = ("_context",)
-
-    def __init__(self, context: Context) -> None:
-        self._context = context
-
-    def __enter__(self) -> None:
-        self._context._enter_step()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._context._guard.release()

@@ -35,7 +35,10 @@ CHECK_FROM = 5  # upstream's SPEC_VOCAB_CHECK_START_TOKEN_ID
 
 
 def check_draft_model(target: Model, draft: Model) -> None:
-    """Raise InvalidConfigError unless ``draft`` can draft for ``target`` (upstream's vocabulary checks)."""
+    """Raise InvalidConfigError unless ``draft`` is a Model that can draft for ``target`` (upstream's
+    vocabulary checks)."""
+    if not isinstance(draft, type(target)):
+        raise InvalidConfigError(f"draft_model must be a mullama.Model, not {type(draft).__name__}.")
     lib = target._library.lib
     tv, dv = target._vocab_ptr(), draft._vocab_ptr()
     problem = None

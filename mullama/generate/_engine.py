@@ -33,8 +33,9 @@ from .._exceptions import (
     detached,
 )
 from ..native._owned import Owned
+from ._arguments import check_seed
 from ._batch import TokenBatch
-from ._config import MAX_SEED, StreamConfig
+from ._config import StreamConfig
 from ._context import Context
 from ._context_params import (
     MAX_SEQUENCES,
@@ -91,8 +92,7 @@ class Engine(Owned):
                                    n_threads=n_threads, n_seq_max=parallel, flash_attn=flash_attn)
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
             raise InvalidConfigError(f"max_queue must be a non-negative integer, not {max_queue!r}.")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
-            raise InvalidConfigError(f"seed must be an integer from 0 to {MAX_SEED}, not {seed!r}.")
+        check_seed(seed)
         # Speculative decoding for every request whose config asks for none (llama-server's --spec-type).
         self.speculative = dict(speculative or {})
         if StreamConfig(**self.speculative).speculative == "draft" and draft_model is None:  # bad settings fail now
@@ -301,7 +301,7 @@ class Engine(Owned):
     def _start(self, slot: _Slot, request: EngineRequest) -> None:
         """Begin serving ``request`` in ``slot`` (reserved for it): keep the cache's common prefix."""
         prompt = request._sequence.prompt_tokens
-        reuse = request._sequence.config.cache_prompt
+        reuse = request._sequence.reuses_cache
         if slot.lora != request.lora:  # cells computed with other adapters: of no use
             self._lib.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
             slot.forget_cache()
@@ -329,6 +329,7 @@ class Engine(Owned):
         batch = self._batch
         n = 0
         rows: list[_Slot] = []  # sequences that sample after this decode
+        scored: list[tuple[Sequence, int, int, int]] = []  # prompt chunks to score: (sequence, first row, position, n)
         members: list[_Slot] = []  # every sequence with tokens in the batch
         lora, self._turn = batch_lora(self._slots, self._turn, self._lora)  # sequences with another set wait
         for slot in self._slots:  # generation first: one token of every sequence that is not paused
@@ -365,9 +366,13 @@ class Engine(Owned):
             take = slot.pending_prompt[: chunk_end(position, self.n_batch - n, slot.breaks) - position]
             del slot.pending_prompt[: len(take)]
             last = not slot.pending_prompt
+            sequence = slot.request._sequence
+            every = sequence.config.prompt_logprobs is not None  # every row's logits score the next prompt token
             for i, token in enumerate(take):
-                n = batch.put(n, token, len(slot.cached) + shift, slot.seq_id, last and i == len(take) - 1)
+                n = batch.put(n, token, len(slot.cached) + shift, slot.seq_id, every or (last and i == len(take) - 1))
                 slot.cached.append(token)
+            if every:
+                scored.append((sequence, n - len(take), position, len(take)))
             members.append(slot)
             if last:
                 slot.batch_row = n - 1
@@ -391,6 +396,10 @@ class Engine(Owned):
                 processed = slot.request._sequence.n_tokens
                 self._fail(slot, lost or decode_error(rc, n_ctx=self.n_ctx_per_slot, processed=processed))
             return True
+        if scored:
+            with self._lock:
+                for sequence, first_row, position, count in scored:
+                    sequence.score_prompt(self.ptr, first_row, position, count)
         for slot in rows:
             try:
                 self._sample(slot)

@@ -12,6 +12,7 @@ stream, the async stream and the server alike.
 
 from __future__ import annotations
 
+import codecs
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -85,6 +86,15 @@ def _token_constructor() -> Callable[[int, str, int, str | None, float | None, t
 new_token = _token_constructor()
 
 
+def _piece_texts(piece: Callable[[int], bytes], tokens: list[int]) -> list[str]:
+    """Each token's text as a UTF-8 decoder reads the pieces in order: a character split across tokens
+    comes with the token that completes it, so the texts join to the whole text."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    texts = [decoder.decode(piece(token)) for token in tokens]
+    texts[-1] += decoder.decode(b"", True)
+    return texts
+
+
 class Sequence:
     """The state of one generation, from its prompt to its finish.
 
@@ -99,6 +109,7 @@ class Sequence:
         "_n_vocab",
         "_parsed",
         "_piece",
+        "_prompt_texts",
         "assembler",
         "cached_tokens",
         "config",
@@ -119,6 +130,7 @@ class Sequence:
         "prompt_done",
         "prompt_tokens",
         "sampler",
+        "scored_prompt",
         "started",
         "stop_sequence",
         "text_parts",
@@ -137,7 +149,11 @@ class Sequence:
         if config.repeat_last_n > n_ctx:
             raise InvalidConfigError(f"StreamConfig.repeat_last_n must be at most the context size ({n_ctx}), "
                                      f"not {config.repeat_last_n}.", field="repeat_last_n")
+        if config.prompt_logprobs is not None and media is not None:
+            raise InvalidConfigError("StreamConfig.prompt_logprobs scores a prompt of text; this one holds images or "
+                                     "audio.", field="prompt_logprobs")
         self.prompt_tokens = prompt_tokens
+        self.scored_prompt: list[Token] = []  # with prompt_logprobs: each prompt token, scored once decoded
         self.media = media  # a prompt with images or audio: evaluated by it (_media.py), not decoded as tokens
         self.config = config
         self.limit = min(config.max_tokens, n_ctx - len(prompt_tokens))
@@ -183,6 +199,27 @@ class Sequence:
         self.started = time.perf_counter()
         timeout = self.config.timeout_ms
         self.deadline = time.monotonic() + timeout / 1000 if timeout else None
+
+    @property
+    def reuses_cache(self) -> bool:
+        """Whether the prompt may be taken from the KV cache (no rows of logits for what is taken)."""
+        return self.config.cache_prompt and self.config.prompt_logprobs is None
+
+    def score_prompt(self, ctx: Any, first_row: int, position: int, n: int) -> None:
+        """Rows ``first_row``... of ``ctx``'s logits are those of prompt positions ``position``...: each
+        scores the prompt token after it (StreamConfig.prompt_logprobs). The first prompt token, which
+        nothing scores, comes first with no logprob; texts join to the prompt's as a decoder reads them."""
+        prompt, scored = self.prompt_tokens, self.scored_prompt
+        if not scored:
+            self._prompt_texts = texts = _piece_texts(self._piece, prompt)
+            scored.append(new_token(prompt[0], texts[0], 0, None, None, (), "prompt"))
+        for row in range(first_row, first_row + n):
+            position += 1
+            if position >= len(prompt):
+                break
+            logprob, top = self._logprobs(ctx, row, prompt[position], self.config.prompt_logprobs or 0)
+            scored.append(new_token(prompt[position], self._prompt_texts[position], position, None, logprob, top,
+                                    "prompt"))
 
     def prompt_decoded(self, cached_tokens: int) -> None:
         """The prompt is in the KV cache (``cached_tokens`` of it were reused, not decoded)."""
@@ -258,9 +295,10 @@ class Sequence:
             self.text_parts.append(text)
         if finish is not None:
             self.finish_reason, self.stop_sequence = finish, self.assembler.stop_sequence
-        if self.n_logprobs is None or ctx is None:
+        n_logprobs = self.n_logprobs
+        if n_logprobs is None or ctx is None:
             return new_token(token, shown, n - 1, finish, None, (), kind)
-        logprob, top = self._logprobs(ctx, row, token)
+        logprob, top = self._logprobs(ctx, row, token, n_logprobs)
         return new_token(token, shown, n - 1, finish, logprob, top, kind)
 
     def _parse(self, text: str, finish: str | None) -> tuple[str, str, str, str | None]:
@@ -304,10 +342,10 @@ class Sequence:
         touched = was_in_call or in_call or len(tools.calls) != calls_before
         return content, "tool_call" if touched and not content else "content", finish
 
-    def _logprobs(self, ctx: Any, row: int, token: int) -> tuple[float, tuple[TopLogprob, ...]]:
+    def _logprobs(self, ctx: Any, row: int, token: int, k: int) -> tuple[float, tuple[TopLogprob, ...]]:
         lib, ffi = self._model._library.lib, self._model._library.ffi
         logits = lib.llama_get_logits_ith(ctx, row)
-        chosen, top = token_logprobs(ffi, logits, self._n_vocab, token, self.n_logprobs or 0)
+        chosen, top = token_logprobs(ffi, logits, self._n_vocab, token, k)
         piece = self._piece
         return chosen, tuple(TopLogprob(i, piece(i).decode("utf-8", "replace"), lp, piece(i)) for i, lp in top)
 
@@ -382,6 +420,12 @@ class SequenceView:
     def prompt_tokens(self) -> int:
         """How many tokens the prompt has."""
         return len(self._sequence.prompt_tokens) if self._sequence else 0
+
+    @property
+    def prompt_logprobs(self) -> list[Token]:
+        """With ``StreamConfig(prompt_logprobs=K)``: every prompt token (``kind`` "prompt"), each after the
+        first with its logprob given those before it and the K most likely there; once the prompt is decoded."""
+        return list(self._sequence.scored_prompt) if self._sequence else []
 
     @property
     def cached_tokens(self) -> int:

@@ -33,6 +33,7 @@ from ._openai_shapes import (
     chunk,
     completion_body,
     described_tokens,
+    echo_logprobs,
     error_event,
     logprobs_body,
     new_id,
@@ -101,19 +102,20 @@ def parse_request(body: Any, kind: str, *, max_tokens_limit: int) -> ParsedReque
     reasoning_format = body.get("reasoning_format", "auto")
     if reasoning_format not in ("auto", "none", "deepseek"):
         raise bad("'reasoning_format' must be 'auto', 'deepseek' (the same) or 'none'.", "reasoning_format")
-    if kind == "completion" and (body.get("echo") or body.get("suffix") or body.get("best_of") not in (None, 1)):
-        raise bad("echo, suffix and best_of are not supported by this server.")
+    if kind == "completion" and (body.get("suffix") or body.get("best_of") not in (None, 1)):
+        raise bad("suffix and best_of are not supported by this server.")
+    echo = kind == "completion" and boolean(body, "echo", False)
 
     stream = boolean(body, "stream", False)
     options = body.get("stream_options")
     include_usage = False
     if options is not None:
-        unknown = sorted(set(options) - {"include_usage", "include_obfuscation", "continuous_usage_stats"}) \
+        extra = sorted(set(options) - {"include_usage", "include_obfuscation", "continuous_usage_stats"}) \
             if isinstance(options, dict) else None
-        if unknown is None:
+        if extra is None:
             raise bad("'stream_options' must be an object like {\"include_usage\": true}.", "stream_options")
-        if unknown:
-            raise bad(f"'stream_options' has no field {unknown[0]!r}; it takes include_usage and include_obfuscation.",
+        if extra:
+            raise bad(f"'stream_options' has no field {extra[0]!r}; it takes include_usage and include_obfuscation.",
                       "stream_options")
         include_usage = options.get("include_usage", False)
         if not isinstance(include_usage, bool):
@@ -163,6 +165,8 @@ def parse_request(body: Any, kind: str, *, max_tokens_limit: int) -> ParsedReque
         fields["lora"] = parse_lora(body["lora"])
     if n_logprobs is not None:
         fields["logprobs"] = n_logprobs
+        if echo:  # the prompt's tokens are scored too (evals' loglikelihoods)
+            fields["prompt_logprobs"] = n_logprobs
     bias = _logit_bias(body.get("logit_bias"))
     if bias:
         fields["logit_bias"] = bias
@@ -185,7 +189,7 @@ def parse_request(body: Any, kind: str, *, max_tokens_limit: int) -> ParsedReque
                              reasoning_format="none" if reasoning_format == "none" else "auto", model=model,
                              id_slot=requested_slot(body), field_names=names)
     return ParsedRequest("completion", config, stream, include_usage, prompts=_prompts(body.get("prompt"), n),
-                         n=n, model=model, id_slot=requested_slot(body), field_names=names)
+                         n=n, model=model, id_slot=requested_slot(body), field_names=names, echo=echo)
 
 
 def _prompts(value: Any, n: int) -> list[str | list[int]]:
@@ -328,32 +332,49 @@ async def _generate(request: Request, kind: str) -> Response:
     n_cached = sum(job.cached_tokens for job in first_choices)
     assert lease.served.model is not None
     piece = lease.served.model._cached_piece
-    # A trailing assistant message is continued; as llama-server, the answer's content starts with it.
-    prefill = prefill_text(parsed.messages) if kind == "chat" else ""
+    # A trailing assistant message is continued; as llama-server, the answer's content starts with it. With
+    # echo, a completion's text starts with its prompt.
+    before = [prefill_text(parsed.messages) if kind == "chat" else
+              _echoed(parsed.prompts[i // parsed.n], piece) if parsed.echo else "" for i in range(len(jobs))]
 
     def answer(generated: list[list[Token]]) -> dict:  # n choices with logprobs can be megabytes
-        choices = [_choice(job, tokens, kind, piece, prefill) for job, tokens in zip(jobs, generated)]
+        choices = [_choice(job, tokens, kind, piece, text, parsed.echo)
+                   for job, tokens, text in zip(jobs, generated, before)]
         return completion_body(kind, request_id, name, choices, n_prompt, sum(job.completion_tokens for job in jobs),
                                n_cached)
 
     return await stream_or_collect(
         request, OPENAI, lease, jobs, stream=parsed.stream,
-        events=lambda: _events(jobs, parsed, kind, request_id, (n_prompt, n_cached), name, piece, request, prefill),
+        events=lambda: _events(jobs, parsed, kind, request_id, (n_prompt, n_cached), name, piece, request, before),
         collect=lambda: asyncio.gather(*(drain(job) for job in jobs)), answer=answer)
 
 
-def _choice(job: EngineRequest, tokens: list[Token], kind: str, piece: Piece, prefill: str = "") -> Choice:
+def _echoed(prompt: str | list[int], piece: Piece) -> str:
+    """The text ``echo`` puts before a completion's: its prompt as sent, or the text of its token ids."""
+    return prompt if isinstance(prompt, str) else b"".join(piece(token) for token in prompt).decode("utf-8", "replace")
+
+
+def _choice(job: EngineRequest, tokens: list[Token], kind: str, piece: Piece, before: str, echo: bool) -> Choice:
+    """A whole choice: ``before`` (a prefill, or with ``echo`` the prompt) and the generated text, its
+    logprobs (with echo, the prompt's tokens' first), tool calls and thought."""
     calls = [call.to_openai() for call in job.tool_calls] or None
-    return Choice(prefill + job.text, job.finish_reason or "stop", logprobs_body(kind, described_tokens(tokens), piece),
-                  calls, job.reasoning or None)
+    logprobs: dict | None
+    if echo and job.config.prompt_logprobs is not None:
+        generated = tokens if job.stop_sequence is None else described_tokens(tokens)
+        logprobs = echo_logprobs(job._sequence.scored_prompt + generated, piece)
+    else:
+        logprobs = logprobs_body(kind, described_tokens(tokens), piece)
+    return Choice(before + job.text, job.finish_reason or "stop", logprobs, calls, job.reasoning or None)
 
 
 async def _events(jobs: list[EngineRequest], parsed: ParsedRequest, kind: str, request_id: str,
                   prompt_usage: tuple[int, int],
-                  model_name: str, piece: Piece, request: Request, prefill: str = "") -> AsyncGenerator[str, None]:
+                  model_name: str, piece: Piece, request: Request, before: list[str]) -> AsyncGenerator[str, None]:
     """The SSE body of a streamed answer: the role, then text, thought and tool-call deltas per choice as
     they come, each choice's finish_reason, usage when asked for, and ``[DONE]``. With usage asked for,
-    every chunk before the usage chunk says ``"usage": null``, as OpenAI's spec has it."""
+    every chunk before the usage chunk says ``"usage": null``, as OpenAI's spec has it. ``before``: each
+    choice's text before the generated one (a chat's prefill, sent after the role; an echoed prompt, sent
+    with its logprobs when the choice's first token comes)."""
     stamp = int(time.time())
 
     def event(payload: dict) -> str:
@@ -364,16 +385,24 @@ async def _events(jobs: list[EngineRequest], parsed: ParsedRequest, kind: str, r
     try:
         if kind == "chat":
             for index in range(len(jobs)):
-                yield event(chunk(kind, request_id, model_name, stamp, role=True, index=index))
-                if prefill:  # the continued assistant message first, as llama-server's first delta has it
-                    yield event(chunk(kind, request_id, model_name, stamp, text=prefill, index=index))
+                calls = jobs[index].config.tool_calls  # a forced call has no content: null, as llama-server's
+                yield event(chunk(kind, request_id, model_name, stamp, role=True, index=index,
+                                  text=None if calls is not None and calls.forced else ""))
+                if before[index]:  # the continued assistant message first, as llama-server's first delta has it
+                    yield event(chunk(kind, request_id, model_name, stamp, text=before[index], index=index))
         pending: list[list[Token]] = [[] for _ in jobs]  # tokens whose text is not out yet, per choice
-        described = [0] * len(jobs)  # characters of each choice's tokens described so far (text_offset)
+        described = [len(text) for text in before]  # characters of each choice described so far (text_offset)
         calls = [ToolCallProgress() for _ in jobs]
+        echoing = [parsed.echo] * len(jobs)
         async for index, token in merged(jobs):
             if isinstance(token, MullamaError):
                 yield error_event(APIError(500, str(token), type="server_error", code=token.code.lower()))
                 return
+            if echoing[index]:  # the prompt is scored once decoded: before this choice's first token
+                echoing[index] = False
+                scored = jobs[index]._sequence.scored_prompt
+                yield event(chunk(kind, request_id, model_name, stamp, text=before[index], index=index,
+                                  logprobs=echo_logprobs(scored, piece) if scored else None))
             if token is None:
                 yield event(chunk(kind, request_id, model_name, stamp, index=index,
                                   finish_reason=jobs[index].finish_reason))

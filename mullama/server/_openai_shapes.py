@@ -90,6 +90,21 @@ def logprobs_body(kind: str, tokens: list[Token] | None, piece: Piece, offset: i
             "text_offset": offsets}
 
 
+def echo_logprobs(tokens: list[Token], piece: Piece, offset: int = 0) -> dict:
+    """A completion's ``logprobs`` with ``echo``: every token (the prompt's, then the generated ones, end
+    of generation included, so that a client counts them by position as evals do), the prompt's first
+    with null logprobs, as OpenAI's legacy models and vLLM answer."""
+    texts = [piece(t.id).decode("utf-8", "replace") for t in tokens]
+    offsets = []
+    for text in texts:
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": texts, "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [None if t.logprob is None else {top.text: top.logprob for top in t.top_logprobs}
+                             for t in tokens],
+            "text_offset": offsets}
+
+
 def new_id(kind: str) -> str:
     return ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
 

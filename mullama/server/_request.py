@@ -59,6 +59,7 @@ class ParsedRequest:
     model: str | None = None  # the request's ``model`` field: which served model answers it
     id_slot: int | None = None  # llama-server's id_slot: the engine slot to run in (None: any)
     chat_template_kwargs: dict | None = None  # the template's extra variables (llama-server's field)
+    echo: bool = False  # a completion's text (and logprobs) start with its prompt (OpenAI's echo)
     think: bool = False  # ollama's ``think``: the model must be able to think (its template has a thought)
     truncate: bool = False  # ollama's: a chat too long for the context loses its oldest messages (_truncation)
     # StreamConfig field -> the request's field that set it (see config_error); a field not named is its own
