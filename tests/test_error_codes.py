@@ -114,3 +114,16 @@ def test_an_image_for_a_model_without_a_projector_is_media_not_supported(context
     assert type(caught.value) is mullama.MediaNotSupportedError
     assert caught.value.code == "MEDIA_NOT_SUPPORTED" and isinstance(caught.value, ValueError)
     assert "mmproj" in str(caught.value)
+
+
+def test_the_server_tells_how_to_serve_a_projector(served):
+    """The library's advice names Model.load; a server's user gets the server's flag instead."""
+    import openai
+
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    client = openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused")
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="m", max_tokens=4, messages=[
+            {"role": "user", "content": [{"type": "text", "text": "What is this?"}, image]}])
+    assert caught.value.code == "MEDIA_NOT_SUPPORTED" and "--mmproj" in caught.value.message
+    assert "Model.load" not in caught.value.message

@@ -186,7 +186,9 @@ def test_response_format_json_object_and_empty_tools(served):
     bad = httpx.post(served.url + "/v1/completions", json={"prompt": "x", "grammar": "root ::= ("})
     assert bad.status_code == 400 and "grammar" in bad.json()["error"]["message"]
     tools = httpx.post(served.url + "/v1/chat/completions", json={  # tools and a response format: a call or JSON
-        "messages": [{"role": "user", "content": "Hi"}], "tools": [{"type": "function", "function": {"name": "f"}}],
+        "messages": [{"role": "user", "content": "Hi"}], "tools": [{"type": "function", "function": {
+            "name": "f", "description": "Greets", "parameters": {"type": "object", "properties": {
+                "name": {"type": "string"}}}}}],  # (a bare {"name": "f"}: the model loops in nested JSON)
         "response_format": {"type": "json_object"}, "max_tokens": 60, "temperature": 0}, timeout=300)
     assert tools.status_code == 200
     message = tools.json()["choices"][0]["message"]

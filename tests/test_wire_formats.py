@@ -26,8 +26,10 @@ UNSHAPED = {"/health", "/health/ready", "/health/live"}  # no errors to shape (t
 
 
 def _expected(path: str):
-    # llama-server's own routes (/infill, /rerank and its aliases, /slots, /lora-adapters), in its error shape
-    own = path in ("/infill", "/lora-adapters") or path.startswith("/slots")
+    # llama-server's own routes (/infill, /rerank and its aliases, /slots, /lora-adapters, the tokenizer's and
+    # template's, /props), in its error shape
+    own = path in ("/infill", "/lora-adapters", "/tokenize", "/detokenize", "/apply-template", "/props",
+                   "/tokenizer_info") or path.startswith("/slots")
     if own or path.removeprefix("/v1").startswith("/rerank"):
         return LLAMA_SERVER
     if path.startswith("/v1/messages"):

@@ -127,6 +127,39 @@ class ToolCalling:
         return grammar(f"( {self.root} ) | {start}", self.rules, rules)
 
 
+# OpenAI: "omitting parameters defines a function with an empty parameter list" (and so does {}).
+NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+_SCHEMA_LISTS = frozenset({"anyOf", "oneOf", "allOf", "prefixItems"})
+_SUBSCHEMAS = frozenset({"items", "additionalItems", "additionalProperties", "unevaluatedProperties",
+                         "unevaluatedItems", "not", "if", "then", "else", "contains", "propertyNames"})
+
+
+def _arguments_schema(tool: dict, path: str) -> Any:
+    """A tool's parameters as they sit at JSON pointer ``path`` of the calls' schema: their own ``#/...``
+    references (to their ``$defs``, say: pydantic's nested models) re-rooted there, as llama.cpp resolves
+    each tool's references within its parameters."""
+    parameters = tool["function"].get("parameters")
+    return _rerooted(parameters, path) if parameters else NO_PARAMETERS
+
+
+def _rerooted(schema: Any, path: str) -> Any:
+    """``schema`` with every local ``$ref`` (in it and its subschemas, not in values such as ``const``)
+    prefixed with ``path``."""
+    if not isinstance(schema, dict):
+        return [_rerooted(item, path) for item in schema] if isinstance(schema, list) else schema
+    moved: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+            value = "#" + path + value[1:]
+        elif key in _SCHEMA_MAPS and isinstance(value, dict):
+            value = {name: _rerooted(sub, path) for name, sub in value.items()}
+        elif key in _SCHEMA_LISTS or key in _SUBSCHEMAS:
+            value = _rerooted(value, path)
+        moved[key] = value
+    return moved
+
+
 def _names(tools: list[dict]) -> list[str]:
     return [tool["function"]["name"] for tool in tools]
 
@@ -155,14 +188,18 @@ def tool_calling(template: str, tools: list[dict], tool_choice: Any = "auto",
     form = call_format(template) or GENERIC
     if form.end is None:
         parallel = parallel and form.array  # a region to the end of the output holds one call, or one list
+    where = ("/items" if form.array else "") + "{}" + f"/properties/{form.arguments}"  # each call's arguments
     one_call = {"anyOf": [{"type": "object", "properties": {
         "name": {"const": tool["function"]["name"]},
-        form.arguments: tool["function"].get("parameters") or {"type": "object"}},
-        "required": ["name", form.arguments]} for tool in chosen]}
+        form.arguments: _arguments_schema(tool, where.format(f"/anyOf/{i}" if len(chosen) > 1 else ""))},
+        "required": ["name", form.arguments]} for i, tool in enumerate(chosen)]}
     schema: dict[str, Any] = one_call["anyOf"][0] if len(chosen) == 1 else one_call
     if form.array:
         schema = {"type": "array", "items": schema, "minItems": 1, **({} if parallel else {"maxItems": 1})}
-    start, rules = json_schema_rules(schema, "tool-call-json")
+    try:
+        start, rules = json_schema_rules(schema, "tool-call-json")
+    except InvalidConfigError as exc:
+        raise InvalidConfigError(f"a tool's parameters are not a JSON Schema calls can follow: {exc}") from None
     opening = "" if form.keep_start else f'"{form.start}" space '
     closing = f' space "{form.end}"' if form.end else ""
     rules = {**rules, "tool-call": f"{opening}{start}{closing}"}
@@ -318,10 +355,14 @@ def _is_json(text: str) -> bool:
 
 
 def check_tools(tools: Any) -> list[dict]:
-    """OpenAI function tools, checked: ``[{"type": "function", "function": {"name": ..., "parameters": {...}}}]``."""
+    """OpenAI function tools, checked (``[{"type": "function", "function": {"name": ..., "parameters":
+    {...}}}]``) and rebuilt as llama-server rebuilds them for the template: each function's name,
+    description ("" when none) and parameters ({} when none), nothing else (``strict`` and other keys
+    left out), so that the prompt is llama-server's."""
     if not isinstance(tools, list):
         raise InvalidConfigError(f"tools must be a list of {{'type': 'function', 'function': {{...}}}}, not "
                                  f"{type(tools).__name__}.")
+    rebuilt = []
     for index, tool in enumerate(tools):
         function = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(function, dict):
@@ -331,10 +372,15 @@ def check_tools(tools: Any) -> list[dict]:
         if not isinstance(name, str) or not name or len(name) > 64 or not all(c.isalnum() or c in "_-." for c in name):
             raise InvalidConfigError(f"tools[{index}].function.name must be 1-64 letters, digits, '_', '-' or '.', "
                                      f"not {name!r}.")
-        parameters = function.get("parameters", {})
+        parameters = function.get("parameters") or {}
         if not isinstance(parameters, dict):
             raise InvalidConfigError(f"tools[{index}].function.parameters must be a JSON Schema object.")
-    return tools
+        description = function.get("description") or ""
+        if not isinstance(description, str):
+            raise InvalidConfigError(f"tools[{index}].function.description must be a string.")
+        rebuilt.append({"type": "function", "function": {"name": name, "description": description,
+                                                         "parameters": parameters}})
+    return rebuilt
 
 def with_tools_described(messages: list[dict], tools: list[dict], *, forced: bool) -> list[dict]:
     """``messages`` (normalised: contents are strings) for a template with no tools section: the tools

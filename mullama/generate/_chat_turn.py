@@ -39,7 +39,7 @@ def chat_prompt(model: Model, messages: list[dict[str, Any]], config: StreamConf
                                  field="chat_template_kwargs")
     template = load_template(chat_template) if chat_template is not None else model.chat_template
     if tools:
-        check_tools(tools)
+        tools = check_tools(tools)
         if template is None:
             raise InvalidConfigError("this model has no chat template to describe tools with; pass chat_template=...")
         calling = tool_calling(template, tools, tool_choice, parallel_tool_calls)

@@ -91,6 +91,11 @@ def rendered_prompt(served: Served, parsed: ParsedRequest, settings: ServerSetti
     return prompt, config
 
 
+# The library's words name Model.load; a server's user starts the server instead.
+SERVED_TEXT_ONLY = ("this model takes text only: send text, or serve it with its projector (mullama serve MODEL "
+                    "--mmproj FILE.gguf; a hub model with one finds it itself) to send images or audio.")
+
+
 @contextmanager
 def _refusals(parsed: ParsedRequest) -> Iterator[None]:
     """The library's refusals of a request's prompt as the client's errors (400, or 413 for media too large)."""
@@ -98,7 +103,8 @@ def _refusals(parsed: ParsedRequest) -> Iterator[None]:
     try:
         yield
     except MediaError as exc:  # an image or clip that cannot be used: the client's to fix
-        raise APIError(413 if exc.code == "MEDIA_TOO_LARGE" else 400, str(exc), param=param, code=exc.code) from None
+        message = SERVED_TEXT_ONLY if str(exc).startswith("this model takes text only") else str(exc)
+        raise APIError(413 if exc.code == "MEDIA_TOO_LARGE" else 400, message, param=param, code=exc.code) from None
     except (TemplateError, TokenizeError, InvalidConfigError) as exc:
         if isinstance(exc, InvalidConfigError) and exc.field is not None:  # a setting the request gave
             raise config_error(exc, parsed.field_names) from None

@@ -39,8 +39,8 @@ from ._http import (
 )
 from ._keep_alive import parse_keep_alive
 from ._ollama_details import capabilities, chat_template, describe, listing, model_projector, running
-from ._openai_shapes import Piece, described_tokens, logprob_entries
 from ._request import APIError, ParsedRequest, bad, boolean, capped_max_tokens, config_error, integer
+from ._token_logprobs import Piece, described_tokens, logprob_entries
 from ._workers import ADMIN, DOWNLOADS, EMBEDDINGS
 
 __all__ = ["OLLAMA", "chat", "chat_line", "copy", "delete", "done_line", "embed", "embeddings", "error_body",

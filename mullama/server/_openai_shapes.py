@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ..generate._sequence import Token
 from ._http import SSE, WireFormat
 from ._request import APIError
+from ._token_logprobs import Piece, carrying, described_tokens, logprob_entries
 from ._tool_calls import CallArguments, CallStart
 
 __all__ = ["OPENAI", "Choice", "Piece", "chunk", "completion_body", "described_tokens", "error_body", "error_event",
@@ -42,39 +42,11 @@ def tool_call_delta(event: CallStart | CallArguments) -> dict:
     return {"index": event.index, "function": {"arguments": event.text}}
 
 
-Piece = Callable[[int], bytes]  # a token id's bytes (Model._cached_piece)
-
-
-def described_tokens(tokens: list[Token]) -> list[Token]:
-    """The tokens whose logprobs a whole choice carries: those of its content (not its thought), up to
-    the last one that released text. The tokens of a matched stop sequence, held back and then dropped
-    with it, are left out (as llama-server trims them), so the logprobs describe exactly the text
-    returned. A stream sends the same tokens, each with the piece of text that releases it."""
-    content = [token for token in tokens if token.kind != "reasoning"]
-    end = next((i + 1 for i in range(len(content) - 1, -1, -1) if content[i].text), 0)
-    return content[:end]
-
-
-def _carrying(tokens: list[Token] | None, piece: Piece) -> list[Token]:
-    """The tokens that carry logprobs and have text (end-of-generation tokens, which have none, are left
-    out as OpenAI does)."""
-    return [t for t in tokens or () if t.logprob is not None and (t.text or piece(t.id))]
-
-
-def logprob_entries(tokens: list[Token] | None, piece: Piece) -> list[dict]:
-    """A chat's logprobs of ``tokens``, one entry per token that carries them: its text, logprob, bytes
-    and ``top_logprobs`` (each with its text, logprob and bytes). OpenAI's ``logprobs.content`` and
-    ollama's ``logprobs`` are both lists of these."""
-    return [{"token": piece(t.id).decode("utf-8", "replace"), "logprob": t.logprob, "bytes": list(piece(t.id)),
-             "top_logprobs": [{"token": top.text, "logprob": top.logprob, "bytes": list(top.bytes)}
-                              for top in t.top_logprobs]} for t in _carrying(tokens, piece)]
-
-
 def logprobs_body(kind: str, tokens: list[Token] | None, piece: Piece, offset: int = 0) -> dict | None:
     """The ``logprobs`` of a choice for ``tokens`` (those that carry logprobs and have text: see
-    ``_carrying``), or None when they carry none. ``offset``: where the text of ``tokens`` starts in the
+    ``carrying``), or None when they carry none. ``offset``: where the text of ``tokens`` starts in the
     choice's (a completion's ``text_offset``, for a stream's pieces)."""
-    kept = _carrying(tokens, piece)
+    kept = carrying(tokens, piece)
     if not kept:
         return None
     if kind == "chat":
@@ -124,7 +96,7 @@ def chunk(kind: str, request_id: str, model: str, created: int, *, text: str | N
     if kind == "chat":
         delta: dict = {}
         if role:
-            delta = {"role": "assistant", "content": ""}
+            delta = {"role": "assistant", "content": text}  # OpenAI's "" (None before calls alone)
         elif tool_call is not None:
             delta = {"tool_calls": [tool_call]}
         elif reasoning is not None:
