@@ -204,3 +204,38 @@ def test_a_shortened_history_starts_at_a_user_message_and_keeps_every_system_mes
     assert contents(9) == contents(7) == ["s1", "s2", "u2", "a2", "u3", "", "t3"]
     assert contents(6) == contents(5) == ["s1", "s2", "u3", "", "t3"]
     assert contents(2) == ["s1", "s2", "u3", "", "t3"]  # the last turn stays, fitting or not
+
+
+# --- think: the thought apart, or off ----------------------------------------------------------------
+def test_a_thought_comes_as_thinking_streamed_and_not_as_the_openai_routes_reasoning(build, model_path):
+    """DeepSeek-R1's template opens <think> at the end of the prompt: what the model writes first is its
+    thought, which ollama answers as ``message.thinking`` (``thinking`` beside a generate ``response``),
+    each streamed line with its piece; it equals the OpenAI route's ``reasoning_content``."""
+    path = template_path(build, "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja")
+    with mullama.Model.load(model_path, chat_template=path) as model, \
+            serving(model, settings=ServerSettings(model_name="m"), parallel=1, n_ctx=1024) as (server, _engine):
+        local = ollama.Client(host=server.url)
+        whole = local.chat(model="m", messages=MESSAGES, think=True, options=GREEDY)
+        reference = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused").chat.completions.create(
+            model="m", messages=MESSAGES, temperature=0, max_tokens=24).choices[0].message
+        assert whole.message.thinking and whole.message.thinking == reference.reasoning_content
+        assert whole.message.content == (reference.content or "")
+        pieces = list(local.chat(model="m", messages=MESSAGES, think=True, options=GREEDY, stream=True))
+        assert "".join(piece.message.thinking or "" for piece in pieces) == whole.message.thinking
+        assert "".join(piece.message.content or "" for piece in pieces) == whole.message.content
+        generated = local.generate(model="m", prompt="Name a planet.", think=True, options=GREEDY)
+        assert generated.thinking and "<think>" not in generated.response
+
+
+def test_think_false_turns_a_thinking_templates_thought_off(build, model_path):
+    """Qwen3's template closes an empty thought when enable_thinking is false: ollama's ``think: false``
+    gives it that (the prompt grows by the closed thought), and no thinking comes back."""
+    path = template_path(build, "Qwen-Qwen3-0.6B.jinja")
+    with mullama.Model.load(model_path, chat_template=path) as model, \
+            serving(model, settings=ServerSettings(model_name="m"), parallel=1, n_ctx=1024) as (server, _engine):
+        local = ollama.Client(host=server.url)
+        unset = local.chat(model="m", messages=MESSAGES, options={"num_predict": 2})
+        off = local.chat(model="m", messages=MESSAGES, think=False, options={"num_predict": 2})
+        closed = model.tokenize("<think>\n\n</think>\n\n", add_special=False, parse_special=True)
+        assert off.prompt_eval_count == unset.prompt_eval_count + len(closed)
+        assert not off.message.thinking

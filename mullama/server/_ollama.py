@@ -39,13 +39,14 @@ from ._http import (
 )
 from ._keep_alive import parse_keep_alive
 from ._ollama_details import capabilities, chat_template, describe, listing, model_projector, running
+from ._ollama_shapes import chat_line, done_line
 from ._request import APIError, ParsedRequest, bad, boolean, capped_max_tokens, config_error, integer
 from ._token_logprobs import Piece, described_tokens, logprob_entries
 from ._workers import ADMIN, DOWNLOADS, EMBEDDINGS
 
-__all__ = ["OLLAMA", "chat", "chat_line", "copy", "delete", "done_line", "embed", "embeddings", "error_body",
+__all__ = ["OLLAMA", "chat", "copy", "delete", "embed", "embeddings", "error_body",
            "error_event", "generate", "parse_chat", "parse_generate", "ps", "pull", "shorten", "show", "tags",
-           "timestamp", "version"]
+           "version"]
 
 VERSION = "0.13.0"  # the ollama API version whose shapes these are
 # ollama option -> StreamConfig field (options not listed, such as num_ctx or num_thread, are server settings)
@@ -122,14 +123,20 @@ def _stream(body: dict) -> bool:
 
 def _think(body: dict) -> bool:
     """Whether the request asks the model to think (``think``: true or a level): a model whose chat
-    template has no thought is then refused, as ollama refuses it (see prompt_tokens). ``false`` and
-    absent ask nothing."""
+    template has no thought is then refused, as ollama refuses it (see prompt_tokens). ``false`` turns a
+    thinking template's thought off (_template_variables); absent asks nothing."""
     think = body.get("think")
     if think is None or isinstance(think, bool):
         return bool(think)
     if think not in THINK_LEVELS:
         raise bad(f"invalid think value: {think!r} (true, false, or one of {', '.join(THINK_LEVELS)}).", "think")
     return True
+
+
+def _template_variables(body: dict) -> dict | None:
+    """``think: false`` asks a thinking template not to think (Qwen3's ``enable_thinking``), as ollama
+    turns thinking off; other templates ignore the variable."""
+    return {"enable_thinking": False} if body.get("think") is False else None
 
 
 def _with_images(text: Any, images: Any, where: str) -> list[dict]:
@@ -172,7 +179,8 @@ def parse_chat(body: Any, *, max_tokens_limit: int) -> ParsedRequest:
         raise bad("tools must be a list.")
     return ParsedRequest("chat", _config(body, max_tokens_limit), _stream(body), False,
                          messages=_messages(body.get("messages")), tools=tools, model=requested_model(body),
-                         think=_think(body), truncate=boolean(body, "truncate", True), field_names=FIELD_NAMES)
+                         think=_think(body), truncate=boolean(body, "truncate", True), field_names=FIELD_NAMES,
+                         chat_template_kwargs=_template_variables(body))
 
 
 def parse_generate(body: Any, *, max_tokens_limit: int) -> ParsedRequest:
@@ -197,44 +205,8 @@ def parse_generate(body: Any, *, max_tokens_limit: int) -> ParsedRequest:
     messages = ([{"role": "system", "content": system}] if isinstance(system, str) and system else [])
     content = _with_images(prompt, body["images"], "images") if body.get("images") else prompt
     return ParsedRequest("chat", config, stream, False, messages=[*messages, {"role": "user", "content": content}],
-                         model=requested_model(body), think=_think(body), field_names=FIELD_NAMES)
-
-
-def timestamp() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1e6) % 1_000_000:06d}Z"
-
-
-def chat_line(kind: str, model: str, text: str = "", tool_calls: list[Any] | None = None,
-              logprobs: list[dict] | None = None) -> dict:
-    """One streamed piece: ``message`` for /api/chat, ``response`` for /api/generate; with ``logprobs``,
-    those of the tokens whose text it carries (ollama leaves the field out when there are none)."""
-    if kind == "chat":
-        message: dict[str, Any] = {"role": "assistant", "content": text}
-        if tool_calls:
-            message["tool_calls"] = [{"function": {"name": call.name, "arguments": json.loads(call.arguments)}}
-                                     for call in tool_calls]
-        line = {"model": model, "created_at": timestamp(), "message": message, "done": False}
-    else:
-        line = {"model": model, "created_at": timestamp(), "response": text, "done": False}
-    if logprobs:
-        line["logprobs"] = logprobs
-    return line
-
-
-def done_line(kind: str, model: str, job: Any, started: float, text: str = "", tool_calls: list[Any] | None = None,
-              logprobs: list[dict] | None = None) -> dict:
-    """The last line (or the whole non-streamed body, with the logprobs of all its tokens): the reason
-    and ollama's statistics."""
-    line = chat_line(kind, model, text, tool_calls, logprobs)
-    sequence = job._sequence
-    prompt_seconds = job.prompt_seconds() or 0.0
-    first, last = sequence.first_token, sequence.last_token
-    line.update(done=True, done_reason="length" if job.finish_reason == "length" else "stop",
-                total_duration=int((time.perf_counter() - started) * 1e9), load_duration=0,
-                prompt_eval_count=job.prompt_tokens, prompt_eval_duration=int(prompt_seconds * 1e9),
-                eval_count=job.completion_tokens,
-                eval_duration=int(((last - first) if first is not None and last is not None else 0.0) * 1e9))
-    return line
+                         model=requested_model(body), think=_think(body), field_names=FIELD_NAMES,
+                         chat_template_kwargs=_template_variables(body))
 
 
 # --- routes ------------------------------------------------------------------------------------
@@ -267,7 +239,7 @@ async def _generation(request: Request, kind: str) -> Response:
 
     def answer(tokens: list[Token]) -> dict:
         logprobs = logprob_entries(described_tokens(tokens), piece)
-        return done_line(kind, name, job, started, job.text, job.tool_calls, logprobs)
+        return done_line(kind, name, job, started, job.text, job.tool_calls, logprobs, job.reasoning)
 
     return await stream_or_collect(request, OLLAMA, lease, [job], stream=parsed.stream,
                                    events=lambda: _lines(job, kind, name, started, request, piece),
@@ -295,11 +267,14 @@ async def _lines(job: EngineRequest, kind: str, name: str, started: float, reque
                  ) -> AsyncGenerator[str, None]:
     """The NDJSON lines of a streamed answer: one per piece of content, with the logprobs (when asked
     for) of the tokens that released it (a token whose text is held back, part of a character or of a
-    possible stop sequence, is described with the piece that releases it), then the done line."""
+    possible stop sequence, is described with the piece that releases it), the thought's pieces as
+    ``thinking``, then the done line."""
     pending: list[Token] = []
     try:
         while (token := await job.next_token()) is not None:
             if token.kind == "reasoning":
+                if token.text:
+                    yield json.dumps(chat_line(kind, name, thinking=token.text), ensure_ascii=False) + "\n"
                 continue
             pending.append(token)
             if token.text and token.kind == "content":
