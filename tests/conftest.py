@@ -98,6 +98,19 @@ def qwen_template(build):
 
 
 @pytest.fixture(scope="module")
+def qwen_served(model_path, qwen_template):
+    """The real server app for the default model with the Qwen 2.5 template (it writes tool calls), in
+    this process (1 stream of 2048 tokens, served as "m")."""
+    from inprocess_server import serving
+
+    from mullama.server import ServerSettings
+
+    with mullama.Model.load(model_path, chat_template=qwen_template) as loaded, \
+            serving(loaded, settings=ServerSettings(model_name="m"), parallel=1, n_ctx=2048) as (server, _engine):
+        yield server
+
+
+@pytest.fixture(scope="module")
 def qwen_server(build, model_path, qwen_template):
     """llama-server on the default model with the Qwen 2.5 template (--jinja --chat-template-file)."""
     server = upstream.LlamaServer(build.tool("llama-server"), model_path, threads=default_threads(),

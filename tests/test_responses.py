@@ -38,15 +38,6 @@ def client(served) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused")
 
 
-@pytest.fixture(scope="module")
-def qwen(build, model_path):
-    """The default model with a template that writes tool calls (Qwen 2.5's), served: (server, client)."""
-    template = template_path(build, "Qwen-Qwen2.5-7B-Instruct.jinja")
-    with mullama.Model.load(model_path, chat_template=template) as loaded, \
-            serving(loaded, settings=ServerSettings(model_name="m"), parallel=1, n_ctx=2048) as (server, _engine):
-        yield server, openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
-
-
 def chat_answer(client: openai.OpenAI, messages: list[dict], **options) -> tuple[str, int, int]:
     """The chat route's greedy answer: its text, prompt tokens and completion tokens."""
     reply = client.chat.completions.create(model="m", messages=messages, temperature=0, **options)
@@ -175,11 +166,11 @@ def test_a_multi_turn_input_with_a_function_call_and_its_output(client):
 
 
 # --- tools and structured output ----------------------------------------------------------------
-def test_forced_function_call_streamed_and_not_then_its_result(qwen):
+def test_forced_function_call_streamed_and_not_then_its_result(qwen_served):
     """A named tool_choice gives a function_call item (call_id, name, JSON arguments); streamed, its
     arguments come as deltas that join to the same call; sending the call and its output back gives a
     text answer."""
-    _server, client = qwen
+    client = openai.OpenAI(base_url=f"{qwen_served.url}/v1", api_key="unused")
     question = "What is the weather in Paris?"
     called = client.responses.create(model="m", input=question, tools=[WEATHER_TOOL],
                                      tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=60,

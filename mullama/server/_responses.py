@@ -194,8 +194,10 @@ def _as_parts(content: Any) -> list[dict]:
 
 
 def _tools(value: Any) -> list[dict] | None:
-    """Responses' flat function tools (``{"type": "function", "name", "description", "parameters"}``)
-    as chat tools. Hosted tools (web search, files, ...) run on OpenAI's side: refused here."""
+    """Responses' flat function tools (``{"type": "function", "name", "description", "parameters",
+    "strict"}``) as the chat tools llama-server's converter makes: the tool without its ``type`` is the
+    function, ``strict`` true when not given (the chat route then gives the template what llama-server
+    gives it). Hosted tools (web search, files, ...) run on OpenAI's side: refused here."""
     if value is None:
         return None
     if not isinstance(value, list):
@@ -208,8 +210,8 @@ def _tools(value: Any) -> list[dict] | None:
                       f"\"parameters\": {{...}}}}) are supported; {kind!r} is not.", "tools")
         if not isinstance(tool.get("name"), str):
             raise bad(f"tools[{index}] needs a 'name'.", "tools")
-        function = {"name": tool["name"], "description": tool.get("description") or "",
-                    "parameters": tool.get("parameters") or {}}
+        function = {key: field for key, field in tool.items() if key != "type"}
+        function.setdefault("strict", True)
         tools.append({"type": "function", "function": function})
     return tools
 
