@@ -187,3 +187,17 @@ def test_max_tokens_above_the_limit_is_capped_on_every_route(capped):
     assert answer.done_reason == "length" and answer.eval_count == 5
     with pytest.raises(anthropic.BadRequestError, match="max_tokens"):  # below 1 is still refused
         claude.messages.create(model="m", max_tokens=0, messages=story)
+
+
+def test_usage_counts_the_prompt_tokens_the_cache_kept_streamed_or_not(client):
+    """A repeated request reuses its slot's prompt (all but the last token, which is decoded again for
+    its logits); the usage says so, read when the engine has admitted it (it once raced the engine)."""
+    messages = [{"role": "system", "content": "You count the prompt cache's tokens."}, *COUNT]
+    request = {"model": "m", "messages": messages, "max_tokens": 2, "temperature": 0}
+    client.chat.completions.create(**request)
+    for _ in range(3):
+        again = client.chat.completions.create(**request).usage
+        assert again.prompt_tokens_details.cached_tokens == again.prompt_tokens - 1
+        chunks = list(client.chat.completions.create(**request, stream=True, stream_options={"include_usage": True}))
+        streamed = chunks[-1].usage
+        assert streamed.prompt_tokens_details.cached_tokens == streamed.prompt_tokens - 1

@@ -12,7 +12,7 @@ import asyncio
 import json
 import math
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -329,7 +329,9 @@ async def _generate(request: Request, kind: str) -> Response:
     request_id, name = new_id(kind), lease.name
     first_choices = jobs[::parsed.n]  # one per prompt: its prompt tokens count once in the usage
     n_prompt = sum(job.prompt_tokens for job in first_choices)
-    n_cached = sum(job.cached_tokens for job in first_choices)
+
+    def n_cached() -> int:  # known once the engine admitted the sequences: read when the usage is written
+        return sum(job.cached_tokens for job in first_choices)
     assert lease.served.model is not None
     piece = lease.served.model._cached_piece
     # A trailing assistant message is continued; as llama-server, the answer's content starts with it. With
@@ -341,7 +343,7 @@ async def _generate(request: Request, kind: str) -> Response:
         choices = [_choice(job, tokens, kind, piece, text, parsed.echo)
                    for job, tokens, text in zip(jobs, generated, before)]
         return completion_body(kind, request_id, name, choices, n_prompt, sum(job.completion_tokens for job in jobs),
-                               n_cached)
+                               n_cached())
 
     return await stream_or_collect(
         request, OPENAI, lease, jobs, stream=parsed.stream,
@@ -368,7 +370,7 @@ def _choice(job: EngineRequest, tokens: list[Token], kind: str, piece: Piece, be
 
 
 async def _events(jobs: list[EngineRequest], parsed: ParsedRequest, kind: str, request_id: str,
-                  prompt_usage: tuple[int, int],
+                  prompt_usage: tuple[int, Callable[[], int]],
                   model_name: str, piece: Piece, request: Request, before: list[str]) -> AsyncGenerator[str, None]:
     """The SSE body of a streamed answer: the role, then text, thought and tool-call deltas per choice as
     they come, each choice's finish_reason, usage when asked for, and ``[DONE]``. With usage asked for,
@@ -426,7 +428,7 @@ async def _events(jobs: list[EngineRequest], parsed: ParsedRequest, kind: str, r
         completion_tokens = sum(job.completion_tokens for job in jobs)
         if parsed.include_usage:
             yield event(usage_chunk(kind, request_id, model_name, stamp, prompt_usage[0], completion_tokens,
-                                    prompt_usage[1]))
+                                    prompt_usage[1]()))
         yield "data: [DONE]\n\n"
         state(request).finished(request.scope, completion_tokens)
     finally:  # the client went away, or we are done: either way the sequences stop now
