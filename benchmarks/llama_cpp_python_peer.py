@@ -9,7 +9,8 @@ PYTHON``), send it one job as JSON on stdin and read the figures back as JSON on
     {"model": PATH, "threads": 2, "n_ctx": 4096, "flash_attn": true | false | null, "reps": 3,
      "prompt_lookup": null | {"max_ngram_size": 2, "num_pred_tokens": 10},
      "decode": {NAME: [TOKEN, ...], ...}, "tokens": 128,       # greedy decode speed per prompt
-     "first_token": [TOKEN, ...]}                             # optional: time to first token, after reset()
+     "first_token": [TOKEN, ...],                             # optional: time to first token, after reset()
+     "score": {NAME: TEXT, ...}}                               # optional: echo + logprobs 1 of each prompt
 
 Decode speed is the tokens after the first over the time they took: a whole completion's time less that
 of a one-token completion of the same prompt (the prompt and the first token), the median of ``reps``;
@@ -43,6 +44,8 @@ def _serve(job: dict[str, Any]) -> dict[str, Any]:
     flash = job.get("flash_attn")
     if flash is not None:
         options["flash_attn"] = flash
+    if job.get("score"):  # its echo with logprobs needs every row's logits kept (else it refuses)
+        options["logits_all"] = True
     lookup = job.get("prompt_lookup")
     if lookup is not None:
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
@@ -79,6 +82,20 @@ def _serve(job: dict[str, Any]) -> dict[str, Any]:
             next(iter(llm.create_completion(job["first_token"], max_tokens=1, temperature=0.0, stream=True)))
             times.append(time.perf_counter() - start)
         figures["first_token_seconds"] = statistics.median(times)
+
+    scored: dict[str, Any] = {}
+    for name, prompt in job.get("score", {}).items():  # lm-eval's loglikelihood request, as it makes it
+        times, logprobs = [], []
+        for _ in range(reps):
+            llm.reset()
+            start = time.perf_counter()
+            reply = llm.create_completion(prompt, max_tokens=1, temperature=0.0, echo=True, logprobs=1)
+            times.append(time.perf_counter() - start)
+            n_prompt = len(llm.tokenize(prompt.encode("utf-8")))  # the prompt's (a generated one may follow)
+            logprobs = [None if lp is None else float(lp)  # numpy floats: as JSON numbers
+                        for lp in reply["choices"][0]["logprobs"]["token_logprobs"][:n_prompt]]
+        scored[name] = {"seconds": statistics.median(times), "token_logprobs": logprobs}
+    figures["score"] = scored
     return figures
 
 
