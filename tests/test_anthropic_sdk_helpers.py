@@ -9,6 +9,7 @@ import json
 
 import anthropic  # the test extra installs it: a missing package fails, never skips
 import httpx
+import pytest
 from anthropic import beta_tool
 
 GREEDY = {"temperature": 0}  # the SDK has no temperature argument any more; the API field still exists
@@ -92,3 +93,20 @@ def test_a_repeated_prompt_is_read_from_the_cache_as_llama_server_reports_it(ser
     start, delta = stream_usage(claude, **request)
     assert start == {**theirs["usage"], "output_tokens": 0}
     assert delta == theirs["usage"]  # llama-server's message_delta has output_tokens alone; Anthropic's all
+
+
+def test_the_sdk_lists_and_retrieves_models_in_anthropics_shape(served):
+    """GET /v1/models is OpenAI's path too: the anthropic SDK (its anthropic-version header says so) gets
+    Anthropic's model objects, any other client OpenAI's."""
+    import openai
+
+    claude = anthropic.Anthropic(base_url=served.url, api_key="unused")
+    page = claude.models.list()
+    assert [model.id for model in page.data] == ["smollm2:135m"] and page.has_more is False
+    model = claude.models.retrieve("smollm2:135m")
+    assert model.type == "model" and model.display_name == "smollm2:135m" and model.created_at.year >= 2026
+    with pytest.raises(anthropic.NotFoundError) as missing:
+        claude.models.retrieve("no-such-model")
+    assert missing.value.body["error"]["type"] == "not_found_error"
+    listed = openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused").models.list()
+    assert [entry.id for entry in listed] == ["smollm2:135m"] and listed.data[0].object == "model"

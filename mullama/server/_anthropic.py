@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -376,3 +377,29 @@ async def _events(job: EngineRequest, message_id: str, model_name: str, request:
         # cumulative, as Anthropic's are (LangChain reads the stream's usage from this event alone)
         "usage": usage(job, job.completion_tokens)})
     yield event("message_stop", {})
+
+
+# --- models: GET /v1/models is OpenAI's path too; the app sends the anthropic SDK's requests here --------
+def _model_object(spec_name: str, created: int) -> dict:
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created))
+    return {"type": "model", "id": spec_name, "display_name": spec_name, "created_at": stamp}
+
+
+@endpoint(ANTHROPIC)
+async def list_models(request: Request) -> Response:
+    """Anthropic's list of models: every model the server answers for, with its ids first and last."""
+    server = state(request)
+    data = [_model_object(spec.name, server.created) for spec in server.pool.specs]
+    return JSONResponse({"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
+                         "last_id": data[-1]["id"] if data else None})
+
+
+@endpoint(ANTHROPIC)
+async def retrieve_model(request: Request) -> Response:
+    """One model, by its name or an alias; any other name is Anthropic's 404 ``not_found_error``."""
+    server = state(request)
+    name = request.path_params["model"]
+    spec = server.pool.named_exactly(name)
+    if spec is None:
+        raise APIError(404, f"model: {name[:200]}", type="not_found_error", param="model")
+    return JSONResponse(_model_object(spec.name, server.created))

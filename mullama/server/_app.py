@@ -18,7 +18,7 @@ from starlette.routing import Route, WebSocketRoute
 from ..generate._engine import Engine
 from ..generate._model import Model
 from . import _anthropic, _embeddings, _infill, _lora, _ollama, _openai, _rerank, _responses, _slots, _tokenizer
-from ._http import ServerSettings, ServerState, WireFormat, declared_format, endpoint, state
+from ._http import Handler, ServerSettings, ServerState, WireFormat, declared_format, endpoint, speaks, state
 from ._openai_shapes import OPENAI
 from ._pool import ModelPool
 from ._request import APIError
@@ -130,12 +130,20 @@ async def _no_route(request: Request, exc: Exception) -> Response:
     return JSONResponse(route_format(request.url.path).error_body(problem), status_code=status)
 
 
+def _by_client(openai: Handler, anthropic: Handler) -> Handler:
+    """A path both OpenAI's API and Anthropic's have (GET /v1/models): the anthropic SDK's requests, which
+    carry its ``anthropic-version`` header, get Anthropic's shapes; every other client OpenAI's."""
+    async def route(request: Request) -> Response:
+        return await (anthropic if "anthropic-version" in request.headers else openai)(request)
+    return speaks(OPENAI)(route)
+
+
 ROUTES = [
     Route("/v1/chat/completions", _openai.chat_completions, methods=["POST"]),
     Route("/v1/completions", _openai.completions, methods=["POST"]),
     Route("/v1/embeddings", _embeddings.embeddings, methods=["POST"]),
-    Route("/v1/models", _openai.list_models, methods=["GET"]),
-    Route("/v1/models/{model:path}", _openai.retrieve_model, methods=["GET"]),
+    Route("/v1/models", _by_client(_openai.list_models, _anthropic.list_models), methods=["GET"]),
+    Route("/v1/models/{model:path}", _by_client(_openai.retrieve_model, _anthropic.retrieve_model), methods=["GET"]),
     Route("/v1/responses", _responses.responses, methods=["POST"]),
     Route("/v1/responses/input_tokens", _responses.input_tokens, methods=["POST"]),
     Route("/v1/messages", _anthropic.messages, methods=["POST"]),
