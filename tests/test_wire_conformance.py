@@ -201,3 +201,11 @@ def test_usage_counts_the_prompt_tokens_the_cache_kept_streamed_or_not(client):
         chunks = list(client.chat.completions.create(**request, stream=True, stream_options={"include_usage": True}))
         streamed = chunks[-1].usage
         assert streamed.prompt_tokens_details.cached_tokens == streamed.prompt_tokens - 1
+
+
+def test_modalities_text_is_accepted_and_audio_refused_by_name(client):
+    answer = client.chat.completions.create(model="m", messages=COUNT, max_tokens=2, modalities=["text"])
+    assert answer.choices[0].message.content is not None
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="m", messages=COUNT, max_tokens=2, modalities=["text", "audio"])
+    assert refused.value.body["param"] == "modalities" and "answers in text" in refused.value.message

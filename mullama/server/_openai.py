@@ -68,7 +68,8 @@ _COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p
            "stream_options", "n", "frequency_penalty", "presence_penalty", "user", "store", "metadata",
            "service_tier", "logprobs", "top_logprobs", "logit_bias", "response_format", "parallel_tool_calls",
            "tools", "tool_choice"} | LLAMA_FIELDS
-CHAT_FIELDS = _COMMON | {"messages", "chat_template_kwargs"}  # the latter llama-server's (enable_thinking, ...)
+# chat_template_kwargs: llama-server's (enable_thinking, ...); modalities: OpenAI's output kinds
+CHAT_FIELDS = _COMMON | {"messages", "chat_template_kwargs", "modalities"}
 COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "suffix", "best_of"}
 MAX_STOPS = 16
 MAX_CHOICES = 8
@@ -99,6 +100,8 @@ def parse_request(body: Any, kind: str, *, max_tokens_limit: int) -> ParsedReque
     if tools is None and tool_choice not in ("auto", "none"):
         raise bad("'tool_choice' needs 'tools'.", "tool_choice")
     parallel = boolean(body, "parallel_tool_calls", True)
+    if body.get("modalities") not in (None, ["text"]):  # OpenAI's output modalities: text is what a model here writes
+        raise bad("'modalities' can only be [\"text\"]: this server answers in text.", "modalities")
     reasoning_format = body.get("reasoning_format", "auto")
     if reasoning_format not in ("auto", "none", "deepseek"):
         raise bad("'reasoning_format' must be 'auto', 'deepseek' (the same) or 'none'.", "reasoning_format")
