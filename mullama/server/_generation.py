@@ -70,21 +70,22 @@ def rendered_prompt(served: Served, parsed: ParsedRequest, settings: ServerSetti
     if parsed.think and not thinks(model.chat_template):  # ollama's words for it
         raise APIError(400, f"{json.dumps(parsed.model or served.spec.name)} does not support thinking",
                        param="think")
+    prompt: str | MediaPrompt | list[int]
     if parsed.messages is None:
-        return parsed.prompts[which], parsed.config
-    if model.chat_template is None:
+        prompt, config = parsed.prompts[which], parsed.config
+    elif model.chat_template is None:
         raise APIError(400, f"{served.spec.name} has no chat template (a base model): send a prompt to a "
                             "completion route, or start the server with --chat-template-file.", param=param,
                        code="no_chat_template")
-    options = {"tools": parsed.tools, "tool_choice": parsed.tool_choice,
-               "parallel_tool_calls": parsed.parallel_tool_calls, "chat_template": None,
-               "chat_template_kwargs": parsed.chat_template_kwargs, "reasoning_format": parsed.reasoning_format}
-    with _refusals(parsed):
-        prompt: str | MediaPrompt
-        if media:
-            prompt, config = chat_turn(model, parsed.messages, parsed.config, limits=settings.media, **options)
-        else:
-            prompt, config = chat_prompt(model, chat_media(model, parsed.messages)[0], parsed.config, **options)
+    else:
+        options = {"tools": parsed.tools, "tool_choice": parsed.tool_choice,
+                   "parallel_tool_calls": parsed.parallel_tool_calls, "chat_template": None,
+                   "chat_template_kwargs": parsed.chat_template_kwargs, "reasoning_format": parsed.reasoning_format}
+        with _refusals(parsed):
+            if media:
+                prompt, config = chat_turn(model, parsed.messages, parsed.config, limits=settings.media, **options)
+            else:
+                prompt, config = chat_prompt(model, chat_media(model, parsed.messages)[0], parsed.config, **options)
     if isinstance(prompt, str) and len(prompt) > settings.max_prompt_chars:
         raise APIError(413, f"the prompt is {len(prompt)} characters long once rendered; the limit is "
                             f"{settings.max_prompt_chars}.", param=param)
