@@ -25,6 +25,7 @@ from ..generate._engine import EngineRequest
 from ..generate._sequence import Token
 from ._generation import start
 from ._http import ServerState, drain, endpoint, merged, read_json, requested_model, state, stream_or_collect
+from ._legacy_functions import LEGACY_FIELDS, function_call_delta, legacy_finish, legacy_messages, legacy_request
 from ._lora import parse_lora
 from ._openai_shapes import (
     OPENAI,
@@ -69,7 +70,7 @@ _COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p
            "service_tier", "logprobs", "top_logprobs", "logit_bias", "response_format", "parallel_tool_calls",
            "tools", "tool_choice"} | LLAMA_FIELDS
 # chat_template_kwargs: llama-server's (enable_thinking, ...); modalities: OpenAI's output kinds
-CHAT_FIELDS = _COMMON | {"messages", "chat_template_kwargs", "modalities"}
+CHAT_FIELDS = _COMMON | {"messages", "chat_template_kwargs", "modalities"} | LEGACY_FIELDS
 COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "suffix", "best_of"}
 MAX_STOPS = 16
 MAX_CHOICES = 8
@@ -87,19 +88,20 @@ def parse_request(body: Any, kind: str, *, max_tokens_limit: int) -> ParsedReque
     model = requested_model(body)
     n = integer(body, "n", 1, MAX_CHOICES) or 1
     n_logprobs = _requested_logprobs(body, kind)
-    tools = body.get("tools") or None
+    legacy = legacy_request(body) if kind == "chat" else None  # the deprecated functions, as tools
+    tools = legacy[0] if legacy else body.get("tools") or None
     if tools is not None and kind != "chat":
         raise bad("tools are for /v1/chat/completions.", "tools")
     if tools is not None and not isinstance(tools, list):
         raise bad("'tools' must be a list of function tools.", "tools")
-    tool_choice = body.get("tool_choice")
+    tool_choice = legacy[1] if legacy else body.get("tool_choice")
     tool_choice = "auto" if tool_choice is None else tool_choice
     if tool_choice not in ("auto", "none", "required") and not isinstance(tool_choice, dict):
         raise bad("'tool_choice' must be 'auto', 'none', 'required' or {\"type\": \"function\", ...}.",
                    "tool_choice")
     if tools is None and tool_choice not in ("auto", "none"):
         raise bad("'tool_choice' needs 'tools'.", "tool_choice")
-    parallel = boolean(body, "parallel_tool_calls", True)
+    parallel = legacy is None and boolean(body, "parallel_tool_calls", True)  # the deprecated form has one call
     if body.get("modalities") not in (None, ["text"]):  # OpenAI's output modalities: text is what a model here writes
         raise bad("'modalities' can only be [\"text\"]: this server answers in text.", "modalities")
     reasoning_format = body.get("reasoning_format", "auto")
@@ -186,8 +188,8 @@ def parse_request(body: Any, kind: str, *, max_tokens_limit: int) -> ParsedReque
         kwargs = body.get("chat_template_kwargs")
         if kwargs is not None and not isinstance(kwargs, dict):
             raise bad("'chat_template_kwargs' must be an object of the template's variables.", "chat_template_kwargs")
-        return ParsedRequest("chat", config, stream, include_usage, messages=messages, n=n, tools=tools,
-                             chat_template_kwargs=kwargs,
+        return ParsedRequest("chat", config, stream, include_usage, messages=legacy_messages(messages), n=n,
+                             tools=tools, chat_template_kwargs=kwargs, legacy_functions=legacy is not None,
                              tool_choice=tool_choice, parallel_tool_calls=parallel,
                              reasoning_format="none" if reasoning_format == "none" else "auto", model=model,
                              id_slot=requested_slot(body), field_names=names)
@@ -343,7 +345,7 @@ async def _generate(request: Request, kind: str) -> Response:
               _echoed(parsed.prompts[i // parsed.n], piece) if parsed.echo else "" for i in range(len(jobs))]
 
     def answer(generated: list[list[Token]]) -> dict:  # n choices with logprobs can be megabytes
-        choices = [_choice(job, tokens, kind, piece, text, parsed.echo)
+        choices = [_choice(job, tokens, kind, piece, text, parsed)
                    for job, tokens, text in zip(jobs, generated, before)]
         return completion_body(kind, request_id, name, choices, n_prompt, sum(job.completion_tokens for job in jobs),
                                n_cached())
@@ -359,17 +361,23 @@ def _echoed(prompt: str | list[int], piece: Piece) -> str:
     return prompt if isinstance(prompt, str) else b"".join(piece(token) for token in prompt).decode("utf-8", "replace")
 
 
-def _choice(job: EngineRequest, tokens: list[Token], kind: str, piece: Piece, before: str, echo: bool) -> Choice:
+def _choice(job: EngineRequest, tokens: list[Token], kind: str, piece: Piece, before: str,
+            parsed: ParsedRequest) -> Choice:
     """A whole choice: ``before`` (a prefill, or with ``echo`` the prompt) and the generated text, its
-    logprobs (with echo, the prompt's tokens' first), tool calls and thought."""
+    logprobs (with echo, the prompt's tokens' first), tool calls (or the deprecated function call) and
+    thought."""
     calls = [call.to_openai() for call in job.tool_calls] or None
+    finish = job.finish_reason or "stop"
+    if parsed.legacy_functions:
+        return Choice(before + job.text, legacy_finish(finish), logprobs_body(kind, described_tokens(tokens), piece),
+                      reasoning=job.reasoning or None, function_call=calls[0]["function"] if calls else None)
     logprobs: dict | None
-    if echo and job.config.prompt_logprobs is not None:
+    if parsed.echo and job.config.prompt_logprobs is not None:
         generated = tokens if job.stop_sequence is None else described_tokens(tokens)
         logprobs = echo_logprobs(job._sequence.scored_prompt + generated, piece)
     else:
         logprobs = logprobs_body(kind, described_tokens(tokens), piece)
-    return Choice(before + job.text, job.finish_reason or "stop", logprobs, calls, job.reasoning or None)
+    return Choice(before + job.text, finish, logprobs, calls, job.reasoning or None)
 
 
 async def _events(jobs: list[EngineRequest], parsed: ParsedRequest, kind: str, request_id: str,
@@ -409,14 +417,19 @@ async def _events(jobs: list[EngineRequest], parsed: ParsedRequest, kind: str, r
                 yield event(chunk(kind, request_id, model_name, stamp, text=before[index], index=index,
                                   logprobs=echo_logprobs(scored, piece) if scored else None))
             if token is None:
-                yield event(chunk(kind, request_id, model_name, stamp, index=index,
-                                  finish_reason=jobs[index].finish_reason))
+                finish = jobs[index].finish_reason
+                yield event(chunk(kind, request_id, model_name, stamp, index=index, finish_reason=legacy_finish(
+                    finish) if parsed.legacy_functions and finish else finish))
                 continue
             parser = jobs[index]._sequence.tools
             if parser is not None:
                 for call in calls[index].after(parser):
-                    yield event(chunk(kind, request_id, model_name, stamp, index=index,
-                                      tool_call=tool_call_delta(call)))
+                    delta = tool_call_delta(call)
+                    if not parsed.legacy_functions:
+                        yield event(chunk(kind, request_id, model_name, stamp, index=index, tool_call=delta))
+                    elif (function_call := function_call_delta(delta)) is not None:
+                        yield event(chunk(kind, request_id, model_name, stamp, index=index,
+                                          function_call=function_call))
             if token.kind == "reasoning":
                 yield event(chunk(kind, request_id, model_name, stamp, index=index, reasoning=token.text))
                 continue

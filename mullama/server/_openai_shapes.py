@@ -90,15 +90,19 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
 
 def chunk(kind: str, request_id: str, model: str, created: int, *, text: str | None = None,
           role: bool = False, finish_reason: str | None = None, logprobs: dict | None = None,
-          index: int = 0, tool_call: dict | None = None, reasoning: str | None = None) -> dict:
+          index: int = 0, tool_call: dict | None = None, reasoning: str | None = None,
+          function_call: dict | None = None) -> dict:
     """One streamed chunk of choice ``index``: the role, a piece of text (and the logprobs of its
-    tokens), a piece of a tool call (``delta.tool_calls``), or the final finish_reason."""
+    tokens), a piece of a tool call (``delta.tool_calls``, or the deprecated ``delta.function_call``),
+    or the final finish_reason."""
     if kind == "chat":
         delta: dict = {}
         if role:
             delta = {"role": "assistant", "content": text}  # OpenAI's "" (None before calls alone)
         elif tool_call is not None:
             delta = {"tool_calls": [tool_call]}
+        elif function_call is not None:
+            delta = {"function_call": function_call}
         elif reasoning is not None:
             delta = {"reasoning_content": reasoning}
         elif text is not None:
@@ -126,6 +130,7 @@ class Choice:
     logprobs: dict | None = None
     tool_calls: list[dict] | None = None
     reasoning: str | None = None
+    function_call: dict | None = None  # the deprecated form's one call: {name, arguments}
 
 
 def completion_body(kind: str, request_id: str, model: str, choices: list[Choice], prompt_tokens: int,
@@ -152,4 +157,7 @@ def _message(choice: Choice) -> dict:
     if choice.tool_calls:
         message["content"] = choice.text or None
         message["tool_calls"] = choice.tool_calls
+    if choice.function_call:
+        message["content"] = choice.text or None
+        message["function_call"] = choice.function_call
     return message
