@@ -12,7 +12,6 @@ from langchain_openai import ChatOpenAI
 from pydantic import BaseModel
 
 
-
 class Person(BaseModel):
     name: str
     age: int
@@ -88,9 +87,10 @@ def test_a_legacy_history_is_the_tools_history(served):
     legacy = [*ASK, {"role": "assistant", "content": None,
                      "function_call": {"name": "Person", "arguments": '{"name": "Ann", "age": 31}'}},
               {"role": "function", "name": "Person", "content": "saved"}]
-    tools = [*ASK, {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "call_1", "type": "function", "function": {"name": "Person", "arguments": '{"name": "Ann", "age": 31}'}}]},
-        {"role": "tool", "tool_call_id": "call_1", "name": "Person", "content": "saved"}]
+    call = {"name": "Person", "arguments": '{"name": "Ann", "age": 31}'}
+    tools = [*ASK, {"role": "assistant", "content": None,
+                    "tool_calls": [{"id": "call_1", "type": "function", "function": call}]},
+             {"role": "tool", "tool_call_id": "call_1", "name": "Person", "content": "saved"}]
     one = post(served, messages=legacy, functions=[FUNCTION], max_tokens=24).json()
     other = post(served, messages=tools, tools=[{"type": "function", "function": FUNCTION}],
                  parallel_tool_calls=False, max_tokens=24).json()

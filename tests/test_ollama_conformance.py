@@ -239,3 +239,44 @@ def test_think_false_turns_a_thinking_templates_thought_off(build, model_path):
         closed = model.tokenize("<think>\n\n</think>\n\n", add_special=False, parse_special=True)
         assert off.prompt_eval_count == unset.prompt_eval_count + len(closed)
         assert not off.message.thinking
+
+
+# --- context: /api/generate's conversational memory (deprecated in ollama, still sent) -------------
+def test_generate_context_is_the_conversation_and_continues_it(client, served):
+    """A templated /api/generate answer ends with ``context``: the prompt's tokens and the answer's; sent
+    back, the next prompt continues after them (its own BOS left out), exactly as a completion of those
+    tokens; a raw prompt neither returns nor reads one, as ollama's."""
+    first = client.generate(model="m", prompt="My name is Ann. Say hello to me.", options=GREEDY)
+    assert len(first.context) == first.prompt_eval_count + first.eval_count
+    rendered = httpx.post(served.url + "/apply-template", timeout=300, json={
+        "messages": [{"role": "user", "content": "My name is Ann. Say hello to me."}]}).json()["prompt"]
+    spelled = httpx.post(served.url + "/detokenize", timeout=300, json={"tokens": first.context}).json()["content"]
+    assert spelled.startswith(rendered + first.response)
+
+    second = client.generate(model="m", prompt="What is my name?", context=first.context, options=GREEDY)
+    rendered = httpx.post(served.url + "/apply-template", timeout=300, json={
+        "messages": [{"role": "user", "content": "What is my name?"}]}).json()["prompt"]
+    own = httpx.post(served.url + "/tokenize", timeout=300, json={"content": rendered}).json()["tokens"]
+    assert second.prompt_eval_count == len(first.context) + len(own)
+    same = httpx.post(served.url + "/v1/completions", timeout=300, json={
+        "model": "m", "prompt": first.context + own, "max_tokens": 24, "temperature": 0}).json()
+    assert second.response == same["choices"][0]["text"]
+    streamed = list(client.generate(model="m", prompt="What is my name?", context=first.context, options=GREEDY,
+                                    stream=True))
+    assert "".join(part.response for part in streamed) == second.response
+    assert streamed[-1].context == second.context
+    assert second.context[:len(first.context) + len(own)] == first.context + own
+
+    raw = client.generate(model="m", prompt="The capital of France is", raw=True, options=GREEDY)
+    assert raw.context is None
+    with_context = client.generate(model="m", prompt="The capital of France is", raw=True, options=GREEDY,
+                                   context=first.context)
+    assert with_context.prompt_eval_count == raw.prompt_eval_count and with_context.response == raw.response
+
+
+def test_a_context_that_is_not_token_ids_is_a_400(served):
+    for context, words in ((["a"], "context must be the list of token ids"), ([1.5], "context must be"),
+                           ([-1], "context must be"), ({"x": 1}, "context must be"), ([10**9], "token")):
+        response = httpx.post(served.url + "/api/generate", timeout=300, json={
+            "model": "m", "prompt": "Hi", "context": context, "stream": False})
+        assert response.status_code == 400 and words in response.json()["error"], (context, response.text)

@@ -145,6 +145,9 @@ def prepare(served: Served, parsed: ParsedRequest, settings: ServerSettings) -> 
     try:
         for which in range(max(1, len(parsed.prompts))):  # a chat has its messages, no prompts
             tokens, config, media = prompt_tokens(served, parsed, settings, which)
+            if parsed.context and media is None:
+                with _refusals(parsed):
+                    tokens = continued(served, parsed.context, tokens)
             for choice_config in parsed.choice_configs(config):
                 jobs.append(_submit(served, tokens, choice_config, media, parsed.id_slot, parsed.field_names))
     except BaseException:
@@ -152,6 +155,16 @@ def prepare(served: Served, parsed: ParsedRequest, settings: ServerSettings) -> 
             job.cancel()
         raise
     return jobs
+
+
+def continued(served: Served, context: list[int], tokens: list[int]) -> list[int]:
+    """A prompt after ollama's ``context`` (the tokens of an earlier prompt and its answer): that
+    conversation, then this prompt without the BOS the model starts a text with."""
+    model = served.model
+    assert model is not None  # the caller holds a lease
+    if tokens and model.add_bos and tokens[0] == model.bos_token_id:
+        tokens = tokens[1:]
+    return [*model._check_tokens(context), *tokens]
 
 
 def _submit(served: Served, tokens: list[int], config: StreamConfig, media: MediaPrompt | None = None,

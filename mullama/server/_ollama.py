@@ -196,17 +196,21 @@ def parse_generate(body: Any, *, max_tokens_limit: int) -> ParsedRequest:
     if body.get("suffix"):
         raise bad("suffix is not supported.")
     config, stream = _config(body, max_tokens_limit), _stream(body)
+    context = body.get("context") or None  # deprecated in ollama, still sent by older clients
+    if context is not None and not (isinstance(context, list) and all(
+            isinstance(token, int) and not isinstance(token, bool) and token >= 0 for token in context)):
+        raise bad("context must be the list of token ids an earlier /api/generate answer returned.", "context")
     if body.get("raw"):
         if body.get("images"):
             raise bad("images need the chat template (raw: false).")
         return ParsedRequest("completion", config, stream, False, prompts=[prompt], model=requested_model(body),
-                             think=_think(body), field_names=FIELD_NAMES)
+                             think=_think(body), field_names=FIELD_NAMES)  # ollama reads no context here
     system = body.get("system")
     messages = ([{"role": "system", "content": system}] if isinstance(system, str) and system else [])
     content = _with_images(prompt, body["images"], "images") if body.get("images") else prompt
     return ParsedRequest("chat", config, stream, False, messages=[*messages, {"role": "user", "content": content}],
                          model=requested_model(body), think=_think(body), field_names=FIELD_NAMES,
-                         chat_template_kwargs=_template_variables(body))
+                         chat_template_kwargs=_template_variables(body), context=context)
 
 
 # --- routes ------------------------------------------------------------------------------------
@@ -239,10 +243,11 @@ async def _generation(request: Request, kind: str) -> Response:
 
     def answer(tokens: list[Token]) -> dict:
         logprobs = logprob_entries(described_tokens(tokens), piece)
-        return done_line(kind, name, job, started, job.text, job.tool_calls, logprobs, job.reasoning)
+        return _with_context(done_line(kind, name, job, started, job.text, job.tool_calls, logprobs, job.reasoning),
+                             kind, parsed, job)
 
     return await stream_or_collect(request, OLLAMA, lease, [job], stream=parsed.stream,
-                                   events=lambda: _lines(job, kind, name, started, request, piece),
+                                   events=lambda: _lines(job, kind, name, started, request, piece, parsed),
                                    collect=lambda: drain(job), answer=answer)
 
 
@@ -263,8 +268,18 @@ async def _load_or_unload(request: Request, kind: str, body: dict, keep_alive: f
     return JSONResponse(line)
 
 
-async def _lines(job: EngineRequest, kind: str, name: str, started: float, request: Request, piece: Piece
-                 ) -> AsyncGenerator[str, None]:
+def _with_context(line: dict, kind: str, parsed: ParsedRequest, job: EngineRequest) -> dict:
+    """/api/generate's done line with ``context``, as ollama's: the tokens of the prompt (after an earlier
+    context) and of the answer, which a next request sends back to continue; not for raw prompts or
+    prompts with images."""
+    sequence = job._sequence
+    if kind == "generate" and parsed.kind == "chat" and sequence.media is None:
+        line["context"] = [*sequence.prompt_tokens, *sequence.token_ids]
+    return line
+
+
+async def _lines(job: EngineRequest, kind: str, name: str, started: float, request: Request, piece: Piece,
+                 parsed: ParsedRequest) -> AsyncGenerator[str, None]:
     """The NDJSON lines of a streamed answer: one per piece of content, with the logprobs (when asked
     for) of the tokens that released it (a token whose text is held back, part of a character or of a
     possible stop sequence, is described with the piece that releases it), the thought's pieces as
@@ -287,7 +302,8 @@ async def _lines(job: EngineRequest, kind: str, name: str, started: float, reque
     finally:
         job.cancel()
     state(request).finished(request.scope, job.completion_tokens)
-    yield json.dumps(done_line(kind, name, job, started, "", job.tool_calls), ensure_ascii=False) + "\n"
+    yield json.dumps(_with_context(done_line(kind, name, job, started, "", job.tool_calls), kind, parsed, job),
+                     ensure_ascii=False) + "\n"
 
 
 def shorten(vectors: list[list[float]], dimensions: int | None) -> list[list[float]]:

@@ -63,6 +63,7 @@ class ParsedRequest:
     think: bool = False  # ollama's ``think``: the model must be able to think (its template has a thought)
     truncate: bool = False  # ollama's: a chat too long for the context loses its oldest messages (_truncation)
     legacy_functions: bool = False  # OpenAI's deprecated functions: the answer's call as function_call
+    context: list[int] | None = None  # ollama's /api/generate context: the tokens the prompt continues
     # StreamConfig field -> the request's field that set it (see config_error); a field not named is its own
     field_names: Mapping[str, str] = field(default_factory=dict)
 
