@@ -92,7 +92,7 @@ def test_input_tokens_counts_the_prompt(client):
                                        max_output_tokens=2)
     assert counted.object == "response.input_tokens"
     assert answered.usage is not None and counted.input_tokens == answered.usage.input_tokens > 20
-    with pytest.raises(openai.BadRequestError):
+    with pytest.raises(openai.NotFoundError):  # no response of that id is stored
         client.responses.input_tokens.count(model="m", input="Hi", previous_response_id="resp_1")
 
 
@@ -297,7 +297,7 @@ def test_greedy_answers_equal_llama_servers_responses(served, llama_server, ques
     ({"input": "hi", "tool_choice": "required"}, "tool_choice"),
     ({"input": "hi", "text": {"format": {"type": "xml"}}}, "text"),
     ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x"}}}, "text"),
-    ({"input": "hi", "previous_response_id": "resp_123"}, "previous_response_id"),
+    ({"input": "hi", "previous_response_id": 123}, "previous_response_id"),
     ({"input": "hi", "conversation": "conv_123"}, "conversation"),
     ({"input": "hi", "background": True}, "background"),
     ({"input": "hi", "stream": "yes"}, "stream"),
@@ -312,14 +312,14 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(served, body, par
 
 
 def test_not_json_and_the_sdks_own_errors(served, client):
-    """A body that is not JSON is a 400; the SDK raises BadRequestError for previous_response_id, whose
-    message says why."""
+    """A body that is not JSON is a 400; the SDK raises NotFoundError for a previous_response_id that no
+    stored response has, with OpenAI's code."""
     response = httpx.post(f"{served.url}/v1/responses", content=b"{nope", timeout=60,
                           headers={"Content-Type": "application/json"})
     assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
-    with pytest.raises(openai.BadRequestError) as caught:
+    with pytest.raises(openai.NotFoundError) as caught:
         client.responses.create(model="m", input="Hi", previous_response_id="resp_abc")
-    assert "previous_response_id" in str(caught.value) and caught.value.status_code == 400
+    assert caught.value.code == "previous_response_not_found" and "resp_abc" in str(caught.value)
 
 
 def test_fields_clients_send_routinely_are_accepted(client):
