@@ -29,7 +29,7 @@ import upstream
 import mullama
 from mullama.generate._context import default_threads
 from mullama.generate._model import tokenize_prompt
-from mullama.generate._speculative import BACKOFF_MAX, DraftLength, NgramDrafter, draft_token_cost
+from mullama.generate._speculative import BACKOFF_MAX, LONG_MATCH, DraftLength, NgramDrafter, draft_token_cost
 from mullama.hub import _pull
 
 PASSAGE = (
@@ -269,6 +269,19 @@ def test_ngram_sizes_its_drafts_by_how_they_fare():
     assert pauses[:4] == [2, 4, 8, 16] and max(pauses) == BACKOFF_MAX
     length.verified(1, 1)
     assert not length.pausing()
+
+
+def test_a_long_copy_is_drafted_whole_from_the_start():
+    """Where the LONG_MATCH tokens before the n-gram match those before its earlier occurrence too (the
+    text copies a long span), speculative="ngram" drafts the whole match before any draft was verified;
+    a shorter match is sized as before."""
+    passage = list(range(100, 100 + LONG_MATCH + 30))
+    copied = passage[:LONG_MATCH + 10]
+    drafter = NgramDrafter(4, 16)
+    assert drafter.draft([1, *passage, 2, *copied[:-1]], copied[-1], room=64) == passage[LONG_MATCH + 10:][:16]
+    short = passage[LONG_MATCH - 5:LONG_MATCH + 10]  # 15 tokens copied, the 4-gram's 11 before it
+    drafter = NgramDrafter(4, 16)
+    assert len(drafter.draft([1, *passage, 2, *short[:-1]], short[-1], room=64)) < 16
 
 
 def test_without_flash_attention_drafts_are_longer(model):
