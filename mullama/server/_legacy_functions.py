@@ -5,8 +5,8 @@ OpenAI still answers it, and code written before tools sends it (LangChain's ``b
 with its ``JsonOutputFunctionsParser``, the openai SDK's ``functions=`` argument). A request in this
 form becomes a tools request, with one call at most (the form has no parallel calls), and the answer's
 call is written back in the same form: ``message.function_call`` (``delta.function_call`` when
-streamed) and the finish reason ``function_call``. llama-server refuses these fields; OpenAI's
-reference is what is followed here.
+streamed, ``_openai_shapes.function_call_delta``) and the finish reason ``function_call``.
+llama-server refuses these fields; OpenAI's reference is what is followed here.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 from ._request import bad
 
-__all__ = ["LEGACY_FIELDS", "function_call_delta", "legacy_finish", "legacy_messages", "legacy_request"]
+__all__ = ["LEGACY_FIELDS", "legacy_finish", "legacy_messages", "legacy_request"]
 
 LEGACY_FIELDS = frozenset({"functions", "function_call"})
 
@@ -76,15 +76,6 @@ def legacy_messages(messages: list) -> list:
         else:
             converted.append(message)
     return converted
-
-
-def function_call_delta(tool_call: dict) -> dict | None:
-    """A streamed tool call's piece (an entry of ``delta.tool_calls``) as ``delta.function_call``'s:
-    the name first, then the arguments in pieces; None for a call after the first (the form has one)."""
-    if tool_call["index"] != 0:
-        return None
-    function = tool_call["function"]
-    return {"name": function["name"], "arguments": ""} if "name" in function else {"arguments": function["arguments"]}
 
 
 def legacy_finish(reason: str) -> str:

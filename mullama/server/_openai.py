@@ -25,7 +25,7 @@ from ..generate._engine import EngineRequest
 from ..generate._sequence import Token
 from ._generation import start
 from ._http import ServerState, drain, endpoint, merged, read_json, requested_model, state, stream_or_collect
-from ._legacy_functions import LEGACY_FIELDS, function_call_delta, legacy_finish, legacy_messages, legacy_request
+from ._legacy_functions import LEGACY_FIELDS, legacy_finish, legacy_messages, legacy_request
 from ._lora import parse_lora
 from ._openai_shapes import (
     OPENAI,
@@ -36,6 +36,7 @@ from ._openai_shapes import (
     described_tokens,
     echo_logprobs,
     error_event,
+    function_call_delta,
     logprobs_body,
     new_id,
     tool_call_delta,
@@ -368,15 +369,15 @@ def _choice(job: EngineRequest, tokens: list[Token], kind: str, piece: Piece, be
     thought."""
     calls = [call.to_openai() for call in job.tool_calls] or None
     finish = job.finish_reason or "stop"
-    if parsed.legacy_functions:
-        return Choice(before + job.text, legacy_finish(finish), logprobs_body(kind, described_tokens(tokens), piece),
-                      reasoning=job.reasoning or None, function_call=calls[0]["function"] if calls else None)
     logprobs: dict | None
     if parsed.echo and job.config.prompt_logprobs is not None:
         generated = tokens if job.stop_sequence is None else described_tokens(tokens)
         logprobs = echo_logprobs(job._sequence.scored_prompt + generated, piece)
     else:
         logprobs = logprobs_body(kind, described_tokens(tokens), piece)
+    if parsed.legacy_functions:
+        return Choice(before + job.text, legacy_finish(finish), logprobs, reasoning=job.reasoning or None,
+                      function_call=calls[0]["function"] if calls else None)
     return Choice(before + job.text, finish, logprobs, calls, job.reasoning or None)
 
 
@@ -424,12 +425,12 @@ async def _events(jobs: list[EngineRequest], parsed: ParsedRequest, kind: str, r
             parser = jobs[index]._sequence.tools
             if parser is not None:
                 for call in calls[index].after(parser):
-                    delta = tool_call_delta(call)
                     if not parsed.legacy_functions:
-                        yield event(chunk(kind, request_id, model_name, stamp, index=index, tool_call=delta))
-                    elif (function_call := function_call_delta(delta)) is not None:
                         yield event(chunk(kind, request_id, model_name, stamp, index=index,
-                                          function_call=function_call))
+                                          tool_call=tool_call_delta(call)))
+                    elif call.index == 0:  # the deprecated form has one call
+                        yield event(chunk(kind, request_id, model_name, stamp, index=index,
+                                          function_call=function_call_delta(call)))
             if token.kind == "reasoning":
                 yield event(chunk(kind, request_id, model_name, stamp, index=index, reasoning=token.text))
                 continue

@@ -42,6 +42,14 @@ def tool_call_delta(event: CallStart | CallArguments) -> dict:
     return {"index": event.index, "function": {"arguments": event.text}}
 
 
+def function_call_delta(event: CallStart | CallArguments) -> dict:
+    """A tool-call event as ``delta.function_call`` (OpenAI's deprecated form, one call): the name
+    first, then the arguments in pieces."""
+    if isinstance(event, CallStart):
+        return {"name": event.name, "arguments": ""}
+    return {"arguments": event.text}
+
+
 def logprobs_body(kind: str, tokens: list[Token] | None, piece: Piece, offset: int = 0) -> dict | None:
     """The ``logprobs`` of a choice for ``tokens`` (those that carry logprobs and have text: see
     ``carrying``), or None when they carry none. ``offset``: where the text of ``tokens`` starts in the
