@@ -18,7 +18,7 @@ from typing import Any
 
 from ._request import APIError, bad
 
-__all__ = ["CAPACITY", "ResponseStore", "StoredResponse", "not_found"]
+__all__ = ["CAPACITY", "ResponseStore", "StoredResponse", "input_items", "not_found"]
 
 CAPACITY = 1000  # responses kept; the oldest go first
 
@@ -43,7 +43,7 @@ class ResponseStore:
         OpenAI's 404 ``previous_response_not_found``."""
         if not isinstance(body, dict):
             return body, []  # the route's parser says what is wrong with it
-        previous, items = body.get("previous_response_id"), _items(body.get("input"))
+        previous, items = body.get("previous_response_id"), input_items(body.get("input"))
         if previous is None:
             return body, items
         if not isinstance(previous, str):
@@ -73,7 +73,7 @@ class ResponseStore:
             return self._kept.pop(response_id, None) is not None
 
 
-def _items(value: Any) -> list[dict]:
+def input_items(value: Any) -> list[dict]:
     """A request's ``input`` as a list of input items (a string is one user message)."""
     if isinstance(value, str):
         return [{"type": "message", "role": "user", "content": value}]

@@ -33,7 +33,7 @@ from ._openai import LLAMA_FIELDS, parse_request
 from ._openai_shapes import OPENAI
 from ._request import APIError, ParsedRequest, bad, integer
 from ._response_output import ResponseOutput, new_id
-from ._response_store import not_found
+from ._response_store import input_items, not_found
 
 __all__ = ["delete", "input_tokens", "responses", "retrieve", "to_chat_request", "to_count_request"]
 
@@ -124,9 +124,7 @@ def _messages(body: dict) -> list[dict]:
     value = body.get("input")
     if isinstance(value, str):
         return [*messages, {"role": "user", "content": value}]
-    if not isinstance(value, list) or not value:
-        raise bad("'input' must be a string or a non-empty list of input items.", "input")
-    for index, item in enumerate(value):
+    for index, item in enumerate(input_items(value)):
         where = f"input[{index}]"
         if not isinstance(item, dict):
             raise bad(f"{where} must be an object (a message or a function_call / function_call_output item).",
