@@ -1,7 +1,8 @@
 """The Responses API's conversation state on the real server, with the openai SDK and openai-agents:
 ``previous_response_id`` continues a stored response exactly as the whole conversation sent again
 would (the earlier instructions not carried over, as OpenAI's), ``store: false`` keeps nothing,
-``responses.retrieve`` and ``responses.delete`` read and forget one."""
+``responses.retrieve`` and ``responses.delete`` read and forget one, ``responses.input_items.list`` lists
+its input and an ``item_reference`` names one of its items."""
 
 from __future__ import annotations
 
@@ -84,6 +85,49 @@ def test_a_tool_result_continues_the_response_that_called(client):
     assert answer.output_text == again.output_text
     assert answer.usage.input_tokens == again.usage.input_tokens
 
+    # The call's own item, named by an item_reference (as clients that keep state by ids send it), is the item.
+    referenced = client.responses.create(model="m", tools=[WEATHER_TOOL], max_output_tokens=24, **GREEDY, input=[
+        {"role": "user", "content": "What is the weather in Paris?"}, {"type": "item_reference", "id": call.id},
+        result])
+    assert referenced.output_text == again.output_text
+    listed = list(client.responses.input_items.list(answer.id, order="asc"))
+    assert [item.type for item in listed] == ["message", "function_call", "function_call_output"]
+    assert listed[1].id == call.id and listed[1].arguments == call.arguments and listed[2].output == "sunny, 24 C"
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.responses.create(model="m", input=[{"type": "item_reference", "id": "fc_none"}], max_output_tokens=4)
+    assert "fc_none" in str(caught.value) and caught.value.body["param"] == "input"
+
+
+def test_input_items_list_what_the_model_saw(client):
+    """``responses.input_items.list``: the input of a response, those of the responses it continues too, in
+    OpenAI's item shapes (newest first by default), with ids that stay the same, a page at a time."""
+    first = client.responses.create(model="m", instructions="Answer in one short sentence.",
+                                    input="My name is Ann. Greet me.", max_output_tokens=8, **GREEDY)
+    second = client.responses.create(model="m", previous_response_id=first.id, max_output_tokens=8, **GREEDY,
+                                     input=[{"role": "user", "content": [{"type": "input_text", "text": "Who?"}]}])
+    (user,) = client.responses.input_items.list(first.id)
+    assert (user.type, user.role, user.content[0].type, user.content[0].text) == (
+        "message", "user", "input_text", "My name is Ann. Greet me.")
+    newest_first = list(client.responses.input_items.list(second.id))
+    assert [item.id for item in newest_first][1:] == [first.output[-1].id, user.id]
+    assert newest_first[0].content[0].text == "Who?" and newest_first[1].content[0].text == first.output_text
+    paged = client.responses.input_items.list(second.id, order="asc", limit=1)
+    assert paged.has_more and [item.id for item in paged.data] == [user.id]
+    assert [item.id for item in paged] == [item.id for item in newest_first[::-1]]  # the SDK follows 'after'
+    after = client.responses.input_items.list(second.id, after=user.id, order="asc")
+    assert [item.id for item in after] == [item.id for item in newest_first[1::-1]] and not after.has_more
+
+    for query, param in [({"limit": 0}, "limit"), ({"limit": "many"}, "limit"), ({"order": "sideways"}, "order"),
+                         ({"after": "msg_none"}, "after")]:
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.responses.input_items.list(second.id, extra_query=query)
+        assert caught.value.body["param"] == param
+    with pytest.raises(openai.NotFoundError):
+        client.responses.input_items.list("resp_none")
+    unkept = client.responses.create(model="m", input="Hi", max_output_tokens=2, store=False)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.input_items.list(unkept.id)
+
 
 def test_openai_agents_continues_a_run_by_its_last_response_id(served, client):
     agents.set_tracing_disabled(True)
@@ -104,5 +148,5 @@ def test_openai_agents_continues_a_run_by_its_last_response_id(served, client):
 def test_the_store_keeps_the_newest():
     store = ResponseStore(capacity=2)
     for number in range(3):
-        store.keep({"id": f"resp_{number}"}, [])
+        store.keep({"id": f"resp_{number}"}, [], [])
     assert store.get("resp_0") is None and store.get("resp_1") is not None and store.get("resp_2") is not None

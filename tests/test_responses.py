@@ -287,7 +287,6 @@ def test_greedy_answers_equal_llama_servers_responses(served, llama_server, ques
     ({"input": [{"role": "user", "content": [{"type": "input_file", "file_data": "aGk="}]}]}, "input"),
     ({"input": [{"role": "wizard", "content": "hi"}]}, "input"),
     ({"input": [{"type": "function_call", "name": "f"}]}, "input"),
-    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input"),
     ({"input": "hi", "bogus": 1}, "bogus"),
     ({"input": "hi", "temperature": 3}, "temperature"),
     ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens"),

@@ -148,6 +148,7 @@ ROUTES = [
     Route("/v1/responses/input_tokens", _responses.input_tokens, methods=["POST"]),
     Route("/v1/responses/{response_id}", _responses.retrieve, methods=["GET"]),
     Route("/v1/responses/{response_id}", _responses.delete, methods=["DELETE"]),
+    Route("/v1/responses/{response_id}/input_items", _responses.list_input_items, methods=["GET"]),
     Route("/v1/messages", _anthropic.messages, methods=["POST"]),
     Route("/v1/messages/count_tokens", _anthropic.count_tokens, methods=["POST"]),
     Route("/infill", _infill.infill, methods=["POST"]),
