@@ -112,3 +112,36 @@ def test_ollama_think_needs_a_model_that_thinks(build, model_path, served):
         answer = ollama.Client(host=server.url).chat(model="r1-template", messages=QUESTION, think=True,
                                                      options={"num_predict": 4})
         assert answer.done and answer.eval_count == 4
+
+
+# gpt-oss's template writes the level; Qwen3's has no such variable: "none" turns its thinking off, a level
+# leaves its prompt as it was.
+@pytest.mark.parametrize("name, efforts, prompts_made", [("openai-gpt-oss-120b.jinja", ("high", "low"), 3),
+                                                         ("Qwen-Qwen3-0.6B.jinja", ("none", "medium"), 2)])
+def test_reasoning_effort_reaches_the_template_as_llama_servers(name, efforts, prompts_made, build, model_path):
+    """OpenAI's ``reasoning_effort`` (chat) and ``reasoning.effort`` (Responses) as llama-server gives them to
+    the template: "none" turns thinking off, another level is the template's ``reasoning_effort``."""
+    path = template_path(build, name)
+    server = upstream.LlamaServer(build.tool("llama-server"), model_path, threads=default_threads(),
+                                  extra=("--jinja", "--chat-template-file", str(path)))
+    try:
+        with mullama.Model.load(model_path, chat_template=path) as model, \
+                serving(model, settings=ServerSettings(model_name="m"), parallel=1, n_ctx=2048) as (ours, _):
+            prompts = set()
+            for effort in (None, *efforts):
+                body = {"messages": QUESTION, **({"reasoning_effort": effort} if effort else {})}
+                prompt = httpx.post(f"{ours.url}/apply-template", json=body, timeout=60).json()["prompt"]
+                assert prompt == server.post("/apply-template", body)["prompt"], effort
+                prompts.add(prompt)
+                chat = httpx.post(f"{ours.url}/v1/chat/completions", timeout=60,
+                                  json={**body, "max_tokens": 1}).json()["usage"]["prompt_tokens"]
+                responses = httpx.post(f"{ours.url}/v1/responses/input_tokens", timeout=60, json={
+                    "input": QUESTION, **({"reasoning": {"effort": effort}} if effort else {})}).json()
+                assert responses["input_tokens"] == chat, effort
+            assert len(prompts) == prompts_made
+            refused = httpx.post(f"{ours.url}/v1/chat/completions", json={**body, "reasoning_effort": 3}, timeout=60)
+            assert refused.status_code == 400 and refused.json()["error"]["param"] == "reasoning_effort"
+            refused = httpx.post(f"{ours.url}/v1/responses", json={"input": "Hi", "reasoning": "low"}, timeout=60)
+            assert refused.status_code == 400 and refused.json()["error"]["param"] == "reasoning"
+    finally:
+        server.close()

@@ -76,11 +76,29 @@ def test_completion_logprobs_leave_out_a_stop_sequences_tokens_streamed_or_not(c
     ("/v1/responses", {"input": "Hello", "max_output_tokens": 16}),
 ])
 def test_null_stream_and_parallel_tool_calls_are_the_defaults_on_openai_routes(served, path, body):
-    answer = httpx.post(served.url + path, json={"model": "m", **body, "stream": None, "parallel_tool_calls": None},
-                        timeout=120)
+    # Null is absent for a field the route does not know too (clients that write out their whole model).
+    answer = httpx.post(served.url + path, json={"model": "m", **body, "stream": None, "parallel_tool_calls": None,
+                                                 "audio": None, "web_search_options": None}, timeout=120)
     assert answer.status_code == 200 and answer.headers["content-type"] == "application/json"  # not streamed
     if path == "/v1/responses":
         assert answer.json()["parallel_tool_calls"] is True
+
+
+def test_chat_fields_openai_clients_set_are_accepted(client):
+    """OpenAI's prompt-cache, safety and moderation hints, verbosity and a predicted output change nothing
+    here (frameworks set them from their settings); reasoning_effort reaches the template, whose SmolLM2
+    version has no such variable. Fields the server cannot honour stay a 400 when set."""
+    request = {"model": "m", "messages": COUNT, "max_tokens": 12, "temperature": 0}
+    plain = client.chat.completions.create(**request).choices[0].message.content
+    hinted = client.chat.completions.create(
+        **request, prompt_cache_key="k", prompt_cache_retention="24h", safety_identifier="user-1", verbosity="low",
+        reasoning_effort="low", prediction={"type": "content", "content": "1, 2, 3"},
+        extra_body={"moderation": None, "prompt_cache_options": {}})
+    assert hinted.choices[0].message.content == plain
+    for field, value in [("web_search_options", {}), ("audio", {"voice": "alloy", "format": "wav"})]:
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(**request, extra_body={field: value})
+        assert refused.value.body["param"] == field
 
 
 def test_null_stream_is_the_default_on_anthropic_and_ollama_routes(served):

@@ -32,7 +32,7 @@ from ._http import (
 from ._keep_alive import UNSET
 from ._openai_shapes import OPENAI
 from ._pool import Served
-from ._request import APIError, bad, generation_error, integer
+from ._request import APIError, bad, check_fields, generation_error, integer
 from ._workers import EMBEDDINGS
 
 __all__ = ["EmbeddingRequest", "decode_for", "embed", "embedding_body", "embeddings", "parse_embedding_request"]
@@ -65,9 +65,7 @@ def parse_embedding_request(body: Any, *, max_inputs: int = MAX_EMBEDDING_INPUTS
     or a list of such lists; none may be empty."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object.")
-    unknown = sorted(set(body) - EMBEDDING_FIELDS)
-    if unknown:
-        raise bad(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0])
+    check_fields(body, EMBEDDING_FIELDS)
     if "input" not in body:
         raise bad("'input' is required: a string, a list of strings, or lists of token ids.", "input")
     value = body["input"]

@@ -48,6 +48,7 @@ from ._request import (
     bad,
     boolean,
     capped_max_tokens,
+    check_fields,
     config_error,
     integer,
     json_schema_constraint,
@@ -70,8 +71,13 @@ _COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p
            "stream_options", "n", "frequency_penalty", "presence_penalty", "user", "store", "metadata",
            "service_tier", "logprobs", "top_logprobs", "logit_bias", "response_format", "parallel_tool_calls",
            "tools", "tool_choice"} | LLAMA_FIELDS
-# chat_template_kwargs: llama-server's (enable_thinking, ...); modalities: OpenAI's output kinds
-CHAT_FIELDS = _COMMON | {"messages", "chat_template_kwargs", "modalities"} | LEGACY_FIELDS
+# chat_template_kwargs: llama-server's (enable_thinking, ...); modalities: OpenAI's output kinds;
+# reasoning_effort reaches the template as llama-server's does. OpenAI's prompt-cache routing, safety and
+# moderation hints, GPT-5's verbosity and a predicted output (a latency hint: the answer is the same
+# without it) are accepted and ignored.
+CHAT_FIELDS = _COMMON | {"messages", "chat_template_kwargs", "modalities", "reasoning_effort", "prompt_cache_key",
+                         "prompt_cache_retention", "prompt_cache_options", "safety_identifier", "moderation",
+                         "verbosity", "prediction"} | LEGACY_FIELDS
 COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "suffix", "best_of"}
 MAX_STOPS = 16
 MAX_CHOICES = 8
@@ -83,9 +89,7 @@ def parse_request(body: Any, kind: str, *, max_tokens_limit: int) -> ParsedReque
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object.")
     allowed = CHAT_FIELDS if kind == "chat" else COMPLETION_FIELDS
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise bad(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0])
+    check_fields(body, allowed)
     model = requested_model(body)
     n = integer(body, "n", 1, MAX_CHOICES) or 1
     n_logprobs = _requested_logprobs(body, kind)
@@ -189,6 +193,7 @@ def parse_request(body: Any, kind: str, *, max_tokens_limit: int) -> ParsedReque
         kwargs = body.get("chat_template_kwargs")
         if kwargs is not None and not isinstance(kwargs, dict):
             raise bad("'chat_template_kwargs' must be an object of the template's variables.", "chat_template_kwargs")
+        kwargs = _with_reasoning_effort(kwargs, body.get("reasoning_effort"))
         return ParsedRequest("chat", config, stream, include_usage, messages=legacy_messages(messages), n=n,
                              tools=tools, chat_template_kwargs=kwargs, legacy_functions=legacy is not None,
                              tool_choice=tool_choice, parallel_tool_calls=parallel,
@@ -196,6 +201,24 @@ def parse_request(body: Any, kind: str, *, max_tokens_limit: int) -> ParsedReque
                              id_slot=requested_slot(body), field_names=names)
     return ParsedRequest("completion", config, stream, include_usage, prompts=_prompts(body.get("prompt"), n),
                          n=n, model=model, id_slot=requested_slot(body), field_names=names, echo=echo)
+
+
+def _with_reasoning_effort(kwargs: dict | None, effort: Any) -> dict | None:
+    """OpenAI's ``reasoning_effort`` as llama-server gives it to the chat template: "none" turns
+    thinking off (``enable_thinking`` false), another level is the template's ``reasoning_effort``
+    variable (a template without one renders as before)."""
+    if effort is None:
+        return kwargs
+    if not isinstance(effort, str) or not effort:
+        raise bad("'reasoning_effort' must be a string such as 'none', 'minimal', 'low', 'medium' or 'high'.",
+                  "reasoning_effort")
+    kwargs = dict(kwargs or {})
+    if effort == "none":
+        kwargs.pop("reasoning_effort", None)
+        kwargs["enable_thinking"] = False
+    else:
+        kwargs["reasoning_effort"] = effort
+    return kwargs
 
 
 def _prompts(value: Any, n: int) -> list[str | list[int]]:

@@ -9,15 +9,15 @@ never as a 5xx. Nothing here is any one format's shape.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
 from typing import Any
 
 from .._exceptions import InvalidConfigError, MullamaError
 from ..generate._config import StreamConfig, named_for_the_caller
 
-__all__ = ["APIError", "ParsedRequest", "bad", "boolean", "capped_max_tokens", "config_error", "generation_error",
-           "integer", "json_schema_constraint", "number"]
+__all__ = ["APIError", "ParsedRequest", "bad", "boolean", "capped_max_tokens", "check_fields", "config_error",
+           "generation_error", "integer", "json_schema_constraint", "number"]
 
 
 class APIError(Exception):
@@ -79,6 +79,15 @@ class ParsedRequest:
 
 def bad(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param=param)
+
+
+def check_fields(body: dict, known: Set[str]) -> None:
+    """OpenAI's 400 for the first field (by name) a route does not know. A field sent as null is taken as
+    absent, whatever its name: clients that write out every field of their own model send null for the
+    ones not set."""
+    unknown = sorted(name for name in set(body) - known if body[name] is not None)
+    if unknown:
+        raise bad(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0])
 
 
 def config_error(exc: InvalidConfigError, field_names: Mapping[str, str] | None = None) -> APIError:

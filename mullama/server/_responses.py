@@ -6,8 +6,8 @@ and answered as a response object or its typed events. Responses are stored, con
 
 ``input`` (a string, or message, ``function_call`` and ``function_call_output`` items; text and
 ``input_image`` parts), ``instructions``, function ``tools``, ``tool_choice``, ``text.format`` (JSON
-schema or object), ``max_output_tokens``, ``temperature``, ``top_p``, ``stream``, ``store`` and
-``previous_response_id`` are honoured; the Conversations API (``conversation``), stored ``prompt``s
+schema or object), ``max_output_tokens``, ``reasoning.effort``, ``temperature``, ``top_p``,
+``stream``, ``store`` and ``previous_response_id`` are honoured; the Conversations API (``conversation``), stored ``prompt``s
 and ``background`` responses are refused with a 400. Errors have OpenAI's shape (the Responses API
 is OpenAI's: its error bodies are those of ``_openai_shapes``); the output items and stream events
 are built by ``_response_output`` from the sequence's tokens.
@@ -32,7 +32,7 @@ from ._generation import count_prompt_tokens, start
 from ._http import endpoint, read_json, state, stream_or_collect
 from ._openai import LLAMA_FIELDS, parse_request
 from ._openai_shapes import OPENAI
-from ._request import APIError, ParsedRequest, bad, integer
+from ._request import APIError, ParsedRequest, bad, check_fields, integer
 from ._response_output import ResponseOutput, new_id
 from ._response_store import PAGE_LIMIT, input_items, not_found
 
@@ -42,9 +42,9 @@ __all__ = ["delete", "input_tokens", "list_input_items", "responses", "retrieve"
 # Fields with a meaning here, and llama-server's extensions (which its /v1/responses passes on to chat).
 HONOURED = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "tools", "tool_choice",
             "parallel_tool_calls", "text", "stream", "stop", "seed", "frequency_penalty", "presence_penalty",
-            "logit_bias"} | LLAMA_FIELDS
+            "logit_bias", "reasoning"} | LLAMA_FIELDS
 # Fields OpenAI's clients send routinely that mean nothing for a local, stateless server: accepted, ignored.
-IGNORED = {"store", "metadata", "user", "truncation", "include", "reasoning", "service_tier", "top_logprobs",
+IGNORED = {"store", "metadata", "user", "truncation", "include", "service_tier", "top_logprobs",
            "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options", "safety_identifier",
            "max_tool_calls", "context_management", "moderation", "stream_options", "background"}
 # Fields that need state the server does not keep: refused when set.
@@ -57,9 +57,7 @@ def to_chat_request(body: Any, *, max_tokens_limit: int) -> ParsedRequest:
     chat route's own parser: one set of rules for sampling, limits and structured output)."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object.")
-    unknown = sorted(set(body) - HONOURED - IGNORED - set(STATEFUL))
-    if unknown:
-        raise bad(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0])
+    check_fields(body, HONOURED | IGNORED | set(STATEFUL))
     for name in STATEFUL:
         if body.get(name) is not None:
             raise bad(f"'{name}' is not supported: this server keeps no conversations or prompts. Continue a "
@@ -69,8 +67,11 @@ def to_chat_request(body: Any, *, max_tokens_limit: int) -> ParsedRequest:
                   "background")
     chat: dict[str, Any] = {key: body[key] for key in HONOURED & set(body)
                             if key not in ("input", "instructions", "max_output_tokens", "tools", "tool_choice",
-                                           "text")}
+                                           "text", "reasoning")}
     chat["messages"] = _messages(body)
+    effort = _reasoning_effort(body.get("reasoning"))
+    if effort is not None:
+        chat["reasoning_effort"] = effort
     max_tokens = integer(body, "max_output_tokens", 1)
     if max_tokens is not None:
         chat["max_completion_tokens"] = max_tokens
@@ -190,6 +191,20 @@ def _as_parts(content: Any) -> list[dict]:
     return [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
 
 
+def _reasoning_effort(reasoning: Any) -> Any:
+    """``reasoning.effort``, which the chat request takes as ``reasoning_effort`` (as llama-server's
+    translation does); ``summary`` means nothing here."""
+    if reasoning is None:
+        return None
+    if not isinstance(reasoning, dict):
+        raise bad("'reasoning' must be an object such as {\"effort\": \"low\"}.", "reasoning")
+    effort = reasoning.get("effort")
+    if effort is not None and (not isinstance(effort, str) or not effort):
+        raise bad("'reasoning.effort' must be a string such as 'none', 'minimal', 'low', 'medium' or 'high'.",
+                  "reasoning")
+    return effort
+
+
 def _tools(value: Any) -> list[dict] | None:
     """Responses' flat function tools (``{"type": "function", "name", "description", "parameters",
     "strict"}``) as the chat tools llama-server's converter makes: the tool without its ``type`` is the
@@ -273,7 +288,8 @@ def response_body(response_id: str, created: int, model: str, body: dict, parsed
         "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
         "model": model, "output": output.items if output is not None else [],
         "parallel_tool_calls": parsed.parallel_tool_calls, "previous_response_id": body.get("previous_response_id"),
-        "reasoning": {"effort": None, "summary": None}, "store": body.get("store") is not False,
+        "reasoning": {"effort": _reasoning_effort(body.get("reasoning")), "summary": None},
+        "store": body.get("store") is not False,
         "temperature": parsed.config.temperature, "top_p": parsed.config.top_p,
         "text": body.get("text") or {"format": {"type": "text"}},
         "tool_choice": body.get("tool_choice") or "auto", "tools": body.get("tools") or [],
@@ -290,17 +306,15 @@ def response_body(response_id: str, created: int, model: str, body: dict, parsed
 # The fields of a token count (``POST /v1/responses/input_tokens``): those that shape the prompt, and
 # those the SDK may send that do not change it here.
 COUNT_FIELDS = {"model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "text",
-                "previous_response_id", *STATEFUL}
-COUNT_IGNORED = {"reasoning", "truncation", "personality"}
+                "reasoning", "previous_response_id", *STATEFUL}
+COUNT_IGNORED = {"truncation", "personality"}
 
 
 def to_count_request(body: Any) -> ParsedRequest:
     """A token-count request as the chat request whose prompt it counts."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object.")
-    unknown = sorted(set(body) - COUNT_FIELDS - COUNT_IGNORED)
-    if unknown:
-        raise bad(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0])
+    check_fields(body, COUNT_FIELDS | COUNT_IGNORED)
     return to_chat_request({key: value for key, value in body.items() if key in COUNT_FIELDS},
                            max_tokens_limit=1)
 
