@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import ollama
 import pytest
 import upstream
 from inprocess_server import serving
@@ -193,6 +194,27 @@ def test_server_infill_streams_llama_servers_events(fim_served, reference):
     assert not any(part["stop"] for part in parts) and final["stop"] is True
     assert final["stop_type"] == reference[name]["stop_type"]
     assert final["tokens_evaluated"] == reference[name]["tokens_evaluated"]
+
+
+def test_ollama_generate_with_a_suffix_fills_in_the_middle_as_llama_server(fim_served, reference, served):
+    """ollama's ``/api/generate`` ``suffix`` (editors' code completion through the ollama client): the prompt
+    and the suffix make the infill prompt /infill makes, so the greedy answer is llama-server's /infill's;
+    a model without FIM tokens is ollama's 400 "does not support insert" and has no "insert" capability."""
+    prefix, suffix, _, _, _ = CASES["plain"]
+    expected = reference["plain"]
+    client = ollama.Client(host=fim_served.url)
+    options = {"temperature": 0, "num_predict": N_PREDICT}
+    answer = client.generate(model="smollm2:135m", prompt=prefix, suffix=suffix, options=options)
+    assert answer.response == expected["content"] and answer.prompt_eval_count == expected["tokens_evaluated"]
+    assert answer.context is None  # a filled middle is no conversation to continue, as raw prompts
+    streamed = list(client.generate(model="smollm2:135m", prompt=prefix, suffix=suffix, options=options, stream=True))
+    assert "".join(part.response for part in streamed) == expected["content"] and streamed[-1].done
+    with pytest.raises(ollama.ResponseError) as refused:
+        ollama.Client(host=served.url).generate(model="smollm2:135m", prompt=prefix, suffix=suffix, options=options)
+    assert refused.value.status_code == 400 and refused.value.error == '"smollm2:135m" does not support insert'
+    # ollama's capability for it, by which editors decide to send a suffix
+    assert "insert" in client.show("smollm2:135m").capabilities
+    assert "insert" not in ollama.Client(host=served.url).show("smollm2:135m").capabilities
 
 
 def test_a_model_without_fim_tokens_is_a_clear_error(model):

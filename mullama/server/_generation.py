@@ -23,6 +23,7 @@ from ..chat._reasoning import thinks
 from ..generate._chat_turn import chat_media, chat_prompt, chat_turn, turn_tokens
 from ..generate._config import StreamConfig
 from ..generate._engine import EngineRequest
+from ..generate._infill import fim_tokens, infill_prompt
 from ..generate._media import MediaPrompt
 from ._http import ServerSettings, state, submit_in_all
 from ._keep_alive import UNSET
@@ -73,6 +74,8 @@ def rendered_prompt(served: Served, parsed: ParsedRequest, settings: ServerSetti
     prompt: str | MediaPrompt | list[int]
     if parsed.messages is None:
         prompt, config = parsed.prompts[which], parsed.config
+        if parsed.suffix is not None:
+            prompt = _fill_in_the_middle(served, parsed, prompt)
     elif model.chat_template is None:
         raise APIError(400, f"{served.spec.name} has no chat template (a base model): send a prompt to a "
                             "completion route, or start the server with --chat-template-file.", param=param,
@@ -90,6 +93,20 @@ def rendered_prompt(served: Served, parsed: ParsedRequest, settings: ServerSetti
         raise APIError(413, f"the prompt is {len(prompt)} characters long once rendered; the limit is "
                             f"{settings.max_prompt_chars}.", param=param)
     return prompt, config
+
+
+def _fill_in_the_middle(served: Served, parsed: ParsedRequest, prefix: str | list[int]) -> list[int]:
+    """ollama's ``suffix``: the infill prompt of the prompt and the suffix, as ``/infill`` builds it from
+    one engine slot's budgets; a model without FIM tokens is ollama's 400."""
+    model, engine = served.model, served.engine
+    assert model is not None and engine is not None  # the caller holds a lease on a generating model
+    try:
+        fim_tokens(model)
+    except InvalidConfigError:
+        raise APIError(400, f"{json.dumps(parsed.model or served.spec.name)} does not support insert",
+                       param="suffix") from None
+    with _refusals(parsed):
+        return infill_prompt(model, prefix, parsed.suffix, n_ctx=engine.n_ctx_per_slot, n_batch=engine.n_batch)
 
 
 # The library's words name Model.load; a server's user starts the server instead.

@@ -2,7 +2,8 @@
 ``/api/tags``, ``/api/show``, ``/api/ps``, ``/api/pull``, ``/api/copy``, ``/api/delete``,
 ``/api/version``): requests in, NDJSON lines and bodies out, translated to and from the internal
 request the engine serves, and the routes. As ollama: streaming is the default, the prompt of
-``/api/generate`` goes through the model's chat template unless ``raw``, ``options`` carry the
+``/api/generate`` goes through the model's chat template unless ``raw`` (or, with a ``suffix``, makes
+a fill-in-the-middle prompt), ``options`` carry the
 sampling settings, ``format`` is ``"json"`` or a JSON schema, ``keep_alive`` sets how long the model
 stays loaded, durations are nanoseconds, errors are ``{"error": ...}``. ``/api/copy`` and
 ``/api/delete`` add and remove names of the served models while the server runs (see ModelPool.copy).
@@ -38,7 +39,7 @@ from ._http import (
     stream_or_collect,
 )
 from ._keep_alive import parse_keep_alive
-from ._ollama_details import capabilities, chat_template, describe, listing, model_projector, running
+from ._ollama_details import capabilities, chat_template, describe, fills_in, listing, model_projector, running
 from ._ollama_shapes import chat_line, done_line
 from ._request import APIError, ParsedRequest, bad, boolean, capped_max_tokens, config_error, integer
 from ._token_logprobs import Piece, described_tokens, logprob_entries
@@ -193,18 +194,19 @@ def parse_generate(body: Any, *, max_tokens_limit: int) -> ParsedRequest:
     if body.get("template"):
         raise bad("template overrides are Go templates, which mullama does not run; start the server with "
                    "--chat-template-file (Jinja), or send raw: true with a prompt you formatted.")
-    if body.get("suffix"):
-        raise bad("suffix is not supported.")
+    suffix = body.get("suffix") or None  # fill in the middle: the prompt and the suffix around it
+    if suffix is not None and not isinstance(suffix, str):
+        raise bad("suffix must be a string: the text after the point to fill in.", "suffix")
     config, stream = _config(body, max_tokens_limit), _stream(body)
     context = body.get("context") or None  # deprecated in ollama, still sent by older clients
     if context is not None and not (isinstance(context, list) and all(
             isinstance(token, int) and not isinstance(token, bool) and token >= 0 for token in context)):
         raise bad("context must be the list of token ids an earlier /api/generate answer returned.", "context")
-    if body.get("raw"):
+    if body.get("raw") or suffix:
         if body.get("images"):
-            raise bad("images need the chat template (raw: false).")
+            raise bad("images need the chat template (raw: false, no suffix).")
         return ParsedRequest("completion", config, stream, False, prompts=[prompt], model=requested_model(body),
-                             think=_think(body), field_names=FIELD_NAMES)  # ollama reads no context here
+                             think=_think(body), field_names=FIELD_NAMES, suffix=suffix)  # and no context
     system = body.get("system")
     messages = ([{"role": "system", "content": system}] if isinstance(system, str) and system else [])
     content = _with_images(prompt, body["images"], "images") if body.get("images") else prompt
@@ -422,7 +424,8 @@ async def show(request: Request) -> Response:
     template = chat_template(pool, spec, described)
     shown = {"modelfile": f"FROM {spec.ref}\n", "parameters": "", "template": template,
              "details": described["details"], "model_info": described["model_info"],
-             "modified_at": described["modified_at"], "capabilities": capabilities(described, template)}
+             "modified_at": described["modified_at"],
+             "capabilities": capabilities(described, template, fills_in(pool, spec, described))}
     if "projector_info" in described:  # as ollama shows a model with a projector
         shown["projector_info"] = described["projector_info"]
     return JSONResponse(shown)

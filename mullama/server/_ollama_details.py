@@ -7,12 +7,14 @@ import functools
 import time
 from pathlib import Path
 
+from .._exceptions import InvalidConfigError
 from ..chat._reasoning import thinks
 from ..chat._tools import calls_tools
+from ..generate._infill import fim_tokens
 from ._pool import ModelPool, Served
 from ._specs import ModelSpec
 
-__all__ = ["capabilities", "chat_template", "describe", "listing", "model_projector", "running"]
+__all__ = ["capabilities", "chat_template", "describe", "fills_in", "listing", "model_projector", "running"]
 
 @functools.lru_cache(maxsize=64)
 def _file_details(path: str, mtime: float) -> dict:
@@ -72,15 +74,30 @@ def chat_template(pool: ModelPool, spec: ModelSpec, described: dict) -> str:
     return described["template"]
 
 
-def capabilities(described: dict, template: str) -> list[str]:
+def fills_in(pool: ModelPool, spec: ModelSpec, described: dict) -> bool:
+    """Whether ``spec`` has fill-in-the-middle tokens (``/api/generate``'s ``suffix`` needs them): the
+    loaded model's vocabulary says (llama.cpp also finds them by their text), else its GGUF header."""
+    served = pool.served(spec)
+    if served is not None and served.model is not None:
+        try:
+            fim_tokens(served.model)
+        except InvalidConfigError:
+            return False
+        return True
+    return all(f"tokenizer.ggml.fim_{role}_token_id" in described["model_info"] for role in ("pre", "suf", "mid"))
+
+
+def capabilities(described: dict, template: str, insert: bool = False) -> list[str]:
     """ollama's capabilities of a model (``describe``'s, served with the chat ``template``): ``embedding``,
     or ``completion``, with ``tools`` when the template lets it call tools and ``thinking`` when it
     writes a thought (the library's own rules, which the chat routes follow: clients switch tool calling
-    and thinking on by these), and ``vision`` (and ``audio``) when a projector goes with it."""
+    and thinking on by these), ``insert`` when it fills in the middle (``fills_in``), and ``vision`` (and
+    ``audio``) when a projector goes with it."""
     if described["embedding"]:
         return ["embedding"]
-    found = {"completion": True, "tools": calls_tools(template), "vision": bool(described.get("vision")),
-             "audio": bool(described.get("audio")), "thinking": thinks(template)}  # in ollama's order
+    found = {"completion": True, "tools": calls_tools(template), "insert": insert,
+             "vision": bool(described.get("vision")), "audio": bool(described.get("audio")),
+             "thinking": thinks(template)}  # in ollama's order
     return [name for name, has in found.items() if has]
 
 

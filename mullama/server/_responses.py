@@ -7,10 +7,10 @@ and answered as a response object or its typed events. Responses are stored, con
 ``input`` (a string, or message, ``function_call`` and ``function_call_output`` items; text and
 ``input_image`` parts), ``instructions``, function ``tools``, ``tool_choice``, ``text.format`` (JSON
 schema or object), ``max_output_tokens``, ``reasoning.effort``, ``temperature``, ``top_p``,
-``stream``, ``store`` and ``previous_response_id`` are honoured; the Conversations API (``conversation``), stored ``prompt``s
-and ``background`` responses are refused with a 400. Errors have OpenAI's shape (the Responses API
-is OpenAI's: its error bodies are those of ``_openai_shapes``); the output items and stream events
-are built by ``_response_output`` from the sequence's tokens.
+``stream``, ``store`` and ``previous_response_id`` are honoured; the Conversations API
+(``conversation``), stored ``prompt``s and ``background`` responses are refused with a 400. Errors
+have OpenAI's shape (the Responses API is OpenAI's: its error bodies are those of ``_openai_shapes``);
+the output items and stream events are built by ``_response_output`` from the sequence's tokens.
 """
 
 from __future__ import annotations
