@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import ollama
+import openai
 import pytest
 import upstream
 from inprocess_server import serving
@@ -215,6 +216,26 @@ def test_ollama_generate_with_a_suffix_fills_in_the_middle_as_llama_server(fim_s
     # ollama's capability for it, by which editors decide to send a suffix
     assert "insert" in client.show("smollm2:135m").capabilities
     assert "insert" not in ollama.Client(host=served.url).show("smollm2:135m").capabilities
+
+
+def test_openai_completions_with_a_suffix_insert_as_llama_servers_infill(fim_served, reference, served):
+    """OpenAI's ``suffix`` on /v1/completions: the middle between the prompt and the suffix, as /infill's."""
+    prefix, suffix, _, _, _ = CASES["plain"]
+    request = {"model": "m", "prompt": prefix, "suffix": suffix, "max_tokens": N_PREDICT, "temperature": 0}
+    client = openai.OpenAI(base_url=f"{fim_served.url}/v1", api_key="unused")
+    answer = client.completions.create(**request)
+    assert answer.choices[0].text == reference["plain"]["content"]
+    assert answer.usage.prompt_tokens == reference["plain"]["tokens_evaluated"]
+    streamed = "".join(chunk.choices[0].text for chunk in client.completions.create(**request, stream=True)
+                       if chunk.choices)
+    assert streamed == reference["plain"]["content"]
+    for refused_field in ({"echo": True}, {"best_of": 2}):  # best_of is refused with or without a suffix
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.completions.create(**request, **refused_field)
+        assert refused.value.body["param"] == ("suffix" if "echo" in refused_field else "best_of")
+    with pytest.raises(openai.BadRequestError, match="does not support insert") as refused:
+        openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused").completions.create(**request)
+    assert refused.value.body["param"] == "suffix"
 
 
 def test_a_model_without_fim_tokens_is_a_clear_error(model):

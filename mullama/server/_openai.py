@@ -112,9 +112,12 @@ def parse_request(body: Any, kind: str, *, max_tokens_limit: int) -> ParsedReque
     reasoning_format = body.get("reasoning_format", "auto")
     if reasoning_format not in ("auto", "none", "deepseek"):
         raise bad("'reasoning_format' must be 'auto', 'deepseek' (the same) or 'none'.", "reasoning_format")
-    if kind == "completion" and (body.get("suffix") or body.get("best_of") not in (None, 1)):
-        raise bad("suffix and best_of are not supported by this server.")
+    if kind == "completion" and body.get("best_of") not in (None, 1):
+        raise bad("best_of is not supported by this server: ask for n choices and choose among them.", "best_of")
     echo = kind == "completion" and boolean(body, "echo", False)
+    suffix = body.get("suffix") or None  # insertion: the middle between the prompt and the suffix
+    if suffix is not None and (not isinstance(suffix, str) or echo):
+        raise bad("'suffix' must be a string, the text after the insertion (and without 'echo').", "suffix")
 
     stream = boolean(body, "stream", False)
     options = body.get("stream_options")
@@ -200,7 +203,7 @@ def parse_request(body: Any, kind: str, *, max_tokens_limit: int) -> ParsedReque
                              reasoning_format="none" if reasoning_format == "none" else "auto", model=model,
                              id_slot=requested_slot(body), field_names=names)
     return ParsedRequest("completion", config, stream, include_usage, prompts=_prompts(body.get("prompt"), n),
-                         n=n, model=model, id_slot=requested_slot(body), field_names=names, echo=echo)
+                         n=n, model=model, id_slot=requested_slot(body), field_names=names, echo=echo, suffix=suffix)
 
 
 def _with_reasoning_effort(kwargs: dict | None, effort: Any) -> dict | None:
