@@ -110,3 +110,12 @@ def test_the_sdk_lists_and_retrieves_models_in_anthropics_shape(served):
     assert missing.value.body["error"]["type"] == "not_found_error"
     listed = openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused").models.list()
     assert [entry.id for entry in listed] == ["smollm2:135m"] and listed.data[0].object == "model"
+
+
+def test_anthropics_routes_this_server_lacks_are_anthropics_404(served):
+    """Message batches are not served: the SDK's NotFoundError with Anthropic's ``not_found_error``."""
+    claude = anthropic.Anthropic(base_url=served.url, api_key="unused")
+    with pytest.raises(anthropic.NotFoundError) as missing:
+        claude.messages.batches.list()
+    assert missing.value.body == {"type": "error", "error": {
+        "type": "not_found_error", "message": "GET /v1/messages/batches: no such route."}}

@@ -56,6 +56,9 @@ def test_a_continued_response_is_the_whole_conversation_sent_again(client):
 def test_retrieve_delete_and_store_false(client):
     kept = client.responses.create(model="m", input="Say hi.", max_output_tokens=8, **GREEDY)
     assert client.responses.retrieve(kept.id).model_dump() == kept.model_dump()
+    with pytest.raises(openai.BadRequestError) as refused:  # not an empty stream: the SDK would read no events
+        client.responses.retrieve(kept.id, stream=True)
+    assert refused.value.body["param"] == "stream"
     client.responses.delete(kept.id)
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(kept.id)

@@ -185,14 +185,14 @@ ROUTES = [
 
 
 # The format of a path no route serves, by the prefix of the API it would belong to (else OpenAI's).
-UNROUTED_FORMATS = (("/api/", _ollama.OLLAMA),)
+UNROUTED_FORMATS = (("/api/", _ollama.OLLAMA), ("/v1/messages/", _anthropic.ANTHROPIC))
 
 
 def route_format(path: str) -> WireFormat:
     """The wire format of the route ``path`` names, as its handler declared it (``endpoint``, ``speaks``):
     what the supervisor answers a proxied request's errors in, and the app a wrong method's (``_no_route``).
     For a path no route serves, the format of the API its prefix belongs to (``/api/...``: ollama's, whose
-    clients read ``{"error": ...}``), else OpenAI's."""
+    clients read ``{"error": ...}``; ``/v1/messages/...``: Anthropic's, such as its batches), else OpenAI's."""
     for route in ROUTES:
         if isinstance(route, Route) and route.path_regex.match(path):
             return declared_format(route.endpoint) or OPENAI

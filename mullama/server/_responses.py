@@ -360,8 +360,12 @@ async def responses(request: Request) -> Response:
 
 @endpoint(OPENAI)
 async def retrieve(request: Request) -> Response:
-    """``GET /v1/responses/{id}``: a stored response, as it was answered."""
+    """``GET /v1/responses/{id}``: a stored response, as it was answered (a finished one: its events cannot
+    be streamed again, as OpenAI streams those of a background response)."""
     response_id = request.path_params["response_id"]
+    if request.query_params.get("stream", "false").lower() != "false":
+        raise bad("a stored response is finished: retrieve it without 'stream' (events are streamed again only "
+                  "for background responses, which this server does not make).", "stream")
     stored = state(request).responses.get(response_id)
     if stored is None:
         raise not_found(response_id)
