@@ -85,15 +85,14 @@ def test_null_stream_and_parallel_tool_calls_are_the_defaults_on_openai_routes(s
 
 
 def test_chat_fields_openai_clients_set_are_accepted(client):
-    """OpenAI's prompt-cache, safety and moderation hints, verbosity and a predicted output change nothing
-    here (frameworks set them from their settings); reasoning_effort reaches the template, whose SmolLM2
-    version has no such variable. Fields the server cannot honour stay a 400 when set."""
+    """OpenAI's prompt-cache, safety and moderation hints and verbosity change nothing here (frameworks set
+    them from their settings); reasoning_effort reaches the template, whose SmolLM2 version has no such
+    variable (test_prediction has predicted outputs). Fields the server cannot honour stay a 400 when set."""
     request = {"model": "m", "messages": COUNT, "max_tokens": 12, "temperature": 0}
     plain = client.chat.completions.create(**request).choices[0].message.content
     hinted = client.chat.completions.create(
         **request, prompt_cache_key="k", prompt_cache_retention="24h", safety_identifier="user-1", verbosity="low",
-        reasoning_effort="low", prediction={"type": "content", "content": "1, 2, 3"},
-        extra_body={"moderation": None, "prompt_cache_options": {}})
+        reasoning_effort="low", extra_body={"moderation": None, "prompt_cache_options": {}})
     assert hinted.choices[0].message.content == plain
     for field, value in [("web_search_options", {}), ("audio", {"voice": "alloy", "format": "wav"})]:
         with pytest.raises(openai.BadRequestError) as refused:

@@ -119,6 +119,11 @@ class StreamConfig:
     speculative: str | None = None
     draft_max: int = 16
     draft_min: int = 4
+    # Text the answer is expected to repeat much of (OpenAI's predicted output: the file being edited).
+    # N-gram drafts are looked up in it as well as in the context, and without ``speculative`` it turns
+    # "ngram" on (a draft model, speculative="draft", drafts without it); the answer is the same with it
+    # or without.
+    prediction: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop_sequences, str):
@@ -167,6 +172,8 @@ class StreamConfig:
             _fail("speculative", self.speculative, " or ".join(repr(kind) for kind in SPECULATIVE))
         _check_int("draft_max", self.draft_max, 1, MAX_DRAFT)
         _check_int("draft_min", self.draft_min, 1, self.draft_max)
+        if self.prediction is not None and not isinstance(self.prediction, str):
+            _fail("prediction", self.prediction, "a str (the text the answer is expected to repeat) or None")
         _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS, optional=True)
         _check_int("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS, optional=True)
         if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar.strip()):
@@ -224,6 +231,14 @@ class StreamConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def drafts_ngrams(self) -> bool:
+        """Whether tokens are drafted by n-gram lookup: ``speculative`` "ngram" or "ngram-simple", or a
+        ``prediction`` given without ``speculative``."""
+        if self.speculative is None:
+            return self.prediction is not None
+        return self.speculative in ("ngram", "ngram-simple")
 
     def with_options(self, **changes: Any) -> StreamConfig:
         """A copy with some fields changed (validated)."""

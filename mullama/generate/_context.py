@@ -274,7 +274,7 @@ class Context(Owned):
             raise InvalidConfigError("the prompt is empty; give at least one token of text.")
         if config.lora is not None:
             lora_set(self.model, config.lora)  # a bad one fails now, not at the first step
-        if config.speculative is not None and config.draft_max + 1 > self.n_batch:
+        if (config.speculative is not None or config.drafts_ngrams) and config.draft_max + 1 > self.n_batch:
             raise InvalidConfigError(f"StreamConfig.draft_max ({config.draft_max}) and the token before the draft "
                                      f"must fit in one batch of this Context (n_batch={self.n_batch}); lower "
                                      "draft_max or create the Context with a larger n_batch.")

@@ -187,9 +187,11 @@ class Sequence:
         # Speculative decoding: who drafts (a draft model's drafter is set by Context and Engine), and how
         # many drafted tokens were proposed and accepted.
         self.drafter: Drafter | None = None
-        if config.speculative in ("ngram", "ngram-simple"):
-            self.drafter = NgramDrafter(config.draft_min, config.draft_max, sized=config.speculative == "ngram",
-                                        token_cost=draft_token_cost)
+        if config.drafts_ngrams:
+            predicted = (model.tokenize(config.prediction, add_special=False, parse_special=False)
+                         if config.prediction else [])
+            self.drafter = NgramDrafter(config.draft_min, config.draft_max, sized=config.speculative != "ngram-simple",
+                                        token_cost=draft_token_cost, reference=predicted)
         self.draft_proposed = 0
         self.draft_accepted = 0
 

@@ -136,18 +136,20 @@ def _copying(text: list[int], start: int, end: int) -> bool:
 
 class NgramDrafter:
     """Drafts from the sequence's own context, as upstream's ngram-simple does; ``sized``: cut to a
-    :class:`DraftLength` (``speculative="ngram"``)."""
+    :class:`DraftLength` (``speculative="ngram"``). ``reference``: tokens searched before the context
+    (``StreamConfig.prediction``'s), a draft from them never running past their end."""
 
-    __slots__ = ("_ends", "_history", "_indexed", "_text", "length", "size_m", "size_n")
+    __slots__ = ("_ends", "_history", "_indexed", "_reference", "_text", "length", "size_m", "size_n")
 
     def __init__(self, size_n: int, size_m: int, *, sized: bool = True,
-                 token_cost: float = FLASH_DRAFT_TOKEN_COST) -> None:
+                 token_cost: float = FLASH_DRAFT_TOKEN_COST, reference: list[int] | None = None) -> None:
         self.size_n = size_n  # the n-gram looked up, and the shortest draft upstream proposes
         self.size_m = size_m  # the longest draft
         self.length = DraftLength(token_cost) if sized else None
+        self._reference = list(reference or ())
         self._history: list[int] | None = None
         self._indexed = 0  # how much of the history _text holds
-        self._text: list[int] = []  # the history's tokens, media placeholders (negative) left out
+        self._text: list[int] = []  # the reference, then the history's tokens (media placeholders left out)
         self._ends: dict[int, list[int]] = {}  # token -> positions in _text where it stands, ascending
 
     def draft(self, history: list[int], sampled: int, room: int) -> list[int]:
@@ -160,7 +162,8 @@ class NgramDrafter:
         if length is not None and length.pausing():
             return []
         n, m = self.size_n, self.size_m
-        if len(history) <= n + m + 1:
+        base = len(self._reference)
+        if not base and len(history) <= n + m + 1:
             return []
         self._index(history)
         history = self._text
@@ -179,7 +182,7 @@ class NgramDrafter:
             if start < 1:
                 break
             if history[start:end] == prefix:
-                copy = min(m, cur_len - (start + n))
+                copy = min(m, (base if start + n <= base else cur_len) - (start + n))
                 if copy < n:
                     return []
                 if length is not None and not _copying(history, start, cur_len - n + 1):
@@ -192,9 +195,13 @@ class NgramDrafter:
         cache grows)."""
         if history is not self._history or len(history) < self._indexed:
             self._history, self._indexed, self._text, self._ends = history, 0, [], {}
+            self._append(self._reference)
+        self._append(history[self._indexed:])
+        self._indexed = len(history)
+
+    def _append(self, tokens: list[int]) -> None:
         text, ends = self._text, self._ends
-        for position in range(self._indexed, len(history)):
-            token = history[position]
+        for token in tokens:
             if token < 0:  # an image's or a clip's position
                 continue
             found = ends.get(token)
@@ -203,7 +210,6 @@ class NgramDrafter:
             else:
                 found.append(len(text))
             text.append(token)
-        self._indexed = len(history)
 
     def verified(self, proposed: int, accepted: int) -> None:
         """How the last draft fared: what sizes the next ones."""

@@ -39,6 +39,7 @@ from ._openai_shapes import (
     function_call_delta,
     logprobs_body,
     new_id,
+    prediction_usage,
     tool_call_delta,
     usage_chunk,
 )
@@ -72,9 +73,9 @@ _COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p
            "service_tier", "logprobs", "top_logprobs", "logit_bias", "response_format", "parallel_tool_calls",
            "tools", "tool_choice"} | LLAMA_FIELDS
 # chat_template_kwargs: llama-server's (enable_thinking, ...); modalities: OpenAI's output kinds;
-# reasoning_effort reaches the template as llama-server's does. OpenAI's prompt-cache routing, safety and
-# moderation hints, GPT-5's verbosity and a predicted output (a latency hint: the answer is the same
-# without it) are accepted and ignored.
+# reasoning_effort reaches the template as llama-server's does; a predicted output is a source of n-gram
+# drafts (the answer is the same, sooner). OpenAI's prompt-cache routing, safety and moderation hints and
+# GPT-5's verbosity are accepted and ignored.
 CHAT_FIELDS = _COMMON | {"messages", "chat_template_kwargs", "modalities", "reasoning_effort", "prompt_cache_key",
                          "prompt_cache_retention", "prompt_cache_options", "safety_identifier", "moderation",
                          "verbosity", "prediction"} | LEGACY_FIELDS
@@ -161,6 +162,9 @@ def parse_request(body: Any, kind: str, *, max_tokens_limit: int) -> ParsedReque
         whole = integer(body, name, low_int, high_int)
         if whole is not None:
             fields[name] = whole
+    prediction = _predicted_text(body.get("prediction"))
+    if prediction is not None:
+        fields["prediction"] = prediction
     for flag in ("ignore_eos", "cache_prompt"):  # llama-server's extensions
         if isinstance(body.get(flag), bool):
             fields[flag] = body[flag]
@@ -204,6 +208,22 @@ def parse_request(body: Any, kind: str, *, max_tokens_limit: int) -> ParsedReque
                              id_slot=requested_slot(body), field_names=names)
     return ParsedRequest("completion", config, stream, include_usage, prompts=_prompts(body.get("prompt"), n),
                          n=n, model=model, id_slot=requested_slot(body), field_names=names, echo=echo, suffix=suffix)
+
+
+def _predicted_text(prediction: Any) -> str | None:
+    """OpenAI's predicted output, ``{"type": "content", "content": text or text parts}``, as its text
+    (n-gram drafts are looked up in it: a faster answer, the same one)."""
+    if prediction is None:
+        return None
+    content = prediction.get("content") if isinstance(prediction, dict) and prediction.get("type") == "content" \
+        else None
+    if isinstance(content, list) and all(isinstance(part, dict) and part.get("type") == "text"
+                                         and isinstance(part.get("text"), str) for part in content):
+        content = "".join(part["text"] for part in content)
+    if not isinstance(content, str):
+        raise bad("'prediction' must be {\"type\": \"content\", \"content\": the text expected} (a string or "
+                  "text parts).", "prediction")
+    return content
 
 
 def _with_reasoning_effort(kwargs: dict | None, effort: Any) -> dict | None:
@@ -375,7 +395,7 @@ async def _generate(request: Request, kind: str) -> Response:
         choices = [_choice(job, tokens, kind, piece, text, parsed)
                    for job, tokens, text in zip(jobs, generated, before)]
         return completion_body(kind, request_id, name, choices, n_prompt, sum(job.completion_tokens for job in jobs),
-                               n_cached())
+                               n_cached(), prediction_usage(parsed.config, jobs))
 
     return await stream_or_collect(
         request, OPENAI, lease, jobs, stream=parsed.stream,
@@ -471,7 +491,7 @@ async def _events(jobs: list[EngineRequest], parsed: ParsedRequest, kind: str, r
         completion_tokens = sum(job.completion_tokens for job in jobs)
         if parsed.include_usage:
             yield event(usage_chunk(kind, request_id, model_name, stamp, prompt_usage[0], completion_tokens,
-                                    prompt_usage[1]()))
+                                    prompt_usage[1](), prediction_usage(parsed.config, jobs)))
         yield "data: [DONE]\n\n"
         state(request).finished(request.scope, completion_tokens)
     finally:  # the client went away, or we are done: either way the sequences stop now

@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ..generate._config import StreamConfig
+from ..generate._engine import EngineRequest
 from ..generate._sequence import Token
 from ._http import SSE, WireFormat
 from ._request import APIError
@@ -17,7 +19,7 @@ from ._token_logprobs import Piece, carrying, described_tokens, logprob_entries
 from ._tool_calls import CallArguments, CallStart
 
 __all__ = ["OPENAI", "Choice", "Piece", "chunk", "completion_body", "described_tokens", "error_body", "error_event",
-           "logprob_entries", "logprobs_body", "new_id", "tool_call_delta", "usage", "usage_chunk"]
+           "logprob_entries", "logprobs_body", "new_id", "prediction_usage", "tool_call_delta", "usage", "usage_chunk"]
 
 
 def error_body(exc: APIError) -> dict:
@@ -89,11 +91,25 @@ def new_id(kind: str) -> str:
     return ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
-    """OpenAI's usage, with the prompt tokens taken from the KV cache (reused or restored)."""
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, predicted: dict | None = None) -> dict:
+    """OpenAI's usage, with the prompt tokens taken from the KV cache (reused or restored), and for a
+    request with a predicted output its ``completion_tokens_details`` (``prediction_usage``)."""
+    body = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+    if predicted is not None:
+        body["completion_tokens_details"] = predicted
+    return body
+
+
+def prediction_usage(config: StreamConfig, jobs: list[EngineRequest]) -> dict | None:
+    """OpenAI's accepted and rejected prediction tokens, for a request with a ``prediction``: the drafted
+    tokens (from the prediction or the context) the answers kept, and those they did not."""
+    if config.prediction is None:
+        return None
+    accepted = sum(job.draft_accepted for job in jobs)
+    return {"accepted_prediction_tokens": accepted,
+            "rejected_prediction_tokens": sum(job.draft_proposed for job in jobs) - accepted}
 
 
 def chunk(kind: str, request_id: str, model: str, created: int, *, text: str | None = None,
@@ -123,10 +139,10 @@ def chunk(kind: str, request_id: str, model: str, created: int, *, text: str | N
 
 
 def usage_chunk(kind: str, request_id: str, model: str, created: int, prompt_tokens: int,
-                completion_tokens: int, cached_tokens: int = 0) -> dict:
+                completion_tokens: int, cached_tokens: int = 0, predicted: dict | None = None) -> dict:
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
     return {"id": request_id, "object": obj, "created": created, "model": model, "choices": [],
-            "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
+            "usage": usage(prompt_tokens, completion_tokens, cached_tokens, predicted)}
 
 
 @dataclass
@@ -142,7 +158,7 @@ class Choice:
 
 
 def completion_body(kind: str, request_id: str, model: str, choices: list[Choice], prompt_tokens: int,
-                    completion_tokens: int, cached_tokens: int = 0) -> dict:
+                    completion_tokens: int, cached_tokens: int = 0, predicted: dict | None = None) -> dict:
     created = int(time.time())
     if kind == "chat":
         items = [{"index": i, "message": _message(c), "logprobs": c.logprobs, "finish_reason": c.finish_reason}
@@ -153,7 +169,7 @@ def completion_body(kind: str, request_id: str, model: str, choices: list[Choice
                  for i, c in enumerate(choices)]
         obj = "text_completion"
     return {"id": request_id, "object": obj, "created": created, "model": model, "choices": items,
-            "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
+            "usage": usage(prompt_tokens, completion_tokens, cached_tokens, predicted)}
 
 
 def _message(choice: Choice) -> dict:
