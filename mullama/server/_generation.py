@@ -96,8 +96,9 @@ def rendered_prompt(served: Served, parsed: ParsedRequest, settings: ServerSetti
 
 
 def _fill_in_the_middle(served: Served, parsed: ParsedRequest, prefix: str | list[int]) -> list[int]:
-    """ollama's ``suffix``: the infill prompt of the prompt and the suffix, as ``/infill`` builds it from
-    one engine slot's budgets; a model without FIM tokens is ollama's 400."""
+    """A request's ``suffix`` (ollama's /api/generate, OpenAI's /v1/completions): the infill prompt of the
+    prompt and the suffix, as ``/infill`` builds it from one engine slot's budgets; a model without FIM
+    tokens is a 400 in ollama's words."""
     model, engine = served.model, served.engine
     assert model is not None and engine is not None  # the caller holds a lease on a generating model
     try:

@@ -64,7 +64,7 @@ class ParsedRequest:
     truncate: bool = False  # ollama's: a chat too long for the context loses its oldest messages (_truncation)
     legacy_functions: bool = False  # OpenAI's deprecated functions: the answer's call as function_call
     context: list[int] | None = None  # ollama's /api/generate context: the tokens the prompt continues
-    suffix: str | None = None  # ollama's /api/generate suffix: the prompt is the prefix of a fill-in-the-middle
+    suffix: str | None = None  # ollama's and OpenAI's completion suffix: the prompt is the prefix of an infill
     # StreamConfig field -> the request's field that set it (see config_error); a field not named is its own
     field_names: Mapping[str, str] = field(default_factory=dict)
 
