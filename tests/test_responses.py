@@ -297,7 +297,8 @@ def test_greedy_answers_equal_llama_servers_responses(served, llama_server, ques
     ({"input": "hi", "text": {"format": {"type": "xml"}}}, "text"),
     ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x"}}}, "text"),
     ({"input": "hi", "previous_response_id": 123}, "previous_response_id"),
-    ({"input": "hi", "conversation": "conv_123"}, "conversation"),
+    ({"input": "hi", "conversation": 123}, "conversation"),
+    ({"input": "hi", "prompt": {"id": "pmpt_1"}}, "prompt"),
     ({"input": "hi", "background": True}, "background"),
     ({"input": "hi", "stream": "yes"}, "stream"),
 ])

@@ -17,7 +17,19 @@ from starlette.routing import Route, WebSocketRoute
 
 from ..generate._engine import Engine
 from ..generate._model import Model
-from . import _anthropic, _embeddings, _infill, _lora, _ollama, _openai, _rerank, _responses, _slots, _tokenizer
+from . import (
+    _anthropic,
+    _conversations,
+    _embeddings,
+    _infill,
+    _lora,
+    _ollama,
+    _openai,
+    _rerank,
+    _responses,
+    _slots,
+    _tokenizer,
+)
 from ._http import Handler, ServerSettings, ServerState, WireFormat, declared_format, endpoint, speaks, state
 from ._openai_shapes import OPENAI
 from ._pool import ModelPool
@@ -149,6 +161,14 @@ ROUTES = [
     Route("/v1/responses/{response_id}", _responses.retrieve, methods=["GET"]),
     Route("/v1/responses/{response_id}", _responses.delete, methods=["DELETE"]),
     Route("/v1/responses/{response_id}/input_items", _responses.list_input_items, methods=["GET"]),
+    Route("/v1/conversations", _conversations.create, methods=["POST"]),
+    Route("/v1/conversations/{conversation_id}", _conversations.retrieve, methods=["GET"]),
+    Route("/v1/conversations/{conversation_id}", _conversations.update, methods=["POST"]),
+    Route("/v1/conversations/{conversation_id}", _conversations.delete, methods=["DELETE"]),
+    Route("/v1/conversations/{conversation_id}/items", _conversations.create_items, methods=["POST"]),
+    Route("/v1/conversations/{conversation_id}/items", _conversations.list_items, methods=["GET"]),
+    Route("/v1/conversations/{conversation_id}/items/{item_id}", _conversations.retrieve_item, methods=["GET"]),
+    Route("/v1/conversations/{conversation_id}/items/{item_id}", _conversations.delete_item, methods=["DELETE"]),
     Route("/v1/messages", _anthropic.messages, methods=["POST"]),
     Route("/v1/messages/count_tokens", _anthropic.count_tokens, methods=["POST"]),
     Route("/infill", _infill.infill, methods=["POST"]),

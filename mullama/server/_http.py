@@ -28,7 +28,7 @@ from ..generate._engine import EngineRequest
 from ..generate._media import MediaLimits
 from ..generate._sequence import Token
 from ._request import APIError, generation_error
-from ._response_store import ResponseStore
+from ._response_store import ConversationStore, ResponseStore
 from ._workers import GENERATION, Workers
 
 if TYPE_CHECKING:
@@ -82,6 +82,7 @@ class ServerState:
     metrics: Metrics = field(default_factory=Metrics)
     created: int = field(default_factory=lambda: int(time.time()))
     responses: ResponseStore = field(default_factory=ResponseStore)  # the Responses API's stored responses
+    conversations: ConversationStore = field(default_factory=ConversationStore)  # and its conversations
     draining: bool = False  # SIGTERM: streams in flight finish, new requests are refused (503: retry elsewhere)
 
     def authorized(self, headers: Any) -> bool:

@@ -7,8 +7,8 @@ and answered as a response object or its typed events. Responses are stored, con
 ``input`` (a string, or message, ``function_call`` and ``function_call_output`` items; text and
 ``input_image`` parts), ``instructions``, function ``tools``, ``tool_choice``, ``text.format`` (JSON
 schema or object), ``max_output_tokens``, ``reasoning.effort``, ``temperature``, ``top_p``,
-``stream``, ``store`` and ``previous_response_id`` are honoured; the Conversations API
-(``conversation``), stored ``prompt``s and ``background`` responses are refused with a 400. Errors
+``stream``, ``store``, ``previous_response_id`` and ``conversation`` are honoured; stored ``prompt``s
+and ``background`` responses are refused with a 400. Errors
 have OpenAI's shape (the Responses API is OpenAI's: its error bodies are those of ``_openai_shapes``);
 the output items and stream events are built by ``_response_output`` from the sequence's tokens.
 """
@@ -34,10 +34,10 @@ from ._openai import LLAMA_FIELDS, parse_request
 from ._openai_shapes import OPENAI
 from ._request import APIError, ParsedRequest, bad, check_fields, integer
 from ._response_output import ResponseOutput, new_id
-from ._response_store import PAGE_LIMIT, input_items, not_found
+from ._response_store import input_items, item_page, not_found
 
-__all__ = ["delete", "input_tokens", "list_input_items", "responses", "retrieve", "to_chat_request",
-           "to_count_request"]
+__all__ = ["delete", "input_messages", "input_tokens", "list_input_items", "responses", "retrieve",
+           "to_chat_request", "to_count_request"]
 
 # Fields with a meaning here, and llama-server's extensions (which its /v1/responses passes on to chat).
 HONOURED = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "tools", "tool_choice",
@@ -48,7 +48,7 @@ IGNORED = {"store", "metadata", "user", "truncation", "include", "service_tier",
            "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options", "safety_identifier",
            "max_tool_calls", "context_management", "moderation", "stream_options", "background"}
 # Fields that need state the server does not keep: refused when set.
-STATEFUL = ("conversation", "prompt")
+STATEFUL = ("prompt",)
 
 
 # --- the request -------------------------------------------------------------------------------
@@ -60,8 +60,8 @@ def to_chat_request(body: Any, *, max_tokens_limit: int) -> ParsedRequest:
     check_fields(body, HONOURED | IGNORED | set(STATEFUL))
     for name in STATEFUL:
         if body.get(name) is not None:
-            raise bad(f"'{name}' is not supported: this server keeps no conversations or prompts. Continue a "
-                      "response with 'previous_response_id', or send the whole conversation in 'input'.", name)
+            raise bad(f"'{name}' is not supported: this server keeps no prompts. Send the prompt's text as "
+                      "'instructions' and 'input'.", name)
     if body.get("background"):
         raise bad("'background' responses are not supported: ask without it and stream the answer.",
                   "background")
@@ -127,7 +127,19 @@ def _messages(body: dict) -> list[dict]:
     value = body.get("input")
     if isinstance(value, str):
         return [*messages, {"role": "user", "content": value}]
-    for index, item in enumerate(input_items(value)):
+    messages += input_messages(input_items(value))
+    if has_media(messages):  # the chat route takes the images out, then joins the rest
+        return messages
+    try:
+        return normalize_messages(messages)  # the parts joined into plain strings, as every chat message has
+    except (TemplateError, InvalidConfigError) as exc:
+        raise bad(str(exc), "input") from None
+
+
+def input_messages(items: list) -> list[dict]:
+    """Input items as chat messages (each checked: a 400 naming ``input`` says what is wrong with one)."""
+    messages: list[dict] = []
+    for index, item in enumerate(items):
         where = f"input[{index}]"
         if not isinstance(item, dict):
             raise bad(f"{where} must be an object (a message or a function_call / function_call_output item).",
@@ -176,12 +188,7 @@ def _messages(body: dict) -> list[dict]:
         else:
             raise bad(f"{where}: unsupported input item type {kind!r} (message, function_call, "
                       "function_call_output, reasoning).", "input")
-    if has_media(messages):  # the chat route takes the images out, then joins the rest
-        return messages
-    try:
-        return normalize_messages(messages)  # the parts joined into plain strings, as every chat message has
-    except (TemplateError, InvalidConfigError) as exc:
-        raise bad(str(exc), "input") from None
+    return messages
 
 
 def _as_parts(content: Any) -> list[dict]:
@@ -189,6 +196,12 @@ def _as_parts(content: Any) -> list[dict]:
     if not content:
         return []
     return [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+
+
+def _conversation_of(body: dict) -> dict | None:
+    """The response's ``conversation``, as OpenAI echoes it: ``{"id": ...}``."""
+    reference = body.get("conversation")
+    return {"id": reference["id"] if isinstance(reference, dict) else reference} if reference is not None else None
 
 
 def _reasoning_effort(reasoning: Any) -> Any:
@@ -288,6 +301,7 @@ def response_body(response_id: str, created: int, model: str, body: dict, parsed
         "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
         "model": model, "output": output.items if output is not None else [],
         "parallel_tool_calls": parsed.parallel_tool_calls, "previous_response_id": body.get("previous_response_id"),
+        "conversation": _conversation_of(body),
         "reasoning": {"effort": _reasoning_effort(body.get("reasoning")), "summary": None},
         "store": body.get("store") is not False,
         "temperature": parsed.config.temperature, "top_p": parsed.config.top_p,
@@ -306,7 +320,7 @@ def response_body(response_id: str, created: int, model: str, body: dict, parsed
 # The fields of a token count (``POST /v1/responses/input_tokens``): those that shape the prompt, and
 # those the SDK may send that do not change it here.
 COUNT_FIELDS = {"model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "text",
-                "reasoning", "previous_response_id", *STATEFUL}
+                "reasoning", "previous_response_id", "conversation", *STATEFUL}
 COUNT_IGNORED = {"truncation", "personality"}
 
 
@@ -324,7 +338,9 @@ def to_count_request(body: Any) -> ParsedRequest:
 async def input_tokens(request: Request) -> Response:
     """``POST /v1/responses/input_tokens``: the tokens of the prompt a request would have (as
     llama-server's route of that name)."""
-    body, _items = state(request).responses.continued(await read_json(request))
+    server = state(request)
+    body, _conversation, _before = server.conversations.opened(await read_json(request))
+    body, _items = server.responses.continued(body)
     parsed = to_count_request(body)
     return JSONResponse({"object": "response.input_tokens", "input_tokens": await count_prompt_tokens(request, parsed)})
 
@@ -335,7 +351,8 @@ async def responses(request: Request) -> Response:
     request says ``store: false``."""
     server = state(request)
     body = await read_json(request)
-    continued, items = server.responses.continued(body)
+    opened, conversation, before = server.conversations.opened(body)
+    continued, items = server.responses.continued(opened)
     parsed = to_chat_request(continued, max_tokens_limit=server.settings.max_tokens_limit)
     try:
         lease, (job,) = await start(request, parsed)
@@ -349,6 +366,8 @@ async def responses(request: Request) -> Response:
     def finished(final: dict, output: ResponseOutput) -> dict:
         if final["store"]:
             server.responses.keep(final, items, output.items)
+        if conversation is not None:  # the conversation goes on with this input and answer
+            server.conversations.extend(conversation, [*items[before:], *output.items])
         return final
 
     return await stream_or_collect(
@@ -390,15 +409,8 @@ async def list_input_items(request: Request) -> Response:
     stored = state(request).responses.get(response_id)
     if stored is None:
         raise not_found(response_id)
-    query = request.query_params
-    text = query.get("limit", str(PAGE_LIMIT[0]))
-    limit = int(text) if text.isdigit() else 0
-    if not 1 <= limit <= PAGE_LIMIT[1]:
-        raise bad(f"'limit' must be an integer from 1 to {PAGE_LIMIT[1]}.", "limit")
-    order = query.get("order", "desc")
-    if order not in ("asc", "desc"):
-        raise bad("'order' must be 'asc' or 'desc'.", "order")
-    return JSONResponse(stored.input_page(query.get("after"), limit, order))
+    inputs = stored.conversation[:stored.inputs]
+    return JSONResponse(item_page(inputs, request.query_params, f"response '{response_id}'"))
 
 
 async def _collect(job: EngineRequest, output: ResponseOutput) -> None:
