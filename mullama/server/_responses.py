@@ -15,6 +15,7 @@ the output items and stream events are built by ``_response_output`` from the se
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import time
@@ -367,7 +368,8 @@ async def responses(request: Request) -> Response:
         if final["store"]:
             server.responses.keep(final, items, output.items)
         if conversation is not None:  # the conversation goes on with this input and answer
-            server.conversations.extend(conversation, [*items[before:], *output.items])
+            with contextlib.suppress(APIError):  # unless it was deleted meanwhile
+                server.conversations.extend(conversation, [*items[before:], *output.items])
         return final
 
     return await stream_or_collect(
