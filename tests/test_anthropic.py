@@ -112,6 +112,12 @@ def test_tools_over_the_messages_api(build, model_path):
     ({"max_tokens": 8, "messages": [{"role": "user", "content": "hi"}], "temperature": 2}, 400),
     ({"max_tokens": 8, "messages": [{"role": "user", "content": "hi"}], "bogus": 1}, 400),
     ({"max_tokens": 0, "messages": [{"role": "user", "content": "hi"}]}, 400),  # (above the limit: capped)
+    # a tool_result answers a tool_use of the message before it, as Anthropic checks
+    ({"max_tokens": 8, "messages": [{"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"}]}]}, 400),
+    ({"max_tokens": 8, "messages": [
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_2", "content": "sunny"}]}]}, 400),
 ])
 def test_bad_requests_get_anthropic_errors(served, body, status):
     response = httpx.post(f"{served.url}/v1/messages", json=body, timeout=60)

@@ -87,6 +87,7 @@ def _messages(body: dict) -> list[dict]:
     system = body.get("system")
     if system is not None:
         result.append({"role": "system", "content": _text_of(system, "system")})
+    called: set[str] = set()  # the tool_use ids of the message before: the only ones a tool_result may answer
     for index, message in enumerate(messages):
         where = f"messages.{index}"
         if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
@@ -94,6 +95,7 @@ def _messages(body: dict) -> list[dict]:
         role, content = message["role"], message.get("content")
         if isinstance(content, str):
             result.append({"role": role, "content": content})
+            called = set()
             continue
         if not isinstance(content, list) or not content:
             raise bad(f"{where}.content must be a string or a non-empty list of content blocks.")
@@ -113,6 +115,10 @@ def _messages(body: dict) -> list[dict]:
                 calls.append({"id": str(block.get("id") or ""), "type": "function", "function": {
                     "name": block["name"], "arguments": json.dumps(block["input"], ensure_ascii=False)}})
             elif kind == "tool_result" and role == "user" and isinstance(block.get("tool_use_id"), str):
+                if block["tool_use_id"] not in called:
+                    raise bad(f"{where}.content.{number}: unexpected `tool_use_id` found in `tool_result` blocks: "
+                              f"{block['tool_use_id']}. Each `tool_result` block must have a corresponding "
+                              "`tool_use` block in the previous message.")
                 value = block.get("content", "")
                 results.append({"role": "tool", "tool_call_id": block["tool_use_id"],
                                 "content": _text_of(value, f"{where}.content.{number}.content")})
@@ -120,6 +126,7 @@ def _messages(body: dict) -> list[dict]:
                 raise bad(f"{where}.content.{number}: unsupported content block "
                            f"{kind!r} (text, image in user turns, tool_use in assistant turns, tool_result in "
                            "user turns).")
+        called = {str(call["id"]) for call in calls}
         result.extend(results)
         if texts or calls or not results:
             entry: dict[str, Any] = {"role": role, "content": "\n".join(texts) if texts or not calls else None}
