@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 
 import agents  # the test extra installs these: a missing package fails, never skips
+import httpx
 import openai
 import pytest
 
@@ -75,6 +76,50 @@ def test_items_are_added_read_and_removed(client):
                  lambda: client.responses.create(model="m", conversation=conversation.id, input="Hi")):
         with pytest.raises(openai.NotFoundError):
             gone()
+
+
+def test_one_response_at_a_time_in_a_conversation(served, client):
+    """While a response is being made in a conversation, another is OpenAI's 400 ``conversation_locked`` (it
+    would not see the first one's turn); once it is made, the next goes on from it."""
+    conversation = client.conversations.create()
+    body = {"model": "m", "conversation": conversation.id, "input": "Count to twenty.", "max_output_tokens": 24,
+            "stream": True}
+    with httpx.stream("POST", f"{served.url}/v1/responses", json=body, timeout=120) as streaming:
+        lines = streaming.iter_lines()
+        assert next(line for line in lines if line.startswith("data: ")).find("response.created") > 0
+        with pytest.raises(openai.BadRequestError) as locked:
+            client.responses.create(model="m", conversation=conversation.id, input="Hi", max_output_tokens=2)
+        assert locked.value.code == "conversation_locked" and locked.value.body["param"] == "conversation"
+        rest = list(lines)  # to the end of the body: the server's stream is over, its claim released
+        assert any("response.completed" in line or "response.incomplete" in line for line in rest)
+    after = client.responses.create(model="m", conversation=conversation.id, input="Hi", max_output_tokens=2)
+    assert after.conversation.id == conversation.id
+    assert len(list(client.conversations.items.list(conversation.id))) == 4
+
+
+def test_item_ids_are_strings_and_never_repeat_in_a_list(client):
+    """An id the client gives must be a string; one a list already has is OpenAI's 400 "Duplicate item
+    found" (a list pages by ids), and a bad reference is a 400 too, never a server error."""
+    first = client.responses.create(model="m", input="Say hi.", max_output_tokens=4)
+    for item in ({"type": "message", "role": "user", "content": "hi", "id": ["x"]},
+                 {"type": "item_reference", "id": ["x"]}):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.responses.create(model="m", input=[item], max_output_tokens=2)
+        assert refused.value.body["param"] == "input"
+    output = {"type": "item_reference", "id": first.output[-1].id}
+    with pytest.raises(openai.BadRequestError, match="Duplicate item found"):
+        client.responses.create(model="m", previous_response_id=first.id, input=[output], max_output_tokens=2)
+    assert client.responses.create(model="m", input=[output, {"role": "user", "content": "Again."}],
+                                   max_output_tokens=2).status in ("completed", "incomplete")
+    conversation = client.conversations.create(items=[{"role": "user", "content": "Hello!"}])
+    (hello,) = client.conversations.items.list(conversation.id)
+    with pytest.raises(openai.BadRequestError, match="Duplicate item found") as refused:
+        client.conversations.items.create(conversation.id, items=[hello.model_dump(exclude_none=True)])
+    assert refused.value.body["param"] == "items"
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.conversations.items.create(conversation.id, items=[{"role": "user", "content": "x", "id": 7}])
+    assert refused.value.body["param"] == "items"
+    assert len(list(client.conversations.items.list(conversation.id))) == 1
 
 
 def test_openai_agents_keeps_a_session_and_runs_in_a_conversation(served, client):

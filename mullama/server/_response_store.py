@@ -16,18 +16,19 @@ when the request came, a message's text as content parts.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ._request import APIError, bad
 from ._response_output import new_id
 
-__all__ = ["CAPACITY", "MAX_NEW_ITEMS", "Conversation", "ConversationStore", "ResponseStore", "StoredResponse",
-           "input_items", "item_page", "listed", "not_found", "page_query"]
+__all__ = ["CAPACITY", "MAX_NEW_ITEMS", "Conversation", "ConversationStore", "Opened", "ResponseStore",
+           "StoredResponse", "input_items", "item_page", "listed", "not_found", "page_query", "unique"]
 
 CAPACITY = 1000  # responses (and conversations) kept; the oldest go first
 PAGE_LIMIT = (20, 100)  # items listed at once: OpenAI's default and largest
@@ -60,14 +61,14 @@ class ResponseStore:
         previous, sent = body.get("previous_response_id"), input_items(body.get("input"))
         items = self._referenced(sent)
         if previous is None:
-            return (body if items is sent else {**body, "input": items}), listed(items)
+            return (body if items is sent else {**body, "input": items}), unique(listed(items))
         if not isinstance(previous, str):
             raise bad("'previous_response_id' must be the id of an earlier response.", "previous_response_id")
         stored = self.get(previous)
         if stored is None:
             raise APIError(404, f"Previous response with id '{previous}' not found.", param="previous_response_id",
                            code="previous_response_not_found")
-        items = [*stored.conversation, *listed(items)]
+        items = unique([*stored.conversation, *listed(items)])
         return {**{key: value for key, value in body.items() if key != "previous_response_id"}, "input": items}, items
 
     def keep(self, body: dict, inputs: list[dict], outputs: list[dict]) -> None:
@@ -99,6 +100,8 @@ class ResponseStore:
         for item in items:
             if isinstance(item, dict) and item.get("type") == "item_reference":
                 reference = item.get("id")
+                if not isinstance(reference, str):
+                    raise bad("an item_reference needs the 'id' string of a stored item.", "input")
                 if reference not in stored:
                     raise APIError(404, f"Item with id '{reference}' not found: an item_reference names an item "
                                    "of a response stored on this server (not one sent with store: false, "
@@ -134,24 +137,26 @@ class ConversationStore:
     def __init__(self, capacity: int = CAPACITY) -> None:
         self.capacity = capacity
         self._kept: OrderedDict[str, Conversation] = OrderedDict()
+        self._busy: dict[str, object] = {}  # conversation -> the claim of the response being made in it
         self._lock = threading.Lock()
 
     def create(self, items: list[dict], metadata: dict) -> Conversation:
-        conversation = Conversation(new_id("conv"), int(time.time()), metadata, listed(items))
+        conversation = Conversation(new_id("conv"), int(time.time()), metadata,
+                                    unique(listed(items, "items"), "items"))
         with self._lock:
             self._kept[conversation.id] = conversation
             while len(self._kept) > self.capacity:
                 self._kept.popitem(last=False)
         return conversation
 
-    def get(self, conversation_id: str) -> Conversation:
+    def get(self, conversation_id: str, param: str = "conversation_id") -> Conversation:
         """The conversation of that id (now the most recently used); OpenAI's 404 when none has it."""
         with self._lock:
             found = self._kept.get(conversation_id)
             if found is not None:
                 self._kept.move_to_end(conversation_id)
         if found is None:
-            raise APIError(404, f"Conversation with id '{conversation_id}' not found.", param="conversation_id")
+            raise APIError(404, f"Conversation with id '{conversation_id}' not found.", param=param)
         return found
 
     def delete(self, conversation_id: str) -> None:
@@ -161,10 +166,12 @@ class ConversationStore:
         raise APIError(404, f"Conversation with id '{conversation_id}' not found.", param="conversation_id")
 
     def extend(self, conversation_id: str, items: list[dict]) -> list[dict]:
-        """Add items (listed) to the end of a conversation; the items added."""
-        added = listed(items)
+        """Add items (listed) to the end of a conversation; the items added. An id it has already is a
+        400, as OpenAI's."""
+        added = listed(items, "items")
         conversation = self.get(conversation_id)
         with self._lock:
+            unique([*conversation.items, *added], "items")
             conversation.items.extend(added)
         return added
 
@@ -174,12 +181,14 @@ class ConversationStore:
             conversation.items.remove(conversation.item(item_id))
         return conversation
 
-    def opened(self, body: Any) -> tuple[Any, str | None, int]:
+    def opened(self, body: Any, *, claim: bool = False) -> Opened:
         """``body`` with its ``conversation`` resolved: the input is the conversation's items, then its own
         (which the answer adds to it, ``extend``); also the conversation's id and how many items it had.
-        ``previous_response_id`` with it is a 400, as OpenAI's."""
+        ``previous_response_id`` with it is a 400, as OpenAI's. ``claim``: a response is made in it now,
+        until ``Opened.release``; another meanwhile is OpenAI's 400 ``conversation_locked`` (it would
+        not see this one's turn)."""
         if not isinstance(body, dict) or body.get("conversation") is None:
-            return body, None, 0
+            return Opened(body)
         reference = body["conversation"]
         conversation_id = reference.get("id") if isinstance(reference, dict) else reference
         if not isinstance(conversation_id, str):
@@ -187,22 +196,67 @@ class ConversationStore:
         if body.get("previous_response_id") is not None:
             raise bad("Mutually exclusive parameters: Ensure you are only providing one of: 'previous_response_id' "
                       "or 'conversation'.", "conversation")
-        conversation = self.get(conversation_id)
+        own = input_items(body.get("input"))
+        conversation = self.get(conversation_id, "conversation")
+        token = object()
         with self._lock:
+            if claim and conversation_id in self._busy:
+                raise APIError(400, "Another process is currently operating on this conversation. Please retry in "
+                               "a few seconds.", param="conversation", code="conversation_locked")
+            if claim:
+                self._busy[conversation_id] = token
             before = list(conversation.items)
         rest = {key: value for key, value in body.items() if key != "conversation"}
-        return {**rest, "input": [*before, *input_items(body.get("input"))]}, conversation_id, len(before)
+        return Opened({**rest, "input": [*before, *own]}, conversation_id, len(before),
+                      functools.partial(self._release, conversation_id, token) if claim else None)
+
+    def _release(self, conversation_id: str, token: object) -> None:
+        with self._lock:
+            if self._busy.get(conversation_id) is token:  # this claim, not a later one's
+                del self._busy[conversation_id]
 
 
-def listed(items: list[Any]) -> list[Any]:
+@dataclass(frozen=True)
+class Opened:
+    """A Responses request with its conversation resolved (``ConversationStore.opened``)."""
+
+    body: Any
+    conversation: str | None = None  # the conversation's id
+    before: int = 0  # how many items it had
+    _release: Callable[[], None] | None = None
+
+    def release(self) -> None:
+        """The response made in the conversation is over (made, failed or cancelled): another may be
+        made in it. Only this claim is released, however often or late this is called."""
+        if self._release is not None:
+            self._release()
+
+
+def listed(items: list[Any], param: str = "input") -> list[Any]:
     """Items as OpenAI lists them: with an id and a status, a message's text as a content part
-    (``input_text``, or ``output_text`` for the assistant's); an item that has an id keeps it."""
-    return [_listed(item) for item in items]
+    (``input_text``, or ``output_text`` for the assistant's); an item that has an id (a string, else a
+    400 naming ``param``) keeps it."""
+    return [_listed(item, param) for item in items]
 
 
-def _listed(item: Any) -> Any:
+def unique(items: list[Any], param: str = "input") -> list[Any]:
+    """``items``, whose ids must differ (each list pages by them): a repeated one is OpenAI's 400."""
+    seen: set[str] = set()
+    for item in items:
+        found = item.get("id") if isinstance(item, dict) else None
+        if found in seen:
+            raise bad(f"Duplicate item found with id {found}. Remove duplicate items from your input and try again.",
+                      param)
+        if isinstance(found, str):
+            seen.add(found)
+    return items
+
+
+def _listed(item: Any, param: str) -> Any:
     if not isinstance(item, dict):
         return item  # the parser refuses it before a response is made
+    if item.get("id") is not None and not (isinstance(item["id"], str) and item["id"]):
+        raise bad("an item's 'id' must be a non-empty string (or left out: the server gives one).", param)
     kind = item.get("type", "message")
     shown = {"type": kind, **item, "id": item.get("id") or new_id(ID_PREFIXES.get(kind, "item")),
              "status": item.get("status") or "completed"}

@@ -19,6 +19,7 @@ import contextlib
 import itertools
 import json
 import time
+import weakref
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
@@ -340,8 +341,7 @@ async def input_tokens(request: Request) -> Response:
     """``POST /v1/responses/input_tokens``: the tokens of the prompt a request would have (as
     llama-server's route of that name)."""
     server = state(request)
-    body, _conversation, _before = server.conversations.opened(await read_json(request))
-    body, _items = server.responses.continued(body)
+    body, _items = server.responses.continued(server.conversations.opened(await read_json(request)).body)
     parsed = to_count_request(body)
     return JSONResponse({"object": "response.input_tokens", "input_tokens": await count_prompt_tokens(request, parsed)})
 
@@ -352,13 +352,14 @@ async def responses(request: Request) -> Response:
     request says ``store: false``."""
     server = state(request)
     body = await read_json(request)
-    opened, conversation, before = server.conversations.opened(body)
-    continued, items = server.responses.continued(opened)
-    parsed = to_chat_request(continued, max_tokens_limit=server.settings.max_tokens_limit)
+    opened = server.conversations.opened(body, claim=True)
     try:
+        continued, items = server.responses.continued(opened.body)
+        parsed = to_chat_request(continued, max_tokens_limit=server.settings.max_tokens_limit)
         lease, (job,) = await start(request, parsed)
-    except APIError as exc:  # a problem with the rendered conversation: the request's name for it is 'input'
-        if exc.param == "messages":
+    except BaseException as exc:
+        opened.release()
+        if isinstance(exc, APIError) and exc.param == "messages":  # the rendered conversation: its 'input'
             exc.param = "input"
         raise
     response_id, created, name = new_id("resp"), int(time.time()), lease.name
@@ -367,16 +368,28 @@ async def responses(request: Request) -> Response:
     def finished(final: dict, output: ResponseOutput) -> dict:
         if final["store"]:
             server.responses.keep(final, items, output.items)
-        if conversation is not None:  # the conversation goes on with this input and answer
+        if opened.conversation is not None:  # the conversation goes on with this input and answer
             with contextlib.suppress(APIError):  # unless it was deleted meanwhile
-                server.conversations.extend(conversation, [*items[before:], *output.items])
+                server.conversations.extend(opened.conversation, [*items[opened.before:], *output.items])
         return final
 
-    return await stream_or_collect(
-        request, OPENAI, lease, [job], stream=parsed.stream,
-        events=lambda: _events(job, response_id, created, name, body, parsed, request, finished),
-        collect=lambda: _collect(job, output),
-        answer=lambda _: finished(response_body(response_id, created, name, body, parsed, output, job), output))
+    async def events() -> AsyncGenerator[str, None]:
+        try:
+            async for event in _events(job, response_id, created, name, body, parsed, request, finished):
+                yield event
+        finally:  # made, failed, or the client went away
+            opened.release()
+
+    streamed = events()
+    weakref.finalize(streamed, opened.release)  # a stream never started, too
+    try:
+        return await stream_or_collect(
+            request, OPENAI, lease, [job], stream=parsed.stream, events=lambda: streamed,
+            collect=lambda: _collect(job, output),
+            answer=lambda _: finished(response_body(response_id, created, name, body, parsed, output, job), output))
+    finally:
+        if not parsed.stream:
+            opened.release()
 
 
 @endpoint(OPENAI)
