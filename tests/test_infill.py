@@ -213,6 +213,9 @@ def test_ollama_generate_with_a_suffix_fills_in_the_middle_as_llama_server(fim_s
     with pytest.raises(ollama.ResponseError) as refused:
         ollama.Client(host=served.url).generate(model="smollm2:135m", prompt=prefix, suffix=suffix, options=options)
     assert refused.value.status_code == 400 and refused.value.error == '"smollm2:135m" does not support insert'
+    raw = ollama.Client(host=served.url).generate(model="smollm2:135m", prompt=prefix, suffix=suffix, raw=True,
+                                                  options=options)
+    assert raw.done  # a raw prompt ignores the suffix, as ollama's
     # ollama's capability for it, by which editors decide to send a suffix
     assert "insert" in client.show("smollm2:135m").capabilities
     assert "insert" not in ollama.Client(host=served.url).show("smollm2:135m").capabilities

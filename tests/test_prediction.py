@@ -93,6 +93,8 @@ def test_the_server_takes_openais_prediction_and_reports_its_tokens(model):
                    "temperature": 0, "extra_body": {"cache_prompt": False}}
         plain = client.chat.completions.create(**request)
         assert plain.usage.completion_tokens_details is None
+        empty = client.chat.completions.create(**request, prediction={"type": "content", "content": ""})
+        assert empty.usage.completion_tokens_details is None  # an empty prediction predicts nothing
         text = plain.choices[0].message.content
         for prediction in ({"type": "content", "content": text},
                            {"type": "content", "content": [{"type": "text", "text": text}]}):

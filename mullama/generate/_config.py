@@ -237,7 +237,7 @@ class StreamConfig:
         """Whether tokens are drafted by n-gram lookup: ``speculative`` "ngram" or "ngram-simple", or a
         ``prediction`` given without ``speculative``."""
         if self.speculative is None:
-            return self.prediction is not None
+            return bool(self.prediction)
         return self.speculative in ("ngram", "ngram-simple")
 
     def with_options(self, **changes: Any) -> StreamConfig:

@@ -194,7 +194,7 @@ def parse_generate(body: Any, *, max_tokens_limit: int) -> ParsedRequest:
     if body.get("template"):
         raise bad("template overrides are Go templates, which mullama does not run; start the server with "
                    "--chat-template-file (Jinja), or send raw: true with a prompt you formatted.")
-    suffix = body.get("suffix") or None  # fill in the middle: the prompt and the suffix around it
+    suffix = None if body.get("raw") else body.get("suffix") or None  # the middle between prompt and suffix
     if suffix is not None and not isinstance(suffix, str):
         raise bad("suffix must be a string: the text after the point to fill in.", "suffix")
     config, stream = _config(body, max_tokens_limit), _stream(body)

@@ -223,7 +223,7 @@ def _predicted_text(prediction: Any) -> str | None:
     if not isinstance(content, str):
         raise bad("'prediction' must be {\"type\": \"content\", \"content\": the text expected} (a string or "
                   "text parts).", "prediction")
-    return content
+    return content or None  # an empty prediction predicts nothing
 
 
 def _with_reasoning_effort(kwargs: dict | None, effort: Any) -> dict | None:
