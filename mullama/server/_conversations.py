@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 from ._http import endpoint, read_json, state
 from ._openai_shapes import OPENAI
 from ._request import APIError, bad
-from ._response_store import MAX_NEW_ITEMS, Conversation, item_page
+from ._response_store import MAX_NEW_ITEMS, Conversation, item_page, list_object
 from ._responses import input_messages
 
 __all__ = ["create", "create_items", "delete", "delete_item", "list_items", "retrieve", "retrieve_item", "update"]
@@ -41,11 +41,8 @@ async def retrieve(request: Request) -> Response:
 @endpoint(OPENAI)
 async def update(request: Request) -> Response:
     """``POST /v1/conversations/{id}``: its ``metadata`` replaced."""
-    conversation = _conversation(request)
-    body = await _object(request)
-    if "metadata" not in body:
-        raise bad("'metadata' is required: the conversation's new key-value pairs.", "metadata")
-    conversation.metadata = _metadata(body["metadata"])
+    conversation, metadata = await _conversation_and(request, "metadata", "the conversation's new key-value pairs")
+    conversation.metadata = _metadata(metadata)
     return JSONResponse(conversation.body())
 
 
@@ -59,13 +56,9 @@ async def delete(request: Request) -> Response:
 @endpoint(OPENAI)
 async def create_items(request: Request) -> Response:
     """``POST /v1/conversations/{id}/items``: up to 20 ``items`` added at its end; the list of them."""
-    conversation = _conversation(request)
-    body = await _object(request)
-    if "items" not in body:
-        raise bad("'items' is required: a list of up to 20 items to add.", "items")
-    added = state(request).conversations.extend(conversation.id, _new_items(body["items"]))
-    return JSONResponse({"object": "list", "data": added, "first_id": added[0]["id"] if added else None,
-                         "last_id": added[-1]["id"] if added else None, "has_more": False})
+    conversation, items = await _conversation_and(request, "items", "a list of up to 20 items to add")
+    added = state(request).conversations.extend(conversation.id, _new_items(items))
+    return JSONResponse(list_object(added, has_more=False))
 
 
 @endpoint(OPENAI)
@@ -91,6 +84,15 @@ async def delete_item(request: Request) -> Response:
 
 def _conversation(request: Request) -> Conversation:
     return state(request).conversations.get(request.path_params["conversation_id"])
+
+
+async def _conversation_and(request: Request, field: str, meaning: str) -> tuple[Conversation, Any]:
+    """The conversation the path names and the body's required ``field``."""
+    conversation = _conversation(request)
+    body = await _object(request)
+    if field not in body:
+        raise bad(f"'{field}' is required: {meaning}.", field)
+    return conversation, body[field]
 
 
 async def _object(request: Request) -> dict:

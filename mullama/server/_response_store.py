@@ -28,7 +28,8 @@ from ._request import APIError, bad
 from ._response_output import new_id
 
 __all__ = ["CAPACITY", "MAX_NEW_ITEMS", "Conversation", "ConversationStore", "Opened", "ResponseStore",
-           "StoredResponse", "input_items", "item_page", "listed", "not_found", "page_query", "unique"]
+           "StoredResponse", "input_items", "item_page", "list_object", "listed", "not_found", "page_query",
+           "unique"]
 
 CAPACITY = 1000  # responses (and conversations) kept; the oldest go first
 PAGE_LIMIT = (20, 100)  # items listed at once: OpenAI's default and largest
@@ -291,9 +292,13 @@ def item_page(items: list[dict], query: Mapping[str, str], owner: str) -> dict:
         if after not in ids:
             raise bad(f"'after' must be the id of an item of {owner}: it has no item '{after}'.", "after")
         items = items[ids.index(after) + 1:]
-    page = items[:limit]
+    return list_object(items[:limit], has_more=len(items) > limit)
+
+
+def list_object(page: list[dict], *, has_more: bool) -> dict:
+    """OpenAI's list of items: ``data`` with the first and last ids."""
     return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
+            "last_id": page[-1]["id"] if page else None, "has_more": has_more}
 
 
 def input_items(value: Any) -> list[dict]:
