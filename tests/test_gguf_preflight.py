@@ -138,13 +138,28 @@ print("decoded", lib.llama_decode(context, lib.llama_batch_get_one(tokens, 3)))
 @pytest.mark.parametrize("case", ["no layers", "NaN epsilon", "a token twice up to a NUL",
                                   "a key shadowed through a NUL", "KV heads wrapping around 32 bits"])
 def test_without_the_preflight_llama_cpp_aborts_on_them(case, crafted, tokens):
-    """The cases above are real: llama.cpp itself, handed the file directly, kills the process."""
+    """The cases above are real: llama.cpp itself, handed the file directly, kills the process. It ends at
+    once: with ggml's backtrace (a debugger forked from a process with threads) "NaN epsilon" hung on a
+    busy machine, so the library turns it off (GGML_NO_BACKTRACE); the timeout only guards the suite."""
     make, _ = CASES[case]
     path = crafted(**make(tokens))
     result = subprocess.run([sys.executable, "-c", RAW_LOAD, str(path)], capture_output=True, text=True,
                             timeout=120, check=False)
     assert result.returncode < 0 or result.returncode == 134, (result.returncode, result.stdout)
     assert "GGML_ASSERT" in result.stderr or "ggml_abort" in result.stderr.lower() or "terminate" in result.stderr
+
+
+def test_ggml_backtraces_are_off_unless_asked_for():
+    """Loading the library sets GGML_NO_BACKTRACE (an abort then ends the process, never hangs in a forked
+    debugger), leaves a value the user set, and sets nothing with MULLAMA_GGML_BACKTRACE."""
+    show = "import os; from mullama.native import _library; _library.get(); print(os.environ.get('GGML_NO_BACKTRACE'))"
+    names = ("GGML_NO_BACKTRACE", "MULLAMA_GGML_BACKTRACE")
+    base = {key: value for key, value in os.environ.items() if key not in names}
+    cases = (({}, "1"), ({"GGML_NO_BACKTRACE": "yes"}, "yes"), ({"MULLAMA_GGML_BACKTRACE": "1"}, "None"))
+    for extra, expected in cases:
+        result = subprocess.run([sys.executable, "-c", show], capture_output=True, text=True, timeout=120,
+                                env={**base, **extra}, check=True)
+        assert result.stdout.strip() == expected, (extra, result.stdout, result.stderr)
 
 
 def test_what_llama_cpp_accepts_still_loads(crafted, tokens):

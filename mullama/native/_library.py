@@ -247,6 +247,12 @@ def _log_forwarder(ffi: Any) -> Callable[[int, Any, Any], None]:
 def _load() -> Library:
     global _log_callback
     ffi, commit, header_sha = _bindings()
+    # An abort inside ggml (GGML_ASSERT) prints a backtrace by forking a debugger from this process,
+    # which has threads: the child can deadlock on a lock another thread held at the fork, and the
+    # parent waits for it forever (seen: a NaN-epsilon file, on a busy machine). An abort must end the
+    # process, so that a supervisor restarts it: no backtrace, unless MULLAMA_GGML_BACKTRACE asks for one.
+    if not os.environ.get("MULLAMA_GGML_BACKTRACE"):
+        os.environ.setdefault("GGML_NO_BACKTRACE", "1")
     errors = []
     for origin, path in candidate_paths(commit):
         if not path.is_file():
