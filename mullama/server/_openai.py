@@ -27,6 +27,7 @@ from ._generation import start
 from ._http import ServerState, drain, endpoint, merged, read_json, requested_model, state, stream_or_collect
 from ._legacy_functions import LEGACY_FIELDS, legacy_finish, legacy_messages, legacy_request
 from ._lora import parse_lora
+from ._openai_options import predicted_text, with_reasoning_effort
 from ._openai_shapes import (
     OPENAI,
     Choice,
@@ -162,7 +163,7 @@ def parse_request(body: Any, kind: str, *, max_tokens_limit: int) -> ParsedReque
         whole = integer(body, name, low_int, high_int)
         if whole is not None:
             fields[name] = whole
-    prediction = _predicted_text(body.get("prediction"))
+    prediction = predicted_text(body.get("prediction"))
     if prediction is not None:
         fields["prediction"] = prediction
     for flag in ("ignore_eos", "cache_prompt"):  # llama-server's extensions
@@ -200,7 +201,7 @@ def parse_request(body: Any, kind: str, *, max_tokens_limit: int) -> ParsedReque
         kwargs = body.get("chat_template_kwargs")
         if kwargs is not None and not isinstance(kwargs, dict):
             raise bad("'chat_template_kwargs' must be an object of the template's variables.", "chat_template_kwargs")
-        kwargs = _with_reasoning_effort(kwargs, body.get("reasoning_effort"))
+        kwargs = with_reasoning_effort(kwargs, body.get("reasoning_effort"))
         return ParsedRequest("chat", config, stream, include_usage, messages=legacy_messages(messages), n=n,
                              tools=tools, chat_template_kwargs=kwargs, legacy_functions=legacy is not None,
                              tool_choice=tool_choice, parallel_tool_calls=parallel,
@@ -208,40 +209,6 @@ def parse_request(body: Any, kind: str, *, max_tokens_limit: int) -> ParsedReque
                              id_slot=requested_slot(body), field_names=names)
     return ParsedRequest("completion", config, stream, include_usage, prompts=_prompts(body.get("prompt"), n),
                          n=n, model=model, id_slot=requested_slot(body), field_names=names, echo=echo, suffix=suffix)
-
-
-def _predicted_text(prediction: Any) -> str | None:
-    """OpenAI's predicted output, ``{"type": "content", "content": text or text parts}``, as its text
-    (n-gram drafts are looked up in it: a faster answer, the same one)."""
-    if prediction is None:
-        return None
-    content = prediction.get("content") if isinstance(prediction, dict) and prediction.get("type") == "content" \
-        else None
-    if isinstance(content, list) and all(isinstance(part, dict) and part.get("type") == "text"
-                                         and isinstance(part.get("text"), str) for part in content):
-        content = "".join(part["text"] for part in content)
-    if not isinstance(content, str):
-        raise bad("'prediction' must be {\"type\": \"content\", \"content\": the text expected} (a string or "
-                  "text parts).", "prediction")
-    return content or None  # an empty prediction predicts nothing
-
-
-def _with_reasoning_effort(kwargs: dict | None, effort: Any) -> dict | None:
-    """OpenAI's ``reasoning_effort`` as llama-server gives it to the chat template: "none" turns
-    thinking off (``enable_thinking`` false), another level is the template's ``reasoning_effort``
-    variable (a template without one renders as before)."""
-    if effort is None:
-        return kwargs
-    if not isinstance(effort, str) or not effort:
-        raise bad("'reasoning_effort' must be a string such as 'none', 'minimal', 'low', 'medium' or 'high'.",
-                  "reasoning_effort")
-    kwargs = dict(kwargs or {})
-    if effort == "none":
-        kwargs.pop("reasoning_effort", None)
-        kwargs["enable_thinking"] = False
-    else:
-        kwargs["reasoning_effort"] = effort
-    return kwargs
 
 
 def _prompts(value: Any, n: int) -> list[str | list[int]]:

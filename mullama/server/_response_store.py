@@ -22,7 +22,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from ._request import APIError, bad
 from ._response_output import new_id
@@ -34,6 +34,7 @@ __all__ = ["CAPACITY", "MAX_NEW_ITEMS", "Conversation", "ConversationStore", "Op
 CAPACITY = 1000  # responses (and conversations) kept; the oldest go first
 PAGE_LIMIT = (20, 100)  # items listed at once: OpenAI's default and largest
 MAX_NEW_ITEMS = 20  # items a conversation is given at once, as OpenAI's
+T = TypeVar("T")
 ID_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
 
 
@@ -44,13 +45,24 @@ class StoredResponse:
     inputs: int  # how many of those are input items
 
 
-class ResponseStore:
-    """Stored responses by id, the newest ``capacity`` (thread-safe: routes and workers share it)."""
+class _Kept(Generic[T]):
+    """Values by id, at most ``capacity`` of them: the first in the order goes first (thread-safe:
+    routes and workers share them)."""
 
     def __init__(self, capacity: int = CAPACITY) -> None:
         self.capacity = capacity
-        self._kept: OrderedDict[str, StoredResponse] = OrderedDict()
+        self._kept: OrderedDict[str, T] = OrderedDict()
         self._lock = threading.Lock()
+
+    def _put(self, key: str, value: T) -> None:
+        with self._lock:
+            self._kept[key] = value
+            while len(self._kept) > self.capacity:
+                self._kept.popitem(last=False)
+
+
+class ResponseStore(_Kept[StoredResponse]):
+    """Stored responses by id, the newest ``capacity``."""
 
     def continued(self, body: Any) -> tuple[Any, list[dict]]:
         """``body`` with its stored state resolved: after ``previous_response_id`` the input is the stored
@@ -75,11 +87,7 @@ class ResponseStore:
     def keep(self, body: dict, inputs: list[dict], outputs: list[dict]) -> None:
         """Store a finished response (``body``, the object answered): the input its model saw (as
         ``continued`` gave it), then its output items."""
-        stored = StoredResponse(body, [*inputs, *outputs], len(inputs))
-        with self._lock:
-            self._kept[body["id"]] = stored
-            while len(self._kept) > self.capacity:
-                self._kept.popitem(last=False)
+        self._put(body["id"], StoredResponse(body, [*inputs, *outputs], len(inputs)))
 
     def get(self, response_id: str) -> StoredResponse | None:
         with self._lock:
@@ -132,22 +140,17 @@ class Conversation:
         return found
 
 
-class ConversationStore:
-    """Conversations by id, the ``capacity`` most recently used (thread-safe)."""
+class ConversationStore(_Kept[Conversation]):
+    """Conversations by id, the ``capacity`` most recently used."""
 
     def __init__(self, capacity: int = CAPACITY) -> None:
-        self.capacity = capacity
-        self._kept: OrderedDict[str, Conversation] = OrderedDict()
+        super().__init__(capacity)
         self._busy: dict[str, object] = {}  # conversation -> the claim of the response being made in it
-        self._lock = threading.Lock()
 
     def create(self, items: list[dict], metadata: dict) -> Conversation:
         conversation = Conversation(new_id("conv"), int(time.time()), metadata,
                                     unique(listed(items, "items"), "items"))
-        with self._lock:
-            self._kept[conversation.id] = conversation
-            while len(self._kept) > self.capacity:
-                self._kept.popitem(last=False)
+        self._put(conversation.id, conversation)
         return conversation
 
     def get(self, conversation_id: str, param: str = "conversation_id") -> Conversation:

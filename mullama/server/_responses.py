@@ -8,9 +8,9 @@ and answered as a response object or its typed events. Responses are stored, con
 ``input_image`` parts), ``instructions``, function ``tools``, ``tool_choice``, ``text.format`` (JSON
 schema or object), ``max_output_tokens``, ``reasoning.effort``, ``temperature``, ``top_p``,
 ``stream``, ``store``, ``previous_response_id`` and ``conversation`` are honoured; stored ``prompt``s
-and ``background`` responses are refused with a 400. Errors
-have OpenAI's shape (the Responses API is OpenAI's: its error bodies are those of ``_openai_shapes``);
-the output items and stream events are built by ``_response_output`` from the sequence's tokens.
+and ``background`` responses are refused with a 400. Errors have OpenAI's shape (the Responses API is
+OpenAI's: its error bodies are those of ``_openai_shapes``); the output items and stream events are
+built by ``_response_output`` from the sequence's tokens.
 """
 
 from __future__ import annotations
@@ -33,10 +33,11 @@ from ..generate._engine import EngineRequest
 from ._generation import count_prompt_tokens, start
 from ._http import endpoint, read_json, state, stream_or_collect
 from ._openai import LLAMA_FIELDS, parse_request
+from ._openai_options import checked_effort
 from ._openai_shapes import OPENAI
 from ._request import APIError, ParsedRequest, bad, check_fields, integer
 from ._response_output import ResponseOutput, new_id
-from ._response_store import input_items, item_page, not_found
+from ._response_store import StoredResponse, input_items, item_page, not_found
 
 __all__ = ["delete", "input_messages", "input_tokens", "list_input_items", "responses", "retrieve",
            "to_chat_request", "to_count_request"]
@@ -206,18 +207,14 @@ def _conversation_of(body: dict) -> dict | None:
     return {"id": reference["id"] if isinstance(reference, dict) else reference} if reference is not None else None
 
 
-def _reasoning_effort(reasoning: Any) -> Any:
+def _reasoning_effort(reasoning: Any) -> str | None:
     """``reasoning.effort``, which the chat request takes as ``reasoning_effort`` (as llama-server's
     translation does); ``summary`` means nothing here."""
     if reasoning is None:
         return None
     if not isinstance(reasoning, dict):
         raise bad("'reasoning' must be an object such as {\"effort\": \"low\"}.", "reasoning")
-    effort = reasoning.get("effort")
-    if effort is not None and (not isinstance(effort, str) or not effort):
-        raise bad("'reasoning.effort' must be a string such as 'none', 'minimal', 'low', 'medium' or 'high'.",
-                  "reasoning")
-    return effort
+    return checked_effort(reasoning.get("effort"), "reasoning.effort")
 
 
 def _tools(value: Any) -> list[dict] | None:
@@ -396,14 +393,10 @@ async def responses(request: Request) -> Response:
 async def retrieve(request: Request) -> Response:
     """``GET /v1/responses/{id}``: a stored response, as it was answered (a finished one: its events cannot
     be streamed again, as OpenAI streams those of a background response)."""
-    response_id = request.path_params["response_id"]
     if request.query_params.get("stream", "false").lower() != "false":
         raise bad("a stored response is finished: retrieve it without 'stream' (events are streamed again only "
                   "for background responses, which this server does not make).", "stream")
-    stored = state(request).responses.get(response_id)
-    if stored is None:
-        raise not_found(response_id)
-    return JSONResponse(stored.body)
+    return JSONResponse(_stored(request).body)
 
 
 @endpoint(OPENAI)
@@ -420,12 +413,18 @@ async def list_input_items(request: Request) -> Response:
     """``GET /v1/responses/{id}/input_items``: the input items a stored response's model saw (those of
     the responses it continues too), a page at a time: ``limit`` (1-100, default 20), ``order``
     ("desc", the default, lists the newest first) and ``after`` (an item id)."""
+    stored = _stored(request)
+    inputs = stored.conversation[:stored.inputs]
+    return JSONResponse(item_page(inputs, request.query_params, f"response '{stored.body['id']}'"))
+
+
+def _stored(request: Request) -> StoredResponse:
+    """The stored response the path names; a 404 when none has that id."""
     response_id = request.path_params["response_id"]
     stored = state(request).responses.get(response_id)
     if stored is None:
         raise not_found(response_id)
-    inputs = stored.conversation[:stored.inputs]
-    return JSONResponse(item_page(inputs, request.query_params, f"response '{response_id}'"))
+    return stored
 
 
 async def _collect(job: EngineRequest, output: ResponseOutput) -> None:
